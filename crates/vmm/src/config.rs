@@ -1,0 +1,178 @@
+//! VM configuration, as given on the command line or through the `configure` API request.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether to work around the limits of PVM, the software KVM of some development hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PvmQuirks {
+    /// On when the host's KVM is PVM (`/sys/module/kvm_pvm` exists), else off.
+    #[default]
+    Auto,
+    /// Always on.
+    On,
+    /// Always off.
+    Off,
+}
+
+impl PvmQuirks {
+    /// Resolves `Auto` by looking at the host.
+    pub fn enabled(self) -> bool {
+        match self {
+            PvmQuirks::On => true,
+            PvmQuirks::Off => false,
+            PvmQuirks::Auto => host_is_pvm(),
+        }
+    }
+}
+
+/// True when the host's KVM is the PVM software implementation.
+pub fn host_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Guest command-line additions PVM needs to boot an unmodified Linux kernel (MACHINE.md).
+pub const PVM_CMDLINE_QUIRKS: &[&str] = &[
+    "clearcpuid=cx16,popcnt,movbe,bmi1,bmi2,fsgsbase,rdrand,rdseed,rdpid,adx,aes,pclmulqdq,erms,fsrm,smap",
+    "noxsave",
+    "initcall_blacklist=ptp_kvm_init",
+    "vessel_skip_int3_selftest",
+];
+
+/// A file-backed virtio block device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    /// Backing file (or block device).
+    pub path: PathBuf,
+    /// Refuse guest writes and offer VIRTIO_BLK_F_RO.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for BlockConfig {
+    type Err = String;
+
+    /// `PATH[,ro]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or("empty block path")?;
+        let mut read_only = false;
+        for opt in parts {
+            match opt {
+                "ro" => read_only = true,
+                "rw" => read_only = false,
+                other => return Err(format!("unknown block option {other:?} (use ro or rw)")),
+            }
+        }
+        Ok(BlockConfig {
+            path: PathBuf::from(path),
+            read_only,
+        })
+    }
+}
+
+/// The hybrid vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Unix socket the host connects to (`CONNECT <port>\n`); guest-initiated connections
+    /// to host port P go to `<uds>_<P>`.
+    pub uds: PathBuf,
+    /// The guest's context id (>= 3).
+    pub cid: u32,
+}
+
+/// Everything needed to boot a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel: PVH ELF `vmlinux` or `bzImage`.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line (device declarations and quirks are appended).
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Where the guest's serial console goes; stdout when unset.
+    #[serde(default)]
+    pub serial_log: Option<PathBuf>,
+    /// Hybrid vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// Block devices, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub block: Vec<BlockConfig>,
+    /// PVM workarounds.
+    #[serde(default)]
+    pub pvm_quirks: PvmQuirks,
+}
+
+fn default_mem() -> u64 {
+    128
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+/// Invalid configuration.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ConfigError {
+    /// vcpus must be between 1 and 32, got {0}
+    Vcpus(u8),
+    /// vsock cid must be at least 3 (0-2 are reserved), got {0}
+    Cid(u32),
+    /// Too many devices: {0} (at most 19 virtio devices fit the IRQ range)
+    TooManyDevices(usize),
+}
+
+impl VmConfig {
+    /// Checks values that the type system does not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=32).contains(&self.vcpus) {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 {
+                return Err(ConfigError::Cid(v.cid));
+            }
+        }
+        let devices = self.block.len() + usize::from(self.vsock.is_some());
+        if devices > (crate::arch::layout::IRQ_MAX - crate::arch::layout::IRQ_BASE + 1) as usize {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_option_parsing() {
+        let b: BlockConfig = "/a,ro".parse().unwrap();
+        assert!(b.read_only);
+        assert!("/a,xx".parse::<BlockConfig>().is_err());
+        assert!("".parse::<BlockConfig>().is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"k","bogus":1}"#);
+        assert!(e.is_err());
+        let c: VmConfig = serde_json::from_str(r#"{"kernel":"k"}"#).unwrap();
+        assert_eq!((c.mem_mib, c.vcpus), (128, 1));
+        assert!(c.validate().is_ok());
+    }
+}

@@ -1,0 +1,3 @@
+//! virtio transports.
+
+pub mod mmio;

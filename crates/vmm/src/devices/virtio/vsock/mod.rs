@@ -1,0 +1,3 @@
+//! vsock (placeholder)
+mod device;
+pub use device::Vsock;

@@ -1,0 +1,214 @@
+//! `vessel-vmm`: one microVM per process.
+//!
+//! Boot directly: `vessel-vmm --kernel K --cmdline C ...`; restore: `vessel-vmm --restore
+//! DIR`; or start with only `--api-sock` and send `configure` + `boot` (or `restore`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use vessel_vmm::api::server::{ApiEvent, ApiServer};
+use vessel_vmm::api::{Request, Response};
+use vessel_vmm::config::{BlockConfig, PvmQuirks, VmConfig, VsockConfig};
+use vessel_vmm::vmm::Vmm;
+
+#[derive(Debug, Parser)]
+#[command(name = "vessel-vmm", version, about = "Vessel's built-in KVM microVM monitor")]
+struct Args {
+    /// Guest kernel: PVH ELF vmlinux or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Serial console output file (default: stdout).
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
+    /// Control API Unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Hybrid vsock Unix socket.
+    #[arg(long, requires = "vsock_cid")]
+    vsock_uds: Option<PathBuf>,
+    /// Guest vsock context id.
+    #[arg(long, requires = "vsock_uds")]
+    vsock_cid: Option<u32>,
+    /// Block device `PATH[,ro]` (repeatable).
+    #[arg(long)]
+    block: Vec<BlockConfig>,
+    /// PVM (software KVM) workarounds: auto, on, off.
+    #[arg(long, default_value = "auto", value_parser = parse_quirks)]
+    pvm_quirks: PvmQuirks,
+    /// Restore the snapshot in this directory instead of booting.
+    #[arg(long, conflicts_with = "kernel")]
+    restore: Option<PathBuf>,
+    /// With --restore: leave the VM paused.
+    #[arg(long, requires = "restore")]
+    paused: bool,
+}
+
+fn parse_quirks(s: &str) -> Result<PvmQuirks, String> {
+    match s {
+        "auto" => Ok(PvmQuirks::Auto),
+        "on" => Ok(PvmQuirks::On),
+        "off" => Ok(PvmQuirks::Off),
+        other => Err(format!("{other:?}: use auto, on or off")),
+    }
+}
+
+impl Args {
+    fn vm_config(&self) -> Option<VmConfig> {
+        Some(VmConfig {
+            kernel: self.kernel.clone()?,
+            initramfs: self.initramfs.clone(),
+            cmdline: self.cmdline.clone(),
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+            serial_log: self.serial_log.clone(),
+            vsock: self.vsock_uds.clone().map(|uds| VsockConfig {
+                uds,
+                cid: self.vsock_cid.unwrap_or(3),
+            }),
+            block: self.block.clone(),
+            pvm_quirks: self.pvm_quirks,
+        })
+    }
+}
+
+/// Serves the API until a `boot` or `restore` request creates the VM.
+fn wait_for_vm(api: &mut ApiServer, mut config: Option<VmConfig>) -> anyhow::Result<Vmm> {
+    let epoll = vmm_sys_util::epoll::Epoll::new()?;
+    use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+    epoll.ctl(
+        ControlOperation::Add,
+        api.listener_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    )?;
+    let mut events = vec![EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for ev in &events[..n] {
+            let evs = if ev.data() == 0 {
+                api.accept()
+            } else {
+                api.read(ev.data() as u32)
+            };
+            for e in evs {
+                match e {
+                    ApiEvent::Accepted(id, fd) => epoll.ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, u64::from(id)),
+                    )?,
+                    ApiEvent::Closed(_) => {}
+                    ApiEvent::Request(id, req) => {
+                        let result = match req {
+                            Request::Configure { config: c } => match c.validate() {
+                                Ok(()) => {
+                                    config = Some(c);
+                                    Ok(None)
+                                }
+                                Err(e) => Err(e.to_string()),
+                            },
+                            Request::Boot => match config.clone() {
+                                Some(c) => Vmm::boot(c).map(Some).map_err(|e| e.to_string()),
+                                None => Err("boot: send configure first".to_string()),
+                            },
+                            Request::Restore {
+                                dir,
+                                serial_log,
+                                vsock_uds,
+                                paused,
+                            } => Vmm::restore(&dir, serial_log, vsock_uds, paused)
+                                .map(Some)
+                                .map_err(|e| e.to_string()),
+                            Request::Metrics => Ok(None),
+                            Request::Shutdown => std::process::exit(0),
+                            other => Err(format!("{other:?}: no VM yet (configure and boot first)")),
+                        };
+                        match result {
+                            Ok(Some(vmm)) => {
+                                api.respond(id, &Response::ok());
+                                // The VMM's own epoll takes over these fds.
+                                drop(epoll);
+                                return Ok(vmm);
+                            }
+                            Ok(None) => api.respond(id, &Response::ok()),
+                            Err(e) => api.respond(id, &Response::err(e)),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn main() {
+    env_logger_lite();
+    let code = match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vessel-vmm: {e:#}");
+            vessel_vmm::EXIT_VMM_ERROR
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run() -> anyhow::Result<i32> {
+    let args = Args::parse();
+    let mut api = match &args.api_sock {
+        Some(p) => Some(ApiServer::bind(p)?),
+        None => None,
+    };
+    let vmm = if let Some(dir) = &args.restore {
+        Vmm::restore(dir, args.serial_log.clone(), args.vsock_uds.clone(), args.paused)
+            .with_context(|| format!("restoring {}", dir.display()))?
+    } else if let Some(config) = args.vm_config() {
+        Vmm::boot(config).context("booting the VM")?
+    } else if let Some(api) = api.as_mut() {
+        wait_for_vm(api, None)?
+    } else {
+        bail!("nothing to run: give --kernel, --restore, or --api-sock to configure over the API");
+    };
+    Ok(vmm.run(api))
+}
+
+/// Minimal logger: `VESSEL_VMM_LOG=debug|info|warn|error` (default warn) to stderr.
+fn env_logger_lite() {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.level() <= log::max_level()
+        }
+        fn log(&self, r: &log::Record) {
+            if self.enabled(r.metadata()) {
+                eprintln!("vessel-vmm {}: {}", r.level(), r.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: Stderr = Stderr;
+    let level = match std::env::var("VESSEL_VMM_LOG").as_deref() {
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("info") => log::LevelFilter::Info,
+        Ok("error") => log::LevelFilter::Error,
+        Ok("trace") => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Warn,
+    };
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}

@@ -1,0 +1,153 @@
+//! Guest memory: anonymous private memory for a fresh boot, or a snapshot's memory file
+//! mapped `MAP_PRIVATE` so that every VM restored from one snapshot shares the pages it has
+//! not written (copy-on-write in the host page cache).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+
+use crate::arch::layout;
+
+/// Errors while creating, saving or mapping guest memory.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum MemoryError {
+    /// Guest memory size {0} MiB is invalid (must be between 16 MiB and 1 TiB)
+    BadSize(u64),
+    /// Cannot map {0} bytes of guest memory: {1}
+    Mmap(u64, String),
+    /// Cannot build the guest memory map: {0}
+    Collection(String),
+    /// Cannot access the memory file {0}: {1}
+    File(String, std::io::Error),
+    /// The memory file {0} has {1} bytes but the snapshot describes {2}
+    FileSize(String, u64, u64),
+}
+
+/// Creates fresh, zeroed guest memory of `mib` MiB.
+pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    if !(16..=(1 << 20)).contains(&mib) {
+        return Err(MemoryError::BadSize(mib));
+    }
+    let mut regions = Vec::new();
+    for (start, len) in layout::ram_regions(mib << 20) {
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Mmap(len, e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| MemoryError::Collection(format!("region at {start:#x} overflows")))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Collection(e.to_string()))
+}
+
+/// Total guest RAM in bytes.
+pub fn size(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// Writes all regions back to back into `path`, leaving holes for zero pages so that the
+/// file stays sparse.
+pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<(), MemoryError> {
+    let name = path.display().to_string();
+    let err = |e| MemoryError::File(name.clone(), e);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(err)?;
+    const PAGE: usize = 4096;
+    let mut page = [0u8; PAGE];
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let mut pos = 0u64;
+        while pos < region.len() {
+            let n = PAGE.min((region.len() - pos) as usize);
+            let addr = region.start_addr().unchecked_add(pos);
+            let slice = mem
+                .get_slice(addr, n)
+                .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+            slice.copy_to(&mut page[..n]);
+            if page[..n].iter().any(|b| *b != 0) {
+                file.seek(SeekFrom::Start(offset + pos)).map_err(err)?;
+                file.write_all(&page[..n]).map_err(err)?;
+            }
+            pos += n as u64;
+        }
+        offset += region.len();
+    }
+    file.set_len(offset).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    Ok(())
+}
+
+/// Maps a memory file written by [`save`] privately (copy-on-write) at the layout for
+/// `total` bytes of guest RAM.
+pub fn restore(path: &Path, total: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let name = path.display().to_string();
+    let file = File::open(path).map_err(|e| MemoryError::File(name.clone(), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| MemoryError::File(name.clone(), e))?
+        .len();
+    if len != total {
+        return Err(MemoryError::FileSize(name, len, total));
+    }
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, size) in layout::ram_regions(total) {
+        let fd = file
+            .try_clone()
+            .map_err(|e| MemoryError::File(name.clone(), e))?;
+        let mapping = MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::new(fd, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Mmap(size, e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| MemoryError::Collection(format!("region at {start:#x} overflows")))?;
+        regions.push(region);
+        offset += size;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Collection(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn save_and_restore_round_trip_privately() {
+        let mem = create(16).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1234)).unwrap();
+        mem.write_obj(7u8, GuestAddress((16 << 20) - 1)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        save(&mem, &path).unwrap();
+        let a = restore(&path, 16 << 20).unwrap();
+        let b = restore(&path, 16 << 20).unwrap();
+        assert_eq!(a.read_obj::<u32>(GuestAddress(0x1234)).unwrap(), 0xdead_beef);
+        assert_eq!(a.read_obj::<u8>(GuestAddress((16 << 20) - 1)).unwrap(), 7);
+        // A write in one restored copy is private to it and never reaches the file.
+        a.write_obj(1u32, GuestAddress(0x1234)).unwrap();
+        assert_eq!(b.read_obj::<u32>(GuestAddress(0x1234)).unwrap(), 0xdead_beef);
+        let c = restore(&path, 16 << 20).unwrap();
+        assert_eq!(c.read_obj::<u32>(GuestAddress(0x1234)).unwrap(), 0xdead_beef);
+        assert!(restore(&path, 32 << 20).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(create(1).is_err());
+    }
+}

@@ -178,7 +178,7 @@ fn build_machine(
                 ));
             }
             transport
-                .restore_state(&s.transport)
+                .restore_state(&s.transport, &s.device)
                 .map_err(|e| VmmError::Device(format!("slot {i}"), e))?;
         }
         let transport = Arc::new(Mutex::new(transport));

@@ -175,6 +175,8 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn queues(&self) -> &[Queue];
     /// Device-specific state for a snapshot.
     fn save_state(&self) -> serde_json::Value;
+    /// Takes device-specific state from a snapshot, before the transport re-activates it.
+    fn restore_state(&mut self, _state: &serde_json::Value) {}
 }
 
 /// Reads `data.len()` bytes at `offset` out of a config-space byte image; reads past its end

@@ -292,7 +292,11 @@ impl MmioTransport {
     }
 
     /// Restores registers; re-activates the device if the driver had it running.
-    pub fn restore_state(&mut self, state: &MmioState) -> Result<(), String> {
+    pub fn restore_state(
+        &mut self,
+        state: &MmioState,
+        device_state: &serde_json::Value,
+    ) -> Result<(), String> {
         if state.queues.len() != self.queues.len() {
             return Err(format!(
                 "snapshot has {} queues, device has {}",
@@ -311,6 +315,7 @@ impl MmioTransport {
         self.config_generation = state.config_generation;
         self.status = state.status;
         self.irq.set_status(state.interrupt_status);
+        self.device.restore_state(device_state);
         if state.status & STATUS_DRIVER_OK != 0 && state.status & STATUS_DEVICE_NEEDS_RESET == 0 {
             self.activate();
         }

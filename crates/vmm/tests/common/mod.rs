@@ -1,0 +1,130 @@
+//! Helpers for tests that run the VMM binary against /dev/kvm with the tiny test guest.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The VMM binary under test.
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vessel-vmm")
+}
+
+/// True if /dev/kvm can be opened; otherwise prints loudly why the test is skipped.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!(
+                "\n*** SKIPPED {test}: /dev/kvm is not usable ({e}). This test needs KVM \
+                 (hardware or PVM). ***\n"
+            );
+            false
+        }
+    }
+}
+
+/// Builds the tiny guest once per test binary and returns its path.
+pub fn tiny_guest() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "vessel-tiny-guest-{}.elf",
+            std::process::id()
+        ));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh");
+        let status = Command::new("sh")
+            .arg(&script)
+            .arg(&out)
+            .status()
+            .expect("run tests/guest/build.sh (needs gcc and binutils)");
+        assert!(status.success(), "building the tiny guest failed");
+        out
+    })
+}
+
+/// A scratch directory for one test.
+pub fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("vmm-{name}-"))
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+}
+
+/// Polls `f` every few ms until it returns Some or `timeout` passes.
+pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Waits until `path` contains `needle`; returns the file's contents.
+pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) -> String {
+    poll(timeout, || {
+        let s = std::fs::read_to_string(path).ok()?;
+        s.contains(needle).then_some(s)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{needle:?} did not appear in {} within {timeout:?}; it has:\n{}",
+            path.display(),
+            std::fs::read_to_string(path).unwrap_or_default()
+        )
+    })
+}
+
+/// Waits for the child to exit.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    match poll(timeout, || child.try_wait().ok().flatten()) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("VMM did not exit within {timeout:?}");
+        }
+    }
+}
+
+/// Starts the VMM with `args`.
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(vmm_bin())
+        .args(args)
+        .spawn()
+        .expect("spawn vessel-vmm")
+}
+
+/// Sends one API request and returns the parsed response.
+pub fn api(sock: &Path, request: &str) -> serde_json::Value {
+    let mut s = poll(Duration::from_secs(10), || UnixStream::connect(sock).ok())
+        .unwrap_or_else(|| panic!("API socket {} never accepted", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad API response {line:?}: {e}"))
+}
+
+/// Kills the child on drop (so a failing test leaves no VMM behind).
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,0 +1,275 @@
+//! Integration tests: the VMM binary on /dev/kvm with the tiny test guest (tests/guest/).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn serial_output_then_i8042_reset_exits_zero() {
+    if !kvm_available("serial_output_then_i8042_reset_exits_zero") {
+        return;
+    }
+    let dir = scratch("hello");
+    let log = dir.path().join("serial.log");
+    let start = Instant::now();
+    let mut child = spawn(&[
+        "--kernel",
+        tiny_guest().to_str().unwrap(),
+        "--cmdline",
+        "mode=hello",
+        "--mem-mib",
+        "32",
+        "--serial-log",
+        log.to_str().unwrap(),
+    ]);
+    wait_for_text(&log, "Hello from the vessel tiny guest", T);
+    let first_output = start.elapsed();
+    let status = wait_exit(&mut child, T);
+    assert_eq!(status.code(), Some(0), "i8042 reset must exit 0");
+    eprintln!("VMM start to first serial output: {first_output:?}");
+}
+
+#[test]
+fn smp_guest_boots() {
+    if !kvm_available("smp_guest_boots") {
+        return;
+    }
+    let dir = scratch("smp");
+    let log = dir.path().join("serial.log");
+    let mut child = spawn(&[
+        "--kernel",
+        tiny_guest().to_str().unwrap(),
+        "--cmdline",
+        "mode=hello",
+        "--vcpus",
+        "4",
+        "--serial-log",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(wait_exit(&mut child, T).code(), Some(0));
+    wait_for_text(&log, "Hello", T);
+}
+
+#[test]
+fn guest_crash_exits_nonzero() {
+    if !kvm_available("guest_crash_exits_nonzero") {
+        return;
+    }
+    let dir = scratch("panic");
+    let log = dir.path().join("serial.log");
+    let mut child = spawn(&[
+        "--kernel",
+        tiny_guest().to_str().unwrap(),
+        "--cmdline",
+        "mode=panic",
+        "--serial-log",
+        log.to_str().unwrap(),
+    ]);
+    let status = wait_exit(&mut child, T);
+    wait_for_text(&log, "PANIC-NOW", T);
+    // A triple fault is KVM_EXIT_SHUTDOWN (2) on hardware KVM; PVM's emulator reports the
+    // same guest bug as an internal error (4). Never 0.
+    assert!(
+        matches!(status.code(), Some(2) | Some(4)),
+        "unexpected status {status:?}"
+    );
+}
+
+#[test]
+fn block_read_write_and_read_only() {
+    if !kvm_available("block_read_write_and_read_only") {
+        return;
+    }
+    let dir = scratch("block");
+    let log = dir.path().join("serial.log");
+    let rw = dir.path().join("rw.img");
+    let ro = dir.path().join("ro.img");
+    for p in [&rw, &ro] {
+        let mut data = b"sector-zero-data".to_vec();
+        data.resize(1 << 20, 0);
+        std::fs::write(p, &data).unwrap();
+    }
+    let mut child = spawn(&[
+        "--kernel",
+        tiny_guest().to_str().unwrap(),
+        "--cmdline",
+        "mode=block",
+        "--serial-log",
+        log.to_str().unwrap(),
+        "--block",
+        rw.to_str().unwrap(),
+        "--block",
+        &format!("{},ro", ro.display()),
+    ]);
+    assert_eq!(wait_exit(&mut child, T).code(), Some(0));
+    let out = wait_for_text(&log, "BLOCK-DONE", T);
+    for line in [
+        "BLOCK0 capacity=2048 id=rw.img idstatus=0",
+        "BLOCK0 read status=0 data=sector-zero-data",
+        "BLOCK0 write status=0",
+        "BLOCK0 flush status=0",
+        "BLOCK0 beyond-end status=1",
+        "BLOCK1 capacity=2048 id=ro.img idstatus=0",
+        "BLOCK1 read status=0 data=sector-zero-data",
+        "BLOCK1 write status=1",
+        "BLOCK1 beyond-end status=1",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    let rw_data = std::fs::read(&rw).unwrap();
+    assert_eq!(&rw_data[512..528], b"written-by-guest");
+    let ro_data = std::fs::read(&ro).unwrap();
+    assert!(ro_data[512..1024].iter().all(|b| *b == 0), "ro image changed");
+}
+
+fn connect(uds: &std::path::Path, port: u32) -> UnixStream {
+    let mut s = UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "handshake answer {line:?}");
+    s
+}
+
+#[test]
+fn vsock_echo_many_connections_and_guest_connect() {
+    if !kvm_available("vsock_echo_many_connections_and_guest_connect") {
+        return;
+    }
+    let dir = scratch("vsock");
+    let log = dir.path().join("serial.log");
+    let uds = dir.path().join("v.sock");
+    let api_sock = dir.path().join("api.sock");
+    // The guest connects out to host port 1234 at start: listen there first.
+    let host_listener = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();
+    let child = spawn(&[
+        "--kernel",
+        tiny_guest().to_str().unwrap(),
+        "--cmdline",
+        "mode=vsock connect=1234",
+        "--serial-log",
+        log.to_str().unwrap(),
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+        "--vsock-cid",
+        "7",
+        "--api-sock",
+        api_sock.to_str().unwrap(),
+    ]);
+    let mut child = Guard(child);
+
+    // Guest-initiated: the guest says hello, we echo, the guest prints what came back.
+    let (mut g, _) = host_listener.accept().unwrap();
+    g.set_read_timeout(Some(T)).unwrap();
+    let mut hello = [0u8; 17];
+    g.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, b"hello-from-guest\n");
+    g.write_all(b"echo-to-guest\n").unwrap();
+    wait_for_text(&log, "VSOCK-GUEST-ECHO echo-to-guest", T);
+    wait_for_text(&log, "VSOCK-READY cid=7", T);
+
+    // Host-initiated: many connections at once, each echoing several messages.
+    let start = Instant::now();
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let uds = uds.clone();
+            std::thread::spawn(move || {
+                let mut s = connect(&uds, 52);
+                for j in 0..4 {
+                    let msg = format!("conn {i} message {j} {}\n", "x".repeat(i * 37));
+                    s.write_all(msg.as_bytes()).unwrap();
+                    let mut back = vec![0u8; msg.len()];
+                    s.read_exact(&mut back).unwrap();
+                    assert_eq!(back, msg.as_bytes());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    eprintln!("16 connections x 4 echoes: {:?}", start.elapsed());
+
+    // One larger transfer exercises credit: the guest advertises 64 KiB of buffer.
+    let s = connect(&uds, 52);
+    let total = 512 * 1024;
+    let mut reader = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut s = s;
+        let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+        s.write_all(&data).unwrap();
+    });
+    let mut back = vec![0u8; total];
+    reader.read_exact(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(back.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    eprintln!("512 KiB echo done at {:?}", start.elapsed());
+
+    // A CONNECT to a port nobody listens on in the guest? The guest accepts all; instead
+    // check a malformed handshake is dropped without harming the device.
+    let mut bad = UnixStream::connect(&uds).unwrap();
+    bad.write_all(b"HELLO\n").unwrap();
+    let mut buf = [0u8; 8];
+    bad.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(bad.read(&mut buf).unwrap(), 0, "bad handshake must be closed");
+    let mut again = connect(&uds, 52);
+    again.write_all(b"still-alive\n").unwrap();
+    let mut back = [0u8; 12];
+    again.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still-alive\n");
+
+    let resp = api(&api_sock, r#"{"action":"shutdown"}"#);
+    assert_eq!(resp["ok"], true);
+    assert_eq!(wait_exit(&mut child.0, T).code(), Some(0));
+}
+
+#[test]
+fn api_configure_boot_pause_resume_metrics() {
+    if !kvm_available("api_configure_boot_pause_resume_metrics") {
+        return;
+    }
+    let dir = scratch("api");
+    let log = dir.path().join("serial.log");
+    let sock = dir.path().join("api.sock");
+    let child = spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut child = Guard(child);
+    let bad = api(&sock, r#"{"action":"configure","config":{"kernel":"/x","typo":1}}"#);
+    assert_eq!(bad["ok"], false);
+    let early = api(&sock, r#"{"action":"pause"}"#);
+    assert_eq!(early["ok"], false);
+    let cfg = serde_json::json!({
+        "action": "configure",
+        "config": {
+            "kernel": tiny_guest(),
+            "cmdline": "mode=count count=100000 delay=20000",
+            "mem_mib": 32,
+            "serial_log": log,
+        }
+    });
+    assert_eq!(api(&sock, &cfg.to_string())["ok"], true);
+    assert_eq!(api(&sock, r#"{"action":"boot"}"#)["ok"], true);
+    wait_for_text(&log, "T2\n", T);
+    assert_eq!(api(&sock, r#"{"action":"pause"}"#)["ok"], true);
+    let m = api(&sock, r#"{"action":"metrics"}"#);
+    assert_eq!(m["result"]["state"], "paused");
+    assert_eq!(m["result"]["vcpus"], 1);
+    // Paused: no new ticks.
+    let before = std::fs::read_to_string(&log).unwrap();
+    let ticks = |s: &str| s.lines().filter(|l| l.starts_with('T')).count();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ticks(&std::fs::read_to_string(&log).unwrap()), ticks(&before));
+    assert_eq!(api(&sock, r#"{"action":"resume"}"#)["ok"], true);
+    let n = ticks(&before);
+    poll(T, || (ticks(&std::fs::read_to_string(&log).ok()?) > n).then_some(()))
+        .expect("guest did not resume");
+    assert_eq!(api(&sock, r#"{"action":"shutdown"}"#)["ok"], true);
+    assert_eq!(wait_exit(&mut child.0, T).code(), Some(0));
+}

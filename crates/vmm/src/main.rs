@@ -123,7 +123,7 @@ fn wait_for_vm(api: &mut ApiServer, mut config: Option<VmConfig>) -> anyhow::Res
                                 }
                                 Err(e) => Err(e.to_string()),
                             },
-                            Request::Boot => match config.clone() {
+                            Request::Boot {} => match config.clone() {
                                 Some(c) => Vmm::boot(c).map(Some).map_err(|e| e.to_string()),
                                 None => Err("boot: send configure first".to_string()),
                             },
@@ -135,8 +135,8 @@ fn wait_for_vm(api: &mut ApiServer, mut config: Option<VmConfig>) -> anyhow::Res
                             } => Vmm::restore(&dir, serial_log, vsock_uds, paused)
                                 .map(Some)
                                 .map_err(|e| e.to_string()),
-                            Request::Metrics => Ok(None),
-                            Request::Shutdown => std::process::exit(0),
+                            Request::Metrics {} => Ok(None),
+                            Request::Shutdown {} => std::process::exit(0),
                             other => Err(format!("{other:?}: no VM yet (configure and boot first)")),
                         };
                         match result {

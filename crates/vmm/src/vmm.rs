@@ -412,18 +412,18 @@ impl Vmm {
     /// Acts on one API request.
     pub fn handle_request(&mut self, req: Request) -> Response {
         let result = match req {
-            Request::Pause => self.pause().map(|_| None),
-            Request::Resume => {
+            Request::Pause {} => self.pause().map(|_| None),
+            Request::Resume {} => {
                 self.resume();
                 Ok(None)
             }
-            Request::Shutdown => {
+            Request::Shutdown {} => {
                 self.exit.trigger(crate::EXIT_OK);
                 Ok(None)
             }
             Request::Snapshot { dir } => self.snapshot(&dir).map(|_| None),
-            Request::Metrics => Ok(Some(self.metrics())),
-            Request::Configure { .. } | Request::Boot | Request::Restore { .. } => {
+            Request::Metrics {} => Ok(Some(self.metrics())),
+            Request::Configure { .. } | Request::Boot {} | Request::Restore { .. } => {
                 Err(VmmError::InvalidState("configure/boot/restore", "already running"))
             }
         };

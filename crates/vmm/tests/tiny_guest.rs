@@ -273,3 +273,76 @@ fn api_configure_boot_pause_resume_metrics() {
     assert_eq!(api(&sock, r#"{"action":"shutdown"}"#)["ok"], true);
     assert_eq!(wait_exit(&mut child.0, T).code(), Some(0));
 }
+
+fn last_tick(s: &str) -> u32 {
+    s.lines()
+        .filter_map(|l| l.strip_prefix('T')?.parse().ok())
+        .last()
+        .unwrap_or(0)
+}
+
+fn first_tick(s: &str) -> Option<u32> {
+    s.lines().find_map(|l| l.strip_prefix('T')?.parse().ok())
+}
+
+#[test]
+fn snapshot_mid_run_then_ten_restores_resume_from_saved_state() {
+    if !kvm_available("snapshot_mid_run_then_ten_restores_resume_from_saved_state") {
+        return;
+    }
+    let dir = scratch("snap");
+    let log = dir.path().join("serial.log");
+    let sock = dir.path().join("api.sock");
+    let snap = dir.path().join("snapshot");
+    let child = spawn(&[
+        "--kernel",
+        tiny_guest().to_str().unwrap(),
+        "--cmdline",
+        "mode=count count=12 delay=20000",
+        "--mem-mib",
+        "32",
+        "--serial-log",
+        log.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    let mut child = Guard(child);
+    wait_for_text(&log, "T3\n", T);
+    assert_eq!(api(&sock, r#"{"action":"pause"}"#)["ok"], true);
+    let saved = last_tick(&std::fs::read_to_string(&log).unwrap());
+    let resp = api(
+        &sock,
+        &serde_json::json!({"action": "snapshot", "dir": snap}).to_string(),
+    );
+    assert_eq!(resp["ok"], true, "{resp}");
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    assert!(saved >= 3 && saved < 12, "snapshot taken at T{saved}");
+
+    // Ten restores from the one snapshot, all running at once.
+    let mut clones = Vec::new();
+    for i in 0..10 {
+        let clog = dir.path().join(format!("restore-{i}.log"));
+        let c = spawn(&[
+            "--restore",
+            snap.to_str().unwrap(),
+            "--serial-log",
+            clog.to_str().unwrap(),
+        ]);
+        clones.push((Guard(c), clog));
+    }
+    for (mut c, clog) in clones {
+        assert_eq!(wait_exit(&mut c.0, T).code(), Some(0));
+        let out = wait_for_text(&clog, "COUNT-DONE", T);
+        assert!(
+            !out.contains("vessel tiny guest"),
+            "restore booted afresh instead of resuming:\n{out}"
+        );
+        assert_eq!(
+            first_tick(&out),
+            Some(saved + 1),
+            "restore did not resume from T{saved}:\n{out}"
+        );
+        assert_eq!(last_tick(&out), 12);
+    }
+}

@@ -11,6 +11,7 @@ use crate::config::VmConfig;
 
 /// A request (`{"action": "...", ...}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// Variants without fields are written `X {}` so that `deny_unknown_fields` applies to them.
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Sets the VM configuration (before `boot`).
@@ -19,13 +20,13 @@ pub enum Request {
         config: VmConfig,
     },
     /// Boots the configured VM.
-    Boot,
+    Boot {},
     /// Pauses all vCPUs.
-    Pause,
+    Pause {},
     /// Resumes paused vCPUs.
-    Resume,
+    Resume {},
     /// Stops the VM; the VMM process exits with status 0.
-    Shutdown,
+    Shutdown {},
     /// Writes a snapshot (memory, vCPU and device state) of the paused VM into `dir`.
     Snapshot {
         /// Directory to write `state.json` and `memory` into (created if missing).
@@ -46,7 +47,7 @@ pub enum Request {
         paused: bool,
     },
     /// Returns counters and sizes.
-    Metrics,
+    Metrics {},
 }
 
 /// A response line.
@@ -103,7 +104,7 @@ mod tests {
 
     #[test]
     fn parses_and_rejects_unknown_fields() {
-        assert_eq!(parse_request(br#"{"action":"pause"}"#).unwrap(), Request::Pause);
+        assert_eq!(parse_request(br#"{"action":"pause"}"#).unwrap(), Request::Pause {});
         assert!(parse_request(br#"{"action":"pause","x":1}"#).is_err());
         assert!(parse_request(br#"{"action":"fly"}"#).is_err());
         let r = parse_request(br#"{"action":"snapshot","dir":"/tmp/s"}"#).unwrap();

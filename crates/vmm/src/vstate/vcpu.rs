@@ -301,8 +301,16 @@ impl RunControl {
         self.cv.notify_all();
     }
 
-    /// Returns true if the thread should exit; parks while paused.
-    fn checkpoint(&self) -> bool {
+    /// Returns true if the thread should exit; parks while paused. `before_park` runs
+    /// (without the lock) before the thread parks.
+    fn checkpoint(&self, before_park: impl FnOnce()) -> bool {
+        let wants_park = {
+            let st = lock(&self.state);
+            st.pause && !st.stop
+        };
+        if wants_park {
+            before_park();
+        }
         let mut st = lock(&self.state);
         if st.pause && !st.stop {
             st.paused += 1;
@@ -337,7 +345,16 @@ pub fn run_loop(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext) {
         KVM_RUN.with(|p| p.set(run));
     }
     loop {
-        if ctx.control.checkpoint() || ctx.exit.is_set() {
+        let settle = || {
+            // KVM finishes an I/O or MMIO instruction (e.g. stores the value of an `in`
+            // into a register) only on the next KVM_RUN. Enter once with immediate_exit so
+            // that the state a snapshot saves is consistent.
+            let mut v = lock(&vcpu);
+            v.fd.set_kvm_immediate_exit(1);
+            let _ = v.fd.run();
+            v.fd.set_kvm_immediate_exit(0);
+        };
+        if ctx.control.checkpoint(settle) || ctx.exit.is_set() {
             break;
         }
         let mut v = lock(&vcpu);

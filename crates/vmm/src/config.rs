@@ -58,7 +58,10 @@ impl std::str::FromStr for BlockConfig {
     /// `PATH[,ro]`.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
-        let path = parts.next().filter(|p| !p.is_empty()).ok_or("empty block path")?;
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("empty block path")?;
         let mut read_only = false;
         for opt in parts {
             match opt {

@@ -13,7 +13,11 @@ use vessel_vmm::config::{BlockConfig, PvmQuirks, VmConfig, VsockConfig};
 use vessel_vmm::vmm::Vmm;
 
 #[derive(Debug, Parser)]
-#[command(name = "vessel-vmm", version, about = "Vessel's built-in KVM microVM monitor")]
+#[command(
+    name = "vessel-vmm",
+    version,
+    about = "Vessel's built-in KVM microVM monitor"
+)]
 struct Args {
     /// Guest kernel: PVH ELF vmlinux or bzImage.
     #[arg(long)]
@@ -137,7 +141,9 @@ fn wait_for_vm(api: &mut ApiServer, mut config: Option<VmConfig>) -> anyhow::Res
                                 .map_err(|e| e.to_string()),
                             Request::Metrics {} => Ok(None),
                             Request::Shutdown {} => std::process::exit(0),
-                            other => Err(format!("{other:?}: no VM yet (configure and boot first)")),
+                            other => {
+                                Err(format!("{other:?}: no VM yet (configure and boot first)"))
+                            }
                         };
                         match result {
                             Ok(Some(vmm)) => {
@@ -175,8 +181,13 @@ fn run() -> anyhow::Result<i32> {
         None => None,
     };
     let vmm = if let Some(dir) = &args.restore {
-        Vmm::restore(dir, args.serial_log.clone(), args.vsock_uds.clone(), args.paused)
-            .with_context(|| format!("restoring {}", dir.display()))?
+        Vmm::restore(
+            dir,
+            args.serial_log.clone(),
+            args.vsock_uds.clone(),
+            args.paused,
+        )
+        .with_context(|| format!("restoring {}", dir.display()))?
     } else if let Some(config) = args.vm_config() {
         Vmm::boot(config).context("booting the VM")?
     } else if let Some(api) = api.as_mut() {

@@ -139,7 +139,8 @@ fn build_machine(
 
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for b in &config.block {
-        let dev = Block::new(b).map_err(|e| VmmError::Device(b.path.display().to_string(), e.to_string()))?;
+        let dev = Block::new(b)
+            .map_err(|e| VmmError::Device(b.path.display().to_string(), e.to_string()))?;
         devices.push(Box::new(dev));
     }
     if let Some(v) = &config.vsock {
@@ -174,7 +175,10 @@ fn build_machine(
             if s.device_type != dev_type {
                 return Err(VmmError::Device(
                     format!("slot {i}"),
-                    format!("snapshot has device type {}, config has {dev_type}", s.device_type),
+                    format!(
+                        "snapshot has device type {}, config has {dev_type}",
+                        s.device_type
+                    ),
                 ));
             }
             transport
@@ -184,9 +188,7 @@ fn build_machine(
         let transport = Arc::new(Mutex::new(transport));
         mmio_bus.insert(base, layout::VIRTIO_MMIO_SIZE, transport.clone());
         virtio.push(transport);
-        cmdline_extra.push(format!(
-            "virtio_mmio.device=4K@{base:#x}:{irq}"
-        ));
+        cmdline_extra.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
     Ok(Machine {
         io_bus,
@@ -357,7 +359,10 @@ impl Vmm {
     /// Writes a snapshot of the paused VM into `dir`.
     pub fn snapshot(&mut self, dir: &Path) -> Result<(), VmmError> {
         if !self.paused {
-            return Err(VmmError::InvalidState("snapshot", "running (pause it first)"));
+            return Err(VmmError::InvalidState(
+                "snapshot",
+                "running (pause it first)",
+            ));
         }
         if !self.control.wait_paused(self.vcpus.len(), PAUSE_TIMEOUT) {
             return Err(VmmError::PauseTimeout(PAUSE_TIMEOUT));
@@ -423,9 +428,9 @@ impl Vmm {
             }
             Request::Snapshot { dir } => self.snapshot(&dir).map(|_| None),
             Request::Metrics {} => Ok(Some(self.metrics())),
-            Request::Configure { .. } | Request::Boot {} | Request::Restore { .. } => {
-                Err(VmmError::InvalidState("configure/boot/restore", "already running"))
-            }
+            Request::Configure { .. } | Request::Boot {} | Request::Restore { .. } => Err(
+                VmmError::InvalidState("configure/boot/restore", "already running"),
+            ),
         };
         match result {
             Ok(None) => Response::ok(),

@@ -125,7 +125,10 @@ fn block_read_write_and_read_only() {
     let rw_data = std::fs::read(&rw).unwrap();
     assert_eq!(&rw_data[512..528], b"written-by-guest");
     let ro_data = std::fs::read(&ro).unwrap();
-    assert!(ro_data[512..1024].iter().all(|b| *b == 0), "ro image changed");
+    assert!(
+        ro_data[512..1024].iter().all(|b| *b == 0),
+        "ro image changed"
+    );
 }
 
 fn connect(uds: &std::path::Path, port: u32) -> UnixStream {
@@ -219,7 +222,11 @@ fn vsock_echo_many_connections_and_guest_connect() {
     bad.write_all(b"HELLO\n").unwrap();
     let mut buf = [0u8; 8];
     bad.set_read_timeout(Some(T)).unwrap();
-    assert_eq!(bad.read(&mut buf).unwrap(), 0, "bad handshake must be closed");
+    assert_eq!(
+        bad.read(&mut buf).unwrap(),
+        0,
+        "bad handshake must be closed"
+    );
     let mut again = connect(&uds, 52);
     again.write_all(b"still-alive\n").unwrap();
     let mut back = [0u8; 12];
@@ -241,7 +248,10 @@ fn api_configure_boot_pause_resume_metrics() {
     let sock = dir.path().join("api.sock");
     let child = spawn(&["--api-sock", sock.to_str().unwrap()]);
     let mut child = Guard(child);
-    let bad = api(&sock, r#"{"action":"configure","config":{"kernel":"/x","typo":1}}"#);
+    let bad = api(
+        &sock,
+        r#"{"action":"configure","config":{"kernel":"/x","typo":1}}"#,
+    );
     assert_eq!(bad["ok"], false);
     let early = api(&sock, r#"{"action":"pause"}"#);
     assert_eq!(early["ok"], false);
@@ -265,19 +275,24 @@ fn api_configure_boot_pause_resume_metrics() {
     let before = std::fs::read_to_string(&log).unwrap();
     let ticks = |s: &str| s.lines().filter(|l| l.starts_with('T')).count();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(ticks(&std::fs::read_to_string(&log).unwrap()), ticks(&before));
+    assert_eq!(
+        ticks(&std::fs::read_to_string(&log).unwrap()),
+        ticks(&before)
+    );
     assert_eq!(api(&sock, r#"{"action":"resume"}"#)["ok"], true);
     let n = ticks(&before);
-    poll(T, || (ticks(&std::fs::read_to_string(&log).ok()?) > n).then_some(()))
-        .expect("guest did not resume");
+    poll(T, || {
+        (ticks(&std::fs::read_to_string(&log).ok()?) > n).then_some(())
+    })
+    .expect("guest did not resume");
     assert_eq!(api(&sock, r#"{"action":"shutdown"}"#)["ok"], true);
     assert_eq!(wait_exit(&mut child.0, T).code(), Some(0));
 }
 
 fn last_tick(s: &str) -> u32 {
     s.lines()
-        .filter_map(|l| l.strip_prefix('T')?.parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix('T')?.parse().ok())
         .unwrap_or(0)
 }
 
@@ -317,7 +332,7 @@ fn snapshot_mid_run_then_ten_restores_resume_from_saved_state() {
     assert_eq!(resp["ok"], true, "{resp}");
     let _ = child.0.kill();
     let _ = child.0.wait();
-    assert!(saved >= 3 && saved < 12, "snapshot taken at T{saved}");
+    assert!((3..12).contains(&saved), "snapshot taken at T{saved}");
 
     // Ten restores from the one snapshot, all running at once.
     let mut clones = Vec::new();

@@ -104,11 +104,19 @@ mod tests {
 
     #[test]
     fn parses_and_rejects_unknown_fields() {
-        assert_eq!(parse_request(br#"{"action":"pause"}"#).unwrap(), Request::Pause {});
+        assert_eq!(
+            parse_request(br#"{"action":"pause"}"#).unwrap(),
+            Request::Pause {}
+        );
         assert!(parse_request(br#"{"action":"pause","x":1}"#).is_err());
         assert!(parse_request(br#"{"action":"fly"}"#).is_err());
         let r = parse_request(br#"{"action":"snapshot","dir":"/tmp/s"}"#).unwrap();
-        assert_eq!(r, Request::Snapshot { dir: "/tmp/s".into() });
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                dir: "/tmp/s".into()
+            }
+        );
         assert!(parse_request(br#"{"action":"snapshot","dir":"/s","extra":true}"#).is_err());
         let c = br#"{"action":"configure","config":{"kernel":"/k","mem_mib":64,"oops":1}}"#;
         assert!(parse_request(c).is_err());

@@ -43,8 +43,8 @@ impl ApiServer {
     /// Listens on `path` (an old socket file there is replaced).
     pub fn bind(path: &Path) -> Result<Self, ApiError> {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
-            .map_err(|e| ApiError::Bind(path.display().to_string(), e))?;
+        let listener =
+            UnixListener::bind(path).map_err(|e| ApiError::Bind(path.display().to_string(), e))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| ApiError::Bind(path.display().to_string(), e))?;

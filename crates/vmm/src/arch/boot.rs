@@ -11,7 +11,9 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use super::layout::*;
 use super::regs::EntryMode;
@@ -87,26 +89,24 @@ pub fn load(
     let name = kernel.display().to_string();
     let mut file = File::open(kernel).map_err(|e| BootError::Open(name.clone(), e))?;
     let himem = Some(GuestAddress(HIMEM_START));
-    let (mode, entry, kernel_end, setup_header) =
-        match Elf::load(mem, None, &mut file, himem) {
-            Ok(res) => match res.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(addr) => {
-                    (EntryMode::Pvh, addr.raw_value(), res.kernel_end, None)
-                }
-                _ => return Err(BootError::NoPvhEntry(name)),
-            },
-            Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
-                let res = BzImage::load(mem, None, &mut file, himem)
-                    .map_err(|e| BootError::LoadKernel(name.clone(), e))?;
-                // The 64-bit entry point is 0x200 past the protected-mode code.
-                let entry = res.kernel_load.raw_value() + 0x200;
-                (EntryMode::Linux64, entry, res.kernel_end, res.setup_header)
+    let (mode, entry, kernel_end, setup_header) = match Elf::load(mem, None, &mut file, himem) {
+        Ok(res) => match res.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(addr) => {
+                (EntryMode::Pvh, addr.raw_value(), res.kernel_end, None)
             }
-            Err(e) => return Err(BootError::LoadKernel(name, e)),
-        };
+            _ => return Err(BootError::NoPvhEntry(name)),
+        },
+        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
+            let res = BzImage::load(mem, None, &mut file, himem)
+                .map_err(|e| BootError::LoadKernel(name.clone(), e))?;
+            // The 64-bit entry point is 0x200 past the protected-mode code.
+            let entry = res.kernel_load.raw_value() + 0x200;
+            (EntryMode::Linux64, entry, res.kernel_end, res.setup_header)
+        }
+        Err(e) => return Err(BootError::LoadKernel(name, e)),
+    };
 
-    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline)
-        .map_err(BootError::Cmdline)?;
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::Cmdline)?;
     let cmdline_len = cmdline
         .as_cstring()
         .map(|c| c.as_bytes_with_nul().len())

@@ -40,7 +40,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The KVM segment described by GDT entry `entry` at `index`.
 fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     let limit = if g == 1 {
@@ -207,7 +207,10 @@ mod tests {
     fn lint_modes() {
         let mut lapic = kvm_bindings::kvm_lapic_state::default();
         set_lint(&mut lapic);
-        assert_eq!((lapic_reg(&lapic.regs, APIC_LVT0) >> 8) & 7, APIC_MODE_EXTINT);
+        assert_eq!(
+            (lapic_reg(&lapic.regs, APIC_LVT0) >> 8) & 7,
+            APIC_MODE_EXTINT
+        );
         assert_eq!((lapic_reg(&lapic.regs, APIC_LVT1) >> 8) & 7, APIC_MODE_NMI);
     }
 }

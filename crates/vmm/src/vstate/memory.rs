@@ -129,20 +129,30 @@ mod tests {
     #[test]
     fn save_and_restore_round_trip_privately() {
         let mem = create(16).unwrap();
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1234)).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1234))
+            .unwrap();
         mem.write_obj(7u8, GuestAddress((16 << 20) - 1)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mem");
         save(&mem, &path).unwrap();
         let a = restore(&path, 16 << 20).unwrap();
         let b = restore(&path, 16 << 20).unwrap();
-        assert_eq!(a.read_obj::<u32>(GuestAddress(0x1234)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            a.read_obj::<u32>(GuestAddress(0x1234)).unwrap(),
+            0xdead_beef
+        );
         assert_eq!(a.read_obj::<u8>(GuestAddress((16 << 20) - 1)).unwrap(), 7);
         // A write in one restored copy is private to it and never reaches the file.
         a.write_obj(1u32, GuestAddress(0x1234)).unwrap();
-        assert_eq!(b.read_obj::<u32>(GuestAddress(0x1234)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            b.read_obj::<u32>(GuestAddress(0x1234)).unwrap(),
+            0xdead_beef
+        );
         let c = restore(&path, 16 << 20).unwrap();
-        assert_eq!(c.read_obj::<u32>(GuestAddress(0x1234)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            c.read_obj::<u32>(GuestAddress(0x1234)).unwrap(),
+            0xdead_beef
+        );
         assert!(restore(&path, 32 << 20).is_err());
     }
 

@@ -224,7 +224,10 @@ impl Vcpu {
             fpu: FpuState::from(&self.fd.get_fpu().map_err(k("KVM_GET_FPU"))?),
             lapic: self.fd.get_lapic().map_err(k("KVM_GET_LAPIC"))?,
             mp_state: self.fd.get_mp_state().map_err(k("KVM_GET_MP_STATE"))?,
-            events: self.fd.get_vcpu_events().map_err(k("KVM_GET_VCPU_EVENTS"))?,
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(k("KVM_GET_VCPU_EVENTS"))?,
             debugregs: self.fd.get_debug_regs().map_err(k("KVM_GET_DEBUGREGS"))?,
         })
     }
@@ -232,8 +235,9 @@ impl Vcpu {
     /// Restores state saved by [`Vcpu::save_state`] into a fresh vCPU.
     pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
         let k = |what| move |e| VcpuError::Kvm(what, e);
-        let cpuid = CpuId::from_entries(&s.cpuid)
-            .map_err(|_| VcpuError::Kvm("CpuId::from_entries", kvm_ioctls::Error::new(libc::E2BIG)))?;
+        let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| {
+            VcpuError::Kvm("CpuId::from_entries", kvm_ioctls::Error::new(libc::E2BIG))
+        })?;
         self.fd.set_cpuid2(&cpuid).map_err(k("KVM_SET_CPUID2"))?;
         // Order matters: sregs before MSRs (EFER), LAPIC before events and mp_state.
         self.fd.set_sregs(&s.sregs).map_err(k("KVM_SET_SREGS"))?;
@@ -250,7 +254,9 @@ impl Vcpu {
         self.fd
             .set_debug_regs(&s.debugregs)
             .map_err(k("KVM_SET_DEBUGREGS"))?;
-        self.fd.set_mp_state(s.mp_state).map_err(k("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_mp_state(s.mp_state)
+            .map_err(k("KVM_SET_MP_STATE"))?;
         self.fd
             .set_vcpu_events(&s.events)
             .map_err(k("KVM_SET_VCPU_EVENTS"))?;

@@ -48,15 +48,14 @@ impl Vm {
         if version != 12 {
             return Err(VmError::ApiVersion(version));
         }
-        let fd = kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|_| {
-                    VmError::Kvm(
-                        "get_host_address",
-                        kvm_ioctls::Error::new(libc::EFAULT),
-                    )
+                    VmError::Kvm("get_host_address", kvm_ioctls::Error::new(libc::EFAULT))
                 })?;
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -98,7 +97,11 @@ impl Vm {
     /// Saves irqchip, PIT and clock state. The vCPUs must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
         let mut irqchips = Vec::new();
-        for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
             let mut chip = kvm_irqchip {
                 chip_id,
                 ..Default::default()

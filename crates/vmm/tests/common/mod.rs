@@ -35,10 +35,8 @@ pub fn kvm_available(test: &str) -> bool {
 pub fn tiny_guest() -> &'static Path {
     static GUEST: OnceLock<PathBuf> = OnceLock::new();
     GUEST.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "vessel-tiny-guest-{}.elf",
-            std::process::id()
-        ));
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("vessel-tiny-guest-{}.elf", std::process::id()));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh");
         let status = Command::new("sh")
             .arg(&script)

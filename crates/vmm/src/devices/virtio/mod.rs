@@ -5,6 +5,8 @@
 
 pub mod block;
 pub mod queue_util;
+#[cfg(test)]
+pub mod test_utils;
 pub mod transport;
 pub mod vsock;
 
@@ -116,8 +118,11 @@ impl Poller {
 
     /// Watches `fd` for `events`, reported back as `token`.
     pub fn add(&self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()> {
-        self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, self.data(token)))
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, self.data(token)),
+        )
     }
 
     /// Changes the events watched on `fd`.

@@ -146,7 +146,9 @@ impl VirtioDevice for Block {
     }
 
     fn queues(&self) -> &[Queue] {
-        self.active.as_ref().map_or(&[], |a| std::slice::from_ref(&a.queue))
+        self.active
+            .as_ref()
+            .map_or(&[], |a| std::slice::from_ref(&a.queue))
     }
 
     fn save_state(&self) -> serde_json::Value {

@@ -117,8 +117,10 @@ pub fn parse(
     let want_writable = matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
     let mut out = Vec::with_capacity(data.len());
     for (i, d) in data.iter().enumerate() {
-        if matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_GET_ID)
-            && d.is_write_only() != want_writable
+        if matches!(
+            kind,
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_GET_ID
+        ) && d.is_write_only() != want_writable
         {
             return Err(RequestError::WrongDirection(i));
         }

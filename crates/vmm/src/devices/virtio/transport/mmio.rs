@@ -12,11 +12,11 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::BusDevice;
 use crate::devices::virtio::{
     ActivateContext, IrqTrigger, Poller, VirtioDevice, DEVICE_TOKEN_BASE, INT_CONFIG,
     VIRTIO_F_VERSION_1,
 };
+use crate::devices::BusDevice;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -252,7 +252,10 @@ impl MmioTransport {
             poller: self.poller.clone(),
         };
         if let Err(e) = self.device.activate(self.acked_features, ctx) {
-            log::warn!("virtio device type {} failed to activate: {e}", self.device.device_type());
+            log::warn!(
+                "virtio device type {} failed to activate: {e}",
+                self.device.device_type()
+            );
             self.status |= STATUS_DEVICE_NEEDS_RESET;
             self.irq.trigger(INT_CONFIG);
         }
@@ -415,5 +418,103 @@ impl BusDevice for MmioTransport {
             0xa4 => self.update_queue(|q| q.set_used_ring_address(None, Some(v))),
             _ => log::debug!("virtio-mmio: write to unknown register {offset:#x}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BlockConfig;
+    use crate::devices::virtio::block::Block;
+    use crate::devices::virtio::test_utils::memory;
+
+    fn transport() -> (MmioTransport, tempfile::NamedTempFile) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), vec![0u8; 4096]).unwrap();
+        let dev = Block::new(&BlockConfig {
+            path: f.path().into(),
+            read_only: false,
+        })
+        .unwrap();
+        let epoll = Arc::new(vmm_sys_util::epoll::Epoll::new().unwrap());
+        let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let t = MmioTransport::new(Box::new(dev), memory(), irq, Poller::new(epoll, 0)).unwrap();
+        (t, f)
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, version_1: bool) {
+        w(t, 0x70, STATUS_ACKNOWLEDGE);
+        w(t, 0x70, STATUS_DRIVER);
+        w(t, 0x24, 1);
+        w(t, 0x20, u32::from(version_1));
+        w(t, 0x70, STATUS_FEATURES_OK);
+    }
+
+    fn setup_queue(t: &mut MmioTransport, desc: u64) {
+        w(t, 0x30, 0);
+        w(t, 0x38, 16);
+        w(t, 0x80, desc as u32);
+        w(t, 0x84, (desc >> 32) as u32);
+        w(t, 0x90, 0x2000);
+        w(t, 0xa0, 0x3000);
+        w(t, 0x44, 1);
+    }
+
+    #[test]
+    fn identifies_and_activates() {
+        let (mut t, _f) = transport();
+        assert_eq!(r(&mut t, 0), MAGIC);
+        assert_eq!(r(&mut t, 4), 2);
+        assert_eq!(r(&mut t, 8), 2);
+        assert_eq!(r(&mut t, 0x100), 8, "capacity in sectors");
+        negotiate(&mut t, true);
+        assert_ne!(r(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        setup_queue(&mut t, 0x1000);
+        w(&mut t, 0x70, STATUS_DRIVER_OK);
+        assert!(t.device().is_activated());
+        // Queue registers are frozen while live.
+        w(&mut t, 0x38, 2);
+        assert_eq!(t.save_state().queues[0].size, 16);
+        w(&mut t, 0x70, 0);
+        assert!(!t.device().is_activated());
+        assert_eq!(r(&mut t, 0x70), 0);
+    }
+
+    #[test]
+    fn refuses_legacy_drivers_and_bad_rings() {
+        let (mut t, _f) = transport();
+        negotiate(&mut t, false);
+        assert_eq!(r(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        w(&mut t, 0x70, 0);
+        negotiate(&mut t, true);
+        setup_queue(&mut t, 0xffff_ffff_0000);
+        w(&mut t, 0x70, STATUS_DRIVER_OK);
+        assert!(!t.device().is_activated());
+        assert_ne!(r(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn odd_accesses_are_harmless() {
+        let (mut t, _f) = transport();
+        let mut b = [0u8; 2];
+        t.read(0x70, &mut b);
+        t.write(0x70, &[1, 2]);
+        t.write(0x50, &99u32.to_le_bytes());
+        w(&mut t, 0x30, 1000);
+        w(&mut t, 0x38, 16);
+        assert_eq!(r(&mut t, 0x34), 0);
+        let mut big = [0u8; 8];
+        t.read(0x100 + 4000, &mut big);
+        assert_eq!(big, [0; 8]);
     }
 }

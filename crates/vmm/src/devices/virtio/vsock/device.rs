@@ -10,8 +10,7 @@ use super::muxer::{Muxer, TOKEN_LISTENER};
 use super::QUEUE_SIZE;
 use crate::config::VsockConfig;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, IrqTrigger, Poller, VirtioDevice,
-    TYPE_VSOCK,
+    read_config_bytes, ActivateContext, ActivateError, IrqTrigger, Poller, VirtioDevice, TYPE_VSOCK,
 };
 
 /// Errors while creating the vsock device.

@@ -120,7 +120,8 @@ impl Muxer {
             let token = self.alloc_token();
             let ev = EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
             if poller.add(stream.as_raw_fd(), token, ev).is_ok() {
-                self.owners.insert(token, Owner::Handshake(stream, Vec::new()));
+                self.owners
+                    .insert(token, Owner::Handshake(stream, Vec::new()));
                 self.handshake(token, poller);
             }
         }
@@ -271,7 +272,10 @@ impl Muxer {
         let stream = match UnixStream::connect(&path) {
             Ok(s) if s.set_nonblocking(true).is_ok() => s,
             _ => {
-                log::debug!("vsock: guest connection to host port {} refused ({path})", key.0);
+                log::debug!(
+                    "vsock: guest connection to host port {} refused ({path})",
+                    key.0
+                );
                 return self.send_rst(key);
             }
         };
@@ -291,7 +295,11 @@ impl Muxer {
 
     /// Whether anything may be waiting for the guest's rx queue.
     pub fn has_rx(&self) -> bool {
-        !self.ctrl.is_empty() || self.conns.values().any(|c| c.wants_rx() || c.needs_credit())
+        !self.ctrl.is_empty()
+            || self
+                .conns
+                .values()
+                .any(|c| c.wants_rx() || c.needs_credit())
     }
 
     /// The next packet for the guest: a header, with its payload in `buf` (at most `max`
@@ -304,7 +312,10 @@ impl Muxer {
         // Round-robin over connections, starting after the last one served.
         let keys: Vec<Key> = self
             .conns
-            .range((std::ops::Bound::Excluded(self.cursor), std::ops::Bound::Unbounded))
+            .range((
+                std::ops::Bound::Excluded(self.cursor),
+                std::ops::Bound::Unbounded,
+            ))
             .chain(self.conns.range(..=self.cursor))
             .filter(|(_, c)| c.wants_rx() || c.needs_credit())
             .map(|(k, _)| *k)

@@ -267,6 +267,15 @@ fn api_configure_boot_pause_resume_metrics() {
     assert_eq!(api(&sock, &cfg.to_string())["ok"], true);
     assert_eq!(api(&sock, r#"{"action":"boot"}"#)["ok"], true);
     wait_for_text(&log, "T2\n", T);
+    // Every thread (VMM and vCPU) runs under a seccomp filter.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.0.id())).unwrap();
+    let mut filtered = 0;
+    for t in tasks {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        assert!(status.contains("Seccomp:\t2"), "thread without seccomp:\n{status}");
+        filtered += 1;
+    }
+    assert!(filtered >= 2);
     assert_eq!(api(&sock, r#"{"action":"pause"}"#)["ok"], true);
     let m = api(&sock, r#"{"action":"metrics"}"#);
     assert_eq!(m["result"]["state"], "paused");

@@ -251,6 +251,7 @@ impl MmioTransport {
             irq: self.irq.clone(),
             poller: self.poller.clone(),
         };
+        let dev_type = self.device.device_type();
         if let Err(e) = self.device.activate(self.acked_features, ctx) {
             log::warn!(
                 "virtio device type {} failed to activate: {e}",

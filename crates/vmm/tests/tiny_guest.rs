@@ -272,7 +272,10 @@ fn api_configure_boot_pause_resume_metrics() {
     let mut filtered = 0;
     for t in tasks {
         let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
-        assert!(status.contains("Seccomp:\t2"), "thread without seccomp:\n{status}");
+        assert!(
+            status.contains("Seccomp:\t2"),
+            "thread without seccomp:\n{status}"
+        );
         filtered += 1;
     }
     assert!(filtered >= 2);

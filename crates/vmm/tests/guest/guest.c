@@ -6,6 +6,7 @@
  *   mode=count [count=N]  print T1..TN with a busy delay between, then reset
  *   mode=block            exercise every virtio-blk device: get-id, read, write, flush
  *   mode=vsock [connect=P] echo server on vsock; optionally connect out to host port P
+ *   mode=idle             print IDLE, then halt forever (no CPU use)
  *   mode=panic            triple fault
  */
 typedef unsigned char u8;
@@ -324,6 +325,10 @@ void guest_main(u32 start_info) {
     if (arg("mode=count")) mode_count();
     if (arg("mode=block")) mode_block();
     if (arg("mode=vsock")) mode_vsock();
+    if (arg("mode=idle")) {
+        puts_("IDLE\n");
+        for (;;) __asm__ volatile("cli; hlt");
+    }
     if (arg("mode=panic")) { puts_("PANIC-NOW\n"); triple_fault(); }
     puts_("Hello from the vessel tiny guest\n");
     (void)putx;

@@ -253,12 +253,11 @@ impl MmioTransport {
         };
         let dev_type = self.device.device_type();
         if let Err(e) = self.device.activate(self.acked_features, ctx) {
-            log::warn!(
-                "virtio device type {} failed to activate: {e}",
-                self.device.device_type()
-            );
+            log::warn!("virtio device type {dev_type} failed to activate: {e}");
             self.status |= STATUS_DEVICE_NEEDS_RESET;
             self.irq.trigger(INT_CONFIG);
+        } else {
+            log::info!("virtio device type {dev_type} activated");
         }
     }
 

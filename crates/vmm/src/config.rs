@@ -115,6 +115,9 @@ pub struct VmConfig {
     /// Block devices, in the order the guest sees them (vda, vdb, ...).
     #[serde(default)]
     pub block: Vec<BlockConfig>,
+    /// A virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
     /// PVM workarounds.
     #[serde(default)]
     pub pvm_quirks: PvmQuirks,
@@ -150,7 +153,7 @@ impl VmConfig {
                 return Err(ConfigError::Cid(v.cid));
             }
         }
-        let devices = self.block.len() + usize::from(self.vsock.is_some());
+        let devices = self.block.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng);
         if devices > (crate::arch::layout::IRQ_MAX - crate::arch::layout::IRQ_BASE + 1) as usize {
             return Err(ConfigError::TooManyDevices(devices));
         }

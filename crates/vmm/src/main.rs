@@ -49,6 +49,9 @@ struct Args {
     /// Block device `PATH[,ro]` (repeatable).
     #[arg(long)]
     block: Vec<BlockConfig>,
+    /// Add a virtio-rng device.
+    #[arg(long)]
+    rng: bool,
     /// PVM (software KVM) workarounds: auto, on, off.
     #[arg(long, default_value = "auto", value_parser = parse_quirks)]
     pvm_quirks: PvmQuirks,
@@ -83,6 +86,7 @@ impl Args {
                 cid: self.vsock_cid.unwrap_or(3),
             }),
             block: self.block.clone(),
+            rng: self.rng,
             pvm_quirks: self.pvm_quirks,
         })
     }

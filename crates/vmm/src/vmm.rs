@@ -21,6 +21,7 @@ use crate::config::{VmConfig, PVM_CMDLINE_QUIRKS};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::transport::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{IrqTrigger, Poller, VirtioDevice};
@@ -142,6 +143,9 @@ fn build_machine(
         let dev = Block::new(b)
             .map_err(|e| VmmError::Device(b.path.display().to_string(), e.to_string()))?;
         devices.push(Box::new(dev));
+    }
+    if config.rng {
+        devices.push(Box::new(Rng::new()));
     }
     if let Some(v) = &config.vsock {
         let dev = Vsock::new(v).map_err(|e| VmmError::Device("vsock".into(), e.to_string()))?;

@@ -120,17 +120,23 @@ fn linux_boots_to_init_with_virtio_devices_probed() {
         " vda: vda1",
         "NET: Registered PF_VSOCK protocol family",
     ] {
-        assert!(out.contains(needle), "missing {needle:?} in console log:\n{out}");
+        assert!(
+            out.contains(needle),
+            "missing {needle:?} in console log:\n{out}"
+        );
     }
     let _ = child.0.kill();
-    let output = std::mem::replace(
-        &mut child.0,
-        Command::new("true").spawn().unwrap(),
-    )
-    .wait_with_output()
-    .unwrap();
+    let output = std::mem::replace(&mut child.0, Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    for needle in ["virtio device type 2 activated", "virtio device type 19 activated"] {
-        assert!(stderr.contains(needle), "missing {needle:?} in VMM log:\n{stderr}");
+    for needle in [
+        "virtio device type 2 activated",
+        "virtio device type 19 activated",
+    ] {
+        assert!(
+            stderr.contains(needle),
+            "missing {needle:?} in VMM log:\n{stderr}"
+        );
     }
 }

@@ -373,3 +373,30 @@ fn snapshot_mid_run_then_ten_restores_resume_from_saved_state() {
         assert_eq!(last_tick(&out), 12);
     }
 }
+
+#[test]
+fn rng_gives_the_guest_fresh_bytes() {
+    if !kvm_available("rng_gives_the_guest_fresh_bytes") {
+        return;
+    }
+    let dir = scratch("rng");
+    let log = dir.path().join("serial.log");
+    let mut child = spawn(&[
+        "--kernel",
+        tiny_guest().to_str().unwrap(),
+        "--cmdline",
+        "mode=rng",
+        "--rng",
+        "--serial-log",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(wait_exit(&mut child, T).code(), Some(0));
+    let out = wait_for_text(&log, "RNG-DONE", T);
+    let draws: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("RNG len=16 bytes="))
+        .collect();
+    assert_eq!(draws.len(), 2, "{out}");
+    assert_ne!(draws[0], draws[1]);
+    assert_ne!(draws[0], "00000000000000000000000000000000");
+}

@@ -6,6 +6,7 @@
  *   mode=count [count=N]  print T1..TN with a busy delay between, then reset
  *   mode=block            exercise every virtio-blk device: get-id, read, write, flush
  *   mode=vsock [connect=P] echo server on vsock; optionally connect out to host port P
+ *   mode=rng              read the virtio-rng device twice
  *   mode=idle             print IDLE, then halt forever (no CPU use)
  *   mode=panic            triple fault
  */
@@ -209,6 +210,26 @@ static void mode_block(void) {
     reset();
 }
 
+static void mode_rng(void) {
+    u32 b = find_device(4, 0);
+    if (!b) { puts_("no rng device\n"); reset(); }
+    struct vq q;
+    if (device_init(b)) reset();
+    vq_init(&q, b, 0);
+    device_ready(b);
+    for (int round = 0; round < 2; round++) {
+        memset_(blk_data, 0, 16);
+        q.desc[0] = (struct desc){ (u32)blk_data, 16, F_WRITE, 0 };
+        vq_submit(&q, 0);
+        volatile struct used_elem *e = vq_wait(&q);
+        puts_("RNG len="); putn(e->len); puts_(" bytes=");
+        for (int i = 0; i < 16; i++) { putc_("0123456789abcdef"[blk_data[i] >> 4]); putc_("0123456789abcdef"[blk_data[i] & 15]); }
+        puts_("\n");
+    }
+    puts_("RNG-DONE\n");
+    reset();
+}
+
 /* vsock */
 struct __attribute__((packed)) vhdr {
     u64 src_cid, dst_cid; u32 src_port, dst_port, len; u16 type, op; u32 flags, buf_alloc, fwd_cnt;
@@ -325,6 +346,7 @@ void guest_main(u32 start_info) {
     if (arg("mode=count")) mode_count();
     if (arg("mode=block")) mode_block();
     if (arg("mode=vsock")) mode_vsock();
+    if (arg("mode=rng")) mode_rng();
     if (arg("mode=idle")) {
         puts_("IDLE\n");
         for (;;) __asm__ volatile("cli; hlt");

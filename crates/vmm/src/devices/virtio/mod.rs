@@ -5,6 +5,7 @@
 
 pub mod block;
 pub mod queue_util;
+pub mod rng;
 #[cfg(test)]
 pub mod test_utils;
 pub mod transport;

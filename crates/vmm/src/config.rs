@@ -118,6 +118,9 @@ pub struct VmConfig {
     /// A virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// A virtio-balloon device with this initial target (MiB).
+    #[serde(default)]
+    pub balloon_mib: Option<u64>,
     /// PVM workarounds.
     #[serde(default)]
     pub pvm_quirks: PvmQuirks,
@@ -153,7 +156,10 @@ impl VmConfig {
                 return Err(ConfigError::Cid(v.cid));
             }
         }
-        let devices = self.block.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng);
+        let devices = self.block.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng)
+            + usize::from(self.balloon_mib.is_some());
         if devices > (crate::arch::layout::IRQ_MAX - crate::arch::layout::IRQ_BASE + 1) as usize {
             return Err(ConfigError::TooManyDevices(devices));
         }

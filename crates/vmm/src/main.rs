@@ -52,6 +52,9 @@ struct Args {
     /// Add a virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// Add a virtio-balloon device with this initial target in MiB.
+    #[arg(long)]
+    balloon_mib: Option<u64>,
     /// PVM (software KVM) workarounds: auto, on, off.
     #[arg(long, default_value = "auto", value_parser = parse_quirks)]
     pvm_quirks: PvmQuirks,
@@ -87,6 +90,7 @@ impl Args {
             }),
             block: self.block.clone(),
             rng: self.rng,
+            balloon_mib: self.balloon_mib,
             pvm_quirks: self.pvm_quirks,
         })
     }

@@ -20,6 +20,7 @@ use crate::arch::{boot, layout, mptable};
 use crate::config::{VmConfig, PVM_CMDLINE_QUIRKS};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::balloon::{Balloon, BalloonControl};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::transport::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
@@ -80,6 +81,7 @@ pub struct Vmm {
     control: Arc<RunControl>,
     serial: Arc<Mutex<SerialDevice>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    balloon: Option<Arc<BalloonControl>>,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     threads: Vec<JoinHandle<()>>,
     paused: bool,
@@ -88,6 +90,7 @@ pub struct Vmm {
 
 /// Devices and buses shared by boot and restore.
 struct Machine {
+    balloon: Option<Arc<BalloonControl>>,
     io_bus: Bus,
     mmio_bus: Bus,
     serial: Arc<Mutex<SerialDevice>>,
@@ -147,6 +150,12 @@ fn build_machine(
     if config.rng {
         devices.push(Box::new(Rng::new()));
     }
+    let mut balloon = None;
+    if let Some(mib) = config.balloon_mib {
+        let dev = Balloon::new(mib);
+        balloon = Some(dev.control());
+        devices.push(Box::new(dev));
+    }
     if let Some(v) = &config.vsock {
         let dev = Vsock::new(v).map_err(|e| VmmError::Device("vsock".into(), e.to_string()))?;
         devices.push(Box::new(dev));
@@ -195,6 +204,7 @@ fn build_machine(
         cmdline_extra.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
     Ok(Machine {
+        balloon,
         io_bus,
         mmio_bus,
         serial,
@@ -242,6 +252,7 @@ impl Vmm {
             control: Arc::new(RunControl::default()),
             serial: machine.serial,
             virtio: machine.virtio,
+            balloon: machine.balloon,
             vcpus,
             threads: Vec::new(),
             paused: false,
@@ -294,6 +305,7 @@ impl Vmm {
             control,
             serial: machine.serial,
             virtio: machine.virtio,
+            balloon: machine.balloon,
             vcpus,
             threads: Vec::new(),
             paused,
@@ -415,6 +427,15 @@ impl Vmm {
             "mem_mib": memory::size(&self.mem) >> 20,
             "rss_kib": rss_kib,
             "virtio_devices": self.virtio.len(),
+            "balloon": self.balloon.as_ref().map(|b| {
+                use std::sync::atomic::Ordering::Relaxed;
+                serde_json::json!({
+                    "target_pages": b.target_pages.load(Relaxed),
+                    "actual_pages": b.actual_pages.load(Relaxed),
+                    "inflated_bytes": b.inflated_bytes.load(Relaxed),
+                    "reported_bytes": b.reported_bytes.load(Relaxed),
+                })
+            }),
         })
     }
 
@@ -432,6 +453,16 @@ impl Vmm {
             }
             Request::Snapshot { dir } => self.snapshot(&dir).map(|_| None),
             Request::Metrics {} => Ok(Some(self.metrics())),
+            Request::Balloon { target_mib } => match &self.balloon {
+                Some(b) => {
+                    b.set_target_mib(target_mib);
+                    Ok(None)
+                }
+                None => Err(VmmError::InvalidState(
+                    "balloon",
+                    "without a balloon device",
+                )),
+            },
             Request::Configure { .. } | Request::Boot {} | Request::Restore { .. } => Err(
                 VmmError::InvalidState("configure/boot/restore", "already running"),
             ),

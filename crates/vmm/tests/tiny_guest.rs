@@ -400,3 +400,40 @@ fn rng_gives_the_guest_fresh_bytes() {
     assert_ne!(draws[0], draws[1]);
     assert_ne!(draws[0], "00000000000000000000000000000000");
 }
+
+#[test]
+fn balloon_inflate_report_and_new_target() {
+    if !kvm_available("balloon_inflate_report_and_new_target") {
+        return;
+    }
+    let dir = scratch("balloon");
+    let log = dir.path().join("serial.log");
+    let sock = dir.path().join("api.sock");
+    let child = spawn(&[
+        "--kernel",
+        tiny_guest().to_str().unwrap(),
+        "--cmdline",
+        "mode=balloon",
+        "--balloon-mib",
+        "4",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--serial-log",
+        log.to_str().unwrap(),
+    ]);
+    let mut child = Guard(child);
+    let out = wait_for_text(&log, "BALLOON-WAIT", T);
+    assert!(out.contains("BALLOON target=1024"), "{out}");
+    assert!(out.contains("BALLOON inflated page reads 0"), "{out}");
+    assert!(out.contains("BALLOON reported page reads 0"), "{out}");
+    let m = api(&sock, r#"{"action":"metrics"}"#);
+    assert_eq!(m["result"]["balloon"]["inflated_bytes"], 4096, "{m}");
+    assert_eq!(m["result"]["balloon"]["reported_bytes"], 4096, "{m}");
+    assert_eq!(m["result"]["balloon"]["actual_pages"], 1, "{m}");
+    assert_eq!(
+        api(&sock, r#"{"action":"balloon","target_mib":8}"#)["ok"],
+        true
+    );
+    assert_eq!(wait_exit(&mut child.0, T).code(), Some(0));
+    wait_for_text(&log, "BALLOON new target=2048", T);
+}

@@ -46,6 +46,11 @@ pub enum Request {
         #[serde(default)]
         paused: bool,
     },
+    /// Sets the balloon target (the guest gives back this much memory).
+    Balloon {
+        /// Target balloon size in MiB.
+        target_mib: u64,
+    },
     /// Returns counters and sizes.
     Metrics {},
 }

@@ -6,6 +6,7 @@
  *   mode=count [count=N]  print T1..TN with a busy delay between, then reset
  *   mode=block            exercise every virtio-blk device: get-id, read, write, flush
  *   mode=vsock [connect=P] echo server on vsock; optionally connect out to host port P
+ *   mode=balloon          inflate a page, report a free page, wait for a new target
  *   mode=rng              read the virtio-rng device twice
  *   mode=idle             print IDLE, then halt forever (no CPU use)
  *   mode=panic            triple fault
@@ -94,14 +95,17 @@ static u32 find_device(u32 type, u32 nth) {
     return 0;
 }
 
-static int device_init(u32 b) {
+static int device_init_features(u32 b, u32 low);
+static int device_init(u32 b) { return device_init_features(b, 0); }
+
+static int device_init_features(u32 b, u32 low) {
     R(b, 0x70) = 0;
     R(b, 0x70) = 1;
     R(b, 0x70) = 1 | 2;
     R(b, 0x14) = 1;
     if (!(R(b, 0x10) & 1)) { puts_("no VERSION_1\n"); return -1; }
     R(b, 0x24) = 1; R(b, 0x20) = 1;   /* VIRTIO_F_VERSION_1 only */
-    R(b, 0x24) = 0; R(b, 0x20) = 0;
+    R(b, 0x24) = 0; R(b, 0x14) = 0; R(b, 0x20) = low & R(b, 0x10);
     R(b, 0x70) = 1 | 2 | 8;
     if (!(R(b, 0x70) & 8)) { puts_("FEATURES_OK refused\n"); return -1; }
     return 0;
@@ -230,6 +234,34 @@ static void mode_rng(void) {
     reset();
 }
 
+static u8 balloon_pages[2][4096] __attribute__((aligned(4096)));
+static u32 pfn_buf[1];
+
+static void mode_balloon(void) {
+    u32 b = find_device(5, 0);
+    if (!b) { puts_("no balloon device\n"); reset(); }
+    struct vq inflate, deflate, report;
+    if (device_init_features(b, 1u << 5)) reset();   /* VIRTIO_BALLOON_F_REPORTING */
+    vq_init(&inflate, b, 0); vq_init(&deflate, b, 1); vq_init(&report, b, 2);
+    device_ready(b);
+    u32 target = R(b, 0x100);
+    puts_("BALLOON target="); putn(target); puts_("\n");
+    balloon_pages[0][0] = 0x5a; balloon_pages[1][100] = 0x5a;
+    pfn_buf[0] = (u32)balloon_pages[0] >> 12;
+    inflate.desc[0] = (struct desc){ (u32)pfn_buf, 4, 0, 0 };
+    vq_submit(&inflate, 0); vq_wait(&inflate);
+    R(b, 0x104) = 1;
+    puts_("BALLOON inflated page reads "); putn(*(volatile u8 *)&balloon_pages[0][0]); puts_("\n");
+    report.desc[0] = (struct desc){ (u32)balloon_pages[1], 4096, F_WRITE, 0 };
+    vq_submit(&report, 0); vq_wait(&report);
+    puts_("BALLOON reported page reads "); putn(*(volatile u8 *)&balloon_pages[1][100]); puts_("\n");
+    puts_("BALLOON-WAIT\n");
+    while (R(b, 0x100) == target) pause();
+    puts_("BALLOON new target="); putn(R(b, 0x100)); puts_("\n");
+    (void)deflate;
+    reset();
+}
+
 /* vsock */
 struct __attribute__((packed)) vhdr {
     u64 src_cid, dst_cid; u32 src_port, dst_port, len; u16 type, op; u32 flags, buf_alloc, fwd_cnt;
@@ -347,6 +379,7 @@ void guest_main(u32 start_info) {
     if (arg("mode=block")) mode_block();
     if (arg("mode=vsock")) mode_vsock();
     if (arg("mode=rng")) mode_rng();
+    if (arg("mode=balloon")) mode_balloon();
     if (arg("mode=idle")) {
         puts_("IDLE\n");
         for (;;) __asm__ volatile("cli; hlt");

@@ -3,6 +3,7 @@
 //! activation, snapshot state), `event_handler.rs` (what it does when a queue or backend fd
 //! fires), plus device-specific modules.
 
+pub mod balloon;
 pub mod block;
 pub mod queue_util;
 pub mod rng;

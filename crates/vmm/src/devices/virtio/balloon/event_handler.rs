@@ -1,0 +1,153 @@
+//! Inflate, deflate and free-page-report queues.
+
+use std::sync::atomic::Ordering;
+
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+use super::device::{Balloon, DEFLATEQ, INFLATEQ, REPORTQ};
+use super::BALLOON_PAGE;
+use crate::devices::virtio::queue_util::{add_used, pop, MAX_CHAINS_PER_EVENT};
+
+/// Most PFNs taken from one inflate descriptor (Linux sends at most 256 per request).
+const MAX_PFNS_PER_DESC: u32 = 4096;
+
+/// Drops `[gpa, gpa + len)` from host memory if it lies inside one guest region. Returns
+/// the bytes dropped.
+pub(super) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> u64 {
+    let Some(region) = mem.find_region(GuestAddress(gpa)) else {
+        return 0;
+    };
+    let offset = gpa - region.start_addr().raw_value();
+    if len == 0 || offset.checked_add(len).is_none_or(|end| end > region.len()) {
+        return 0;
+    }
+    let Ok(host) = region.get_host_address(MemoryRegionAddress(offset)) else {
+        return 0;
+    };
+    // madvise needs a page-aligned start; the ranges are page-granular in the spec, so an
+    // unaligned one is malformed and ignored.
+    if (host as usize) % 4096 != 0 {
+        return 0;
+    }
+    // SAFETY: `host..host+len` lies inside one guest memory mapping owned by `mem` (checked
+    // above). MADV_DONTNEED only drops the pages' contents; the mapping stays valid and the
+    // guest sees zero (anonymous) or snapshot (file) pages on its next access.
+    let ret = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+    if ret == 0 {
+        len
+    } else {
+        0
+    }
+}
+
+impl Balloon {
+    pub(super) fn process_queue(&mut self, index: usize) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let Some(queue) = active.queues.get_mut(index) else {
+            return;
+        };
+        for _ in 0..MAX_CHAINS_PER_EVENT {
+            let Some(chain) = pop(queue, &mem) else {
+                return;
+            };
+            let head = chain.head_index();
+            for desc in chain {
+                match index {
+                    INFLATEQ if !desc.is_write_only() => {
+                        let n = (desc.len() / 4).min(MAX_PFNS_PER_DESC);
+                        for i in 0..n {
+                            let Some(at) = desc.addr().0.checked_add(u64::from(i) * 4) else {
+                                break;
+                            };
+                            let Ok(pfn) = mem.read_obj::<u32>(GuestAddress(at)) else {
+                                break;
+                            };
+                            let freed = discard(&mem, u64::from(pfn) * BALLOON_PAGE, BALLOON_PAGE);
+                            self.control
+                                .inflated_bytes
+                                .fetch_add(freed, Ordering::Relaxed);
+                        }
+                    }
+                    REPORTQ => {
+                        let freed = discard(&mem, desc.addr().0, u64::from(desc.len()));
+                        self.control
+                            .reported_bytes
+                            .fetch_add(freed, Ordering::Relaxed);
+                    }
+                    // Deflated pages come back on the guest's next access.
+                    DEFLATEQ => {}
+                    _ => {}
+                }
+            }
+            add_used(queue, &mem, &active.irq, head, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::*;
+    use crate::devices::virtio::VirtioDevice;
+
+    fn setup() -> (Balloon, VirtQ, VirtQ) {
+        let mut dev = Balloon::new(0);
+        let mem = memory();
+        let inflate = VirtQ::new(&mem, 0x1000, 16);
+        let deflate = VirtQ::new(&mem, 0x4000, 16);
+        let report = VirtQ::new(&mem, 0x7000, 16);
+        let (ctx, _e) = activate_ctx(&mem, vec![inflate.queue(), deflate.queue(), report.queue()]);
+        dev.activate(0, ctx).unwrap();
+        (dev, inflate, report)
+    }
+
+    const PAGE_A: u64 = 0x20_0000;
+    const PAGE_B: u64 = 0x30_0000;
+
+    #[test]
+    fn inflated_and_reported_pages_are_dropped() {
+        let (mut dev, inflate, report) = setup();
+        let mem = inflate.mem.clone();
+        mem.write_obj(0xabu8, GuestAddress(PAGE_A)).unwrap();
+        mem.write_obj(0xcdu8, GuestAddress(PAGE_B + 8192)).unwrap();
+        // Inflate: one PFN, one bogus PFN far outside memory.
+        mem.write_obj((PAGE_A / 4096) as u32, GuestAddress(DATA_BASE))
+            .unwrap();
+        mem.write_obj(0xffff_fff0u32, GuestAddress(DATA_BASE + 4))
+            .unwrap();
+        inflate.desc(0, DATA_BASE, 8, 0, 0);
+        inflate.publish(0);
+        dev.process_queue(INFLATEQ);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(PAGE_A)).unwrap(), 0);
+        assert_eq!(dev.control.inflated_bytes.load(Ordering::SeqCst), 4096);
+        // Report a 16 KiB free range, plus ranges that leave guest memory or overflow.
+        report.desc(0, PAGE_B, 16384, F_WRITE | F_NEXT, 1);
+        report.desc(1, MEM_SIZE - 4096, 8192, F_WRITE | F_NEXT, 2);
+        report.desc(2, u64::MAX - 4095, 4096, F_WRITE, 0);
+        report.publish(0);
+        dev.process_queue(REPORTQ);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(PAGE_B + 8192)).unwrap(), 0);
+        assert_eq!(dev.control.reported_bytes.load(Ordering::SeqCst), 16384);
+        assert_eq!(report.used_idx(), 1);
+    }
+
+    #[test]
+    fn config_reports_target_and_takes_actual() {
+        let (mut dev, _, _) = setup();
+        dev.control.set_target_mib(8);
+        let mut b = [0u8; 4];
+        dev.read_config(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 2048);
+        dev.write_config(4, &100u32.to_le_bytes());
+        assert_eq!(dev.control.actual_pages.load(Ordering::SeqCst), 100);
+        dev.write_config(0, &1u32.to_le_bytes()); // num_pages is read-only for the driver
+        dev.read_config(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 2048);
+    }
+}

@@ -77,6 +77,46 @@ impl std::str::FromStr for BlockConfig {
     }
 }
 
+/// A virtio-net device on a host tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Tap interface name (created if missing and the VMM may; usually pre-created).
+    pub tap: String,
+    /// Guest MAC address; derived from the device index when unset.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// `TAP[,mac=AA:BB:CC:DD:EE:FF]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let tap = parts
+            .next()
+            .filter(|t| !t.is_empty())
+            .ok_or("empty tap name")?;
+        let mut mac = None;
+        for opt in parts {
+            let m = opt
+                .strip_prefix("mac=")
+                .ok_or_else(|| format!("unknown net option {opt:?} (use mac=...)"))?;
+            let bytes: Vec<u8> = m
+                .split(':')
+                .map(|b| u8::from_str_radix(b, 16))
+                .collect::<Result<_, _>>()
+                .map_err(|_| format!("bad MAC address {m:?}"))?;
+            mac = Some(<[u8; 6]>::try_from(bytes).map_err(|_| format!("bad MAC address {m:?}"))?);
+        }
+        Ok(NetConfig {
+            tap: tap.to_string(),
+            mac,
+        })
+    }
+}
+
 /// The hybrid vsock device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +155,9 @@ pub struct VmConfig {
     /// Block devices, in the order the guest sees them (vda, vdb, ...).
     #[serde(default)]
     pub block: Vec<BlockConfig>,
+    /// Network devices (eth0, eth1, ...).
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
     /// A virtio-rng device.
     #[serde(default)]
     pub rng: bool,
@@ -177,6 +220,9 @@ mod tests {
         assert!(b.read_only);
         assert!("/a,xx".parse::<BlockConfig>().is_err());
         assert!("".parse::<BlockConfig>().is_err());
+        let n: NetConfig = "tap0,mac=02:00:00:00:00:0a".parse().unwrap();
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 10]));
+        assert!("tap0,mac=zz".parse::<NetConfig>().is_err());
     }
 
     #[test]

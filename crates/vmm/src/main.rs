@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use vessel_vmm::api::server::{ApiEvent, ApiServer};
 use vessel_vmm::api::{Request, Response};
-use vessel_vmm::config::{BlockConfig, PvmQuirks, VmConfig, VsockConfig};
+use vessel_vmm::config::{BlockConfig, NetConfig, PvmQuirks, VmConfig, VsockConfig};
 use vessel_vmm::vmm::Vmm;
 
 #[derive(Debug, Parser)]
@@ -49,6 +49,9 @@ struct Args {
     /// Block device `PATH[,ro]` (repeatable).
     #[arg(long)]
     block: Vec<BlockConfig>,
+    /// Network device on a tap `TAP[,mac=AA:BB:CC:DD:EE:FF]` (repeatable).
+    #[arg(long)]
+    net: Vec<NetConfig>,
     /// Add a virtio-rng device.
     #[arg(long)]
     rng: bool,
@@ -89,6 +92,7 @@ impl Args {
                 cid: self.vsock_cid.unwrap_or(3),
             }),
             block: self.block.clone(),
+            net: self.net.clone(),
             rng: self.rng,
             balloon_mib: self.balloon_mib,
             pvm_quirks: self.pvm_quirks,

@@ -22,6 +22,7 @@ use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::balloon::{Balloon, BalloonControl};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::{tap::open_tap, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::transport::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::vsock::Vsock;
@@ -146,6 +147,11 @@ fn build_machine(
         let dev = Block::new(b)
             .map_err(|e| VmmError::Device(b.path.display().to_string(), e.to_string()))?;
         devices.push(Box::new(dev));
+    }
+    for (i, n) in config.net.iter().enumerate() {
+        let tap = open_tap(&n.tap).map_err(|e| VmmError::Device(n.tap.clone(), e.to_string()))?;
+        let mac = n.mac.unwrap_or([0x06, 0, 0xac, 0x10, 0, 2 + i as u8]);
+        devices.push(Box::new(Net::new(tap, mac)));
     }
     if config.rng {
         devices.push(Box::new(Rng::new()));

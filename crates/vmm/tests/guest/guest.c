@@ -7,6 +7,7 @@
  *   mode=block            exercise every virtio-blk device: get-id, read, write, flush
  *   mode=vsock [connect=P] echo server on vsock; optionally connect out to host port P
  *   mode=balloon          inflate a page, report a free page, wait for a new target
+ *   mode=net              send a frame until one comes back, print it
  *   mode=rng              read the virtio-rng device twice
  *   mode=idle             print IDLE, then halt forever (no CPU use)
  *   mode=panic            triple fault
@@ -35,7 +36,7 @@ static void putn(u32 v) {
     while (v) { b[i++] = '0' + v % 10; v /= 10; }
     while (i) putc_(b[--i]);
 }
-static void putx(u32 v) { for (int i = 28; i >= 0; i -= 4) putc_("0123456789abcdef"[(v >> i) & 15]); }
+static void putx(u32 v) { for (int i = (v > 0xff ? 28 : 4); i >= 0; i -= 4) putc_("0123456789abcdef"[(v >> i) & 15]); }
 
 static void reset(void) {
     puts_("RESET\n");
@@ -262,6 +263,46 @@ static void mode_balloon(void) {
     reset();
 }
 
+static u8 net_tx[12 + 64] __attribute__((aligned(16)));
+static u8 net_rx[4][12 + 1518] __attribute__((aligned(16)));
+
+static void mode_net(void) {
+    u32 b = find_device(1, 0);
+    if (!b) { puts_("no net device\n"); reset(); }
+    struct vq rx, tx;
+    if (device_init_features(b, 1u << 5)) reset();   /* VIRTIO_NET_F_MAC */
+    vq_init(&rx, b, 0); vq_init(&tx, b, 1);
+    device_ready(b);
+    u8 mac[6];
+    for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(b + 0x100 + i);
+    puts_("NET mac="); for (int i = 0; i < 6; i++) { putx(mac[i]); } puts_("\n");
+    for (u16 i = 0; i < 4; i++) {
+        rx.desc[i] = (struct desc){ (u32)net_rx[i], sizeof(net_rx[i]), F_WRITE, 0 };
+        vq_submit(&rx, i);
+    }
+    /* A broadcast frame, ethertype 0x88b5 (local experimental). */
+    memset_(net_tx, 0, sizeof(net_tx));
+    u8 *f = net_tx + 12;
+    memset_(f, 0xff, 6); memcpy_(f + 6, mac, 6); f[12] = 0x88; f[13] = 0xb5;
+    memcpy_(f + 14, "hello-from-guest-net", 20);
+    for (u32 tries = 0;; tries++) {
+        tx.desc[0] = (struct desc){ (u32)net_tx, sizeof(net_tx), 0, 0 };
+        vq_submit(&tx, 0); vq_wait(&tx);
+        for (u32 spin = 0; spin < 20000; spin++) {
+            volatile struct used_elem *e = vq_poll(&rx);
+            if (!e) { pause(); continue; }
+            u8 *p = net_rx[e->id] + 12;
+            if (p[12] == 0x88 && p[13] == 0xb5) {
+                p[14 + 20] = 0;
+                puts_("NET-RX "); puts_((char *)p + 14); puts_("\n");
+                reset();
+            }
+            rx.desc[e->id] = (struct desc){ (u32)net_rx[e->id], sizeof(net_rx[0]), F_WRITE, 0 };
+            vq_submit(&rx, (u16)e->id);
+        }
+    }
+}
+
 /* vsock */
 struct __attribute__((packed)) vhdr {
     u64 src_cid, dst_cid; u32 src_port, dst_port, len; u16 type, op; u32 flags, buf_alloc, fwd_cnt;
@@ -379,6 +420,7 @@ void guest_main(u32 start_info) {
     if (arg("mode=block")) mode_block();
     if (arg("mode=vsock")) mode_vsock();
     if (arg("mode=rng")) mode_rng();
+    if (arg("mode=net")) mode_net();
     if (arg("mode=balloon")) mode_balloon();
     if (arg("mode=idle")) {
         puts_("IDLE\n");

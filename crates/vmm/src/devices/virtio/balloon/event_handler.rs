@@ -21,7 +21,11 @@ pub(super) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> u64 {
         return 0;
     };
     let offset = gpa - region.start_addr().raw_value();
-    if len == 0 || !offset.checked_add(len).is_some_and(|end| end <= region.len()) {
+    if len == 0
+        || !offset
+            .checked_add(len)
+            .is_some_and(|end| end <= region.len())
+    {
         return 0;
     }
     let Ok(host) = region.get_host_address(MemoryRegionAddress(offset)) else {

@@ -131,7 +131,7 @@ fn wait_for_vm(api: &mut ApiServer, mut config: Option<VmConfig>) -> anyhow::Res
                     )?,
                     ApiEvent::Closed(_) => {}
                     ApiEvent::Request(id, req) => {
-                        let result = match req {
+                        let result = match *req {
                             Request::Configure { config: c } => match c.validate() {
                                 Ok(()) => {
                                     config = Some(c);

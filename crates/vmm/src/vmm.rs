@@ -507,7 +507,7 @@ impl Vmm {
                     );
                 }
                 ApiEvent::Request(id, req) => {
-                    let resp = self.handle_request(req);
+                    let resp = self.handle_request(*req);
                     api.respond(id, &resp);
                 }
                 ApiEvent::Closed(_) => {}

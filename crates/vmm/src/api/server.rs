@@ -26,7 +26,7 @@ pub enum ApiEvent {
     /// A new connection was accepted (watch its fd with the given id).
     Accepted(u32, RawFd),
     /// A complete request from connection `id`.
-    Request(u32, Request),
+    Request(u32, Box<Request>),
     /// Connection `id` sent garbage (already answered) or went away.
     Closed(u32),
 }
@@ -114,7 +114,7 @@ impl ApiServer {
                 continue;
             }
             match parse_request(line) {
-                Ok(req) => out.push(ApiEvent::Request(id, req)),
+                Ok(req) => out.push(ApiEvent::Request(id, Box::new(req))),
                 Err(e) => bad = Some(format!("invalid request: {e}")),
             }
             if bad.is_some() {

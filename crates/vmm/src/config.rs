@@ -117,6 +117,31 @@ impl std::str::FromStr for NetConfig {
     }
 }
 
+/// A virtio-fs device served by a vhost-user backend (virtiofsd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The backend's vhost-user socket (virtiofsd `--socket-path`).
+    pub socket: PathBuf,
+    /// Tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
+    pub tag: String,
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+
+    /// `SOCKET,tag=TAG`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (socket, tag) = s
+            .split_once(",tag=")
+            .ok_or_else(|| format!("{s:?}: use SOCKET,tag=TAG"))?;
+        Ok(FsConfig {
+            socket: PathBuf::from(socket),
+            tag: tag.to_string(),
+        })
+    }
+}
+
 /// The hybrid vsock device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,6 +183,9 @@ pub struct VmConfig {
     /// Network devices (eth0, eth1, ...).
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// virtio-fs shares.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// A virtio-rng device.
     #[serde(default)]
     pub rng: bool,
@@ -200,6 +228,7 @@ impl VmConfig {
             }
         }
         let devices = self.block.len()
+            + self.fs.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
             + usize::from(self.balloon_mib.is_some());

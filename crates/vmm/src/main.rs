@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use vessel_vmm::api::server::{ApiEvent, ApiServer};
 use vessel_vmm::api::{Request, Response};
-use vessel_vmm::config::{BlockConfig, NetConfig, PvmQuirks, VmConfig, VsockConfig};
+use vessel_vmm::config::{BlockConfig, FsConfig, NetConfig, PvmQuirks, VmConfig, VsockConfig};
 use vessel_vmm::vmm::Vmm;
 
 #[derive(Debug, Parser)]
@@ -52,6 +52,9 @@ struct Args {
     /// Network device on a tap `TAP[,mac=AA:BB:CC:DD:EE:FF]` (repeatable).
     #[arg(long)]
     net: Vec<NetConfig>,
+    /// virtio-fs share served by virtiofsd: `SOCKET,tag=TAG` (repeatable).
+    #[arg(long)]
+    fs: Vec<FsConfig>,
     /// Add a virtio-rng device.
     #[arg(long)]
     rng: bool,
@@ -93,6 +96,7 @@ impl Args {
             }),
             block: self.block.clone(),
             net: self.net.clone(),
+            fs: self.fs.clone(),
             rng: self.rng,
             balloon_mib: self.balloon_mib,
             pvm_quirks: self.pvm_quirks,

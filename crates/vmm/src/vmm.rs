@@ -22,6 +22,7 @@ use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::balloon::{Balloon, BalloonControl};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::net::{tap::open_tap, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::transport::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
@@ -153,6 +154,11 @@ fn build_machine(
         let mac = n.mac.unwrap_or([0x06, 0, 0xac, 0x10, 0, 2 + i as u8]);
         devices.push(Box::new(Net::new(tap, mac)));
     }
+    for f in &config.fs {
+        let dev = Fs::new(&f.socket, &f.tag)
+            .map_err(|e| VmmError::Device(f.socket.display().to_string(), e.to_string()))?;
+        devices.push(Box::new(dev));
+    }
     if config.rng {
         devices.push(Box::new(Rng::new()));
     }
@@ -225,7 +231,12 @@ impl Vmm {
         config.validate()?;
         let started = Instant::now();
         vcpu::install_kick_handler()?;
-        let mem = memory::create(config.mem_mib)?;
+        // vhost-user backends map guest memory themselves: it must live in a shared memfd.
+        let mem = if config.fs.is_empty() {
+            memory::create(config.mem_mib)?
+        } else {
+            memory::create_shared(config.mem_mib)?
+        };
         let vm = Vm::new(&mem)?;
         let epoll = Arc::new(Epoll::new().map_err(|e| VmmError::Setup("epoll", e))?);
         let exit = ExitSignal::new().map_err(|e| VmmError::Setup("exit eventfd", e))?;

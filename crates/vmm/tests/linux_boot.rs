@@ -56,6 +56,44 @@ fn partitioned_disk() -> Vec<u8> {
     d
 }
 
+/// Whether this process may create a tap (root with /dev/net/tun).
+fn open_tap_possible(_name: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    std::path::Path::new("/dev/net/tun").exists() && unsafe { libc::geteuid() } == 0
+}
+
+/// Starts virtiofsd on `sock` sharing `dir`, if one is installed.
+fn start_virtiofsd(sock: &std::path::Path, dir: &std::path::Path) -> Option<Guard> {
+    let bin = std::env::var_os("VESSEL_VIRTIOFSD")
+        .map(PathBuf::from)
+        .or_else(|| {
+            ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+        })?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg(format!("--socket-path={}", sock.display()));
+    if bin.to_string_lossy().contains("qemu") {
+        cmd.args([
+            "-o",
+            &format!("source={}", dir.display()),
+            "-o",
+            "cache=none",
+        ]);
+    } else {
+        cmd.args(["--shared-dir", dir.to_str().unwrap(), "--cache", "never"]);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let guard = Guard(child);
+    poll(Duration::from_secs(10), || sock.exists().then_some(()))?;
+    Some(guard)
+}
+
 #[test]
 fn linux_boots_to_init_with_virtio_devices_probed() {
     if std::env::var_os("VESSEL_SKIP_LINUX_BOOT").is_some() {
@@ -86,6 +124,28 @@ fn linux_boots_to_init_with_virtio_devices_probed() {
     // /init only needs to exist: the kernel announces it before executing it.
     std::fs::write(&initrd, initramfs(b"#!/bin/false\n")).unwrap();
     std::fs::write(&disk, partitioned_disk()).unwrap();
+    // Optional devices whose host side may be missing: a tap (needs CAP_NET_ADMIN) and
+    // virtiofsd. Each present one must be probed too.
+    let tap = format!("vlb{}", std::process::id() % 100000);
+    let tap_ok = open_tap_possible(&tap);
+    let fs_sock = dir.path().join("fs.sock");
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let _virtiofsd = start_virtiofsd(&fs_sock, &share);
+    let mut extra: Vec<String> = vec!["--rng".into(), "--balloon-mib".into(), "0".into()];
+    let mut expect_types = vec![2, 19, 4, 5];
+    if tap_ok {
+        extra.extend(["--net".into(), tap.clone()]);
+        expect_types.push(1);
+    } else {
+        eprintln!("\n*** linux boot: no tap device possible here; virtio-net not tested ***\n");
+    }
+    if _virtiofsd.is_some() {
+        extra.extend(["--fs".into(), format!("{},tag=shared", fs_sock.display())]);
+        expect_types.push(26);
+    } else {
+        eprintln!("\n*** linux boot: no virtiofsd; virtio-fs not tested ***\n");
+    }
     let start = Instant::now();
     let child = Command::new(vmm_bin())
         .env("VESSEL_VMM_LOG", "info")
@@ -107,6 +167,7 @@ fn linux_boots_to_init_with_virtio_devices_probed() {
             "--serial-log",
             log.to_str().unwrap(),
         ])
+        .args(&extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -48,6 +48,44 @@ pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Collection(e.to_string()))
 }
 
+/// Creates guest memory of `mib` MiB in a memfd mapped shared, so that a vhost-user
+/// backend (virtiofsd) can map it too.
+pub fn create_shared(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    if !(16..=(1 << 20)).contains(&mib) {
+        return Err(MemoryError::BadSize(mib));
+    }
+    // SAFETY: memfd_create with a NUL-terminated name; the returned fd is owned below.
+    let fd = unsafe { libc::memfd_create(c"vessel-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::File(
+            "memfd".into(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(mib << 20)
+        .map_err(|e| MemoryError::File("memfd".into(), e))?;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in layout::ram_regions(mib << 20) {
+        let fd = file
+            .try_clone()
+            .map_err(|e| MemoryError::File("memfd".into(), e))?;
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(fd, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Mmap(len, e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| MemoryError::Collection(format!("region at {start:#x} overflows")))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Collection(e.to_string()))
+}
+
 /// Total guest RAM in bytes.
 pub fn size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
@@ -154,6 +192,14 @@ mod tests {
             0xdead_beef
         );
         assert!(restore(&path, 32 << 20).is_err());
+    }
+
+    #[test]
+    fn shared_memory_is_file_backed() {
+        let mem = create_shared(16).unwrap();
+        assert!(mem.iter().all(|r| r.file_offset().is_some()));
+        mem.write_obj(5u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 5);
     }
 
     #[test]

@@ -8,6 +8,7 @@
  *   mode=vsock [connect=P] echo server on vsock; optionally connect out to host port P
  *   mode=balloon          inflate a page, report a free page, wait for a new target
  *   mode=net              send a frame until one comes back, print it
+ *   mode=fs               FUSE_INIT and LOOKUP hello.txt over virtio-fs
  *   mode=rng              read the virtio-rng device twice
  *   mode=idle             print IDLE, then halt forever (no CPU use)
  *   mode=panic            triple fault
@@ -303,6 +304,46 @@ static void mode_net(void) {
     }
 }
 
+static u8 fuse_in[128] __attribute__((aligned(16)));
+static u8 fuse_out[512] __attribute__((aligned(16)));
+
+/* One FUSE request on the request queue: `in_len` bytes in, up to 512 out. */
+static u32 fuse_call(struct vq *q, u32 opcode, u64 nodeid, const void *arg, u32 arg_len) {
+    static u64 unique = 1;
+    u32 len = 40 + arg_len;
+    memset_(fuse_in, 0, sizeof(fuse_in));
+    memset_(fuse_out, 0, sizeof(fuse_out));
+    *(u32 *)&fuse_in[0] = len; *(u32 *)&fuse_in[4] = opcode;
+    *(u64 *)&fuse_in[8] = unique++; *(u64 *)&fuse_in[16] = nodeid;
+    memcpy_(fuse_in + 40, arg, arg_len);
+    q->desc[0] = (struct desc){ (u32)fuse_in, len, F_NEXT, 1 };
+    q->desc[1] = (struct desc){ (u32)fuse_out, sizeof(fuse_out), F_WRITE, 0 };
+    vq_submit(q, 0);
+    volatile struct used_elem *e = vq_wait(q);
+    return e->len;
+}
+
+static void mode_fs(void) {
+    u32 b = find_device(26, 0);
+    if (!b) { puts_("no fs device\n"); reset(); }
+    struct vq hiprio, req;
+    if (device_init(b)) reset();
+    vq_init(&hiprio, b, 0); vq_init(&req, b, 1);
+    device_ready(b);
+    char tag[37]; for (int i = 0; i < 36; i++) tag[i] = *(volatile char *)(b + 0x100 + i); tag[36] = 0;
+    puts_("FS tag="); puts_(tag); puts_("\n");
+    u32 init_in[4] = { 7, 31, 0, 0 };
+    u32 n = fuse_call(&req, 26 /* FUSE_INIT */, 0, init_in, sizeof(init_in));
+    puts_("FS-INIT len="); putn(n); puts_(" error="); putn(-*(int *)&fuse_out[4]);
+    puts_(" major="); putn(*(u32 *)&fuse_out[16]); puts_(" minor="); putn(*(u32 *)&fuse_out[20]); puts_("\n");
+    n = fuse_call(&req, 1 /* FUSE_LOOKUP */, 1, "hello.txt", 10);
+    /* fuse_entry_out: nodeid(8) generation(8) entry_valid(8) attr_valid(8) ev_nsec(4) av_nsec(4) attr{ino(8) size(8)...} */
+    puts_("FS-LOOKUP error="); putn(-*(int *)&fuse_out[4]);
+    puts_(" size="); putn(*(u32 *)&fuse_out[16 + 40 + 8]); puts_("\n");
+    (void)hiprio;
+    reset();
+}
+
 /* vsock */
 struct __attribute__((packed)) vhdr {
     u64 src_cid, dst_cid; u32 src_port, dst_port, len; u16 type, op; u32 flags, buf_alloc, fwd_cnt;
@@ -420,6 +461,7 @@ void guest_main(u32 start_info) {
     if (arg("mode=block")) mode_block();
     if (arg("mode=vsock")) mode_vsock();
     if (arg("mode=rng")) mode_rng();
+    if (arg("mode=fs")) mode_fs();
     if (arg("mode=net")) mode_net();
     if (arg("mode=balloon")) mode_balloon();
     if (arg("mode=idle")) {

@@ -5,6 +5,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod fs;
 pub mod net;
 pub mod queue_util;
 pub mod rng;

@@ -40,11 +40,11 @@ struct Args {
     /// Control API Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
-    /// Hybrid vsock Unix socket.
-    #[arg(long, requires = "vsock_cid")]
+    /// Hybrid vsock Unix socket (with --restore: replaces the snapshot's).
+    #[arg(long)]
     vsock_uds: Option<PathBuf>,
-    /// Guest vsock context id.
-    #[arg(long, requires = "vsock_uds")]
+    /// Guest vsock context id (needs --vsock-uds).
+    #[arg(long, requires = "vsock_uds", conflicts_with = "restore")]
     vsock_cid: Option<u32>,
     /// Block device `PATH[,ro]` (repeatable).
     #[arg(long)]
@@ -82,9 +82,15 @@ fn parse_quirks(s: &str) -> Result<PvmQuirks, String> {
 }
 
 impl Args {
-    fn vm_config(&self) -> Option<VmConfig> {
-        Some(VmConfig {
-            kernel: self.kernel.clone()?,
+    fn vm_config(&self) -> anyhow::Result<Option<VmConfig>> {
+        let Some(kernel) = self.kernel.clone() else {
+            return Ok(None);
+        };
+        if self.vsock_uds.is_some() && self.vsock_cid.is_none() {
+            bail!("--vsock-uds needs --vsock-cid when booting");
+        }
+        Ok(Some(VmConfig {
+            kernel,
             initramfs: self.initramfs.clone(),
             cmdline: self.cmdline.clone(),
             mem_mib: self.mem_mib,
@@ -100,7 +106,7 @@ impl Args {
             rng: self.rng,
             balloon_mib: self.balloon_mib,
             pvm_quirks: self.pvm_quirks,
-        })
+        }))
     }
 }
 
@@ -204,7 +210,7 @@ fn run() -> anyhow::Result<i32> {
             args.paused,
         )
         .with_context(|| format!("restoring {}", dir.display()))?
-    } else if let Some(config) = args.vm_config() {
+    } else if let Some(config) = args.vm_config()? {
         Vmm::boot(config).context("booting the VM")?
     } else if let Some(api) = api.as_mut() {
         wait_for_vm(api, None)?

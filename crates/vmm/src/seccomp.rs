@@ -91,6 +91,8 @@ const VMM_ONLY: &[libc::c_long] = &[
     libc::SYS_setsockopt,
     libc::SYS_getsockopt,
     libc::SYS_tgkill,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
     libc::SYS_openat,
     libc::SYS_newfstatat,
     libc::SYS_fstat,

@@ -437,3 +437,71 @@ fn balloon_inflate_report_and_new_target() {
     assert_eq!(wait_exit(&mut child.0, T).code(), Some(0));
     wait_for_text(&log, "BALLOON new target=2048", T);
 }
+
+#[test]
+fn vsock_works_after_restore_and_old_connections_are_reset() {
+    if !kvm_available("vsock_works_after_restore_and_old_connections_are_reset") {
+        return;
+    }
+    let dir = scratch("vsnap");
+    let log = dir.path().join("serial.log");
+    let uds = dir.path().join("v.sock");
+    let sock = dir.path().join("api.sock");
+    let snap = dir.path().join("snapshot");
+    let child = spawn(&[
+        "--kernel",
+        tiny_guest().to_str().unwrap(),
+        "--cmdline",
+        "mode=vsock",
+        "--serial-log",
+        log.to_str().unwrap(),
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+        "--vsock-cid",
+        "9",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    let mut child = Guard(child);
+    wait_for_text(&log, "VSOCK-READY", T);
+    let mut before = connect(&uds, 52);
+    before.write_all(b"before\n").unwrap();
+    let mut back = [0u8; 7];
+    before.read_exact(&mut back).unwrap();
+    assert_eq!(api(&sock, r#"{"action":"pause"}"#)["ok"], true);
+    let resp = api(
+        &sock,
+        &serde_json::json!({"action": "snapshot", "dir": snap}).to_string(),
+    );
+    assert_eq!(resp["ok"], true, "{resp}");
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+
+    for i in 0..3 {
+        let clog = dir.path().join(format!("restore-{i}.log"));
+        let cuds = dir.path().join(format!("v{i}.sock"));
+        let csock = dir.path().join(format!("api{i}.sock"));
+        let c = spawn(&[
+            "--restore",
+            snap.to_str().unwrap(),
+            "--serial-log",
+            clog.to_str().unwrap(),
+            "--vsock-uds",
+            cuds.to_str().unwrap(),
+            "--api-sock",
+            csock.to_str().unwrap(),
+        ]);
+        let mut c = Guard(c);
+        // The guest learns that its old connection is gone...
+        wait_for_text(&clog, "VSOCK-EVENT transport reset", T);
+        // ...and new ones work.
+        let mut s = connect(&cuds, 52);
+        let msg = format!("after-restore-{i}\n");
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg.as_bytes());
+        assert_eq!(api(&csock, r#"{"action":"shutdown"}"#)["ok"], true);
+        assert_eq!(wait_exit(&mut c.0, T).code(), Some(0));
+    }
+}

@@ -35,6 +35,8 @@ pub struct Connection {
     pub token: u32,
     /// Lifecycle state.
     pub state: State,
+    /// When the connection was created (for the handshake timeout).
+    pub since: std::time::Instant,
     /// The host may have data to read (edge-triggered hint).
     pub readable: bool,
     /// A credit update should be sent to the guest.
@@ -59,6 +61,7 @@ impl Connection {
             stream,
             token,
             state,
+            since: std::time::Instant::now(),
             readable: state == State::Established,
             credit_update_due: false,
             credit_requested: false,

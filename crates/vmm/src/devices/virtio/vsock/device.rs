@@ -6,7 +6,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::muxer::{Muxer, TOKEN_LISTENER};
+use super::muxer::{Muxer, TOKEN_LISTENER, TOKEN_TIMER};
 use super::QUEUE_SIZE;
 use crate::config::VsockConfig;
 use crate::devices::virtio::{
@@ -89,6 +89,9 @@ impl VirtioDevice for Vsock {
         ctx.poller
             .add(self.muxer.listener_fd(), TOKEN_LISTENER, EventSet::IN)
             .map_err(ActivateError::Epoll)?;
+        ctx.poller
+            .add(self.muxer.timer_fd(), TOKEN_TIMER, EventSet::IN)
+            .map_err(ActivateError::Epoll)?;
         self.active = Some(Active {
             mem: ctx.mem,
             queues: ctx.queues,
@@ -111,6 +114,7 @@ impl VirtioDevice for Vsock {
         if let Some(a) = self.active.take() {
             self.muxer.clear(&a.poller);
             a.poller.remove(self.muxer.listener_fd());
+            a.poller.remove(self.muxer.timer_fd());
         }
     }
 

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::{Vsock, EVQ, RXQ, TXQ};
-use super::muxer::TOKEN_LISTENER;
+use super::muxer::{TOKEN_LISTENER, TOKEN_TIMER};
 use super::packet::{Header, EVENT_TRANSPORT_RESET, HEADER_LEN, MAX_PAYLOAD};
 use super::HOST_CID;
 use crate::devices::virtio::queue_util::{add_used, pop, undo_pop, MAX_CHAINS_PER_EVENT};
@@ -21,6 +21,7 @@ impl Vsock {
             t if t == TXQ as u32 => self.process_tx(),
             t if t == EVQ as u32 => {}
             TOKEN_LISTENER => self.muxer.accept(&poller),
+            TOKEN_TIMER => self.muxer.expire_handshakes(&poller),
             t => self.muxer.stream_event(t, events, &poller),
         }
         self.process_rx();
@@ -224,7 +225,8 @@ mod tests {
 
         /// Delivers host-side readiness for every stream (the tests have no event loop).
         fn pump(&mut self) {
-            for t in TOKEN_LISTENER..TOKEN_LISTENER + 8 {
+            self.dev.handle(TOKEN_LISTENER, EventSet::IN);
+            for t in TOKEN_TIMER + 1..TOKEN_TIMER + 8 {
                 self.dev.handle(t, EventSet::IN | EventSet::OUT);
             }
         }
@@ -343,6 +345,42 @@ mod tests {
         host.set_nonblocking(false).unwrap();
         host.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ok");
+    }
+
+    use std::time::Duration;
+
+    #[test]
+    fn unanswered_connect_times_out() {
+        let mut f = setup();
+        f.dev.muxer.handshake_timeout = std::time::Duration::from_millis(20);
+        let mut host = UnixStream::connect(f.dir.path().join("v.sock")).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        // A second client that never sends its CONNECT line.
+        let mut silent = UnixStream::connect(f.dir.path().join("v.sock")).unwrap();
+        f.pump();
+        let (req, _) = f.recv(4096).unwrap();
+        assert_eq!({ req.op }, OP_REQUEST);
+        host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        silent
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        // The guest never answers: once the timer fires, the host sees EOF and the guest a
+        // RST for the half-open connection.
+        let mut buf = [0u8; 8];
+        let start = std::time::Instant::now();
+        loop {
+            f.dev.handle(TOKEN_TIMER, EventSet::IN);
+            // Both stale entries are gone after 1.5 timeouts at most.
+            if f.dev.connection_count() == 0 && start.elapsed() > Duration::from_millis(40) {
+                break;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        }
+        assert_eq!(host.read(&mut buf).unwrap(), 0);
+        assert_eq!(silent.read(&mut buf).unwrap(), 0);
+        let (rst, _) = f.recv(4096).unwrap();
+        assert_eq!({ rst.op }, OP_RST);
     }
 
     #[test]

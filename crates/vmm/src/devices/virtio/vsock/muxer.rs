@@ -6,8 +6,10 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{Connection, HostRead, State};
 use super::packet::*;
@@ -16,6 +18,13 @@ use crate::devices::virtio::{Poller, DEVICE_TOKEN_BASE};
 
 /// Token of the listening socket.
 pub const TOKEN_LISTENER: u32 = DEVICE_TOKEN_BASE;
+/// Token of the handshake timer.
+pub const TOKEN_TIMER: u32 = DEVICE_TOKEN_BASE + 1;
+/// First token of host streams.
+const FIRST_STREAM_TOKEN: u32 = DEVICE_TOKEN_BASE + 2;
+/// How long a host connection may wait for its `CONNECT` line, and then for the guest's
+/// answer, before it is closed (the guest's vsock driver may not be up yet, or stuck).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_HANDSHAKE: usize = 32;
 /// Most control packets queued for the guest (a guest that posts no rx buffers while
@@ -29,8 +38,8 @@ type Key = (u32, u32);
 
 #[derive(Debug)]
 enum Owner {
-    /// Accepted, `CONNECT` line not complete yet.
-    Handshake(UnixStream, Vec<u8>),
+    /// Accepted at the given time, `CONNECT` line not complete yet.
+    Handshake(UnixStream, Vec<u8>, Instant),
     /// A connection in the table.
     Conn(Key),
 }
@@ -47,6 +56,9 @@ pub struct Muxer {
     next_token: u32,
     next_host_port: u32,
     cursor: Key,
+    timer: TimerFd,
+    /// Handshake deadline (a field so tests can shorten it).
+    pub(super) handshake_timeout: Duration,
 }
 
 impl Muxer {
@@ -55,6 +67,11 @@ impl Muxer {
         let _ = std::fs::remove_file(&uds);
         let listener = UnixListener::bind(&uds)?;
         listener.set_nonblocking(true)?;
+        let timer = TimerFd::new().map_err(std::io::Error::from)?;
+        // SAFETY: F_SETFL on a timerfd we own; a spurious event then never blocks the loop.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(Muxer {
             guest_cid,
             uds,
@@ -62,10 +79,68 @@ impl Muxer {
             conns: BTreeMap::new(),
             owners: HashMap::new(),
             ctrl: VecDeque::new(),
-            next_token: TOKEN_LISTENER + 1,
+            next_token: FIRST_STREAM_TOKEN,
             next_host_port: FIRST_HOST_PORT,
             cursor: (0, 0),
+            timer,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         })
+    }
+
+    /// The handshake timer fd (registered by the device on activation).
+    pub fn timer_fd(&self) -> std::os::unix::io::RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    fn arm_timer(&mut self) {
+        if !self.timer.is_armed().unwrap_or(true) {
+            // Half the timeout: a stale handshake lives at most 1.5 timeouts.
+            if let Err(e) = self.timer.reset(self.handshake_timeout / 2, None) {
+                log::warn!("vsock: cannot arm the handshake timer: {e}");
+            }
+        }
+    }
+
+    /// Closes host connections whose handshake took too long; the guest side of one
+    /// still waiting for a RESPONSE gets a RST.
+    pub fn expire_handshakes(&mut self, poller: &Poller) {
+        let _ = self.timer.wait();
+        let timeout = self.handshake_timeout;
+        let stale_handshakes: Vec<u32> = self
+            .owners
+            .iter()
+            .filter_map(|(t, o)| match o {
+                Owner::Handshake(_, _, since) if since.elapsed() >= timeout => Some(*t),
+                _ => None,
+            })
+            .collect();
+        for t in stale_handshakes {
+            if let Some(Owner::Handshake(s, _, _)) = self.owners.remove(&t) {
+                poller.remove(s.as_raw_fd());
+            }
+        }
+        let stale_conns: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Connecting && c.since.elapsed() >= timeout)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale_conns {
+            log::debug!(
+                "vsock: guest did not answer CONNECT to port {} in time",
+                key.1
+            );
+            self.remove(key, poller);
+            self.send_rst(key);
+        }
+        let pending = self
+            .owners
+            .values()
+            .any(|o| matches!(o, Owner::Handshake(..)))
+            || self.conns.values().any(|c| c.state == State::Connecting);
+        if pending {
+            self.arm_timer();
+        }
     }
 
     /// The listener fd (registered by the device on activation).
@@ -81,7 +156,7 @@ impl Muxer {
     fn alloc_token(&mut self) -> u32 {
         loop {
             let t = self.next_token;
-            self.next_token = self.next_token.wrapping_add(1).max(TOKEN_LISTENER + 1);
+            self.next_token = self.next_token.wrapping_add(1).max(FIRST_STREAM_TOKEN);
             if !self.owners.contains_key(&t) {
                 return t;
             }
@@ -121,7 +196,8 @@ impl Muxer {
             let ev = EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
             if poller.add(stream.as_raw_fd(), token, ev).is_ok() {
                 self.owners
-                    .insert(token, Owner::Handshake(stream, Vec::new()));
+                    .insert(token, Owner::Handshake(stream, Vec::new(), Instant::now()));
+                self.arm_timer();
                 self.handshake(token, poller);
             }
         }
@@ -129,7 +205,7 @@ impl Muxer {
 
     /// Reads the `CONNECT <port>\n` line byte by byte (so no data after it is consumed).
     fn handshake(&mut self, token: u32, poller: &Poller) {
-        let Some(Owner::Handshake(stream, line)) = self.owners.get_mut(&token) else {
+        let Some(Owner::Handshake(stream, line, _)) = self.owners.get_mut(&token) else {
             return;
         };
         let mut byte = [0u8; 1];
@@ -142,7 +218,7 @@ impl Muxer {
                 _ => break None,
             }
         };
-        let Some(Owner::Handshake(stream, _)) = self.owners.remove(&token) else {
+        let Some(Owner::Handshake(stream, _, _)) = self.owners.remove(&token) else {
             return;
         };
         let Some(guest_port) = port else {
@@ -375,7 +451,7 @@ impl Muxer {
             poller.remove(c.stream.as_raw_fd());
         }
         for o in self.owners.values() {
-            if let Owner::Handshake(s, _) = o {
+            if let Owner::Handshake(s, _, _) = o {
                 poller.remove(s.as_raw_fd());
             }
         }

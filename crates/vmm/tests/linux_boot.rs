@@ -174,6 +174,13 @@ fn linux_boots_to_init_with_virtio_devices_probed() {
     let mut child = Guard(child);
     let out = wait_for_text(&log, "Run /init as init process", Duration::from_secs(600));
     eprintln!("Linux reached `Run /init` after {:?}", start.elapsed());
+    for line in out.lines().filter(|l| {
+        ["virtio", "vda", "Run /init", "PF_VSOCK", "Kernel command line"]
+            .iter()
+            .any(|k| l.contains(k))
+    }) {
+        eprintln!("console: {line}");
+    }
     for needle in [
         "Registering device virtio-mmio.0 at 0xd0000000-0xd0000fff, IRQ 5.",
         "Registering device virtio-mmio.1 at 0xd0001000-0xd0001fff, IRQ 6.",

@@ -328,6 +328,8 @@ fn snapshot_mid_run_then_ten_restores_resume_from_saved_state() {
         "mode=count count=12 delay=20000",
         "--mem-mib",
         "32",
+        "--vcpus",
+        "2",
         "--serial-log",
         log.to_str().unwrap(),
         "--api-sock",

@@ -175,9 +175,15 @@ fn linux_boots_to_init_with_virtio_devices_probed() {
     let out = wait_for_text(&log, "Run /init as init process", Duration::from_secs(600));
     eprintln!("Linux reached `Run /init` after {:?}", start.elapsed());
     for line in out.lines().filter(|l| {
-        ["virtio", "vda", "Run /init", "PF_VSOCK", "Kernel command line"]
-            .iter()
-            .any(|k| l.contains(k))
+        [
+            "virtio",
+            "vda",
+            "Run /init",
+            "PF_VSOCK",
+            "Kernel command line",
+        ]
+        .iter()
+        .any(|k| l.contains(k))
     }) {
         eprintln!("console: {line}");
     }

@@ -367,6 +367,9 @@ impl BusDevice for MmioTransport {
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             0x60 => self.irq.status(),
+            // SHMLen/SHMBase of the selected shared memory region: all ones means "no such
+            // region" (we expose none; virtio-fs then runs without a DAX window).
+            0xb0 | 0xb4 | 0xb8 | 0xbc => u32::MAX,
             0x70 => self.status,
             0xfc => self.config_generation,
             _ => 0,

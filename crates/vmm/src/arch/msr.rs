@@ -85,8 +85,7 @@ pub const SNAPSHOT_MSRS: &[u32] = &[
     MSR_IA32_TSC,
 ];
 
-/// Wraps entries in the FAM struct KVM wants.
-pub fn to_msrs(entries: &[kvm_msr_entry]) -> Msrs {
-    // Only fails above KVM_MAX_MSR_ENTRIES (256); our lists are short constants.
-    Msrs::from_entries(entries).expect("MSR list within KVM_MAX_MSR_ENTRIES")
+/// Wraps entries in the FAM struct KVM wants; None above KVM_MAX_MSR_ENTRIES (256).
+pub fn to_msrs(entries: &[kvm_msr_entry]) -> Option<Msrs> {
+    Msrs::from_entries(entries).ok()
 }

@@ -27,6 +27,8 @@ pub enum VcpuError {
     Regs(#[from] regs::RegsError),
     /// KVM accepted only {0} of {1} MSRs
     Msrs(usize, usize),
+    /// Too many MSRs: {0} (KVM takes at most 256)
+    TooManyMsrs(usize),
     /// Cannot install the vCPU kick signal handler: {0}
     Signal(vmm_sys_util::errno::Error),
 }
@@ -166,7 +168,7 @@ impl Vcpu {
         let entries = msr::boot_msr_entries();
         let set = self
             .fd
-            .set_msrs(&msr::to_msrs(&entries))
+            .set_msrs(&msr::to_msrs(&entries).ok_or(VcpuError::TooManyMsrs(entries.len()))?)
             .map_err(|e| VcpuError::Kvm("KVM_SET_MSRS", e))?;
         if set != entries.len() {
             return Err(VcpuError::Msrs(set, entries.len()));
@@ -208,10 +210,12 @@ impl Vcpu {
         // Read MSRs one at a time so that one unknown to this host does not lose the rest.
         let mut msrs = Vec::new();
         for index in msr::SNAPSHOT_MSRS {
-            let mut one = msr::to_msrs(&[kvm_msr_entry {
+            let Some(mut one) = msr::to_msrs(&[kvm_msr_entry {
                 index: *index,
                 ..Default::default()
-            }]);
+            }]) else {
+                continue;
+            };
             if matches!(self.fd.get_msrs(&mut one), Ok(1)) {
                 msrs.push(one.as_slice()[0]);
             }
@@ -245,7 +249,7 @@ impl Vcpu {
         self.fd.set_fpu(&s.fpu.to_kvm()).map_err(k("KVM_SET_FPU"))?;
         let set = self
             .fd
-            .set_msrs(&msr::to_msrs(&s.msrs))
+            .set_msrs(&msr::to_msrs(&s.msrs).ok_or(VcpuError::TooManyMsrs(s.msrs.len()))?)
             .map_err(k("KVM_SET_MSRS"))?;
         if set != s.msrs.len() {
             return Err(VcpuError::Msrs(set, s.msrs.len()));

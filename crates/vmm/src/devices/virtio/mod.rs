@@ -6,6 +6,8 @@
 pub mod balloon;
 pub mod block;
 pub mod fs;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod net;
 pub mod queue_util;
 pub mod rng;

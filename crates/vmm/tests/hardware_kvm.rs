@@ -1,0 +1,128 @@
+//! Boot to the vessel agent and restore from a snapshot taken after agent-ready. Needs
+//! hardware KVM: under PVM (the software KVM of the development hosts) Linux user space
+//! cannot run, so this test skips there, loudly. Inputs:
+//! - `VESSEL_AGENT_INITRAMFS`: an initramfs with vessel-agent as /init (from the runtime's
+//!   initramfs builder);
+//! - the kernel at `build/guest/vmlinux` or `VESSEL_GUEST_KERNEL`.
+//!
+//! The agent announces itself on host vsock port 1025 (`<uds>_1025`, a line starting with
+//! `VESSEL-AGENT-READY`) and serves ttrpc on guest port 1024. This test checks the VMM's
+//! part: boot to ready, `CONNECT 1024` answered, and the same on 10 restores of one
+//! snapshot. The ttrpc `Health.Check` and RNG reseeding belong to the runtime's tests.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+const AGENT_PORT: u32 = 1024;
+const READY_PORT: u32 = 1025;
+const T: Duration = Duration::from_secs(120);
+
+fn wait_ready(listener: &UnixListener) -> String {
+    listener.set_nonblocking(true).unwrap();
+    let (s, _) = poll(T, || listener.accept().ok()).expect("agent never connected to port 1025");
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("VESSEL-AGENT-READY"),
+        "ready line {line:?}"
+    );
+    line
+}
+
+fn connect_agent(uds: &Path) {
+    let mut s = UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "agent port not answered: {line:?}");
+}
+
+#[test]
+fn boots_to_agent_and_restores_answer() {
+    if !kvm_available("boots_to_agent_and_restores_answer") {
+        return;
+    }
+    if vessel_vmm::config::host_is_pvm() {
+        eprintln!(
+            "\n*** SKIPPED boot-to-agent test: this host's KVM is kvm_pvm (software); Linux \
+             user space cannot run under it (the first syscall of /init faults). Run it on a \
+             hardware-KVM host with VESSEL_AGENT_INITRAMFS set; here the end-to-end tests use \
+             QEMU with TCG. ***\n"
+        );
+        return;
+    }
+    let Some(initramfs) = std::env::var_os("VESSEL_AGENT_INITRAMFS").map(PathBuf::from) else {
+        eprintln!(
+            "\n*** SKIPPED boot-to-agent test: hardware KVM found but VESSEL_AGENT_INITRAMFS \
+             is not set (an initramfs with vessel-agent as /init) ***\n"
+        );
+        return;
+    };
+    let kernel = std::env::var_os("VESSEL_GUEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../build/guest/vmlinux")
+        });
+    let dir = scratch("agent");
+    let uds = dir.path().join("v.sock");
+    let api_sock = dir.path().join("api.sock");
+    let snap = dir.path().join("snapshot");
+    let ready = UnixListener::bind(format!("{}_{READY_PORT}", uds.display())).unwrap();
+    let child = spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initramfs",
+        initramfs.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=1 vessel.channel=vsock",
+        "--mem-mib",
+        "256",
+        "--vcpus",
+        "2",
+        "--rng",
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+        "--vsock-cid",
+        "3",
+        "--api-sock",
+        api_sock.to_str().unwrap(),
+        "--serial-log",
+        dir.path().join("serial.log").to_str().unwrap(),
+    ]);
+    let mut child = Guard(child);
+    eprintln!("agent ready: {}", wait_ready(&ready).trim());
+    connect_agent(&uds);
+    assert_eq!(api(&api_sock, r#"{"action":"pause"}"#)["ok"], true);
+    let resp = api(
+        &api_sock,
+        &serde_json::json!({"action": "snapshot", "dir": snap}).to_string(),
+    );
+    assert_eq!(resp["ok"], true, "{resp}");
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+
+    for i in 0..10 {
+        let cuds = dir.path().join(format!("v{i}.sock"));
+        let c = spawn(&[
+            "--restore",
+            snap.to_str().unwrap(),
+            "--vsock-uds",
+            cuds.to_str().unwrap(),
+            "--serial-log",
+            dir.path().join(format!("serial-{i}.log")).to_str().unwrap(),
+        ]);
+        let _c = Guard(c);
+        poll(T, || cuds.exists().then_some(())).expect("restored VMM did not listen");
+        connect_agent(&cuds);
+    }
+}

@@ -33,6 +33,54 @@ pub fn host_is_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// What this host's KVM can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostKvm {
+    /// No usable /dev/kvm.
+    None,
+    /// kvm_pvm: tiny guests and Linux kernel code (slowly), but no Linux user space.
+    Pvm,
+    /// Hardware virtualization: everything.
+    Hardware,
+}
+
+impl HostKvm {
+    /// Probes /dev/kvm and the KVM flavour.
+    pub fn probe() -> Self {
+        let usable = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        match (usable, host_is_pvm()) {
+            (false, _) => HostKvm::None,
+            (true, true) => HostKvm::Pvm,
+            (true, false) => HostKvm::Hardware,
+        }
+    }
+
+    /// Whether a Linux guest's user space (the agent) can run.
+    pub fn runs_linux_userspace(self) -> bool {
+        self == HostKvm::Hardware
+    }
+
+    /// One-line explanation for `vessel check`.
+    pub fn explain(self) -> &'static str {
+        match self {
+            HostKvm::None => {
+                "no usable /dev/kvm: the built-in VMM cannot run here; use QEMU with TCG"
+            }
+            HostKvm::Pvm => {
+                "this host's KVM is kvm_pvm (software): it runs the guest kernel only through \
+                 an emulator and cannot run Linux user space, so the agent cannot start; use \
+                 QEMU with TCG (hypervisor = \"qemu\")"
+            }
+            HostKvm::Hardware => "hardware KVM: the built-in VMM can run sandboxes",
+        }
+    }
+}
+
 /// Guest command-line additions PVM needs to boot an unmodified Linux kernel (MACHINE.md).
 pub const PVM_CMDLINE_QUIRKS: &[&str] = &[
     "clearcpuid=cx16,popcnt,movbe,bmi1,bmi2,fsgsbase,rdrand,rdseed,rdpid,adx,aes,pclmulqdq,erms,fsrm,smap",

@@ -9,7 +9,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use vessel_vmm::api::server::{ApiEvent, ApiServer};
 use vessel_vmm::api::{Request, Response};
-use vessel_vmm::config::{BlockConfig, FsConfig, NetConfig, PvmQuirks, VmConfig, VsockConfig};
+use vessel_vmm::config::{
+    BlockConfig, FsConfig, HostKvm, NetConfig, PvmQuirks, VmConfig, VsockConfig,
+};
 use vessel_vmm::vmm::Vmm;
 
 #[derive(Debug, Parser)]
@@ -70,6 +72,9 @@ struct Args {
     /// With --restore: leave the VM paused.
     #[arg(long, requires = "restore")]
     paused: bool,
+    /// Print what this host's KVM can run (JSON) and exit.
+    #[arg(long, exclusive = true)]
+    check: bool,
 }
 
 fn parse_quirks(s: &str) -> Result<PvmQuirks, String> {
@@ -198,6 +203,16 @@ fn main() {
 
 fn run() -> anyhow::Result<i32> {
     let args = Args::parse();
+    if args.check {
+        let kvm = HostKvm::probe();
+        let report = serde_json::json!({
+            "kvm": kvm,
+            "linux_userspace": kvm.runs_linux_userspace(),
+            "message": kvm.explain(),
+        });
+        println!("{report}");
+        return Ok(vessel_vmm::EXIT_OK);
+    }
     let mut api = match &args.api_sock {
         Some(p) => Some(ApiServer::bind(p)?),
         None => None,

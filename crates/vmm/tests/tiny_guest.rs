@@ -507,3 +507,20 @@ fn vsock_works_after_restore_and_old_connections_are_reset() {
         assert_eq!(wait_exit(&mut c.0, T).code(), Some(0));
     }
 }
+
+#[test]
+fn check_reports_the_host_kvm() {
+    let out = std::process::Command::new(vmm_bin())
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kvm = v["kvm"].as_str().unwrap();
+    assert!(["none", "pvm", "hardware"].contains(&kvm), "{v}");
+    assert_eq!(v["linux_userspace"], kvm == "hardware");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() && kvm_available("check") {
+        assert_eq!(kvm, "pvm");
+        assert!(v["message"].as_str().unwrap().contains("QEMU with TCG"));
+    }
+}

@@ -3,8 +3,10 @@
 //! filters (debugging only), `VESSEL_VMM_SECCOMP=log` logs violations to the audit log
 //! instead of killing.
 //!
-//! Known gap: on the VMM thread `ioctl` is allowed with any request (it needs the KVM
-//! `GET_*` calls for snapshots and `FIONBIO`); vCPU threads are limited to the ioctls below.
+//! vCPU threads may only run `KVM_RUN` (and `KVM_GET_REGS` to report an internal error),
+//! write eventfds and the console log, and manage memory and locks: device activation and
+//! all back-end I/O happen on the VMM thread. Known gap: on the VMM thread `ioctl` is
+//! allowed with any request (KVM `GET_*` for snapshots, `FIONBIO`, tap set-up).
 
 use std::collections::BTreeMap;
 
@@ -37,16 +39,14 @@ pub enum SeccompError {
 const KVM_RUN: u64 = 0xae80;
 /// `KVM_GET_REGS` (logging the rip of an internal error).
 const KVM_GET_REGS: u64 = 0x8090_ae81;
-/// `FIONBIO` (std's `set_nonblocking` on sockets).
-const FIONBIO: u64 = 0x5421;
 
-/// System calls both thread kinds make: memory, locks, signals, eventfds, logging, exit.
+/// System calls both thread kinds make: memory, locks, signals, eventfd and log writes,
+/// exit. A vCPU thread needs nothing else: MMIO/PIO handlers only touch device registers,
+/// write eventfds (interrupts, queue kicks, deferred activation) and the console log.
 const COMMON: &[libc::c_long] = &[
     libc::SYS_read,
     libc::SYS_write,
-    libc::SYS_readv,
     libc::SYS_writev,
-    libc::SYS_close,
     libc::SYS_futex,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -63,31 +63,31 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_exit_group,
     libc::SYS_gettid,
     libc::SYS_getpid,
-    // Device work (block I/O, vsock sockets, epoll registration). Device activation runs on
-    // the vCPU thread that writes DRIVER_OK, so both kinds need these.
+];
+
+/// Additional calls of the VMM thread: the event loop, device activation and back ends
+/// (block file I/O, vsock and API sockets, tap, vhost-user), kicking vCPUs, snapshots.
+const VMM_ONLY: &[libc::c_long] = &[
+    libc::SYS_readv,
+    libc::SYS_close,
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_lseek,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
     libc::SYS_eventfd2,
     libc::SYS_fcntl,
     libc::SYS_socket,
     libc::SYS_connect,
+    libc::SYS_accept4,
     libc::SYS_sendto,
     libc::SYS_recvfrom,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
     libc::SYS_shutdown,
-];
-
-/// Additional calls of the VMM thread: the event loop, accepting connections, kicking
-/// vCPUs, writing snapshots.
-const VMM_ONLY: &[libc::c_long] = &[
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_accept4,
     libc::SYS_setsockopt,
     libc::SYS_getsockopt,
     libc::SYS_tgkill,
@@ -122,7 +122,7 @@ pub fn filter(kind: ThreadKind, log_only: bool) -> Result<BpfProgram, SeccompErr
     match kind {
         ThreadKind::Vmm => rules.extend(VMM_ONLY.iter().map(|s| (*s, vec![]))),
         ThreadKind::Vcpu => {
-            let ioctls = [KVM_RUN, KVM_GET_REGS, FIONBIO]
+            let ioctls = [KVM_RUN, KVM_GET_REGS]
                 .into_iter()
                 .map(ioctl_rule)
                 .collect::<Result<Vec<_>, _>>()?;

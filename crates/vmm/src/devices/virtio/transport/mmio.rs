@@ -115,7 +115,14 @@ pub struct MmioTransport {
     queue_select: u32,
     status: u32,
     config_generation: u32,
+    /// Written by the vCPU thread on DRIVER_OK; the VMM thread then activates the device,
+    /// so that device set-up (sockets, vhost-user negotiation) never runs on a vCPU thread.
+    activate_evt: EventFd,
+    activation_pending: bool,
 }
+
+/// Event token of the deferred-activation eventfd (queue tokens are below it).
+pub const ACTIVATE_TOKEN: u32 = DEVICE_TOKEN_BASE - 1;
 
 impl MmioTransport {
     /// Wraps `device`; `irq` is its interrupt, `poller` its handle on the event loop.
@@ -127,6 +134,15 @@ impl MmioTransport {
     ) -> std::io::Result<Self> {
         let mut queue_evts = Vec::new();
         let mut queues = Vec::new();
+        if device.queue_max_sizes().len() >= ACTIVATE_TOKEN as usize {
+            return Err(std::io::Error::other("too many queues for one device"));
+        }
+        let activate_evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        poller.add(
+            activate_evt.as_raw_fd_compat(),
+            ACTIVATE_TOKEN,
+            EventSet::IN,
+        )?;
         for (i, max) in device.queue_max_sizes().iter().enumerate() {
             let evt = EventFd::new(libc::EFD_NONBLOCK)?;
             poller.add(evt.as_raw_fd_compat(), i as u32, EventSet::IN)?;
@@ -149,6 +165,8 @@ impl MmioTransport {
             queue_select: 0,
             status: 0,
             config_generation: 0,
+            activate_evt,
+            activation_pending: false,
         })
     }
 
@@ -169,6 +187,16 @@ impl MmioTransport {
 
     /// Handles an event for token `token` of this device (queue kicks are drained here).
     pub fn handle_event(&mut self, token: u32, events: EventSet) {
+        if token == ACTIVATE_TOKEN {
+            let _ = self.activate_evt.read();
+            if std::mem::take(&mut self.activation_pending)
+                && self.status & STATUS_DRIVER_OK != 0
+                && !self.device.is_activated()
+            {
+                self.activate();
+            }
+            return;
+        }
         if token < DEVICE_TOKEN_BASE {
             if let Some(evt) = self.queue_evts.get(token as usize) {
                 // Drain the counter; spurious wake-ups read EAGAIN.
@@ -215,8 +243,10 @@ impl MmioTransport {
         }
         let ready = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
         self.status = new;
-        if new & ready == ready && !self.device.is_activated() {
-            self.activate();
+        if new & ready == ready && !self.device.is_activated() && !self.activation_pending {
+            self.activation_pending = true;
+            // Cannot fail short of counter overflow.
+            let _ = self.activate_evt.write(1);
         }
     }
 
@@ -266,6 +296,7 @@ impl MmioTransport {
             self.device.reset();
         }
         self.status = 0;
+        self.activation_pending = false;
         self.acked_features = 0;
         self.device_features_select = 0;
         self.driver_features_select = 0;
@@ -484,6 +515,9 @@ mod tests {
         assert_ne!(r(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
         setup_queue(&mut t, 0x1000);
         w(&mut t, 0x70, STATUS_DRIVER_OK);
+        // Activation happens on the event loop, not in the MMIO write.
+        assert!(!t.device().is_activated());
+        t.handle_event(ACTIVATE_TOKEN, EventSet::IN);
         assert!(t.device().is_activated());
         // Queue registers are frozen while live.
         w(&mut t, 0x38, 2);
@@ -502,6 +536,7 @@ mod tests {
         negotiate(&mut t, true);
         setup_queue(&mut t, 0xffff_ffff_0000);
         w(&mut t, 0x70, STATUS_DRIVER_OK);
+        t.handle_event(ACTIVATE_TOKEN, EventSet::IN);
         assert!(!t.device().is_activated());
         assert_ne!(r(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
     }

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use vessel_vmm::api::server::{ApiEvent, ApiServer};
-use vessel_vmm::api::{Request, Response};
+use vessel_vmm::api::server::ApiServer;
 use vessel_vmm::config::{
     BlockConfig, FsConfig, HostKvm, NetConfig, PvmQuirks, VmConfig, VsockConfig,
 };
@@ -115,80 +114,6 @@ impl Args {
     }
 }
 
-/// Serves the API until a `boot` or `restore` request creates the VM.
-fn wait_for_vm(api: &mut ApiServer, mut config: Option<VmConfig>) -> anyhow::Result<Vmm> {
-    let epoll = vmm_sys_util::epoll::Epoll::new()?;
-    use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
-    epoll.ctl(
-        ControlOperation::Add,
-        api.listener_fd(),
-        EpollEvent::new(EventSet::IN, 0),
-    )?;
-    let mut events = vec![EpollEvent::default(); 8];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
-        for ev in &events[..n] {
-            let evs = if ev.data() == 0 {
-                api.accept()
-            } else {
-                api.read(ev.data() as u32)
-            };
-            for e in evs {
-                match e {
-                    ApiEvent::Accepted(id, fd) => epoll.ctl(
-                        ControlOperation::Add,
-                        fd,
-                        EpollEvent::new(EventSet::IN, u64::from(id)),
-                    )?,
-                    ApiEvent::Closed(_) => {}
-                    ApiEvent::Request(id, req) => {
-                        let result = match *req {
-                            Request::Configure { config: c } => match c.validate() {
-                                Ok(()) => {
-                                    config = Some(c);
-                                    Ok(None)
-                                }
-                                Err(e) => Err(e.to_string()),
-                            },
-                            Request::Boot {} => match config.clone() {
-                                Some(c) => Vmm::boot(c).map(Some).map_err(|e| e.to_string()),
-                                None => Err("boot: send configure first".to_string()),
-                            },
-                            Request::Restore {
-                                dir,
-                                serial_log,
-                                vsock_uds,
-                                paused,
-                            } => Vmm::restore(&dir, serial_log, vsock_uds, paused)
-                                .map(Some)
-                                .map_err(|e| e.to_string()),
-                            Request::Metrics {} => Ok(None),
-                            Request::Shutdown {} => std::process::exit(0),
-                            other => {
-                                Err(format!("{other:?}: no VM yet (configure and boot first)"))
-                            }
-                        };
-                        match result {
-                            Ok(Some(vmm)) => {
-                                api.respond(id, &Response::ok());
-                                // The VMM's own epoll takes over these fds.
-                                drop(epoll);
-                                return Ok(vmm);
-                            }
-                            Ok(None) => api.respond(id, &Response::ok()),
-                            Err(e) => api.respond(id, &Response::err(e)),
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 fn main() {
     env_logger_lite();
     let code = match run() {
@@ -228,7 +153,7 @@ fn run() -> anyhow::Result<i32> {
     } else if let Some(config) = args.vm_config()? {
         Vmm::boot(config).context("booting the VM")?
     } else if let Some(api) = api.as_mut() {
-        wait_for_vm(api, None)?
+        vessel_vmm::vmm::serve_until_vm(api)?
     } else {
         bail!("nothing to run: give --kernel, --restore, or --api-sock to configure over the API");
     };

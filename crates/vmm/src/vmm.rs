@@ -589,3 +589,83 @@ impl Vmm {
         &self.mem
     }
 }
+
+/// Serves the API before there is a VM: `configure`, then `boot`; or `restore`. Returns the
+/// VM once one was created; `shutdown` exits the process.
+pub fn serve_until_vm(api: &mut ApiServer) -> Result<Vmm, VmmError> {
+    let mut config: Option<VmConfig> = None;
+    let setup = |e| VmmError::Setup("pre-boot API loop", e);
+    let epoll = Epoll::new().map_err(setup)?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            api.listener_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )
+        .map_err(setup)?;
+    let mut events = vec![EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(setup(e)),
+        };
+        for ev in &events[..n] {
+            let evs = if ev.data() == 0 {
+                api.accept()
+            } else {
+                api.read(ev.data() as u32)
+            };
+            for e in evs {
+                match e {
+                    ApiEvent::Accepted(id, fd) => epoll
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(EventSet::IN, u64::from(id)),
+                        )
+                        .map_err(setup)?,
+                    ApiEvent::Closed(_) => {}
+                    ApiEvent::Request(id, req) => {
+                        let result = match *req {
+                            Request::Configure { config: c } => match c.validate() {
+                                Ok(()) => {
+                                    config = Some(c);
+                                    Ok(None)
+                                }
+                                Err(e) => Err(e.to_string()),
+                            },
+                            Request::Boot {} => match config.clone() {
+                                Some(c) => Vmm::boot(c).map(Some).map_err(|e| e.to_string()),
+                                None => Err("boot: send configure first".to_string()),
+                            },
+                            Request::Restore {
+                                dir,
+                                serial_log,
+                                vsock_uds,
+                                paused,
+                            } => Vmm::restore(&dir, serial_log, vsock_uds, paused)
+                                .map(Some)
+                                .map_err(|e| e.to_string()),
+                            Request::Metrics {} => Ok(None),
+                            Request::Shutdown {} => std::process::exit(crate::EXIT_OK),
+                            other => {
+                                Err(format!("{other:?}: no VM yet (configure and boot first)"))
+                            }
+                        };
+                        match result {
+                            Ok(Some(vmm)) => {
+                                api.respond(id, &Response::ok());
+                                // The VMM's own epoll takes over these fds.
+                                drop(epoll);
+                                return Ok(vmm);
+                            }
+                            Ok(None) => api.respond(id, &Response::ok()),
+                            Err(e) => api.respond(id, &Response::err(e)),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

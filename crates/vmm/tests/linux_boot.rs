@@ -62,38 +62,6 @@ fn open_tap_possible(_name: &str) -> bool {
     std::path::Path::new("/dev/net/tun").exists() && unsafe { libc::geteuid() } == 0
 }
 
-/// Starts virtiofsd on `sock` sharing `dir`, if one is installed.
-fn start_virtiofsd(sock: &std::path::Path, dir: &std::path::Path) -> Option<Guard> {
-    let bin = std::env::var_os("VESSEL_VIRTIOFSD")
-        .map(PathBuf::from)
-        .or_else(|| {
-            ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
-                .iter()
-                .map(PathBuf::from)
-                .find(|p| p.exists())
-        })?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("--socket-path={}", sock.display()));
-    if bin.to_string_lossy().contains("qemu") {
-        cmd.args([
-            "-o",
-            &format!("source={}", dir.display()),
-            "-o",
-            "cache=none",
-        ]);
-    } else {
-        cmd.args(["--shared-dir", dir.to_str().unwrap(), "--cache", "never"]);
-    }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let guard = Guard(child);
-    poll(Duration::from_secs(10), || sock.exists().then_some(()))?;
-    Some(guard)
-}
-
 #[test]
 fn linux_boots_to_init_with_virtio_devices_probed() {
     if std::env::var_os("VESSEL_SKIP_LINUX_BOOT").is_some() {
@@ -131,7 +99,7 @@ fn linux_boots_to_init_with_virtio_devices_probed() {
     let fs_sock = dir.path().join("fs.sock");
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
-    let _virtiofsd = start_virtiofsd(&fs_sock, &share);
+    let _virtiofsd = find_virtiofsd().and_then(|bin| start_virtiofsd(&bin, &fs_sock, &share));
     let mut extra: Vec<String> = vec!["--rng".into(), "--balloon-mib".into(), "0".into()];
     let mut expect_types = vec![2, 19, 4, 5];
     if tap_ok {

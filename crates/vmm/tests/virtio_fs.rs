@@ -4,28 +4,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-fn find_virtiofsd() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("VESSEL_VIRTIOFSD") {
-        return Some(PathBuf::from(p));
-    }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("virtiofsd"))
-            .find(|p| p.exists())
-    });
-    on_path.or_else(|| {
-        ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-    })
-}
 
 #[test]
 fn guest_talks_fuse_to_virtiofsd() {
@@ -49,28 +30,7 @@ fn guest_talks_fuse_to_virtiofsd() {
     .unwrap();
     let sock = dir.path().join("fs.sock");
     let log = dir.path().join("serial.log");
-    // Debian's C daemon takes -o options; the Rust one takes --shared-dir.
-    let legacy = virtiofsd.to_string_lossy().contains("qemu");
-    let mut cmd = Command::new(&virtiofsd);
-    cmd.arg(format!("--socket-path={}", sock.display()));
-    if legacy {
-        cmd.args([
-            "-o",
-            &format!("source={}", share.display()),
-            "-o",
-            "cache=none",
-        ]);
-    } else {
-        cmd.args(["--shared-dir", share.to_str().unwrap(), "--cache", "never"]);
-    }
-    let daemon = Guard(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    poll(Duration::from_secs(10), || sock.exists().then_some(()))
-        .expect("virtiofsd did not create its socket");
+    let daemon = start_virtiofsd(&virtiofsd, &sock, &share).expect("virtiofsd did not start");
     let mut child = spawn(&[
         "--kernel",
         tiny_guest().to_str().unwrap(),

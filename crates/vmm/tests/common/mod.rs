@@ -126,3 +126,46 @@ impl Drop for Guard {
         let _ = self.0.wait();
     }
 }
+
+/// A virtiofsd binary: `VESSEL_VIRTIOFSD`, `virtiofsd` on PATH, or a distribution's.
+pub fn find_virtiofsd() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VESSEL_VIRTIOFSD") {
+        return Some(PathBuf::from(p));
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("virtiofsd"))
+            .find(|p| p.exists())
+    });
+    on_path.or_else(|| {
+        ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+    })
+}
+
+/// Starts virtiofsd on `sock` sharing `dir` and waits for its socket. Debian's C daemon
+/// (under /usr/lib/qemu) takes `-o` options; the Rust one takes `--shared-dir`.
+pub fn start_virtiofsd(bin: &Path, sock: &Path, dir: &Path) -> Option<Guard> {
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("--socket-path={}", sock.display()));
+    if bin.to_string_lossy().contains("qemu") {
+        cmd.args([
+            "-o",
+            &format!("source={}", dir.display()),
+            "-o",
+            "cache=none",
+        ]);
+    } else {
+        cmd.args(["--shared-dir", dir.to_str()?, "--cache", "never"]);
+    }
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let guard = Guard(child);
+    poll(Duration::from_secs(10), || sock.exists().then_some(()))?;
+    Some(guard)
+}

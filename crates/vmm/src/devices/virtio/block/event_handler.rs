@@ -1,7 +1,7 @@
 //! Serving the request queue.
 
 use super::device::Block;
-use super::request::{execute, parse, Status};
+use super::request::{execute, parse};
 use crate::devices::virtio::queue_util::{add_used, pop, MAX_CHAINS_PER_EVENT};
 
 impl Block {
@@ -29,12 +29,10 @@ impl Block {
                     req.write_status(&mem, status).map_or(0, |_| written + 1)
                 }
                 Err(e) => {
+                    // Without a valid status descriptor there is nowhere to report the
+                    // error: return the chain with nothing written.
                     log::debug!("bad block request: {e}");
-                    e.status_addr()
-                        .and_then(|addr| {
-                            vm_memory::Bytes::write_obj(&mem, Status::IoErr as u8, addr).ok()
-                        })
-                        .map_or(0, |_| 1)
+                    0
                 }
             };
             add_used(&mut active.queue, &mem, &active.irq, head, used_len);

@@ -51,13 +51,6 @@ pub enum RequestError {
     StatusUnwritable(u64),
 }
 
-impl RequestError {
-    /// Where a status byte can still be reported, if anywhere.
-    pub fn status_addr(&self) -> Option<GuestAddress> {
-        None
-    }
-}
-
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {

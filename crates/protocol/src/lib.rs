@@ -1,0 +1,28 @@
+//! The contract between the Vessel host runtime and `vessel-agent` in the guest.
+//!
+//! - [`health`] / [`health_ttrpc`]: generated messages and ttrpc services.
+//! - [`ports`]: vsock ports and virtio-serial port names.
+//! - [`hybrid_vsock`]: the Firecracker-style `CONNECT <port>` handshake that the
+//!   host speaks over a Unix socket to reach a guest vsock port.
+//!
+//! This crate does no I/O policy (timeouts, retries): callers decide those.
+
+pub mod hybrid_vsock;
+pub mod ports;
+
+/// Revision of the agent protocol; bumped on incompatible changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[allow(warnings, clippy::all, clippy::undocumented_unsafe_blocks)]
+mod generated {
+    pub mod health {
+        include!(concat!(env!("OUT_DIR"), "/health.rs"));
+    }
+    pub mod health_ttrpc {
+        include!(concat!(env!("OUT_DIR"), "/health_ttrpc.rs"));
+    }
+}
+
+pub use generated::{health, health_ttrpc};
+pub use protobuf;
+pub use ttrpc;

@@ -1,0 +1,80 @@
+//! vessel-agent: PID 1 of a Vessel sandbox VM.
+//!
+//! As PID 1 it sets up the guest (mounts, reaping), then serves the agent ttrpc
+//! API on the channel named by `vessel.channel=` on the kernel command line
+//! (vsock by default). Any fatal error is printed to the console and ends the VM
+//! (reboot, which the host configures to terminate the VM) instead of hanging.
+//!
+//! Run as a normal process (not PID 1) it only serves the API on the address
+//! given by `--listen` (for development on a host: `--listen unix:///tmp/a.sock`).
+
+mod channel;
+mod health;
+mod init;
+mod logger;
+mod reaper;
+mod server;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+fn main() -> ExitCode {
+    logger::init();
+    let is_init = std::process::id() == 1;
+    let result = if is_init {
+        run_as_init()
+    } else {
+        run_standalone()
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("fatal: {e:#}");
+            if is_init {
+                init::power_off();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_as_init() -> anyhow::Result<()> {
+    init::setup().context("guest init")?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").context("read /proc/cmdline")?;
+    let channel = channel::Channel::from_cmdline(&cmdline)?;
+    log::info!(
+        "vessel-agent {} starting as PID 1, channel {channel}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let rt = runtime()?;
+    let res = rt.block_on(async {
+        let _reaper = reaper::spawn().context("start child reaper")?;
+        server::serve(channel).await
+    });
+    // The server only returns on error.
+    match res.context("agent server")? {}
+}
+
+fn run_standalone() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let channel = match (args.next().as_deref(), args.next()) {
+        (Some("--listen"), Some(addr)) => channel::Channel::Listen(addr),
+        (Some("--version"), None) => {
+            println!("vessel-agent {}", env!("CARGO_PKG_VERSION"));
+            return Ok(());
+        }
+        _ => anyhow::bail!(
+            "vessel-agent runs as PID 1 in a Vessel guest; for development use --listen <ttrpc address>"
+        ),
+    };
+    match runtime()?.block_on(server::serve(channel))? {}
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("create tokio runtime")
+}

@@ -2,7 +2,7 @@
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
 fn main() {
-    let protos = ["protos/health.proto"];
+    let protos = ["protos/health.proto", "protos/agent.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -26,7 +26,10 @@ fn main() {
         let path = entry.expect("read OUT_DIR entry").path();
         if path.extension().is_some_and(|e| e == "rs") {
             let text = std::fs::read_to_string(&path).expect("read generated file");
-            let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("#![") && !l.starts_with("//!")).collect();
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
+                .collect();
             std::fs::write(&path, kept.join("\n")).expect("write generated file");
         }
     }

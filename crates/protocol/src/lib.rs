@@ -1,6 +1,8 @@
 //! The contract between the Vessel host runtime and `vessel-agent` in the guest.
 //!
-//! - [`health`] / [`health_ttrpc`]: generated messages and ttrpc services.
+//! - [`health`] / [`health_ttrpc`], [`agent`] / [`agent_ttrpc`]: generated
+//!   messages and ttrpc services (container lifecycle lives in `agent`).
+//! - [`stdio`]: the header line that opens a process stdio stream.
 //! - [`ports`]: vsock ports and virtio-serial port names.
 //! - [`hybrid_vsock`]: the Firecracker-style `CONNECT <port>` handshake that the
 //!   host speaks over a Unix socket to reach a guest vsock port.
@@ -9,6 +11,7 @@
 
 pub mod hybrid_vsock;
 pub mod ports;
+pub mod stdio;
 
 /// Revision of the agent protocol; bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -21,8 +24,14 @@ mod generated {
     pub mod health_ttrpc {
         include!(concat!(env!("OUT_DIR"), "/health_ttrpc.rs"));
     }
+    pub mod agent {
+        include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+    }
+    pub mod agent_ttrpc {
+        include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+    }
 }
 
-pub use generated::{health, health_ttrpc};
+pub use generated::{agent, agent_ttrpc, health, health_ttrpc};
 pub use protobuf;
 pub use ttrpc;

@@ -21,3 +21,8 @@ pub const AGENT_SERIAL_PORT_NAME: &str = "vessel.agent";
 
 /// Kernel command-line key that selects the agent channel: `vessel.channel=vsock|serial`.
 pub const CHANNEL_CMDLINE_KEY: &str = "vessel.channel";
+
+/// vsock port on which the agent accepts process stdio streams. Each connection
+/// starts with one [`crate::stdio::StdioHeader`] line, then carries raw bytes.
+/// With `--listen unix://<path>` the agent serves the same on `<path>.stdio`.
+pub const STDIO_VSOCK_PORT: u32 = 1026;

@@ -1,0 +1,235 @@
+//! `vessel check [--boot]`: can this host run sandboxes?
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use vessel_hypervisor::host::{detect_kvm, pick_accelerator, KvmKind};
+use vessel_hypervisor::qemu::Qemu;
+use vessel_runtime::sandbox::{hypervisor, Sandbox, SandboxSpec};
+use vessel_runtime::Config;
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// Also boot a throwaway sandbox VM and talk to its agent.
+    #[arg(long)]
+    boot: bool,
+    /// Check for this hypervisor backend (default: the configured one).
+    #[arg(long)]
+    hypervisor: Option<String>,
+}
+
+struct Report {
+    problems: Vec<String>,
+}
+
+impl Report {
+    fn line(&self, name: &str, value: impl std::fmt::Display) {
+        println!("{:<16} {value}", format!("{name}:"));
+    }
+
+    fn problem(&mut self, name: &str, value: impl std::fmt::Display, problem: String) {
+        self.line(name, format!("{value}  <-- {problem}"));
+        self.problems.push(problem);
+    }
+}
+
+pub fn run(
+    config: &Config,
+    config_path: &Path,
+    args: CheckArgs,
+    started: Instant,
+) -> anyhow::Result<ExitCode> {
+    let mut r = Report {
+        problems: Vec::new(),
+    };
+    r.line("config", config_path.display());
+    let (kvm, why) = detect_kvm();
+    r.line("KVM", format!("{kvm} ({why})"));
+    let backend = args
+        .hypervisor
+        .as_deref()
+        .unwrap_or(config.hypervisor.as_str());
+    match backend {
+        "auto" | "qemu" => {}
+        "builtin" => return check_builtin(kvm, &mut r),
+        other => anyhow::bail!("unknown hypervisor {other:?}: expected auto, qemu or builtin"),
+    }
+    let accel = config
+        .qemu_config()
+        .accelerator
+        .unwrap_or_else(|| pick_accelerator(kvm));
+    r.line("accelerator", match (accel, kvm) {
+        (vessel_hypervisor::Accelerator::Kvm, _) => "kvm (hardware virtualization)".to_string(),
+        (_, KvmKind::Pvm) => "tcg (software emulation: this host's KVM is kvm_pvm, which cannot run guest Linux user space)".to_string(),
+        (_, _) => "tcg (software emulation: no hardware KVM; sandboxes work but start and run slower)".to_string(),
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let qemu = &config.qemu.path;
+    if qemu.is_file() {
+        let v = rt
+            .block_on(Qemu::version(qemu))
+            .unwrap_or_else(|e| format!("version unknown: {e}"));
+        r.line("QEMU", format!("{} ({v})", qemu.display()));
+    } else {
+        r.problem(
+            "QEMU",
+            qemu.display(),
+            format!(
+                "QEMU not found at {}: apt-get install qemu-system-x86",
+                qemu.display()
+            ),
+        );
+    }
+    let vhost: Vec<String> = ["/dev/vhost-vsock", "/dev/vhost-net"]
+        .iter()
+        .map(|d| {
+            format!(
+                "{d} {}",
+                if Path::new(d).exists() {
+                    "present"
+                } else {
+                    "missing"
+                }
+            )
+        })
+        .collect();
+    r.line("vhost", vhost.join(", "));
+    let helper = &config.qemu.vhost_vsock_path;
+    match (config.agent_channel(), helper.is_file()) {
+        (Ok(vessel_hypervisor::AgentChannel::Vsock), false) => r.problem(
+            "agent channel",
+            "vsock",
+            format!(
+                "{} not found: run 'make deps' or set channel = \"serial\"",
+                helper.display()
+            ),
+        ),
+        (Ok(vessel_hypervisor::AgentChannel::Vsock), true) => r.line(
+            "agent channel",
+            format!("vsock via vhost-user ({})", helper.display()),
+        ),
+        (Ok(ch), _) => r.line("agent channel", ch),
+        (Err(e), _) => r.problem("agent channel", &config.channel, e),
+    }
+    let fsd = &config.qemu.virtiofsd_path;
+    r.line(
+        "virtiofsd",
+        if fsd.is_file() {
+            fsd.display().to_string()
+        } else {
+            format!("{} missing (needed to run containers)", fsd.display())
+        },
+    );
+    r.line("cgroups", cgroup_layout());
+    for (name, path) in [
+        ("guest kernel", &config.guest_kernel),
+        ("guest initramfs", &config.guest_initramfs),
+    ] {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {
+                r.line(name, format!("{} ({} KiB)", path.display(), m.len() / 1024))
+            }
+            _ => r.problem(
+                name,
+                path.display(),
+                format!(
+                    "{name} not found at {}: run 'make guest' (or 'make install')",
+                    path.display()
+                ),
+            ),
+        }
+    }
+    match state_root_writable(&config.state_root) {
+        Ok(()) => r.line(
+            "state root",
+            format!("{} (writable)", config.state_root.display()),
+        ),
+        Err(e) => r.problem(
+            "state root",
+            config.state_root.display(),
+            format!("state root not writable: {e:#}"),
+        ),
+    }
+    if !r.problems.is_empty() {
+        println!("result:          this host cannot run sandboxes:");
+        for p in &r.problems {
+            println!("  - {p}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("result:          ok: sandboxes run with QEMU ({accel})");
+    if args.boot {
+        rt.block_on(boot(config, started))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn boot(config: &Config, started: Instant) -> anyhow::Result<()> {
+    let hv = hypervisor(config)?;
+    let id = format!("check-{}", std::process::id());
+    println!("boot:            starting throwaway sandbox {id}");
+    let sb = Sandbox::boot(config, hv.as_ref(), SandboxSpec::new(&id, config))
+        .await
+        .context("boot check sandbox")?;
+    let ready = started.elapsed();
+    let v = sb.version().clone();
+    let accel = sb.vm().accelerator();
+    let stopped = sb.stop().await.context("stop check sandbox")?;
+    println!("guest kernel:    {}", v.kernel_release);
+    println!(
+        "agent version:   {} (protocol {})",
+        v.agent_version, v.protocol_version
+    );
+    println!("guest boot id:   {}", v.boot_id);
+    println!("accelerator:     {accel}");
+    println!(
+        "agent ready in:  {} ms (from command start)",
+        ready.as_millis()
+    );
+    println!("vm stopped:      {stopped}; sandbox state removed");
+    Ok(())
+}
+
+fn check_builtin(kvm: KvmKind, r: &mut Report) -> anyhow::Result<ExitCode> {
+    match kvm {
+        KvmKind::Hardware => {
+            r.line("builtin VMM", "hardware KVM present");
+            println!("result:          the built-in VMM is not yet selectable as the runtime's hypervisor; use hypervisor = \"qemu\"");
+        }
+        KvmKind::Pvm => println!(
+            "result:          the built-in VMM needs hardware KVM: this host's KVM is kvm_pvm (software), which cannot run guest Linux user space. Fallback: hypervisor = \"qemu\" (QEMU with TCG)."
+        ),
+        KvmKind::None => println!(
+            "result:          the built-in VMM needs /dev/kvm with hardware KVM, which this host lacks. Fallback: hypervisor = \"qemu\" (QEMU with TCG)."
+        ),
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+fn cgroup_layout() -> String {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let is_cg2 = |p: &str| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+            .unwrap_or(false)
+    };
+    if is_cg2("/sys/fs/cgroup") {
+        "v2 (unified)".into()
+    } else if is_cg2("/sys/fs/cgroup/unified") {
+        "hybrid (v1 controllers, cgroup2 at /sys/fs/cgroup/unified); only the VM processes live on the host".into()
+    } else {
+        "v1".into()
+    }
+}
+
+fn state_root_writable(root: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
+    let probe = root.join(format!(".check-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("write in {}", root.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Hypervisors behind one small trait.
+//!
+//! A [`Hypervisor`] launches a [`Vm`] from a [`VmConfig`]; the runtime sees only
+//! `dyn Hypervisor` / `dyn Vm`. This crate is the only place that knows a
+//! hypervisor's command line or API. Backends: [`qemu`] (KVM when the host has
+//! hardware KVM, TCG otherwise).
+
+pub mod host;
+mod process;
+
+pub use process::log_tail;
+pub mod qemu;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use host::{Accelerator, KvmKind};
+
+/// Hypervisor errors.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum Error {
+    /// {what} not found at {path:?}: {hint}
+    NotFound {
+        what: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
+    /// Failed to start {what}: {source}
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// Timed out after {after:?} waiting for {what}
+    Timeout { what: String, after: Duration },
+    /// {what} exited early ({status}): {detail}
+    EarlyExit {
+        what: &'static str,
+        status: String,
+        detail: String,
+    },
+    /// QMP command {command} failed: {reason}
+    Qmp { command: String, reason: String },
+    /// Operation not supported by the {backend} backend: {operation}
+    Unsupported {
+        backend: &'static str,
+        operation: &'static str,
+    },
+    /// Invalid VM configuration: {0}
+    InvalidConfig(String),
+    /// I/O error on {what}: {source}
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How the host reaches the agent inside the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentChannel {
+    /// vsock, reached through a hybrid-vsock Unix socket on the host.
+    Vsock,
+    /// A virtio-serial port, reached through a Unix socket on the host.
+    Serial,
+}
+
+impl fmt::Display for AgentChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AgentChannel::Vsock => "vsock",
+            AgentChannel::Serial => "serial",
+        })
+    }
+}
+
+/// Where the agent can be reached once the guest is up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// Connect to `uds`, send `CONNECT <port>\n`. Guest-initiated connections
+    /// to host port P arrive at the Unix socket `<uds>_P`.
+    HybridVsock { uds: PathBuf },
+    /// Connect to the Unix socket; the stream is the agent's ttrpc connection.
+    Serial { path: PathBuf },
+}
+
+/// Everything needed to start one sandbox VM. Paths are owned by the caller,
+/// which creates `run_dir` and removes it after the VM has stopped.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Sandbox id, used in process names and logs.
+    pub id: String,
+    /// Private directory for sockets and helper state (short: Unix socket paths
+    /// are limited to 107 bytes).
+    pub run_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Extra kernel command-line words, appended after the backend's own.
+    pub kernel_args: Vec<String>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub channel: AgentChannel,
+    /// Host Unix socket of the guest's vsock (hybrid vsock), for the vsock channel.
+    pub vsock_uds: PathBuf,
+    /// File that receives the guest serial console.
+    pub console_log: PathBuf,
+    /// Directories shared with the guest (virtio-fs), by tag.
+    pub shared_dirs: Vec<SharedDir>,
+}
+
+/// A host directory exported to the guest under `tag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedDir {
+    pub tag: String,
+    pub host_path: PathBuf,
+    pub read_only: bool,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// Exit code of the hypervisor process, if it exited normally.
+    pub code: Option<i32>,
+    /// Signal that killed it, if any.
+    pub signal: Option<i32>,
+}
+
+impl VmExit {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl fmt::Display for VmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit code {c}"),
+            (None, Some(s)) => write!(f, "killed by signal {s}"),
+            (None, None) => write!(f, "unknown status"),
+        }
+    }
+}
+
+/// What a backend can do on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    pub accelerator: Accelerator,
+    pub channels: Vec<AgentChannel>,
+    pub pause_resume: bool,
+    pub shared_dirs: bool,
+}
+
+/// A hypervisor backend.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Short backend name (`qemu`, `builtin`, ...).
+    fn name(&self) -> &'static str;
+    /// What this backend can do on this host.
+    fn capabilities(&self) -> Capabilities;
+    /// Starts a VM. Returns once the hypervisor process runs; the guest boots
+    /// in the background (the caller waits for the agent).
+    async fn launch(&self, config: &VmConfig) -> Result<Box<dyn Vm>>;
+}
+
+/// A running VM.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    /// How the agent is reached.
+    fn agent_endpoint(&self) -> AgentEndpoint;
+    /// Accelerator in use.
+    fn accelerator(&self) -> Accelerator;
+    /// Host pids of the hypervisor and its helper processes.
+    fn pids(&self) -> Vec<u32>;
+    /// Resolves when the hypervisor process has exited (helpers are then
+    /// stopped too). Safe to call from several tasks.
+    async fn wait(&self) -> VmExit;
+    /// The exit status if the VM has already ended.
+    fn try_exit(&self) -> Option<VmExit>;
+    /// The last lines the hypervisor and its helpers logged, for error messages.
+    fn diagnostics(&self) -> String;
+    async fn pause(&self) -> Result<()>;
+    async fn resume(&self) -> Result<()>;
+    /// Asks the hypervisor to stop, kills it after `grace`, stops helpers.
+    async fn stop(&self, grace: Duration) -> Result<VmExit>;
+}

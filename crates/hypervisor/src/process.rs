@@ -1,0 +1,149 @@
+//! Child processes of a VM: the hypervisor and its helper daemons.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::{Error, Result};
+
+/// Interval for polling a file system condition that has no notification
+/// (a socket created by another process).
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Spawns `cmd` with stdout and stderr to `log`, stdin closed, in its own
+/// process group, and with SIGKILL as parent-death signal so that no helper
+/// outlives the process that supervises the VM.
+pub fn spawn(what: &'static str, mut cmd: Command, log: &Path) -> Result<Child> {
+    let out = File::create(log).map_err(|source| Error::Io {
+        what: format!("create {}", log.display()),
+        source,
+    })?;
+    let err = out.try_clone().map_err(|source| Error::Io {
+        what: "dup log fd".into(),
+        source,
+    })?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|source| Error::Spawn { what, source })?;
+    log::debug!("started {what} pid {:?}", child.id());
+    Ok(child)
+}
+
+/// Waits until `path` exists, failing early if `child` exits.
+pub async fn wait_for_path(
+    path: &Path,
+    child: &mut Child,
+    what: &'static str,
+    log: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Error::EarlyExit {
+                what,
+                status: status.to_string(),
+                detail: log_tail(log, 20),
+            });
+        }
+        if start.elapsed() > timeout {
+            return Err(Error::Timeout {
+                what: format!("{what} to create {}", path.display()),
+                after: timeout,
+            });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Sends SIGTERM, then SIGKILL after `grace`, and reaps `child`.
+pub async fn terminate(child: &mut Child, grace: Duration) -> std::process::ExitStatus {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(Ok(status)) => status,
+        _ => {
+            let _ = child.start_kill();
+            child
+                .wait()
+                .await
+                .unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(9))
+        }
+    }
+}
+
+/// The last `lines` lines of a log file (at most 16 KiB read), for error messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_of_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "a\nb\nc\nd\n").unwrap();
+        assert_eq!(log_tail(&p, 2), "c\nd");
+        assert_eq!(log_tail(&dir.path().join("missing"), 2), "");
+    }
+
+    #[tokio::test]
+    async fn early_exit_is_reported_with_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("h.log");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo helper failed: bad flag >&2; exit 3"]);
+        let mut child = spawn("helper", cmd, &log).unwrap();
+        let err = wait_for_path(
+            &dir.path().join("never"),
+            &mut child,
+            "helper",
+            &log,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("helper exited early") && msg.contains("bad flag"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! The QEMU command line for a sandbox VM (pure: unit-tested without QEMU).
+
+use std::path::{Path, PathBuf};
+
+use crate::{Accelerator, AgentChannel, VmConfig};
+
+/// QEMU machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    /// PCI machine; most tested with vhost-user devices.
+    Q35,
+    /// Minimal machine with virtio-mmio devices and no firmware tables.
+    Microvm,
+}
+
+/// Host paths a VM's command line refers to, all inside the run directory.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub qmp: PathBuf,
+    /// vhost-user socket between QEMU and vhost-device-vsock.
+    pub vhost_vsock: PathBuf,
+    /// Agent virtio-serial socket (QEMU listens).
+    pub agent_serial: PathBuf,
+}
+
+impl Paths {
+    pub fn new(run_dir: &Path) -> Self {
+        Paths {
+            qmp: run_dir.join("qmp.sock"),
+            vhost_vsock: run_dir.join("vhost-vsock.sock"),
+            agent_serial: run_dir.join("agent.sock"),
+        }
+    }
+
+    /// vhost-user socket of virtiofsd for shared directory `index`.
+    pub fn virtiofs(run_dir: &Path, index: usize) -> PathBuf {
+        run_dir.join(format!("fs{index}.sock"))
+    }
+}
+
+/// Kernel command line shared by every backend's guest. `reboot=t` with
+/// `-no-reboot` makes a guest reboot (the agent's way to end the VM) and a
+/// panic (`panic=-1`) end the QEMU process.
+pub fn kernel_cmdline(cfg: &VmConfig) -> String {
+    let mut words = vec![
+        "console=ttyS0",
+        "reboot=t",
+        "panic=-1",
+        "quiet",
+        "cryptomgr.notests",
+        "no_timer_check",
+        "rcupdate.rcu_expedited=1",
+        "pci=lastbus=0",
+    ];
+    let channel = format!("vessel.channel={}", cfg.channel);
+    words.push(&channel);
+    let mut s = words.join(" ");
+    for w in &cfg.kernel_args {
+        s.push(' ');
+        s.push_str(w);
+    }
+    s
+}
+
+pub fn args(cfg: &VmConfig, accel: Accelerator, machine: Machine, paths: &Paths) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("vessel-{},debug-threads=on", cfg.id)]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    let mem = format!("{}M", cfg.memory_mib);
+    // Shared memory: vhost-user backends (vsock, virtio-fs) map guest RAM.
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    ]);
+    let accel_name = accel.to_string();
+    let (cpu, pci) = match (accel, machine) {
+        (Accelerator::Kvm, _) => ("host", machine == Machine::Q35),
+        (Accelerator::Tcg, _) => ("max", machine == Machine::Q35),
+    };
+    match machine {
+        Machine::Q35 => push(&[
+            "-machine",
+            &format!("q35,accel={accel_name},memory-backend=mem"),
+        ]),
+        Machine::Microvm => {
+            push(&[
+                "-machine",
+                &format!("microvm,accel={accel_name},x-option-roms=off,acpi=off,rtc=on,memory-backend=mem"),
+            ]);
+            push(&["-global", "virtio-mmio.force-legacy=false"]);
+        }
+    }
+    push(&["-cpu", cpu, "-m", &mem, "-smp", &cfg.vcpus.to_string()]);
+    push(&[
+        "-kernel",
+        &cfg.kernel.to_string_lossy(),
+        "-initrd",
+        &cfg.initramfs.to_string_lossy(),
+    ]);
+    push(&["-append", &kernel_cmdline(cfg)]);
+    push(&[
+        "-chardev",
+        &format!("file,id=console,path={}", cfg.console_log.display()),
+    ]);
+    push(&["-serial", "chardev:console"]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", paths.qmp.display()),
+    ]);
+    let dev = |pci_name: &str, mmio_name: &str| {
+        if pci {
+            pci_name.to_string()
+        } else {
+            mmio_name.to_string()
+        }
+    };
+    match cfg.channel {
+        AgentChannel::Vsock => {
+            push(&[
+                "-chardev",
+                &format!("socket,id=vsock,path={}", paths.vhost_vsock.display()),
+            ]);
+            push(&[
+                "-device",
+                &format!(
+                    "{},chardev=vsock",
+                    dev("vhost-user-vsock-pci", "vhost-user-vsock-device")
+                ),
+            ]);
+        }
+        AgentChannel::Serial => {
+            push(&[
+                "-device",
+                &format!(
+                    "{},id=vser0",
+                    dev("virtio-serial-pci", "virtio-serial-device")
+                ),
+            ]);
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=agent,path={},server=on,wait=off",
+                    paths.agent_serial.display()
+                ),
+            ]);
+            push(&[
+                "-device",
+                "virtserialport,bus=vser0.0,chardev=agent,name=vessel.agent",
+            ]);
+        }
+    }
+    push(&["-device", &dev("virtio-rng-pci", "virtio-rng-device")]);
+    for (i, share) in cfg.shared_dirs.iter().enumerate() {
+        let sock = Paths::virtiofs(&cfg.run_dir, i);
+        push(&[
+            "-chardev",
+            &format!("socket,id=fs{i},path={}", sock.display()),
+        ]);
+        push(&[
+            "-device",
+            &format!(
+                "{},chardev=fs{i},tag={}",
+                dev("vhost-user-fs-pci", "vhost-user-fs-device"),
+                share.tag
+            ),
+        ]);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SharedDir;
+
+    fn cfg(channel: AgentChannel) -> VmConfig {
+        VmConfig {
+            id: "sb1".into(),
+            run_dir: "/run/vessel/sb1".into(),
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.cpio.gz".into(),
+            kernel_args: vec!["vessel.debug".into()],
+            vcpus: 2,
+            memory_mib: 384,
+            channel,
+            vsock_uds: "/run/vessel/sb1/vsock.sock".into(),
+            console_log: "/run/vessel/sb1/console.log".into(),
+            shared_dirs: vec![SharedDir {
+                tag: "rootfs".into(),
+                host_path: "/b/rootfs".into(),
+                read_only: false,
+            }],
+        }
+    }
+
+    fn joined(a: &[String]) -> String {
+        a.join(" ")
+    }
+
+    #[test]
+    fn q35_tcg_vsock() {
+        let c = cfg(AgentChannel::Vsock);
+        let a = joined(&args(
+            &c,
+            Accelerator::Tcg,
+            Machine::Q35,
+            &Paths::new(&c.run_dir),
+        ));
+        assert!(
+            a.contains("-machine q35,accel=tcg,memory-backend=mem"),
+            "{a}"
+        );
+        assert!(a.contains("memory-backend-memfd,id=mem,size=384M,share=on"));
+        assert!(a.contains("-cpu max -m 384M -smp 2"));
+        assert!(a.contains("vhost-user-vsock-pci,chardev=vsock"));
+        assert!(a.contains("-no-reboot"));
+        assert!(a.contains("vhost-user-fs-pci,chardev=fs0,tag=rootfs"));
+        assert!(a.contains("path=/run/vessel/sb1/fs0.sock"));
+        assert!(!a.contains("virtserialport"));
+    }
+
+    #[test]
+    fn microvm_kvm_serial() {
+        let c = cfg(AgentChannel::Serial);
+        let a = joined(&args(
+            &c,
+            Accelerator::Kvm,
+            Machine::Microvm,
+            &Paths::new(&c.run_dir),
+        ));
+        assert!(a.contains("microvm,accel=kvm"), "{a}");
+        assert!(a.contains("-cpu host"));
+        assert!(a.contains("virtio-serial-device,id=vser0"));
+        assert!(a.contains("name=vessel.agent"));
+        assert!(a.contains("vhost-user-fs-device"));
+    }
+
+    #[test]
+    fn cmdline_names_channel_and_extra_args_last() {
+        let c = cfg(AgentChannel::Serial);
+        let k = kernel_cmdline(&c);
+        assert!(k.starts_with("console=ttyS0 reboot=t panic=-1"));
+        assert!(k.ends_with("vessel.channel=serial vessel.debug"), "{k}");
+    }
+}

@@ -1,0 +1,282 @@
+//! Host-side client of vessel-agent.
+//!
+//! Everything read from the guest is untrusted: the readiness line and the
+//! hybrid-vsock reply are length-bounded and parsed strictly; RPC replies are
+//! protobuf-decoded by ttrpc and checked by the callers.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use ttrpc::r#async::transport::Socket;
+use vessel_hypervisor::AgentEndpoint;
+use vessel_protocol::health::{CheckRequest, VersionRequest, VersionResponse};
+use vessel_protocol::health_ttrpc::HealthClient;
+use vessel_protocol::hybrid_vsock;
+use vessel_protocol::ports::{AGENT_VSOCK_PORT, READY_MAGIC, READY_VSOCK_PORT};
+
+/// Longest readiness line accepted.
+const MAX_READY_LINE: usize = 128;
+/// Per-RPC timeout for simple calls.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval for polling a Unix socket that the hypervisor has not created yet.
+const CONNECT_POLL: Duration = Duration::from_millis(5);
+
+/// Agent client errors.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum AgentError {
+    /// Cannot listen for agent readiness on {path}: {source}
+    ReadyListen {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Bad readiness message from the guest: {0}
+    BadReady(String),
+    /// Cannot connect to the agent at {path}: {source}
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Hybrid vsock handshake with the agent failed: {0}
+    Handshake(#[from] hybrid_vsock::HandshakeError),
+    /// Agent RPC {rpc} failed: {source}
+    Rpc {
+        rpc: &'static str,
+        source: ttrpc::Error,
+    },
+    /// Agent reply to {rpc} is invalid: {reason}
+    BadReply { rpc: &'static str, reason: String },
+}
+
+type Result<T> = std::result::Result<T, AgentError>;
+
+/// `<uds>_<port>`: where guest-initiated vsock connections arrive.
+pub fn guest_initiated_path(uds: &Path, port: u32) -> PathBuf {
+    let mut s = uds.as_os_str().to_owned();
+    s.push(format!("_{port}"));
+    PathBuf::from(s)
+}
+
+/// Listens for the agent's readiness connection (bind before the VM starts).
+pub struct ReadyListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ReadyListener {
+    pub fn bind(uds: &Path) -> Result<Self> {
+        let path = guest_initiated_path(uds, READY_VSOCK_PORT);
+        let listener = UnixListener::bind(&path).map_err(|source| AgentError::ReadyListen {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(ReadyListener { listener, path })
+    }
+
+    /// Waits for the agent's `VESSEL-AGENT-READY <version>` line; returns the version.
+    pub async fn wait(&self) -> Result<String> {
+        let (mut conn, _) =
+            self.listener
+                .accept()
+                .await
+                .map_err(|source| AgentError::ReadyListen {
+                    path: self.path.display().to_string(),
+                    source,
+                })?;
+        let mut buf = Vec::with_capacity(64);
+        let mut limited = (&mut conn).take(MAX_READY_LINE as u64 + 1);
+        limited
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| AgentError::BadReady(e.to_string()))?;
+        parse_ready(&buf)
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn parse_ready(buf: &[u8]) -> Result<String> {
+    if buf.len() > MAX_READY_LINE {
+        return Err(AgentError::BadReady(format!(
+            "longer than {MAX_READY_LINE} bytes"
+        )));
+    }
+    let text = std::str::from_utf8(buf).map_err(|_| AgentError::BadReady("not UTF-8".into()))?;
+    let line = text.strip_suffix('\n').unwrap_or(text);
+    let version = line
+        .strip_prefix(READY_MAGIC)
+        .and_then(|rest| rest.strip_prefix(' '))
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| AgentError::BadReady(format!("{line:?}")))?;
+    Ok(version.to_string())
+}
+
+/// A connected agent.
+pub struct AgentClient {
+    health: HealthClient,
+}
+
+impl AgentClient {
+    /// Connects to the agent. For `Serial`, waits (up to `timeout`) for the
+    /// hypervisor to create the socket.
+    pub async fn connect(endpoint: &AgentEndpoint, timeout: Duration) -> Result<Self> {
+        let stream = match endpoint {
+            AgentEndpoint::HybridVsock { uds } => {
+                let mut s =
+                    UnixStream::connect(uds)
+                        .await
+                        .map_err(|source| AgentError::Connect {
+                            path: uds.display().to_string(),
+                            source,
+                        })?;
+                tokio::time::timeout(timeout, hybrid_vsock::handshake(&mut s, AGENT_VSOCK_PORT))
+                    .await
+                    .map_err(|_| {
+                        hybrid_vsock::HandshakeError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no reply to CONNECT within {timeout:?}"),
+                        ))
+                    })??;
+                s
+            }
+            AgentEndpoint::Serial { path } => connect_when_present(path, timeout).await?,
+        };
+        let client = ttrpc::r#async::Client::new(Socket::new(stream));
+        Ok(AgentClient {
+            health: HealthClient::new(client),
+        })
+    }
+
+    /// `Health.Check`; `timeout` bounds the wait (on virtio-serial the first
+    /// call also waits for the agent to open its port).
+    pub async fn check(&self, timeout: Duration) -> Result<()> {
+        let ctx = ttrpc::context::with_timeout(timeout.as_nanos() as i64);
+        let resp = self
+            .health
+            .check(ctx, &CheckRequest::new())
+            .await
+            .map_err(|source| AgentError::Rpc {
+                rpc: "Health.Check",
+                source,
+            })?;
+        use vessel_protocol::health::check_response::ServingStatus;
+        match resp.status.enum_value() {
+            Ok(ServingStatus::SERVING) => Ok(()),
+            other => Err(AgentError::BadReply {
+                rpc: "Health.Check",
+                reason: format!("status {other:?}"),
+            }),
+        }
+    }
+
+    /// `Health.Version`, validated.
+    pub async fn version(&self) -> Result<VersionResponse> {
+        let ctx = ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64);
+        let v = self
+            .health
+            .version(ctx, &VersionRequest::new())
+            .await
+            .map_err(|source| AgentError::Rpc {
+                rpc: "Health.Version",
+                source,
+            })?;
+        let bad = |reason: String| AgentError::BadReply {
+            rpc: "Health.Version",
+            reason,
+        };
+        for (name, value) in [
+            ("agent_version", &v.agent_version),
+            ("kernel_release", &v.kernel_release),
+            ("boot_id", &v.boot_id),
+        ] {
+            if value.is_empty() || value.len() > 128 || !value.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(bad(format!(
+                    "{name} {value:?} is empty, too long or not printable"
+                )));
+            }
+        }
+        if v.protocol_version != vessel_protocol::PROTOCOL_VERSION {
+            return Err(bad(format!(
+                "agent speaks protocol {}, this runtime {}: rebuild the guest initramfs",
+                v.protocol_version,
+                vessel_protocol::PROTOCOL_VERSION
+            )));
+        }
+        Ok(v)
+    }
+}
+
+async fn connect_when_present(path: &Path, timeout: Duration) -> Result<UnixStream> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(CONNECT_POLL).await
+            }
+            Err(source) => {
+                return Err(AgentError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_is_parsed_strictly() {
+        assert_eq!(parse_ready(b"VESSEL-AGENT-READY 0.1.0\n").unwrap(), "0.1.0");
+        assert_eq!(parse_ready(b"VESSEL-AGENT-READY 0.1.0").unwrap(), "0.1.0");
+        for bad in [
+            &b""[..],
+            b"VESSEL-AGENT-READY\n",
+            b"VESSEL-AGENT-READY \n",
+            b"HELLO 1\n",
+            b"VESSEL-AGENT-READY 1 2\n",
+            b"VESSEL-AGENT-READY \xff\n",
+        ] {
+            assert!(parse_ready(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("VESSEL-AGENT-READY {}\n", "9".repeat(200));
+        assert!(parse_ready(long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn guest_initiated_socket_name() {
+        assert_eq!(
+            guest_initiated_path(Path::new("/r/v.sock"), 1025),
+            PathBuf::from("/r/v.sock_1025")
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_ready_message_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let l = ReadyListener::bind(&uds).unwrap();
+        let path = guest_initiated_path(&uds, READY_VSOCK_PORT);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut s = UnixStream::connect(path).await.unwrap();
+            // A hostile guest that never stops talking.
+            let _ = s.write_all(&vec![b'A'; 1 << 20]).await;
+        });
+        assert!(matches!(l.wait().await, Err(AgentError::BadReady(_))));
+    }
+}

@@ -1,0 +1,47 @@
+//! vessel-runtime: the library behind the `vessel` CLI and the containerd shim.
+//!
+//! - [`config`]: `/etc/vessel/config.toml`, every key with a documented default.
+//! - [`sandbox`]: one VM with its agent: boot, talk, stop, clean up.
+//! - [`agent`]: the host-side agent client (readiness, hybrid vsock, ttrpc).
+
+pub mod agent;
+pub mod config;
+pub mod sandbox;
+
+pub use config::Config;
+pub use sandbox::Sandbox;
+
+/// Runtime errors.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum Error {
+    /// Configuration file {path}: {reason}
+    Config { path: String, reason: String },
+    /// {0}
+    Hypervisor(#[from] vessel_hypervisor::Error),
+    /// State directory {path}: {source}
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Agent: {0}
+    Agent(#[from] agent::AgentError),
+    /// The VM ended before the agent was ready ({exit}).
+    /// Hypervisor log:
+    /// {hypervisor}
+    /// Console log tail:
+    /// {console}
+    VmDiedEarly {
+        exit: String,
+        hypervisor: String,
+        console: String,
+    },
+    /// Timed out after {secs} s waiting for the agent. Console log tail:
+    /// {console}
+    BootTimeout { secs: u64, console: String },
+    /// Invalid sandbox id {0:?}: use 1-64 characters from [A-Za-z0-9_.-], not starting with '.'
+    InvalidId(String),
+    /// Sandbox {0} already exists
+    Exists(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

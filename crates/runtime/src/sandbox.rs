@@ -1,0 +1,239 @@
+//! A sandbox: one VM and the agent inside it.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vessel_hypervisor::qemu::Qemu;
+use vessel_hypervisor::{log_tail, AgentChannel, Hypervisor, SharedDir, Vm, VmConfig, VmExit};
+use vessel_protocol::health::VersionResponse;
+
+use crate::agent::{AgentClient, ReadyListener};
+use crate::{Config, Error, Result};
+
+/// What a sandbox needs besides the runtime configuration.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub shared_dirs: Vec<SharedDir>,
+}
+
+impl SandboxSpec {
+    /// A sandbox sized by the configuration defaults.
+    pub fn new(id: &str, config: &Config) -> Self {
+        SandboxSpec {
+            id: id.to_string(),
+            vcpus: config.default_vcpus,
+            memory_mib: config.default_memory_mib,
+            shared_dirs: Vec::new(),
+        }
+    }
+}
+
+/// A running sandbox VM with a connected agent.
+pub struct Sandbox {
+    id: String,
+    run_dir: PathBuf,
+    vm: Box<dyn Vm>,
+    agent: AgentClient,
+    version: VersionResponse,
+    stop_grace: Duration,
+}
+
+/// Checks a sandbox or container id: it becomes a directory name.
+pub fn validate_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidId(id.to_string()))
+    }
+}
+
+/// The hypervisor backend named by the configuration.
+pub fn hypervisor(config: &Config) -> Result<Box<dyn Hypervisor>> {
+    // validate() allows only "auto" and "qemu" for now; both mean QEMU.
+    Ok(Box::new(Qemu::new(config.qemu_config())?))
+}
+
+/// Creates `dir` (mode 0700), with the state root (0711) above it.
+fn create_run_dir(root: &Path, id: &str) -> Result<PathBuf> {
+    let err = |path: &Path, source| Error::StateDir {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(root)
+        .map_err(|e| err(root, e))?;
+    let dir = root.join(id);
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => Ok(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(Error::Exists(id.to_string()))
+        }
+        Err(e) => Err(err(&dir, e)),
+    }
+}
+
+impl Sandbox {
+    /// Boots a sandbox VM and waits until its agent answers `Health.Check` and
+    /// `Version`. On any error everything created so far is removed.
+    pub async fn boot(config: &Config, hv: &dyn Hypervisor, spec: SandboxSpec) -> Result<Sandbox> {
+        validate_id(&spec.id)?;
+        let channel = config.agent_channel().map_err(|reason| Error::Config {
+            path: "channel".into(),
+            reason,
+        })?;
+        let run_dir = create_run_dir(&config.state_root, &spec.id)?;
+        let res = Self::boot_in(config, hv, spec, channel, &run_dir).await;
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
+        res
+    }
+
+    async fn boot_in(
+        config: &Config,
+        hv: &dyn Hypervisor,
+        spec: SandboxSpec,
+        channel: AgentChannel,
+        run_dir: &Path,
+    ) -> Result<Sandbox> {
+        let vm_config = VmConfig {
+            id: spec.id.clone(),
+            run_dir: run_dir.to_path_buf(),
+            kernel: config.guest_kernel.clone(),
+            initramfs: config.guest_initramfs.clone(),
+            kernel_args: config.kernel_args.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            channel,
+            vsock_uds: run_dir.join("vsock.sock"),
+            console_log: run_dir.join("console.log"),
+            shared_dirs: spec.shared_dirs,
+        };
+        // Bind before launch: the agent connects as soon as it is up.
+        let ready = match channel {
+            AgentChannel::Vsock => Some(ReadyListener::bind(&vm_config.vsock_uds)?),
+            AgentChannel::Serial => None,
+        };
+        let start = Instant::now();
+        let vm = hv.launch(&vm_config).await?;
+        let timeout = Duration::from_secs(config.boot_timeout_secs);
+        let console = || log_tail(&vm_config.console_log, 30);
+        let endpoint = vm.agent_endpoint();
+        let connect = async {
+            if let Some(ready) = &ready {
+                let v = ready.wait().await?;
+                log::debug!(
+                    "sandbox {}: agent {v} ready after {:?}",
+                    spec.id,
+                    start.elapsed()
+                );
+            }
+            let agent = AgentClient::connect(&endpoint, timeout).await?;
+            agent.check(timeout).await?;
+            let version = agent.version().await?;
+            Ok::<_, Error>((agent, version))
+        };
+        let outcome = tokio::select! {
+            r = connect => r,
+            exit = vm.wait() => Err(Error::VmDiedEarly { exit: exit.to_string(), hypervisor: vm.diagnostics(), console: console() }),
+            _ = tokio::time::sleep(timeout) => Err(Error::BootTimeout { secs: timeout.as_secs(), console: console() }),
+        };
+        match outcome {
+            Ok((agent, version)) => {
+                log::info!(
+                    "sandbox {}: agent {} ready on {} ({}) after {:?}",
+                    spec.id,
+                    version.agent_version,
+                    channel,
+                    vm.accelerator(),
+                    start.elapsed()
+                );
+                Ok(Sandbox {
+                    id: spec.id,
+                    run_dir: run_dir.to_path_buf(),
+                    vm,
+                    agent,
+                    version,
+                    stop_grace: Duration::from_secs(config.stop_grace_secs),
+                })
+            }
+            Err(e) => {
+                let _ = vm.stop(Duration::ZERO).await;
+                Err(e)
+            }
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn vm(&self) -> &dyn Vm {
+        self.vm.as_ref()
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// The agent's `Version` reply from boot.
+    pub fn version(&self) -> &VersionResponse {
+        &self.version
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Stops the VM (grace period from the configuration) and removes the
+    /// sandbox's run directory.
+    pub async fn stop(self) -> Result<VmExit> {
+        let exit = self.vm.stop(self.stop_grace).await?;
+        std::fs::remove_dir_all(&self.run_dir).map_err(|source| Error::StateDir {
+            path: self.run_dir.display().to_string(),
+            source,
+        })?;
+        Ok(exit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["a", "abc-1_2.3", &"x".repeat(64)] {
+            validate_id(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65), ".hidden", "ü"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn run_dir_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        create_run_dir(&root, "a").unwrap();
+        assert!(matches!(create_run_dir(&root, "a"), Err(Error::Exists(_))));
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(matches!(
+            create_run_dir(&file, "a"),
+            Err(Error::StateDir { .. })
+        ));
+    }
+}

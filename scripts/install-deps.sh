@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs everything Vessel needs on a Debian 12 host: apt packages and the
+# crates.io helper binaries (pinned versions). Safe to re-run: a second run
+# only checks what is there.
+set -euo pipefail
+
+APT_PACKAGES=(
+    # guest kernel build
+    linux-source-6.1 bc flex bison libelf-dev libssl-dev cpio build-essential python3 file
+    # hypervisor and helpers
+    qemu-system-x86 libseccomp-dev libcap-ng-dev
+    # container tooling used by tests and the demo
+    busybox-static umoci skopeo runc crun containerd iproute2 protobuf-compiler hyperfine
+)
+# name version
+CARGO_TOOLS=(
+    "vhost-device-vsock 0.3.0"
+    "virtiofsd 1.14.0"
+)
+PREFIX=${VESSEL_TOOLS_PREFIX:-/usr/local}
+
+say() { echo "deps: $*" >&2; }
+
+if [[ $(id -u) != 0 ]]; then
+    say "must run as root (apt-get install, $PREFIX/bin)"
+    exit 1
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    [[ $p == \#* ]] && continue
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    say "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    say "apt packages present"
+fi
+
+for t in "${CARGO_TOOLS[@]}"; do
+    read -r name version <<<"$t"
+    if "$PREFIX/bin/$name" --version 2>/dev/null | grep -q "$version"; then
+        say "$name $version present"
+        continue
+    fi
+    say "cargo install $name $version (takes a minute or two)"
+    cargo install --quiet --locked "$name" --version "$version" --root "$PREFIX"
+done

@@ -1,0 +1,93 @@
+//! `vessel check` on bad input: a clear reason and a non-zero exit.
+
+use std::path::Path;
+use std::process::Command;
+
+fn vessel(config: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
+    let p = dir.join("config.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+#[test]
+fn missing_guest_kernel_and_initramfs_fail_with_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        d.path(),
+        &format!(
+            "state_root = \"{0}/state\"\nguest_kernel = \"{0}/nope-vmlinux\"\nguest_initramfs = \"{0}/nope.cpio.gz\"\nchannel = \"serial\"\n",
+            d.path().display()
+        ),
+    );
+    let (ok, out) = vessel(&cfg, &["check"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("guest kernel not found at") && out.contains("nope-vmlinux"), "{out}");
+    assert!(out.contains("guest initramfs not found at"), "{out}");
+    assert!(out.contains("this host cannot run sandboxes"), "{out}");
+}
+
+#[test]
+fn missing_qemu_fails_with_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), &format!("channel = \"serial\"\n[qemu]\npath = \"{}/no-qemu\"\n", d.path().display()));
+    let (ok, out) = vessel(&cfg, &["check"]);
+    assert!(!ok);
+    assert!(out.contains("QEMU not found at") && out.contains("apt-get install qemu-system-x86"), "{out}");
+}
+
+#[test]
+fn unwritable_state_root_fails_with_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let cfg = write_config(d.path(), &format!("state_root = \"{}/sub\"\n", file.display()));
+    let (ok, out) = vessel(&cfg, &["check"]);
+    assert!(!ok);
+    assert!(out.contains("state root not writable"), "{out}");
+}
+
+#[test]
+fn bad_config_fails_with_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "hypervisor = \"xen\"\n");
+    let (ok, out) = vessel(&cfg, &["check"]);
+    assert!(!ok);
+    assert!(out.contains("hypervisor = \"xen\""), "{out}");
+    let (ok, out) = vessel(&d.path().join("missing.toml"), &["check"]);
+    assert!(!ok);
+    assert!(out.contains("missing.toml"), "{out}");
+}
+
+#[test]
+fn builtin_hypervisor_check_names_the_fallback_without_hardware_kvm() {
+    let (kvm, _) = vessel_hypervisor::host::detect_kvm();
+    if kvm == vessel_hypervisor::KvmKind::Hardware {
+        eprintln!("SKIPPED: this host has hardware KVM; the fallback message is for hosts without it");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "");
+    let (ok, out) = vessel(&cfg, &["check", "--hypervisor", "builtin"]);
+    assert!(!ok);
+    assert!(out.contains("QEMU with TCG"), "{out}");
+}
+
+#[test]
+fn env_prints_effective_config() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "default_memory_mib = 512\n");
+    let (ok, out) = vessel(&cfg, &["env"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("default_memory_mib = 512") && out.contains("[qemu]"), "{out}");
+}

@@ -9,17 +9,30 @@
 //! given by `--listen` (for development on a host: `--listen unix:///tmp/a.sock`).
 
 mod channel;
+mod container;
 mod health;
 mod init;
 mod logger;
 mod reaper;
 mod server;
+mod service;
+mod stdio;
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 
+/// Working directory of the agent: libcontainer state, bundles, console sockets.
+const WORK_DIR: &str = "/run/vessel-agent";
+
 fn main() -> ExitCode {
+    // The helper's stderr is a container's stderr: it must not log there.
+    let mut args = std::env::args().skip(1);
+    if let (Some(a), Some(req)) = (args.next(), args.next()) {
+        if a == container::helper::HELPER_ARG {
+            return container::helper::main(&req);
+        }
+    }
     logger::init();
     let is_init = std::process::id() == 1;
     let result = if is_init {
@@ -49,26 +62,36 @@ fn run_as_init() -> anyhow::Result<()> {
     );
     let rt = runtime()?;
     let res = rt.block_on(async {
-        let _reaper = reaper::spawn().context("start child reaper")?;
-        server::serve(channel).await
+        let reaper = reaper::spawn().context("start child reaper")?;
+        server::serve(channel, reaper, WORK_DIR.into()).await
     });
     // The server only returns on error.
     match res.context("agent server")? {}
 }
 
 fn run_standalone() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let channel = match (args.next().as_deref(), args.next()) {
-        (Some("--listen"), Some(addr)) => channel::Channel::Listen(addr),
-        (Some("--version"), None) => {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (channel, work) = match args[..] {
+        ["--listen", addr] => (channel::Channel::Listen(addr.into()), WORK_DIR),
+        ["--listen", addr, "--work-dir", work] => (channel::Channel::Listen(addr.into()), work),
+        ["--version"] => {
             println!("vessel-agent {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
         }
         _ => anyhow::bail!(
-            "vessel-agent runs as PID 1 in a Vessel guest; for development use --listen <ttrpc address>"
+            "vessel-agent runs as PID 1 in a Vessel guest; for development use \
+             --listen unix://<path> [--work-dir <dir>] (stdio streams on <path>.stdio)"
         ),
     };
-    match runtime()?.block_on(server::serve(channel))? {}
+    // Container processes are re-parented to the agent (libcontainer's
+    // as_sibling); be their reaper as PID 1 would be.
+    nix::sys::prctl::set_child_subreaper(true).context("become child subreaper")?;
+    let work = std::path::PathBuf::from(work);
+    match runtime()?.block_on(async {
+        let reaper = reaper::spawn().context("start child reaper")?;
+        server::serve(channel, reaper, work).await
+    })? {}
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -6,13 +6,43 @@ use anyhow::Context;
 use tokio::io::AsyncWriteExt;
 use ttrpc::r#async::transport::Listener;
 use ttrpc::r#async::Server;
-use vessel_protocol::ports::{AGENT_VSOCK_PORT, HOST_CID, READY_MAGIC, READY_VSOCK_PORT};
+use vessel_protocol::ports::{
+    AGENT_VSOCK_PORT, HOST_CID, READY_MAGIC, READY_VSOCK_PORT, STDIO_VSOCK_PORT,
+};
 
 use crate::channel::Channel;
+use crate::container::{cgroup, Containers};
 use crate::health::HealthService;
+use crate::reaper::Reaper;
+use crate::service::AgentService;
+use crate::stdio::server::StdioListener;
 
-/// Serves the agent API until the process ends.
-pub async fn serve(channel: Channel) -> anyhow::Result<std::convert::Infallible> {
+/// Pending OOM events kept for a host that is not calling GetOOMEvent.
+const OOM_QUEUE: usize = 64;
+
+/// Serves the agent API and the stdio streams until the process ends.
+/// `work` is the agent's working directory (libcontainer state, bundles).
+pub async fn serve(
+    channel: Channel,
+    reaper: Reaper,
+    work: std::path::PathBuf,
+) -> anyhow::Result<std::convert::Infallible> {
+    crate::container::prepare_work_dir(&work)
+        .with_context(|| format!("create {}", work.display()))?;
+    let containers = Arc::new(Containers::new(reaper, work));
+    let stdio = stdio_listener(&channel)?;
+    let lookup: Arc<dyn crate::stdio::server::ProcessLookup> = containers.clone();
+    match stdio {
+        Some(l) => {
+            tokio::spawn(crate::stdio::server::serve(l, lookup));
+        }
+        None => log::warn!("no vsock: process stdio streams are unavailable"),
+    }
+    let (oom_tx, oom_rx) = tokio::sync::mpsc::channel(OOM_QUEUE);
+    tokio::spawn(cgroup::watch_oom(containers.clone(), oom_tx));
+    let agent =
+        vessel_protocol::agent_ttrpc::create_agent(Arc::new(AgentService::new(containers, oom_rx)));
+
     let listener = match &channel {
         Channel::Vsock => Listener::bind(format!("vsock://-1:{AGENT_VSOCK_PORT}"))
             .with_context(|| format!("listen on vsock port {AGENT_VSOCK_PORT}"))?,
@@ -27,7 +57,8 @@ pub async fn serve(channel: Channel) -> anyhow::Result<std::convert::Infallible>
     let health = vessel_protocol::health_ttrpc::create_health(Arc::new(HealthService));
     let mut server = Server::new()
         .add_listener(listener)
-        .register_service(health);
+        .register_service(health)
+        .register_service(agent);
     server.start().await.context("start ttrpc server")?;
     log::info!("agent API ready on {channel}");
     if channel == Channel::Vsock {
@@ -35,6 +66,37 @@ pub async fn serve(channel: Channel) -> anyhow::Result<std::convert::Infallible>
     }
     // The server runs on its own tasks; PID 1 lives until the VM ends.
     std::future::pending().await
+}
+
+/// The stdio listener: vsock port 1026 in a VM (also with a virtio-serial API
+/// channel, when the VM has vsock), `<path>.stdio` next to a `unix://<path>` API.
+fn stdio_listener(channel: &Channel) -> anyhow::Result<Option<StdioListener>> {
+    match channel {
+        Channel::Vsock | Channel::Serial => {
+            let addr = tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, STDIO_VSOCK_PORT);
+            match tokio_vsock::VsockListener::bind(addr) {
+                Ok(l) => Ok(Some(StdioListener::Vsock(l))),
+                Err(e) if *channel == Channel::Serial => {
+                    log::warn!("listen on vsock port {STDIO_VSOCK_PORT}: {e}");
+                    Ok(None)
+                }
+                Err(e) => {
+                    Err(e).with_context(|| format!("listen on vsock port {STDIO_VSOCK_PORT}"))
+                }
+            }
+        }
+        Channel::Listen(addr) => {
+            let Some(path) = addr.strip_prefix("unix://") else {
+                log::warn!("stdio streams need a unix:// listen address, got {addr}");
+                return Ok(None);
+            };
+            let path = format!("{path}.stdio");
+            let _ = std::fs::remove_file(&path);
+            let l = tokio::net::UnixListener::bind(&path)
+                .with_context(|| format!("listen on {path}"))?;
+            Ok(Some(StdioListener::Unix(l)))
+        }
+    }
 }
 
 /// Tells the host that the API is up by connecting to the host's ready port.

@@ -163,7 +163,8 @@ mod tests {
     #[test]
     fn refuses_malformed() {
         use HeaderError::*;
-        let cases: &[(&[u8], fn(&HeaderError) -> bool)] = &[
+        type Check = fn(&HeaderError) -> bool;
+        let cases: &[(&[u8], Check)] = &[
             (b"", |e| matches!(e, Malformed(_))),
             (b"\n", |e| matches!(e, Malformed(_))),
             (b"STDIO c - stdout extra\n", |e| matches!(e, Malformed(_))),

@@ -1,0 +1,185 @@
+//! libcontainer runs in a short-lived child process of the agent.
+//!
+//! libcontainer forks with raw `clone3`, which skips the atfork handlers that
+//! make fork safe in a multi-threaded process (the allocator lock of another
+//! tokio thread could be held in the child forever). So the agent re-executes
+//! itself as `vessel-agent --libcontainer-helper <request json>`: a
+//! single-threaded process that builds the container (or the exec process) with
+//! `as_sibling`, so the container's processes become children of the agent
+//! (the helper's parent) and the agent's reaper gets their exit statuses.
+//! The helper's stdin/stdout/stderr are the process's stdio; it reports the
+//! pid or an error in a result file.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use serde::{Deserialize, Serialize};
+
+use crate::reaper::Reaper;
+use crate::stdio::ChildStdio;
+
+/// First argument that selects helper mode.
+pub const HELPER_ARG: &str = "--libcontainer-helper";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum HelperOp {
+    /// Create a container from `<bundle>/config.json`.
+    Create { bundle: PathBuf },
+    /// Run the process in `process_json` in the running container.
+    Exec { process_json: PathBuf },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HelperRequest {
+    /// libcontainer state root.
+    pub root: PathBuf,
+    pub container_id: String,
+    pub op: HelperOp,
+    /// Where libcontainer sends the pty master of a terminal process.
+    pub console_socket: Option<PathBuf>,
+    /// Where the helper writes its [`HelperResult`].
+    pub result: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum HelperResult {
+    Pid(i32),
+    Error(String),
+}
+
+/// Runs the helper for `req` and returns the pid of the created process.
+pub async fn run(reaper: &Reaper, req: &HelperRequest, stdio: ChildStdio) -> Result<i32, String> {
+    let arg = serde_json::to_string(req).map_err(|e| format!("encode helper request: {e}"))?;
+    let _ = std::fs::remove_file(&req.result);
+    let to_stdio = |fd: Option<OwnedFd>| fd.map_or_else(Stdio::null, Stdio::from);
+    let child = Command::new("/proc/self/exe")
+        .arg(HELPER_ARG)
+        .arg(arg)
+        .stdin(to_stdio(stdio.stdin))
+        .stdout(to_stdio(stdio.stdout))
+        .stderr(to_stdio(stdio.stderr))
+        .spawn()
+        .map_err(|e| format!("start libcontainer helper: {e}"))?;
+    // The reaper keeps statuses of pids nobody subscribed to yet.
+    let status = reaper.subscribe(child.id() as i32).await;
+    let result = std::fs::read(&req.result);
+    let _ = std::fs::remove_file(&req.result);
+    match result
+        .ok()
+        .and_then(|b| serde_json::from_slice::<HelperResult>(&b).ok())
+    {
+        Some(HelperResult::Pid(pid)) => Ok(pid),
+        Some(HelperResult::Error(e)) => Err(e),
+        None => Err(format!(
+            "libcontainer helper ended without a result ({status:?})"
+        )),
+    }
+}
+
+/// Entry point of the helper process.
+pub fn main(arg: &str) -> ExitCode {
+    let req: HelperRequest = match serde_json::from_str(arg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vessel-agent helper: bad request: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match build(&req) {
+        Ok(pid) => HelperResult::Pid(pid),
+        Err(e) => HelperResult::Error(e),
+    };
+    let ok = matches!(result, HelperResult::Pid(_));
+    let json = serde_json::to_vec(&result).unwrap_or_default();
+    if std::fs::write(&req.result, json).is_err() || !ok {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn build(req: &HelperRequest) -> Result<i32, String> {
+    let builder = ContainerBuilder::new(req.container_id.clone(), SyscallType::Linux)
+        .with_root_path(&req.root)
+        .map_err(|e| format!("libcontainer root {}: {e}", req.root.display()))?
+        .with_console_socket(req.console_socket.as_deref());
+    match &req.op {
+        HelperOp::Create { bundle } => {
+            let container = builder
+                .validate_id()
+                .map_err(|e| format!("container id {:?}: {e}", req.container_id))?
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .as_sibling(true)
+                .build()
+                .map_err(|e| format!("create container {}: {e}", req.container_id))?;
+            container
+                .pid()
+                .map(|p| p.as_raw())
+                .ok_or_else(|| "libcontainer created the container but reports no pid".into())
+        }
+        HelperOp::Exec { process_json } => builder
+            .as_tenant()
+            .with_detach(true)
+            .as_sibling(true)
+            .with_process(Some(process_json))
+            .build()
+            .map(|p| p.as_raw())
+            .map_err(|e| format!("exec in container {}: {e}", req.container_id)),
+    }
+}
+
+/// Receives the pty master that libcontainer sends on the console socket.
+pub async fn receive_console(listener: &tokio::net::UnixListener) -> Result<OwnedFd, String> {
+    let accept = tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept());
+    let (stream, _) = accept
+        .await
+        .map_err(|_| "no console connection from libcontainer".to_string())?
+        .map_err(|e| format!("accept console connection: {e}"))?;
+    let stream = stream
+        .into_std()
+        .map_err(|e| format!("console socket: {e}"))?;
+    stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(std::time::Duration::from_secs(10))))
+        .map_err(|e| format!("console socket: {e}"))?;
+    tokio::task::spawn_blocking(move || recv_fd(stream.as_raw_fd()))
+        .await
+        .map_err(|e| format!("console receive task: {e}"))?
+}
+
+fn recv_fd(sock: std::os::fd::RawFd) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    use std::os::fd::FromRawFd;
+    let mut buf = [0u8; 4096];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<UnixAddr>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(|e| format!("receive pty master: {e}"))?;
+    for c in msg
+        .cmsgs()
+        .map_err(|e| format!("receive pty master: {e}"))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&fd) = fds.first() {
+                // SAFETY: SCM_RIGHTS just installed `fd` in this process; nothing
+                // else owns it, and extra fds (none expected) are closed below.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                for &extra in &fds[1..] {
+                    // SAFETY: as above, freshly received and otherwise unowned.
+                    drop(unsafe { OwnedFd::from_raw_fd(extra) });
+                }
+                return Ok(owned);
+            }
+        }
+    }
+    Err("console socket message carried no fd".into())
+}
+
+/// Removes a file if it exists (console sockets, results).
+pub fn remove_quietly(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}

@@ -1,0 +1,553 @@
+//! Containers inside the guest: the registry behind the Agent service.
+//!
+//! libcontainer (youki) does the OCI work; it runs in a helper child process
+//! (see [`helper`]) and keeps its state under `<work>/containers`
+//! (`/run/vessel-agent/containers` in the guest). The agent keeps,
+//! per container, the processes it started (init and execs) with their stdio
+//! and exit status, and the storages it mounted.
+
+pub mod cgroup;
+pub mod helper;
+pub mod spec;
+pub mod storage;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libcontainer::container::{Container as LcContainer, ContainerStatus};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use tokio::sync::watch;
+use vessel_protocol::agent::{StdioConfig, Storage};
+use vessel_protocol::stdio::valid_id;
+
+use crate::reaper::Reaper;
+use crate::stdio::{server::ProcessLookup, ChildStdio, ProcessIo};
+use helper::{HelperOp, HelperRequest};
+
+/// How long a forced removal waits for the init process to die.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a container operation failed. Each maps to a ttrpc status code.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ContainerError {
+    /// invalid id {0:?}: expected [A-Za-z0-9][A-Za-z0-9_.-]*, at most 128 bytes
+    InvalidId(String),
+    /// {0}
+    Spec(#[from] spec::SpecError),
+    /// invalid OCI process JSON: {0}
+    ProcessJson(serde_json::Error),
+    /// container {0} already exists
+    Exists(String),
+    /// exec {1} already exists in container {0}
+    ExecExists(String, String),
+    /// no container {0}
+    NotFound(String),
+    /// no process {1:?} in container {0}
+    ProcessNotFound(String, String),
+    /// {0}
+    Storage(#[from] storage::StorageError),
+    /// {0}
+    Failed(String),
+    /// container {0}: {1}
+    State(String, String),
+    /// signal {0} is not a valid signal number
+    BadSignal(u32),
+    /// process {0} of container {1} has no terminal
+    NoTerminal(String, String),
+    /// {0}: {1}
+    Io(String, std::io::Error),
+}
+
+/// How a process ended, shell style.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, or 128 + signal.
+    pub code: i32,
+    pub signal: Option<i32>,
+    pub core_dumped: bool,
+}
+
+impl ExitStatus {
+    fn from_wait(ws: WaitStatus) -> Self {
+        match ws {
+            WaitStatus::Exited(_, code) => ExitStatus {
+                code,
+                signal: None,
+                core_dumped: false,
+            },
+            WaitStatus::Signaled(_, sig, core) => ExitStatus {
+                code: 128 + sig as i32,
+                signal: Some(sig as i32),
+                core_dumped: core,
+            },
+            // The reaper only reports terminations.
+            other => {
+                log::warn!("unexpected wait status {other:?}");
+                ExitStatus {
+                    code: 255,
+                    signal: None,
+                    core_dumped: false,
+                }
+            }
+        }
+    }
+}
+
+/// A process the agent started in a container.
+pub struct Process {
+    pub pid: i32,
+    pub io: Arc<ProcessIo>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+}
+
+impl Process {
+    fn new(pid: i32, io: ProcessIo, reaper: &Reaper) -> Self {
+        let status = reaper.subscribe(pid);
+        let (tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            if let Ok(ws) = status.await {
+                let _ = tx.send(Some(ExitStatus::from_wait(ws)));
+            }
+        });
+        Process {
+            pid,
+            io: Arc::new(io),
+            exit,
+        }
+    }
+
+    pub fn exited(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+
+    /// Waits for the exit and for all output to reach the host.
+    pub async fn wait(&self) -> Result<ExitStatus, ContainerError> {
+        let mut rx = self.exit.clone();
+        let status = rx
+            .wait_for(|s| s.is_some())
+            .await
+            .map_err(|_| ContainerError::Failed("the child reaper stopped".into()))?
+            .expect("wait_for returned a Some");
+        self.io.drained().await;
+        Ok(status)
+    }
+}
+
+struct Container {
+    init: Arc<Process>,
+    execs: HashMap<String, Arc<Process>>,
+    storages: Vec<PathBuf>,
+}
+
+/// All containers of this guest.
+pub struct Containers {
+    reaper: Reaper,
+    /// Agent working directory: libcontainer state, bundles, console sockets.
+    work: PathBuf,
+    map: Mutex<HashMap<String, Container>>,
+    /// Ids being created (not in `map` yet), to refuse duplicates.
+    creating: Mutex<HashSet<String>>,
+    mounts: Mutex<storage::Mounts>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn check_id(id: &str) -> Result<(), ContainerError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(ContainerError::InvalidId(id.to_string()))
+    }
+}
+
+impl Containers {
+    /// `work` is the agent's directory (`/run/vessel-agent` in the guest).
+    pub fn new(reaper: Reaper, work: PathBuf) -> Self {
+        Containers {
+            reaper,
+            work,
+            map: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+            mounts: Mutex::new(storage::Mounts::default()),
+        }
+    }
+
+    fn state_root(&self) -> PathBuf {
+        self.work.join("containers")
+    }
+
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.work.join("bundles").join(id)
+    }
+
+    /// Mounts the storages, then creates the container; returns the init pid.
+    pub async fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        storages: &[Storage],
+        stdio: &StdioConfig,
+    ) -> Result<i32, ContainerError> {
+        check_id(id)?;
+        let spec = spec::guest_spec(spec_json, id)?;
+        {
+            let map = lock(&self.map);
+            if map.contains_key(id) || !lock(&self.creating).insert(id.to_string()) {
+                return Err(ContainerError::Exists(id.to_string()));
+            }
+        }
+        let mut mounted = Vec::new();
+        let res = self
+            .create_inner(id, &spec, storages, stdio, &mut mounted)
+            .await;
+        lock(&self.creating).remove(id);
+        match res {
+            Ok(process) => {
+                let pid = process.pid;
+                lock(&self.map).insert(
+                    id.to_string(),
+                    Container {
+                        init: Arc::new(process),
+                        execs: HashMap::new(),
+                        storages: mounted,
+                    },
+                );
+                Ok(pid)
+            }
+            Err(e) => {
+                let mut mounts = lock(&self.mounts);
+                for m in mounted.iter().rev() {
+                    mounts.release(m);
+                }
+                drop(mounts);
+                let _ = std::fs::remove_dir_all(self.bundle(id));
+                let _ = std::fs::remove_dir_all(self.state_root().join(id));
+                let _ = std::fs::remove_dir(cgroup::dir(id));
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_inner(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+        storages: &[Storage],
+        stdio: &StdioConfig,
+        mounted: &mut Vec<PathBuf>,
+    ) -> Result<Process, ContainerError> {
+        for s in storages {
+            let target = lock(&self.mounts).acquire(s)?;
+            mounted.push(target);
+        }
+        let bundle = self.bundle(id);
+        let io_err = |what: &str| {
+            let what = format!("{what} for container {id}");
+            move |e| ContainerError::Io(what, e)
+        };
+        std::fs::create_dir_all(&bundle).map_err(io_err("create bundle dir"))?;
+        let json = serde_json::to_vec(spec).map_err(ContainerError::ProcessJson)?;
+        std::fs::write(bundle.join("config.json"), json).map_err(io_err("write config.json"))?;
+        let process = spec.process().as_ref().ok_or(spec::SpecError::NoProcess)?;
+        let terminal = process.terminal().unwrap_or(false);
+        let size = process.console_size().map(|s| (s.height(), s.width()));
+        self.spawn(
+            id,
+            HelperOp::Create { bundle },
+            "init",
+            terminal,
+            size,
+            stdio,
+        )
+        .await
+    }
+
+    /// Runs the helper and wires the new process's stdio.
+    async fn spawn(
+        &self,
+        id: &str,
+        op: HelperOp,
+        name: &str,
+        terminal: bool,
+        console_size: Option<(u64, u64)>,
+        stdio: &StdioConfig,
+    ) -> Result<Process, ContainerError> {
+        let io_err = |what: String| move |e| ContainerError::Io(what, e);
+        let console_dir = self.work.join("console");
+        std::fs::create_dir_all(&console_dir)
+            .map_err(io_err(format!("create {}", console_dir.display())))?;
+        let console_path = console_dir.join(format!("{id}.{name}.sock"));
+        let result = self
+            .work
+            .join("console")
+            .join(format!("{id}.{name}.result"));
+        let (io, child, console) = if terminal {
+            helper::remove_quietly(&console_path);
+            let listener = tokio::net::UnixListener::bind(&console_path)
+                .map_err(io_err(format!("bind {}", console_path.display())))?;
+            (None, ChildStdio::default(), Some(listener))
+        } else {
+            let (io, child) = ProcessIo::pipes(stdio.stdin, stdio.stdout, stdio.stderr)
+                .map_err(io_err("create stdio pipes".into()))?;
+            (Some(io), child, None)
+        };
+        let req = HelperRequest {
+            root: self.state_root(),
+            container_id: id.to_string(),
+            op,
+            console_socket: console.as_ref().map(|_| console_path.clone()),
+            result,
+        };
+        let pid = helper::run(&self.reaper, &req, child).await;
+        let io = match (pid.is_ok(), io, console) {
+            (_, Some(io), _) => Ok(io),
+            (true, None, Some(listener)) => {
+                helper::receive_console(&listener).await.and_then(|master| {
+                    if let Some((rows, cols)) = console_size {
+                        let _ = set_winsize(&master, rows as u16, cols as u16);
+                    }
+                    ProcessIo::tty(master).map_err(|e| format!("pty master: {e}"))
+                })
+            }
+            _ => Err(String::new()),
+        };
+        helper::remove_quietly(&console_path);
+        let pid = pid.map_err(ContainerError::Failed)?;
+        let io = io.map_err(|e| {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            ContainerError::Failed(e)
+        })?;
+        Ok(Process::new(pid, io, &self.reaper))
+    }
+
+    /// Starts a created container.
+    pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
+        self.init(id)?;
+        self.libcontainer(id, |c| c.start()).await
+    }
+
+    /// Runs `process_json` in the container; returns its pid.
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio: &StdioConfig,
+    ) -> Result<i32, ContainerError> {
+        check_id(exec_id)?;
+        let process: oci_spec::runtime::Process =
+            serde_json::from_slice(process_json).map_err(ContainerError::ProcessJson)?;
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(spec::SpecError::NoArgs.into());
+        }
+        {
+            let map = lock(&self.map);
+            let c = map
+                .get(id)
+                .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
+            if c.execs.contains_key(exec_id) {
+                return Err(ContainerError::ExecExists(id.into(), exec_id.into()));
+            }
+        }
+        let path = self.bundle(id).join(format!("exec-{exec_id}.json"));
+        std::fs::write(&path, process_json)
+            .map_err(|e| ContainerError::Io(format!("write {}", path.display()), e))?;
+        let terminal = process.terminal().unwrap_or(false);
+        let size = process.console_size().map(|s| (s.height(), s.width()));
+        let op = HelperOp::Exec {
+            process_json: path.clone(),
+        };
+        let res = self
+            .spawn(id, op, &format!("exec-{exec_id}"), terminal, size, stdio)
+            .await;
+        helper::remove_quietly(&path);
+        let process = res?;
+        let pid = process.pid;
+        let mut map = lock(&self.map);
+        match map.get_mut(id) {
+            Some(c) => {
+                c.execs.insert(exec_id.to_string(), Arc::new(process));
+                Ok(pid)
+            }
+            None => {
+                // Removed while the exec was being set up.
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                Err(ContainerError::NotFound(id.to_string()))
+            }
+        }
+    }
+
+    fn init(&self, id: &str) -> Result<Arc<Process>, ContainerError> {
+        self.process(id, None)
+    }
+
+    /// The process `exec_id` (None or "" = init) of container `id`.
+    pub fn process(&self, id: &str, exec_id: Option<&str>) -> Result<Arc<Process>, ContainerError> {
+        let map = lock(&self.map);
+        let c = map
+            .get(id)
+            .ok_or_else(|| ContainerError::NotFound(id.to_string()))?;
+        match exec_id.filter(|e| !e.is_empty()) {
+            None => Ok(c.init.clone()),
+            Some(e) => c
+                .execs
+                .get(e)
+                .cloned()
+                .ok_or_else(|| ContainerError::ProcessNotFound(id.into(), e.into())),
+        }
+    }
+
+    /// Signals one process, or with `all` every process of the container.
+    pub fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), ContainerError> {
+        let sig = i32::try_from(signal)
+            .ok()
+            .and_then(|s| Signal::try_from(s).ok())
+            .ok_or(ContainerError::BadSignal(signal))?;
+        let process = self.process(id, Some(exec_id))?;
+        if all {
+            for pid in cgroup::pids(id) {
+                let _ = kill(Pid::from_raw(pid as i32), sig);
+            }
+            return Ok(());
+        }
+        if process.exited().is_some() {
+            return Err(ContainerError::State(
+                id.into(),
+                format!("process {exec_id:?} already exited"),
+            ));
+        }
+        kill(Pid::from_raw(process.pid), sig).map_err(|e| {
+            ContainerError::State(
+                id.into(),
+                format!("signal {sig} to pid {}: {e}", process.pid),
+            )
+        })
+    }
+
+    /// Deletes the container; with `force` kills its processes first.
+    pub async fn remove(&self, id: &str, force: bool) -> Result<(), ContainerError> {
+        let init = self.init(id)?;
+        if init.exited().is_none() {
+            if !force {
+                return Err(ContainerError::State(
+                    id.into(),
+                    "container is running; stop it first or remove with force".into(),
+                ));
+            }
+            for pid in cgroup::pids(id).into_iter().chain([init.pid as u32]) {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            let mut rx = init.exit.clone();
+            let _ = tokio::time::timeout(KILL_TIMEOUT, rx.wait_for(|s| s.is_some())).await;
+        }
+        if let Err(e) = self.libcontainer(id, |c| c.delete(true)).await {
+            log::warn!("libcontainer delete {id}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(self.state_root().join(id));
+        let _ = std::fs::remove_dir(cgroup::dir(id));
+        let _ = std::fs::remove_dir_all(self.bundle(id));
+        if let Some(c) = lock(&self.map).remove(id) {
+            let mut mounts = lock(&self.mounts);
+            for m in c.storages.iter().rev() {
+                mounts.release(m);
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<(), ContainerError> {
+        self.init(id)?;
+        self.libcontainer(id, |c| c.pause()).await
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        self.init(id)?;
+        self.libcontainer(id, |c| c.resume()).await
+    }
+
+    /// Status and init pid as libcontainer sees them.
+    pub async fn state(&self, id: &str) -> Result<(ContainerStatus, i32), ContainerError> {
+        self.init(id)?;
+        let root = self.state_root().join(id);
+        tokio::task::spawn_blocking(move || {
+            let mut c = LcContainer::load(root)?;
+            c.refresh_status()?;
+            Ok((c.status(), c.pid().map_or(0, |p| p.as_raw())))
+        })
+        .await
+        .map_err(|e| ContainerError::Failed(format!("state task: {e}")))?
+        .map_err(|e: libcontainer::error::LibcontainerError| {
+            ContainerError::State(id.into(), e.to_string())
+        })
+    }
+
+    /// Runs a libcontainer operation on the container's saved state.
+    async fn libcontainer<F>(&self, id: &str, op: F) -> Result<(), ContainerError>
+    where
+        F: FnOnce(&mut LcContainer) -> Result<(), libcontainer::error::LibcontainerError>
+            + Send
+            + 'static,
+    {
+        let root = self.state_root().join(id);
+        tokio::task::spawn_blocking(move || {
+            let mut c = LcContainer::load(root)?;
+            op(&mut c)
+        })
+        .await
+        .map_err(|e| ContainerError::Failed(format!("libcontainer task: {e}")))?
+        .map_err(|e| ContainerError::State(id.into(), e.to_string()))
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        lock(&self.map).keys().cloned().collect()
+    }
+}
+
+impl ProcessLookup for Containers {
+    fn process_io(&self, id: &str, exec_id: Option<&str>) -> Result<Arc<ProcessIo>, String> {
+        self.process(id, exec_id)
+            .map(|p| p.io.clone())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl cgroup::Watched for Containers {
+    fn container_ids(&self) -> Vec<String> {
+        self.ids()
+    }
+}
+
+nix::ioctl_write_ptr_bad!(tiocswinsz, libc::TIOCSWINSZ, libc::winsize);
+
+/// Sets the window size of a pty (master or slave).
+pub fn set_winsize(fd: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) -> nix::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which is valid for
+    // the call; a non-tty fd just makes the ioctl fail with ENOTTY.
+    unsafe { tiocswinsz(fd.as_raw_fd(), &ws) }.map(drop)
+}
+
+/// Ensures the agent's working directory exists.
+pub fn prepare_work_dir(work: &Path) -> std::io::Result<()> {
+    for d in ["containers", "bundles", "console"] {
+        std::fs::create_dir_all(work.join(d))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! Turns the host's config.json into the one libcontainer runs in the guest.
+
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+/// Guest cgroup (relative to /sys/fs/cgroup) of a container.
+pub fn cgroup_path(container_id: &str) -> String {
+    format!("/vessel/{container_id}")
+}
+
+/// Why a spec cannot run in the guest.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum SpecError {
+    /// invalid OCI spec JSON: {0}
+    Json(#[from] serde_json::Error),
+    /// the spec has no root; root.path must be an absolute guest path
+    NoRoot,
+    /// root.path {0:?} must be an absolute guest path (the host rewrites it)
+    RelativeRoot(String),
+    /// the spec has no process
+    NoProcess,
+    /// process.args is empty
+    NoArgs,
+}
+
+/// Parses and rewrites a spec for the guest:
+/// - hooks are dropped: OCI hooks run on the host;
+/// - the network namespace is dropped: the VM is the pod's network namespace;
+/// - namespace paths are dropped (they name host files): a fresh namespace is
+///   created instead;
+/// - linux.cgroupsPath becomes [`cgroup_path`] (the host's path means nothing here).
+pub fn guest_spec(json: &[u8], container_id: &str) -> Result<Spec, SpecError> {
+    let mut spec: Spec = serde_json::from_slice(json)?;
+    let root = spec.root().as_ref().ok_or(SpecError::NoRoot)?;
+    if !root.path().is_absolute() {
+        return Err(SpecError::RelativeRoot(root.path().display().to_string()));
+    }
+    let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(SpecError::NoArgs);
+    }
+    spec.set_hooks(None);
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(namespaces) = linux.namespaces_mut() {
+            namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+            for ns in namespaces.iter_mut() {
+                if let Some(path) = ns.path() {
+                    log::info!(
+                        "container {container_id}: {:?} namespace path {} is a host path; creating a new namespace",
+                        ns.typ(),
+                        path.display()
+                    );
+                    ns.set_path(None);
+                }
+            }
+        }
+        linux.set_cgroups_path(Some(cgroup_path(container_id).into()));
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"{
+        "ociVersion": "1.0.2",
+        "root": {"path": "/run/vessel/shared/c1/rootfs", "readonly": true},
+        "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        "hostname": "h",
+        "hooks": {"prestart": [{"path": "/usr/bin/true"}]},
+        "linux": {
+            "cgroupsPath": "/kubepods/pod1/c1",
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "mount"}
+            ]
+        }
+    }"#;
+
+    #[test]
+    fn rewrites_for_guest() {
+        let spec = guest_spec(SPEC.as_bytes(), "c1").unwrap();
+        assert!(spec.hooks().is_none());
+        let linux = spec.linux().as_ref().unwrap();
+        assert_eq!(
+            linux.cgroups_path().as_deref(),
+            Some(std::path::Path::new("/vessel/c1"))
+        );
+        let ns = linux.namespaces().as_ref().unwrap();
+        let types: Vec<_> = ns.iter().map(|n| n.typ()).collect();
+        assert_eq!(
+            types,
+            [
+                LinuxNamespaceType::Pid,
+                LinuxNamespaceType::Ipc,
+                LinuxNamespaceType::Mount
+            ]
+        );
+        assert!(ns.iter().all(|n| n.path().is_none()));
+        assert_eq!(spec.hostname().as_deref(), Some("h"));
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
+    }
+
+    #[test]
+    fn refuses_bad_specs() {
+        assert!(matches!(guest_spec(b"{", "c"), Err(SpecError::Json(_))));
+        let rel = SPEC.replace("/run/vessel/shared/c1/rootfs", "rootfs");
+        assert!(matches!(
+            guest_spec(rel.as_bytes(), "c"),
+            Err(SpecError::RelativeRoot(_))
+        ));
+        let no_args = SPEC.replace(r#""args": ["sh"], "#, r#""args": [], "#);
+        assert!(matches!(
+            guest_spec(no_args.as_bytes(), "c"),
+            Err(SpecError::NoArgs)
+        ));
+        let v: serde_json::Value = serde_json::from_str(SPEC).unwrap();
+        let mut no_proc = v.clone();
+        no_proc.as_object_mut().unwrap().remove("process");
+        assert!(matches!(
+            guest_spec(no_proc.to_string().as_bytes(), "c"),
+            Err(SpecError::NoProcess)
+        ));
+    }
+}

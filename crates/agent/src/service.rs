@@ -1,0 +1,290 @@
+//! The Agent ttrpc service: parses requests, calls [`Containers`], maps errors
+//! to ttrpc status codes.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use libcontainer::container::ContainerStatus;
+use tokio::sync::{mpsc, Mutex};
+use ttrpc::r#async::TtrpcContext;
+use ttrpc::Code;
+use vessel_protocol::agent::{
+    state_container_response::Status, ContainerRequest, CreateContainerRequest,
+    CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
+    ListProcessesResponse, OOMEvent, ProcessRequest, RemoveContainerRequest, ReseedRandomRequest,
+    ResizeTtyRequest, SetTimeRequest, SignalProcessRequest, StateContainerResponse,
+    StatsContainerResponse, WaitProcessResponse,
+};
+use vessel_protocol::agent_ttrpc::Agent;
+
+use crate::container::{cgroup, set_winsize, ContainerError, Containers};
+
+/// Bytes of host entropy used per ReseedRandom call.
+const MAX_SEED: usize = 4096;
+
+pub struct AgentService {
+    containers: Arc<Containers>,
+    oom: Mutex<mpsc::Receiver<String>>,
+}
+
+impl AgentService {
+    pub fn new(containers: Arc<Containers>, oom: mpsc::Receiver<String>) -> Self {
+        AgentService {
+            containers,
+            oom: Mutex::new(oom),
+        }
+    }
+}
+
+fn status(code: Code, msg: String) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+impl From<ContainerError> for ttrpc::Error {
+    fn from(e: ContainerError) -> Self {
+        use ContainerError::*;
+        let code = match &e {
+            InvalidId(_) | Spec(_) | ProcessJson(_) | BadSignal(_) => Code::INVALID_ARGUMENT,
+            Exists(_) | ExecExists(..) => Code::ALREADY_EXISTS,
+            NotFound(_) | ProcessNotFound(..) => Code::NOT_FOUND,
+            State(..) | NoTerminal(..) => Code::FAILED_PRECONDITION,
+            Storage(_) | Failed(_) | Io(..) => Code::INTERNAL,
+        };
+        log::info!("request failed: {e}");
+        status(code, e.to_string())
+    }
+}
+
+nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
+
+#[async_trait]
+impl Agent for AgentService {
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        log::info!("create container {}", req.container_id);
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let pid = self
+            .containers
+            .create(&req.container_id, &req.spec_json, &req.storages, &stdio)
+            .await?;
+        Ok(CreateContainerResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn start_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        log::info!("start container {}", req.container_id);
+        self.containers.start(&req.container_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        log::info!("exec {} in container {}", req.exec_id, req.container_id);
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let pid = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process_json, &stdio)
+            .await?;
+        Ok(ExecProcessResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        log::info!(
+            "signal {} to {}/{:?} (all: {})",
+            req.signal,
+            req.container_id,
+            req.exec_id,
+            req.all
+        );
+        if req.all && !req.exec_id.is_empty() {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "signal with all=true applies to the init process: exec_id must be empty".into(),
+            ));
+        }
+        self.containers
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let process = self
+            .containers
+            .process(&req.container_id, Some(&req.exec_id))?;
+        let st = process.wait().await?;
+        Ok(WaitProcessResponse {
+            exit_status: st.code,
+            signal: st.signal.unwrap_or(0) as u32,
+            core_dumped: st.core_dumped,
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        log::info!(
+            "remove container {} (force: {})",
+            req.container_id,
+            req.force
+        );
+        self.containers.remove(&req.container_id, req.force).await?;
+        Ok(Empty::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        self.containers.process(&req.container_id, None)?;
+        Ok(ListProcessesResponse {
+            pids: cgroup::pids(&req.container_id),
+            ..Default::default()
+        })
+    }
+
+    async fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.resume(&req.container_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn close_stdin(&self, _: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        let process = self
+            .containers
+            .process(&req.container_id, Some(&req.exec_id))?;
+        process.io.close_stdin();
+        Ok(Empty::new())
+    }
+
+    async fn resize_tty(&self, _: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
+        let process = self
+            .containers
+            .process(&req.container_id, Some(&req.exec_id))?;
+        let master = process.io.tty_master().ok_or_else(|| {
+            ContainerError::NoTerminal(req.exec_id.clone(), req.container_id.clone())
+        })?;
+        let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
+        set_winsize(master, clamp(req.rows), clamp(req.cols))
+            .map_err(|e| status(Code::INTERNAL, format!("resize tty: {e}")))?;
+        Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        self.containers.process(&req.container_id, None)?;
+        Ok(cgroup::stats(&req.container_id))
+    }
+
+    async fn state_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StateContainerResponse> {
+        let (st, pid) = self.containers.state(&req.container_id).await?;
+        let status = match st {
+            ContainerStatus::Creating | ContainerStatus::Created => Status::CREATED,
+            ContainerStatus::Running => Status::RUNNING,
+            ContainerStatus::Paused => Status::PAUSED,
+            ContainerStatus::Stopped => Status::STOPPED,
+        };
+        Ok(StateContainerResponse {
+            status: status.into(),
+            pid: if st == ContainerStatus::Stopped {
+                0
+            } else {
+                pid as u32
+            },
+            ..Default::default()
+        })
+    }
+
+    async fn get_oom_event(
+        &self,
+        _: &TtrpcContext,
+        _: GetOOMEventRequest,
+    ) -> ttrpc::Result<OOMEvent> {
+        let id = self.oom.lock().await.recv().await;
+        let id = id.ok_or_else(|| status(Code::UNAVAILABLE, "OOM watcher stopped".into()))?;
+        Ok(OOMEvent {
+            container_id: id,
+            ..Default::default()
+        })
+    }
+
+    async fn set_time(&self, _: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {
+        if req.nanos >= 1_000_000_000 {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("nanos {} out of range", req.nanos),
+            ));
+        }
+        let ts = nix::sys::time::TimeSpec::new(req.seconds, req.nanos as i64);
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+            .map_err(|e| status(Code::INTERNAL, format!("set clock: {e}")))?;
+        Ok(Empty::new())
+    }
+
+    async fn reseed_random(
+        &self,
+        _: &TtrpcContext,
+        req: ReseedRandomRequest,
+    ) -> ttrpc::Result<Empty> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let seed = &req.data[..req.data.len().min(MAX_SEED)];
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")
+            .map_err(|e| status(Code::INTERNAL, format!("open /dev/urandom: {e}")))?;
+        f.write_all(seed)
+            .map_err(|e| status(Code::INTERNAL, format!("write /dev/urandom: {e}")))?;
+        // SAFETY: RNDRESEEDCRNG takes no argument; it needs CAP_SYS_ADMIN and
+        // fails cleanly without it.
+        if let Err(e) = unsafe { rnd_reseed_crng(f.as_raw_fd()) } {
+            log::warn!("RNDRESEEDCRNG: {e}");
+        }
+        Ok(Empty::new())
+    }
+}

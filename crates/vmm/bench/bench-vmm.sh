@@ -3,7 +3,7 @@
 # the tiny test guest. Needs /dev/kvm, gcc and binutils. Prints which accelerator it ran on.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
-target=${CARGO_TARGET_DIR:-$here/../../target-vmm}
+target=${CARGO_TARGET_DIR:-$here/../../target}
 if ! [ -r /dev/kvm ] || ! [ -w /dev/kvm ]; then
     echo "bench-vmm: SKIPPED: /dev/kvm is not usable on this host" >&2
     exit 0

@@ -125,27 +125,7 @@ impl AgentClient {
     /// Connects to the agent. For `Serial`, waits (up to `timeout`) for the
     /// hypervisor to create the socket.
     pub async fn connect(endpoint: &AgentEndpoint, timeout: Duration) -> Result<Self> {
-        let stream = match endpoint {
-            AgentEndpoint::HybridVsock { uds } => {
-                let mut s =
-                    UnixStream::connect(uds)
-                        .await
-                        .map_err(|source| AgentError::Connect {
-                            path: uds.display().to_string(),
-                            source,
-                        })?;
-                tokio::time::timeout(timeout, hybrid_vsock::handshake(&mut s, AGENT_VSOCK_PORT))
-                    .await
-                    .map_err(|_| {
-                        hybrid_vsock::HandshakeError::Io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no reply to CONNECT within {timeout:?}"),
-                        ))
-                    })??;
-                s
-            }
-            AgentEndpoint::Serial { path } => connect_when_present(path, timeout).await?,
-        };
+        let stream = connect_socket(endpoint, AGENT_VSOCK_PORT, timeout).await?;
         let client = ttrpc::r#async::Client::new(Socket::new(stream));
         Ok(AgentClient {
             health: HealthClient::new(client),
@@ -209,6 +189,35 @@ impl AgentClient {
             )));
         }
         Ok(v)
+    }
+}
+
+/// Opens a stream to guest vsock `port` (hybrid vsock handshake bounded by
+/// `timeout`), or, for `Serial`, to the agent's virtio-serial socket.
+pub async fn connect_socket(
+    endpoint: &AgentEndpoint,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream> {
+    match endpoint {
+        AgentEndpoint::HybridVsock { uds } => {
+            let mut s = UnixStream::connect(uds)
+                .await
+                .map_err(|source| AgentError::Connect {
+                    path: uds.display().to_string(),
+                    source,
+                })?;
+            tokio::time::timeout(timeout, hybrid_vsock::handshake(&mut s, port))
+                .await
+                .map_err(|_| {
+                    hybrid_vsock::HandshakeError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no reply to CONNECT within {timeout:?}"),
+                    ))
+                })??;
+            Ok(s)
+        }
+        AgentEndpoint::Serial { path } => connect_when_present(path, timeout).await,
     }
 }
 

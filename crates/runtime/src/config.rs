@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use vessel_hypervisor::builtin::BuiltinConfig;
 use vessel_hypervisor::qemu::{Machine, QemuConfig};
 use vessel_hypervisor::{Accelerator, AgentChannel};
 
@@ -17,7 +18,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/vessel/config.toml";
 pub struct Config {
     /// Where sandboxes keep sockets and state. Default `/run/vessel`.
     pub state_root: PathBuf,
-    /// Hypervisor backend: `auto` (QEMU for now) or `qemu`.
+    /// Hypervisor backend: `auto` (QEMU; the built-in VMM is opt-in until it
+    /// has run the full suite on hardware KVM), `qemu` or `builtin`.
     pub hypervisor: String,
     /// Guest kernel (PVH `vmlinux`). Default `/usr/local/share/vessel/vmlinux`.
     pub guest_kernel: PathBuf,
@@ -29,6 +31,11 @@ pub struct Config {
     pub default_vcpus: u32,
     /// Memory of a sandbox VM in MiB when the spec sets no memory limit. Default 256.
     pub default_memory_mib: u32,
+    /// Added to a container's `linux.resources.memory.limit` to size its VM
+    /// (guest kernel, agent, page cache). Default 128.
+    pub memory_overhead_mib: u32,
+    /// Upper bound for vCPUs derived from a container's CPU quota. Default 8.
+    pub max_vcpus: u32,
     /// Seconds to wait for the agent after the VM started. Default 30 (TCG is slow).
     pub boot_timeout_secs: u64,
     /// Seconds a VM gets to stop before it is killed. Default 5.
@@ -36,6 +43,22 @@ pub struct Config {
     /// Extra guest kernel command-line words.
     pub kernel_args: Vec<String>,
     pub qemu: QemuSection,
+    pub builtin: BuiltinSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuiltinSection {
+    /// vessel-vmm binary. Default `/usr/local/bin/vessel-vmm`.
+    pub vmm_path: PathBuf,
+}
+
+impl Default for BuiltinSection {
+    fn default() -> Self {
+        BuiltinSection {
+            vmm_path: "/usr/local/bin/vessel-vmm".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -63,10 +86,13 @@ impl Default for Config {
             channel: "vsock".into(),
             default_vcpus: 1,
             default_memory_mib: 256,
+            memory_overhead_mib: 128,
+            max_vcpus: 8,
             boot_timeout_secs: 30,
             stop_grace_secs: 5,
             kernel_args: Vec::new(),
             qemu: QemuSection::default(),
+            builtin: BuiltinSection::default(),
         }
     }
 }
@@ -151,6 +177,14 @@ impl Config {
             other => Err(format!(
                 "qemu.accelerator = {other:?}: expected auto, kvm or tcg"
             )),
+        }
+    }
+
+    pub fn builtin_config(&self) -> BuiltinConfig {
+        BuiltinConfig {
+            vmm: self.builtin.vmm_path.clone(),
+            virtiofsd: self.qemu.virtiofsd_path.clone(),
+            require_hardware_kvm: true,
         }
     }
 

@@ -3,9 +3,11 @@
 //! - [`config`]: `/etc/vessel/config.toml`, every key with a documented default.
 //! - [`sandbox`]: one VM with its agent: boot, talk, stop, clean up.
 //! - [`agent`]: the host-side agent client (readiness, hybrid vsock, ttrpc).
+//! - [`container`]: OCI containers (one per sandbox), their supervisor and state.
 
 pub mod agent;
 pub mod config;
+pub mod container;
 pub mod sandbox;
 
 pub use config::Config;

@@ -1,0 +1,216 @@
+//! `create`: checks the bundle, claims the id, and launches the supervisor
+//! (a detached re-exec of the CLI) that boots the VM and creates the
+//! container. Every failure removes everything that was created.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::bundle::Bundle;
+use super::state::{now_rfc3339, process_start_time};
+use super::{container_dir, hooks, share, ContainerError, ContainerLock, Result, State, Status};
+use crate::Config;
+
+/// Fd number at which a supervisor finds its readiness pipe.
+pub const SYNC_FD: i32 = 3;
+
+pub struct CreateOptions {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    /// The supervisor command (`vessel ... supervise ...`), without the fd.
+    pub supervisor: Command,
+}
+
+/// Creates the container; returns the supervisor's pid.
+pub fn create(config: &Config, mut opts: CreateOptions) -> Result<u32> {
+    let dir = container_dir(&config.state_root, &opts.id)?;
+    let bundle = Bundle::load(&opts.bundle)?;
+    if bundle.spec.get("process").is_none() {
+        return Err(ContainerError::BadBundle {
+            bundle: opts.bundle.display().to_string(),
+            reason: "config.json has no process".into(),
+        });
+    }
+    if config.channel != "vsock" {
+        return Err(ContainerError::NeedsVsock { id: opts.id });
+    }
+    if bundle.terminal() && opts.console_socket.is_none() {
+        return Err(ContainerError::Console(
+            "process.terminal is set: pass --console-socket (as with runc)".into(),
+        ));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&config.state_root)
+        .map_err(|e| ContainerError::io(&config.state_root, e))?;
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(ContainerError::Exists(opts.id))
+        }
+        Err(e) => return Err(ContainerError::io(&dir, e)),
+    }
+    let res = create_in(&mut opts, &bundle, &dir);
+    if res.is_err() {
+        undo(&dir);
+    }
+    res
+}
+
+fn undo(dir: &Path) {
+    let (vm_root, vm_id) = super::vm_location(dir);
+    if !vm_root.starts_with(dir) {
+        let _ = std::fs::remove_dir_all(vm_root.join(vm_id));
+    }
+    if let Err(e) = share::remove_container_dir(dir) {
+        log::error!("cleanup of {}: {e}", dir.display());
+    }
+}
+
+fn create_in(opts: &mut CreateOptions, bundle: &Bundle, dir: &Path) -> Result<u32> {
+    let _lock = ContainerLock::acquire(dir, &opts.id)?;
+    let (vm_root, vm_id) = super::vm_location(dir);
+    let mut state = State {
+        id: opts.id.clone(),
+        bundle: bundle.dir.clone(),
+        rootfs: bundle.rootfs.clone(),
+        status: Status::Creating,
+        pid: 0,
+        pid_start_time: 0,
+        guest_pid: 0,
+        created: now_rfc3339(),
+        annotations: bundle.annotations(),
+        exit_status: None,
+        vm_dir: vm_root.join(vm_id),
+        vm_root,
+        execs: Vec::new(),
+    };
+    state.save(dir)?;
+    let stdio = !bundle.terminal();
+    let (mut child, reply) = spawn_supervisor(&mut opts.supervisor, stdio)?;
+    let guest_pid = match parse_reply(&reply) {
+        Ok(pid) => pid,
+        Err(msg) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ContainerError::Supervisor(msg));
+        }
+    };
+    state.pid = child.id();
+    state.pid_start_time = process_start_time(state.pid).unwrap_or(0);
+    state.guest_pid = guest_pid;
+    state.status = Status::Created;
+    state.save(dir)?;
+    let oci = state.oci();
+    for kind in ["prestart", "createRuntime", "createContainer"] {
+        if let Err(e) = hooks::run(&bundle.spec, kind, &oci) {
+            kill_and_reap(&mut child, dir);
+            return Err(e);
+        }
+    }
+    if let Some(p) = &opts.pid_file {
+        if let Err(e) = write_pid_file(p, state.pid) {
+            kill_and_reap(&mut child, dir);
+            return Err(e);
+        }
+    }
+    Ok(state.pid)
+}
+
+fn kill_and_reap(child: &mut Child, dir: &Path) {
+    let _ = super::supervisor::request(
+        dir,
+        &super::supervisor::Request::SHUTDOWN,
+        std::time::Duration::from_secs(5),
+    );
+    let _ = child.wait();
+}
+
+/// Writes `pid` to `path` atomically, as runc does.
+pub fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
+    let tmp = path.with_extension("vessel-tmp");
+    std::fs::write(&tmp, pid.to_string()).map_err(|e| ContainerError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ContainerError::io(path, e))
+}
+
+fn parse_reply(reply: &str) -> std::result::Result<u32, String> {
+    let line = reply.lines().next().unwrap_or_default();
+    if let Some(pid) = line.strip_prefix("OK ") {
+        return pid
+            .parse()
+            .map_err(|_| format!("bad readiness line {line:?}"));
+    }
+    if let Some(msg) = line.strip_prefix("ERR ") {
+        return Err(msg.to_string());
+    }
+    Err("the supervisor exited before the container was created (see the log)".into())
+}
+
+/// Starts `cmd` in its own session with the write end of a pipe at fd
+/// [`SYNC_FD`]; waits for its readiness line (or EOF). With `inherit_stdio`
+/// the caller's fds 0-2 are passed on; else /dev/null.
+pub fn spawn_supervisor(cmd: &mut Command, inherit_stdio: bool) -> Result<(Child, String)> {
+    let (rd, wr): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ContainerError::Supervisor(e.to_string()))?;
+    let w = wr.as_raw_fd();
+    if !inherit_stdio {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    }
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only async-signal-safe functions (setsid, dup2, fcntl) on plain ints.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = if w == SYNC_FD {
+                libc::fcntl(w, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(w, SYNC_FD)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| ContainerError::Supervisor(format!("cannot start: {e}")))?;
+    drop(wr);
+    let mut reply = String::new();
+    let _ = std::fs::File::from(rd)
+        .take(64 * 1024)
+        .read_to_string(&mut reply);
+    Ok((child, reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_replies() {
+        assert_eq!(parse_reply("OK 42\n"), Ok(42));
+        assert_eq!(parse_reply("ERR boom\n"), Err("boom".into()));
+        assert!(parse_reply("").unwrap_err().contains("exited"));
+        assert!(parse_reply("OK x\n").is_err());
+    }
+
+    #[test]
+    fn sync_pipe_reaches_child() {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "echo 'OK 7' >&3"]);
+        let (mut child, reply) = spawn_supervisor(&mut cmd, false).unwrap();
+        assert_eq!(parse_reply(&reply), Ok(7));
+        assert!(child.wait().unwrap().success());
+    }
+}

@@ -1,0 +1,239 @@
+//! Containers: one per sandbox VM, driven through the runc-compatible CLI.
+//!
+//! Layout of `<root>/<id>/`: `state.json` (written under `lock` by the CLI),
+//! `exit` (written once by the supervisor when init exits), `lock`,
+//! `supervisor.sock`, `shared/` (virtio-fs staging, see [`share`]) and, when
+//! the path is short enough for Unix sockets, `vm/` (the sandbox run dir).
+//!
+//! - [`status`]: the state machine; [`state`]: state.json; [`lock`]: flock.
+//! - [`bundle`]: config.json checks and VM sizing; [`share`]: rootfs sharing.
+//! - [`client`]: the agent's container service; [`stdio`], [`console`]: relays.
+//! - [`supervisor`]: the per-container process that owns the VM;
+//!   [`create`]: launches it; [`ops`]: the other OCI operations; [`hooks`].
+
+pub mod bundle;
+pub mod client;
+pub mod console;
+pub mod create;
+pub mod hooks;
+pub mod lock;
+pub mod ops;
+pub mod share;
+pub mod state;
+pub mod status;
+pub mod stdio;
+pub mod supervisor;
+
+use std::path::{Path, PathBuf};
+
+pub use bundle::Bundle;
+pub use client::ContainerClient;
+pub use lock::ContainerLock;
+pub use state::State;
+pub use status::Status;
+
+/// Container errors.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ContainerError {
+    /// container {0} does not exist
+    NotFound(String),
+    /// container {0} already exists
+    Exists(String),
+    /// invalid container id {0:?}: use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit
+    InvalidId(String),
+    /// bad bundle {bundle}: {reason}
+    BadBundle { bundle: String, reason: String },
+    /// container {id} is {status}: cannot {op}
+    WrongState {
+        id: String,
+        status: Status,
+        op: &'static str,
+    },
+    /// state file {path} is corrupt: {reason}
+    BadState { path: String, reason: String },
+    /// {path}: {source}
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// {what} {path}: {source}
+    Mount {
+        what: String,
+        path: String,
+        source: nix::Error,
+    },
+    /// {0} is still mounted; refusing to remove it
+    StillMounted(String),
+    /// agent: {0}
+    Agent(#[from] crate::agent::AgentError),
+    /// agent RPC {rpc} failed: {source}
+    Rpc {
+        rpc: &'static str,
+        source: ttrpc::Error,
+    },
+    /// agent reply to {rpc} is invalid: {reason}
+    BadReply { rpc: &'static str, reason: String },
+    /// {what}: {reason}
+    Stdio { what: String, reason: String },
+    /// console: {0}
+    Console(String),
+    /// sandbox: {0}
+    Sandbox(Box<crate::Error>),
+    /// supervisor: {0}
+    Supervisor(String),
+    /// hook {path}: {reason}
+    Hook { path: String, reason: String },
+    /// container {id} does not run on the vsock channel; set channel = "vsock"
+    NeedsVsock { id: String },
+}
+
+impl ContainerError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        ContainerError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+impl From<crate::Error> for ContainerError {
+    fn from(e: crate::Error) -> Self {
+        ContainerError::Sandbox(Box::new(e))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ContainerError>;
+
+/// Name of the file holding init's exit status.
+pub const EXIT_FILE: &str = "exit";
+/// Name of the supervisor's control socket.
+pub const CONTROL_SOCKET: &str = "supervisor.sock";
+
+/// Checks a container id (it becomes a directory and a guest id).
+pub fn validate_id(id: &str) -> Result<()> {
+    let b = id.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ContainerError::InvalidId(id.to_string()))
+    }
+}
+
+/// `<root>/<id>`, after checking the id.
+pub fn container_dir(root: &Path, id: &str) -> Result<PathBuf> {
+    validate_id(id)?;
+    Ok(root.join(id))
+}
+
+/// Where the sandbox of `dir` keeps its run directory: `(state_root, vm id)`
+/// for [`crate::Sandbox::boot`]. `<dir>/vm` when its sockets fit in
+/// `sun_path`, else a short hashed directory under /run/vessel-vm.
+pub fn vm_location(dir: &Path) -> (PathBuf, String) {
+    // Longest socket below the run dir: "/vsock.sock_1025" plus virtiofsd's.
+    if dir.join("vm/virtiofsd-0.sock.pid").as_os_str().len() <= 100 {
+        return (dir.to_path_buf(), "vm".into());
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    (
+        PathBuf::from("/run/vessel-vm"),
+        format!("{:016x}", h.finish()),
+    )
+}
+
+/// Reads init's exit status recorded by the supervisor, if any.
+pub fn read_exit(dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(dir.join(EXIT_FILE)).ok()?;
+    text.trim().parse().ok()
+}
+
+/// An existing container, locked for the duration of one operation.
+pub struct Container {
+    pub dir: PathBuf,
+    pub state: State,
+    _lock: ContainerLock,
+}
+
+impl Container {
+    /// Locks and loads container `id` under `root`.
+    pub fn open(root: &Path, id: &str) -> Result<Container> {
+        let dir = container_dir(root, id)?;
+        if !dir.is_dir() {
+            return Err(ContainerError::NotFound(id.to_string()));
+        }
+        let lock = ContainerLock::acquire(&dir, id)?;
+        let mut state = State::load(&dir, id)?;
+        if state.exit_status.is_none() {
+            state.exit_status = read_exit(&dir);
+        }
+        Ok(Container {
+            dir,
+            state,
+            _lock: lock,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.state.id
+    }
+
+    pub fn status(&self) -> Status {
+        self.state.refreshed_status()
+    }
+
+    /// Fails with `WrongState` unless `ok(status)`.
+    pub fn require(&self, op: &'static str, ok: fn(Status) -> bool) -> Result<()> {
+        let status = self.status();
+        if ok(status) {
+            Ok(())
+        } else {
+            Err(ContainerError::WrongState {
+                id: self.id().to_string(),
+                status,
+                op,
+            })
+        }
+    }
+
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.state.vm_dir.join("vsock.sock")
+    }
+
+    pub async fn client(&self) -> Result<ContainerClient> {
+        ContainerClient::connect(&self.vsock_uds()).await
+    }
+
+    pub fn save(&self) -> Result<()> {
+        self.state.save(&self.dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_vm_location() {
+        for ok in ["a", "abc-1_2.3", &"x".repeat(64)] {
+            validate_id(ok).unwrap();
+        }
+        for bad in ["", ".a", "-a", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        let (root, id) = vm_location(Path::new("/run/vessel/c1"));
+        assert_eq!(
+            (root.as_path(), id.as_str()),
+            (Path::new("/run/vessel/c1"), "vm")
+        );
+        let long = PathBuf::from("/run/containerd/runc/default").join("y".repeat(64));
+        let (root, id) = vm_location(&long);
+        assert_eq!(root, Path::new("/run/vessel-vm"));
+        assert_eq!(id.len(), 16);
+    }
+}

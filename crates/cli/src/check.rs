@@ -47,19 +47,40 @@ pub fn run(
     r.line("config", config_path.display());
     let (kvm, why) = detect_kvm();
     r.line("KVM", format!("{kvm} ({why})"));
-    let backend = args
-        .hypervisor
-        .as_deref()
-        .unwrap_or(config.hypervisor.as_str());
-    match backend {
-        "auto" | "qemu" => {}
-        "builtin" => return check_builtin(kvm, &mut r),
-        other => anyhow::bail!("unknown hypervisor {other:?}: expected auto, qemu or builtin"),
+    let mut config = config.clone();
+    if let Some(h) = args.hypervisor {
+        anyhow::ensure!(
+            matches!(h.as_str(), "auto" | "qemu" | "builtin"),
+            "unknown hypervisor {h:?}: expected auto, qemu or builtin"
+        );
+        config.hypervisor = h;
     }
-    let accel = config
-        .qemu_config()
-        .accelerator
-        .unwrap_or_else(|| pick_accelerator(kvm));
+    let config = &config;
+    if config.hypervisor == "builtin" {
+        if kvm != KvmKind::Hardware {
+            return Ok(builtin_unavailable(kvm));
+        }
+        let vmm = &config.builtin.vmm_path;
+        if vmm.is_file() {
+            r.line("vessel-vmm", vmm.display());
+        } else {
+            r.problem(
+                "vessel-vmm",
+                vmm.display(),
+                format!(
+                    "vessel-vmm not found at {}: run 'make install'",
+                    vmm.display()
+                ),
+            );
+        }
+    }
+    let accel = match config.hypervisor.as_str() {
+        "builtin" => vessel_hypervisor::Accelerator::Kvm,
+        _ => config
+            .qemu_config()
+            .accelerator
+            .unwrap_or_else(|| pick_accelerator(kvm)),
+    };
     r.line("accelerator", match (accel, kvm) {
         (vessel_hypervisor::Accelerator::Kvm, _) => "kvm (hardware virtualization)".to_string(),
         (_, KvmKind::Pvm) => "tcg (software emulation: this host's KVM is kvm_pvm, which cannot run guest Linux user space)".to_string(),
@@ -161,7 +182,12 @@ pub fn run(
         }
         return Ok(ExitCode::FAILURE);
     }
-    println!("result:          ok: sandboxes run with QEMU ({accel})");
+    let backend = if config.hypervisor == "builtin" {
+        "the built-in VMM"
+    } else {
+        "QEMU"
+    };
+    println!("result:          ok: sandboxes run with {backend} ({accel})");
     if args.boot {
         rt.block_on(boot(config, started))?;
     }
@@ -194,20 +220,16 @@ async fn boot(config: &Config, started: Instant) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_builtin(kvm: KvmKind, r: &mut Report) -> anyhow::Result<ExitCode> {
-    match kvm {
-        KvmKind::Hardware => {
-            r.line("builtin VMM", "hardware KVM present");
-            println!("result:          the built-in VMM is not yet selectable as the runtime's hypervisor; use hypervisor = \"qemu\"");
-        }
-        KvmKind::Pvm => println!(
-            "result:          the built-in VMM needs hardware KVM: this host's KVM is kvm_pvm (software), which cannot run guest Linux user space. Fallback: hypervisor = \"qemu\" (QEMU with TCG)."
-        ),
-        KvmKind::None => println!(
-            "result:          the built-in VMM needs /dev/kvm with hardware KVM, which this host lacks. Fallback: hypervisor = \"qemu\" (QEMU with TCG)."
-        ),
-    }
-    Ok(ExitCode::FAILURE)
+fn builtin_unavailable(kvm: KvmKind) -> ExitCode {
+    let why = match kvm {
+        KvmKind::Pvm => "this host's KVM is kvm_pvm (software virtualization), which runs the guest kernel only through an emulator and cannot run guest Linux user space, so the agent cannot start",
+        _ => "this host has no hardware KVM (/dev/kvm with kvm_intel or kvm_amd)",
+    };
+    println!("result:          the built-in VMM cannot run sandboxes here: {why}.");
+    println!(
+        "                 Fallback: hypervisor = \"qemu\" (QEMU with TCG software emulation)."
+    );
+    ExitCode::FAILURE
 }
 
 fn cgroup_layout() -> String {

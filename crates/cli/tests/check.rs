@@ -10,7 +10,8 @@ fn vessel(config: &Path, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -32,7 +33,10 @@ fn missing_guest_kernel_and_initramfs_fail_with_reason() {
     );
     let (ok, out) = vessel(&cfg, &["check"]);
     assert!(!ok, "{out}");
-    assert!(out.contains("guest kernel not found at") && out.contains("nope-vmlinux"), "{out}");
+    assert!(
+        out.contains("guest kernel not found at") && out.contains("nope-vmlinux"),
+        "{out}"
+    );
     assert!(out.contains("guest initramfs not found at"), "{out}");
     assert!(out.contains("this host cannot run sandboxes"), "{out}");
 }
@@ -40,10 +44,19 @@ fn missing_guest_kernel_and_initramfs_fail_with_reason() {
 #[test]
 fn missing_qemu_fails_with_reason() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = write_config(d.path(), &format!("channel = \"serial\"\n[qemu]\npath = \"{}/no-qemu\"\n", d.path().display()));
+    let cfg = write_config(
+        d.path(),
+        &format!(
+            "channel = \"serial\"\n[qemu]\npath = \"{}/no-qemu\"\n",
+            d.path().display()
+        ),
+    );
     let (ok, out) = vessel(&cfg, &["check"]);
     assert!(!ok);
-    assert!(out.contains("QEMU not found at") && out.contains("apt-get install qemu-system-x86"), "{out}");
+    assert!(
+        out.contains("QEMU not found at") && out.contains("apt-get install qemu-system-x86"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -51,7 +64,10 @@ fn unwritable_state_root_fails_with_reason() {
     let d = tempfile::tempdir().unwrap();
     let file = d.path().join("file");
     std::fs::write(&file, b"").unwrap();
-    let cfg = write_config(d.path(), &format!("state_root = \"{}/sub\"\n", file.display()));
+    let cfg = write_config(
+        d.path(),
+        &format!("state_root = \"{}/sub\"\n", file.display()),
+    );
     let (ok, out) = vessel(&cfg, &["check"]);
     assert!(!ok);
     assert!(out.contains("state root not writable"), "{out}");
@@ -73,7 +89,9 @@ fn bad_config_fails_with_reason() {
 fn builtin_hypervisor_check_names_the_fallback_without_hardware_kvm() {
     let (kvm, _) = vessel_hypervisor::host::detect_kvm();
     if kvm == vessel_hypervisor::KvmKind::Hardware {
-        eprintln!("SKIPPED: this host has hardware KVM; the fallback message is for hosts without it");
+        eprintln!(
+            "SKIPPED: this host has hardware KVM; the fallback message is for hosts without it"
+        );
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -89,5 +107,8 @@ fn env_prints_effective_config() {
     let cfg = write_config(d.path(), "default_memory_mib = 512\n");
     let (ok, out) = vessel(&cfg, &["env"]);
     assert!(ok, "{out}");
-    assert!(out.contains("default_memory_mib = 512") && out.contains("[qemu]"), "{out}");
+    assert!(
+        out.contains("default_memory_mib = 512") && out.contains("[qemu]"),
+        "{out}"
+    );
 }

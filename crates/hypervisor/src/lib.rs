@@ -3,13 +3,16 @@
 //! A [`Hypervisor`] launches a [`Vm`] from a [`VmConfig`]; the runtime sees only
 //! `dyn Hypervisor` / `dyn Vm`. This crate is the only place that knows a
 //! hypervisor's command line or API. Backends: [`qemu`] (KVM when the host has
-//! hardware KVM, TCG otherwise).
+//! hardware KVM, TCG otherwise) and [`builtin`] (`vessel-vmm`, hardware KVM).
 
+pub mod builtin;
 pub mod host;
 mod process;
+mod process_vm;
+pub mod qemu;
+mod virtiofs;
 
 pub use process::log_tail;
-pub mod qemu;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -185,4 +188,110 @@ pub trait Vm: Send + Sync {
     async fn resume(&self) -> Result<()>;
     /// Asks the hypervisor to stop, kills it after `grace`, stops helpers.
     async fn stop(&self, grace: Duration) -> Result<VmExit>;
+}
+
+/// Checks what every backend needs before starting anything.
+pub(crate) fn check_vm_config(cfg: &VmConfig) -> Result<()> {
+    for (path, what) in [
+        (&cfg.kernel, "guest kernel"),
+        (&cfg.initramfs, "guest initramfs"),
+    ] {
+        if !path.is_file() {
+            return Err(Error::NotFound {
+                what,
+                path: path.clone(),
+                hint: "run 'make guest' or set guest_kernel/guest_initramfs in /etc/vessel/config.toml",
+            });
+        }
+    }
+    if cfg.memory_mib < 64 || cfg.vcpus == 0 {
+        return Err(Error::InvalidConfig(format!(
+            "need at least 64 MiB and 1 vCPU (got {} MiB, {} vCPUs)",
+            cfg.memory_mib, cfg.vcpus
+        )));
+    }
+    Ok(())
+}
+
+/// The guest kernel command line: words every backend uses, the backend's
+/// own (how a guest reboot ends the VM), the agent channel, then the
+/// configuration's extra words.
+pub(crate) fn guest_cmdline(cfg: &VmConfig, backend_words: &[&str]) -> String {
+    let mut words: Vec<String> = [
+        "console=ttyS0",
+        "panic=-1",
+        "quiet",
+        "cryptomgr.notests",
+        "no_timer_check",
+    ]
+    .iter()
+    .chain(["rcupdate.rcu_expedited=1", "pci=lastbus=0"].iter())
+    .chain(backend_words.iter())
+    .map(|w| w.to_string())
+    .collect();
+    words.push(format!("vessel.channel={}", cfg.channel));
+    words.extend(cfg.kernel_args.iter().cloned());
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_names_channel_and_extra_args_last() {
+        let cfg = VmConfig {
+            id: "a".into(),
+            run_dir: "/r".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            kernel_args: vec!["vessel.debug".into()],
+            vcpus: 1,
+            memory_mib: 128,
+            channel: AgentChannel::Serial,
+            vsock_uds: "/r/v".into(),
+            console_log: "/r/c".into(),
+            shared_dirs: vec![],
+        };
+        let k = guest_cmdline(&cfg, &["reboot=t"]);
+        assert!(k.starts_with("console=ttyS0 panic=-1"), "{k}");
+        assert!(k.contains(" reboot=t "), "{k}");
+        assert!(k.ends_with("vessel.channel=serial vessel.debug"), "{k}");
+    }
+
+    #[test]
+    fn launch_needs_kernel_initramfs_and_sane_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        let i = dir.path().join("initramfs");
+        let mut cfg = VmConfig {
+            id: "a".into(),
+            run_dir: dir.path().into(),
+            kernel: k.clone(),
+            initramfs: i.clone(),
+            kernel_args: vec![],
+            vcpus: 1,
+            memory_mib: 128,
+            channel: AgentChannel::Vsock,
+            vsock_uds: dir.path().join("v"),
+            console_log: dir.path().join("c"),
+            shared_dirs: vec![],
+        };
+        assert!(check_vm_config(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("guest kernel not found"));
+        std::fs::write(&k, b"").unwrap();
+        assert!(check_vm_config(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("guest initramfs not found"));
+        std::fs::write(&i, b"").unwrap();
+        check_vm_config(&cfg).unwrap();
+        cfg.memory_mib = 16;
+        assert!(matches!(
+            check_vm_config(&cfg),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
 }

@@ -97,6 +97,13 @@ pub async fn terminate(child: &mut Child, grace: Duration) -> std::process::Exit
     }
 }
 
+/// Stops every helper (SIGTERM, then SIGKILL after a short grace).
+pub async fn terminate_all(children: &mut [Child]) {
+    for c in children {
+        terminate(c, Duration::from_secs(2)).await;
+    }
+}
+
 /// The last `lines` lines of a log file (at most 16 KiB read), for error messages.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let Ok(mut f) = File::open(path) else {

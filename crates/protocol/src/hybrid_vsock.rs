@@ -104,7 +104,10 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
-        assert!(matches!(parse_reply(&[b'1'; 64]), Err(HandshakeError::TooLong)));
+        assert!(matches!(
+            parse_reply(&[b'1'; 64]),
+            Err(HandshakeError::TooLong)
+        ));
     }
 
     #[test]
@@ -138,7 +141,10 @@ mod tests {
             vmm.write_all(&[b'O'; 1000]).await.unwrap();
             vmm
         });
-        assert!(matches!(handshake(&mut host, 5).await, Err(HandshakeError::TooLong)));
+        assert!(matches!(
+            handshake(&mut host, 5).await,
+            Err(HandshakeError::TooLong)
+        ));
     }
 
     #[tokio::test]
@@ -149,6 +155,9 @@ mod tests {
             vmm.read_exact(&mut req).await.unwrap();
             vmm.write_all(b"OK").await.unwrap();
         });
-        assert!(matches!(handshake(&mut host, 5).await, Err(HandshakeError::Closed(2))));
+        assert!(matches!(
+            handshake(&mut host, 5).await,
+            Err(HandshakeError::Closed(2))
+        ));
     }
 }

@@ -4,6 +4,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vessel_hypervisor::builtin::Builtin;
 use vessel_hypervisor::qemu::Qemu;
 use vessel_hypervisor::{log_tail, AgentChannel, Hypervisor, SharedDir, Vm, VmConfig, VmExit};
 use vessel_protocol::health::VersionResponse;
@@ -59,8 +60,11 @@ pub fn validate_id(id: &str) -> Result<()> {
 
 /// The hypervisor backend named by the configuration.
 pub fn hypervisor(config: &Config) -> Result<Box<dyn Hypervisor>> {
-    // validate() allows only "auto" and "qemu" for now; both mean QEMU.
-    Ok(Box::new(Qemu::new(config.qemu_config())?))
+    match config.hypervisor.as_str() {
+        "builtin" => Ok(Box::new(Builtin::new(config.builtin_config())?)),
+        // validate() allows only auto, qemu and builtin.
+        _ => Ok(Box::new(Qemu::new(config.qemu_config())?)),
+    }
 }
 
 /// Creates `dir` (mode 0700), with the state root (0711) above it.

@@ -31,35 +31,6 @@ impl Paths {
             agent_serial: run_dir.join("agent.sock"),
         }
     }
-
-    /// vhost-user socket of virtiofsd for shared directory `index`.
-    pub fn virtiofs(run_dir: &Path, index: usize) -> PathBuf {
-        run_dir.join(format!("fs{index}.sock"))
-    }
-}
-
-/// Kernel command line shared by every backend's guest. `reboot=t` with
-/// `-no-reboot` makes a guest reboot (the agent's way to end the VM) and a
-/// panic (`panic=-1`) end the QEMU process.
-pub fn kernel_cmdline(cfg: &VmConfig) -> String {
-    let mut words = vec![
-        "console=ttyS0",
-        "reboot=t",
-        "panic=-1",
-        "quiet",
-        "cryptomgr.notests",
-        "no_timer_check",
-        "rcupdate.rcu_expedited=1",
-        "pci=lastbus=0",
-    ];
-    let channel = format!("vessel.channel={}", cfg.channel);
-    words.push(&channel);
-    let mut s = words.join(" ");
-    for w in &cfg.kernel_args {
-        s.push(' ');
-        s.push_str(w);
-    }
-    s
 }
 
 pub fn args(cfg: &VmConfig, accel: Accelerator, machine: Machine, paths: &Paths) -> Vec<String> {
@@ -105,7 +76,9 @@ pub fn args(cfg: &VmConfig, accel: Accelerator, machine: Machine, paths: &Paths)
         "-initrd",
         &cfg.initramfs.to_string_lossy(),
     ]);
-    push(&["-append", &kernel_cmdline(cfg)]);
+    // `reboot=t` with `-no-reboot`: a guest reboot (the agent's way to end
+    // the VM) or panic ends the QEMU process.
+    push(&["-append", &crate::guest_cmdline(cfg, &["reboot=t"])]);
     push(&[
         "-chardev",
         &format!("file,id=console,path={}", cfg.console_log.display()),
@@ -159,7 +132,7 @@ pub fn args(cfg: &VmConfig, accel: Accelerator, machine: Machine, paths: &Paths)
     }
     push(&["-device", &dev("virtio-rng-pci", "virtio-rng-device")]);
     for (i, share) in cfg.shared_dirs.iter().enumerate() {
-        let sock = Paths::virtiofs(&cfg.run_dir, i);
+        let sock = crate::virtiofs::socket(&cfg.run_dir, i);
         push(&[
             "-chardev",
             &format!("socket,id=fs{i},path={}", sock.display()),
@@ -241,13 +214,5 @@ mod tests {
         assert!(a.contains("virtio-serial-device,id=vser0"));
         assert!(a.contains("name=vessel.agent"));
         assert!(a.contains("vhost-user-fs-device"));
-    }
-
-    #[test]
-    fn cmdline_names_channel_and_extra_args_last() {
-        let c = cfg(AgentChannel::Serial);
-        let k = kernel_cmdline(&c);
-        assert!(k.starts_with("console=ttyS0 reboot=t panic=-1"));
-        assert!(k.ends_with("vessel.channel=serial vessel.debug"), "{k}");
     }
 }

@@ -1,0 +1,181 @@
+//! Built-in backend: `vessel-vmm`, our rust-vmm based VMM (crates/vmm).
+//!
+//! Needs hardware KVM to run Linux user space (and so the agent). On a host
+//! whose KVM is kvm_pvm the guest kernel boots but user space cannot run, so
+//! [`Builtin::new`] refuses unless told otherwise (tests of process handling).
+
+pub(crate) mod api;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+
+use crate::host::{detect_kvm, KvmKind};
+use crate::process::spawn;
+use crate::process_vm::{Control, ProcessVm};
+use crate::{
+    Accelerator, AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Result, Vm, VmConfig,
+};
+
+/// Built-in backend settings.
+#[derive(Debug, Clone)]
+pub struct BuiltinConfig {
+    /// `vessel-vmm` binary.
+    pub vmm: PathBuf,
+    /// `virtiofsd` binary, needed for shared directories.
+    pub virtiofsd: PathBuf,
+    /// Refuse hosts without hardware KVM (the default; off only in tests).
+    pub require_hardware_kvm: bool,
+}
+
+pub struct Builtin {
+    config: BuiltinConfig,
+}
+
+impl Builtin {
+    pub fn new(config: BuiltinConfig) -> Result<Self> {
+        if !config.vmm.is_file() {
+            return Err(Error::NotFound {
+                what: "vessel-vmm",
+                path: config.vmm.clone(),
+                hint: "run 'make install' or set builtin.vmm_path in /etc/vessel/config.toml",
+            });
+        }
+        let (kvm, why) = detect_kvm();
+        if config.require_hardware_kvm && kvm != KvmKind::Hardware {
+            return Err(Error::InvalidConfig(format!(
+                "the built-in VMM needs hardware KVM to run the guest's user space; this host's KVM is {kvm} ({why}). Use hypervisor = \"qemu\" (QEMU with TCG)"
+            )));
+        }
+        Ok(Builtin { config })
+    }
+
+    fn args(cfg: &VmConfig, api_sock: &std::path::Path) -> Vec<String> {
+        let mut a = vec![
+            "--kernel".to_string(),
+            cfg.kernel.display().to_string(),
+            "--initramfs".into(),
+            cfg.initramfs.display().to_string(),
+            // `reboot=k`: the agent's reboot resets through the i8042, which ends vessel-vmm.
+            "--cmdline".into(),
+            crate::guest_cmdline(cfg, &["reboot=k"]),
+            "--mem-mib".into(),
+            cfg.memory_mib.to_string(),
+            "--vcpus".into(),
+            cfg.vcpus.to_string(),
+            "--serial-log".into(),
+            cfg.console_log.display().to_string(),
+            "--api-sock".into(),
+            api_sock.display().to_string(),
+            "--vsock-uds".into(),
+            cfg.vsock_uds.display().to_string(),
+            "--vsock-cid".into(),
+            "3".into(),
+            "--rng".into(),
+        ];
+        for (i, share) in cfg.shared_dirs.iter().enumerate() {
+            a.push("--fs".into());
+            a.push(format!(
+                "{},tag={}",
+                crate::virtiofs::socket(&cfg.run_dir, i).display(),
+                share.tag
+            ));
+        }
+        a
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Builtin {
+    fn name(&self) -> &'static str {
+        "builtin"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            accelerator: Accelerator::Kvm,
+            channels: vec![AgentChannel::Vsock],
+            pause_resume: true,
+            shared_dirs: self.config.virtiofsd.is_file(),
+        }
+    }
+
+    async fn launch(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
+        crate::check_vm_config(cfg)?;
+        if cfg.channel != AgentChannel::Vsock {
+            return Err(Error::Unsupported {
+                backend: "builtin",
+                operation: "virtio-serial agent channel (use vsock)",
+            });
+        }
+        let mut helpers = Vec::new();
+        if let Err(e) = crate::virtiofs::start(&self.config.virtiofsd, cfg, &mut helpers).await {
+            crate::process::terminate_all(&mut helpers).await;
+            return Err(e);
+        }
+        let api_sock = cfg.run_dir.join("vmm-api.sock");
+        let mut cmd = Command::new(&self.config.vmm);
+        cmd.args(Self::args(cfg, &api_sock));
+        let child = match spawn("vessel-vmm", cmd, &cfg.run_dir.join("vmm.log")) {
+            Ok(c) => c,
+            Err(e) => {
+                crate::process::terminate_all(&mut helpers).await;
+                return Err(e);
+            }
+        };
+        Ok(Box::new(ProcessVm::watch(
+            child,
+            helpers,
+            Accelerator::Kvm,
+            AgentEndpoint::HybridVsock {
+                uds: cfg.vsock_uds.clone(),
+            },
+            Control::VmmApi(api_sock),
+            &cfg.run_dir,
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SharedDir;
+
+    #[test]
+    fn command_line() {
+        let cfg = VmConfig {
+            id: "a".into(),
+            run_dir: "/r/a".into(),
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/i.cpio.gz".into(),
+            kernel_args: vec![],
+            vcpus: 2,
+            memory_mib: 256,
+            channel: AgentChannel::Vsock,
+            vsock_uds: "/r/a/vsock.sock".into(),
+            console_log: "/r/a/console.log".into(),
+            shared_dirs: vec![SharedDir {
+                tag: "rootfs".into(),
+                host_path: "/b".into(),
+                read_only: false,
+            }],
+        };
+        let a = Builtin::args(&cfg, std::path::Path::new("/r/a/vmm-api.sock")).join(" ");
+        assert!(
+            a.contains("--kernel /k/vmlinux --initramfs /k/i.cpio.gz"),
+            "{a}"
+        );
+        assert!(
+            a.contains("reboot=k") && a.contains("vessel.channel=vsock"),
+            "{a}"
+        );
+        assert!(a.contains("--mem-mib 256 --vcpus 2"), "{a}");
+        assert!(
+            a.contains("--vsock-uds /r/a/vsock.sock --vsock-cid 3"),
+            "{a}"
+        );
+        assert!(a.contains("--fs /r/a/fs0.sock,tag=rootfs"), "{a}");
+        assert!(a.contains("--api-sock /r/a/vmm-api.sock"), "{a}");
+    }
+}

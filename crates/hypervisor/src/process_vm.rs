@@ -1,0 +1,170 @@
+//! A VM that is a host process (the hypervisor) plus helper processes.
+//!
+//! A background task owns the processes: it waits for the hypervisor, then
+//! stops the helpers and publishes the exit status. Backends differ only in how
+//! they pause and resume ([`Control`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Child;
+use tokio::sync::{oneshot, watch};
+
+use crate::process::{log_tail, terminate};
+use crate::{Accelerator, AgentEndpoint, Result, Vm, VmExit};
+
+/// How to pause and resume the VM.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// QEMU's QMP socket.
+    Qmp(PathBuf),
+    /// vessel-vmm's control API socket.
+    VmmApi(PathBuf),
+}
+
+pub struct ProcessVm {
+    accelerator: Accelerator,
+    endpoint: AgentEndpoint,
+    control: Control,
+    pid: u32,
+    pids: Vec<u32>,
+    /// Logs of the hypervisor and its helpers (`*.log` in the run directory but the console).
+    logs: Vec<PathBuf>,
+    exit: watch::Receiver<Option<VmExit>>,
+    kill: Mutex<Option<oneshot::Sender<Duration>>>,
+}
+
+impl ProcessVm {
+    /// Takes ownership of the running `hypervisor` and `helpers`.
+    pub fn watch(
+        mut hypervisor: Child,
+        mut helpers: Vec<Child>,
+        accelerator: Accelerator,
+        endpoint: AgentEndpoint,
+        control: Control,
+        run_dir: &Path,
+    ) -> Self {
+        let pid = hypervisor.id().unwrap_or(0);
+        let mut pids = vec![pid];
+        pids.extend(helpers.iter().filter_map(|h| h.id()));
+        let (tx, rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<Duration>();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                s = hypervisor.wait() => s,
+                // Err: the ProcessVm was dropped without stop(): kill at once.
+                grace = kill_rx => Ok(terminate(&mut hypervisor, grace.unwrap_or(Duration::ZERO)).await),
+            };
+            crate::process::terminate_all(&mut helpers).await;
+            let exit = match status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    VmExit {
+                        code: s.code(),
+                        signal: s.signal(),
+                    }
+                }
+                Err(_) => VmExit {
+                    code: None,
+                    signal: None,
+                },
+            };
+            log::debug!("hypervisor pid {pid} ended with {exit}");
+            let _ = tx.send(Some(exit));
+        });
+        let logs = std::fs::read_dir(run_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.extension().is_some_and(|x| x == "log")
+                            && p.file_name() != Some("console.log".as_ref())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ProcessVm {
+            accelerator,
+            endpoint,
+            control,
+            pid,
+            pids,
+            logs,
+            exit: rx,
+            kill: Mutex::new(Some(kill_tx)),
+        }
+    }
+}
+
+#[async_trait]
+impl Vm for ProcessVm {
+    fn agent_endpoint(&self) -> AgentEndpoint {
+        self.endpoint.clone()
+    }
+
+    fn accelerator(&self) -> Accelerator {
+        self.accelerator
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.pids.clone()
+    }
+
+    async fn wait(&self) -> VmExit {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(exit) = rx.borrow_and_update().clone() {
+                return exit;
+            }
+            if rx.changed().await.is_err() {
+                return rx.borrow().clone().unwrap_or(VmExit {
+                    code: None,
+                    signal: None,
+                });
+            }
+        }
+    }
+
+    fn try_exit(&self) -> Option<VmExit> {
+        self.exit.borrow().clone()
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for log in &self.logs {
+            let tail = log_tail(log, 10);
+            if !tail.is_empty() {
+                let name = log
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                out.push_str(&format!("[{name}] {tail}\n"));
+            }
+        }
+        out
+    }
+
+    async fn pause(&self) -> Result<()> {
+        match &self.control {
+            Control::Qmp(sock) => crate::qemu::qmp::execute(sock, "stop").await.map(|_| ()),
+            Control::VmmApi(sock) => crate::builtin::api::request(sock, "pause").await,
+        }
+    }
+
+    async fn resume(&self) -> Result<()> {
+        match &self.control {
+            Control::Qmp(sock) => crate::qemu::qmp::execute(sock, "cont").await.map(|_| ()),
+            Control::VmmApi(sock) => crate::builtin::api::request(sock, "resume").await,
+        }
+    }
+
+    async fn stop(&self, grace: Duration) -> Result<VmExit> {
+        let kill = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(kill) = kill {
+            log::debug!("stopping hypervisor pid {} (grace {grace:?})", self.pid);
+            let _ = kill.send(grace);
+        }
+        Ok(self.wait().await)
+    }
+}

@@ -1,0 +1,207 @@
+//! containerd-shim-vessel-v2: the containerd shim v2 front-end of Vessel.
+//!
+//! containerd runs `start` once per container; containers of one Kubernetes pod
+//! (same `io.kubernetes.cri.sandbox-id` annotation) get the address of one
+//! shim, which owns the pod's VM. The sandbox (pause) container boots the VM,
+//! later containers join it, deleting the sandbox stops it.
+
+mod pod;
+mod rootfs;
+mod service;
+mod sizing;
+mod stats;
+mod stdio;
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use containerd_shim::asynchronous::{publisher::RemotePublisher, spawn, ExitSignal};
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::shim_async::create_task;
+use containerd_shim::protos::ttrpc::r#async::transport::Listener;
+use containerd_shim::protos::ttrpc::r#async::Server;
+use containerd_shim::{Flags, StartOpts, Task};
+use tokio::io::AsyncWriteExt;
+
+/// Annotation that groups the containers of one CRI pod.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// `sandbox` for the pause container, `container` for the others.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+
+/// The shim grouping key of a container: its pod's sandbox id, or its own id.
+fn grouping(id: &str, bundle: &Path) -> String {
+    let Ok(text) = std::fs::read(bundle.join("config.json")) else {
+        return id.to_string();
+    };
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return id.to_string();
+    };
+    let ann = &spec["annotations"];
+    match (
+        ann[CONTAINER_TYPE_ANNOTATION].as_str(),
+        ann[SANDBOX_ID_ANNOTATION].as_str(),
+    ) {
+        (Some("container"), Some(sandbox)) if vessel_protocol::stdio::valid_id(sandbox) => {
+            sandbox.to_string()
+        }
+        _ => id.to_string(),
+    }
+}
+
+/// `start` as containerd 1.6 speaks it: flags in, the bare `unix://` address
+/// out (the library's own start answers with the JSON of newer containerds).
+async fn start(flags: Flags) -> anyhow::Result<()> {
+    let bundle = std::env::current_dir()?;
+    let group = grouping(&flags.id, &bundle);
+    let opts = StartOpts {
+        id: flags.id,
+        publish_binary: flags.publish_binary,
+        address: flags.address,
+        ttrpc_address: std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
+        namespace: flags.namespace,
+        debug: flags.debug,
+        ..StartOpts::default()
+    };
+    // A later container of a running pod: the server child finds the socket
+    // alive and exits at once; the address is the pod's.
+    let address = spawn(opts, &group, Vec::new()).await?;
+    std::fs::write(bundle.join("address"), &address).context("write address")?;
+    let mut out = tokio::io::stdout();
+    out.write_all(address.as_bytes()).await?;
+    out.flush().await?;
+    Ok(())
+}
+
+/// `delete`: the shim server is gone (crashed or killed); clean what it left
+/// and answer with a protobuf DeleteResponse.
+async fn delete(flags: Flags) -> anyhow::Result<()> {
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir()?
+    } else {
+        flags.bundle.into()
+    };
+    pod::cleanup_after_crash(&flags.id, &bundle);
+    let resp = DeleteResponse {
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: Some(containerd_shim::util::timestamp()?).into(),
+        ..Default::default()
+    };
+    let mut out = tokio::io::stdout();
+    out.write_all(&resp.write_to_bytes()?).await?;
+    out.flush().await?;
+    Ok(())
+}
+
+/// Binds the shim socket. `None`: another server already answers there.
+async fn listen(address: &str) -> anyhow::Result<Option<std::os::unix::net::UnixListener>> {
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(address));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::os::unix::net::UnixListener::bind(path) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Ok(None);
+            }
+            if path
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_socket())
+            {
+                std::fs::remove_file(path)?;
+            }
+            Ok(Some(std::os::unix::net::UnixListener::bind(path)?))
+        }
+        Err(e) => Err(e).with_context(|| format!("bind {}", path.display())),
+    }
+}
+
+/// Tells `start` (which reads our stdout) that the server is up.
+fn signal_started() {
+    // SAFETY: dup2 on the process's own standard descriptors; no Rust object
+    // owns fd 1 (tokio's stdout handle is not in use in the server).
+    unsafe {
+        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+    }
+}
+
+/// The long-lived shim server of one pod.
+async fn serve(flags: Flags) -> anyhow::Result<()> {
+    if flags.socket.is_empty() {
+        bail!("-socket is required");
+    }
+    containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)?;
+    let Some(listener) = listen(&flags.socket).await? else {
+        std::fs::write("address", &flags.socket).context("write address")?;
+        signal_started();
+        return Ok(());
+    };
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
+    let publisher = RemotePublisher::new(&ttrpc_address).await?;
+    let exit = Arc::new(ExitSignal::default());
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(service::TaskService::new(
+        &flags.namespace,
+        publisher,
+        exit.clone(),
+    ));
+    // containerd 1.6 calls containerd.task.v2.Task; the protos name it v3
+    // (same messages). Serve both.
+    let mut services = create_task(task.clone());
+    for (name, svc) in create_task(task) {
+        services.insert(name.replace(".v3.", ".v2."), svc);
+    }
+    let listener = Listener::try_from(listener)?;
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(services);
+    server.start().await?;
+    signal_started();
+    log::info!("shim for pod {} serving on {}", flags.id, flags.socket);
+    exit.wait().await;
+    server.shutdown().await.ok();
+    let path = flags.socket.trim_start_matches("unix://");
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<_> = std::env::args_os().collect();
+    let res = match containerd_shim::parse(&args[1..]) {
+        Ok(flags) => match flags.action.as_str() {
+            "start" => start(flags).await,
+            "delete" => delete(flags).await,
+            _ => serve(flags).await,
+        },
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = res {
+        eprintln!("containerd-shim-vessel-v2: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_by_sandbox_id() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(grouping("c1", dir.path()), "c1");
+        let spec = |ty: &str, sb: &str| {
+            format!(
+                r#"{{"annotations":{{"{CONTAINER_TYPE_ANNOTATION}":"{ty}","{SANDBOX_ID_ANNOTATION}":"{sb}"}}}}"#
+            )
+        };
+        std::fs::write(dir.path().join("config.json"), spec("container", "pod1")).unwrap();
+        assert_eq!(grouping("c1", dir.path()), "pod1");
+        std::fs::write(dir.path().join("config.json"), spec("sandbox", "pod1")).unwrap();
+        assert_eq!(grouping("pod1", dir.path()), "pod1");
+        std::fs::write(dir.path().join("config.json"), spec("container", "../x")).unwrap();
+        assert_eq!(grouping("c1", dir.path()), "c1");
+    }
+}

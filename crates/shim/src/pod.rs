@@ -1,0 +1,186 @@
+//! A pod: one sandbox VM, its agent connection and its staging directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::net::UnixStream;
+use ttrpc::r#async::transport::Socket;
+use vessel_hypervisor::{AgentEndpoint, SharedDir, VmExit};
+use vessel_protocol::agent_ttrpc::AgentClient;
+use vessel_protocol::hybrid_vsock;
+use vessel_protocol::ports::AGENT_VSOCK_PORT;
+use vessel_runtime::sandbox::{self, SandboxSpec};
+use vessel_runtime::{Config, Sandbox};
+
+use crate::rootfs;
+use crate::sizing::VmSize;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Pod {
+    pub id: String,
+    sandbox: Arc<Sandbox>,
+    pub agent: AgentClient,
+    /// Hybrid-vsock socket of the VM (stdio streams connect here).
+    pub uds: PathBuf,
+    /// Host directory shared with the guest (see [`rootfs`]).
+    pub staging: PathBuf,
+    pids_file: PathBuf,
+}
+
+/// Where a pod's staging directory lives.
+fn staging_dir(config: &Config, pod_id: &str) -> PathBuf {
+    config.state_root.join("shared").join(pod_id)
+}
+
+fn pids_file(config: &Config, pod_id: &str) -> PathBuf {
+    config
+        .state_root
+        .join("shared")
+        .join(format!("{pod_id}.pids"))
+}
+
+impl Pod {
+    /// Boots the pod's VM with its staging directory shared.
+    pub async fn boot(config: &Config, id: &str, size: VmSize) -> Result<Pod> {
+        sandbox::validate_id(id)?;
+        let staging = staging_dir(config, id);
+        rootfs::make_shared_mount(&staging)?;
+        match Self::boot_in(config, id, size, &staging).await {
+            Ok(pod) => Ok(pod),
+            Err(e) => {
+                rootfs::remove_tree(&staging);
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot_in(config: &Config, id: &str, size: VmSize, staging: &Path) -> Result<Pod> {
+        let hv = sandbox::hypervisor(config)?;
+        let spec = SandboxSpec {
+            id: id.to_string(),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            shared_dirs: vec![SharedDir {
+                tag: rootfs::SHARED_TAG.into(),
+                host_path: staging.to_path_buf(),
+                read_only: false,
+            }],
+        };
+        let sandbox = Sandbox::boot(config, hv.as_ref(), spec).await?;
+        let pids_file = pids_file(config, id);
+        let pids: Vec<String> = sandbox.vm().pids().iter().map(u32::to_string).collect();
+        let _ = std::fs::write(&pids_file, pids.join("\n"));
+        let AgentEndpoint::HybridVsock { uds } = sandbox.vm().agent_endpoint() else {
+            let _ = sandbox.stop().await;
+            bail!("the shim needs channel = \"vsock\" (process stdio travels over vsock)");
+        };
+        let agent = match connect_agent(&uds).await {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = sandbox.stop().await;
+                return Err(e);
+            }
+        };
+        log::info!(
+            "pod {id}: VM up ({} vCPU, {} MiB, pids {:?})",
+            size.vcpus,
+            size.memory_mib,
+            sandbox.vm().pids()
+        );
+        Ok(Pod {
+            id: id.to_string(),
+            sandbox: Arc::new(sandbox),
+            agent,
+            uds,
+            staging: staging.to_path_buf(),
+            pids_file,
+        })
+    }
+
+    /// Resolves when the hypervisor process has exited.
+    pub fn watch_exit(&self) -> impl std::future::Future<Output = VmExit> + Send + 'static {
+        let sandbox = self.sandbox.clone();
+        async move { sandbox.vm().wait().await }
+    }
+
+    /// Whether the hypervisor process has already exited.
+    pub fn vm_exited(&self) -> bool {
+        self.sandbox.vm().try_exit().is_some()
+    }
+
+    /// Stops the VM and removes the staging tree. `watchers` must have been
+    /// aborted (they hold the sandbox).
+    pub async fn stop(self) {
+        let mut sandbox = self.sandbox;
+        // Aborted watcher tasks drop their reference shortly after abort().
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let sandbox = loop {
+            match Arc::try_unwrap(sandbox) {
+                Ok(s) => break Some(s),
+                Err(s) if tokio::time::Instant::now() < deadline => {
+                    sandbox = s;
+                    tokio::task::yield_now().await;
+                }
+                Err(s) => {
+                    log::warn!("pod {}: VM still referenced; stopping it in place", self.id);
+                    let _ = s.vm().stop(Duration::from_secs(1)).await;
+                    break None;
+                }
+            }
+        };
+        if let Some(s) = sandbox {
+            match s.stop().await {
+                Ok(exit) => log::info!("pod {}: VM stopped ({exit})", self.id),
+                Err(e) => log::warn!("pod {}: stopping the VM: {e}", self.id),
+            }
+        }
+        rootfs::remove_tree(&self.staging);
+        let _ = std::fs::remove_file(&self.pids_file);
+    }
+}
+
+async fn connect_agent(uds: &Path) -> Result<AgentClient> {
+    let mut s = UnixStream::connect(uds)
+        .await
+        .with_context(|| format!("connect to the agent at {}", uds.display()))?;
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        hybrid_vsock::handshake(&mut s, AGENT_VSOCK_PORT),
+    )
+    .await
+    .context("agent handshake timed out")??;
+    Ok(AgentClient::new(ttrpc::r#async::Client::new(Socket::new(
+        s,
+    ))))
+}
+
+/// `delete` after the shim server died: kill the VM processes it recorded and
+/// remove the pod's mounts and state. Best effort, never fails.
+pub fn cleanup_after_crash(id: &str, bundle: &Path) {
+    let Ok((config, _)) = Config::load(None) else {
+        return;
+    };
+    if sandbox::validate_id(id).is_err() {
+        return;
+    }
+    if let Ok(text) = std::fs::read_to_string(pids_file(&config, id)) {
+        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            if pid > 1 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let _ = std::fs::remove_file(pids_file(&config, id));
+    }
+    rootfs::remove_tree(&staging_dir(&config, id));
+    let run_dir = config.state_root.join(id);
+    if run_dir.join("console.log").exists() {
+        let _ = std::fs::remove_dir_all(run_dir);
+    }
+    let _ = bundle;
+}

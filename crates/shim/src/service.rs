@@ -1,0 +1,964 @@
+//! The shim v2 task API over the pod's VM and agent.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::api::{self, Status as TaskStatus};
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::context::Context as PubContext;
+use containerd_shim::{Task, TtrpcContext};
+use oci_spec::runtime::Spec;
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+use ttrpc::{Code, Result as TtrpcResult};
+use vessel_protocol::agent as pb;
+use vessel_protocol::agent_ttrpc::AgentClient;
+use vessel_runtime::Config;
+
+use crate::pod::Pod;
+use crate::rootfs;
+use crate::sizing::{vm_size, VmSize};
+use crate::stdio::{self, Relays, StdioPaths};
+
+/// Exit status reported when a process's fate is unknown (VM died, agent gone).
+const LOST_EXIT_STATUS: u32 = 255;
+/// Longest time output relays get to flush after a process exited.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
+    err(Code::INTERNAL, format!("{e:#}"))
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+}
+
+fn now() -> Timestamp {
+    containerd_shim::util::timestamp().unwrap_or_default()
+}
+
+#[derive(Debug, Clone)]
+struct Exit {
+    status: u32,
+    at: Timestamp,
+}
+
+struct Process {
+    pid: u32,
+    paused: bool,
+    started: bool,
+    stdio: StdioPaths,
+    /// OCI `process` JSON of an exec (empty for the init process).
+    process_json: Vec<u8>,
+    relays: Arc<Mutex<Relays>>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl Process {
+    fn new(stdio: StdioPaths, process_json: Vec<u8>) -> Self {
+        Process {
+            pid: 0,
+            paused: false,
+            started: false,
+            stdio,
+            process_json,
+            relays: Arc::default(),
+            exit: watch::channel(None).0,
+        }
+    }
+
+    fn exited(&self) -> Option<Exit> {
+        self.exit.borrow().clone()
+    }
+
+    fn status(&self) -> TaskStatus {
+        match (self.exited(), self.started, self.paused) {
+            (Some(_), _, _) => TaskStatus::STOPPED,
+            (None, false, _) => TaskStatus::CREATED,
+            (None, true, true) => TaskStatus::PAUSED,
+            (None, true, false) => TaskStatus::RUNNING,
+        }
+    }
+}
+
+struct Container {
+    bundle: String,
+    init: Process,
+    execs: HashMap<String, Process>,
+}
+
+#[derive(Default)]
+struct State {
+    pod: Option<Pod>,
+    /// Tasks that need the pod's VM (death watcher, OOM loop).
+    pod_tasks: Vec<JoinHandle<()>>,
+    containers: HashMap<String, Container>,
+}
+
+impl State {
+    fn container(&self, id: &str) -> TtrpcResult<&Container> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not found")))
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<&Process> {
+        let c = self.container(id)?;
+        if exec_id.is_empty() {
+            return Ok(&c.init);
+        }
+        c.execs
+            .get(exec_id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} of {id} not found")))
+    }
+
+    fn process_mut(&mut self, id: &str, exec_id: &str) -> TtrpcResult<&mut Process> {
+        let c = self
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not found")))?;
+        if exec_id.is_empty() {
+            return Ok(&mut c.init);
+        }
+        c.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} of {id} not found")))
+    }
+
+    fn pod(&self) -> TtrpcResult<&Pod> {
+        self.pod
+            .as_ref()
+            .ok_or_else(|| err(Code::FAILED_PRECONDITION, "the pod's VM is not running"))
+    }
+}
+
+struct Inner {
+    namespace: String,
+    publisher: RemotePublisher,
+    exit: Arc<ExitSignal>,
+    state: Mutex<State>,
+}
+
+#[derive(Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+impl TaskService {
+    pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
+        TaskService {
+            inner: Arc::new(Inner {
+                namespace: namespace.to_string(),
+                publisher,
+                exit,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self
+            .publisher
+            .publish(PubContext::default(), topic, &self.namespace, event)
+            .await
+        {
+            log::warn!("publish {topic}: {e}");
+        }
+    }
+
+    /// Records an exit once and publishes TaskExit; later calls are no-ops.
+    async fn record_exit(&self, sender: &watch::Sender<Option<Exit>>, ev: TaskExit) {
+        let exit = Exit {
+            status: ev.exit_status,
+            at: ev.exited_at.clone().unwrap_or_default(),
+        };
+        if sender.send_if_modified(|e| e.is_none() && e.replace(exit).is_none()) {
+            self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
+                .await;
+        }
+    }
+
+    /// Boots the pod's VM for the first container (the CRI sandbox or a
+    /// standalone `ctr run` container).
+    async fn boot_pod(
+        self: &Arc<Self>,
+        state: &mut State,
+        id: &str,
+        spec: &Spec,
+    ) -> TtrpcResult<()> {
+        let (config, _) = Config::load(None).map_err(internal)?;
+        let size = vm_size(
+            spec,
+            VmSize {
+                vcpus: config.default_vcpus,
+                memory_mib: config.default_memory_mib,
+            },
+        );
+        let pod = Pod::boot(&config, id, size)
+            .await
+            .map_err(|e| err(Code::INTERNAL, format!("boot the pod VM: {e:#}")))?;
+        let this = self.clone();
+        let died = pod.watch_exit();
+        state.pod_tasks.push(tokio::spawn(async move {
+            let exit = died.await;
+            this.vm_died(exit).await;
+        }));
+        let this = self.clone();
+        let agent = pod.agent.clone();
+        state
+            .pod_tasks
+            .push(tokio::spawn(async move { this.oom_loop(agent).await }));
+        state.pod = Some(pod);
+        Ok(())
+    }
+
+    /// Stops the pod's VM and its tasks.
+    async fn stop_pod(&self, state: &mut State) {
+        for t in state.pod_tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+        if let Some(pod) = state.pod.take() {
+            pod.stop().await;
+        }
+    }
+
+    /// The hypervisor exited under a running pod: every live process is
+    /// reported exited with an error, and the VM's leftovers are cleaned up.
+    async fn vm_died(&self, exit: vessel_hypervisor::VmExit) {
+        log::error!("the pod's VM exited unexpectedly ({exit}); reporting its processes as exited");
+        let mut pending = Vec::new();
+        {
+            let state = self.state.lock().await;
+            for (cid, c) in &state.containers {
+                for (exec_id, p) in std::iter::once((String::new(), &c.init))
+                    .chain(c.execs.iter().map(|(k, v)| (k.clone(), v)))
+                {
+                    if p.exited().is_none() {
+                        let ev = TaskExit {
+                            container_id: cid.clone(),
+                            id: if exec_id.is_empty() {
+                                cid.clone()
+                            } else {
+                                exec_id
+                            },
+                            pid: p.pid,
+                            exit_status: LOST_EXIT_STATUS,
+                            exited_at: MessageField::some(now()),
+                            ..Default::default()
+                        };
+                        pending.push((p.exit.clone(), ev));
+                    }
+                }
+            }
+        }
+        for (sender, ev) in pending {
+            self.record_exit(&sender, ev).await;
+        }
+    }
+
+    async fn oom_loop(&self, agent: AgentClient) {
+        loop {
+            let ev = agent
+                .get_oom_event(
+                    ttrpc::context::Context::default(),
+                    &pb::GetOOMEventRequest::new(),
+                )
+                .await;
+            match ev {
+                Ok(ev) if vessel_protocol::stdio::valid_id(&ev.container_id) => {
+                    log::info!("OOM kill in {}", ev.container_id);
+                    let oom = TaskOOM {
+                        container_id: ev.container_id,
+                        ..Default::default()
+                    };
+                    self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(oom))
+                        .await;
+                }
+                Ok(ev) => log::warn!(
+                    "agent sent an OOM event for invalid id {:?}",
+                    ev.container_id
+                ),
+                Err(e) => {
+                    log::debug!("OOM event loop ends: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for a started process in the guest, flushes its output, records the exit.
+    fn spawn_waiter(
+        self: &Arc<Self>,
+        agent: AgentClient,
+        cid: String,
+        exec_id: String,
+        p: &Process,
+    ) {
+        let this = self.clone();
+        let sender = p.exit.clone();
+        let relays = p.relays.clone();
+        let pid = p.pid;
+        tokio::spawn(async move {
+            let req = pb::ProcessRequest {
+                container_id: cid.clone(),
+                exec_id: exec_id.clone(),
+                ..Default::default()
+            };
+            let status = match agent
+                .wait_process(ttrpc::context::Context::default(), &req)
+                .await
+            {
+                // Untrusted: shell convention is 0..=255 (128 + signal included).
+                Ok(r) if (0..=255).contains(&r.exit_status) => r.exit_status as u32,
+                Ok(r) => {
+                    log::warn!("agent reported exit status {} for {cid}", r.exit_status);
+                    LOST_EXIT_STATUS
+                }
+                Err(e) => {
+                    log::warn!("wait for {cid}/{exec_id}: {e}");
+                    LOST_EXIT_STATUS
+                }
+            };
+            relays.lock().await.drain(DRAIN_TIMEOUT).await;
+            let ev = TaskExit {
+                id: if exec_id.is_empty() {
+                    cid.clone()
+                } else {
+                    exec_id
+                },
+                container_id: cid,
+                pid,
+                exit_status: status,
+                exited_at: MessageField::some(now()),
+                ..Default::default()
+            };
+            this.record_exit(&sender, ev).await;
+        });
+    }
+}
+
+fn exit_fields(p: &Process) -> (u32, MessageField<Timestamp>) {
+    match p.exited() {
+        Some(e) => (e.status, MessageField::some(e.at)),
+        None => (0, MessageField::none()),
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let inner = &self.inner;
+        let id = req.id.clone();
+        if !vessel_protocol::stdio::valid_id(&id) {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!("invalid container id {id:?}"),
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = Spec::load(bundle.join("config.json")).map_err(|e| {
+            err(
+                Code::INVALID_ARGUMENT,
+                format!("bundle {}: {e}", req.bundle),
+            )
+        })?;
+        let mut state = inner.state.lock().await;
+        if state.containers.contains_key(&id) {
+            return Err(err(Code::ALREADY_EXISTS, format!("container {id} exists")));
+        }
+        if state.pod.is_none() {
+            inner.boot_pod(&mut state, &id, &spec).await?;
+        }
+        let res = self.create_in(&mut state, &req, spec).await;
+        if res.is_err() && state.containers.is_empty() {
+            // The VM was booted for this container: nothing else needs it.
+            inner.stop_pod(&mut state).await;
+        }
+        let pid = res?;
+        drop(state);
+        let ev = TaskCreate {
+            container_id: id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            checkpoint: req.checkpoint.clone(),
+            pid,
+            ..Default::default()
+        };
+        inner
+            .publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let inner = &self.inner;
+        let mut state = inner.state.lock().await;
+        let pod = state.pod()?;
+        let (agent, uds) = (pod.agent.clone(), pod.uds.clone());
+        let p = state.process(&req.id, &req.exec_id)?;
+        if p.started {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("{} already started", req.id),
+            ));
+        }
+        let pid = if req.exec_id.is_empty() {
+            let sreq = pb::ContainerRequest {
+                container_id: req.id.clone(),
+                ..Default::default()
+            };
+            agent.start_container(ctx(), &sreq).await.map_err(|e| {
+                err(
+                    Code::INTERNAL,
+                    format!("agent StartContainer {}: {e}", req.id),
+                )
+            })?;
+            p.pid
+        } else {
+            let ereq = pb::ExecProcessRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                process_json: p.process_json.clone(),
+                stdio: MessageField::some(p.stdio.agent_config()),
+                ..Default::default()
+            };
+            let stdio = p.stdio.clone();
+            let resp = agent.exec_process(ctx(), &ereq).await.map_err(|e| {
+                err(
+                    Code::INTERNAL,
+                    format!("agent ExecProcess {}: {e}", req.exec_id),
+                )
+            })?;
+            let relays = stdio::attach(&uds, &req.id, Some(&req.exec_id), &stdio)
+                .await
+                .map_err(internal)?;
+            *p.relays.lock().await = relays;
+            resp.pid
+        };
+        let p = state.process_mut(&req.id, &req.exec_id)?;
+        p.pid = pid;
+        p.started = true;
+        let p = state.process(&req.id, &req.exec_id)?;
+        inner.spawn_waiter(agent, req.id.clone(), req.exec_id.clone(), p);
+        drop(state);
+        if req.exec_id.is_empty() {
+            let ev = TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            };
+            inner
+                .publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
+                .await;
+        } else {
+            let ev = TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            };
+            inner
+                .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
+                .await;
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let inner = &self.inner;
+        let mut state = inner.state.lock().await;
+        let p = state.process(&req.id, &req.exec_id)?;
+        if p.started && p.exited().is_none() {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("{} is running: kill it first", req.id),
+            ));
+        }
+        let (status, at) = exit_fields(p);
+        let pid = p.pid;
+        let resp = api::DeleteResponse {
+            pid,
+            exit_status: status,
+            exited_at: if at.is_some() {
+                at.clone()
+            } else {
+                MessageField::some(now())
+            },
+            ..Default::default()
+        };
+        if !req.exec_id.is_empty() {
+            if let Some(c) = state.containers.get_mut(&req.id) {
+                c.execs.remove(&req.exec_id);
+            }
+            return Ok(resp);
+        }
+        if let Ok(pod) = state.pod() {
+            let rreq = pb::RemoveContainerRequest {
+                container_id: req.id.clone(),
+                force: true,
+                ..Default::default()
+            };
+            let agent = pod.agent.clone();
+            if pod.vm_exited() {
+                log::debug!("VM gone; not asking the agent to remove {}", req.id);
+            } else if let Err(e) = agent.remove_container(ctx(), &rreq).await {
+                log::warn!("agent RemoveContainer {}: {e}", req.id);
+            }
+            rootfs::remove_tree(&pod.staging.join(&req.id));
+        }
+        state.containers.remove(&req.id);
+        let pod_done = state.pod.as_ref().is_some_and(|p| p.id == req.id);
+        if pod_done {
+            inner.stop_pod(&mut state).await;
+        }
+        drop(state);
+        let ev = TaskDelete {
+            container_id: req.id.clone(),
+            id: req.id.clone(),
+            pid,
+            exit_status: status,
+            exited_at: resp.exited_at.clone(),
+            ..Default::default()
+        };
+        inner
+            .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(resp)
+    }
+
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let inner = &self.inner;
+        if !vessel_protocol::stdio::valid_id(&req.exec_id) {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!("invalid exec id {:?}", req.exec_id),
+            ));
+        }
+        let json = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        serde_json::from_slice::<oci_spec::runtime::Process>(&json)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
+        let mut state = inner.state.lock().await;
+        let c = state
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("exec {} exists", req.exec_id),
+            ));
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        c.execs
+            .insert(req.exec_id.clone(), Process::new(stdio, json));
+        drop(state);
+        let ev = TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        inner
+            .publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let state = self.inner.state.lock().await;
+        state.process(&req.id, &req.exec_id)?;
+        let agent = state.pod()?.agent.clone();
+        drop(state);
+        let r = pb::ResizeTtyRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            rows: req.height,
+            cols: req.width,
+            ..Default::default()
+        };
+        agent
+            .resize_tty(ctx(), &r)
+            .await
+            .map_err(|e| err(Code::INTERNAL, format!("agent ResizeTty: {e}")))?;
+        Ok(api::Empty::new())
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let state = self.inner.state.lock().await;
+        let c = state.container(&req.id)?;
+        let p = state.process(&req.id, &req.exec_id)?;
+        let (exit_status, exited_at) = exit_fields(p);
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: c.bundle.clone(),
+            pid: p.pid,
+            status: p.status().into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status,
+            exited_at,
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let state = self.inner.state.lock().await;
+        state.container(&req.id)?;
+        let agent = state.pod()?.agent.clone();
+        drop(state);
+        let r = pb::ContainerRequest {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        let resp = agent
+            .list_processes(ctx(), &r)
+            .await
+            .map_err(|e| err(Code::INTERNAL, format!("agent ListProcesses: {e}")))?;
+        let processes = resp
+            .pids
+            .iter()
+            .take(65536)
+            .map(|&pid| containerd_shim::protos::api::ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let state = self.inner.state.lock().await;
+        let p = state.process(&req.id, &req.exec_id)?;
+        if p.exited().is_some() {
+            // Already gone (also after the VM died): nothing to signal.
+            return Ok(api::Empty::new());
+        }
+        if !p.started && req.exec_id.is_empty() {
+            log::debug!(
+                "kill of created container {}: signalled in the guest",
+                req.id
+            );
+        }
+        let agent = state.pod()?.agent.clone();
+        drop(state);
+        let r = pb::SignalProcessRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            signal: req.signal,
+            all: req.all,
+            ..Default::default()
+        };
+        agent.signal_process(ctx(), &r).await.map_err(|e| {
+            err(
+                Code::INTERNAL,
+                format!("agent SignalProcess {}: {e}", req.id),
+            )
+        })?;
+        Ok(api::Empty::new())
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let mut rx = {
+            let state = self.inner.state.lock().await;
+            state.process(&req.id, &req.exec_id)?.exit.subscribe()
+        };
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| err(Code::NOT_FOUND, format!("{} was deleted", req.id)))?
+            .clone()
+            .unwrap_or_else(|| Exit {
+                status: LOST_EXIT_STATUS,
+                at: now(),
+            });
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let state = self.inner.state.lock().await;
+        state.container(&req.id)?;
+        let agent = state.pod()?.agent.clone();
+        drop(state);
+        let r = pb::ContainerRequest {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        let s = agent
+            .stats_container(ctx(), &r)
+            .await
+            .map_err(|e| err(Code::INTERNAL, format!("agent StatsContainer: {e}")))?;
+        let metrics = crate::stats::to_cgroup2_metrics(&s);
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics)).map_err(internal)?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let state = self.inner.state.lock().await;
+        let c = state.container(&req.id)?;
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: c.init.pid,
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let state = self.inner.state.lock().await;
+        if state.containers.is_empty() && state.pod.is_none() {
+            self.inner.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        let state = self.inner.state.lock().await;
+        let p = state.process(&req.id, &req.exec_id)?;
+        if req.stdin {
+            p.relays.lock().await.close_stdin();
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.freeze(&req.id, true).await
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.freeze(&req.id, false).await
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let state = self.inner.state.lock().await;
+        state.container(&req.id)?;
+        // The VM is sized at boot; limits inside it are not updated yet.
+        log::info!(
+            "update of {} accepted without effect (VM sized at boot)",
+            req.id
+        );
+        Ok(api::Empty::new())
+    }
+}
+
+impl TaskService {
+    async fn create_in(
+        &self,
+        state: &mut State,
+        req: &api::CreateTaskRequest,
+        mut spec: Spec,
+    ) -> TtrpcResult<u32> {
+        let id = req.id.clone();
+        let bundle = PathBuf::from(&req.bundle);
+        let pod = state.pod()?;
+        let (agent, uds, staging) = (pod.agent.clone(), pod.uds.clone(), pod.staging.clone());
+        let cleanup = || rootfs::remove_tree(&staging.join(&id));
+        if let Err(e) = rootfs::prepare(&staging, &id, &bundle, &req.rootfs, &mut spec) {
+            cleanup();
+            return Err(internal(e));
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let spec_json = match serde_json::to_vec(&spec) {
+            Ok(j) => j,
+            Err(e) => {
+                cleanup();
+                return Err(internal(e));
+            }
+        };
+        let creq = pb::CreateContainerRequest {
+            container_id: id.clone(),
+            spec_json,
+            storages: vec![pb::Storage {
+                source: rootfs::SHARED_TAG.into(),
+                fstype: "virtiofs".into(),
+                mount_point: rootfs::GUEST_SHARED_DIR.into(),
+                ..Default::default()
+            }],
+            stdio: MessageField::some(stdio.agent_config()),
+            ..Default::default()
+        };
+        let resp = match agent.create_container(ctx(), &creq).await {
+            Ok(r) => r,
+            Err(e) => {
+                cleanup();
+                return Err(err(
+                    Code::INTERNAL,
+                    format!("agent CreateContainer {id}: {e}"),
+                ));
+            }
+        };
+        let mut process = Process::new(stdio.clone(), Vec::new());
+        process.pid = resp.pid;
+        match stdio::attach(&uds, &id, None, &stdio).await {
+            Ok(r) => process.relays = Arc::new(Mutex::new(r)),
+            Err(e) => {
+                let rreq = pb::RemoveContainerRequest {
+                    container_id: id.clone(),
+                    force: true,
+                    ..Default::default()
+                };
+                let _ = agent.remove_container(ctx(), &rreq).await;
+                cleanup();
+                return Err(internal(e));
+            }
+        }
+        state.containers.insert(
+            id.clone(),
+            Container {
+                bundle: req.bundle.clone(),
+                init: process,
+                execs: HashMap::new(),
+            },
+        );
+        Ok(resp.pid)
+    }
+
+    async fn freeze(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
+        let inner = &self.inner;
+        let mut state = inner.state.lock().await;
+        state.container(id)?;
+        let agent = state.pod()?.agent.clone();
+        let r = pb::ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        let res = if pause {
+            agent.pause_container(ctx(), &r).await
+        } else {
+            agent.resume_container(ctx(), &r).await
+        };
+        res.map_err(|e| err(Code::INTERNAL, format!("agent pause/resume {id}: {e}")))?;
+        state.process_mut(id, "")?.paused = pause;
+        drop(state);
+        if pause {
+            let ev = TaskPaused {
+                container_id: id.to_string(),
+                ..Default::default()
+            };
+            inner
+                .publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev))
+                .await;
+        } else {
+            let ev = TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            };
+            inner
+                .publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
+                .await;
+        }
+        Ok(api::Empty::new())
+    }
+}

@@ -1,0 +1,193 @@
+//! A private containerd 1.6 (tests/support/containerd-harness.sh) with the
+//! shim under test on its PATH and a Vessel config pointing at `make guest`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const IMAGE: &str = "localhost/vessel-busybox:latest";
+pub const RUNTIME: &str = "io.containerd.vessel.v2";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("VESSEL_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("build/guest"))
+}
+
+/// A running containerd; stopped (and its directory cleaned) on drop.
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    pub sock: PathBuf,
+    pub state_root: PathBuf,
+}
+
+fn missing_prerequisites() -> Vec<String> {
+    let mut missing = Vec::new();
+    let guest = guest_dir();
+    for p in [
+        guest.join("vmlinux"),
+        guest.join("initramfs.cpio.gz"),
+        "/usr/bin/qemu-system-x86_64".into(),
+        "/usr/local/bin/vhost-device-vsock".into(),
+        "/usr/local/bin/virtiofsd".into(),
+        "/usr/bin/containerd".into(),
+        "/usr/bin/ctr".into(),
+        "/usr/bin/umoci".into(),
+        "/usr/bin/skopeo".into(),
+        "/bin/busybox".into(),
+    ] {
+        if !p.exists() {
+            missing.push(p.display().to_string());
+        }
+    }
+    if nix::unistd::geteuid().as_raw() != 0 {
+        missing.push("root".into());
+    }
+    missing
+}
+
+impl Containerd {
+    /// Starts containerd, or returns `None` (loudly) when prerequisites are
+    /// missing outside CI. In CI a missing prerequisite fails the test.
+    pub fn start() -> Option<Containerd> {
+        let missing = missing_prerequisites();
+        if !missing.is_empty() {
+            let msg = format!(
+                "SKIPPED: this test runs containerd with the Vessel shim and needs: {} (run `make deps guest` as root)",
+                missing.join(", ")
+            );
+            if std::env::var_os("CI").is_some() {
+                panic!("{msg}; prerequisites are installed in CI, so this is a failure");
+            }
+            eprintln!("\n!!!!! {msg}\n");
+            return None;
+        }
+        // Short paths: Unix socket paths are limited to 107 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("vc")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let state_root = dir.path().join("s");
+        let guest = guest_dir();
+        let config = dir.path().join("vessel.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_root = \"{}\"\nguest_kernel = \"{}\"\nguest_initramfs = \"{}\"\n",
+                state_root.display(),
+                guest.join("vmlinux").display(),
+                guest.join("initramfs.cpio.gz").display()
+            ),
+        )
+        .unwrap();
+        let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-vessel-v2"));
+        let images = std::env::temp_dir().join("vessel-test-images");
+        let out = Command::new(repo().join("tests/support/containerd-harness.sh"))
+            .args(["start"])
+            .arg(dir.path().join("c"))
+            .env("VESSEL_SHIM_DIR", shim.parent().unwrap())
+            .env("VESSEL_CONFIG", &config)
+            .env("VESSEL_IMAGE_DIR", &images)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "harness start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sock = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Some(Containerd {
+            dir,
+            sock,
+            state_root,
+        })
+    }
+
+    /// `ctr -a <sock> -n <ns> args...`
+    pub fn ctr_ns(&self, ns: &str, args: &[&str]) -> Output {
+        let out = Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .args(["-n", ns])
+            .args(args)
+            .output()
+            .unwrap();
+        eprintln!(
+            "ctr {}: {} stdout={:?} stderr={:?}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_ns("default", args)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("c/containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("tests/support/containerd-harness.sh"))
+            .arg("stop")
+            .arg(self.dir.path().join("c"))
+            .status();
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push(format!("{pid}: {cmd}"));
+        }
+    }
+    found
+}
+
+/// Mount points whose path mentions `needle`.
+pub fn mounts_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}

@@ -11,7 +11,7 @@ VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test \
-        test-vmm bench-boot bench-vmm clean
+        test-vmm bench-boot bench-vmm clean install test-shim bench-shim
 
 deps:
 	scripts/install-deps.sh
@@ -66,3 +66,30 @@ bench-vmm:
 
 clean:
 	rm -rf $(BUILD) target
+
+# Binaries to $(PREFIX)/bin, the guest to $(PREFIX)/share/vessel, and a default
+# /etc/vessel/config.toml only when none exists (an existing one is kept).
+PREFIX ?= /usr/local
+install: guest
+	cargo build --release -p vessel -p containerd-shim-vessel-v2 -p vessel-vmm
+	install -D -m 0755 -t $(DESTDIR)$(PREFIX)/bin target/release/vessel \
+		target/release/containerd-shim-vessel-v2 target/release/vessel-vmm
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/vessel $(GUEST)/vmlinux $(GUEST)/initramfs.cpio.gz
+	@if [ -e $(DESTDIR)/etc/vessel/config.toml ]; then \
+		echo "install: keeping existing $(DESTDIR)/etc/vessel/config.toml"; \
+	else \
+		mkdir -p $(DESTDIR)/etc/vessel && \
+		printf 'guest_kernel = "%s"\nguest_initramfs = "%s"\n' \
+			$(PREFIX)/share/vessel/vmlinux $(PREFIX)/share/vessel/initramfs.cpio.gz \
+			> $(DESTDIR)/etc/vessel/config.toml && \
+		echo "install: wrote $(DESTDIR)/etc/vessel/config.toml"; \
+	fi
+
+# The containerd shim's end-to-end tests alone (private containerd 1.6, ctr and CRI);
+# workspace-test runs them too.
+test-shim: guest config
+	VESSEL_GUEST_DIR=$(GUEST) cargo test -p containerd-shim-vessel-v2 -- --test-threads=1
+
+bench-shim: deps guest config
+	cargo build --release -p containerd-shim-vessel-v2
+	benches/shim.sh

@@ -21,11 +21,8 @@ pub(super) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> u64 {
         return 0;
     };
     let offset = gpa - region.start_addr().raw_value();
-    if len == 0
-        || !offset
-            .checked_add(len)
-            .is_some_and(|end| end <= region.len())
-    {
+    let inside = offset.checked_add(len).is_some_and(|end| end <= region.len());
+    if len == 0 || !inside {
         return 0;
     }
     let Ok(host) = region.get_host_address(MemoryRegionAddress(offset)) else {
@@ -33,7 +30,7 @@ pub(super) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> u64 {
     };
     // madvise needs a page-aligned start; the ranges are page-granular in the spec, so an
     // unaligned one is malformed and ignored.
-    if (host as usize) % 4096 != 0 {
+    if !(host as usize).is_multiple_of(4096) {
         return 0;
     }
     // SAFETY: `host..host+len` lies inside one guest memory mapping owned by `mem` (checked

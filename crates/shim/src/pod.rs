@@ -4,27 +4,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use tokio::net::UnixStream;
-use ttrpc::r#async::transport::Socket;
+use anyhow::{bail, Result};
 use vessel_hypervisor::{AgentEndpoint, SharedDir, VmExit};
-use vessel_protocol::agent_ttrpc::AgentClient;
-use vessel_protocol::hybrid_vsock;
-use vessel_protocol::ports::AGENT_VSOCK_PORT;
+use vessel_runtime::container::ContainerClient;
 use vessel_runtime::sandbox::{self, SandboxSpec};
 use vessel_runtime::{Config, Sandbox};
 
 use crate::rootfs;
 use crate::sizing::VmSize;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 pub struct Pod {
     pub id: String,
     sandbox: Arc<Sandbox>,
-    pub agent: AgentClient,
-    /// Hybrid-vsock socket of the VM (stdio streams connect here).
-    pub uds: PathBuf,
+    pub agent: ContainerClient,
     /// Host directory shared with the guest (see [`rootfs`]).
     pub staging: PathBuf,
     pids_file: PathBuf,
@@ -64,7 +56,7 @@ impl Pod {
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             shared_dirs: vec![SharedDir {
-                tag: rootfs::SHARED_TAG.into(),
+                tag: rootfs::SHARE_TAG.into(),
                 host_path: staging.to_path_buf(),
                 read_only: false,
             }],
@@ -77,11 +69,11 @@ impl Pod {
             let _ = sandbox.stop().await;
             bail!("the shim needs channel = \"vsock\" (process stdio travels over vsock)");
         };
-        let agent = match connect_agent(&uds).await {
+        let agent = match ContainerClient::connect(&uds).await {
             Ok(a) => a,
             Err(e) => {
                 let _ = sandbox.stop().await;
-                return Err(e);
+                return Err(e.into());
             }
         };
         log::info!(
@@ -94,7 +86,6 @@ impl Pod {
             id: id.to_string(),
             sandbox: Arc::new(sandbox),
             agent,
-            uds,
             staging: staging.to_path_buf(),
             pids_file,
         })
@@ -140,21 +131,6 @@ impl Pod {
         rootfs::remove_tree(&self.staging);
         let _ = std::fs::remove_file(&self.pids_file);
     }
-}
-
-async fn connect_agent(uds: &Path) -> Result<AgentClient> {
-    let mut s = UnixStream::connect(uds)
-        .await
-        .with_context(|| format!("connect to the agent at {}", uds.display()))?;
-    tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        hybrid_vsock::handshake(&mut s, AGENT_VSOCK_PORT),
-    )
-    .await
-    .context("agent handshake timed out")??;
-    Ok(AgentClient::new(ttrpc::r#async::Client::new(Socket::new(
-        s,
-    ))))
 }
 
 /// `delete` after the shim server died: kill the VM processes it recorded and

@@ -1,7 +1,7 @@
 //! Container file systems on the host, shared with the guest.
 //!
 //! Each pod has one staging directory exported to its VM by one virtiofsd
-//! (tag [`SHARED_TAG`], mounted at [`GUEST_SHARED_DIR`] in the guest). The
+//! (tag [`SHARE_TAG`], mounted at [`GUEST_SHARED_DIR`] in the guest). The
 //! staging directory is a shared mount point, so mounts made under it after the
 //! VM booted propagate into virtiofsd's (slave) mount namespace. A container's
 //! rootfs (the overlay containerd passes in CreateTaskRequest) is mounted at
@@ -15,8 +15,7 @@ use containerd_shim::protos::api::Mount as TaskMount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{Mount, MountBuilder, Spec};
 
-pub const SHARED_TAG: &str = "vessel-shared";
-pub const GUEST_SHARED_DIR: &str = "/run/vessel/shared";
+pub use vessel_runtime::container::share::{GUEST_SHARED as GUEST_SHARED_DIR, SHARE_TAG};
 
 /// Makes `dir` a shared mount point of its own (bind onto itself, rshared).
 pub fn make_shared_mount(dir: &Path) -> Result<()> {

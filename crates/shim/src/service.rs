@@ -22,8 +22,8 @@ use oci_spec::runtime::Spec;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 use ttrpc::{Code, Result as TtrpcResult};
-use vessel_protocol::agent as pb;
-use vessel_protocol::agent_ttrpc::AgentClient;
+use vessel_runtime::container::share::Staging;
+use vessel_runtime::container::ContainerClient;
 use vessel_runtime::Config;
 
 use crate::pod::Pod;
@@ -35,7 +35,6 @@ use crate::stdio::{self, Relays, StdioPaths};
 const LOST_EXIT_STATUS: u32 = 255;
 /// Longest time output relays get to flush after a process exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -43,10 +42,6 @@ fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
 
 fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
     err(Code::INTERNAL, format!("{e:#}"))
-}
-
-fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
 }
 
 fn now() -> Timestamp {
@@ -275,28 +270,18 @@ impl Inner {
         }
     }
 
-    async fn oom_loop(&self, agent: AgentClient) {
+    async fn oom_loop(&self, agent: ContainerClient) {
         loop {
-            let ev = agent
-                .get_oom_event(
-                    ttrpc::context::Context::default(),
-                    &pb::GetOOMEventRequest::new(),
-                )
-                .await;
-            match ev {
-                Ok(ev) if vessel_protocol::stdio::valid_id(&ev.container_id) => {
-                    log::info!("OOM kill in {}", ev.container_id);
+            match agent.oom_event().await {
+                Ok(container_id) => {
+                    log::info!("OOM kill in {container_id}");
                     let oom = TaskOOM {
-                        container_id: ev.container_id,
+                        container_id,
                         ..Default::default()
                     };
                     self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(oom))
                         .await;
                 }
-                Ok(ev) => log::warn!(
-                    "agent sent an OOM event for invalid id {:?}",
-                    ev.container_id
-                ),
                 Err(e) => {
                     log::debug!("OOM event loop ends: {e}");
                     return;
@@ -308,7 +293,7 @@ impl Inner {
     /// Waits for a started process in the guest, flushes its output, records the exit.
     fn spawn_waiter(
         self: &Arc<Self>,
-        agent: AgentClient,
+        agent: ContainerClient,
         cid: String,
         exec_id: String,
         p: &Process,
@@ -318,19 +303,12 @@ impl Inner {
         let relays = p.relays.clone();
         let pid = p.pid;
         tokio::spawn(async move {
-            let req = pb::ProcessRequest {
-                container_id: cid.clone(),
-                exec_id: exec_id.clone(),
-                ..Default::default()
-            };
-            let status = match agent
-                .wait_process(ttrpc::context::Context::default(), &req)
-                .await
-            {
+            let exec = Some(exec_id.as_str()).filter(|e| !e.is_empty());
+            let status = match agent.wait(&cid, exec).await {
                 // Untrusted: shell convention is 0..=255 (128 + signal included).
-                Ok(r) if (0..=255).contains(&r.exit_status) => r.exit_status as u32,
+                Ok(r) if (0..=255).contains(&r.status) => r.status as u32,
                 Ok(r) => {
-                    log::warn!("agent reported exit status {} for {cid}", r.exit_status);
+                    log::warn!("agent reported exit status {} for {cid}", r.status);
                     LOST_EXIT_STATUS
                 }
                 Err(e) => {
@@ -431,7 +409,7 @@ impl Task for TaskService {
         let inner = &self.inner;
         let mut state = inner.state.lock().await;
         let pod = state.pod()?;
-        let (agent, uds) = (pod.agent.clone(), pod.uds.clone());
+        let agent = pod.agent.clone();
         let p = state.process(&req.id, &req.exec_id)?;
         if p.started {
             return Err(err(
@@ -440,37 +418,24 @@ impl Task for TaskService {
             ));
         }
         let pid = if req.exec_id.is_empty() {
-            let sreq = pb::ContainerRequest {
-                container_id: req.id.clone(),
-                ..Default::default()
-            };
-            agent.start_container(ctx(), &sreq).await.map_err(|e| {
-                err(
-                    Code::INTERNAL,
-                    format!("agent StartContainer {}: {e}", req.id),
-                )
-            })?;
+            agent.start(&req.id).await.map_err(internal)?;
             p.pid
         } else {
-            let ereq = pb::ExecProcessRequest {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                process_json: p.process_json.clone(),
-                stdio: MessageField::some(p.stdio.agent_config()),
-                ..Default::default()
-            };
             let stdio = p.stdio.clone();
-            let resp = agent.exec_process(ctx(), &ereq).await.map_err(|e| {
-                err(
-                    Code::INTERNAL,
-                    format!("agent ExecProcess {}: {e}", req.exec_id),
+            let pid = agent
+                .exec(
+                    &req.id,
+                    &req.exec_id,
+                    p.process_json.clone(),
+                    stdio.wanted(),
                 )
-            })?;
-            let relays = stdio::attach(&uds, &req.id, Some(&req.exec_id), &stdio)
+                .await
+                .map_err(internal)?;
+            let relays = stdio::attach(&agent, &req.id, Some(&req.exec_id), &stdio)
                 .await
                 .map_err(internal)?;
             *p.relays.lock().await = relays;
-            resp.pid
+            pid
         };
         let p = state.process_mut(&req.id, &req.exec_id)?;
         p.pid = pid;
@@ -537,15 +502,10 @@ impl Task for TaskService {
             return Ok(resp);
         }
         if let Ok(pod) = state.pod() {
-            let rreq = pb::RemoveContainerRequest {
-                container_id: req.id.clone(),
-                force: true,
-                ..Default::default()
-            };
             let agent = pod.agent.clone();
             if pod.vm_exited() {
                 log::debug!("VM gone; not asking the agent to remove {}", req.id);
-            } else if let Err(e) = agent.remove_container(ctx(), &rreq).await {
+            } else if let Err(e) = agent.remove(&req.id, true).await {
                 log::warn!("agent RemoveContainer {}: {e}", req.id);
             }
             rootfs::remove_tree(&pod.staging.join(&req.id));
@@ -629,17 +589,12 @@ impl Task for TaskService {
         state.process(&req.id, &req.exec_id)?;
         let agent = state.pod()?.agent.clone();
         drop(state);
-        let r = pb::ResizeTtyRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            rows: req.height,
-            cols: req.width,
-            ..Default::default()
-        };
+        let exec = Some(req.exec_id.as_str()).filter(|e| !e.is_empty());
+        let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
         agent
-            .resize_tty(ctx(), &r)
+            .resize(&req.id, exec, clamp(req.height), clamp(req.width))
             .await
-            .map_err(|e| err(Code::INTERNAL, format!("agent ResizeTty: {e}")))?;
+            .map_err(internal)?;
         Ok(api::Empty::new())
     }
 
@@ -677,18 +632,9 @@ impl Task for TaskService {
         state.container(&req.id)?;
         let agent = state.pod()?.agent.clone();
         drop(state);
-        let r = pb::ContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        let resp = agent
-            .list_processes(ctx(), &r)
-            .await
-            .map_err(|e| err(Code::INTERNAL, format!("agent ListProcesses: {e}")))?;
-        let processes = resp
-            .pids
+        let pids = agent.processes(&req.id).await.map_err(internal)?;
+        let processes = pids
             .iter()
-            .take(65536)
             .map(|&pid| containerd_shim::protos::api::ProcessInfo {
                 pid,
                 ..Default::default()
@@ -715,19 +661,11 @@ impl Task for TaskService {
         }
         let agent = state.pod()?.agent.clone();
         drop(state);
-        let r = pb::SignalProcessRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            signal: req.signal,
-            all: req.all,
-            ..Default::default()
-        };
-        agent.signal_process(ctx(), &r).await.map_err(|e| {
-            err(
-                Code::INTERNAL,
-                format!("agent SignalProcess {}: {e}", req.id),
-            )
-        })?;
+        let exec = Some(req.exec_id.as_str()).filter(|e| !e.is_empty());
+        agent
+            .signal(&req.id, exec, req.signal, req.all)
+            .await
+            .map_err(internal)?;
         Ok(api::Empty::new())
     }
 
@@ -765,14 +703,7 @@ impl Task for TaskService {
         state.container(&req.id)?;
         let agent = state.pod()?.agent.clone();
         drop(state);
-        let r = pb::ContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        let s = agent
-            .stats_container(ctx(), &r)
-            .await
-            .map_err(|e| err(Code::INTERNAL, format!("agent StatsContainer: {e}")))?;
+        let s = agent.stats(&req.id).await.map_err(internal)?;
         let metrics = crate::stats::to_cgroup2_metrics(&s);
         let any = containerd_shim::util::convert_to_any(Box::new(metrics)).map_err(internal)?;
         Ok(api::StatsResponse {
@@ -858,7 +789,7 @@ impl TaskService {
         let id = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
         let pod = state.pod()?;
-        let (agent, uds, staging) = (pod.agent.clone(), pod.uds.clone(), pod.staging.clone());
+        let (agent, staging) = (pod.agent.clone(), pod.staging.clone());
         let cleanup = || rootfs::remove_tree(&staging.join(&id));
         if let Err(e) = rootfs::prepare(&staging, &id, &bundle, &req.rootfs, &mut spec) {
             cleanup();
@@ -877,19 +808,10 @@ impl TaskService {
                 return Err(internal(e));
             }
         };
-        let creq = pb::CreateContainerRequest {
-            container_id: id.clone(),
-            spec_json,
-            storages: vec![pb::Storage {
-                source: rootfs::SHARED_TAG.into(),
-                fstype: "virtiofs".into(),
-                mount_point: rootfs::GUEST_SHARED_DIR.into(),
-                ..Default::default()
-            }],
-            stdio: MessageField::some(stdio.agent_config()),
-            ..Default::default()
-        };
-        let resp = match agent.create_container(ctx(), &creq).await {
+        let created = agent
+            .create(&id, spec_json, vec![Staging::storage()], stdio.wanted())
+            .await;
+        let pid = match created {
             Ok(r) => r,
             Err(e) => {
                 cleanup();
@@ -900,16 +822,11 @@ impl TaskService {
             }
         };
         let mut process = Process::new(stdio.clone(), Vec::new());
-        process.pid = resp.pid;
-        match stdio::attach(&uds, &id, None, &stdio).await {
+        process.pid = pid;
+        match stdio::attach(&agent, &id, None, &stdio).await {
             Ok(r) => process.relays = Arc::new(Mutex::new(r)),
             Err(e) => {
-                let rreq = pb::RemoveContainerRequest {
-                    container_id: id.clone(),
-                    force: true,
-                    ..Default::default()
-                };
-                let _ = agent.remove_container(ctx(), &rreq).await;
+                let _ = agent.remove(&req.id, true).await;
                 cleanup();
                 return Err(internal(e));
             }
@@ -922,7 +839,7 @@ impl TaskService {
                 execs: HashMap::new(),
             },
         );
-        Ok(resp.pid)
+        Ok(pid)
     }
 
     async fn freeze(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
@@ -930,16 +847,12 @@ impl TaskService {
         let mut state = inner.state.lock().await;
         state.container(id)?;
         let agent = state.pod()?.agent.clone();
-        let r = pb::ContainerRequest {
-            container_id: id.to_string(),
-            ..Default::default()
-        };
         let res = if pause {
-            agent.pause_container(ctx(), &r).await
+            agent.pause(id).await
         } else {
-            agent.resume_container(ctx(), &r).await
+            agent.resume(id).await
         };
-        res.map_err(|e| err(Code::INTERNAL, format!("agent pause/resume {id}: {e}")))?;
+        res.map_err(internal)?;
         state.process_mut(id, "")?.paused = pause;
         drop(state);
         if pause {

@@ -1,19 +1,15 @@
 //! Process stdio: containerd's FIFOs on one side, the agent's stdio streams
 //! (vsock port 1026, one connection per stream) on the other.
 
-use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use anyhow::{Context, Result};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
-use vessel_protocol::hybrid_vsock;
-use vessel_protocol::ports::STDIO_VSOCK_PORT;
-use vessel_protocol::stdio::{StdioHeader, StdioStream, MAX_HEADER_LEN, REPLY_OK};
-
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+use vessel_protocol::stdio::StdioStream;
+use vessel_runtime::container::ContainerClient;
 
 /// The FIFO paths containerd passed for one process ("" = not wanted).
 #[derive(Debug, Clone, Default)]
@@ -25,13 +21,13 @@ pub struct StdioPaths {
 }
 
 impl StdioPaths {
-    pub fn agent_config(&self) -> vessel_protocol::agent::StdioConfig {
-        vessel_protocol::agent::StdioConfig {
-            stdin: !self.stdin.is_empty(),
-            stdout: !self.stdout.is_empty(),
-            stderr: !self.stderr.is_empty(),
-            ..Default::default()
-        }
+    /// Which streams the agent should expect: (stdin, stdout, stderr).
+    pub fn wanted(&self) -> (bool, bool, bool) {
+        (
+            !self.stdin.is_empty(),
+            !self.stdout.is_empty(),
+            !self.stderr.is_empty(),
+        )
     }
 }
 
@@ -73,47 +69,16 @@ impl Drop for Relays {
     }
 }
 
-/// Opens one stdio stream of a process through the hybrid-vsock socket `uds`.
+/// Opens one stdio stream of a process (agent handshake included).
 async fn open_stream(
-    uds: &Path,
+    agent: &ContainerClient,
     container_id: &str,
     exec_id: Option<&str>,
     stream: StdioStream,
 ) -> Result<UnixStream> {
-    let header = StdioHeader {
-        container_id: container_id.to_string(),
-        exec_id: exec_id.map(str::to_string),
-        stream,
-    };
-    let open = async {
-        let mut s = UnixStream::connect(uds)
-            .await
-            .with_context(|| format!("connect {}", uds.display()))?;
-        hybrid_vsock::handshake(&mut s, STDIO_VSOCK_PORT).await?;
-        s.write_all(header.to_string().as_bytes()).await?;
-        // The reply is untrusted: read at most one header's worth, byte by byte
-        // so that no stream data is consumed.
-        let mut reply = Vec::with_capacity(8);
-        while !reply.ends_with(b"\n") {
-            if reply.len() >= MAX_HEADER_LEN {
-                bail!("agent stdio reply longer than {MAX_HEADER_LEN} bytes");
-            }
-            let b = s.read_u8().await.context("agent closed the stdio stream")?;
-            reply.push(b);
-        }
-        if reply != REPLY_OK.as_bytes() {
-            let text: String = String::from_utf8_lossy(&reply)
-                .chars()
-                .filter(|c| !c.is_control())
-                .collect();
-            bail!("agent refused stdio stream {}: {text}", stream.as_str());
-        }
-        Ok(s)
-    };
-    tokio::time::timeout(OPEN_TIMEOUT, open)
-        .await
-        .with_context(|| format!("opening {} of {container_id}: timed out", stream.as_str()))?
-        .with_context(|| format!("opening {} of {container_id}", stream.as_str()))
+    let s = agent.open_stream(container_id, exec_id, stream).await?;
+    s.set_nonblocking(true)?;
+    Ok(UnixStream::from_std(s)?)
 }
 
 fn fifo_reader(path: &str) -> Result<pipe::Receiver> {
@@ -155,14 +120,14 @@ where
 
 /// Attaches the FIFOs of one process (after CreateContainer / ExecProcess).
 pub async fn attach(
-    uds: &Path,
+    agent: &ContainerClient,
     container_id: &str,
     exec_id: Option<&str>,
     paths: &StdioPaths,
 ) -> Result<Relays> {
     let mut relays = Relays::default();
     if paths.terminal {
-        let s = open_stream(uds, container_id, exec_id, StdioStream::Tty).await?;
+        let s = open_stream(agent, container_id, exec_id, StdioStream::Tty).await?;
         let (r, w) = s.into_split();
         if !paths.stdout.is_empty() {
             let out = fifo_writer(&paths.stdout)?;
@@ -183,13 +148,13 @@ pub async fn attach(
             continue;
         }
         let fifo = fifo_writer(path)?;
-        let s = open_stream(uds, container_id, exec_id, stream).await?;
+        let s = open_stream(agent, container_id, exec_id, stream).await?;
         let what = format!("{container_id} {}", stream.as_str());
         relays.output.push(copy_out(s, fifo, what));
     }
     if !paths.stdin.is_empty() {
         let fifo = fifo_reader(&paths.stdin)?;
-        let s = open_stream(uds, container_id, exec_id, StdioStream::Stdin).await?;
+        let s = open_stream(agent, container_id, exec_id, StdioStream::Stdin).await?;
         relays.stdin = Some(copy_in(fifo, s));
     }
     Ok(relays)

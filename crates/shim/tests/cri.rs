@@ -1,0 +1,277 @@
+//! CRI (the kubelet's API) through containerd 1.6 with `runtime_handler = "vessel"`:
+//! a pod is one VM, its containers share it, and tearing it down leaves nothing.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{mounts_mentioning, processes_mentioning, wait_until, Containerd, IMAGE};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::{Channel, Endpoint};
+
+async fn connect(sock: &Path) -> RuntimeServiceClient<Channel> {
+    let sock = sock.to_path_buf();
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let sock = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    let _ = ImageServiceClient::new(channel.clone());
+    RuntimeServiceClient::new(channel)
+}
+
+fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: log_dir.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, config: &PodSandboxConfig) -> String {
+    rt.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: "vessel".into(),
+    })
+    .await
+    .expect("RunPodSandbox")
+    .into_inner()
+    .pod_sandbox_id
+}
+
+async fn start_container(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    name: &str,
+    command: &[&str],
+) -> String {
+    let config = ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    };
+    let id = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    rt.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    id
+}
+
+async fn status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
+    rt.container_status(ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("ContainerStatus")
+    .into_inner()
+    .status
+    .expect("status")
+}
+
+async fn exec(rt: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &[&str]) -> (i32, String) {
+    let r = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 30,
+        })
+        .await
+        .expect("ExecSync")
+        .into_inner();
+    (r.exit_code, String::from_utf8_lossy(&r.stdout).to_string())
+}
+
+async fn wait_exited(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    timeout: Duration,
+) -> ContainerStatus {
+    let start = Instant::now();
+    loop {
+        let s = status(rt, id).await;
+        if s.state == ContainerState::ContainerExited as i32 || start.elapsed() > timeout {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Shim processes of this containerd and their sockets.
+fn shims(c: &Containerd) -> Vec<String> {
+    processes_mentioning(&format!("-address {}", c.sock.display()))
+}
+
+fn assert_nothing_left(c: &Containerd, sockets: &[String]) {
+    let state = c.state_root.display().to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || shims(c).is_empty()
+            && processes_mentioning(&state).is_empty()),
+        "left behind: shims {:?}, VM processes {:?}",
+        shims(c),
+        processes_mentioning(&state)
+    );
+    assert!(
+        mounts_mentioning(&state).is_empty(),
+        "{:?}",
+        mounts_mentioning(&state)
+    );
+    for s in sockets {
+        assert!(!Path::new(s).exists(), "shim socket {s} left behind");
+    }
+}
+
+fn shim_sockets(c: &Containerd) -> Vec<String> {
+    shims(c)
+        .iter()
+        .filter_map(|l| l.split(" -socket unix://").nth(1))
+        .map(|s| s.split(' ').next().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_with_two_containers_is_one_vm() {
+    let Some(c) = Containerd::start() else { return };
+    let mut rt = connect(&c.sock).await;
+    let logs = c.dir.path().join("logs");
+    let cfg = pod_config("two", &logs);
+    let pod = run_pod(&mut rt, &cfg).await;
+    let a = start_container(&mut rt, &pod, &cfg, "a", &["sleep", "1000"]).await;
+    let b = start_container(&mut rt, &pod, &cfg, "b", &["sleep", "1000"]).await;
+    for id in [&a, &b] {
+        assert_eq!(
+            status(&mut rt, id).await.state,
+            ContainerState::ContainerRunning as i32
+        );
+    }
+    assert_eq!(shims(&c).len(), 1, "one shim per pod: {:?}", shims(&c));
+    let qemus = processes_mentioning("qemu-system");
+    let ours: Vec<_> = qemus
+        .iter()
+        .filter(|q| q.contains(&c.state_root.display().to_string()))
+        .collect();
+    assert_eq!(ours.len(), 1, "one VM per pod: {ours:?}");
+
+    let (code_a, boot_a) = exec(&mut rt, &a, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
+    let (code_b, boot_b) = exec(&mut rt, &b, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
+    eprintln!("boot ids: {boot_a:?} {boot_b:?}");
+    assert_eq!((code_a, code_b), (0, 0));
+    assert_eq!(boot_a.trim().len(), 36, "{boot_a:?}");
+    assert_eq!(
+        boot_a, boot_b,
+        "both containers run in the same guest kernel"
+    );
+    let (code, _) = exec(&mut rt, &b, &["sh", "-c", "exit 4"]).await;
+    assert_eq!(code, 4);
+
+    let x = start_container(&mut rt, &pod, &cfg, "x", &["sh", "-c", "exit 3"]).await;
+    let s = wait_exited(&mut rt, &x, Duration::from_secs(20)).await;
+    assert_eq!(s.state, ContainerState::ContainerExited as i32);
+    assert_eq!(s.exit_code, 3);
+
+    let sockets = shim_sockets(&c);
+    rt.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    for id in [&a, &b] {
+        let s = status(&mut rt, id).await;
+        assert_eq!(s.state, ContainerState::ContainerExited as i32);
+        assert_eq!(s.exit_code, 137, "killed by SIGKILL");
+    }
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("RemovePodSandbox");
+    assert_nothing_left(&c, &sockets);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_hypervisor_exits_the_containers() {
+    let Some(c) = Containerd::start() else { return };
+    let mut rt = connect(&c.sock).await;
+    let cfg = pod_config("doomed", &c.dir.path().join("logs"));
+    let pod = run_pod(&mut rt, &cfg).await;
+    let a = start_container(&mut rt, &pod, &cfg, "a", &["sleep", "1000"]).await;
+    let state = c.state_root.display().to_string();
+    let qemu: Vec<u32> = processes_mentioning("qemu-system")
+        .iter()
+        .filter(|l| l.contains(&state))
+        .filter_map(|l| l.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(qemu.len(), 1);
+    let sockets = shim_sockets(&c);
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = wait_exited(&mut rt, &a, Duration::from_secs(5)).await;
+    let took = killed.elapsed();
+    eprintln!("container exited {took:?} after QEMU was killed: {s:?}");
+    assert_eq!(
+        s.state,
+        ContainerState::ContainerExited as i32,
+        "not exited within 5 s"
+    );
+    assert!(took <= Duration::from_secs(5));
+    assert_ne!(s.exit_code, 0, "an error exit");
+    rt.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("RemovePodSandbox");
+    assert_nothing_left(&c, &sockets);
+}

@@ -64,8 +64,43 @@ const MOUNTS: &[Mount] = &[
     ),
 ];
 
+/// Moves PID 1 off the initramfs onto a fresh tmpfs root.
+///
+/// The initramfs is the kernel's `rootfs`, which can never be unmounted, so
+/// `pivot_root(2)` (what libcontainer uses to enter a container's rootfs)
+/// fails with EINVAL in any mount namespace derived from it. Like
+/// switch_root, mount a tmpfs, move it over `/` and chroot into it; the agent
+/// binary keeps running from the initramfs (and is re-executed through
+/// /proc/self/exe for the libcontainer helper).
+fn leave_initramfs() -> anyhow::Result<()> {
+    use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
+    // linux/magic.h; libc does not export it.
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    let root = statfs("/").context("statfs /")?;
+    if root.filesystem_type() != RAMFS_MAGIC && root.filesystem_type() != TMPFS_MAGIC {
+        return Ok(());
+    }
+    const NEW_ROOT: &str = "/newroot";
+    std::fs::create_dir_all(NEW_ROOT).context("create /newroot")?;
+    mount(
+        Some("tmpfs"),
+        NEW_ROOT,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .context("mount tmpfs on /newroot")?;
+    nix::unistd::chdir(NEW_ROOT).context("chdir /newroot")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("move /newroot to /")?;
+    nix::unistd::chroot(".").context("chroot into the new root")?;
+    nix::unistd::chdir("/").context("chdir /")?;
+    Ok(())
+}
+
 /// Mounts the guest's pseudo file systems.
 pub fn setup() -> anyhow::Result<()> {
+    leave_initramfs()?;
     for mnt in MOUNTS {
         std::fs::create_dir_all(mnt.target).with_context(|| format!("create {}", mnt.target))?;
         match mount(

@@ -42,6 +42,10 @@ pub struct HelperRequest {
     pub console_socket: Option<PathBuf>,
     /// Where the helper writes its [`HelperResult`].
     pub result: PathBuf,
+    /// Where libcontainer's own log goes (the console in the guest), and
+    /// whether to include debug lines.
+    pub log: Option<PathBuf>,
+    pub debug: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,6 +92,9 @@ pub fn main(arg: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = &req.log {
+        init_tracing(path, req.debug);
+    }
     let result = match build(&req) {
         Ok(pid) => HelperResult::Pid(pid),
         Err(e) => HelperResult::Error(e),
@@ -98,6 +105,30 @@ pub fn main(arg: &str) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Sends libcontainer's tracing output to `path` (opened once: the container's
+/// init process keeps logging through the fd after pivot_root).
+fn init_tracing(path: &Path, debug: bool) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(file) = std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)
+    else {
+        return;
+    };
+    let level = if debug {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::WARN
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::sync::Mutex::new(file))
+        .with_max_level(level)
+        .with_ansi(false)
+        .without_time()
+        .try_init();
 }
 
 fn build(req: &HelperRequest) -> Result<i32, String> {

@@ -303,6 +303,9 @@ impl Containers {
             op,
             console_socket: console.as_ref().map(|_| console_path.clone()),
             result,
+            // PID 1's console is the guest console the host captures.
+            log: (std::process::id() == 1).then(|| "/dev/console".into()),
+            debug: log::max_level() >= log::LevelFilter::Debug,
         };
         let pid = helper::run(&self.reaper, &req, child).await;
         let io = match (pid.is_ok(), io, console) {

@@ -1,0 +1,490 @@
+//! End-to-end: the agent as PID 1 of a real guest (QEMU/TCG), driven over
+//! ttrpc and stdio streams the way the host runtime drives it.
+//!
+//! Needs build/guest/vmlinux, the static agent
+//! (target-agent/x86_64-unknown-linux-gnu/release/vessel-agent or
+//! $VESSEL_GUEST_AGENT), qemu-system-x86_64, vhost-device-vsock and
+//! busybox-static; skips loudly without them.
+
+mod guest;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use ttrpc::context;
+use vessel_protocol::agent::{
+    state_container_response::Status, ContainerRequest, CreateContainerRequest, ExecProcessRequest,
+    GetOOMEventRequest, ProcessRequest, RemoveContainerRequest, SignalProcessRequest, StdioConfig,
+    Storage, WaitProcessResponse,
+};
+use vessel_protocol::stdio::StdioStream;
+
+use guest::{read_all, Guest, ROOTFS};
+
+const CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_MKNOD",
+    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+];
+
+fn process(args: &[&str], terminal: bool) -> Value {
+    json!({
+        "terminal": terminal,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/bin", "TERM=xterm"],
+        "cwd": "/",
+        "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+        "noNewPrivileges": true
+    })
+}
+
+fn spec(args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": process(args, false),
+        "root": {"path": ROOTFS, "readonly": false},
+        "hostname": "vessel-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "mode=1777"]}
+        ],
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "network", "path": "/var/run/netns/host-only"}
+            ],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+fn stdio(stdin: bool, stdout: bool, stderr: bool) -> StdioConfig {
+    StdioConfig {
+        stdin,
+        stdout,
+        stderr,
+        ..Default::default()
+    }
+}
+
+fn ctx() -> context::Context {
+    context::with_timeout(Duration::from_secs(120).as_nanos() as i64)
+}
+
+impl Guest {
+    async fn create(&self, id: &str, spec: &Value, io: StdioConfig) -> ttrpc::Result<u32> {
+        let req = CreateContainerRequest {
+            container_id: id.into(),
+            spec_json: serde_json::to_vec(spec).unwrap(),
+            storages: vec![Storage {
+                source: "rootfs0".into(),
+                fstype: "9p".into(),
+                options: vec!["trans=virtio,version=9p2000.L,msize=512000".into()],
+                mount_point: ROOTFS.into(),
+                ..Default::default()
+            }],
+            stdio: Some(io).into(),
+            ..Default::default()
+        };
+        Ok(self.agent.create_container(ctx(), &req).await?.pid)
+    }
+
+    async fn start(&self, id: &str) {
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.agent.start_container(ctx(), &req).await.unwrap();
+    }
+
+    async fn wait(&self, id: &str, exec: &str) -> WaitProcessResponse {
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec.into(),
+            ..Default::default()
+        };
+        self.agent.wait_process(ctx(), &req).await.unwrap()
+    }
+
+    async fn signal(&self, id: &str, exec: &str, signal: u32) {
+        let req = SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec.into(),
+            signal,
+            ..Default::default()
+        };
+        self.agent.signal_process(ctx(), &req).await.unwrap();
+    }
+
+    async fn remove(&self, id: &str, force: bool) -> ttrpc::Result<()> {
+        let req = RemoveContainerRequest {
+            container_id: id.into(),
+            force,
+            ..Default::default()
+        };
+        self.agent.remove_container(ctx(), &req).await.map(drop)
+    }
+
+    async fn state(&self, id: &str) -> Status {
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        let st = self.agent.state_container(ctx(), &req).await.unwrap();
+        st.status.enum_value_or_default()
+    }
+
+    /// Runs `args` as a container; returns (stdout, stderr, exit status).
+    async fn run(&self, id: &str, spec: &Value) -> (String, String, WaitProcessResponse) {
+        self.create(id, spec, stdio(false, true, true))
+            .await
+            .unwrap();
+        let out = self.stdio(id, None, StdioStream::Stdout).await;
+        let err = self.stdio(id, None, StdioStream::Stderr).await;
+        self.start(id).await;
+        let out = tokio::spawn(read_all(out));
+        let err = tokio::spawn(read_all(err));
+        let status = self.wait(id, "").await;
+        let out = String::from_utf8(out.await.unwrap()).unwrap();
+        let err = String::from_utf8(err.await.unwrap()).unwrap();
+        self.remove(id, false).await.unwrap();
+        (out, err, status)
+    }
+}
+
+fn code(e: &ttrpc::Error) -> ttrpc::Code {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        other => panic!("not a status: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_in_a_real_guest() {
+    let g = match guest::boot().await {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("SKIPPED containers_in_a_real_guest: {why}");
+            return;
+        }
+    };
+    let g = std::sync::Arc::new(g);
+    let run = tokio::spawn({
+        let g = g.clone();
+        async move { cases(&g).await }
+    });
+    match tokio::time::timeout(Duration::from_secs(600), run).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("cases failed: {e}; guest console:\n{}", g.console()),
+        Err(_) => panic!("cases timed out; guest console:\n{}", g.console()),
+    }
+}
+
+async fn cases(g: &Guest) {
+    // echo: stdout and exit 0, hostname and env applied.
+    let (out, err, st) = g
+        .run(
+            "echo",
+            &spec(&["sh", "-c", "echo hi; hostname; echo $TERM >&2"]),
+        )
+        .await;
+    assert_eq!(out, "hi\nvessel-test\n", "stderr: {err}");
+    assert_eq!(err, "xterm\n");
+    assert_eq!(st.exit_status, 0);
+    eprintln!("ok: echo");
+
+    // Exit code propagation.
+    let (_, _, st) = g.run("exit3", &spec(&["sh", "-c", "exit 3"])).await;
+    assert_eq!((st.exit_status, st.signal), (3, 0));
+    eprintln!("ok: exit 3");
+
+    // 10 MiB of stdout, attached after start: buffered, then backpressure,
+    // all of it delivered before WaitProcess returns.
+    let big: Vec<u8> = (0..10u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(g.rootfs.join("data/big"), &big).unwrap();
+    g.create(
+        "big",
+        &spec(&["cat", "/data/big"]),
+        stdio(false, true, false),
+    )
+    .await
+    .unwrap();
+    g.start("big").await;
+    let wait = {
+        let agent = g.agent.clone();
+        tokio::spawn(async move {
+            let req = ProcessRequest {
+                container_id: "big".into(),
+                ..Default::default()
+            };
+            agent.wait_process(ctx(), &req).await.unwrap()
+        })
+    };
+    let out = g.stdio("big", None, StdioStream::Stdout).await;
+    let got = read_all(out).await;
+    assert_eq!(got.len(), big.len());
+    assert!(got == big, "10 MiB stdout corrupted");
+    assert_eq!(wait.await.unwrap().exit_status, 0);
+    g.remove("big", false).await.unwrap();
+    eprintln!("ok: 10 MiB stdout");
+
+    // stdin piped in, half-close ends it.
+    g.create("stdin", &spec(&["cat"]), stdio(true, true, false))
+        .await
+        .unwrap();
+    let mut input = g.stdio("stdin", None, StdioStream::Stdin).await;
+    let out = g.stdio("stdin", None, StdioStream::Stdout).await;
+    g.start("stdin").await;
+    input.write_all(b"ping\n").await.unwrap();
+    input.shutdown().await.unwrap();
+    assert_eq!(read_all(out).await, b"ping\n");
+    assert_eq!(g.wait("stdin", "").await.exit_status, 0);
+    g.remove("stdin", false).await.unwrap();
+    eprintln!("ok: stdin");
+
+    // A long-running container: exec, ps, stats, pause/resume, SIGTERM trap.
+    let trap = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done";
+    g.create(
+        "long",
+        &spec(&["sh", "-c", trap]),
+        stdio(false, true, false),
+    )
+    .await
+    .unwrap();
+    let mut out = g.stdio("long", None, StdioStream::Stdout).await;
+    g.start("long").await;
+    let mut ready = [0u8; 6];
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::io::AsyncReadExt::read_exact(&mut out, &mut ready),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(&ready, b"ready\n");
+    assert_eq!(g.state("long").await, Status::RUNNING);
+
+    let exec = |exec_id: &str, args: &[&str]| ExecProcessRequest {
+        container_id: "long".into(),
+        exec_id: exec_id.into(),
+        process_json: serde_json::to_vec(&process(args, false)).unwrap(),
+        stdio: Some(stdio(false, true, false)).into(),
+        ..Default::default()
+    };
+    g.agent
+        .exec_process(ctx(), &exec("e1", &["sh", "-c", "echo exec-ok; hostname"]))
+        .await
+        .unwrap();
+    let eout = g.stdio("long", Some("e1"), StdioStream::Stdout).await;
+    assert_eq!(read_all(eout).await, b"exec-ok\nvessel-test\n");
+    assert_eq!(g.wait("long", "e1").await.exit_status, 0);
+    let dup = g
+        .agent
+        .exec_process(ctx(), &exec("e1", &["true"]))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&dup), ttrpc::Code::ALREADY_EXISTS);
+    g.agent
+        .exec_process(ctx(), &exec("e2", &["sh", "-c", "exit 5"]))
+        .await
+        .unwrap();
+    let _ = g.stdio("long", Some("e2"), StdioStream::Stdout).await;
+    assert_eq!(g.wait("long", "e2").await.exit_status, 5);
+    eprintln!("ok: exec");
+
+    let creq = ContainerRequest {
+        container_id: "long".into(),
+        ..Default::default()
+    };
+    let pids = g.agent.list_processes(ctx(), &creq).await.unwrap().pids;
+    assert!(!pids.is_empty(), "no pids");
+    let stats = g.agent.stats_container(ctx(), &creq).await.unwrap();
+    assert!(stats.memory.usage_bytes > 0, "{stats:?}");
+    assert!(stats.pids.current > 0, "{stats:?}");
+    g.agent.pause_container(ctx(), &creq).await.unwrap();
+    assert_eq!(g.state("long").await, Status::PAUSED);
+    g.agent.resume_container(ctx(), &creq).await.unwrap();
+    assert_eq!(g.state("long").await, Status::RUNNING);
+    eprintln!("ok: ps, stats, pause/resume");
+
+    g.signal("long", "", 15).await;
+    assert_eq!(read_all(out).await, b"got-term\n");
+    let st = g.wait("long", "").await;
+    assert_eq!(st.exit_status, 7);
+    assert_eq!(g.state("long").await, Status::STOPPED);
+    g.remove("long", false).await.unwrap();
+    eprintln!("ok: SIGTERM trap");
+
+    // SIGKILL: 128 + 9.
+    g.create("k9", &spec(&["sleep", "1000"]), stdio(false, false, false))
+        .await
+        .unwrap();
+    g.start("k9").await;
+    g.signal("k9", "", 9).await;
+    let st = g.wait("k9", "").await;
+    assert_eq!((st.exit_status, st.signal), (137, 9));
+    g.remove("k9", false).await.unwrap();
+    eprintln!("ok: kill -9");
+
+    // Forced removal of a running container.
+    g.create(
+        "force",
+        &spec(&["sleep", "1000"]),
+        stdio(false, false, false),
+    )
+    .await
+    .unwrap();
+    g.start("force").await;
+    let e = g.remove("force", false).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION);
+    g.remove("force", true).await.unwrap();
+    eprintln!("ok: delete --force");
+
+    // Terminal.
+    let mut tspec = spec(&["sh", "-c", "tty; echo tty-ok"]);
+    tspec["process"]["terminal"] = json!(true);
+    tspec["process"]["consoleSize"] = json!({"height": 30, "width": 100});
+    g.create("tty", &tspec, stdio(false, false, false))
+        .await
+        .unwrap();
+    let t = g.stdio("tty", None, StdioStream::Tty).await;
+    g.start("tty").await;
+    let text = String::from_utf8_lossy(&read_all(t).await).into_owned();
+    assert!(text.contains("tty-ok"), "{text:?}");
+    assert!(!text.contains("not a tty"), "{text:?}");
+    assert_eq!(g.wait("tty", "").await.exit_status, 0);
+    g.remove("tty", false).await.unwrap();
+    eprintln!("ok: tty");
+
+    // seccomp denying mkdir.
+    let mut sspec = spec(&["sh", "-c", "mkdir /tmp/x && echo made"]);
+    sspec["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let (out, err, st) = g.run("seccomp", &sspec).await;
+    assert_ne!(st.exit_status, 0, "mkdir succeeded: {out} {err}");
+    assert!(!out.contains("made"));
+    eprintln!("ok: seccomp ({})", err.trim());
+
+    // Read-only rootfs.
+    let mut ro = spec(&["touch", "/data/x"]);
+    ro["root"]["readonly"] = json!(true);
+    let (_, err, st) = g.run("ro", &ro).await;
+    assert_ne!(st.exit_status, 0);
+    assert!(err.contains("Read-only"), "{err}");
+    eprintln!("ok: readonly rootfs");
+
+    // Memory limit: the OOM kill is reported.
+    let mut oom = spec(&[
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/shm/fill",
+        "bs=1M",
+        "count=200",
+    ]);
+    oom["linux"]["resources"] = json!({"memory": {"limit": 33554432}});
+    oom["mounts"][3]["options"] = json!(["nosuid", "nodev", "mode=1777", "size=300m"]);
+    let oom_event = {
+        let agent = g.agent.clone();
+        tokio::spawn(async move {
+            agent
+                .get_oom_event(ctx(), &GetOOMEventRequest::default())
+                .await
+                .unwrap()
+        })
+    };
+    let (_, _, st) = g.run("oom", &oom).await;
+    assert_eq!(st.signal, 9, "{st:?}");
+    let ev = tokio::time::timeout(Duration::from_secs(30), oom_event)
+        .await
+        .expect("no OOM event")
+        .unwrap();
+    assert_eq!(ev.container_id, "oom");
+    eprintln!("ok: OOM");
+
+    // Bad input: clear errors, nothing left behind.
+    let e = g
+        .create(
+            "bad",
+            &spec(&["/bin/does-not-exist"]),
+            stdio(false, false, false),
+        )
+        .await
+        .unwrap_err();
+    eprintln!("missing binary: {e:?}");
+    let e = g
+        .create("bad", &spec(&["true"]), stdio(false, false, false))
+        .await
+        .map(drop);
+    assert!(e.is_ok(), "id not reusable after a failed create: {e:?}");
+    let e = g
+        .create("bad", &spec(&["true"]), stdio(false, false, false))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::ALREADY_EXISTS);
+    g.remove("bad", true).await.unwrap();
+    let mut bad_json = CreateContainerRequest {
+        container_id: "badjson".into(),
+        spec_json: b"{not json".to_vec(),
+        ..Default::default()
+    };
+    let e = g
+        .agent
+        .create_container(ctx(), &bad_json)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT);
+    bad_json.container_id = "../etc".into();
+    let e = g
+        .agent
+        .create_container(ctx(), &bad_json)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT);
+    let e = g
+        .agent
+        .wait_process(
+            ctx(),
+            &ProcessRequest {
+                container_id: "nope".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
+    let (reply, _) = g.stdio_raw(b"STDIO nope - stdout\n").await;
+    assert!(reply.starts_with("ERR no container nope"), "{reply}");
+    let (reply, _) = g.stdio_raw(b"garbage\n").await;
+    assert!(reply.starts_with("ERR "), "{reply}");
+    eprintln!("ok: bad input");
+}

@@ -178,7 +178,10 @@ async fn pod_with_two_containers_is_one_vm() {
     let Some(c) = Containerd::start() else { return };
     let mut rt = connect(&c.sock).await;
     let logs = c.dir.path().join("logs");
-    let cfg = pod_config("two", &logs);
+    let mut cfg = pod_config("two", &logs);
+    // Sizes the VM (containerd passes io.vessel.* through pod_annotations).
+    cfg.annotations
+        .insert("io.vessel.vm.memory_mib".into(), "384".into());
     let pod = run_pod(&mut rt, &cfg).await;
     let a = start_container(&mut rt, &pod, &cfg, "a", &["sleep", "1000"]).await;
     let b = start_container(&mut rt, &pod, &cfg, "b", &["sleep", "1000"]).await;
@@ -204,6 +207,17 @@ async fn pod_with_two_containers_is_one_vm() {
     assert_eq!(
         boot_a, boot_b,
         "both containers run in the same guest kernel"
+    );
+    let (_, meminfo) = exec(&mut rt, &a, &["cat", "/proc/meminfo"]).await;
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("MemTotal");
+    eprintln!("guest MemTotal {total_kib} KiB");
+    assert!(
+        (300 * 1024..=384 * 1024).contains(&total_kib),
+        "VM sized by the pod annotation (384 MiB), guest sees {total_kib} KiB"
     );
     let (code, _) = exec(&mut rt, &b, &["sh", "-c", "exit 4"]).await;
     assert_eq!(code, 4);

@@ -21,7 +21,9 @@ pub(super) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> u64 {
         return 0;
     };
     let offset = gpa - region.start_addr().raw_value();
-    let inside = offset.checked_add(len).is_some_and(|end| end <= region.len());
+    let inside = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= region.len());
     if len == 0 || !inside {
         return 0;
     }

@@ -29,7 +29,9 @@ pub async fn serve(
 ) -> anyhow::Result<std::convert::Infallible> {
     crate::container::prepare_work_dir(&work)
         .with_context(|| format!("create {}", work.display()))?;
-    let containers = Arc::new(Containers::new(reaper, work));
+    let (oom_tx, oom_rx) = tokio::sync::mpsc::channel(OOM_QUEUE);
+    let oom = Arc::new(cgroup::OomWatcher::new(oom_tx));
+    let containers = Arc::new(Containers::new(reaper, work, oom.clone()));
     let stdio = stdio_listener(&channel)?;
     let lookup: Arc<dyn crate::stdio::server::ProcessLookup> = containers.clone();
     match stdio {
@@ -38,8 +40,7 @@ pub async fn serve(
         }
         None => log::warn!("no vsock: process stdio streams are unavailable"),
     }
-    let (oom_tx, oom_rx) = tokio::sync::mpsc::channel(OOM_QUEUE);
-    tokio::spawn(cgroup::watch_oom(containers.clone(), oom_tx));
+    tokio::spawn(cgroup::watch_oom(containers.clone(), oom));
     let agent =
         vessel_protocol::agent_ttrpc::create_agent(Arc::new(AgentService::new(containers, oom_rx)));
 

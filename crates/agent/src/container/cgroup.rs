@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -104,28 +104,59 @@ pub trait Watched: Send + Sync + 'static {
     fn container_ids(&self) -> Vec<String>;
 }
 
-/// Polls memory.events of every container and sends the container id for each
-/// new oom_kill. Runs until the receiver is dropped.
-pub async fn watch_oom(watched: Arc<dyn Watched>, tx: mpsc::Sender<String>) {
-    let mut seen: HashMap<String, u64> = HashMap::new();
+/// Turns oom_kill counters of memory.events into one event per kill.
+pub struct OomWatcher {
+    seen: Mutex<HashMap<String, u64>>,
+    tx: mpsc::Sender<String>,
+}
+
+impl OomWatcher {
+    pub fn new(tx: mpsc::Sender<String>) -> Self {
+        OomWatcher {
+            seen: Mutex::new(HashMap::new()),
+            tx,
+        }
+    }
+
+    /// Queues one event per oom_kill of `id` not reported yet. Called by the
+    /// poller and once more before a container's cgroup is removed, so a kill
+    /// just before removal is not lost.
+    pub fn check(&self, id: &str) {
+        let kills = read_keyed(dir(id).join("memory.events"))
+            .get("oom_kill")
+            .copied()
+            .unwrap_or(0);
+        let before = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), kills)
+            .unwrap_or(0);
+        for _ in before..kills {
+            log::info!("container {id}: OOM kill");
+            if self.tx.try_send(id.to_string()).is_err() {
+                log::warn!("OOM event queue full or closed; dropped an event of {id}");
+            }
+        }
+    }
+
+    /// Stops tracking a removed container.
+    pub fn forget(&self, id: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+}
+
+/// Polls memory.events of every container until the process ends.
+pub async fn watch_oom(watched: Arc<dyn Watched>, oom: Arc<OomWatcher>) {
     let mut tick = tokio::time::interval(OOM_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let ids = watched.container_ids();
-        seen.retain(|id, _| ids.contains(id));
-        for id in ids {
-            let kills = read_keyed(dir(&id).join("memory.events"))
-                .get("oom_kill")
-                .copied()
-                .unwrap_or(0);
-            let before = seen.insert(id.clone(), kills).unwrap_or(0);
-            for _ in before..kills {
-                log::info!("container {id}: OOM kill");
-                if tx.send(id.clone()).await.is_err() {
-                    return;
-                }
-            }
+        for id in watched.container_ids() {
+            oom.check(&id);
         }
     }
 }

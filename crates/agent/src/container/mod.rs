@@ -152,6 +152,7 @@ pub struct Containers {
     /// Ids being created (not in `map` yet), to refuse duplicates.
     creating: Mutex<HashSet<String>>,
     mounts: Mutex<storage::Mounts>,
+    oom: Arc<cgroup::OomWatcher>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,8 +169,9 @@ fn check_id(id: &str) -> Result<(), ContainerError> {
 
 impl Containers {
     /// `work` is the agent's directory (`/run/vessel-agent` in the guest).
-    pub fn new(reaper: Reaper, work: PathBuf) -> Self {
+    pub fn new(reaper: Reaper, work: PathBuf, oom: Arc<cgroup::OomWatcher>) -> Self {
         Containers {
+            oom,
             reaper,
             work,
             map: Mutex::new(HashMap::new()),
@@ -455,12 +457,15 @@ impl Containers {
             let mut rx = init.exit.clone();
             let _ = tokio::time::timeout(KILL_TIMEOUT, rx.wait_for(|s| s.is_some())).await;
         }
+        // Last look at memory.events before the cgroup goes away.
+        self.oom.check(id);
         if let Err(e) = self.libcontainer(id, |c| c.delete(true)).await {
             log::warn!("libcontainer delete {id}: {e}");
         }
         let _ = std::fs::remove_dir_all(self.state_root().join(id));
         let _ = std::fs::remove_dir(cgroup::dir(id));
         let _ = std::fs::remove_dir_all(self.bundle(id));
+        self.oom.forget(id);
         if let Some(c) = lock(&self.map).remove(id) {
             let mut mounts = lock(&self.mounts);
             for m in c.storages.iter().rev() {

@@ -232,13 +232,13 @@ async fn pump_output(
         return;
     };
     let (mut host_rx, mut host_tx) = tokio::io::split(conn);
-    if let Some(mut master) = tty_input {
+    // Host EOF on a tty does not close the terminal: the host ends a terminal
+    // session with a signal, not with EOF.
+    let input = tty_input.map(|mut master| {
         tokio::spawn(async move {
-            // Host EOF on a tty does not close the terminal: the host ends a
-            // terminal session with a signal, not with EOF.
             let _ = tokio::io::copy(&mut host_rx, &mut master).await;
-        });
-    }
+        })
+    });
     let mut host_ok = host_tx.write_all(&pending).await.is_ok();
     drop(pending);
     while !eof {
@@ -253,6 +253,13 @@ async fn pump_output(
         let _ = host_tx.flush().await;
         let _ = host_tx.shutdown().await;
     }
+    // Close the connection fully: some vsock backends (vhost-device-vsock)
+    // do not pass a guest half-close on to the host.
+    if let Some(input) = input {
+        input.abort();
+        let _ = input.await;
+    }
+    drop(host_tx);
     let _ = done.send(true);
 }
 

@@ -271,13 +271,14 @@ async fn cases(g: &Guest) {
 
     // A long-running container: exec, ps, stats, pause/resume, SIGTERM trap.
     let trap = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done";
-    g.create(
-        "long",
-        &spec(&["sh", "-c", trap]),
-        stdio(false, true, false),
-    )
-    .await
-    .unwrap();
+    let mut long = spec(&["sh", "-c", trap]);
+    long["linux"]["resources"] = json!({
+        "pids": {"limit": 50},
+        "cpu": {"quota": 50000, "period": 100000}
+    });
+    g.create("long", &long, stdio(false, true, false))
+        .await
+        .unwrap();
     let mut out = g.stdio("long", None, StdioStream::Stdout).await;
     g.start("long").await;
     let mut ready = [0u8; 6];
@@ -319,6 +320,61 @@ async fn cases(g: &Guest) {
     assert_eq!(g.wait("long", "e2").await.exit_status, 5);
     eprintln!("ok: exec");
 
+    // Exec with a terminal.
+    let mut tproc = process(&["sh", "-c", "tty; echo exec-tty-ok"], true);
+    tproc["consoleSize"] = json!({"height": 40, "width": 120});
+    let treq = ExecProcessRequest {
+        container_id: "long".into(),
+        exec_id: "t1".into(),
+        process_json: serde_json::to_vec(&tproc).unwrap(),
+        ..Default::default()
+    };
+    g.agent.exec_process(ctx(), &treq).await.unwrap();
+    let t = g.stdio("long", Some("t1"), StdioStream::Tty).await;
+    let text = String::from_utf8_lossy(&read_all(t).await).into_owned();
+    assert!(
+        text.contains("/dev/pts/") && text.contains("exec-tty-ok"),
+        "{text:?}"
+    );
+    assert_eq!(g.wait("long", "t1").await.exit_status, 0);
+    eprintln!("ok: exec -t");
+
+    // A second container while the first runs: user, groups, cwd, umask,
+    // rlimits, sysctl, env, tmpfs and a read-only bind mount.
+    std::fs::write(g.rootfs.join("data/hello"), "from-bind\n").unwrap();
+    let script = "id; pwd; umask; ulimit -n; cat /proc/sys/kernel/msgmax; echo $FOO; \
+                  cat /mnt/hello; touch /mnt/x 2>/dev/null || echo bind-ro; \
+                  touch /tmp/ok && echo tmpfs-rw";
+    let mut f = spec(&["sh", "-c", script]);
+    f["process"]["user"] =
+        json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 20], "umask": 23});
+    f["process"]["cwd"] = json!("/tmp");
+    f["process"]["env"] = json!(["PATH=/bin", "FOO=bar"]);
+    f["linux"]["sysctl"] = json!({"kernel.msgmax": "4096"});
+    f["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/mnt", "type": "bind",
+        "source": format!("{ROOTFS}/data"), "options": ["rbind", "ro"]
+    }));
+    let (fout, err, st) = g.run("features", &f).await;
+    assert_eq!(st.exit_status, 0, "{fout} {err}");
+    let lines: Vec<&str> = fout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "uid=1000 gid=1000 groups=10,20",
+            "/tmp",
+            "0027",
+            "1024",
+            "4096",
+            "bar",
+            "from-bind",
+            "bind-ro",
+            "tmpfs-rw"
+        ],
+        "stderr: {err}"
+    );
+    eprintln!("ok: user, cwd, umask, rlimits, sysctl, env, mounts");
+
     let creq = ContainerRequest {
         container_id: "long".into(),
         ..Default::default()
@@ -328,6 +384,7 @@ async fn cases(g: &Guest) {
     let stats = g.agent.stats_container(ctx(), &creq).await.unwrap();
     assert!(stats.memory.usage_bytes > 0, "{stats:?}");
     assert!(stats.pids.current > 0, "{stats:?}");
+    assert_eq!(stats.pids.limit, 50, "{stats:?}");
     g.agent.pause_container(ctx(), &creq).await.unwrap();
     assert_eq!(g.state("long").await, Status::PAUSED);
     g.agent.resume_container(ctx(), &creq).await.unwrap();

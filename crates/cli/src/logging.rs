@@ -9,10 +9,14 @@ pub enum Format {
     Json,
 }
 
-pub fn init(file: Option<&Path>, format: Format, debug: bool) {
+/// `quiet`: OCI commands log warnings and errors only (as runc), so that
+/// callers parsing stderr see nothing unexpected.
+pub fn init(file: Option<&Path>, format: Format, debug: bool, quiet: bool) {
     let mut b = env_logger::Builder::new();
     b.filter_level(if debug {
         log::LevelFilter::Debug
+    } else if quiet {
+        log::LevelFilter::Warn
     } else {
         log::LevelFilter::Info
     });

@@ -2,7 +2,7 @@
 //! (a detached re-exec of the CLI) that boots the VM and creates the
 //! container. Every failure removes everything that was created.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
@@ -186,10 +186,9 @@ pub fn spawn_supervisor(cmd: &mut Command, inherit_stdio: bool) -> Result<(Child
         .spawn()
         .map_err(|e| ContainerError::Supervisor(format!("cannot start: {e}")))?;
     drop(wr);
+    // One line: a process that inherited the pipe by mistake must not keep us waiting.
     let mut reply = String::new();
-    let _ = std::fs::File::from(rd)
-        .take(64 * 1024)
-        .read_to_string(&mut reply);
+    let _ = BufReader::new(std::fs::File::from(rd).take(64 * 1024)).read_line(&mut reply);
     Ok((child, reply))
 }
 

@@ -45,7 +45,6 @@ impl Relays {
         let tx = self.tx.clone();
         self.outputs += 1;
         std::thread::spawn(move || {
-            let _ = src.shutdown(Shutdown::Write);
             let _ = copy(&src, dst);
             let _ = tx.send(());
         });

@@ -113,6 +113,7 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
     // SAFETY: `create` passes the write end of its readiness pipe as this fd
     // and nothing else in this process owns it.
     let mut sync = unsafe { File::from_raw_fd(args.sync_fd) };
+    set_cloexec(&sync);
     let dir = config.state_root.join(&args.id);
     let mut running = match setup(config, &args, &dir).await {
         Ok((r, guest_pid)) => {
@@ -261,6 +262,13 @@ pub async fn attach_host_stdio(
     relays.output(stdout, dup(1)?);
     relays.output(stderr, dup(2)?);
     Ok(())
+}
+
+/// Keeps an inherited fd (the readiness pipe) out of the VM's processes:
+/// the caller reads until EOF.
+pub fn set_cloexec(f: &File) {
+    // SAFETY: fcntl on an fd owned by `f`.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
 }
 
 /// Points fds 0-2 at /dev/null (the relays own dups of the caller's fds).

@@ -1,0 +1,63 @@
+//! `vessel kill [--all] <id> [signal]`: names (KILL, SIGKILL) or numbers.
+
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use anyhow::bail;
+use nix::sys::signal::Signal;
+
+use crate::Ctx;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Signal every process of the container.
+    #[arg(long, short)]
+    pub all: bool,
+    pub id: String,
+    #[arg(default_value = "SIGTERM")]
+    pub signal: String,
+}
+
+pub fn parse_signal(s: &str) -> anyhow::Result<u32> {
+    if let Ok(n) = s.parse::<u32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        bail!("signal {n} out of range 1-64");
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    match Signal::from_str(&name) {
+        Ok(sig) => Ok(sig as u32),
+        Err(_) => bail!("unknown signal {s:?}"),
+    }
+}
+
+pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
+    let sig = parse_signal(&a.signal)?;
+    crate::block_on(vessel_runtime::container::ops::kill(
+        ctx.root(),
+        &a.id,
+        sig,
+        a.all,
+    ))??;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals() {
+        assert_eq!(parse_signal("9").unwrap(), 9);
+        assert_eq!(parse_signal("KILL").unwrap(), 9);
+        assert_eq!(parse_signal("SIGTERM").unwrap(), 15);
+        assert_eq!(parse_signal("hup").unwrap(), 1);
+        assert!(parse_signal("FOO").is_err() && parse_signal("0").is_err());
+    }
+}

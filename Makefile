@@ -11,7 +11,7 @@ VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test \
-        test-vmm bench-boot bench-vmm clean install test-shim bench-shim
+        test-vmm bench-boot bench-run bench-vmm clean install test-shim bench-shim
 
 deps:
 	scripts/install-deps.sh
@@ -41,6 +41,11 @@ config:
 
 demo: deps guest build config
 	$(VESSEL) check --boot
+	@rm -rf $(BUILD)/demo-bundle
+	@tests/support/busybox-bundle.sh $(BUILD)/demo-bundle $(VESSEL) -- \
+		sh -c 'echo "Hello from a Vessel container in its own microVM"; echo "guest kernel: $$(uname -r)"'
+	@echo "host kernel:  $$(uname -r)"
+	$(VESSEL) --root $(BUILD)/demo-root run --bundle $(BUILD)/demo-bundle demo-$$$$
 
 lint:
 	cargo fmt --all --check
@@ -60,6 +65,9 @@ test: deps guest config lint workspace-test
 
 bench-boot: deps guest build config
 	benches/boot.sh
+
+bench-run: deps guest build config
+	benches/run.sh
 
 bench-vmm:
 	sh crates/vmm/bench/bench-vmm.sh

@@ -15,8 +15,9 @@ use tokio::io::AsyncWriteExt;
 use ttrpc::context;
 use vessel_protocol::agent::{
     state_container_response::Status, ContainerRequest, CreateContainerRequest, ExecProcessRequest,
-    GetOOMEventRequest, ProcessRequest, RemoveContainerRequest, SignalProcessRequest, StdioConfig,
-    Storage, WaitProcessResponse,
+    GetOOMEventRequest, ProcessRequest, RemoveContainerRequest, ReseedRandomRequest,
+    ResizeTtyRequest, SetTimeRequest, SignalProcessRequest, StdioConfig, Storage,
+    WaitProcessResponse,
 };
 use vessel_protocol::stdio::StdioStream;
 
@@ -425,20 +426,60 @@ async fn cases(g: &Guest) {
     eprintln!("ok: delete --force");
 
     // Terminal.
-    let mut tspec = spec(&["sh", "-c", "tty; echo tty-ok"]);
+    let mut tspec = spec(&["sh", "-c", "tty; echo tty-ok; read x; stty size"]);
     tspec["process"]["terminal"] = json!(true);
     tspec["process"]["consoleSize"] = json!({"height": 30, "width": 100});
     g.create("tty", &tspec, stdio(false, false, false))
         .await
         .unwrap();
-    let t = g.stdio("tty", None, StdioStream::Tty).await;
+    let mut t = g.stdio("tty", None, StdioStream::Tty).await;
     g.start("tty").await;
+    let resize = ResizeTtyRequest {
+        container_id: "tty".into(),
+        rows: 50,
+        cols: 132,
+        ..Default::default()
+    };
+    g.agent.resize_tty(ctx(), &resize).await.unwrap();
+    t.write_all(b"go\n").await.unwrap();
     let text = String::from_utf8_lossy(&read_all(t).await).into_owned();
     assert!(text.contains("tty-ok"), "{text:?}");
     assert!(!text.contains("not a tty"), "{text:?}");
+    assert!(text.contains("50 132"), "{text:?}");
     assert_eq!(g.wait("tty", "").await.exit_status, 0);
     g.remove("tty", false).await.unwrap();
     eprintln!("ok: tty");
+
+    // CloseStdin without a host stdin connection ends `cat`.
+    g.create("close", &spec(&["cat"]), stdio(true, false, false))
+        .await
+        .unwrap();
+    g.start("close").await;
+    let preq = ProcessRequest {
+        container_id: "close".into(),
+        ..Default::default()
+    };
+    g.agent.close_stdin(ctx(), &preq).await.unwrap();
+    assert_eq!(g.wait("close", "").await.exit_status, 0);
+    g.remove("close", false).await.unwrap();
+    eprintln!("ok: close stdin");
+
+    // Snapshot-restore helpers.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let treq = SetTimeRequest {
+        seconds: now.as_secs() as i64,
+        nanos: now.subsec_nanos(),
+        ..Default::default()
+    };
+    g.agent.set_time(ctx(), &treq).await.unwrap();
+    let rreq = ReseedRandomRequest {
+        data: vec![0x5a; 64],
+        ..Default::default()
+    };
+    g.agent.reseed_random(ctx(), &rreq).await.unwrap();
+    eprintln!("ok: set time, reseed");
 
     // seccomp denying mkdir.
     let mut sspec = spec(&["sh", "-c", "mkdir /tmp/x && echo made"]);

@@ -254,7 +254,8 @@ impl Containers {
             move |e| ContainerError::Io(what, e)
         };
         std::fs::create_dir_all(&bundle).map_err(io_err("create bundle dir"))?;
-        let json = serde_json::to_vec(spec).map_err(ContainerError::ProcessJson)?;
+        let json = serde_json::to_vec(spec)
+            .map_err(|e| ContainerError::Failed(format!("encode config.json: {e}")))?;
         std::fs::write(bundle.join("config.json"), json).map_err(io_err("write config.json"))?;
         let process = spec.process().as_ref().ok_or(spec::SpecError::NoProcess)?;
         let terminal = process.terminal().unwrap_or(false);

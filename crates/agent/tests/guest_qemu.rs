@@ -464,6 +464,32 @@ async fn cases(g: &Guest) {
     g.remove("close", false).await.unwrap();
     eprintln!("ok: close stdin");
 
+    // Rootfs over virtio-fs, as the host runtime shares it.
+    if g.virtiofs {
+        let mut v = spec(&["cat", "/data/hello"]);
+        v["root"]["path"] = json!("/run/vessel/vfs0");
+        let storage = Storage {
+            source: guest::VIRTIOFS_TAG.into(),
+            fstype: "virtiofs".into(),
+            mount_point: "/run/vessel/vfs0".into(),
+            ..Default::default()
+        };
+        let req = CreateContainerRequest {
+            container_id: "vfs".into(),
+            spec_json: serde_json::to_vec(&v).unwrap(),
+            storages: vec![storage],
+            stdio: Some(stdio(false, true, false)).into(),
+            ..Default::default()
+        };
+        g.agent.create_container(ctx(), &req).await.unwrap();
+        let out = g.stdio("vfs", None, StdioStream::Stdout).await;
+        g.start("vfs").await;
+        assert_eq!(read_all(out).await, b"from-bind\n");
+        assert_eq!(g.wait("vfs", "").await.exit_status, 0);
+        g.remove("vfs", false).await.unwrap();
+        eprintln!("ok: virtio-fs rootfs");
+    }
+
     // Snapshot-restore helpers.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -18,11 +18,17 @@ use vessel_protocol::stdio::{StdioHeader, StdioStream};
 /// Guest path where the rootfs share is mounted.
 pub const ROOTFS: &str = "/run/vessel/rootfs0";
 
+/// virtio-fs tag of the same directory, when virtiofsd is available.
+pub const VIRTIOFS_TAG: &str = "vfs0";
+
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Guest {
     pub agent: AgentClient,
     pub rootfs: PathBuf,
+    /// The rootfs is also shared over virtio-fs with tag [`VIRTIOFS_TAG`]
+    /// (when virtiofsd is installed).
+    pub virtiofs: bool,
     _procs: Procs,
     pub dir: tempfile::TempDir,
 }
@@ -150,6 +156,40 @@ pub async fn boot() -> Result<Guest, String> {
     // The agent connects here once its API is up.
     let ready = UnixListener::bind(format!("{}_{READY_VSOCK_PORT}", uds.display())).unwrap();
 
+    // The same rootfs over virtio-fs too, as the host runtime shares it.
+    let vfs_sock = d.join("virtiofsd.sock");
+    let virtiofs = match which("virtiofsd") {
+        Some(bin) => {
+            let child = Command::new(bin)
+                .arg(format!("--socket-path={}", vfs_sock.display()))
+                .arg(format!("--shared-dir={}", rootfs.display()))
+                .arg("--cache=auto")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join("virtiofsd.log")).unwrap())
+                .spawn()
+                .unwrap();
+            procs.0.push(child);
+            assert!(
+                wait_until(Duration::from_secs(10), || vfs_sock.exists()),
+                "virtiofsd did not create its socket"
+            );
+            true
+        }
+        None => {
+            eprintln!("virtiofsd not installed: virtio-fs case skipped");
+            false
+        }
+    };
+    let mut vfs_args: Vec<String> = Vec::new();
+    if virtiofs {
+        vfs_args.extend([
+            "-chardev".into(),
+            format!("socket,id=vfs,path={}", vfs_sock.display()),
+            "-device".into(),
+            format!("vhost-user-fs-pci,chardev=vfs,tag={VIRTIOFS_TAG}"),
+        ]);
+    }
+
     let console = d.join("console.log");
     let qemu = Command::new("qemu-system-x86_64")
         .args([
@@ -179,6 +219,7 @@ pub async fn boot() -> Result<Guest, String> {
             rootfs.display()
         ))
         .args(["-device", "virtio-9p-pci,fsdev=fs0,mount_tag=rootfs0"])
+        .args(&vfs_args)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(d.join("qemu.log")).unwrap())
         .spawn()
@@ -193,7 +234,7 @@ pub async fn boot() -> Result<Guest, String> {
     };
     let qemu_exit = async {
         loop {
-            if let Ok(Some(st)) = procs.0[1].try_wait() {
+            if let Ok(Some(st)) = procs.0.last_mut().expect("qemu runs").try_wait() {
                 return st;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -219,6 +260,7 @@ pub async fn boot() -> Result<Guest, String> {
     Ok(Guest {
         agent: AgentClient::new(ttrpc::r#async::Client::new(Socket::new(api))),
         rootfs,
+        virtiofs,
         _procs: procs,
         dir,
     })

@@ -226,7 +226,7 @@ pub async fn exec(
                 b.try_clone_to_owned()
                     .map_err(|e| ContainerError::io(Path::new("stdin"), e))?,
             );
-            relays.input(stdin, stream_in);
+            relays.tty_input(stdin, stream_in);
             relays.output(stream, host);
         } else {
             relays

@@ -40,6 +40,14 @@ impl Relays {
         });
     }
 
+    /// host `src` -> a terminal's stream; EOF does not close the stream (a
+    /// terminal has no half-close: the process would lose its output).
+    pub fn tty_input(&mut self, src: File, dst: UnixStream) {
+        std::thread::spawn(move || {
+            let _ = copy(src, &dst);
+        });
+    }
+
     /// process -> host `dst`, until the agent shuts the stream down.
     pub fn output(&mut self, src: UnixStream, dst: File) {
         let tx = self.tx.clone();

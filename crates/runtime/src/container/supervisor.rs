@@ -29,6 +29,8 @@ use crate::{Config, Sandbox};
 
 /// How long output may still flow after init exited before it is cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an OOM event may trail a SIGKILL exit.
+const OOM_GRACE: Duration = Duration::from_secs(2);
 /// Exit status when the sandbox died under the container.
 const SANDBOX_DIED: i32 = 255;
 /// Exit status after a forced shutdown (as after SIGKILL).
@@ -308,12 +310,14 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
     let oom_client = r.client.clone();
     let oom_dir = dir.to_path_buf();
     let oom_id = id.to_string();
+    let (oom_tx, mut oom_rx) = tokio::sync::watch::channel(0u64);
     let oom = tokio::spawn(async move {
         let mut n = 0u64;
         while let Ok(cid) = oom_client.oom_event().await {
             if cid == oom_id {
                 n += 1;
                 let _ = std::fs::write(oom_dir.join("oom"), format!("{n}\n"));
+                let _ = oom_tx.send(n);
             }
         }
     });
@@ -347,6 +351,16 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
             }
         }
     };
+    if status == KILLED && *oom_rx.borrow() == 0 {
+        // The OOM event may trail the exit: give it a moment.
+        let _ = tokio::time::timeout(OOM_GRACE, oom_rx.changed()).await;
+    }
+    if *oom_rx.borrow() > 0 {
+        log::warn!(
+            "{id}: OOM: the container's memory limit was hit and the OOM killer ran ({} kills)",
+            *oom_rx.borrow()
+        );
+    }
     oom.abort();
     status
 }

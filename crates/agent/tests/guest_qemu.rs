@@ -400,6 +400,34 @@ async fn cases(g: &Guest) {
     g.remove("long", false).await.unwrap();
     eprintln!("ok: SIGTERM trap");
 
+    // SIGKILL to every process (kill --all), exec after the container stopped.
+    g.create(
+        "all",
+        &spec(&["sh", "-c", "sleep 1000 & sleep 1000"]),
+        stdio(false, false, false),
+    )
+    .await
+    .unwrap();
+    g.start("all").await;
+    let all = SignalProcessRequest {
+        container_id: "all".into(),
+        signal: 9,
+        all: true,
+        ..Default::default()
+    };
+    g.agent.signal_process(ctx(), &all).await.unwrap();
+    assert_eq!(g.wait("all", "").await.exit_status, 137);
+    let late = ExecProcessRequest {
+        container_id: "all".into(),
+        exec_id: "late".into(),
+        process_json: serde_json::to_vec(&process(&["true"], false)).unwrap(),
+        ..Default::default()
+    };
+    let e = g.agent.exec_process(ctx(), &late).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION);
+    g.remove("all", false).await.unwrap();
+    eprintln!("ok: kill --all, exec into a stopped container refused");
+
     // SIGKILL: 128 + 9.
     g.create("k9", &spec(&["sleep", "1000"]), stdio(false, false, false))
         .await

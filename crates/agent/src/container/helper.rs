@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::reaper::Reaper;
 use crate::stdio::ChildStdio;
 
+/// How long creating a container or an exec process may take.
+const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// First argument that selects helper mode.
 pub const HELPER_ARG: &str = "--libcontainer-helper";
 
@@ -68,7 +71,23 @@ pub async fn run(reaper: &Reaper, req: &HelperRequest, stdio: ChildStdio) -> Res
         .spawn()
         .map_err(|e| format!("start libcontainer helper: {e}"))?;
     // The reaper keeps statuses of pids nobody subscribed to yet.
-    let status = reaper.subscribe(child.id() as i32).await;
+    let pid = child.id() as i32;
+    let mut exit = reaper.subscribe(pid);
+    let status = match tokio::time::timeout(HELPER_TIMEOUT, &mut exit).await {
+        Ok(status) => status,
+        Err(_) => {
+            log::error!("libcontainer helper {pid} hangs; killing it");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = exit.await;
+            return Err(format!(
+                "libcontainer did not finish within {}s",
+                HELPER_TIMEOUT.as_secs()
+            ));
+        }
+    };
     let result = std::fs::read(&req.result);
     let _ = std::fs::remove_file(&req.result);
     match result

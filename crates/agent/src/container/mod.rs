@@ -360,6 +360,12 @@ impl Containers {
             if c.execs.contains_key(exec_id) {
                 return Err(ContainerError::ExecExists(id.into(), exec_id.into()));
             }
+            if c.init.exited().is_some() {
+                return Err(ContainerError::State(
+                    id.into(),
+                    "container is stopped; exec needs a running container".into(),
+                ));
+            }
         }
         let path = self.bundle(id).join(format!("exec-{exec_id}.json"));
         std::fs::write(&path, process_json)

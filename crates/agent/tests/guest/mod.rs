@@ -79,6 +79,7 @@ fn inputs() -> Result<Inputs, String> {
             agent.display()
         ));
     }
+    warn_if_stale(&agent, &root.join("crates/agent/src"));
     for tool in ["qemu-system-x86_64", "vhost-device-vsock"] {
         which(tool).ok_or_else(|| format!("{tool} not on PATH"))?;
     }
@@ -88,6 +89,33 @@ fn inputs() -> Result<Inputs, String> {
         agent,
         busybox,
     })
+}
+
+/// The test runs a prebuilt static agent: say so when it predates the sources.
+fn warn_if_stale(agent: &Path, src: &Path) {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    newest(&p)
+                } else {
+                    e.metadata().ok()?.modified().ok()
+                }
+            })
+            .max()
+    }
+    let built = std::fs::metadata(agent).and_then(|m| m.modified()).ok();
+    if let (Some(built), Some(src)) = (built, newest(src)) {
+        if src > built {
+            eprintln!(
+                "WARNING: {} is older than crates/agent/src: rebuild the static agent",
+                agent.display()
+            );
+        }
+    }
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.

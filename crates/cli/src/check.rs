@@ -236,7 +236,7 @@ fn cgroup_layout() -> String {
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     let is_cg2 = |p: &str| {
         nix::sys::statfs::statfs(p)
-            .map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+            .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
             .unwrap_or(false)
     };
     if is_cg2("/sys/fs/cgroup") {

@@ -9,6 +9,7 @@ mod pod;
 mod rootfs;
 mod service;
 mod sizing;
+mod state;
 mod stats;
 mod stdio;
 

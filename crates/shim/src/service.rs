@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use containerd_shim::api::{self, Status as TaskStatus};
+use containerd_shim::api;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::events::task::{
@@ -20,7 +20,6 @@ use containerd_shim::protos::ttrpc::context::Context as PubContext;
 use containerd_shim::{Task, TtrpcContext};
 use oci_spec::runtime::Spec;
 use tokio::sync::{watch, Mutex};
-use tokio::task::JoinHandle;
 use ttrpc::{Code, Result as TtrpcResult};
 use vessel_runtime::container::share::Staging;
 use vessel_runtime::container::ContainerClient;
@@ -29,14 +28,15 @@ use vessel_runtime::Config;
 use crate::pod::Pod;
 use crate::rootfs;
 use crate::sizing::{vm_size, VmSize};
-use crate::stdio::{self, Relays, StdioPaths};
+use crate::state::{Container, Exit, Process, State};
+use crate::stdio::{self, StdioPaths};
 
 /// Exit status reported when a process's fate is unknown (VM died, agent gone).
 const LOST_EXIT_STATUS: u32 = 255;
 /// Longest time output relays get to flush after a process exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+pub(crate) fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
@@ -46,101 +46,6 @@ fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
 
 fn now() -> Timestamp {
     containerd_shim::util::timestamp().unwrap_or_default()
-}
-
-#[derive(Debug, Clone)]
-struct Exit {
-    status: u32,
-    at: Timestamp,
-}
-
-struct Process {
-    pid: u32,
-    paused: bool,
-    started: bool,
-    stdio: StdioPaths,
-    /// OCI `process` JSON of an exec (empty for the init process).
-    process_json: Vec<u8>,
-    relays: Arc<Mutex<Relays>>,
-    exit: watch::Sender<Option<Exit>>,
-}
-
-impl Process {
-    fn new(stdio: StdioPaths, process_json: Vec<u8>) -> Self {
-        Process {
-            pid: 0,
-            paused: false,
-            started: false,
-            stdio,
-            process_json,
-            relays: Arc::default(),
-            exit: watch::channel(None).0,
-        }
-    }
-
-    fn exited(&self) -> Option<Exit> {
-        self.exit.borrow().clone()
-    }
-
-    fn status(&self) -> TaskStatus {
-        match (self.exited(), self.started, self.paused) {
-            (Some(_), _, _) => TaskStatus::STOPPED,
-            (None, false, _) => TaskStatus::CREATED,
-            (None, true, true) => TaskStatus::PAUSED,
-            (None, true, false) => TaskStatus::RUNNING,
-        }
-    }
-}
-
-struct Container {
-    bundle: String,
-    init: Process,
-    execs: HashMap<String, Process>,
-}
-
-#[derive(Default)]
-struct State {
-    pod: Option<Pod>,
-    /// Tasks that need the pod's VM (death watcher, OOM loop).
-    pod_tasks: Vec<JoinHandle<()>>,
-    containers: HashMap<String, Container>,
-}
-
-impl State {
-    fn container(&self, id: &str) -> TtrpcResult<&Container> {
-        self.containers
-            .get(id)
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not found")))
-    }
-
-    fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<&Process> {
-        let c = self.container(id)?;
-        if exec_id.is_empty() {
-            return Ok(&c.init);
-        }
-        c.execs
-            .get(exec_id)
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} of {id} not found")))
-    }
-
-    fn process_mut(&mut self, id: &str, exec_id: &str) -> TtrpcResult<&mut Process> {
-        let c = self
-            .containers
-            .get_mut(id)
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not found")))?;
-        if exec_id.is_empty() {
-            return Ok(&mut c.init);
-        }
-        c.execs
-            .get_mut(exec_id)
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} of {id} not found")))
-    }
-
-    fn pod(&self) -> TtrpcResult<&Pod> {
-        self.pod
-            .as_ref()
-            .ok_or_else(|| err(Code::FAILED_PRECONDITION, "the pod's VM is not running"))
-    }
 }
 
 struct Inner {

@@ -23,6 +23,9 @@ use vessel_protocol::stdio::StdioStream;
 
 use guest::{read_all, Guest, ROOTFS};
 
+/// 64 characters, like a containerd exec id: socket paths must stay short.
+const LONG_EXEC: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
 const CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -326,18 +329,18 @@ async fn cases(g: &Guest) {
     tproc["consoleSize"] = json!({"height": 40, "width": 120});
     let treq = ExecProcessRequest {
         container_id: "long".into(),
-        exec_id: "t1".into(),
+        exec_id: LONG_EXEC.into(),
         process_json: serde_json::to_vec(&tproc).unwrap(),
         ..Default::default()
     };
     g.agent.exec_process(ctx(), &treq).await.unwrap();
-    let t = g.stdio("long", Some("t1"), StdioStream::Tty).await;
+    let t = g.stdio("long", Some(LONG_EXEC), StdioStream::Tty).await;
     let text = String::from_utf8_lossy(&read_all(t).await).into_owned();
     assert!(
         text.contains("/dev/pts/") && text.contains("exec-tty-ok"),
         "{text:?}"
     );
-    assert_eq!(g.wait("long", "t1").await.exit_status, 0);
+    assert_eq!(g.wait("long", LONG_EXEC).await.exit_status, 0);
     eprintln!("ok: exec -t");
 
     // A second container while the first runs: user, groups, cwd, umask,

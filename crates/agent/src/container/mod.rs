@@ -13,6 +13,7 @@ pub mod storage;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ use vessel_protocol::stdio::valid_id;
 use crate::reaper::Reaper;
 use crate::stdio::{server::ProcessLookup, ChildStdio, ProcessIo};
 use helper::{HelperOp, HelperRequest};
+
+/// Numbers the helper runs (names of their console socket and result file).
+static NEXT_SPAWN: AtomicU64 = AtomicU64::new(0);
 
 /// How long a forced removal waits for the init process to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -285,11 +289,11 @@ impl Containers {
         let console_dir = self.work.join("console");
         std::fs::create_dir_all(&console_dir)
             .map_err(io_err(format!("create {}", console_dir.display())))?;
-        let console_path = console_dir.join(format!("{id}.{name}.sock"));
-        let result = self
-            .work
-            .join("console")
-            .join(format!("{id}.{name}.result"));
+        // Short names: a Unix socket path has at most 107 bytes, ids up to 128.
+        let n = NEXT_SPAWN.fetch_add(1, Ordering::Relaxed);
+        let console_path = console_dir.join(format!("{n}.sock"));
+        let result = console_dir.join(format!("{n}.result"));
+        log::debug!("spawn {n}: {name} of container {id}");
         let (io, child, console) = if terminal {
             helper::remove_quietly(&console_path);
             let listener = tokio::net::UnixListener::bind(&console_path)

@@ -189,7 +189,8 @@ fn memory_limit_is_enforced_and_oom_reported() {
 fn bad_bundles_fail_clearly_and_leave_nothing() {
     let Some(e) = env() else { return };
     let good = e.bundle("good", &["true"], |_| {});
-    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>, &str)> = vec![
+    type Breaker = Box<dyn Fn(&std::path::Path)>;
+    let cases: Vec<(&str, Breaker, &str)> = vec![
         (
             "noconfig",
             Box::new(|b| std::fs::remove_file(b.join("config.json")).unwrap()),

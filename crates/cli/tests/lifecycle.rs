@@ -286,3 +286,43 @@ fn exec_plain_and_pause_resume() {
     assert!(e.run(&["delete", "--force", "x1"]).status.success());
     e.assert_clean("x1");
 }
+
+#[test]
+fn hooks_run_on_the_host_and_events_report_stats() {
+    let Some(e) = env() else { return };
+    let log = e.dir.path().join("hooks.log");
+    let hook = |kind: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {kind} $(cat) >> {}", log.display())]});
+    let b = e.bundle(
+        "b",
+        &["sh", "-c", "echo up; while :; do sleep 0.1; done"],
+        |c| {
+            c["hooks"] = serde_json::json!({
+                "prestart": [hook("prestart")],
+                "poststart": [hook("poststart")],
+                "poststop": [hook("poststop")],
+            });
+        },
+    );
+    let (out, _) = e.create("h1", &b);
+    assert!(e.run(&["start", "h1"]).status.success());
+    assert!(common::wait_until(T, || std::fs::read_to_string(&out)
+        .unwrap()
+        == "up\n"));
+    let o = e.run(&["events", "--stats", "h1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ev["type"], "stats");
+    assert!(
+        ev["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0,
+        "{ev}"
+    );
+    assert!(e.run(&["delete", "--force", "h1"]).status.success());
+    e.assert_clean("h1");
+    let log = std::fs::read_to_string(&log).unwrap();
+    let kinds: Vec<&str> = log.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(kinds, ["prestart", "poststart", "poststop"], "{log}");
+    let state: serde_json::Value =
+        serde_json::from_str(log.lines().next().unwrap().split_once(' ').unwrap().1).unwrap();
+    assert_eq!(state["id"], "h1");
+    assert_eq!(state["status"], "created");
+}

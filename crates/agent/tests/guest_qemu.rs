@@ -456,6 +456,14 @@ async fn cases(g: &Guest) {
     g.remove("force", true).await.unwrap();
     eprintln!("ok: delete --force");
 
+    // A created, never started container is removed without force.
+    g.create("created", &spec(&["true"]), stdio(false, false, false))
+        .await
+        .unwrap();
+    assert_eq!(g.state("created").await, Status::CREATED);
+    g.remove("created", false).await.unwrap();
+    eprintln!("ok: delete of a created container");
+
     // Terminal.
     let mut tspec = spec(&["sh", "-c", "tty; echo tty-ok; read x; stty size"]);
     tspec["process"]["terminal"] = json!(true);

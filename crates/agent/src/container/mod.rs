@@ -456,7 +456,13 @@ impl Containers {
     pub async fn remove(&self, id: &str, force: bool) -> Result<(), ContainerError> {
         let init = self.init(id)?;
         if init.exited().is_none() {
-            if !force {
+            // Like runc, a created but never started container is deleted
+            // without --force.
+            let created = matches!(
+                self.state(id).await,
+                Ok((ContainerStatus::Created | ContainerStatus::Creating, _))
+            );
+            if !force && !created {
                 return Err(ContainerError::State(
                     id.into(),
                     "container is running; stop it first or remove with force".into(),

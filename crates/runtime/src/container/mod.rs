@@ -179,6 +179,18 @@ impl Container {
         })
     }
 
+    /// Loads container `id` WITHOUT the lock, for read-only commands (`state`,
+    /// `list`) that must not wait for a `create` that is still booting.
+    /// state.json is replaced atomically, so the read is consistent.
+    pub fn peek(root: &Path, id: &str) -> Result<State> {
+        let dir = container_dir(root, id)?;
+        let mut state = State::load(&dir, id)?;
+        if state.exit_status.is_none() {
+            state.exit_status = read_exit(&dir);
+        }
+        Ok(state)
+    }
+
     pub fn id(&self) -> &str {
         &self.state.id
     }

@@ -88,7 +88,7 @@ pub async fn stats(root: &Path, id: &str) -> Result<Value> {
 
 /// The OCI state of a container.
 pub fn state(root: &Path, id: &str) -> Result<Value> {
-    Ok(Container::open(root, id)?.state.oci())
+    Ok(Container::peek(root, id)?.oci())
 }
 
 /// States of every container under `root` (unreadable entries skipped).
@@ -99,9 +99,8 @@ pub fn list(root: &Path) -> Vec<State> {
         if super::validate_id(&id).is_err() {
             continue;
         }
-        if let Ok(c) = Container::open(root, &id) {
-            let mut s = c.state.clone();
-            s.status = c.status();
+        if let Ok(mut s) = Container::peek(root, &id) {
+            s.status = s.refreshed_status();
             out.push(s);
         }
     }

@@ -131,7 +131,17 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
     };
     drop(sync);
     let status = supervise(&args.id, &dir, &mut running).await;
-    if !running.relays.drain(DRAIN_TIMEOUT) {
+    let Running {
+        sandbox,
+        mut relays,
+        ..
+    } = running;
+    let mut sandbox = Some(sandbox);
+    if status == KILLED || status == SANDBOX_DIED {
+        // Init did not exit by itself: its streams close only with the VM.
+        stop_sandbox(&args.id, sandbox.take()).await;
+    }
+    if !relays.drain(DRAIN_TIMEOUT) {
         log::warn!(
             "{}: output still open {DRAIN_TIMEOUT:?} after exit; cut",
             args.id
@@ -140,15 +150,21 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
     if let Err(e) = std::fs::write(dir.join(EXIT_FILE), format!("{status}\n")) {
         log::error!("{}: cannot record exit status: {e}", args.id);
     }
-    if let Err(e) = running.sandbox.stop().await {
-        log::warn!("{}: stopping the sandbox: {e}", args.id);
-    }
+    stop_sandbox(&args.id, sandbox).await;
     if let Err(e) = share::cleanup(&dir) {
         log::error!("{}: {e}", args.id);
     }
     let _ = std::fs::remove_file(dir.join(CONTROL_SOCKET));
     log::info!("{}: init exited with status {status}", args.id);
     status
+}
+
+async fn stop_sandbox(id: &str, sandbox: Option<Sandbox>) {
+    if let Some(sb) = sandbox {
+        if let Err(e) = sb.stop().await {
+            log::warn!("{id}: stopping the sandbox: {e}");
+        }
+    }
 }
 
 async fn setup(config: &Config, args: &SuperviseArgs, dir: &Path) -> Result<(Running, u32)> {
@@ -323,6 +339,15 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
     });
     let wait = r.client.wait(id, None);
     tokio::pin!(wait);
+    // SIGTERM to the supervisor: stop like `delete --force`, cleaning up.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async move {
+        match term.as_mut() {
+            Some(t) => t.recv().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(terminated);
     let status = loop {
         let accept = async {
             match &listener {
@@ -341,6 +366,10 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
             exit = r.sandbox.vm().wait() => {
                 log::error!("{id}: the sandbox VM ended ({exit}) before init exited");
                 break SANDBOX_DIED;
+            }
+            _ = &mut terminated => {
+                log::warn!("{id}: SIGTERM: stopping the sandbox");
+                break KILLED;
             }
             conn = accept => {
                 let Ok((conn, _)) = conn else { continue };

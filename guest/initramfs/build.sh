@@ -15,7 +15,13 @@ if file -L "$agent" | grep -q "dynamically linked"; then
     exit 1
 fi
 spec=$(mktemp)
-trap 'rm -f "$spec"' EXIT
+stripped=$(mktemp)
+trap 'rm -f "$spec" "$stripped"' EXIT
+# Symbols are of no use in the guest and cost guest RAM (the initramfs lives in it).
+if command -v strip >/dev/null; then
+    strip -o "$stripped" "$agent"
+    agent=$stripped
+fi
 cat > "$spec" <<SPEC
 dir /dev 0755
 nod /dev/console 0600 c 5 1

@@ -51,7 +51,9 @@ fn process(args: &[&str], terminal: bool) -> Value {
         "cwd": "/",
         "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS},
         "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-        "noNewPrivileges": true
+        "noNewPrivileges": true,
+        // As podman/docker on an AppArmor host write it; the guest has none.
+        "apparmorProfile": "containers-default-0.50.1"
     })
 }
 

@@ -351,8 +351,9 @@ impl Containers {
         stdio: &StdioConfig,
     ) -> Result<i32, ContainerError> {
         check_id(exec_id)?;
-        let process: oci_spec::runtime::Process =
+        let mut process: oci_spec::runtime::Process =
             serde_json::from_slice(process_json).map_err(ContainerError::ProcessJson)?;
+        spec::guest_process(&mut process);
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(spec::SpecError::NoArgs.into());
         }
@@ -372,7 +373,8 @@ impl Containers {
             }
         }
         let path = self.bundle(id).join(format!("exec-{exec_id}.json"));
-        std::fs::write(&path, process_json)
+        let json = serde_json::to_vec(&process).map_err(ContainerError::ProcessJson)?;
+        std::fs::write(&path, json)
             .map_err(|e| ContainerError::Io(format!("write {}", path.display()), e))?;
         let terminal = process.terminal().unwrap_or(false);
         let size = process.console_size().map(|s| (s.height(), s.width()));

@@ -1,6 +1,6 @@
 //! Turns the host's config.json into the one libcontainer runs in the guest.
 
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 /// Guest cgroup (relative to /sys/fs/cgroup) of a container.
 pub fn cgroup_path(container_id: &str) -> String {
@@ -27,7 +27,8 @@ pub enum SpecError {
 /// - the network namespace is dropped: the VM is the pod's network namespace;
 /// - namespace paths are dropped (they name host files): a fresh namespace is
 ///   created instead;
-/// - linux.cgroupsPath becomes [`cgroup_path`] (the host's path means nothing here).
+/// - linux.cgroupsPath becomes [`cgroup_path`] (the host's path means nothing here);
+/// - host LSM labels are dropped ([`guest_process`], linux.mountLabel).
 pub fn guest_spec(json: &[u8], container_id: &str) -> Result<Spec, SpecError> {
     let mut spec: Spec = serde_json::from_slice(json)?;
     let root = spec.root().as_ref().ok_or(SpecError::NoRoot)?;
@@ -39,7 +40,11 @@ pub fn guest_spec(json: &[u8], container_id: &str) -> Result<Spec, SpecError> {
         return Err(SpecError::NoArgs);
     }
     spec.set_hooks(None);
+    if let Some(process) = spec.process_mut() {
+        guest_process(process);
+    }
     if let Some(linux) = spec.linux_mut() {
+        linux.set_mount_label(None);
         if let Some(namespaces) = linux.namespaces_mut() {
             namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
             for ns in namespaces.iter_mut() {
@@ -58,6 +63,19 @@ pub fn guest_spec(json: &[u8], container_id: &str) -> Result<Spec, SpecError> {
     Ok(spec)
 }
 
+/// Drops the AppArmor profile and SELinux label of a process: they name
+/// host LSM policy, the guest kernel has no such LSM (libcontainer refuses a
+/// profile it cannot apply), and the VM is the isolation boundary.
+pub fn guest_process(process: &mut Process) {
+    if let Some(profile) = process.apparmor_profile() {
+        log::info!("ignoring AppArmor profile {profile:?}: no AppArmor in the guest");
+        process.set_apparmor_profile(None);
+    }
+    if process.selinux_label().is_some() {
+        process.set_selinux_label(None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,7 +83,8 @@ mod tests {
     const SPEC: &str = r#"{
         "ociVersion": "1.0.2",
         "root": {"path": "/run/vessel/shared/c1/rootfs", "readonly": true},
-        "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                    "apparmorProfile": "docker-default", "selinuxLabel": "system_u:r:x"},
         "hostname": "h",
         "hooks": {"prestart": [{"path": "/usr/bin/true"}]},
         "linux": {
@@ -83,6 +102,9 @@ mod tests {
     fn rewrites_for_guest() {
         let spec = guest_spec(SPEC.as_bytes(), "c1").unwrap();
         assert!(spec.hooks().is_none());
+        let process = spec.process().as_ref().unwrap();
+        assert!(process.apparmor_profile().is_none());
+        assert!(process.selinux_label().is_none());
         let linux = spec.linux().as_ref().unwrap();
         assert_eq!(
             linux.cgroups_path().as_deref(),

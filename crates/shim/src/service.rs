@@ -142,7 +142,8 @@ impl Inner {
     }
 
     /// The hypervisor exited under a running pod: every live process is
-    /// reported exited with an error, and the VM's leftovers are cleaned up.
+    /// reported exited with an error at once. The hypervisor crate stops the
+    /// VM's helpers; mounts and state go when containerd deletes the tasks.
     async fn vm_died(&self, exit: vessel_hypervisor::VmExit) {
         log::error!("the pod's VM exited unexpectedly ({exit}); reporting its processes as exited");
         let mut pending = Vec::new();

@@ -81,7 +81,11 @@ TOML
         if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
             say "containerd exited; log:"; tail -20 "$DIR/containerd.log" >&2; exit 1
         fi
-        ((SECONDS < deadline)) || { say "no socket after 30 s; log:"; tail -20 "$DIR/containerd.log" >&2; exit 1; }
+        ((SECONDS < deadline)) || {
+            say "no socket after 30 s; log:"; tail -20 "$DIR/containerd.log" >&2
+            kill -9 "$(cat "$PIDFILE")" 2>/dev/null || true
+            exit 1
+        }
         sleep 0.05
     done
     local images=${VESSEL_IMAGE_DIR:-$(dirname "$DIR")/images}
@@ -128,6 +132,13 @@ stop() {
             kill -9 "$pid" 2>/dev/null || true
         fi
     fi
+    # A containerd of this DIR the pid file does not name (start interrupted).
+    local p
+    for p in /proc/[0-9]*; do
+        if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "^containerd --config $DIR/config.toml "; then
+            kill -9 "${p#/proc/}" 2>/dev/null || true
+        fi
+    done
     # Shims left behind (containerd did not get to delete them) and their sockets.
     local s
     for s in $shims; do

@@ -102,7 +102,7 @@ TOML
 our_shims() {
     local p
     for p in /proc/[0-9]*; do
-        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "-address $SOCK " && basename "$p"
+        tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -q -- "-address $SOCK " && basename "$p"
     done
     return 0
 }
@@ -135,7 +135,7 @@ stop() {
     # A containerd of this DIR the pid file does not name (start interrupted).
     local p
     for p in /proc/[0-9]*; do
-        if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "^containerd --config $DIR/config.toml "; then
+        if tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -q -- "^containerd --config $DIR/config.toml "; then
             kill -9 "${p#/proc/}" 2>/dev/null || true
         fi
     done
@@ -143,7 +143,7 @@ stop() {
     local s
     for s in $shims; do
         local sock
-        sock=$(tr '\0' '\n' <"/proc/$s/cmdline" 2>/dev/null | grep -A1 -x -- -socket | tail -1 || true)
+        sock=$(tr '\0' '\n' 2>/dev/null <"/proc/$s/cmdline" | grep -A1 -x -- -socket | tail -1 || true)
         kill -9 "$s" 2>/dev/null || true
         [[ $sock == unix://* ]] && rm -f "${sock#unix://}"
     done

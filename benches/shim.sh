@@ -55,7 +55,7 @@ sleep 5 # let the guest settle to idle before measuring (not synchronisation)
 total=0
 echo "PSS of one idle Vessel pod (busybox sleep):"
 for p in /proc/[0-9]*; do
-    cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null || true)
+    cmd=$(tr '\0' ' ' 2>/dev/null <"$p/cmdline" || true)
     if [[ $cmd == *"-address $SOCK "* || $cmd == *"$DIR/s/"* ]]; then
         pss=$(awk '/^Pss:/ {print $2}' "$p/smaps_rollup" 2>/dev/null || echo 0)
         total=$((total + pss))

@@ -1,5 +1,5 @@
 //! `ctr` against a private containerd 1.6 with the Vessel shim: run, exit
-//! codes, exec, kill, ps, terminal, and nothing left behind.
+//! codes, exec, ps, pause/resume, metrics, kill, terminal, and nothing left behind.
 
 mod common;
 
@@ -60,7 +60,7 @@ fn run_echo_hi_and_exit_codes() {
 }
 
 #[test]
-fn exec_ps_kill() {
+fn exec_ps_pause_metrics_kill() {
     let Some(c) = Containerd::start() else { return };
     let out = c.ctr(&[
         "run",
@@ -91,6 +91,20 @@ fn exec_ps_kill() {
     assert!(out.status.success());
     // Header plus at least the init process (a guest pid).
     assert!(stdout(&out).lines().count() >= 2, "{}", stdout(&out));
+
+    let task_line = |c: &Containerd| {
+        stdout(&c.ctr(&["task", "ls"]))
+            .lines()
+            .find(|l| l.starts_with("bg "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(c.ctr(&["task", "pause", "bg"]).status.success());
+    assert!(task_line(&c).contains("PAUSED"), "{}", task_line(&c));
+    assert!(c.ctr(&["task", "resume", "bg"]).status.success());
+    assert!(task_line(&c).contains("RUNNING"), "{}", task_line(&c));
+    let out = c.ctr(&["task", "metrics", "bg"]);
+    assert!(stdout(&out).contains("pids.current"), "{}", stdout(&out));
 
     let out = c.ctr(&["task", "kill", "-s", "KILL", "bg"]);
     assert!(out.status.success());

@@ -44,6 +44,7 @@ impl Pod {
             Ok(pod) => Ok(pod),
             Err(e) => {
                 rootfs::remove_tree(&staging);
+                let _ = std::fs::remove_file(pids_file(config, id));
                 Err(e)
             }
         }

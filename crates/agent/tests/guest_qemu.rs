@@ -348,7 +348,8 @@ async fn cases(g: &Guest) {
     // A second container while the first runs: user, groups, cwd, umask,
     // rlimits, sysctl, env, tmpfs and a read-only bind mount.
     std::fs::write(g.rootfs.join("data/hello"), "from-bind\n").unwrap();
-    let script = "id; pwd; umask; ulimit -n; cat /proc/sys/kernel/msgmax; echo $FOO; \
+    let script = "id; pwd; umask; ulimit -n; cat /proc/sys/kernel/msgmax; \
+                  cat /proc/sys/net/ipv4/ip_unprivileged_port_start; echo $FOO; \
                   cat /mnt/hello; touch /mnt/x 2>/dev/null || echo bind-ro; \
                   touch /tmp/ok && echo tmpfs-rw";
     let mut f = spec(&["sh", "-c", script]);
@@ -356,7 +357,10 @@ async fn cases(g: &Guest) {
         json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 20], "umask": 23});
     f["process"]["cwd"] = json!("/tmp");
     f["process"]["env"] = json!(["PATH=/bin", "FOO=bar"]);
-    f["linux"]["sysctl"] = json!({"kernel.msgmax": "4096"});
+    f["linux"]["sysctl"] = json!({
+        "kernel.msgmax": "4096",
+        "net.ipv4.ip_unprivileged_port_start": "0"
+    });
     f["mounts"].as_array_mut().unwrap().push(json!({
         "destination": "/mnt", "type": "bind",
         "source": format!("{ROOTFS}/data"), "options": ["rbind", "ro"]
@@ -372,6 +376,7 @@ async fn cases(g: &Guest) {
             "0027",
             "1024",
             "4096",
+            "0",
             "bar",
             "from-bind",
             "bind-ro",
@@ -559,6 +564,22 @@ async fn cases(g: &Guest) {
     assert_ne!(st.exit_status, 0, "mkdir succeeded: {out} {err}");
     assert!(!out.contains("made"));
     eprintln!("ok: seccomp ({})", err.trim());
+
+    // podman's default seccomp profile, as podman passes it.
+    match std::fs::read("/usr/share/containers/seccomp.json") {
+        Ok(profile) => {
+            let mut p = spec(&["sh", "-c", "echo seccomp-default-ok"]);
+            p["linux"]["seccomp"] = serde_json::from_slice(&profile).unwrap();
+            let (out, err, st) = g.run("podman-seccomp", &p).await;
+            assert_eq!(
+                (out.as_str(), st.exit_status),
+                ("seccomp-default-ok\n", 0),
+                "{err}"
+            );
+            eprintln!("ok: podman default seccomp profile");
+        }
+        Err(e) => eprintln!("SKIPPED podman seccomp profile: {e}"),
+    }
 
     // Read-only rootfs.
     let mut ro = spec(&["touch", "/data/x"]);

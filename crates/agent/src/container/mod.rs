@@ -201,11 +201,19 @@ impl Containers {
         stdio: &StdioConfig,
     ) -> Result<i32, ContainerError> {
         check_id(id)?;
-        let spec = spec::guest_spec(spec_json, id)?;
+        let spec::GuestSpec { spec, net_sysctls } = spec::guest_spec(spec_json, id)?;
         {
             let map = lock(&self.map);
             if map.contains_key(id) || !lock(&self.creating).insert(id.to_string()) {
                 return Err(ContainerError::Exists(id.to_string()));
+            }
+        }
+        for (key, value) in &net_sysctls {
+            if let Err(e) = spec::write_sysctl(key, value) {
+                lock(&self.creating).remove(id);
+                return Err(ContainerError::Failed(format!(
+                    "set sysctl {key}={value} in the VM's network namespace: {e}"
+                )));
             }
         }
         let mut mounted = Vec::new();

@@ -20,6 +20,8 @@ pub enum SpecError {
     NoProcess,
     /// process.args is empty
     NoArgs,
+    /// invalid sysctl name {0:?}
+    BadSysctl(String),
 }
 
 /// Parses and rewrites a spec for the guest:
@@ -28,8 +30,11 @@ pub enum SpecError {
 /// - namespace paths are dropped (they name host files): a fresh namespace is
 ///   created instead;
 /// - linux.cgroupsPath becomes [`cgroup_path`] (the host's path means nothing here);
-/// - host LSM labels are dropped ([`guest_process`], linux.mountLabel).
-pub fn guest_spec(json: &[u8], container_id: &str) -> Result<Spec, SpecError> {
+/// - host LSM labels are dropped ([`guest_process`], linux.mountLabel);
+/// - `net.*` sysctls move out of the spec into [`GuestSpec::net_sysctls`]: they
+///   belong to the VM's network namespace, which the agent sets itself
+///   (libcontainer refuses net.* sysctls without a new network namespace).
+pub fn guest_spec(json: &[u8], container_id: &str) -> Result<GuestSpec, SpecError> {
     let mut spec: Spec = serde_json::from_slice(json)?;
     let root = spec.root().as_ref().ok_or(SpecError::NoRoot)?;
     if !root.path().is_absolute() {
@@ -60,7 +65,41 @@ pub fn guest_spec(json: &[u8], container_id: &str) -> Result<Spec, SpecError> {
         }
         linux.set_cgroups_path(Some(cgroup_path(container_id).into()));
     }
-    Ok(spec)
+    let mut net_sysctls = Vec::new();
+    if let Some(sysctls) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.sysctl_mut().as_mut())
+    {
+        let net: Vec<String> = sysctls
+            .keys()
+            .filter(|k| k.starts_with("net."))
+            .cloned()
+            .collect();
+        for key in net {
+            if let Some(value) = sysctls.remove(&key) {
+                if key.contains('/') {
+                    return Err(SpecError::BadSysctl(key));
+                }
+                net_sysctls.push((key, value));
+            }
+        }
+    }
+    net_sysctls.sort();
+    Ok(GuestSpec { spec, net_sysctls })
+}
+
+/// A spec ready for libcontainer, and what the agent applies itself.
+pub struct GuestSpec {
+    pub spec: Spec,
+    /// `net.*` sysctls (key, value) for the VM's network namespace.
+    pub net_sysctls: Vec<(String, String)>,
+}
+
+/// Sets a sysctl of the agent's (the VM's) namespaces.
+pub fn write_sysctl(key: &str, value: &str) -> std::io::Result<()> {
+    let path = std::path::Path::new("/proc/sys").join(key.replace('.', "/"));
+    std::fs::write(path, value)
 }
 
 /// Drops the AppArmor profile and SELinux label of a process: they name
@@ -89,6 +128,7 @@ mod tests {
         "hooks": {"prestart": [{"path": "/usr/bin/true"}]},
         "linux": {
             "cgroupsPath": "/kubepods/pod1/c1",
+            "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.msgmax": "4096"},
             "namespaces": [
                 {"type": "pid"},
                 {"type": "network", "path": "/var/run/netns/cni-1"},
@@ -100,7 +140,17 @@ mod tests {
 
     #[test]
     fn rewrites_for_guest() {
-        let spec = guest_spec(SPEC.as_bytes(), "c1").unwrap();
+        let GuestSpec { spec, net_sysctls } = guest_spec(SPEC.as_bytes(), "c1").unwrap();
+        assert_eq!(
+            net_sysctls,
+            [(
+                "net.ipv4.ip_unprivileged_port_start".to_string(),
+                "0".to_string()
+            )]
+        );
+        let sysctl = spec.linux().as_ref().unwrap().sysctl().as_ref().unwrap();
+        assert_eq!(sysctl.len(), 1);
+        assert_eq!(sysctl["kernel.msgmax"], "4096");
         assert!(spec.hooks().is_none());
         let process = spec.process().as_ref().unwrap();
         assert!(process.apparmor_profile().is_none());
@@ -128,6 +178,11 @@ mod tests {
     #[test]
     fn refuses_bad_specs() {
         assert!(matches!(guest_spec(b"{", "c"), Err(SpecError::Json(_))));
+        let slash = SPEC.replace("net.ipv4.ip_unprivileged_port_start", "net.ipv4/../../x");
+        assert!(matches!(
+            guest_spec(slash.as_bytes(), "c"),
+            Err(SpecError::BadSysctl(_))
+        ));
         let rel = SPEC.replace("/run/vessel/shared/c1/rootfs", "rootfs");
         assert!(matches!(
             guest_spec(rel.as_bytes(), "c"),

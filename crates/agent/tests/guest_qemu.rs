@@ -351,7 +351,8 @@ async fn cases(g: &Guest) {
     let script = "id; pwd; umask; ulimit -n; cat /proc/sys/kernel/msgmax; \
                   cat /proc/sys/net/ipv4/ip_unprivileged_port_start; echo $FOO; \
                   cat /mnt/hello; touch /mnt/x 2>/dev/null || echo bind-ro; \
-                  touch /tmp/ok && echo tmpfs-rw";
+                  touch /tmp/ok && echo tmpfs-rw; \
+                  test -f /sys/fs/cgroup/cgroup.procs && echo cgroupfs";
     let mut f = spec(&["sh", "-c", script]);
     f["process"]["user"] =
         json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 20], "umask": 23});
@@ -361,6 +362,15 @@ async fn cases(g: &Guest) {
         "kernel.msgmax": "4096",
         "net.ipv4.ip_unprivileged_port_start": "0"
     });
+    // As podman and docker write it: cgroup namespace + read-only cgroup mount.
+    f["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "cgroup"}));
+    f["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+        "options": ["ro", "nosuid", "noexec", "nodev", "relatime"]
+    }));
     f["mounts"].as_array_mut().unwrap().push(json!({
         "destination": "/mnt", "type": "bind",
         "source": format!("{ROOTFS}/data"), "options": ["rbind", "ro"]
@@ -380,7 +390,8 @@ async fn cases(g: &Guest) {
             "bar",
             "from-bind",
             "bind-ro",
-            "tmpfs-rw"
+            "tmpfs-rw",
+            "cgroupfs"
         ],
         "stderr: {err}"
     );

@@ -326,3 +326,33 @@ fn hooks_run_on_the_host_and_events_report_stats() {
     assert_eq!(state["id"], "h1");
     assert_eq!(state["status"], "created");
 }
+
+#[test]
+fn run_forwards_sigterm_to_the_container() {
+    let Some(e) = env() else { return };
+    let b = e.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 42' TERM; echo ready; while :; do sleep 0.1; done",
+        ],
+        |_| {},
+    );
+    let out = e.dir.path().join("run.out");
+    let mut child = e
+        .cmd()
+        .args(["run", "--bundle", b.to_str().unwrap(), "fw1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(common::wait_until(T, || std::fs::read_to_string(&out)
+        .unwrap()
+        .contains("ready")));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(42));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "ready\ngot TERM\n");
+    e.assert_clean("fw1");
+}

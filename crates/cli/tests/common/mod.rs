@@ -174,9 +174,17 @@ impl Env {
 /// A failed test must not leave VMs running: force-delete what is left.
 impl Drop for Env {
     fn drop(&mut self) {
-        for e in std::fs::read_dir(&self.root).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let id = e.file_name().to_string_lossy().into_owned();
-            let _ = self.cmd().args(["delete", "--force", &id]).stdin(Stdio::null()).output();
+            let _ = self
+                .cmd()
+                .args(["delete", "--force", &id])
+                .stdin(Stdio::null())
+                .output();
         }
     }
 }

@@ -142,4 +142,44 @@ fn podman_runs_with_vessel_as_runtime() {
         "exit 3",
     ]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    // exec into a running container (podman: exec --process --detach --pid-file).
+    let o = podman(&[
+        "--runtime",
+        VESSEL,
+        "--runtime-flag",
+        &flag,
+        "run",
+        "-d",
+        "--name",
+        "pe",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = podman(&[
+        "--runtime",
+        VESSEL,
+        "--runtime-flag",
+        &flag,
+        "exec",
+        "pe",
+        "sh",
+        "-c",
+        "echo exec-hi; exit 6",
+    ]);
+    assert_eq!(o.status.code(), Some(6), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "exec-hi\n");
+    let o = podman(&[
+        "--runtime",
+        VESSEL,
+        "--runtime-flag",
+        &flag,
+        "rm",
+        "-f",
+        "-t",
+        "0",
+        "pe",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
 }

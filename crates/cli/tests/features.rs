@@ -12,6 +12,15 @@ use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 const T: Duration = Duration::from_secs(60);
 
+fn winsize(rows: u16, cols: u16) -> nix::pty::Winsize {
+    nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
 fn recv_fd(l: &UnixListener) -> OwnedFd {
     let (c, _) = l.accept().unwrap();
     let mut buf = [0u8; 4096];
@@ -27,26 +36,40 @@ fn recv_fd(l: &UnixListener) -> OwnedFd {
     panic!("no fd received on the console socket");
 }
 
-/// Reads `f` until `want` appears or `timeout`; returns what was read.
-fn read_until(f: OwnedFd, want: &str, timeout: Duration) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut f = std::fs::File::from(f);
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = f.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
+/// Everything read from a pty master, collected by a thread.
+struct Reader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    got: Vec<u8>,
+}
+
+impl Reader {
+    fn new(f: OwnedFd) -> Reader {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::from(f);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = f.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
             }
-        }
-    });
-    let start = Instant::now();
-    let mut got = Vec::new();
-    while start.elapsed() < timeout && !String::from_utf8_lossy(&got).contains(want) {
-        if let Ok(b) = rx.recv_timeout(Duration::from_millis(100)) {
-            got.extend(b);
+        });
+        Reader {
+            rx,
+            got: Vec::new(),
         }
     }
-    String::from_utf8_lossy(&got).into_owned()
+
+    /// Reads until `want` appears or `timeout`; returns all text so far.
+    fn until(&mut self, want: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        while start.elapsed() < timeout && !String::from_utf8_lossy(&self.got).contains(want) {
+            if let Ok(b) = self.rx.recv_timeout(Duration::from_millis(100)) {
+                self.got.extend(b);
+            }
+        }
+        String::from_utf8_lossy(&self.got).into_owned()
+    }
 }
 
 #[test]
@@ -57,7 +80,8 @@ fn terminal_through_console_socket() {
         &[
             "sh",
             "-c",
-            "[ -t 0 ] && [ -t 1 ] && echo tty-yes; stty size",
+            "[ -t 0 ] && [ -t 1 ] && echo tty-yes; stty size; \
+             while [ \"$(stty size)\" != '40 120' ]; do sleep 0.1; done; echo resized",
         ],
         |c| {
             c["process"]["terminal"] = true.into();
@@ -78,11 +102,19 @@ fn terminal_through_console_socket() {
     assert!(o.status.success(), "{}", text(&o));
     let master = h.join().unwrap();
     assert!(e.run(&["start", "tty1"]).status.success());
-    let out = read_until(master, "30 100", T);
+    let fd = master.as_raw_fd();
+    let mut reader = Reader::new(master);
+    let out = reader.until("30 100", T);
     assert!(
         out.contains("tty-yes\r\n") && out.contains("30 100"),
         "{out:?}"
     );
+    // The caller resizes the master, as containerd's shim does; the guest sees it.
+    nix::ioctl_write_ptr_bad!(set_winsize, nix::libc::TIOCSWINSZ, nix::pty::Winsize);
+    // SAFETY: TIOCSWINSZ on the pty master the reader thread owns (still open).
+    unsafe { set_winsize(fd, &winsize(40, 120)) }.unwrap();
+    let out = reader.until("resized", T);
+    assert!(out.contains("resized"), "{out:?}");
     e.wait_status("tty1", "stopped", T);
     assert!(e.run(&["delete", "tty1"]).status.success());
     e.assert_clean("tty1");

@@ -63,6 +63,19 @@ impl HostPty {
     }
 }
 
+/// The window size (rows, cols) of the terminal `f`.
+pub fn window_size(f: &File) -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into `ws`, which lives across the call.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0).then_some((ws.ws_row, ws.ws_col))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

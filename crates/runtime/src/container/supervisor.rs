@@ -29,6 +29,8 @@ use crate::{Config, Sandbox};
 
 /// How long output may still flow after init exited before it is cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a terminal's host window size is checked.
+const RESIZE_POLL: Duration = Duration::from_millis(200);
 /// How long an OOM event may trail a SIGKILL exit.
 const OOM_GRACE: Duration = Duration::from_secs(2);
 /// Exit status when the sandbox died under the container.
@@ -108,6 +110,8 @@ struct Running {
     sandbox: Sandbox,
     client: ContainerClient,
     relays: Relays,
+    /// A dup of the host pty slave, watched for window-size changes.
+    tty: Option<File>,
 }
 
 /// Runs the supervisor to the end; returns the process exit status.
@@ -207,11 +211,12 @@ async fn boot_and_create(
     )
     .await?;
     match create_in(args, bundle, spec, &sandbox).await {
-        Ok((client, relays, pid)) => Ok((
+        Ok((client, relays, pid, tty)) => Ok((
             Running {
                 sandbox,
                 client,
                 relays,
+                tty,
             },
             pid,
         )),
@@ -227,7 +232,7 @@ async fn create_in(
     bundle: &Bundle,
     spec: serde_json::Value,
     sandbox: &Sandbox,
-) -> Result<(ContainerClient, Relays, u32)> {
+) -> Result<(ContainerClient, Relays, u32, Option<File>)> {
     let id = &args.id;
     let client = ContainerClient::connect(&sandbox.run_dir().join("vsock.sock")).await?;
     let terminal = bundle.terminal();
@@ -241,6 +246,7 @@ async fn create_in(
         )
         .await?;
     let mut relays = Relays::default();
+    let mut tty = None;
     if terminal {
         let socket = args.console_socket.as_deref().ok_or_else(|| {
             ContainerError::Console("process.terminal is set but no --console-socket given".into())
@@ -249,13 +255,14 @@ async fn create_in(
         let pty = HostPty::open(rows, cols)?;
         pty.send_master(socket)?;
         let stream = client.open_stream(id, None, StdioStream::Tty).await?;
+        tty = pty.slave.try_clone().ok();
         relays
             .terminal(pty.slave, stream)
             .map_err(|e| ContainerError::Console(e.to_string()))?;
     } else {
         attach_host_stdio(&client, id, None, &mut relays).await?;
     }
-    Ok((client, relays, pid))
+    Ok((client, relays, pid, tty))
 }
 
 /// Relays this process's fds 0, 1 and 2 to the process's three streams, then
@@ -323,6 +330,10 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
             None
         }
     };
+    let resize = r.tty.take().map(|tty| {
+        let (client, id) = (r.client.clone(), id.to_string());
+        tokio::spawn(watch_window_size(tty, client, id))
+    });
     let oom_client = r.client.clone();
     let oom_dir = dir.to_path_buf();
     let oom_id = id.to_string();
@@ -391,7 +402,28 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
         );
     }
     oom.abort();
+    if let Some(r) = resize {
+        r.abort();
+    }
     status
+}
+
+/// Polls the host pty's window size (whoever holds the master resizes it;
+/// the slave gets no notification without a session) and forwards changes.
+async fn watch_window_size(tty: File, client: ContainerClient, id: String) {
+    let mut last = super::console::window_size(&tty);
+    loop {
+        tokio::time::sleep(RESIZE_POLL).await;
+        let now = super::console::window_size(&tty);
+        if now != last {
+            if let Some((rows, cols)) = now {
+                if let Err(e) = client.resize(&id, None, rows, cols).await {
+                    log::warn!("{id}: resize: {e}");
+                }
+            }
+            last = now;
+        }
+    }
 }
 
 /// Answers one request; returns it if it was valid.

@@ -54,7 +54,8 @@ lint:
 # Unit tests and the end-to-end tests, which boot real guests with QEMU
 # (they need root and the guest built; in CI a missing prerequisite fails).
 workspace-test: guest config
-	VESSEL_GUEST_DIR=$(GUEST) VESSEL_GUEST_KERNEL=$(GUEST)/vmlinux cargo test --workspace -- --test-threads=2
+	VESSEL_GUEST_DIR=$(GUEST) VESSEL_GUEST_KERNEL=$(GUEST)/vmlinux VESSEL_GUEST_AGENT=$(AGENT_BIN) \
+		cargo test --workspace -- --test-threads=2
 
 # The built-in VMM's tests run with the workspace tests (workspace-test); this
 # runs them alone. The Linux boot test uses build/guest/vmlinux.

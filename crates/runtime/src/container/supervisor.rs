@@ -76,7 +76,7 @@ pub fn request(dir: &Path, req: &Request, timeout: Duration) -> Result<()> {
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(io)?;
     let mut reply = String::new();
-    BufReader::new(s.take_limit())
+    BufReader::new(std::io::Read::take(s, 4096))
         .read_line(&mut reply)
         .map_err(io)?;
     let r: Response =
@@ -84,15 +84,6 @@ pub fn request(dir: &Path, req: &Request, timeout: Duration) -> Result<()> {
     match r.error {
         None if r.ok => Ok(()),
         e => Err(ContainerError::Supervisor(e.unwrap_or_default())),
-    }
-}
-
-trait TakeLimit {
-    fn take_limit(self) -> std::io::Take<std::os::unix::net::UnixStream>;
-}
-impl TakeLimit for std::os::unix::net::UnixStream {
-    fn take_limit(self) -> std::io::Take<std::os::unix::net::UnixStream> {
-        std::io::Read::take(self, 4096)
     }
 }
 

@@ -36,10 +36,10 @@ impl Status {
         matches!(self, Status::Created | Status::Running | Status::Paused)
     }
 
-    /// Without --force only stopped containers (and a create that failed
-    /// half-way) can be deleted.
+    /// Without --force: stopped containers, created ones (never started;
+    /// runc kills and deletes them too) and a create that failed half-way.
     pub fn can_delete(self) -> bool {
-        matches!(self, Status::Stopped | Status::Creating)
+        matches!(self, Status::Stopped | Status::Created | Status::Creating)
     }
 
     pub fn can_exec(self) -> bool {
@@ -71,7 +71,8 @@ mod tests {
         assert!(Created.can_start() && !Running.can_start() && !Stopped.can_start());
         assert!(Created.can_kill() && Running.can_kill() && Paused.can_kill());
         assert!(!Stopped.can_kill());
-        assert!(Stopped.can_delete() && !Running.can_delete() && !Created.can_delete());
+        assert!(Stopped.can_delete() && Created.can_delete() && !Running.can_delete());
+        assert!(!Paused.can_delete());
         assert!(Running.can_pause() && !Paused.can_pause() && Paused.can_resume());
         assert!(Running.can_exec() && !Created.can_exec());
         assert_eq!(serde_json::to_string(&Paused).unwrap(), "\"paused\"");

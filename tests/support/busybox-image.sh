@@ -26,6 +26,9 @@ file -L "$BUSYBOX" 2>/dev/null | grep -q "statically linked" || { say "$BUSYBOX 
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+# Tests start harnesses in parallel: one builds, the others wait and reuse it.
+exec 9>"$OUT/.lock"
+flock 9
 key=$( { sha256sum "$BUSYBOX" "${BASH_SOURCE[0]}"; echo "$REF $PAUSE_REF"; } | sha256sum | cut -d' ' -f1)
 if [[ -f $OUT/.stamp && $(cat "$OUT/.stamp") == "$key" && -f $OUT/busybox-oci.tar && -f $OUT/busybox-docker.tar && -f $OUT/pause-docker.tar ]]; then
     echo "$OUT/busybox-docker.tar"

@@ -1,7 +1,6 @@
 //! Shared set-up for tests that boot real guests.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use vessel_runtime::Config;
 
@@ -45,40 +44,4 @@ pub fn guest_config(state_root: &Path) -> Option<Config> {
     None
 }
 
-/// Processes whose command line mentions `needle`.
-pub fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) {
-            found.push(format!("{pid}: {cmd}"));
-        }
-    }
-    found
-}
-
-/// Polls `cond` every 10 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    cond()
-}
-
-pub fn pid_alive(pid: u32) -> bool {
-    // A reaped process no longer exists; a zombie would still count as alive.
-    Path::new(&format!("/proc/{pid}")).exists()
-}
+pub use vessel_testutil::{pid_alive, processes_mentioning, wait_until};

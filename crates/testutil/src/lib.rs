@@ -1,0 +1,46 @@
+//! Helpers shared by the end-to-end tests of the runtime, the CLI and the shim:
+//! leak checks over /proc and polling with a timeout (never a bare sleep).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Interval between two evaluations of a [`wait_until`] condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Processes whose command line mentions `needle` (not this test process).
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push(format!("{pid}: {cmd}"));
+        }
+    }
+    found
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns its last value.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    cond()
+}
+
+/// Whether `pid` exists (a reaped process does not; a zombie still does).
+pub fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}

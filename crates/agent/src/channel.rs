@@ -70,21 +70,22 @@ mod tests {
 pub mod serial {
     use std::fs::OpenOptions;
     use std::io;
-    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::os::fd::{AsFd, OwnedFd};
     use std::os::unix::fs::OpenOptionsExt;
     use std::path::PathBuf;
     use std::pin::Pin;
     use std::sync::Arc;
-    use std::task::{ready, Context, Poll};
+    use std::task::{Context, Poll};
     use std::time::Duration;
 
     use anyhow::Context as _;
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use tokio::io::unix::AsyncFd;
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
     use tokio::sync::Notify;
     use ttrpc::r#async::transport::Listener;
     use vessel_protocol::ports::AGENT_SERIAL_PORT_NAME;
+
+    use crate::stdio::FdStream;
 
     /// How often to look for the host end while it is not connected: the
     /// virtio-serial driver reports a host (dis)connect through POLLHUP only.
@@ -121,7 +122,7 @@ pub mod serial {
     }
 
     pub struct SerialConn {
-        fd: AsyncFd<OwnedFd>,
+        stream: FdStream,
         done: Arc<Notify>,
     }
 
@@ -145,10 +146,10 @@ pub mod serial {
                 tokio::time::sleep(HOST_POLL_INTERVAL).await;
             }
             log::debug!("host connected on virtio-serial {}", path.display());
-            // The OwnedFd moves into the AsyncFd, which owns it for its whole life.
-            #[allow(deprecated)]
-            let fd = AsyncFd::new(fd)?;
-            Ok(SerialConn { fd, done })
+            Ok(SerialConn {
+                stream: FdStream::new(fd)?,
+                done,
+            })
         }
     }
 
@@ -158,52 +159,33 @@ pub mod serial {
         }
     }
 
-    fn io_result(r: nix::Result<usize>) -> io::Result<usize> {
-        r.map_err(io::Error::from)
-    }
-
+    // The byte stream is the agent's non-blocking fd stream; the connection
+    // only adds the "dropped" signal that lets the listener reopen the port.
     impl AsyncRead for SerialConn {
         fn poll_read(
-            self: Pin<&mut Self>,
+            mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            loop {
-                let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-                let unfilled = buf.initialize_unfilled();
-                match guard.try_io(|fd| io_result(nix::unistd::read(fd.as_raw_fd(), unfilled))) {
-                    Ok(Ok(n)) => {
-                        buf.advance(n);
-                        return Poll::Ready(Ok(()));
-                    }
-                    Ok(Err(e)) => return Poll::Ready(Err(e)),
-                    Err(_would_block) => continue,
-                }
-            }
+            Pin::new(&mut self.stream).poll_read(cx, buf)
         }
     }
 
     impl AsyncWrite for SerialConn {
         fn poll_write(
-            self: Pin<&mut Self>,
+            mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
             data: &[u8],
         ) -> Poll<io::Result<usize>> {
-            loop {
-                let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-                match guard.try_io(|fd| io_result(nix::unistd::write(fd.get_ref(), data))) {
-                    Ok(r) => return Poll::Ready(r),
-                    Err(_would_block) => continue,
-                }
-            }
+            Pin::new(&mut self.stream).poll_write(cx, data)
         }
 
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_flush(cx)
         }
 
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.stream).poll_shutdown(cx)
         }
     }
 }

@@ -1,14 +1,16 @@
 //! Boot to the vessel agent and restore from a snapshot taken after agent-ready. Needs
 //! hardware KVM: under PVM (the software KVM of the development hosts) Linux user space
-//! cannot run, so this test skips there, loudly. Inputs:
+//! cannot run, so these tests skip there, loudly (also in CI). Inputs:
 //! - `VESSEL_AGENT_INITRAMFS`: an initramfs with vessel-agent as /init (from the runtime's
 //!   initramfs builder);
-//! - the kernel at `build/guest/vmlinux` or `VESSEL_GUEST_KERNEL`.
+//! - the kernel at `build/guest/vmlinux` or `VESSEL_GUEST_KERNEL`, and its bzImage beside it
+//!   (or in `VESSEL_GUEST_DIR`).
 //!
 //! The agent announces itself on host vsock port 1025 (`<uds>_1025`, a line starting with
-//! `VESSEL-AGENT-READY`) and serves ttrpc on guest port 1024. This test checks the VMM's
-//! part: boot to ready, `CONNECT 1024` answered, and the same on 10 restores of one
-//! snapshot. The ttrpc `Health.Check` and RNG reseeding belong to the runtime's tests.
+//! `VESSEL-AGENT-READY`) and serves ttrpc on guest port 1024. These tests check the VMM's
+//! part: boot to ready and `CONNECT 1024` answered, from the vmlinux (PVH) and from the
+//! bzImage, and the same on 10 restores of one snapshot. The ttrpc `Health.Check` and RNG
+//! reseeding belong to the runtime's tests.
 
 mod common;
 
@@ -47,36 +49,36 @@ fn connect_agent(uds: &Path) {
     assert!(line.starts_with("OK "), "agent port not answered: {line:?}");
 }
 
-#[test]
-fn boots_to_agent_and_restores_answer() {
-    if !kvm_available("boots_to_agent_and_restores_answer") {
-        return;
+/// The agent initramfs if this host can boot to the agent (hardware KVM, initramfs given);
+/// otherwise says loudly why `test` skips. These tests skip also in CI: CI hosts have PVM.
+fn agent_initramfs(test: &str) -> Option<PathBuf> {
+    if let Some(e) = kvm_error() {
+        eprintln!("\n*** SKIPPED {test}: /dev/kvm is not usable ({e}) ***\n");
+        return None;
     }
     if vessel_vmm::config::host_is_pvm() {
         eprintln!(
-            "\n*** SKIPPED boot-to-agent test: this host's KVM is kvm_pvm (software); Linux \
-             user space cannot run under it (the first syscall of /init faults). Run it on a \
-             hardware-KVM host with VESSEL_AGENT_INITRAMFS set; here the end-to-end tests use \
-             QEMU with TCG. ***\n"
+            "\n*** SKIPPED {test}: this host's KVM is kvm_pvm (software); Linux user space \
+             cannot run under it (the first syscall of /init faults). Run it on a hardware-KVM \
+             host with VESSEL_AGENT_INITRAMFS set; here the end-to-end tests use QEMU with \
+             TCG. ***\n"
         );
-        return;
+        return None;
     }
-    let Some(initramfs) = std::env::var_os("VESSEL_AGENT_INITRAMFS").map(PathBuf::from) else {
+    let initramfs = std::env::var_os("VESSEL_AGENT_INITRAMFS").map(PathBuf::from);
+    if initramfs.is_none() {
         eprintln!(
-            "\n*** SKIPPED boot-to-agent test: hardware KVM found but VESSEL_AGENT_INITRAMFS \
-             is not set (an initramfs with vessel-agent as /init) ***\n"
+            "\n*** SKIPPED {test}: hardware KVM found but VESSEL_AGENT_INITRAMFS is not set \
+             (an initramfs with vessel-agent as /init) ***\n"
         );
-        return;
-    };
-    let kernel = std::env::var_os("VESSEL_GUEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../build/guest/vmlinux")
-        });
-    let dir = scratch("agent");
-    let uds = dir.path().join("v.sock");
-    let api_sock = dir.path().join("api.sock");
-    let snap = dir.path().join("snapshot");
+    }
+    initramfs
+}
+
+/// Boots `kernel` (vmlinux or bzImage) with the agent, waits for its ready announcement and
+/// checks that the agent's port answers. Returns the running VMM.
+fn boot_to_agent(kernel: &Path, initramfs: &Path, dir: &Path) -> Guard {
+    let uds = dir.join("v.sock");
     let ready = UnixListener::bind(format!("{}_{READY_PORT}", uds.display())).unwrap();
     let child = spawn(&[
         "--kernel",
@@ -95,13 +97,29 @@ fn boots_to_agent_and_restores_answer() {
         "--vsock-cid",
         "3",
         "--api-sock",
-        api_sock.to_str().unwrap(),
+        dir.join("api.sock").to_str().unwrap(),
         "--serial-log",
-        dir.path().join("serial.log").to_str().unwrap(),
+        dir.join("serial.log").to_str().unwrap(),
     ]);
-    let mut child = Guard(child);
-    eprintln!("agent ready: {}", wait_ready(&ready).trim());
+    let child = Guard(child);
+    eprintln!(
+        "{}: agent ready: {}",
+        kernel.display(),
+        wait_ready(&ready).trim()
+    );
     connect_agent(&uds);
+    child
+}
+
+#[test]
+fn boots_to_agent_and_restores_answer() {
+    let Some(initramfs) = agent_initramfs("boots_to_agent_and_restores_answer") else {
+        return;
+    };
+    let dir = scratch("agent");
+    let api_sock = dir.path().join("api.sock");
+    let snap = dir.path().join("snapshot");
+    let mut child = boot_to_agent(&guest_kernel(), &initramfs, dir.path());
     assert_eq!(api(&api_sock, r#"{"action":"pause"}"#)["ok"], true);
     let resp = api(
         &api_sock,
@@ -125,4 +143,19 @@ fn boots_to_agent_and_restores_answer() {
         poll(T, || cuds.exists().then_some(())).expect("restored VMM did not listen");
         connect_agent(&cuds);
     }
+}
+
+/// The bzImage entry (zero page, 64-bit entry, in-guest decompression) all the way to the
+/// agent; on PVM the decompressor alone takes minutes (see linux_boot.rs).
+#[test]
+fn bzimage_boots_to_agent() {
+    let Some(initramfs) = agent_initramfs("bzimage_boots_to_agent") else {
+        return;
+    };
+    let dir = scratch("agent-bzimage");
+    let api_sock = dir.path().join("api.sock");
+    let mut child = boot_to_agent(&guest_bzimage(), &initramfs, dir.path());
+    assert_eq!(api(&api_sock, r#"{"action":"shutdown"}"#)["ok"], true);
+    let status = wait_exit(&mut child.0, T);
+    assert!(status.success(), "VMM exit after shutdown: {status}");
 }

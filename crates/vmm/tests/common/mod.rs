@@ -13,21 +13,54 @@ pub fn vmm_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vessel-vmm")
 }
 
-/// True if /dev/kvm can be opened; otherwise prints loudly why the test is skipped.
-pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
+/// Says loudly why `test` does not run. In CI (`CI` set) every prerequisite is installed,
+/// so not running is a failure there.
+pub fn skip(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} could not run in CI: {why}"
+    );
+    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+}
+
+/// Whether /dev/kvm can be opened, and if not, why.
+pub fn kvm_error() -> Option<std::io::Error> {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!(
-                "\n*** SKIPPED {test}: /dev/kvm is not usable ({e}). This test needs KVM \
-                 (hardware or PVM). ***\n"
+        .err()
+}
+
+/// True if /dev/kvm can be opened; otherwise skips `test` (see [`skip`]).
+pub fn kvm_available(test: &str) -> bool {
+    match kvm_error() {
+        None => true,
+        Some(e) => {
+            skip(
+                test,
+                &format!("/dev/kvm is not usable ({e}); this test needs KVM (hardware or PVM)"),
             );
             false
         }
+    }
+}
+
+/// The project's guest kernel (PVH vmlinux): `VESSEL_GUEST_KERNEL` or `build/guest/vmlinux`.
+pub fn guest_kernel() -> PathBuf {
+    std::env::var_os("VESSEL_GUEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../build/guest/vmlinux")
+        })
+}
+
+/// The same kernel as a bzImage: in `VESSEL_GUEST_DIR`, else beside [`guest_kernel`]
+/// (guest/kernel/build.sh builds both).
+pub fn guest_bzimage() -> PathBuf {
+    match std::env::var_os("VESSEL_GUEST_DIR") {
+        Some(dir) => PathBuf::from(dir).join("bzImage"),
+        None => guest_kernel().with_file_name("bzImage"),
     }
 }
 

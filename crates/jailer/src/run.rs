@@ -1,0 +1,352 @@
+//! The jailer's parent side: prepare the jail, fork, supervise the VMM, clean up.
+//!
+//! The parent stays small and single-threaded: it forks one child, which sets up the jail
+//! ([`crate::child`]) and execs the VMM; the parent forwards SIGTERM, SIGINT and SIGHUP to
+//! it, waits for it, removes the cgroup and the jail directory, and returns the VMM's
+//! exit code (128 + signal if it was killed).
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::mount::MsFlags;
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{chown, fork, pipe2, ForkResult, Gid, Pid, Uid};
+
+use crate::cgroup::{Cgroup, CgroupError, CGROUP_ROOT};
+use crate::child::{ChildPlan, Mount};
+use crate::elf::ElfError;
+use crate::jail::{JailDir, JailError, Kind};
+use crate::spec::{claim, Bind, JailSpec, SpecError, ENV_ALLOW_LIST};
+
+/// Everything that can stop a jail from starting or from being cleaned up.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum RunError {
+    /// {0}
+    Spec(#[from] SpecError),
+    /// finding the VMM's shared libraries: {0}
+    Elf(#[from] ElfError),
+    /// {0}
+    Cgroup(#[from] CgroupError),
+    /// {0}
+    Jail(#[from] JailError),
+    /// the jailer has {0} threads; it forks and must be single-threaded
+    Threads(usize),
+    /// {what}: {source}
+    Sys {
+        what: &'static str,
+        source: nix::Error,
+    },
+    /// {what} {path:?}: {source}
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// argument {0:?} contains a NUL byte
+    Nul(String),
+    /// setting up the jail: {0}
+    Child(String),
+    /// the VMM exited with {code}, but cleaning up failed: {source}
+    Cleanup { code: i32, source: Box<RunError> },
+}
+
+fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> RunError {
+    move |source| RunError::Sys { what, source }
+}
+
+/// The signals the parent forwards to the VMM (SIGCHLD tells it the VMM exited).
+const FORWARDED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
+
+/// Runs the VMM jailed as `spec` says and returns its exit code. Nothing is left behind
+/// on any path out: not the jail directory, not the cgroup.
+pub fn run(spec: &JailSpec) -> Result<i32, RunError> {
+    run_with_cgroup_root(spec, Path::new(CGROUP_ROOT))
+}
+
+/// [`run`] with another cgroup root.
+pub fn run_with_cgroup_root(spec: &JailSpec, cgroup_root: &Path) -> Result<i32, RunError> {
+    spec.check_host()?;
+    ensure_single_threaded()?;
+    let libs = crate::elf::dependencies(&spec.exec)?;
+    let netns = match &spec.netns {
+        Some(p) => Some(OwnedFd::from(File::open(p).map_err(|source| {
+            RunError::Io {
+                what: "opening network namespace",
+                path: p.clone(),
+                source,
+            }
+        })?)),
+        None => None,
+    };
+    // Changes nothing if a live jailer holds this id.
+    let mut jail = JailDir::acquire(&spec.jail_root, &spec.id)?;
+    let mut cgroup = None;
+    let outcome = start_and_wait(spec, cgroup_root, &mut jail, &libs, netns, &mut cgroup);
+    let cleanup = cgroup
+        .map_or(Ok(()), Cgroup::remove)
+        .map_err(RunError::from)
+        .and_then(|()| jail.remove().map_err(RunError::from));
+    match (outcome, cleanup) {
+        (Ok(code), Ok(())) => Ok(code),
+        (Ok(code), Err(e)) => Err(RunError::Cleanup {
+            code,
+            source: Box::new(e),
+        }),
+        (Err(e), _) => Err(e),
+    }
+}
+
+fn start_and_wait(
+    spec: &JailSpec,
+    cgroup_root: &Path,
+    jail: &mut JailDir,
+    libs: &[PathBuf],
+    netns: Option<OwnedFd>,
+    cgroup: &mut Option<Cgroup>,
+) -> Result<i32, RunError> {
+    // A jailer that was SIGKILLed left these; its VMM died with it (PR_SET_PDEATHSIG).
+    Cgroup::remove_stale(cgroup_root, &spec.id)?;
+    if jail.is_stale() {
+        jail.clear_stale()?;
+    }
+    let plan = prepare(spec, jail, libs, netns)?;
+    *cgroup = Some(Cgroup::create(cgroup_root, &spec.id, spec.limits)?);
+    let cgroup = cgroup.as_ref().expect("just set");
+    supervise(spec, plan, cgroup)
+}
+
+/// Fills the jail directory and computes the child's plan.
+fn prepare(
+    spec: &JailSpec,
+    jail: &JailDir,
+    libs: &[PathBuf],
+    netns: Option<OwnedFd>,
+) -> Result<ChildPlan, RunError> {
+    let root = jail.create_root(spec.uid, spec.gid, spec.tun)?;
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let mut mounts = Vec::new();
+    let mut add = |bind: &Bind, kind, flags| -> Result<(), RunError> {
+        let target = jail.create_target(bind, kind)?;
+        mounts.push(Mount {
+            source: bind.host.clone(),
+            target,
+            flags,
+        });
+        Ok(())
+    };
+    add(
+        &Bind {
+            host: spec.exec.clone(),
+            jail: spec.exec_in_jail.clone(),
+        },
+        Kind::File,
+        ro,
+    )?;
+    // The libraries go where the loader looks for them: their host paths.
+    let mut taken: Vec<PathBuf> = spec
+        .ro_binds
+        .iter()
+        .chain(&spec.rw_bind)
+        .map(|b| b.jail.clone())
+        .chain([spec.exec_in_jail.clone(), "/dev".into()])
+        .collect();
+    for lib in libs {
+        claim(&mut taken, lib)?;
+        let bind = Bind {
+            host: lib.clone(),
+            jail: lib.clone(),
+        };
+        add(&bind, Kind::File, ro)?;
+    }
+    for b in &spec.ro_binds {
+        add(b, kind_of(&b.host)?, ro | MsFlags::MS_NOEXEC)?;
+    }
+    if let Some(b) = &spec.rw_bind {
+        // The VMM creates its sockets and the serial log here.
+        chown(
+            &b.host,
+            Some(Uid::from_raw(spec.uid)),
+            Some(Gid::from_raw(spec.gid)),
+        )
+        .map_err(sys("chown of the --rw-bind directory"))?;
+        add(
+            b,
+            Kind::Dir,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        )?;
+    }
+    let exec = cstring(spec.exec_in_jail.as_os_str())?;
+    let mut argv = vec![exec.clone()];
+    for a in &spec.vmm_args {
+        argv.push(cstring(a)?);
+    }
+    let mut envp = Vec::new();
+    for key in ENV_ALLOW_LIST {
+        if let Some(v) = std::env::var_os(key) {
+            let mut kv = format!("{key}=").into_bytes();
+            kv.extend_from_slice(v.as_bytes());
+            envp.push(cstring(OsStr::from_bytes(&kv))?);
+        }
+    }
+    Ok(ChildPlan {
+        root,
+        mounts,
+        netns,
+        uid: spec.uid,
+        gid: spec.gid,
+        rlimit_nofile: spec.rlimit_nofile,
+        rlimit_fsize: spec.rlimit_fsize,
+        exec,
+        argv,
+        envp,
+        sigmask: SigSet::empty(),
+    })
+}
+
+/// Forks the child, lets it into the cgroup, and waits for the VMM while forwarding signals.
+fn supervise(spec: &JailSpec, mut plan: ChildPlan, cgroup: &Cgroup) -> Result<i32, RunError> {
+    let mut waited = SigSet::empty();
+    for s in FORWARDED {
+        waited.add(s);
+    }
+    waited.add(Signal::SIGCHLD);
+    // Blocked before the fork, so none is lost; sigwait picks them up below.
+    sigprocmask(
+        SigmaskHow::SIG_BLOCK,
+        Some(&waited),
+        Some(&mut plan.sigmask),
+    )
+    .map_err(sys("blocking signals"))?;
+    let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+    if spec.new_pid_ns {
+        // The next child becomes PID 1 of a new PID namespace.
+        unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
+    }
+    // SAFETY: the process is single-threaded (checked in `run`), so the child is a full
+    // copy in which allocation and locking are safe until it execs or `_exit`s.
+    let child = match unsafe { fork() }.map_err(sys("fork"))? {
+        ForkResult::Child => {
+            drop(go_w);
+            drop(err_r);
+            let msg = crate::child::setup_and_exec(&plan, &go_r, err_w.as_raw_fd());
+            let _ = nix::unistd::write(&err_w, msg.as_bytes());
+            // SAFETY: _exit ends the child without running the parent's atexit handlers
+            // or flushing its copied stdio buffers.
+            unsafe { libc::_exit(1) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(go_r);
+    drop(err_w);
+    if let Err(e) = cgroup.add(child.as_raw()) {
+        let _ = kill(child, Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        return Err(e.into());
+    }
+    // `go_w` stays open until we return: the child checks it to know we are alive.
+    nix::unistd::write(&go_w, b"g").map_err(sys("starting the child"))?;
+    let mut msg = String::new();
+    let _ = File::from(err_r).read_to_string(&mut msg);
+    if !msg.is_empty() {
+        let _ = waitpid(child, None);
+        return Err(RunError::Child(msg));
+    }
+    loop {
+        let sig = waited.wait().map_err(sys("sigwait"))?;
+        if sig == Signal::SIGCHLD {
+            match waitpid(child, Some(WaitPidFlag::WNOHANG)).map_err(sys("waitpid"))? {
+                WaitStatus::Exited(_, code) => return Ok(code),
+                WaitStatus::Signaled(_, s, _) => return Ok(128 + s as i32),
+                _ => continue,
+            }
+        }
+        let _ = kill(child, forwarded_as(child, sig, spec.new_pid_ns));
+    }
+}
+
+/// The signal to send for `sig`. As PID 1 of its own namespace the VMM would never see a
+/// signal it has no handler for (the kernel drops it), so it gets SIGKILL instead.
+fn forwarded_as(child: Pid, sig: Signal, pid_ns_init: bool) -> Signal {
+    if pid_ns_init && !catches(child, sig) {
+        Signal::SIGKILL
+    } else {
+        sig
+    }
+}
+
+/// Whether `pid` has a handler for `sig` (the `SigCgt` mask in /proc/PID/status).
+fn catches(pid: Pid, sig: Signal) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    sig_mask(&status, "SigCgt").is_some_and(|m| m & (1 << (sig as u32 - 1)) != 0)
+}
+
+/// A hex mask line of /proc/PID/status, e.g. `SigCgt: 0000000000004002`.
+fn sig_mask(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+fn ensure_single_threaded() -> Result<(), RunError> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|source| RunError::Io {
+        what: "reading",
+        path: "/proc/self/status".into(),
+        source,
+    })?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    if threads == 1 {
+        Ok(())
+    } else {
+        Err(RunError::Threads(threads))
+    }
+}
+
+fn kind_of(p: &Path) -> Result<Kind, RunError> {
+    let m = std::fs::metadata(p).map_err(|source| RunError::Io {
+        what: "reading",
+        path: p.to_owned(),
+        source,
+    })?;
+    Ok(if m.is_dir() { Kind::Dir } else { Kind::File })
+}
+
+fn cstring(s: &OsStr) -> Result<CString, RunError> {
+    CString::new(s.as_bytes()).map_err(|_| RunError::Nul(s.to_string_lossy().into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_masks() {
+        let status = "Name:\tx\nSigBlk:\t0000000000000000\nSigCgt:\t0000000000004002\n";
+        let m = sig_mask(status, "SigCgt").unwrap();
+        // Bit n-1 for signal n: SIGINT (2) and SIGTERM (15).
+        assert_ne!(m & (1 << (Signal::SIGINT as u32 - 1)), 0);
+        assert_ne!(m & (1 << (Signal::SIGTERM as u32 - 1)), 0);
+        assert_eq!(m & (1 << (Signal::SIGHUP as u32 - 1)), 0);
+        assert_eq!(sig_mask("nothing", "SigCgt"), None);
+    }
+
+    #[test]
+    fn not_pid_ns_init_forwards_as_is() {
+        let me = Pid::this();
+        assert_eq!(forwarded_as(me, Signal::SIGHUP, false), Signal::SIGHUP);
+        // This test process has no SIGHUP handler.
+        assert_eq!(forwarded_as(me, Signal::SIGHUP, true), Signal::SIGKILL);
+    }
+}

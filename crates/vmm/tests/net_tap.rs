@@ -19,19 +19,26 @@ fn if_up(name: &str) -> std::io::Result<i32> {
     let mut req = [0u8; 40];
     req[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: `req` is a 40-byte ifreq with the name set; SIOCGIFFLAGS fills the flags.
-    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, req.as_mut_ptr()) };
+    let mut r = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, req.as_mut_ptr()) };
     if r == 0 {
         let flags = i16::from_ne_bytes([req[16], req[17]]) | libc::IFF_UP as i16;
         req[16..18].copy_from_slice(&flags.to_ne_bytes());
         // SAFETY: same ifreq, now with IFF_UP set.
-        unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, req.as_mut_ptr()) };
+        r = unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, req.as_mut_ptr()) };
     }
-    let idx = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
+    let err = std::io::Error::last_os_error();
     // SAFETY: closing the socket we opened.
     unsafe { libc::close(fd) };
-    idx.ok_or_else(|| std::io::Error::other("no ifindex"))
+    // Only an interface that is up: a packet socket bound to a down one fails its first
+    // recv with ENETDOWN (the tap can appear between a failed SIOCGIFFLAGS and the ifindex
+    // read).
+    if r != 0 {
+        return Err(err);
+    }
+    std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no ifindex"))
 }
 
 #[test]

@@ -9,7 +9,7 @@ use vessel_protocol::health_ttrpc::Health;
 
 pub struct HealthService;
 
-fn read_trimmed(path: &str) -> String {
+pub(crate) fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .unwrap_or_default()

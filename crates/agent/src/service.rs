@@ -11,9 +11,9 @@ use ttrpc::Code;
 use vessel_protocol::agent::{
     state_container_response::Status, ContainerRequest, CreateContainerRequest,
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
-    ListProcessesResponse, OOMEvent, ProcessRequest, RemoveContainerRequest, ReseedRandomRequest,
-    ResizeTtyRequest, SetTimeRequest, SignalProcessRequest, StateContainerResponse,
-    StatsContainerResponse, WaitProcessResponse,
+    ListProcessesResponse, OOMEvent, ProbeRequest, ProbeResponse, ProcessRequest,
+    RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest, SetTimeRequest,
+    SignalProcessRequest, StateContainerResponse, StatsContainerResponse, WaitProcessResponse,
 };
 use vessel_protocol::agent_ttrpc::Agent;
 
@@ -286,5 +286,22 @@ impl Agent for AgentService {
             log::warn!("RNDRESEEDCRNG: {e}");
         }
         Ok(Empty::new())
+    }
+
+    async fn probe(&self, _: &TtrpcContext, _: ProbeRequest) -> ttrpc::Result<ProbeResponse> {
+        use std::io::Read;
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
+            .map_err(|e| status(Code::INTERNAL, format!("read clock: {e}")))?;
+        let mut sample = vec![0u8; 16];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut sample))
+            .map_err(|e| status(Code::INTERNAL, format!("read /dev/urandom: {e}")))?;
+        Ok(ProbeResponse {
+            realtime_seconds: now.tv_sec(),
+            realtime_nanos: now.tv_nsec() as u32,
+            random_sample: sample,
+            boot_id: crate::health::read_trimmed("/proc/sys/kernel/random/boot_id"),
+            ..Default::default()
+        })
     }
 }

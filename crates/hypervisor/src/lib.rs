@@ -10,17 +10,19 @@ pub mod host;
 mod process;
 mod process_vm;
 pub mod qemu;
+pub mod snapshot;
 mod virtiofs;
 
 pub use process::log_tail;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 pub use host::{Accelerator, KvmKind};
+pub use snapshot::SnapshotInfo;
 
 /// Hypervisor errors.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -154,6 +156,8 @@ pub struct Capabilities {
     pub channels: Vec<AgentChannel>,
     pub pause_resume: bool,
     pub shared_dirs: bool,
+    /// Snapshot and restore (with the limits the backend documents).
+    pub snapshot: bool,
 }
 
 /// A hypervisor backend.
@@ -166,6 +170,17 @@ pub trait Hypervisor: Send + Sync {
     /// Starts a VM. Returns once the hypervisor process runs; the guest boots
     /// in the background (the caller waits for the agent).
     async fn launch(&self, config: &VmConfig) -> Result<Box<dyn Vm>>;
+    /// Starts a VM from the snapshot in `snapshot` (written by [`Vm::snapshot`]
+    /// of this backend). `config` must have the snapshot's shape (see
+    /// [`SnapshotInfo::check_matches`]); its paths (run directory, sockets,
+    /// console) are the new VM's. Returns once the guest runs again.
+    async fn restore(&self, snapshot: &Path, config: &VmConfig) -> Result<Box<dyn Vm>> {
+        let _ = (snapshot, config);
+        Err(Error::Unsupported {
+            backend: self.name(),
+            operation: "restore",
+        })
+    }
 }
 
 /// A running VM.
@@ -188,6 +203,16 @@ pub trait Vm: Send + Sync {
     async fn resume(&self) -> Result<()>;
     /// Asks the hypervisor to stop, kills it after `grace`, stops helpers.
     async fn stop(&self, grace: Duration) -> Result<VmExit>;
+    /// Pauses the VM and writes a snapshot of it into `dir` (created, or
+    /// empty). The VM stays paused: resume or stop it. On error nothing is
+    /// left in `dir`.
+    async fn snapshot(&self, dir: &Path) -> Result<()> {
+        let _ = dir;
+        Err(Error::Unsupported {
+            backend: "this",
+            operation: "snapshot",
+        })
+    }
 }
 
 /// Checks what every backend needs before starting anything.

@@ -13,7 +13,8 @@ use tokio::process::Child;
 use tokio::sync::{oneshot, watch};
 
 use crate::process::{log_tail, terminate};
-use crate::{Accelerator, AgentEndpoint, Result, Vm, VmExit};
+use crate::snapshot::{self, SnapshotInfo};
+use crate::{Accelerator, AgentEndpoint, Error, Result, Vm, VmExit};
 
 /// How to pause and resume the VM.
 #[derive(Debug, Clone)]
@@ -24,8 +25,12 @@ pub enum Control {
     VmmApi(PathBuf),
 }
 
+/// Whether a VM can be snapshotted: its description, or why not.
+pub type Snapshottable = std::result::Result<SnapshotInfo, &'static str>;
+
 pub struct ProcessVm {
     accelerator: Accelerator,
+    snapshot: Snapshottable,
     endpoint: AgentEndpoint,
     control: Control,
     pid: u32,
@@ -44,6 +49,7 @@ impl ProcessVm {
         accelerator: Accelerator,
         endpoint: AgentEndpoint,
         control: Control,
+        snapshot: Snapshottable,
         run_dir: &Path,
     ) -> Self {
         let pid = hypervisor.id().unwrap_or(0);
@@ -86,6 +92,7 @@ impl ProcessVm {
             .unwrap_or_default();
         ProcessVm {
             accelerator,
+            snapshot,
             endpoint,
             control,
             pid,
@@ -159,6 +166,33 @@ impl Vm for ProcessVm {
         }
     }
 
+    async fn snapshot(&self, dir: &Path) -> Result<()> {
+        let (info, backend) = match (&self.snapshot, &self.control) {
+            (Err(why), Control::Qmp(_)) => return Err(unsupported("qemu", why)),
+            (Err(why), Control::VmmApi(_)) => return Err(unsupported("builtin", why)),
+            (Ok(info), _) => (info, info.backend.clone()),
+        };
+        snapshot::create_dir(dir)?;
+        let res = async {
+            self.pause().await?;
+            match &self.control {
+                Control::Qmp(sock) => crate::qemu::snapshot::save(sock, dir).await?,
+                Control::VmmApi(sock) => crate::builtin::api::snapshot(sock, dir).await?,
+            }
+            info.store(dir)
+        }
+        .await;
+        match &res {
+            Ok(()) => log::info!(
+                "{backend} VM pid {}: snapshot written to {}",
+                self.pid,
+                dir.display()
+            ),
+            Err(_) => snapshot::discard(dir),
+        }
+        res
+    }
+
     async fn stop(&self, grace: Duration) -> Result<VmExit> {
         let kill = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(kill) = kill {
@@ -166,5 +200,12 @@ impl Vm for ProcessVm {
             let _ = kill.send(grace);
         }
         Ok(self.wait().await)
+    }
+}
+
+fn unsupported(backend: &'static str, why: &'static str) -> Error {
+    Error::Unsupported {
+        backend,
+        operation: why,
     }
 }

@@ -11,6 +11,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use ttrpc::r#async::transport::Socket;
 use vessel_hypervisor::AgentEndpoint;
+use vessel_protocol::agent::{ProbeRequest, ReseedRandomRequest, SetTimeRequest};
+use vessel_protocol::agent_ttrpc::AgentClient as AgentTtrpc;
 use vessel_protocol::health::{CheckRequest, VersionRequest, VersionResponse};
 use vessel_protocol::health_ttrpc::HealthClient;
 use vessel_protocol::hybrid_vsock;
@@ -116,9 +118,25 @@ fn parse_ready(buf: &[u8]) -> Result<String> {
     Ok(version.to_string())
 }
 
+/// Length of the RNG sample in a `Probe` reply.
+pub const PROBE_SAMPLE_LEN: usize = 16;
+/// Host entropy sent with `ReseedRandom` after a restore.
+const RESEED_BYTES: usize = 64;
+
 /// A connected agent.
 pub struct AgentClient {
     health: HealthClient,
+    agent: AgentTtrpc,
+}
+
+/// What `Agent.Probe` reports, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestProbe {
+    /// Guest wall clock.
+    pub realtime: std::time::SystemTime,
+    /// A fresh sample of the guest RNG.
+    pub random_sample: [u8; PROBE_SAMPLE_LEN],
+    pub boot_id: String,
 }
 
 impl AgentClient {
@@ -128,7 +146,97 @@ impl AgentClient {
         let stream = connect_socket(endpoint, AGENT_VSOCK_PORT, timeout).await?;
         let client = ttrpc::r#async::Client::new(Socket::new(stream));
         Ok(AgentClient {
-            health: HealthClient::new(client),
+            health: HealthClient::new(client.clone()),
+            agent: AgentTtrpc::new(client),
+        })
+    }
+
+    /// Sets the guest wall clock to the host's (after a restore the guest's
+    /// clock is where it was when the snapshot was taken).
+    pub async fn sync_clock(&self) -> Result<()> {
+        self.set_clock(std::time::SystemTime::now()).await
+    }
+
+    /// Sets the guest wall clock to `time` (`Agent.SetTime`).
+    pub async fn set_clock(&self, time: std::time::SystemTime) -> Result<()> {
+        let now = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let req = SetTimeRequest {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos(),
+            ..Default::default()
+        };
+        self.agent
+            .set_time(rpc_ctx(), &req)
+            .await
+            .map_err(|source| AgentError::Rpc {
+                rpc: "Agent.SetTime",
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Mixes fresh host entropy into the guest RNG and reseeds it, so that
+    /// clones of one snapshot never share RNG state.
+    pub async fn reseed_random(&self) -> Result<()> {
+        let mut data = vec![0u8; RESEED_BYTES];
+        getrandom(&mut data).map_err(|e| AgentError::BadReply {
+            rpc: "Agent.ReseedRandom",
+            reason: format!("no host entropy: {e}"),
+        })?;
+        let req = ReseedRandomRequest {
+            data,
+            ..Default::default()
+        };
+        self.agent
+            .reseed_random(rpc_ctx(), &req)
+            .await
+            .map_err(|source| AgentError::Rpc {
+                rpc: "Agent.ReseedRandom",
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// `Agent.Probe`, validated: the guest clock and an RNG sample.
+    pub async fn probe(&self) -> Result<GuestProbe> {
+        let p = self
+            .agent
+            .probe(rpc_ctx(), &ProbeRequest::new())
+            .await
+            .map_err(|source| AgentError::Rpc {
+                rpc: "Agent.Probe",
+                source,
+            })?;
+        let bad = |reason: String| AgentError::BadReply {
+            rpc: "Agent.Probe",
+            reason,
+        };
+        if p.realtime_seconds < 0 || p.realtime_nanos >= 1_000_000_000 {
+            return Err(bad(format!(
+                "clock {}.{:09} out of range",
+                p.realtime_seconds, p.realtime_nanos
+            )));
+        }
+        let random_sample: [u8; PROBE_SAMPLE_LEN] =
+            p.random_sample.as_slice().try_into().map_err(|_| {
+                bad(format!(
+                    "random sample of {} bytes, expected {PROBE_SAMPLE_LEN}",
+                    p.random_sample.len()
+                ))
+            })?;
+        if p.boot_id.is_empty()
+            || p.boot_id.len() > 64
+            || !p.boot_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(bad(format!("boot_id {:?} is not printable", p.boot_id)));
+        }
+        Ok(GuestProbe {
+            realtime: std::time::UNIX_EPOCH
+                + Duration::new(p.realtime_seconds as u64, p.realtime_nanos),
+            random_sample,
+            boot_id: p.boot_id,
         })
     }
 
@@ -190,6 +298,16 @@ impl AgentClient {
         }
         Ok(v)
     }
+}
+
+fn rpc_ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+}
+
+/// Fills `buf` from the host kernel's CSPRNG.
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 /// Opens a stream to guest vsock `port` (hybrid vsock handshake bounded by

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use vessel_hypervisor::builtin::Builtin;
 use vessel_hypervisor::qemu::Qemu;
-use vessel_hypervisor::{log_tail, AgentChannel, Hypervisor, SharedDir, Vm, VmConfig, VmExit};
+use vessel_hypervisor::{
+    log_tail, AgentChannel, Hypervisor, SharedDir, SnapshotInfo, Vm, VmConfig, VmExit,
+};
 use vessel_protocol::health::VersionResponse;
 
 use crate::agent::{AgentClient, ReadyListener};
@@ -32,6 +34,13 @@ impl SandboxSpec {
         }
     }
 }
+
+/// Host end of the guest's hybrid vsock, in the run directory.
+const VSOCK_SOCKET: &str = "vsock.sock";
+/// Guest serial console, in the run directory.
+const CONSOLE_LOG: &str = "console.log";
+/// Interval between attempts to reach the agent of a restored VM.
+const RECONNECT_POLL: Duration = Duration::from_millis(10);
 
 /// A running sandbox VM with a connected agent.
 pub struct Sandbox {
@@ -121,8 +130,8 @@ impl Sandbox {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             channel,
-            vsock_uds: run_dir.join("vsock.sock"),
-            console_log: run_dir.join("console.log"),
+            vsock_uds: run_dir.join(VSOCK_SOCKET),
+            console_log: run_dir.join(CONSOLE_LOG),
             shared_dirs: spec.shared_dirs,
         };
         // Bind before launch: the agent connects as soon as it is up.
@@ -167,6 +176,129 @@ impl Sandbox {
                 Ok(Sandbox {
                     id: spec.id,
                     run_dir: run_dir.to_path_buf(),
+                    vm,
+                    agent,
+                    version,
+                    stop_grace: Duration::from_secs(config.stop_grace_secs),
+                })
+            }
+            Err(e) => {
+                let _ = vm.stop(Duration::ZERO).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes a snapshot of this sandbox's VM (memory, vCPUs, devices) into
+    /// `dir`, then lets the VM run on. No agent call may be in flight: a clone
+    /// restored from the snapshot would see half a request.
+    pub async fn snapshot(&self, dir: &Path) -> Result<()> {
+        let start = Instant::now();
+        let saved = self.vm.snapshot(dir).await;
+        // The VM is paused whether or not the snapshot was written.
+        let resumed = self.vm.resume().await;
+        saved?;
+        resumed?;
+        log::info!(
+            "sandbox {}: snapshot written to {} in {:?}",
+            self.id,
+            dir.display(),
+            start.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Starts sandbox `id` from the snapshot in `snapshot` (see
+    /// [`Sandbox::snapshot`]), reconnects to its agent, sets the guest clock to
+    /// the host's and reseeds the guest RNG with fresh host entropy, so clones
+    /// of one snapshot never share RNG state. On any error everything created
+    /// so far is removed.
+    pub async fn restore(
+        config: &Config,
+        hv: &dyn Hypervisor,
+        id: &str,
+        snapshot: &Path,
+    ) -> Result<Sandbox> {
+        validate_id(id)?;
+        let info = SnapshotInfo::load(snapshot)?;
+        let channel = info.agent_channel()?;
+        let run_dir = create_run_dir(&config.state_root, id)?;
+        let vm_config = VmConfig {
+            id: id.to_string(),
+            run_dir: run_dir.clone(),
+            kernel: info.kernel.clone(),
+            initramfs: info.initramfs.clone(),
+            kernel_args: info.kernel_args.clone(),
+            vcpus: info.vcpus,
+            memory_mib: info.memory_mib,
+            channel,
+            vsock_uds: run_dir.join(VSOCK_SOCKET),
+            console_log: run_dir.join(CONSOLE_LOG),
+            shared_dirs: Vec::new(),
+        };
+        let res = Self::restore_in(config, hv, snapshot, &vm_config).await;
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
+        res
+    }
+
+    async fn restore_in(
+        config: &Config,
+        hv: &dyn Hypervisor,
+        snapshot: &Path,
+        vm_config: &VmConfig,
+    ) -> Result<Sandbox> {
+        let start = Instant::now();
+        let vm = hv.restore(snapshot, vm_config).await?;
+        let restored_after = start.elapsed();
+        let timeout = Duration::from_secs(config.boot_timeout_secs);
+        let endpoint = vm.agent_endpoint();
+        let connect = async {
+            // The restored guest's agent is already listening, but the old
+            // connection is being torn down (vsock transport reset, serial
+            // port closed): retry until a fresh one answers.
+            let deadline = Instant::now() + timeout;
+            let agent = loop {
+                let attempt = async {
+                    let agent = AgentClient::connect(&endpoint, timeout).await?;
+                    agent.check(Duration::from_secs(2)).await?;
+                    Ok::<_, Error>(agent)
+                };
+                match attempt.await {
+                    Ok(agent) => break agent,
+                    Err(e) if Instant::now() < deadline => {
+                        log::debug!("sandbox {}: agent not back yet: {e}", vm_config.id);
+                        tokio::time::sleep(RECONNECT_POLL).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let version = agent.version().await?;
+            agent.sync_clock().await?;
+            agent.reseed_random().await?;
+            Ok::<_, Error>((agent, version))
+        };
+        let outcome = tokio::select! {
+            r = connect => r,
+            exit = vm.wait() => Err(Error::VmDiedEarly {
+                exit: exit.to_string(),
+                hypervisor: vm.diagnostics(),
+                console: log_tail(&vm_config.console_log, 30),
+            }),
+        };
+        match outcome {
+            Ok((agent, version)) => {
+                log::info!(
+                    "sandbox {}: restored from {} ({}); VM running after {restored_after:?}, agent resynced after {:?}",
+                    vm_config.id,
+                    snapshot.display(),
+                    vm.accelerator(),
+                    start.elapsed()
+                );
+                Ok(Sandbox {
+                    id: vm_config.id.clone(),
+                    run_dir: vm_config.run_dir.clone(),
                     vm,
                     agent,
                     version,

@@ -6,16 +6,17 @@
 
 pub(crate) mod api;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use tokio::process::Command;
 
 use crate::host::{detect_kvm, KvmKind};
-use crate::process::spawn;
+use crate::process::{spawn, wait_for_path};
 use crate::process_vm::{Control, ProcessVm};
 use crate::{
-    Accelerator, AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Result, Vm, VmConfig,
+    Accelerator, AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Result,
+    SnapshotInfo, Vm, VmConfig,
 };
 
 /// Built-in backend settings.
@@ -98,6 +99,7 @@ impl Hypervisor for Builtin {
             channels: vec![AgentChannel::Vsock],
             pause_resume: true,
             shared_dirs: self.config.virtiofsd.is_file(),
+            snapshot: true,
         }
     }
 
@@ -132,8 +134,69 @@ impl Hypervisor for Builtin {
                 uds: cfg.vsock_uds.clone(),
             },
             Control::VmmApi(api_sock),
+            snapshottable(cfg),
             &cfg.run_dir,
         )))
+    }
+
+    async fn restore(&self, dir: &Path, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
+        let info = SnapshotInfo::load(dir)?;
+        info.check_matches(self.name(), cfg)?;
+        if !dir.join("state.json").is_file() {
+            return Err(Error::InvalidConfig(format!(
+                "{} has no vessel-vmm state.json",
+                dir.display()
+            )));
+        }
+        let api_sock = cfg.run_dir.join("vmm-api.sock");
+        let log = cfg.run_dir.join("vmm.log");
+        let mut cmd = Command::new(&self.config.vmm);
+        cmd.arg("--restore").arg(dir);
+        cmd.arg("--serial-log").arg(&cfg.console_log);
+        cmd.arg("--vsock-uds").arg(&cfg.vsock_uds);
+        cmd.arg("--api-sock").arg(&api_sock);
+        let mut child = spawn("vessel-vmm", cmd, &log)?;
+        // The API socket exists before the restore starts and answers once the
+        // restored VM runs; a failed restore ends the process.
+        let restored = async {
+            wait_for_path(&api_sock, &mut child, "vessel-vmm", &log, RESTORE_TIMEOUT).await?;
+            tokio::select! {
+                r = api::request(&api_sock, "metrics") => r,
+                status = child.wait() => Err(Error::EarlyExit {
+                    what: "vessel-vmm (restoring)",
+                    status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                    detail: crate::process::log_tail(&log, 20),
+                }),
+            }
+        }
+        .await;
+        if let Err(e) = restored {
+            crate::process::terminate(&mut child, std::time::Duration::ZERO).await;
+            return Err(e);
+        }
+        Ok(Box::new(ProcessVm::watch(
+            child,
+            Vec::new(),
+            Accelerator::Kvm,
+            AgentEndpoint::HybridVsock {
+                uds: cfg.vsock_uds.clone(),
+            },
+            Control::VmmApi(api_sock),
+            snapshottable(cfg),
+            &cfg.run_dir,
+        )))
+    }
+}
+
+/// How long a restore may take before the VM answers its API.
+const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// vessel-vmm snapshots VMs without virtio-fs.
+fn snapshottable(cfg: &VmConfig) -> crate::process_vm::Snapshottable {
+    if cfg.shared_dirs.is_empty() {
+        Ok(SnapshotInfo::of("builtin", Accelerator::Kvm, cfg))
+    } else {
+        Err("snapshot of a VM with virtio-fs shares (vessel-vmm cannot save vhost-user-fs state)")
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod cmdline;
 pub(crate) mod qmp;
+pub(crate) mod snapshot;
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +21,10 @@ use crate::host::{detect_kvm, pick_accelerator, Accelerator};
 use crate::process::{spawn, wait_for_path};
 use crate::process_vm::{Control, ProcessVm};
 use crate::virtiofs::HELPER_START_TIMEOUT;
-use crate::{AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Result, Vm, VmConfig};
+use crate::{
+    AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Result, SnapshotInfo, Vm,
+    VmConfig,
+};
 
 /// QEMU backend settings.
 #[derive(Debug, Clone)]
@@ -109,6 +113,7 @@ impl Hypervisor for Qemu {
             channels,
             pause_resume: true,
             shared_dirs: self.config.virtiofsd.is_file(),
+            snapshot: true,
         }
     }
 
@@ -127,6 +132,51 @@ impl Hypervisor for Qemu {
                 return Err(e);
             }
         };
+        Ok(self.watch(cfg, &paths, child, helpers))
+    }
+
+    async fn restore(&self, dir: &Path, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
+        let info = SnapshotInfo::load(dir)?;
+        info.check_matches(self.name(), cfg)?;
+        if info.accelerator != self.accelerator.to_string() {
+            return Err(Error::InvalidConfig(format!(
+                "the snapshot was taken with QEMU/{}; this host runs QEMU/{}",
+                info.accelerator, self.accelerator
+            )));
+        }
+        crate::check_vm_config(cfg)?;
+        if let Some(why) = snapshot::blocker(cfg) {
+            return Err(Error::Unsupported {
+                backend: "qemu",
+                operation: why,
+            });
+        }
+        let stream = snapshot::open_stream(dir)?;
+        let paths = Paths::new(&cfg.run_dir);
+        let log = cfg.run_dir.join("qemu.log");
+        let mut child = self.start_qemu_with(cfg, &paths, &["-incoming", "defer"])?;
+        let loaded = async {
+            wait_for_path(&paths.qmp, &mut child, "QEMU", &log, HELPER_START_TIMEOUT).await?;
+            snapshot::load(&paths.qmp, &stream, &mut child, &log).await
+        }
+        .await;
+        if let Err(e) = loaded {
+            crate::process::terminate(&mut child, std::time::Duration::ZERO).await;
+            return Err(e);
+        }
+        log::debug!("qemu: restored {} into {}", dir.display(), cfg.id);
+        Ok(self.watch(cfg, &paths, child, Vec::new()))
+    }
+}
+
+impl Qemu {
+    fn watch(
+        &self,
+        cfg: &VmConfig,
+        paths: &Paths,
+        child: Child,
+        helpers: Vec<Child>,
+    ) -> Box<dyn Vm> {
         let endpoint = match cfg.channel {
             AgentChannel::Vsock => AgentEndpoint::HybridVsock {
                 uds: cfg.vsock_uds.clone(),
@@ -135,18 +185,21 @@ impl Hypervisor for Qemu {
                 path: paths.agent_serial.clone(),
             },
         };
-        Ok(Box::new(ProcessVm::watch(
+        let snapshot = match snapshot::blocker(cfg) {
+            Some(why) => Err(why),
+            None => Ok(SnapshotInfo::of(self.name(), self.accelerator, cfg)),
+        };
+        Box::new(ProcessVm::watch(
             child,
             helpers,
             self.accelerator,
             endpoint,
-            Control::Qmp(paths.qmp),
+            Control::Qmp(paths.qmp.clone()),
+            snapshot,
             &cfg.run_dir,
-        )))
+        ))
     }
-}
 
-impl Qemu {
     async fn start_helpers(
         &self,
         cfg: &VmConfig,
@@ -182,7 +235,12 @@ impl Qemu {
     }
 
     fn start_qemu(&self, cfg: &VmConfig, paths: &Paths) -> Result<Child> {
-        let args = cmdline::args(cfg, self.accelerator, self.config.machine, paths);
+        self.start_qemu_with(cfg, paths, &[])
+    }
+
+    fn start_qemu_with(&self, cfg: &VmConfig, paths: &Paths, extra: &[&str]) -> Result<Child> {
+        let mut args = cmdline::args(cfg, self.accelerator, self.config.machine, paths);
+        args.extend(extra.iter().map(|a| a.to_string()));
         log::debug!("qemu: {} {}", self.config.qemu.display(), args.join(" "));
         let mut cmd = Command::new(&self.config.qemu);
         cmd.args(&args);

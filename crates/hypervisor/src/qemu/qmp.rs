@@ -1,9 +1,13 @@
-//! A minimal QMP client: one connection per command.
+//! A minimal QMP client: one connection per command ([`execute`]), or a
+//! [`Session`] for commands that need state on one connection (file
+//! descriptors passed with `getfd`).
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
 use crate::{Error, Result};
@@ -40,6 +44,117 @@ pub async fn execute(socket: &Path, command: &str) -> Result<serde_json::Value> 
     tokio::time::timeout(TIMEOUT, run)
         .await
         .map_err(|_| err(format!("no reply within {TIMEOUT:?}")))?
+}
+
+/// One QMP connection, past capability negotiation.
+pub struct Session {
+    rd: BufReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+}
+
+impl Session {
+    pub async fn connect(socket: &Path) -> Result<Self> {
+        let err = |reason: String| Error::Qmp {
+            command: "qmp_capabilities".into(),
+            reason,
+        };
+        let run = async {
+            let stream = UnixStream::connect(socket)
+                .await
+                .map_err(|e| err(format!("connect {}: {e}", socket.display())))?;
+            let (rd, wr) = stream.into_split();
+            let mut s = Session {
+                rd: BufReader::new(rd),
+                wr,
+            };
+            read_reply(&mut s.rd, true).await.map_err(err)?;
+            Ok::<_, Error>(s)
+        };
+        let mut s = tokio::time::timeout(TIMEOUT, run)
+            .await
+            .map_err(|_| err(format!("no reply within {TIMEOUT:?}")))??;
+        s.execute("qmp_capabilities", serde_json::json!({})).await?;
+        Ok(s)
+    }
+
+    /// Runs `command` with `arguments` and returns its `return` value.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        self.execute_with_fd(command, arguments, None).await
+    }
+
+    /// Runs `command`; `fd`, if any, travels with the request (SCM_RIGHTS), as
+    /// `getfd` expects.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<serde_json::Value> {
+        let err = |reason: String| Error::Qmp {
+            command: command.to_string(),
+            reason,
+        };
+        let line = format!(
+            "{}\n",
+            serde_json::json!({ "execute": command, "arguments": arguments })
+        );
+        let run = async {
+            match fd {
+                None => self
+                    .wr
+                    .write_all(line.as_bytes())
+                    .await
+                    .map_err(|e| err(e.to_string()))?,
+                Some(fd) => send_with_fd(&mut self.wr, line.as_bytes(), fd)
+                    .await
+                    .map_err(|e| err(e.to_string()))?,
+            }
+            read_reply(&mut self.rd, false).await.map_err(err)
+        };
+        tokio::time::timeout(TIMEOUT, run)
+            .await
+            .map_err(|_| err(format!("no reply within {TIMEOUT:?}")))?
+    }
+}
+
+/// Writes `data` (a whole QMP line, far below the socket buffer) in one
+/// sendmsg(2) with `fd` attached.
+async fn send_with_fd(
+    wr: &mut OwnedWriteHalf,
+    data: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    loop {
+        let stream: &UnixStream = wr.as_ref();
+        stream.writable().await?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            let fds = [fd.as_raw_fd()];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            let iov = [std::io::IoSlice::new(data)];
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(n) if n == data.len() => return Ok(()),
+            Ok(n) => {
+                // The descriptor went with the first byte; send the rest plainly.
+                return wr.write_all(&data[n..]).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Reads lines until the greeting (`QMP`) or a `return`/`error`, skipping events.

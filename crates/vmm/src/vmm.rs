@@ -184,7 +184,7 @@ fn build_machine(
         vm.fd()
             .register_irqfd(&irq_evt, irq)
             .map_err(|e| VmmError::Setup("virtio irqfd", std::io::Error::other(e)))?;
-        let dev_type = dev.device_type();
+        let dev_type = dev.state().device_type();
         let poller = Poller::new(epoll.clone(), i);
         let mut transport =
             MmioTransport::new(dev, mem.clone(), Arc::new(IrqTrigger::new(irq_evt)), poller)
@@ -411,7 +411,7 @@ impl Vmm {
             .map(|t| {
                 let t = lock(t);
                 DeviceSnapshot {
-                    device_type: t.device().device_type(),
+                    device_type: t.device().state().device_type(),
                     transport: t.save_state(),
                     device: t.device().save_state(),
                 }

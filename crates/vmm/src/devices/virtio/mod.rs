@@ -1,10 +1,12 @@
 //! virtio devices on the virtio-mmio transport. Every device has the same shape: `mod.rs`
 //! (constants, re-exports), `device.rs` (the `VirtioDevice` impl: features, config space,
 //! activation, snapshot state), `event_handler.rs` (what it does when a queue or backend fd
-//! fires), plus device-specific modules.
+//! fires), plus device-specific modules. What all devices keep (type, queue sizes, offered
+//! features, and once activated the live queues and interrupt) is one [`VirtioDeviceState`].
 
 pub mod balloon;
 pub mod block;
+mod device_state;
 pub mod fs;
 #[cfg(test)]
 mod fuzz_tests;
@@ -16,12 +18,12 @@ pub mod test_utils;
 pub mod transport;
 pub mod vsock;
 
+pub use device_state::{ActivateContext, VirtioDeviceState};
+
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -149,43 +151,25 @@ impl Poller {
     }
 }
 
-/// What a device gets when the driver sets DRIVER_OK.
-#[derive(Debug)]
-pub struct ActivateContext {
-    /// Guest memory.
-    pub mem: GuestMemoryMmap,
-    /// The queues as the driver configured them.
-    pub queues: Vec<Queue>,
-    /// The device's interrupt.
-    pub irq: Arc<IrqTrigger>,
-    /// The device's handle on the event loop.
-    pub poller: Poller,
-}
-
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send + std::fmt::Debug {
-    /// virtio device type.
-    fn device_type(&self) -> u32;
-    /// Maximum size of each queue; its length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
-    /// Features the device offers.
-    fn avail_features(&self) -> u64;
+    /// The state every device has: type, queue sizes, offered features, live queues.
+    fn state(&self) -> &VirtioDeviceState;
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space (ignored by default).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts the device with the negotiated `features`.
+    /// Starts the device with the negotiated `features` (through
+    /// [`VirtioDeviceState::activate`]).
     fn activate(&mut self, features: u64, ctx: ActivateContext) -> Result<(), ActivateError>;
-    /// Whether [`VirtioDevice::activate`] succeeded and no reset happened since.
-    fn is_activated(&self) -> bool;
     /// Stops the device and drops its queues (driver wrote 0 to the status register).
     fn reset(&mut self);
     /// An fd of the device, or queue `token` (< [`DEVICE_TOKEN_BASE`]), is ready.
     fn handle_event(&mut self, token: u32, events: EventSet);
-    /// The live queues (for snapshots), once activated.
-    fn queues(&self) -> &[Queue];
-    /// Device-specific state for a snapshot.
-    fn save_state(&self) -> serde_json::Value;
+    /// Device-specific state for a snapshot (none by default).
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
     /// Takes device-specific state from a snapshot, before the transport re-activates it.
     fn restore_state(&mut self, _state: &serde_json::Value) {}
 }

@@ -3,14 +3,12 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{QUEUE_SIZE, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_REPORTING};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, INT_CONFIG,
-    TYPE_BALLOON,
+    read_config_bytes, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, VirtioDeviceState,
+    INT_CONFIG, TYPE_BALLOON,
 };
 
 /// Queue indices: inflate, deflate, and (with REPORTING negotiated) reporting.
@@ -44,20 +42,11 @@ impl BalloonControl {
     }
 }
 
-/// Live state after activation.
-#[derive(Debug)]
-pub(super) struct Active {
-    pub mem: GuestMemoryMmap,
-    pub queues: Vec<Queue>,
-    pub irq: Arc<IrqTrigger>,
-}
-
 /// A virtio-balloon device.
 #[derive(Debug)]
 pub struct Balloon {
     pub(super) control: Arc<BalloonControl>,
-    pub(super) active: Option<Active>,
-    queue_sizes: [u16; 3],
+    pub(super) state: VirtioDeviceState,
 }
 
 impl Balloon {
@@ -65,10 +54,10 @@ impl Balloon {
     pub fn new(target_mib: u64) -> Self {
         let control = Arc::new(BalloonControl::default());
         control.set_target_mib(target_mib);
+        let features = (1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM) | (1 << VIRTIO_BALLOON_F_REPORTING);
         Balloon {
             control,
-            active: None,
-            queue_sizes: [QUEUE_SIZE; 3],
+            state: VirtioDeviceState::new(TYPE_BALLOON, 3, QUEUE_SIZE, features),
         }
     }
 
@@ -79,16 +68,8 @@ impl Balloon {
 }
 
 impl VirtioDevice for Balloon {
-    fn device_type(&self) -> u32 {
-        TYPE_BALLOON
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        (1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM) | (1 << VIRTIO_BALLOON_F_REPORTING)
+    fn state(&self) -> &VirtioDeviceState {
+        &self.state
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -122,36 +103,21 @@ impl VirtioDevice for Balloon {
     }
 
     fn activate(&mut self, _features: u64, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 3 {
-            return Err(ActivateError::QueueCount(ctx.queues.len(), 3));
-        }
-        *crate::devices::lock(&self.control.irq) = Some(ctx.irq.clone());
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queues: ctx.queues,
-            irq: ctx.irq,
-        });
+        let active = self.state.activate(ctx, |_| Ok(()))?;
+        *crate::devices::lock(&self.control.irq) = Some(active.irq.clone());
         for q in [INFLATEQ, DEFLATEQ, REPORTQ] {
             self.process_queue(q);
         }
         Ok(())
     }
 
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
     fn reset(&mut self) {
-        self.active = None;
+        self.state.reset();
         *crate::devices::lock(&self.control.irq) = None;
     }
 
     fn handle_event(&mut self, token: u32, _events: EventSet) {
         self.process_queue(token as usize);
-    }
-
-    fn queues(&self) -> &[Queue] {
-        self.active.as_ref().map_or(&[], |a| &a.queues)
     }
 
     fn save_state(&self) -> serde_json::Value {

@@ -9,7 +9,6 @@ use vm_memory::{
 
 use super::device::{Balloon, DEFLATEQ, INFLATEQ, REPORTQ};
 use super::BALLOON_PAGE;
-use crate::devices::virtio::queue_util::{add_used, pop, MAX_CHAINS_PER_EVENT};
 
 /// Most PFNs taken from one inflate descriptor (Linux sends at most 256 per request).
 const MAX_PFNS_PER_DESC: u32 = 4096;
@@ -48,18 +47,10 @@ pub(super) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> u64 {
 
 impl Balloon {
     pub(super) fn process_queue(&mut self, index: usize) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
-        let mem = active.mem.clone();
-        let Some(queue) = active.queues.get_mut(index) else {
-            return;
-        };
-        for _ in 0..MAX_CHAINS_PER_EVENT {
-            let Some(chain) = pop(queue, &mem) else {
-                return;
-            };
-            let head = chain.head_index();
+        active.serve(index, |chain, mem| {
             for desc in chain {
                 match index {
                     INFLATEQ if !desc.is_write_only() => {
@@ -71,14 +62,14 @@ impl Balloon {
                             let Ok(pfn) = mem.read_obj::<u32>(GuestAddress(at)) else {
                                 break;
                             };
-                            let freed = discard(&mem, u64::from(pfn) * BALLOON_PAGE, BALLOON_PAGE);
+                            let freed = discard(mem, u64::from(pfn) * BALLOON_PAGE, BALLOON_PAGE);
                             self.control
                                 .inflated_bytes
                                 .fetch_add(freed, Ordering::Relaxed);
                         }
                     }
                     REPORTQ => {
-                        let freed = discard(&mem, desc.addr().0, u64::from(desc.len()));
+                        let freed = discard(mem, desc.addr().0, u64::from(desc.len()));
                         self.control
                             .reported_bytes
                             .fetch_add(freed, Ordering::Relaxed);
@@ -88,8 +79,8 @@ impl Balloon {
                     _ => {}
                 }
             }
-            add_used(queue, &mem, &active.irq, head, 0);
-        }
+            0
+        });
     }
 }
 

@@ -2,43 +2,39 @@
 
 use super::device::Block;
 use super::request::{execute, parse};
-use crate::devices::virtio::queue_util::{add_used, pop, MAX_CHAINS_PER_EVENT};
 
 impl Block {
-    /// Serves available requests, at most [`MAX_CHAINS_PER_EVENT`] per call.
+    /// Serves available requests, a bounded number per call (see
+    /// [`ActivateContext::serve`](crate::devices::virtio::ActivateContext::serve)).
     pub(super) fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
-        let mem = active.mem.clone();
-        for _ in 0..MAX_CHAINS_PER_EVENT {
-            let Some(chain) = pop(&mut active.queue, &mem) else {
-                return;
-            };
-            let head = chain.head_index();
-            let used_len = match parse(chain, &mem) {
-                Ok(req) => {
-                    let (status, written) = execute(
-                        &req,
-                        &mem,
-                        &mut self.file,
-                        self.read_only,
-                        self.capacity_sectors,
-                        &self.id,
-                    );
-                    req.write_status(&mem, status).map_or(0, |_| written + 1)
-                }
-                Err(e) => {
-                    // Without a valid status descriptor there is nowhere to report the
-                    // error: return the chain with nothing written.
-                    log::debug!("bad block request: {e}");
-                    0
-                }
-            };
-            add_used(&mut active.queue, &mem, &active.irq, head, used_len);
+        let more = active.serve(0, |chain, mem| match parse(chain, mem) {
+            Ok(req) => {
+                let (status, written) = execute(
+                    &req,
+                    mem,
+                    &mut self.file,
+                    self.read_only,
+                    self.capacity_sectors,
+                    &self.id,
+                );
+                req.write_status(mem, status).map_or(0, |_| written + 1)
+            }
+            Err(e) => {
+                // Without a valid status descriptor there is nowhere to report the
+                // error: return the chain with nothing written.
+                log::debug!("bad block request: {e}");
+                0
+            }
+        });
+        if more {
+            // More requests may be waiting: come back after other devices had their turn.
+            if let Some(retry) = &self.retry {
+                let _ = retry.write(1);
+            }
         }
-        // More requests may be waiting: come back after other devices had their turn.
-        let _ = active.retry.write(1);
     }
 }
 

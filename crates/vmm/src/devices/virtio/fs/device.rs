@@ -2,7 +2,6 @@
 
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::Arc;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -14,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{NUM_REQUEST_QUEUES, QUEUE_SIZE, TAG_LEN, TYPE_FS};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, IrqTrigger, Poller, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
     DEVICE_TOKEN_BASE, VIRTIO_F_VERSION_1,
 };
 
@@ -32,34 +31,30 @@ pub enum FsError {
 /// Tokens of the backend's "used buffers" eventfds: one per queue, from here.
 pub(super) const TOKEN_CALL_BASE: u32 = DEVICE_TOKEN_BASE;
 
-/// Live state after activation.
-#[derive(Debug)]
-pub(super) struct Active {
-    pub irq: Arc<IrqTrigger>,
-    pub queues: Vec<Queue>,
-    /// Eventfds the backend waits on; queue notifications are forwarded to them.
-    pub kicks: Vec<EventFd>,
-    /// Eventfds the backend signals; each raises the device interrupt.
-    pub calls: Vec<EventFd>,
-    pub poller: Poller,
+/// The vhost-user connection to the backend and what it offered.
+struct Backend {
+    frontend: Frontend,
+    socket: String,
+    features: u64,
+    protocol_features: bool,
 }
 
 /// A virtio-fs device backed by a vhost-user server.
 pub struct Fs {
-    pub(super) frontend: Frontend,
-    socket: String,
-    backend_features: u64,
-    protocol_features: bool,
+    backend: Backend,
     tag: [u8; TAG_LEN],
-    pub(super) active: Option<Active>,
-    queue_sizes: Vec<u16>,
+    pub(super) state: VirtioDeviceState,
+    /// Eventfds the backend waits on; queue notifications are forwarded to them.
+    pub(super) kicks: Vec<EventFd>,
+    /// Eventfds the backend signals; each raises the device interrupt.
+    pub(super) calls: Vec<EventFd>,
 }
 
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
-            .field("socket", &self.socket)
-            .field("active", &self.active.is_some())
+            .field("socket", &self.backend.socket)
+            .field("active", &self.state.is_activated())
             .finish()
     }
 }
@@ -88,18 +83,31 @@ impl Fs {
         }
         let mut t = [0u8; TAG_LEN];
         t[..tag.len()].copy_from_slice(tag.as_bytes());
+        // Offer only what both we (no extras) and the backend support.
+        let avail_features = backend_features & (1 << VIRTIO_F_VERSION_1);
         Ok(Fs {
-            frontend,
-            socket: name,
-            backend_features,
-            protocol_features,
+            backend: Backend {
+                frontend,
+                socket: name,
+                features: backend_features,
+                protocol_features,
+            },
             tag: t,
-            active: None,
-            queue_sizes: vec![QUEUE_SIZE; 1 + NUM_REQUEST_QUEUES],
+            state: VirtioDeviceState::new(
+                TYPE_FS,
+                1 + NUM_REQUEST_QUEUES,
+                QUEUE_SIZE,
+                avail_features,
+            ),
+            kicks: Vec::new(),
+            calls: Vec::new(),
         })
     }
+}
 
-    fn setup_backend(
+impl Backend {
+    /// Hands the backend the negotiated features, guest memory and the rings.
+    fn setup(
         &mut self,
         features: u64,
         mem: &GuestMemoryMmap,
@@ -111,7 +119,7 @@ impl Fs {
             let what = what.to_string();
             move |err: vhost::Error| format!("{what}: {err}")
         };
-        let mut f = features & self.backend_features;
+        let mut f = features & self.features;
         if self.protocol_features {
             f |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
@@ -168,17 +176,8 @@ impl Fs {
 }
 
 impl VirtioDevice for Fs {
-    fn device_type(&self) -> u32 {
-        TYPE_FS
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        // Offer only what both we (no extras) and the backend support.
-        self.backend_features & (1 << VIRTIO_F_VERSION_1)
+    fn state(&self) -> &VirtioDeviceState {
+        &self.state
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -190,58 +189,45 @@ impl VirtioDevice for Fs {
     }
 
     fn activate(&mut self, features: u64, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let n = self.queue_sizes.len();
-        if ctx.queues.len() != n {
-            return Err(ActivateError::QueueCount(ctx.queues.len(), n));
-        }
+        let n = self.state.queue_max_sizes().len();
         let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Epoll);
         let kicks = (0..n).map(|_| new_evt()).collect::<Result<Vec<_>, _>>()?;
         let calls = (0..n).map(|_| new_evt()).collect::<Result<Vec<_>, _>>()?;
-        self.setup_backend(features, &ctx.mem, &ctx.queues, &kicks, &calls)
-            .map_err(ActivateError::Backend)?;
-        for (i, c) in calls.iter().enumerate() {
-            ctx.poller
-                .add(c.as_raw_fd(), TOKEN_CALL_BASE + i as u32, EventSet::IN)
-                .map_err(ActivateError::Epoll)?;
-        }
+        let backend = &mut self.backend;
+        self.state.activate(ctx, |ctx| {
+            backend
+                .setup(features, &ctx.mem, &ctx.queues, &kicks, &calls)
+                .map_err(ActivateError::Backend)?;
+            for (i, c) in calls.iter().enumerate() {
+                ctx.poller
+                    .add(c.as_raw_fd(), TOKEN_CALL_BASE + i as u32, EventSet::IN)
+                    .map_err(ActivateError::Epoll)?;
+            }
+            Ok(())
+        })?;
         // Kicks that arrived before activation.
         for k in &kicks {
             let _ = k.write(1);
         }
-        self.active = Some(Active {
-            irq: ctx.irq,
-            queues: ctx.queues,
-            kicks,
-            calls,
-            poller: ctx.poller,
-        });
+        self.kicks = kicks;
+        self.calls = calls;
         Ok(())
     }
 
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
     fn reset(&mut self) {
-        if let Some(a) = self.active.take() {
-            for c in &a.calls {
+        if let Some(a) = self.state.reset() {
+            for c in &self.calls {
                 a.poller.remove(c.as_raw_fd());
             }
         }
+        self.kicks.clear();
+        self.calls.clear();
         // The backend cannot be re-initialised over the same connection without
         // VHOST_USER_RESET_DEVICE; a guest reset of this device leaves it unusable.
-        let _ = self.frontend.reset_device();
+        let _ = self.backend.frontend.reset_device();
     }
 
     fn handle_event(&mut self, token: u32, _events: EventSet) {
         self.relay(token);
-    }
-
-    fn queues(&self) -> &[Queue] {
-        self.active.as_ref().map_or(&[], |a| &a.queues)
-    }
-
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::Value::Null
     }
 }

@@ -10,17 +10,12 @@ impl Net {
     /// Sends the guest's frames to the backend. Frames the backend cannot take right now
     /// are dropped, as a NIC would.
     pub(super) fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
-        let mem = active.mem.clone();
         let mut frame = Vec::with_capacity(MAX_PACKET);
-        for _ in 0..MAX_CHAINS_PER_EVENT {
-            let Some(chain) = pop(&mut active.queues[TXQ], &mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            if let Ok(mut reader) = chain.reader(&mem) {
+        active.serve(TXQ, |chain, mem| {
+            if let Ok(mut reader) = chain.reader(mem) {
                 let len = reader.available_bytes();
                 if (VNET_HDR_LEN..=MAX_PACKET).contains(&len) {
                     frame.resize(len, 0);
@@ -31,13 +26,13 @@ impl Net {
                     }
                 }
             }
-            add_used(&mut active.queues[TXQ], &mem, &active.irq, head, 0);
-        }
+            0
+        });
     }
 
     /// Delivers backend frames into the guest's rx buffers.
     pub(super) fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
         let mem = active.mem.clone();

@@ -4,7 +4,6 @@ use std::io::Write;
 
 use super::device::Rng;
 use super::MAX_BYTES_PER_REQUEST;
-use crate::devices::virtio::queue_util::{add_used, pop, MAX_CHAINS_PER_EVENT};
 
 /// Fills `buf` from the kernel's CSPRNG.
 fn fill_random(buf: &mut [u8]) -> bool {
@@ -25,17 +24,12 @@ fn fill_random(buf: &mut [u8]) -> bool {
 
 impl Rng {
     pub(super) fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
-        let mem = active.mem.clone();
         let mut buf = Vec::new();
-        for _ in 0..MAX_CHAINS_PER_EVENT {
-            let Some(chain) = pop(&mut active.queue, &mem) else {
-                return;
-            };
-            let head = chain.head_index();
-            let written = match chain.writer(&mem) {
+        active.serve(0, |chain, mem| {
+            let written = match chain.writer(mem) {
                 Ok(mut w) => {
                     let n = w.available_bytes().min(MAX_BYTES_PER_REQUEST);
                     buf.resize(n, 0);
@@ -48,8 +42,8 @@ impl Rng {
                 Err(_) => 0,
             };
             self.bytes_served += u64::from(written);
-            add_used(&mut active.queue, &mem, &active.irq, head, written);
-        }
+            written
+        });
     }
 }
 

@@ -134,7 +134,7 @@ impl MmioTransport {
     ) -> std::io::Result<Self> {
         let mut queue_evts = Vec::new();
         let mut queues = Vec::new();
-        if device.queue_max_sizes().len() >= ACTIVATE_TOKEN as usize {
+        if device.state().queue_max_sizes().len() >= ACTIVATE_TOKEN as usize {
             return Err(std::io::Error::other("too many queues for one device"));
         }
         let activate_evt = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -143,7 +143,7 @@ impl MmioTransport {
             ACTIVATE_TOKEN,
             EventSet::IN,
         )?;
-        for (i, max) in device.queue_max_sizes().iter().enumerate() {
+        for (i, max) in device.state().queue_max_sizes().iter().enumerate() {
             let evt = EventFd::new(libc::EFD_NONBLOCK)?;
             poller.add(evt.as_raw_fd_compat(), i as u32, EventSet::IN)?;
             queue_evts.push(evt);
@@ -191,7 +191,7 @@ impl MmioTransport {
             let _ = self.activate_evt.read();
             if std::mem::take(&mut self.activation_pending)
                 && self.status & STATUS_DRIVER_OK != 0
-                && !self.device.is_activated()
+                && !self.device.state().is_activated()
             {
                 self.activate();
             }
@@ -202,7 +202,7 @@ impl MmioTransport {
                 // Drain the counter; spurious wake-ups read EAGAIN.
                 let _ = evt.read();
             }
-            if !self.device.is_activated() {
+            if !self.device.state().is_activated() {
                 return;
             }
         }
@@ -243,7 +243,7 @@ impl MmioTransport {
         }
         let ready = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
         self.status = new;
-        if new & ready == ready && !self.device.is_activated() && !self.activation_pending {
+        if new & ready == ready && !self.device.state().is_activated() && !self.activation_pending {
             self.activation_pending = true;
             // Cannot fail short of counter overflow.
             let _ = self.activate_evt.write(1);
@@ -281,7 +281,7 @@ impl MmioTransport {
             irq: self.irq.clone(),
             poller: self.poller.clone(),
         };
-        let dev_type = self.device.device_type();
+        let dev_type = self.device.state().device_type();
         if let Err(e) = self.device.activate(self.acked_features, ctx) {
             log::warn!("virtio device type {dev_type} failed to activate: {e}");
             self.status |= STATUS_DEVICE_NEEDS_RESET;
@@ -292,7 +292,7 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.device.is_activated() {
+        if self.device.state().is_activated() {
             self.device.reset();
         }
         self.status = 0;
@@ -309,8 +309,8 @@ impl MmioTransport {
 
     /// Registers and ring positions for a snapshot.
     pub fn save_state(&self) -> MmioState {
-        let queues = if self.device.is_activated() {
-            self.device.queues()
+        let queues = if self.device.state().is_activated() {
+            self.device.state().queues()
         } else {
             &self.queues
         };
@@ -378,11 +378,11 @@ impl BusDevice for MmioTransport {
             data.fill(0);
             return;
         }
-        let features = self.device.avail_features() | (1 << VIRTIO_F_VERSION_1);
+        let features = self.device.state().avail_features() | (1 << VIRTIO_F_VERSION_1);
         let v: u32 = match offset {
             0x00 => MAGIC,
             0x04 => VERSION,
-            0x08 => self.device.device_type(),
+            0x08 => self.device.state().device_type(),
             0x0c => VENDOR_ID,
             0x10 => match self.device_features_select {
                 0 => features as u32,
@@ -422,7 +422,7 @@ impl BusDevice for MmioTransport {
         match offset {
             0x14 => self.device_features_select = v,
             0x20 if features_writable => {
-                let offered = self.device.avail_features() | (1 << VIRTIO_F_VERSION_1);
+                let offered = self.device.state().avail_features() | (1 << VIRTIO_F_VERSION_1);
                 let shift = match self.driver_features_select {
                     0 => 0,
                     1 => 32,
@@ -516,14 +516,14 @@ mod tests {
         setup_queue(&mut t, 0x1000);
         w(&mut t, 0x70, STATUS_DRIVER_OK);
         // Activation happens on the event loop, not in the MMIO write.
-        assert!(!t.device().is_activated());
+        assert!(!t.device().state().is_activated());
         t.handle_event(ACTIVATE_TOKEN, EventSet::IN);
-        assert!(t.device().is_activated());
+        assert!(t.device().state().is_activated());
         // Queue registers are frozen while live.
         w(&mut t, 0x38, 2);
         assert_eq!(t.save_state().queues[0].size, 16);
         w(&mut t, 0x70, 0);
-        assert!(!t.device().is_activated());
+        assert!(!t.device().state().is_activated());
         assert_eq!(r(&mut t, 0x70), 0);
     }
 
@@ -537,7 +537,7 @@ mod tests {
         setup_queue(&mut t, 0xffff_ffff_0000);
         w(&mut t, 0x70, STATUS_DRIVER_OK);
         t.handle_event(ACTIVATE_TOKEN, EventSet::IN);
-        assert!(!t.device().is_activated());
+        assert!(!t.device().state().is_activated());
         assert_ne!(r(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
     }
 

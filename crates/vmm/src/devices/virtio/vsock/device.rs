@@ -1,16 +1,12 @@
 //! The vsock device: config space (guest CID), activation, snapshot state.
 
-use std::sync::Arc;
-
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::muxer::{Muxer, TOKEN_LISTENER, TOKEN_TIMER};
 use super::QUEUE_SIZE;
 use crate::config::VsockConfig;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, IrqTrigger, Poller, VirtioDevice, TYPE_VSOCK,
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, TYPE_VSOCK,
 };
 
 /// Errors while creating the vsock device.
@@ -24,24 +20,14 @@ pub(super) const RXQ: usize = 0;
 pub(super) const TXQ: usize = 1;
 pub(super) const EVQ: usize = 2;
 
-/// Live state after activation.
-#[derive(Debug)]
-pub(super) struct Active {
-    pub mem: GuestMemoryMmap,
-    pub queues: Vec<Queue>,
-    pub irq: Arc<IrqTrigger>,
-    pub poller: Poller,
-}
-
 /// A hybrid vsock device.
 #[derive(Debug)]
 pub struct Vsock {
     pub(super) cid: u64,
     pub(super) muxer: Muxer,
-    pub(super) active: Option<Active>,
+    pub(super) state: VirtioDeviceState,
     /// Set on restore: tell the guest its connections are gone once it is running.
     pub(super) reset_pending: bool,
-    queue_sizes: [u16; 3],
 }
 
 impl Vsock {
@@ -52,9 +38,8 @@ impl Vsock {
         Ok(Vsock {
             cid: u64::from(cfg.cid),
             muxer,
-            active: None,
+            state: VirtioDeviceState::new(TYPE_VSOCK, 3, QUEUE_SIZE, 0),
             reset_pending: false,
-            queue_sizes: [QUEUE_SIZE; 3],
         })
     }
 
@@ -65,16 +50,8 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        TYPE_VSOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        0
+    fn state(&self) -> &VirtioDeviceState {
+        &self.state
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -83,21 +60,15 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, _features: u64, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 3 {
-            return Err(ActivateError::QueueCount(ctx.queues.len(), 3));
-        }
-        ctx.poller
-            .add(self.muxer.listener_fd(), TOKEN_LISTENER, EventSet::IN)
-            .map_err(ActivateError::Epoll)?;
-        ctx.poller
-            .add(self.muxer.timer_fd(), TOKEN_TIMER, EventSet::IN)
-            .map_err(ActivateError::Epoll)?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queues: ctx.queues,
-            irq: ctx.irq,
-            poller: ctx.poller,
-        });
+        let (listener, timer) = (self.muxer.listener_fd(), self.muxer.timer_fd());
+        self.state.activate(ctx, |ctx| {
+            for (fd, token) in [(listener, TOKEN_LISTENER), (timer, TOKEN_TIMER)] {
+                ctx.poller
+                    .add(fd, token, EventSet::IN)
+                    .map_err(ActivateError::Epoll)?;
+            }
+            Ok(())
+        })?;
         if self.reset_pending {
             self.send_transport_reset();
         }
@@ -106,12 +77,8 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
     fn reset(&mut self) {
-        if let Some(a) = self.active.take() {
+        if let Some(a) = self.state.reset() {
             self.muxer.clear(&a.poller);
             a.poller.remove(self.muxer.listener_fd());
             a.poller.remove(self.muxer.timer_fd());
@@ -120,10 +87,6 @@ impl VirtioDevice for Vsock {
 
     fn handle_event(&mut self, token: u32, events: EventSet) {
         self.handle(token, events);
-    }
-
-    fn queues(&self) -> &[Queue] {
-        self.active.as_ref().map_or(&[], |a| &a.queues)
     }
 
     fn save_state(&self) -> serde_json::Value {

@@ -12,7 +12,7 @@ use crate::devices::virtio::queue_util::{add_used, pop, undo_pop, MAX_CHAINS_PER
 
 impl Vsock {
     pub(super) fn handle(&mut self, token: u32, events: EventSet) {
-        let Some(active) = self.active.as_ref() else {
+        let Some(active) = self.state.active() else {
             return;
         };
         let poller = active.poller.clone();
@@ -29,17 +29,13 @@ impl Vsock {
 
     /// Takes packets the guest sent.
     pub(super) fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
-        let mem = active.mem.clone();
+        let poller = active.poller.clone();
         let mut payload = Vec::new();
-        for _ in 0..MAX_CHAINS_PER_EVENT {
-            let Some(chain) = pop(&mut active.queues[TXQ], &mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            match chain.reader(&mem) {
+        active.serve(TXQ, |chain, mem| {
+            match chain.reader(mem) {
                 Ok(mut reader) => {
                     if let Ok(hdr) = reader.read_obj::<Header>() {
                         let len = hdr.len;
@@ -49,7 +45,7 @@ impl Vsock {
                         let fits = len <= MAX_PAYLOAD && len as usize <= reader.available_bytes();
                         payload.resize(if fits { len as usize } else { 0 }, 0);
                         if ok_addr && fits && reader.read_exact(&mut payload).is_ok() {
-                            self.muxer.guest_packet(&hdr, &payload, &active.poller);
+                            self.muxer.guest_packet(&hdr, &payload, &poller);
                         } else {
                             log::debug!("vsock: dropped malformed tx packet");
                         }
@@ -57,13 +53,13 @@ impl Vsock {
                 }
                 Err(e) => log::debug!("vsock: bad tx chain: {e}"),
             }
-            add_used(&mut active.queues[TXQ], &mem, &active.irq, head, 0);
-        }
+            0
+        });
     }
 
     /// Delivers pending packets into the guest's rx buffers.
     pub(super) fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
         let mem = active.mem.clone();
@@ -100,7 +96,7 @@ impl Vsock {
 
     /// Tells the guest that every connection is gone (after a restore).
     pub(super) fn send_transport_reset(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
         let mem = active.mem.clone();

@@ -11,7 +11,7 @@ VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test \
-        test-vmm bench-boot bench-run bench-vmm clean install test-shim bench-shim
+        test-vmm bench-boot bench-run bench-restore bench-vmm clean install test-shim bench-shim
 
 deps:
 	scripts/install-deps.sh
@@ -69,6 +69,10 @@ bench-boot: deps guest build config
 
 bench-run: deps guest build config
 	benches/run.sh
+
+# Cold boot vs restore from a snapshot (QEMU; TCG on hosts without hardware KVM).
+bench-restore: deps guest config
+	cargo run --release -q -p vessel-runtime --example restore_bench -- $${RUNS:-10}
 
 bench-vmm:
 	sh crates/vmm/bench/bench-vmm.sh

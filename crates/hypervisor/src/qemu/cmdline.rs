@@ -46,11 +46,16 @@ pub fn args(cfg: &VmConfig, accel: Accelerator, machine: Machine, paths: &Paths)
         "-no-reboot",
     ]);
     let mem = format!("{}M", cfg.memory_mib);
-    // Shared memory: vhost-user backends (vsock, virtio-fs) map guest RAM.
-    push(&[
-        "-object",
-        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-    ]);
+    // Shared memory only where vhost-user backends (vsock, virtio-fs) map
+    // guest RAM. Otherwise private anonymous memory: untouched pages cost
+    // nothing, even when a snapshot load reads them to check for zeroes.
+    let vhost_user = cfg.channel == AgentChannel::Vsock || !cfg.shared_dirs.is_empty();
+    let backend = if vhost_user {
+        format!("memory-backend-memfd,id=mem,size={mem},share=on")
+    } else {
+        format!("memory-backend-ram,id=mem,size={mem}")
+    };
+    push(&["-object", &backend]);
     let accel_name = accel.to_string();
     let (cpu, pci) = match (accel, machine) {
         (Accelerator::Kvm, _) => ("host", machine == Machine::Q35),
@@ -214,5 +219,21 @@ mod tests {
         assert!(a.contains("virtio-serial-device,id=vser0"));
         assert!(a.contains("name=vessel.agent"));
         assert!(a.contains("vhost-user-fs-device"));
+        // virtio-fs needs shared memory even without vsock.
+        assert!(a.contains("memory-backend-memfd"), "{a}");
+    }
+
+    #[test]
+    fn private_memory_without_vhost_user() {
+        let mut c = cfg(AgentChannel::Serial);
+        c.shared_dirs.clear();
+        let a = joined(&args(
+            &c,
+            Accelerator::Tcg,
+            Machine::Q35,
+            &Paths::new(&c.run_dir),
+        ));
+        assert!(a.contains("memory-backend-ram,id=mem,size=384M"), "{a}");
+        assert!(!a.contains("share=on"), "{a}");
     }
 }

@@ -146,6 +146,7 @@ fn setup(plan: &ChildPlan, go: &OwnedFd, err: RawFd) -> Step<std::convert::Infal
     }
     close_fds_except(&[go.as_raw_fd(), err])?;
     step("PR_SET_NO_NEW_PRIVS", prctl::set_no_new_privs())?;
+    drop_capability_bounding_set()?;
     step("dropping supplementary groups", setgroups(&[]))?;
     let (uid, gid) = (Uid::from_raw(plan.uid), Gid::from_raw(plan.gid));
     step(&format!("setresgid({gid})"), setresgid(gid, gid, gid))?;
@@ -167,6 +168,39 @@ fn setup(plan: &ChildPlan, go: &OwnedFd, err: RawFd) -> Step<std::convert::Infal
     )?;
     let e = execve(&plan.exec, &plan.argv, &plan.envp).unwrap_err();
     Err(format!("exec {:?} in the jail: {e}", plan.exec))
+}
+
+/// Empties the capability bounding set (and the ambient set): even a bug that let the
+/// VMM exec something could not gain a capability back.
+fn drop_capability_bounding_set() -> Step {
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    if unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("clearing the ambient capabilities: {e}"));
+    }
+    for cap in 0..64 {
+        // SAFETY: as above.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // EINVAL: past the last capability this kernel knows.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(format!(
+                "dropping capability {cap} from the bounding set: {e}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64, name: &str) -> Step {

@@ -63,13 +63,18 @@ struct Dynamic {
 /// a static binary.
 pub fn dependencies(exe: &Path) -> Result<Vec<PathBuf>, ElfError> {
     let top = read_dynamic(exe)?;
-    let mut out: Vec<PathBuf> = top.interp.into_iter().collect();
+    let mut out: Vec<PathBuf> = top.interp.iter().cloned().collect();
     let mut queue: Vec<(String, PathBuf)> = top
         .needed
         .into_iter()
         .map(|n| (n, exe.to_owned()))
         .collect();
-    let mut seen: Vec<String> = Vec::new();
+    // libc names the loader as a library too; the interpreter already is it.
+    let mut seen: Vec<String> = top
+        .interp
+        .iter()
+        .filter_map(|p| Some(p.file_name()?.to_str()?.to_owned()))
+        .collect();
     while let Some((name, by)) = queue.pop() {
         if seen.contains(&name) {
             continue;
@@ -208,7 +213,8 @@ mod tests {
             .iter()
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        assert!(names.iter().any(|n| n.starts_with("ld-linux")), "{deps:?}");
+        let loaders = names.iter().filter(|n| n.starts_with("ld-linux")).count();
+        assert_eq!(loaders, 1, "the loader once, as the interpreter: {deps:?}");
         assert!(names.iter().any(|n| n == "libc.so.6"), "{deps:?}");
         assert!(
             deps.iter().all(|p| p.is_absolute() && p.is_file()),

@@ -53,6 +53,8 @@ pub enum RunError {
     Nul(String),
     /// setting up the jail: {0}
     Child(String),
+    /// the jailer's parent exited before the VMM started (--die-with-parent)
+    ParentGone,
     /// the VMM exited with {code}, but cleaning up failed: {source}
     Cleanup { code: i32, source: Box<RunError> },
 }
@@ -74,6 +76,23 @@ pub fn run(spec: &JailSpec) -> Result<i32, RunError> {
 pub fn run_with_cgroup_root(spec: &JailSpec, cgroup_root: &Path) -> Result<i32, RunError> {
     spec.check_host()?;
     ensure_single_threaded()?;
+    // Blocked from the start, so none is lost (or kills the jailer before it can clean
+    // up); they are taken with sigwait once the VMM runs, and unblocked in the child.
+    let mut waited = SigSet::empty();
+    for s in FORWARDED {
+        waited.add(s);
+    }
+    waited.add(Signal::SIGCHLD);
+    let mut old_mask = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited), Some(&mut old_mask))
+        .map_err(sys("blocking signals"))?;
+    if spec.die_with_parent {
+        let parent = nix::unistd::getppid();
+        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(sys("PR_SET_PDEATHSIG"))?;
+        if nix::unistd::getppid() != parent {
+            return Err(RunError::ParentGone);
+        }
+    }
     let libs = crate::elf::dependencies(&spec.exec)?;
     let netns = match &spec.netns {
         Some(p) => Some(OwnedFd::from(File::open(p).map_err(|source| {
@@ -88,7 +107,15 @@ pub fn run_with_cgroup_root(spec: &JailSpec, cgroup_root: &Path) -> Result<i32, 
     // Changes nothing if a live jailer holds this id.
     let mut jail = JailDir::acquire(&spec.jail_root, &spec.id)?;
     let mut cgroup = None;
-    let outcome = start_and_wait(spec, cgroup_root, &mut jail, &libs, netns, &mut cgroup);
+    let outcome = start_and_wait(
+        spec,
+        cgroup_root,
+        &mut jail,
+        &libs,
+        netns,
+        (&waited, old_mask),
+        &mut cgroup,
+    );
     let cleanup = cgroup
         .map_or(Ok(()), Cgroup::remove)
         .map_err(RunError::from)
@@ -109,6 +136,7 @@ fn start_and_wait(
     jail: &mut JailDir,
     libs: &[PathBuf],
     netns: Option<OwnedFd>,
+    (waited, old_mask): (&SigSet, SigSet),
     cgroup: &mut Option<Cgroup>,
 ) -> Result<i32, RunError> {
     // A jailer that was SIGKILLed left these; its VMM died with it (PR_SET_PDEATHSIG).
@@ -116,10 +144,11 @@ fn start_and_wait(
     if jail.is_stale() {
         jail.clear_stale()?;
     }
-    let plan = prepare(spec, jail, libs, netns)?;
+    let mut plan = prepare(spec, jail, libs, netns)?;
+    plan.sigmask = old_mask;
     *cgroup = Some(Cgroup::create(cgroup_root, &spec.id, spec.limits)?);
     let cgroup = cgroup.as_ref().expect("just set");
-    supervise(spec, plan, cgroup)
+    supervise(spec, plan, waited, cgroup)
 }
 
 /// Fills the jail directory and computes the child's plan.
@@ -211,19 +240,12 @@ fn prepare(
 }
 
 /// Forks the child, lets it into the cgroup, and waits for the VMM while forwarding signals.
-fn supervise(spec: &JailSpec, mut plan: ChildPlan, cgroup: &Cgroup) -> Result<i32, RunError> {
-    let mut waited = SigSet::empty();
-    for s in FORWARDED {
-        waited.add(s);
-    }
-    waited.add(Signal::SIGCHLD);
-    // Blocked before the fork, so none is lost; sigwait picks them up below.
-    sigprocmask(
-        SigmaskHow::SIG_BLOCK,
-        Some(&waited),
-        Some(&mut plan.sigmask),
-    )
-    .map_err(sys("blocking signals"))?;
+fn supervise(
+    spec: &JailSpec,
+    plan: ChildPlan,
+    waited: &SigSet,
+    cgroup: &Cgroup,
+) -> Result<i32, RunError> {
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
     if spec.new_pid_ns {

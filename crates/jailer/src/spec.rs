@@ -74,6 +74,10 @@ pub struct Cli {
     /// Create /dev/net/tun in the jail (for --net tap devices).
     #[arg(long)]
     pub tun: bool,
+    /// Stop the VMM and clean up when the jailer's parent dies (a SIGTERM to the jailer
+    /// as parent-death signal), instead of keeping it running.
+    #[arg(long)]
+    pub die_with_parent: bool,
     /// Arguments for the VMM, using in-jail paths.
     #[arg(last = true, value_name = "VMM ARGS")]
     pub vmm_args: Vec<OsString>,
@@ -137,6 +141,7 @@ pub struct JailSpec {
     pub rlimit_nofile: Option<u64>,
     pub rlimit_fsize: Option<u64>,
     pub tun: bool,
+    pub die_with_parent: bool,
     pub vmm_args: Vec<OsString>,
 }
 
@@ -195,6 +200,7 @@ impl JailSpec {
             rlimit_nofile: cli.rlimit_nofile,
             rlimit_fsize: cli.rlimit_fsize,
             tun: cli.tun,
+            die_with_parent: cli.die_with_parent,
             vmm_args: cli.vmm_args,
         })
     }
@@ -355,6 +361,7 @@ mod tests {
             "--rlimit-fsize",
             "1000000",
             "--tun",
+            "--die-with-parent",
             "--",
             "--kernel",
             "/vmlinux",
@@ -372,7 +379,7 @@ mod tests {
         assert_eq!(s.rw_bind.unwrap().jail, Path::new("/run"));
         assert_eq!(s.limits.mem_mib, Some(256));
         assert_eq!(s.limits.cpus, Some(1.5));
-        assert!(s.new_pid_ns && s.tun);
+        assert!(s.new_pid_ns && s.tun && s.die_with_parent);
         assert_eq!(
             s.vmm_args,
             vec![OsString::from("--kernel"), "/vmlinux".into()]

@@ -218,8 +218,8 @@ impl Jailer {
             .expect("the jailer exits, it is not killed")
     }
 
-    /// The VMM: the jailer's only child.
-    fn vmm_pid(&self) -> u32 {
+    /// Its only child: the VMM under a jailer (or the jailer under a shell).
+    fn child_pid(&self) -> u32 {
         let parent = self.pid();
         let mut found = None;
         assert!(
@@ -330,7 +330,7 @@ fn running_vmm_is_confined_and_its_api_answers() {
     let s = scratch("idle");
     let mut j = s.spawn(&env, "idle", &["--new-pid-ns"]);
     s.wait_serial("IDLE");
-    let vmm = j.vmm_pid();
+    let vmm = j.child_pid();
 
     assert_eq!(status_field(vmm, "Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(vmm, "Gid"), "65534\t65534\t65534\t65534");
@@ -405,7 +405,7 @@ fn sigterm_to_the_jailer_ends_the_vmm_and_cleans_up() {
         let s = scratch("term");
         let mut j = s.spawn(&env, "idle", extra);
         s.wait_serial("IDLE");
-        let vmm = j.vmm_pid();
+        let vmm = j.child_pid();
         signal(j.pid(), Signal::SIGTERM);
         assert_eq!(j.wait(), code, "{extra:?}");
         assert!(!pid_alive(vmm), "VMM still alive");
@@ -492,7 +492,7 @@ fn a_sigkilled_jailer_is_cleaned_up_by_the_next_start() {
     let s = scratch("stale");
     let mut j = s.spawn(&env, "idle", &[]);
     s.wait_serial("IDLE");
-    let vmm = j.vmm_pid();
+    let vmm = j.child_pid();
     signal(j.pid(), Signal::SIGKILL);
     let _ = j.0.take().unwrap().wait();
     // The VMM dies with its jailer (PR_SET_PDEATHSIG); the jail and cgroup stay.
@@ -504,5 +504,32 @@ fn a_sigkilled_jailer_is_cleaned_up_by_the_next_start() {
     std::fs::remove_file(s.run.join("api.sock")).unwrap();
     assert_eq!(s.spawn(&env, "hello", &[]).wait(), 0);
     assert!(s.serial().contains("Hello from the vessel tiny guest"));
+    s.assert_clean();
+}
+
+#[test]
+fn with_die_with_parent_the_jailer_stops_the_vmm_when_its_parent_dies() {
+    let Some(env) = env("with_die_with_parent_the_jailer_stops_the_vmm_when_its_parent_dies")
+    else {
+        return;
+    };
+    let s = scratch("orphan");
+    // A parent that can die without waiting: sh runs the jailer in the background.
+    let jailer = s.command(&env, "idle", &["--die-with-parent"]);
+    let mut parent = Command::new("sh");
+    parent
+        .args(["-c", "\"$0\" \"$@\" & wait"])
+        .arg(jailer.get_program())
+        .args(jailer.get_args());
+    let mut parent = Jailer(Some(parent.spawn().unwrap()));
+    s.wait_serial("IDLE");
+    let jailer_pid = parent.child_pid();
+    let vmm = children_of(jailer_pid)[0];
+    signal(parent.pid(), Signal::SIGKILL);
+    let _ = parent.0.take().unwrap().wait();
+    assert!(
+        wait_until(T, || !pid_alive(vmm) && !pid_alive(jailer_pid)),
+        "the VMM or the jailer outlived the jailer's parent"
+    );
     s.assert_clean();
 }

@@ -15,6 +15,11 @@ pub struct CheckArgs {
     /// Also boot a throwaway sandbox VM and talk to its agent.
     #[arg(long)]
     boot: bool,
+    /// With --boot: also snapshot that VM, restore a clone from the snapshot and
+    /// check that the clone's clock was set and its RNG reseeded. QEMU VMs use
+    /// the virtio-serial channel for this (QEMU cannot migrate vhost-user-vsock).
+    #[arg(long, requires = "boot")]
+    snapshot: bool,
     /// Check for this hypervisor backend (default: the configured one).
     #[arg(long)]
     hypervisor: Option<String>,
@@ -189,12 +194,20 @@ pub fn run(
     };
     println!("result:          ok: sandboxes run with {backend} ({accel})");
     if args.boot {
-        rt.block_on(boot(config, started))?;
+        rt.block_on(boot(config, started, args.snapshot))?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn boot(config: &Config, started: Instant) -> anyhow::Result<()> {
+async fn boot(config: &Config, started: Instant, snapshot: bool) -> anyhow::Result<()> {
+    let mut config = config.clone();
+    if snapshot && config.hypervisor != "builtin" && config.channel != "serial" {
+        println!(
+            "snapshot:        QEMU cannot migrate vhost-user-vsock: using channel = \"serial\""
+        );
+        config.channel = "serial".into();
+    }
+    let config = &config;
     let hv = hypervisor(config)?;
     let id = format!("check-{}", std::process::id());
     println!("boot:            starting throwaway sandbox {id}");
@@ -204,7 +217,13 @@ async fn boot(config: &Config, started: Instant) -> anyhow::Result<()> {
     let ready = started.elapsed();
     let v = sb.version().clone();
     let accel = sb.vm().accelerator();
+    let restored = if snapshot {
+        Some(snapshot_and_restore(config, hv.as_ref(), &sb).await)
+    } else {
+        None
+    };
     let stopped = sb.stop().await.context("stop check sandbox")?;
+    let restored = restored.transpose()?;
     println!("guest kernel:    {}", v.kernel_release);
     println!(
         "agent version:   {} (protocol {})",
@@ -217,7 +236,75 @@ async fn boot(config: &Config, started: Instant) -> anyhow::Result<()> {
         ready.as_millis()
     );
     println!("vm stopped:      {stopped}; sandbox state removed");
+    if let Some(lines) = restored {
+        for line in lines {
+            println!("{line}");
+        }
+    }
     Ok(())
+}
+
+/// Snapshots `sb` into a private temporary directory, restores a clone, checks
+/// the clone against the template, stops it and removes the snapshot. Returns
+/// the report lines.
+async fn snapshot_and_restore(
+    config: &Config,
+    hv: &dyn vessel_hypervisor::Hypervisor,
+    sb: &Sandbox,
+) -> anyhow::Result<Vec<String>> {
+    let dir = std::env::temp_dir().join(format!("vessel-check-{}.snapshot", std::process::id()));
+    let res = async {
+        let before = sb.agent().probe().await.context("probe the template")?;
+        let t = Instant::now();
+        sb.snapshot(&dir).await.context("snapshot the check sandbox")?;
+        let saved = t.elapsed();
+        let id = format!("{}-clone", sb.id());
+        let t = Instant::now();
+        let clone = Sandbox::restore(config, hv, &id, &dir)
+            .await
+            .context("restore a clone from the snapshot")?;
+        let ready = t.elapsed();
+        let probed = clone.agent().probe().await.context("probe the clone");
+        let stopped = clone.stop().await.context("stop the clone");
+        let p = probed?;
+        stopped?;
+        anyhow::ensure!(
+            p.boot_id == before.boot_id,
+            "the clone's boot id {} is not the template's {}",
+            p.boot_id,
+            before.boot_id
+        );
+        anyhow::ensure!(
+            p.random_sample != before.random_sample,
+            "the clone's RNG output repeats the template's: the reseed did not take"
+        );
+        let now = std::time::SystemTime::now();
+        let off = now
+            .duration_since(p.realtime)
+            .unwrap_or_else(|e| e.duration());
+        anyhow::ensure!(
+            off.as_secs() < 5,
+            "the clone's clock is {off:?} away from the host's"
+        );
+        Ok(vec![
+            format!("snapshot:        written in {} ms", saved.as_millis()),
+            format!(
+                "restore:         clone {id} resynced in {} ms (clock set, RNG reseeded)",
+                ready.as_millis()
+            ),
+            format!(
+                "clone checks:    same boot id, clock within {} ms of the host, RNG output differs from the template's",
+                off.as_millis()
+            ),
+            "clone stopped:   snapshot removed".to_string(),
+        ])
+    }
+    .await;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("remove snapshot {}", dir.display()))?;
+    }
+    res
 }
 
 fn builtin_unavailable(kvm: KvmKind) -> ExitCode {

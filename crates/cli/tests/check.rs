@@ -112,3 +112,53 @@ fn env_prints_effective_config() {
         "{out}"
     );
 }
+
+mod common;
+
+#[test]
+fn check_boot_snapshot_restores_a_resynced_clone_and_leaves_nothing() {
+    let Some(e) = common::env() else {
+        return;
+    };
+    let (ok, out) = vessel(&e.config, &["check", "--boot", "--snapshot"]);
+    assert!(ok, "{out}");
+    for want in [
+        "using channel = \"serial\"",
+        "agent ready in:",
+        "snapshot:        written in",
+        "resynced in",
+        "same boot id, clock within",
+        "RNG output differs from the template's",
+        "snapshot removed",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&e.root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "state left: {left:?}");
+    let pid_snapshots: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|d| d.file_name().to_string_lossy().starts_with("vessel-check-"))
+        .map(|d| d.path())
+        .collect();
+    assert!(
+        pid_snapshots.is_empty(),
+        "snapshots left: {pid_snapshots:?}"
+    );
+    let root = e.root.to_string_lossy().to_string();
+    assert_eq!(
+        vessel_testutil::processes_mentioning(&root),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn snapshot_needs_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let (ok, out) = vessel(&cfg, &["check", "--snapshot"]);
+    assert!(!ok);
+    assert!(out.contains("--boot"), "{out}");
+}

@@ -5,6 +5,9 @@
 //! [`Builtin::new`] refuses unless told otherwise (tests of process handling).
 
 pub(crate) mod api;
+pub mod jail;
+
+pub use jail::JailerConfig;
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +31,8 @@ pub struct BuiltinConfig {
     pub virtiofsd: PathBuf,
     /// Refuse hosts without hardware KVM (the default; off only in tests).
     pub require_hardware_kvm: bool,
+    /// Run vessel-vmm under vessel-jailer (see [`jail`]); `None` runs it directly.
+    pub jailer: Option<JailerConfig>,
 }
 
 pub struct Builtin {
@@ -117,9 +122,20 @@ impl Hypervisor for Builtin {
             return Err(e);
         }
         let api_sock = cfg.run_dir.join("vmm-api.sock");
-        let mut cmd = Command::new(&self.config.vmm);
-        cmd.args(Self::args(cfg, &api_sock));
-        let child = match spawn("vessel-vmm", cmd, &cfg.run_dir.join("vmm.log")) {
+        let args = Self::args(cfg, &api_sock);
+        let (what, cmd) = match &self.config.jailer {
+            None => {
+                let mut cmd = Command::new(&self.config.vmm);
+                cmd.args(args);
+                ("vessel-vmm", Ok(cmd))
+            }
+            Some(j) => (
+                "vessel-jailer",
+                jail::command(j, &self.config.vmm, cfg, &args),
+            ),
+        };
+        let spawned = cmd.and_then(|cmd| spawn(what, cmd, &cfg.run_dir.join("vmm.log")));
+        let child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 crate::process::terminate_all(&mut helpers).await;

@@ -1,0 +1,293 @@
+//! Running vessel-vmm under `vessel-jailer` (crates/jailer): the jailer's command line,
+//! with the VMM's host paths rewritten to where the jail shows them.
+//!
+//! The kernel and initramfs are bound read-only at fixed in-jail paths; the sandbox's
+//! run directory (API socket, vsock socket, serial log, virtiofsd sockets) is the jail's
+//! one read-write directory, at [`RUN_DIR_IN_JAIL`], so the sockets the VMM creates
+//! there appear on the host where the runtime expects them.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+use crate::{Error, Result, VmConfig};
+
+/// Where the jail shows the sandbox's run directory.
+pub const RUN_DIR_IN_JAIL: &str = "/run/vessel";
+/// Where the jail shows the guest kernel.
+const KERNEL_IN_JAIL: &str = "/boot/kernel";
+/// Where the jail shows the initramfs.
+const INITRAMFS_IN_JAIL: &str = "/boot/initramfs";
+
+/// How the built-in VMM is jailed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JailerConfig {
+    /// `vessel-jailer` binary.
+    pub path: PathBuf,
+    /// Unprivileged user and group the VMM runs as.
+    pub uid: u32,
+    pub gid: u32,
+    /// Directory of the per-VM jails (`<jail_root>/<id>/root`).
+    pub jail_root: PathBuf,
+    /// cgroup memory limit in MiB (`None`: no limit).
+    pub cgroup_mem_mib: Option<u64>,
+    /// cgroup CPU limit in CPUs (`None`: no limit).
+    pub cgroup_cpus: Option<f64>,
+}
+
+/// The jailer command that runs `vmm` with `vmm_args` (host paths, as
+/// `Builtin::args` writes them) for VM `cfg`. Hands the run directory and the sockets
+/// already in it (the agent's ready listener, virtiofsd's) to the jail's user, so that
+/// the VMM can create its own sockets there and connect to those.
+pub fn command(
+    jailer: &JailerConfig,
+    vmm: &Path,
+    cfg: &VmConfig,
+    vmm_args: &[String],
+) -> Result<Command> {
+    if !jailer.path.is_file() {
+        return Err(Error::NotFound {
+            what: "vessel-jailer",
+            path: jailer.path.clone(),
+            hint: "run 'make install' or set builtin.jailer_path in /etc/vessel/config.toml",
+        });
+    }
+    let args = jailer_args(jailer, vmm, &cfg.id, &cfg.run_dir, vmm_args)?;
+    hand_over_run_dir(&cfg.run_dir, jailer.uid, jailer.gid)?;
+    let mut cmd = Command::new(&jailer.path);
+    cmd.args(args);
+    Ok(cmd)
+}
+
+/// The jailer's arguments; `vmm_args` rewritten to in-jail paths after `--`.
+pub fn jailer_args(
+    jailer: &JailerConfig,
+    vmm: &Path,
+    id: &str,
+    run_dir: &Path,
+    vmm_args: &[String],
+) -> Result<Vec<String>> {
+    let mut a: Vec<String> = vec![
+        "--id".into(),
+        id.into(),
+        "--exec".into(),
+        vmm.display().to_string(),
+        "--uid".into(),
+        jailer.uid.to_string(),
+        "--gid".into(),
+        jailer.gid.to_string(),
+        "--jail-root".into(),
+        jailer.jail_root.display().to_string(),
+        // The supervisor spawns with SIGKILL as parent-death signal; the jailer turns it
+        // into SIGTERM so that it still removes the jail and cgroup.
+        "--die-with-parent".into(),
+        "--rw-bind".into(),
+        format!("{}:{RUN_DIR_IN_JAIL}", run_dir.display()),
+    ];
+    if let Some(mib) = jailer.cgroup_mem_mib {
+        a.extend(["--cgroup-mem-mib".into(), mib.to_string()]);
+    }
+    if let Some(cpus) = jailer.cgroup_cpus {
+        a.extend(["--cgroup-cpus".into(), cpus.to_string()]);
+    }
+    let mut rewritten = Vec::with_capacity(vmm_args.len());
+    let mut it = vmm_args.iter();
+    while let Some(flag) = it.next() {
+        rewritten.push(flag.clone());
+        let in_jail = match flag.as_str() {
+            "--kernel" | "--initramfs" => {
+                let host = value(flag, it.next())?;
+                let at = if flag == "--kernel" {
+                    KERNEL_IN_JAIL
+                } else {
+                    INITRAMFS_IN_JAIL
+                };
+                a.extend(["--ro-bind".into(), format!("{host}:{at}")]);
+                at.to_string()
+            }
+            "--serial-log" | "--api-sock" | "--vsock-uds" => {
+                in_run_dir(run_dir, Path::new(value(flag, it.next())?))?
+            }
+            // `SOCKET,tag=TAG`
+            "--fs" => {
+                let v = value(flag, it.next())?;
+                let (sock, rest) = v.split_once(',').unwrap_or((v, ""));
+                let sock = in_run_dir(run_dir, Path::new(sock))?;
+                if rest.is_empty() {
+                    sock
+                } else {
+                    format!("{sock},{rest}")
+                }
+            }
+            "--block" | "--restore" | "--net" => {
+                return Err(Error::Unsupported {
+                    backend: "builtin (jailed)",
+                    operation: "block devices, tap networking and restore inside the jail",
+                })
+            }
+            _ => continue,
+        };
+        rewritten.push(in_jail);
+    }
+    a.push("--".into());
+    a.extend(rewritten);
+    Ok(a)
+}
+
+fn value<'a>(flag: &str, v: Option<&'a String>) -> Result<&'a str> {
+    v.map(String::as_str)
+        .ok_or_else(|| Error::InvalidConfig(format!("vessel-vmm flag {flag} without a value")))
+}
+
+/// `run_dir/x` as the jail shows it: `RUN_DIR_IN_JAIL/x`.
+fn in_run_dir(run_dir: &Path, host: &Path) -> Result<String> {
+    let rel = host.strip_prefix(run_dir).map_err(|_| {
+        Error::InvalidConfig(format!(
+            "{} is outside the run directory {}: the jailed VMM sees only that directory",
+            host.display(),
+            run_dir.display()
+        ))
+    })?;
+    Ok(Path::new(RUN_DIR_IN_JAIL).join(rel).display().to_string())
+}
+
+/// Makes `run_dir` and the sockets in it owned by the jail's user (the runtime keeps
+/// access as root).
+fn hand_over_run_dir(run_dir: &Path, uid: u32, gid: u32) -> Result<()> {
+    let chown = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|source| Error::Io {
+            what: format!("chown {} to the jail user {uid}:{gid}", p.display()),
+            source,
+        })
+    };
+    chown(run_dir)?;
+    let entries = std::fs::read_dir(run_dir).map_err(|source| Error::Io {
+        what: format!("read {}", run_dir.display()),
+        source,
+    })?;
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_socket()) {
+            chown(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jailer() -> JailerConfig {
+        JailerConfig {
+            path: "/usr/local/bin/vessel-jailer".into(),
+            uid: 900,
+            gid: 901,
+            jail_root: "/srv/vessel/jail".into(),
+            cgroup_mem_mib: Some(512),
+            cgroup_cpus: None,
+        }
+    }
+
+    fn args(vmm_args: &[&str]) -> Result<String> {
+        let vmm_args: Vec<String> = vmm_args.iter().map(|s| s.to_string()).collect();
+        jailer_args(
+            &jailer(),
+            Path::new("/usr/local/bin/vessel-vmm"),
+            "sb1",
+            Path::new("/run/vessel/sb1"),
+            &vmm_args,
+        )
+        .map(|a| a.join(" "))
+    }
+
+    #[test]
+    fn paths_are_rewritten_into_the_jail() {
+        let a = args(&[
+            "--kernel",
+            "/k/vmlinux",
+            "--initramfs",
+            "/k/i.cpio.gz",
+            "--cmdline",
+            "console=ttyS0 reboot=k",
+            "--mem-mib",
+            "256",
+            "--serial-log",
+            "/run/vessel/sb1/console.log",
+            "--api-sock",
+            "/run/vessel/sb1/vmm-api.sock",
+            "--vsock-uds",
+            "/run/vessel/sb1/vsock.sock",
+            "--vsock-cid",
+            "3",
+            "--rng",
+            "--fs",
+            "/run/vessel/sb1/fs0.sock,tag=rootfs",
+        ])
+        .unwrap();
+        let (jailer, vmm) = a.split_once(" -- ").unwrap();
+        assert_eq!(
+            jailer,
+            "--id sb1 --exec /usr/local/bin/vessel-vmm --uid 900 --gid 901 \
+             --jail-root /srv/vessel/jail --die-with-parent \
+             --rw-bind /run/vessel/sb1:/run/vessel --cgroup-mem-mib 512 \
+             --ro-bind /k/vmlinux:/boot/kernel --ro-bind /k/i.cpio.gz:/boot/initramfs"
+        );
+        assert_eq!(
+            vmm,
+            "--kernel /boot/kernel --initramfs /boot/initramfs \
+             --cmdline console=ttyS0 reboot=k --mem-mib 256 \
+             --serial-log /run/vessel/console.log --api-sock /run/vessel/vmm-api.sock \
+             --vsock-uds /run/vessel/vsock.sock --vsock-cid 3 --rng \
+             --fs /run/vessel/fs0.sock,tag=rootfs"
+        );
+    }
+
+    #[test]
+    fn paths_outside_the_run_dir_and_unsupported_flags_are_refused() {
+        let e = args(&["--serial-log", "/var/log/c.log"]).unwrap_err();
+        assert!(e.to_string().contains("outside the run directory"), "{e}");
+        let e = args(&["--block", "/img"]).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        let e = args(&["--kernel"]).unwrap_err();
+        assert!(e.to_string().contains("without a value"), "{e}");
+    }
+
+    #[test]
+    fn run_dir_and_its_sockets_are_handed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vsock.sock_1024");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        std::fs::write(dir.path().join("plain"), "").unwrap();
+        // Without root only a chown to oneself is allowed; it exercises the same path.
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        hand_over_run_dir(dir.path(), uid, gid).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&sock).unwrap();
+        assert_eq!((m.uid(), m.gid()), (uid, gid));
+    }
+
+    #[test]
+    fn a_missing_jailer_binary_is_named() {
+        let mut j = jailer();
+        j.path = "/nonexistent/vessel-jailer".into();
+        let cfg = VmConfig {
+            id: "a".into(),
+            run_dir: "/r/a".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            kernel_args: vec![],
+            vcpus: 1,
+            memory_mib: 128,
+            channel: crate::AgentChannel::Vsock,
+            vsock_uds: "/r/a/v.sock".into(),
+            console_log: "/r/a/c.log".into(),
+            shared_dirs: vec![],
+        };
+        let e = command(&j, Path::new("/v"), &cfg, &[]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/vessel-jailer"), "{e}");
+    }
+}

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vessel_hypervisor::builtin::BuiltinConfig;
+use vessel_hypervisor::builtin::jail::DEFAULT_JAIL_ROOT;
+use vessel_hypervisor::builtin::{BuiltinConfig, JailerConfig};
 use vessel_hypervisor::qemu::{Machine, QemuConfig};
 use vessel_hypervisor::{Accelerator, AgentChannel};
 
@@ -51,12 +52,26 @@ pub struct Config {
 pub struct BuiltinSection {
     /// vessel-vmm binary. Default `/usr/local/bin/vessel-vmm`.
     pub vmm_path: PathBuf,
+    /// Run vessel-vmm under vessel-jailer: own mount namespace with only the VMM's
+    /// files (pivot_root into /srv/vessel/jail/<id>/root), cgroup vessel/<id>, no new
+    /// privileges, `jail_uid`/`jail_gid` instead of root. Default false.
+    pub jailer: bool,
+    /// vessel-jailer binary. Default `/usr/local/bin/vessel-jailer`.
+    pub jailer_path: PathBuf,
+    /// User the jailed VMM runs as (not 0). Default 65534 (nobody).
+    pub jail_uid: u32,
+    /// Group the jailed VMM runs as (not 0). Default 65534 (nogroup).
+    pub jail_gid: u32,
 }
 
 impl Default for BuiltinSection {
     fn default() -> Self {
         BuiltinSection {
             vmm_path: "/usr/local/bin/vessel-vmm".into(),
+            jailer: false,
+            jailer_path: "/usr/local/bin/vessel-jailer".into(),
+            jail_uid: 65534,
+            jail_gid: 65534,
         }
     }
 }
@@ -146,6 +161,9 @@ impl Config {
         if self.default_vcpus == 0 || self.default_memory_mib < 64 {
             return Err("default_vcpus must be >= 1 and default_memory_mib >= 64".into());
         }
+        if self.builtin.jailer && (self.builtin.jail_uid == 0 || self.builtin.jail_gid == 0) {
+            return Err("builtin.jail_uid and builtin.jail_gid must not be 0 (root)".into());
+        }
         Ok(())
     }
 
@@ -185,6 +203,14 @@ impl Config {
             vmm: self.builtin.vmm_path.clone(),
             virtiofsd: self.qemu.virtiofsd_path.clone(),
             require_hardware_kvm: true,
+            jailer: self.builtin.jailer.then(|| JailerConfig {
+                path: self.builtin.jailer_path.clone(),
+                uid: self.builtin.jail_uid,
+                gid: self.builtin.jail_gid,
+                jail_root: DEFAULT_JAIL_ROOT.into(),
+                cgroup_mem_mib: None,
+                cgroup_cpus: None,
+            }),
         }
     }
 
@@ -223,5 +249,29 @@ mod tests {
             .to_string()
             .contains("pigeon"));
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+
+    #[test]
+    fn jailer_is_off_by_default_and_maps_to_the_builtin_config() {
+        assert_eq!(Config::default().builtin_config().jailer, None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[builtin]\njailer = true\njail_uid = 900\njail_gid = 901\n",
+        )
+        .unwrap();
+        let j = Config::load(Some(&p))
+            .unwrap()
+            .0
+            .builtin_config()
+            .jailer
+            .unwrap();
+        assert_eq!(j.path, Path::new("/usr/local/bin/vessel-jailer"));
+        assert_eq!((j.uid, j.gid), (900, 901));
+        assert_eq!(j.jail_root, Path::new("/srv/vessel/jail"));
+        std::fs::write(&p, "[builtin]\njailer = true\njail_uid = 0\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("jail_uid"), "{e}");
     }
 }

@@ -13,6 +13,8 @@ use tokio::process::Command;
 
 use crate::{Error, Result, VmConfig};
 
+/// vessel-jailer's default `--jail-root` (crates/jailer).
+pub const DEFAULT_JAIL_ROOT: &str = "/srv/vessel/jail";
 /// Where the jail shows the sandbox's run directory.
 pub const RUN_DIR_IN_JAIL: &str = "/run/vessel";
 /// Where the jail shows the guest kernel.

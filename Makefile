@@ -30,7 +30,7 @@ initramfs: agent
 guest: kernel initramfs
 
 build:
-	cargo build --release -p vessel
+	cargo build --release -p vessel -p vessel-jailer
 
 # A configuration that points the runtime at this checkout's guest.
 config:
@@ -84,9 +84,10 @@ clean:
 # /etc/vessel/config.toml only when none exists (an existing one is kept).
 PREFIX ?= /usr/local
 install: guest
-	cargo build --release -p vessel -p containerd-shim-vessel-v2 -p vessel-vmm
+	cargo build --release -p vessel -p containerd-shim-vessel-v2 -p vessel-vmm -p vessel-jailer
 	install -D -m 0755 -t $(DESTDIR)$(PREFIX)/bin target/release/vessel \
-		target/release/containerd-shim-vessel-v2 target/release/vessel-vmm
+		target/release/containerd-shim-vessel-v2 target/release/vessel-vmm \
+		target/release/vessel-jailer
 	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/vessel $(GUEST)/vmlinux $(GUEST)/initramfs.cpio.gz
 	@if [ -e $(DESTDIR)/etc/vessel/config.toml ]; then \
 		echo "install: keeping existing $(DESTDIR)/etc/vessel/config.toml"; \

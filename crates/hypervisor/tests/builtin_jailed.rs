@@ -1,0 +1,147 @@
+//! The `builtin` backend with `BuiltinConfig.jailer`: vessel-vmm under vessel-jailer,
+//! driven with the VMM's tiny test guest (a vsock echo server), on any /dev/kvm. Proves
+//! the rewritten command line: the guest boots from the read-only bound kernel, and the
+//! vsock and API sockets the jailed VMM creates appear in the sandbox's run directory.
+//! Needs root, target/debug/vessel-vmm and target/debug/vessel-jailer (`cargo build -p
+//! vessel-vmm -p vessel-jailer`, or VESSEL_VMM / VESSEL_JAILER); skips loudly without
+//! them, fails in CI.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vessel_hypervisor::builtin::{Builtin, BuiltinConfig, JailerConfig};
+use vessel_hypervisor::{AgentChannel, Hypervisor, VmConfig};
+
+const T: Duration = Duration::from_secs(30);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn skip(why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "builtin_jailed could not run in CI: {why}"
+    );
+    eprintln!("\n!!!!! SKIPPED builtin_jailed: {why}\n");
+}
+
+fn binary(var: &str, name: &str) -> Option<PathBuf> {
+    let p = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/debug").join(name));
+    p.is_file().then_some(p)
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < T, "{what} within {T:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
+    if !nix::unistd::geteuid().is_root() {
+        return skip("needs root (the jailer makes namespaces, mounts and cgroups)");
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return skip(&format!("/dev/kvm is not usable ({e})"));
+    }
+    let (Some(vmm), Some(jailer)) = (
+        binary("VESSEL_VMM", "vessel-vmm"),
+        binary("VESSEL_JAILER", "vessel-jailer"),
+    ) else {
+        return skip("target/debug/vessel-vmm or vessel-jailer is missing: cargo build -p vessel-vmm -p vessel-jailer");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("tiny-guest.elf");
+    let status = Command::new("sh")
+        .arg(repo().join("crates/vmm/tests/guest/build.sh"))
+        .arg(&guest)
+        .status()
+        .expect("run crates/vmm/tests/guest/build.sh (needs gcc and binutils)");
+    assert!(status.success(), "building the tiny guest failed");
+    let initramfs = dir.path().join("initramfs");
+    std::fs::write(&initramfs, b"unused by the tiny guest").unwrap();
+    let jail_root = dir.path().join("jail");
+    let hv = Builtin::new(BuiltinConfig {
+        vmm,
+        virtiofsd: "/nonexistent/virtiofsd".into(),
+        require_hardware_kvm: false,
+        jailer: Some(JailerConfig {
+            path: jailer,
+            uid: 65534,
+            gid: 65534,
+            jail_root: jail_root.clone(),
+            cgroup_mem_mib: Some(256),
+            cgroup_cpus: None,
+        }),
+    })
+    .unwrap();
+    let id = format!("hvjail-{}", std::process::id());
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    let cfg = VmConfig {
+        id: id.clone(),
+        vsock_uds: run_dir.join("vsock.sock"),
+        console_log: run_dir.join("console.log"),
+        run_dir: run_dir.clone(),
+        kernel: guest,
+        initramfs,
+        kernel_args: vec!["mode=vsock".into()],
+        vcpus: 1,
+        memory_mib: 64,
+        channel: AgentChannel::Vsock,
+        shared_dirs: vec![],
+    };
+    let vm = hv.launch(&cfg).await.unwrap();
+    wait_for("VSOCK-READY in the console log", || {
+        std::fs::read_to_string(&cfg.console_log)
+            .unwrap_or_default()
+            .contains("VSOCK-READY")
+    });
+    assert!(jail_root.join(&id).join("root").is_dir(), "no jail");
+    // The jailed VMM, not root, created the console log in the run directory.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&cfg.console_log).unwrap().uid(), 65534);
+
+    let mut s = UnixStream::connect(&cfg.vsock_uds).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"CONNECT 1234\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "handshake reply {line:?}");
+    s.write_all(b"through the jail\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "through the jail\n");
+
+    let pids = vm.pids();
+    // stop() sends SIGTERM: the jailer forwards it, the VMM dies of it, and the jailer
+    // cleans up and exits 128 + 15.
+    let exit = vm.stop(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(exit.code, Some(128 + 15), "{exit:?}");
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} left"
+        );
+    }
+    assert!(!jail_root.join(&id).exists(), "jail directory left");
+    for cg in ["vessel", "memory/vessel", "cpu/vessel"] {
+        let d = Path::new("/sys/fs/cgroup").join(cg).join(&id);
+        assert!(!d.exists(), "cgroup {} left", d.display());
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(jail_root.to_str().unwrap()));
+}

@@ -76,6 +76,7 @@ pub fn run(spec: &JailSpec) -> Result<i32, RunError> {
 pub fn run_with_cgroup_root(spec: &JailSpec, cgroup_root: &Path) -> Result<i32, RunError> {
     spec.check_host()?;
     ensure_single_threaded()?;
+    ensure_stdio_open()?;
     // Blocked from the start, so none is lost (or kills the jailer before it can clean
     // up); they are taken with sigwait once the VMM runs, and unblocked in the child.
     let mut waited = SigSet::empty();
@@ -334,6 +335,33 @@ fn ensure_single_threaded() -> Result<(), RunError> {
     } else {
         Err(RunError::Threads(threads))
     }
+}
+
+/// Opens /dev/null on any of 0-2 that is closed, so that no pipe or lock file of the
+/// jailer lands there and is passed to the VMM as its stdio.
+fn ensure_stdio_open() -> Result<(), RunError> {
+    for fd in 0..3 {
+        if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD) == Err(nix::errno::Errno::EBADF) {
+            // The lowest free descriptor is `fd` itself; keep it open for the process.
+            let null = File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map_err(|source| RunError::Io {
+                    what: "opening",
+                    path: "/dev/null".into(),
+                    source,
+                })?;
+            let got = std::os::fd::IntoRawFd::into_raw_fd(null);
+            if got != fd {
+                return Err(RunError::Sys {
+                    what: "reopening a closed stdio descriptor",
+                    source: nix::errno::Errno::EBADF,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn kind_of(p: &Path) -> Result<Kind, RunError> {

@@ -533,3 +533,70 @@ fn with_die_with_parent_the_jailer_stops_the_vmm_when_its_parent_dies() {
     );
     s.assert_clean();
 }
+
+/// A network namespace bound at `path` (what `ip netns add` makes), made from a thread
+/// that unshares its own: no `ip` needed, the test process stays in the host's.
+struct NetNs(PathBuf);
+
+impl NetNs {
+    fn new(path: PathBuf) -> NetNs {
+        std::fs::write(&path, "").unwrap();
+        let target = path.clone();
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .unwrap();
+        })
+        .join()
+        .unwrap();
+        NetNs(path)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn netns_tun_and_fsize_limit() {
+    let Some(env) = env("netns_tun_and_fsize_limit") else {
+        return;
+    };
+    let s = scratch("netns");
+    let netns = NetNs::new(s.jail_root.with_file_name("netns"));
+    let netns_arg = netns.0.display().to_string();
+    let mut j = s.spawn(
+        &env,
+        "idle",
+        &["--netns", &netns_arg, "--tun", "--rlimit-fsize", "1000000"],
+    );
+    s.wait_serial("IDLE");
+    let vmm = j.child_pid();
+    use std::os::unix::fs::MetadataExt;
+    let want = format!("net:[{}]", std::fs::metadata(&netns.0).unwrap().ino());
+    assert_eq!(ns(&vmm.to_string(), "net").to_string_lossy(), want);
+    let tun = std::fs::metadata(format!("/proc/{vmm}/root/dev/net/tun")).unwrap();
+    assert_eq!(
+        (tun.uid(), tun.rdev()),
+        (NOBODY, std::fs::metadata("/dev/net/tun").unwrap().rdev())
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{vmm}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max file size") && l.contains(" 1000000 ")),
+        "{limits}"
+    );
+    signal(j.pid(), Signal::SIGTERM);
+    assert_eq!(j.wait(), 128 + 15);
+    s.assert_clean();
+}

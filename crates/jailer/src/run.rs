@@ -57,6 +57,11 @@ pub enum RunError {
     ParentGone,
     /// the VMM exited with {code}, but cleaning up failed: {source}
     Cleanup { code: i32, source: Box<RunError> },
+    /// {error}; cleaning up failed too: {cleanup}
+    AndCleanup {
+        error: Box<RunError>,
+        cleanup: Box<RunError>,
+    },
 }
 
 fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> RunError {
@@ -69,11 +74,7 @@ const FORWARDED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]
 /// Runs the VMM jailed as `spec` says and returns its exit code. Nothing is left behind
 /// on any path out: not the jail directory, not the cgroup.
 pub fn run(spec: &JailSpec) -> Result<i32, RunError> {
-    run_with_cgroup_root(spec, Path::new(CGROUP_ROOT))
-}
-
-/// [`run`] with another cgroup root.
-pub fn run_with_cgroup_root(spec: &JailSpec, cgroup_root: &Path) -> Result<i32, RunError> {
+    let cgroup_root = Path::new(CGROUP_ROOT);
     spec.check_host()?;
     ensure_single_threaded()?;
     ensure_stdio_open()?;
@@ -117,17 +118,22 @@ pub fn run_with_cgroup_root(spec: &JailSpec, cgroup_root: &Path) -> Result<i32, 
         (&waited, old_mask),
         &mut cgroup,
     );
-    let cleanup = cgroup
+    // Both, even if the first fails.
+    let cgroup_removed = cgroup
         .map_or(Ok(()), Cgroup::remove)
-        .map_err(RunError::from)
-        .and_then(|()| jail.remove().map_err(RunError::from));
-    match (outcome, cleanup) {
+        .map_err(RunError::from);
+    let jail_removed = jail.remove().map_err(RunError::from);
+    match (outcome, cgroup_removed.and(jail_removed)) {
         (Ok(code), Ok(())) => Ok(code),
         (Ok(code), Err(e)) => Err(RunError::Cleanup {
             code,
             source: Box::new(e),
         }),
-        (Err(e), _) => Err(e),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(cleanup)) => Err(RunError::AndCleanup {
+            error: Box::new(e),
+            cleanup: Box::new(cleanup),
+        }),
     }
 }
 
@@ -145,8 +151,7 @@ fn start_and_wait(
     if jail.is_stale() {
         jail.clear_stale()?;
     }
-    let mut plan = prepare(spec, jail, libs, netns)?;
-    plan.sigmask = old_mask;
+    let plan = prepare(spec, jail, libs, netns, old_mask)?;
     *cgroup = Some(Cgroup::create(cgroup_root, &spec.id, spec.limits)?);
     let cgroup = cgroup.as_ref().expect("just set");
     supervise(spec, plan, waited, cgroup)
@@ -158,6 +163,7 @@ fn prepare(
     jail: &JailDir,
     libs: &[PathBuf],
     netns: Option<OwnedFd>,
+    sigmask: SigSet,
 ) -> Result<ChildPlan, RunError> {
     let root = jail.create_root(spec.uid, spec.gid, spec.tun)?;
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
@@ -180,13 +186,7 @@ fn prepare(
         ro,
     )?;
     // The libraries go where the loader looks for them: their host paths.
-    let mut taken: Vec<PathBuf> = spec
-        .ro_binds
-        .iter()
-        .chain(&spec.rw_bind)
-        .map(|b| b.jail.clone())
-        .chain([spec.exec_in_jail.clone(), "/dev".into()])
-        .collect();
+    let mut taken = spec.jail_paths_in_use();
     for lib in libs {
         claim(&mut taken, lib)?;
         let bind = Bind {
@@ -236,7 +236,7 @@ fn prepare(
         exec,
         argv,
         envp,
-        sigmask: SigSet::empty(),
+        sigmask,
     })
 }
 

@@ -177,8 +177,7 @@ impl JailSpec {
             }
         }
         let exec_in_jail = Path::new("/").join(exec_name);
-        let mut taken: Vec<PathBuf> = RESERVED.iter().map(PathBuf::from).collect();
-        taken.push(exec_in_jail.clone());
+        let mut taken = reserved(&exec_in_jail);
         for b in cli.ro_bind.iter().chain(cli.rw_bind.iter()) {
             claim(&mut taken, &b.jail)?;
         }
@@ -213,6 +212,18 @@ impl JailSpec {
     /// `<jail_root>/<id>/root`: what the VMM sees as `/`.
     pub fn root_dir(&self) -> PathBuf {
         self.jail_dir().join("root")
+    }
+
+    /// The in-jail paths taken: /dev, the VMM binary, the binds.
+    pub(crate) fn jail_paths_in_use(&self) -> Vec<PathBuf> {
+        let mut taken = reserved(&self.exec_in_jail);
+        taken.extend(
+            self.ro_binds
+                .iter()
+                .chain(&self.rw_bind)
+                .map(|b| b.jail.clone()),
+        );
+        taken
     }
 
     /// Checks that everything named on the host exists, before anything is created.
@@ -300,6 +311,13 @@ pub fn jail_path(p: &Path) -> Result<PathBuf, SpecError> {
 /// `in_jail` must have passed [`jail_path`].
 pub fn host_path(root: &Path, in_jail: &Path) -> PathBuf {
     root.join(in_jail.strip_prefix("/").unwrap_or(in_jail))
+}
+
+/// The in-jail paths the jailer fills itself.
+fn reserved(exec_in_jail: &Path) -> Vec<PathBuf> {
+    let mut taken: Vec<PathBuf> = RESERVED.iter().map(PathBuf::from).collect();
+    taken.push(exec_in_jail.to_owned());
+    taken
 }
 
 /// Adds `p` to the in-jail paths in use, refusing overlaps (equal, or one inside the other).

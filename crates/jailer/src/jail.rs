@@ -65,8 +65,9 @@ pub struct JailDir {
     stale: bool,
 }
 
-/// A device node the jail gets: path, host path to copy the numbers from, mode, and
-/// whether it belongs to the VMM's user (kvm, tun) or stays root's (urandom, 0666).
+/// A device node the jail gets at the same path as on the host (whose device numbers it
+/// copies), its mode, and whether it belongs to the VMM's user (kvm, tun) or stays
+/// root's (urandom, 0666).
 struct Device {
     path: &'static str,
     mode: u32,

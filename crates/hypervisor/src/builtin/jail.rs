@@ -84,6 +84,9 @@ pub fn jailer_args(
         // The supervisor spawns with SIGKILL as parent-death signal; the jailer turns it
         // into SIGTERM so that it still removes the jail and cgroup.
         "--die-with-parent".into(),
+        // VMs share one jail user: their own PID namespaces keep them from seeing or
+        // signalling each other.
+        "--new-pid-ns".into(),
         "--rw-bind".into(),
         format!("{}:{RUN_DIR_IN_JAIL}", run_dir.display()),
     ];
@@ -231,7 +234,7 @@ mod tests {
         assert_eq!(
             jailer,
             "--id sb1 --exec /usr/local/bin/vessel-vmm --uid 900 --gid 901 \
-             --jail-root /srv/vessel/jail --die-with-parent \
+             --jail-root /srv/vessel/jail --die-with-parent --new-pid-ns \
              --rw-bind /run/vessel/sb1:/run/vessel --cgroup-mem-mib 512 \
              --ro-bind /k/vmlinux:/boot/kernel --ro-bind /k/i.cpio.gz:/boot/initramfs"
         );

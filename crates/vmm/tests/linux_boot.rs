@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vessel_vmm::arch::layout::{CMDLINE_START, ZERO_PAGE_START};
+use vessel_vmm::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, ZERO_PAGE_START};
 
 /// A newc cpio archive holding one executable file, `/init`.
 fn initramfs(init: &[u8]) -> Vec<u8> {
@@ -217,9 +217,10 @@ fn decompressor_region(bzimage: &Path) -> Range<u64> {
 }
 
 /// The bzImage path up to where this host allows: the VMM loads the image, writes the zero
-/// page (boot_params) and enters the 64-bit entry point; the kernel's decompressor then runs
-/// for minutes under PVM without console output, so the test looks at the vCPU instead
-/// (`pause` + `snapshot`): in long mode, RIP inside the decompressor's region and moving.
+/// page (boot_params) and enters the 64-bit entry point. Under PVM the kernel's decompressor
+/// then runs silently for over three minutes (docs/vmm.md), so the test looks at the vCPU
+/// instead (`pause` + `snapshot`): in long mode, RIP inside the decompressor's region and
+/// moving.
 #[test]
 fn bzimage_enters_64bit_entry_and_runs_the_decompressor() {
     const EFER_LMA: u64 = 1 << 10;
@@ -305,7 +306,7 @@ fn bzimage_enters_64bit_entry_and_runs_the_decompressor() {
         "ramdisk_size"
     );
     assert!(zero_page[0x1e8] >= 2, "e820_entries {}", zero_page[0x1e8]);
-    let cmdline = &memory[CMDLINE_START as usize..][..256];
+    let cmdline = &memory[CMDLINE_START as usize..][..CMDLINE_MAX_SIZE];
     let cmdline =
         String::from_utf8_lossy(&cmdline[..cmdline.iter().position(|b| *b == 0).unwrap()]);
     assert!(

@@ -1,8 +1,8 @@
-//! What every virtio device keeps, whatever it does: its type, its queues' maximum sizes, the
-//! features it offers, and, from DRIVER_OK until a reset, the context it was activated with (guest
-//! memory, live queues, interrupt, event-loop handle). The transport owns the registers
-//! (acknowledged features, status, interrupt status) and saves them with the queue positions;
-//! devices save only what is theirs.
+//! What every virtio device keeps, whatever it does: its type, its queues' maximum sizes,
+//! the features it offers, and, from DRIVER_OK until a reset, the context it was activated
+//! with (guest memory, live queues, interrupt, event-loop handle). The transport owns the
+//! registers (acknowledged features, status, interrupt status) and saves them with the queue
+//! positions; devices save only what is theirs.
 
 use std::sync::Arc;
 

@@ -23,6 +23,8 @@ pub enum Control {
     Qmp(PathBuf),
     /// vessel-vmm's control API socket.
     VmmApi(PathBuf),
+    /// A jailed vessel-vmm: it can write only in its run directory.
+    JailedVmmApi { api: PathBuf, run_dir: PathBuf },
 }
 
 /// Whether a VM can be snapshotted: its description, or why not.
@@ -155,21 +157,25 @@ impl Vm for ProcessVm {
     async fn pause(&self) -> Result<()> {
         match &self.control {
             Control::Qmp(sock) => crate::qemu::qmp::execute(sock, "stop").await.map(|_| ()),
-            Control::VmmApi(sock) => crate::builtin::api::request(sock, "pause").await,
+            Control::VmmApi(sock) | Control::JailedVmmApi { api: sock, .. } => {
+                crate::builtin::api::request(sock, "pause").await
+            }
         }
     }
 
     async fn resume(&self) -> Result<()> {
         match &self.control {
             Control::Qmp(sock) => crate::qemu::qmp::execute(sock, "cont").await.map(|_| ()),
-            Control::VmmApi(sock) => crate::builtin::api::request(sock, "resume").await,
+            Control::VmmApi(sock) | Control::JailedVmmApi { api: sock, .. } => {
+                crate::builtin::api::request(sock, "resume").await
+            }
         }
     }
 
     async fn snapshot(&self, dir: &Path) -> Result<()> {
         let (info, backend) = match (&self.snapshot, &self.control) {
             (Err(why), Control::Qmp(_)) => return Err(unsupported("qemu", why)),
-            (Err(why), Control::VmmApi(_)) => return Err(unsupported("builtin", why)),
+            (Err(why), _) => return Err(unsupported("builtin", why)),
             (Ok(info), _) => (info, info.backend.clone()),
         };
         snapshot::create_dir(dir)?;
@@ -178,6 +184,17 @@ impl Vm for ProcessVm {
             match &self.control {
                 Control::Qmp(sock) => crate::qemu::snapshot::save(sock, dir).await?,
                 Control::VmmApi(sock) => crate::builtin::api::snapshot(sock, dir).await?,
+                Control::JailedVmmApi { api, run_dir } => {
+                    use crate::builtin::jail;
+                    let staging =
+                        std::path::Path::new(jail::RUN_DIR_IN_JAIL).join(jail::SNAPSHOT_STAGING);
+                    let saved = crate::builtin::api::snapshot(api, &staging).await;
+                    let collected = saved.and_then(|()| jail::collect_snapshot(run_dir, dir));
+                    if collected.is_err() {
+                        let _ = std::fs::remove_dir_all(run_dir.join(jail::SNAPSHOT_STAGING));
+                    }
+                    collected?
+                }
             }
             info.store(dir)
         }

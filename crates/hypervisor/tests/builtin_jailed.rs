@@ -126,6 +126,18 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
     r.read_line(&mut line).unwrap();
     assert_eq!(line, "through the jail\n");
 
+    // The jailed VMM can write only its run directory: the snapshot is staged
+    // there and moved out, owned by root.
+    let snap = dir.path().join("snap");
+    vm.snapshot(&snap).await.unwrap();
+    for f in ["state.json", "memory", "vessel-snapshot.json"] {
+        let m = std::fs::metadata(snap.join(f)).unwrap();
+        assert_eq!(m.uid(), 0, "{f} owned by root");
+    }
+    assert!(!run_dir.join("snapshot.partial").exists());
+    vm.resume().await.unwrap();
+    echo(&cfg.vsock_uds, 1235, "template after its snapshot\n");
+
     let pids = vm.pids();
     // stop() sends SIGTERM; the VMM, PID 1 of its own PID namespace without a handler,
     // gets SIGKILL from the jailer instead, which then cleans up and exits 128 + 9.
@@ -144,4 +156,49 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
     }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mountinfo.contains(jail_root.to_str().unwrap()));
+
+    // A jailed clone from that snapshot (bound read-only into its jail).
+    let clone_run = dir.path().join("clone-run");
+    std::fs::create_dir(&clone_run).unwrap();
+    let clone_id = format!("{id}-clone");
+    let clone_cfg = VmConfig {
+        id: clone_id.clone(),
+        vsock_uds: clone_run.join("vsock.sock"),
+        console_log: clone_run.join("console.log"),
+        run_dir: clone_run.clone(),
+        ..cfg.clone()
+    };
+    let clone = hv.restore(&snap, &clone_cfg).await.unwrap();
+    // Restoring into a jail opened the snapshot to the jail group, no one else.
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(snap.join("memory")).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.permissions().mode() & 0o777),
+        (0, 65534, 0o640)
+    );
+    assert!(jail_root.join(&clone_id).join("root").is_dir(), "no jail");
+    echo(&clone_cfg.vsock_uds, 1236, "clone through its jail\n");
+    let pids = clone.pids();
+    clone.stop(Duration::from_secs(5)).await.unwrap();
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} left"
+        );
+    }
+    assert!(!jail_root.join(&clone_id).exists(), "jail directory left");
+}
+
+fn echo(uds: &Path, port: u32, text: &str) {
+    let mut s = UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "handshake reply {line:?}");
+    s.write_all(text.as_bytes()).unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, text);
 }

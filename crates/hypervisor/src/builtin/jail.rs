@@ -21,6 +21,11 @@ pub const RUN_DIR_IN_JAIL: &str = "/run/vessel";
 const KERNEL_IN_JAIL: &str = "/boot/kernel";
 /// Where the jail shows the initramfs.
 const INITRAMFS_IN_JAIL: &str = "/boot/initramfs";
+/// Where the jail shows the snapshot a VM is restored from (read-only).
+const SNAPSHOT_IN_JAIL: &str = "/snapshot";
+/// Where a jailed VMM writes a snapshot: inside the run directory, the one
+/// directory it may write; the runtime then moves the files out.
+pub const SNAPSHOT_STAGING: &str = "snapshot.partial";
 
 /// How the built-in VMM is jailed.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,10 +130,17 @@ pub fn jailer_args(
                     format!("{sock},{rest}")
                 }
             }
-            "--block" | "--restore" | "--net" => {
+            // The VMM opens the snapshot's files read-only and maps the
+            // memory file privately: a read-only bind is enough.
+            "--restore" => {
+                let host = value(flag, it.next())?;
+                a.extend(["--ro-bind".into(), format!("{host}:{SNAPSHOT_IN_JAIL}")]);
+                SNAPSHOT_IN_JAIL.to_string()
+            }
+            "--block" | "--net" => {
                 return Err(Error::Unsupported {
                     backend: "builtin (jailed)",
-                    operation: "block devices, tap networking and restore inside the jail",
+                    operation: "block devices and tap networking inside the jail",
                 })
             }
             _ => continue,
@@ -155,6 +167,67 @@ fn in_run_dir(run_dir: &Path, host: &Path) -> Result<String> {
         ))
     })?;
     Ok(Path::new(RUN_DIR_IN_JAIL).join(rel).display().to_string())
+}
+
+/// Moves a snapshot the jailed VMM wrote into `run_dir/snapshot.partial` to
+/// `dir`, owned by root and private (mode 0600): the files hold guest memory.
+pub fn collect_snapshot(run_dir: &Path, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let staging = run_dir.join(SNAPSHOT_STAGING);
+    let io = |what: String| move |source| Error::Io { what, source };
+    let entries = std::fs::read_dir(&staging).map_err(io(format!(
+        "read the jailed VMM's snapshot {}",
+        staging.display()
+    )))?;
+    for e in entries {
+        let e = e.map_err(io(format!("read {}", staging.display())))?;
+        let from = e.path();
+        let meta =
+            std::fs::symlink_metadata(&from).map_err(io(format!("stat {}", from.display())))?;
+        // The jail user owns the staging directory: take plain files only.
+        if !meta.file_type().is_file() {
+            return Err(Error::InvalidConfig(format!(
+                "{} in the jailed VMM's snapshot is not a regular file",
+                from.display()
+            )));
+        }
+        let to = dir.join(e.file_name());
+        if std::fs::rename(&from, &to).is_err() {
+            // Another file system (the run directory is usually a tmpfs).
+            std::fs::copy(&from, &to).map_err(io(format!(
+                "copy {} to {}",
+                from.display(),
+                to.display()
+            )))?;
+        }
+        std::os::unix::fs::chown(&to, Some(0), Some(0))
+            .map_err(io(format!("chown {}", to.display())))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(format!("chmod {}", to.display())))?;
+    }
+    std::fs::remove_dir_all(&staging).map_err(io(format!("remove {}", staging.display())))
+}
+
+/// Lets the jail's group read the snapshot in `dir` (directory 0750, files
+/// 0640, group `gid`, owner unchanged), so that a jailed VMM can restore it.
+/// Nobody else gains access: the files hold guest memory.
+pub fn grant_snapshot_read(dir: &Path, gid: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what: String| move |source| Error::Io { what, source };
+    let set = |p: &Path, mode: u32| -> Result<()> {
+        std::os::unix::fs::chown(p, None, Some(gid))
+            .map_err(io(format!("chgrp {} to the jail group {gid}", p.display())))?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(io(format!("chmod {}", p.display())))
+    };
+    set(dir, 0o750)?;
+    for e in std::fs::read_dir(dir).map_err(io(format!("read {}", dir.display())))? {
+        let e = e.map_err(io(format!("read {}", dir.display())))?;
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            set(&e.path(), 0o640)?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes `run_dir` and the sockets in it owned by the jail's user (the runtime keeps
@@ -256,6 +329,49 @@ mod tests {
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
         let e = args(&["--kernel"]).unwrap_err();
         assert!(e.to_string().contains("without a value"), "{e}");
+    }
+
+    #[test]
+    fn restore_binds_the_snapshot_read_only() {
+        let a = args(&[
+            "--restore",
+            "/var/lib/snap",
+            "--serial-log",
+            "/run/vessel/sb1/console.log",
+        ])
+        .unwrap();
+        let (jailer, vmm) = a.split_once(" -- ").unwrap();
+        assert!(
+            jailer.ends_with("--ro-bind /var/lib/snap:/snapshot"),
+            "{jailer}"
+        );
+        assert_eq!(
+            vmm,
+            "--restore /snapshot --serial-log /run/vessel/console.log"
+        );
+    }
+
+    #[test]
+    fn snapshot_files_are_moved_out_of_the_run_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        let run = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let staging = run.path().join(SNAPSHOT_STAGING);
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("state.json"), "{}").unwrap();
+        std::fs::write(staging.join("memory"), [7u8; 4096]).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            collect_snapshot(run.path(), out.path()).unwrap();
+            assert!(!staging.exists());
+            let m = std::fs::metadata(out.path().join("memory")).unwrap();
+            assert_eq!((m.len(), m.permissions().mode() & 0o777), (4096, 0o600));
+            assert!(out.path().join("state.json").is_file());
+        }
+        // A link planted by the VMM is refused.
+        std::fs::create_dir_all(&staging).unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", staging.join("memory")).unwrap();
+        let e = collect_snapshot(run.path(), out.path()).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]

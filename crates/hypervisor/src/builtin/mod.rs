@@ -149,7 +149,7 @@ impl Hypervisor for Builtin {
             AgentEndpoint::HybridVsock {
                 uds: cfg.vsock_uds.clone(),
             },
-            Control::VmmApi(api_sock),
+            self.control(api_sock, cfg),
             snapshottable(cfg),
             &cfg.run_dir,
         )))
@@ -166,23 +166,54 @@ impl Hypervisor for Builtin {
         }
         let api_sock = cfg.run_dir.join("vmm-api.sock");
         let log = cfg.run_dir.join("vmm.log");
-        let mut cmd = Command::new(&self.config.vmm);
-        cmd.arg("--restore").arg(dir);
-        cmd.arg("--serial-log").arg(&cfg.console_log);
-        cmd.arg("--vsock-uds").arg(&cfg.vsock_uds);
-        cmd.arg("--api-sock").arg(&api_sock);
+        let args: Vec<String> = [
+            "--restore",
+            &dir.display().to_string(),
+            "--serial-log",
+            &cfg.console_log.display().to_string(),
+            "--vsock-uds",
+            &cfg.vsock_uds.display().to_string(),
+            "--api-sock",
+            &api_sock.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cmd = match &self.config.jailer {
+            None => {
+                let mut cmd = Command::new(&self.config.vmm);
+                cmd.args(args);
+                cmd
+            }
+            Some(j) => {
+                jail::grant_snapshot_read(dir, j.gid)?;
+                jail::command(j, &self.config.vmm, cfg, &args)?
+            }
+        };
         let mut child = spawn("vessel-vmm", cmd, &log)?;
         // The API socket exists before the restore starts and answers once the
         // restored VM runs; a failed restore ends the process.
         let restored = async {
             wait_for_path(&api_sock, &mut child, "vessel-vmm", &log, RESTORE_TIMEOUT).await?;
-            tokio::select! {
-                r = api::request(&api_sock, "metrics") => r,
-                status = child.wait() => Err(Error::EarlyExit {
-                    what: "vessel-vmm (restoring)",
-                    status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                    detail: crate::process::log_tail(&log, 20),
-                }),
+            let start = std::time::Instant::now();
+            loop {
+                let answered = tokio::select! {
+                    r = api::request(&api_sock, "metrics") => r,
+                    status = child.wait() => return Err(Error::EarlyExit {
+                        what: "vessel-vmm (restoring)",
+                        status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                        detail: crate::process::log_tail(&log, 20),
+                    }),
+                };
+                match answered {
+                    Ok(()) => return Ok(()),
+                    // A jailed VMM's socket appears before the VMM listens on it;
+                    // a failed restore ends the process (next round reports it).
+                    Err(_) if start.elapsed() < RESTORE_TIMEOUT => {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         .await;
@@ -197,10 +228,23 @@ impl Hypervisor for Builtin {
             AgentEndpoint::HybridVsock {
                 uds: cfg.vsock_uds.clone(),
             },
-            Control::VmmApi(api_sock),
+            self.control(api_sock, cfg),
             snapshottable(cfg),
             &cfg.run_dir,
         )))
+    }
+}
+
+impl Builtin {
+    /// How the VM is driven: a jailed VMM writes snapshots into its run directory.
+    fn control(&self, api: PathBuf, cfg: &VmConfig) -> Control {
+        match self.config.jailer {
+            None => Control::VmmApi(api),
+            Some(_) => Control::JailedVmmApi {
+                api,
+                run_dir: cfg.run_dir.clone(),
+            },
+        }
     }
 }
 

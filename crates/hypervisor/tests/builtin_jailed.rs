@@ -6,72 +6,37 @@
 //! vessel-vmm -p vessel-jailer`, or VESSEL_VMM / VESSEL_JAILER); skips loudly without
 //! them, fails in CI.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{binary, echo, kvm_unusable, skip, tiny_guest, wait_for_text};
 use vessel_hypervisor::builtin::{Builtin, BuiltinConfig, JailerConfig};
 use vessel_hypervisor::{AgentChannel, Hypervisor, VmConfig};
 
-const T: Duration = Duration::from_secs(30);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn skip(why: &str) {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "builtin_jailed could not run in CI: {why}"
-    );
-    eprintln!("\n!!!!! SKIPPED builtin_jailed: {why}\n");
-}
-
-fn binary(var: &str, name: &str) -> Option<PathBuf> {
-    let p = std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/debug").join(name));
-    p.is_file().then_some(p)
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < T, "{what} within {T:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+const TEST: &str = "builtin_jailed";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
     if !nix::unistd::geteuid().is_root() {
-        return skip("needs root (the jailer makes namespaces, mounts and cgroups)");
+        return skip(
+            TEST,
+            "needs root (the jailer makes namespaces, mounts and cgroups)",
+        );
     }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        return skip(&format!("/dev/kvm is not usable ({e})"));
+    if let Some(why) = kvm_unusable() {
+        return skip(TEST, &why);
     }
     let (Some(vmm), Some(jailer)) = (
         binary("VESSEL_VMM", "vessel-vmm"),
         binary("VESSEL_JAILER", "vessel-jailer"),
     ) else {
-        return skip("target/debug/vessel-vmm or vessel-jailer is missing: cargo build -p vessel-vmm -p vessel-jailer");
+        return skip(TEST, "target/debug/vessel-vmm or vessel-jailer is missing: cargo build -p vessel-vmm -p vessel-jailer");
     };
     let dir = tempfile::tempdir().unwrap();
-    let guest = dir.path().join("tiny-guest.elf");
-    let status = Command::new("sh")
-        .arg(repo().join("crates/vmm/tests/guest/build.sh"))
-        .arg(&guest)
-        .status()
-        .expect("run crates/vmm/tests/guest/build.sh (needs gcc and binutils)");
-    assert!(status.success(), "building the tiny guest failed");
-    let initramfs = dir.path().join("initramfs");
-    std::fs::write(&initramfs, b"unused by the tiny guest").unwrap();
+    let (guest, initramfs) = tiny_guest(dir.path());
     let jail_root = dir.path().join("jail");
     let hv = Builtin::new(BuiltinConfig {
         vmm,
@@ -104,27 +69,12 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
         shared_dirs: vec![],
     };
     let vm = hv.launch(&cfg).await.unwrap();
-    wait_for("VSOCK-READY in the console log", || {
-        std::fs::read_to_string(&cfg.console_log)
-            .unwrap_or_default()
-            .contains("VSOCK-READY")
-    });
+    wait_for_text(&cfg.console_log, "VSOCK-READY");
     assert!(jail_root.join(&id).join("root").is_dir(), "no jail");
     // The jailed VMM, not root, created the console log in the run directory.
-    use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&cfg.console_log).unwrap().uid(), 65534);
 
-    let mut s = UnixStream::connect(&cfg.vsock_uds).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    s.write_all(b"CONNECT 1234\n").unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.starts_with("OK "), "handshake reply {line:?}");
-    s.write_all(b"through the jail\n").unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
-    assert_eq!(line, "through the jail\n");
+    echo(&cfg.vsock_uds, 1234, "through the jail\n");
 
     // The jailed VMM can write only its run directory: the snapshot is staged
     // there and moved out, owned by root.
@@ -187,18 +137,4 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
         );
     }
     assert!(!jail_root.join(&clone_id).exists(), "jail directory left");
-}
-
-fn echo(uds: &Path, port: u32, text: &str) {
-    let mut s = UnixStream::connect(uds).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.starts_with("OK "), "handshake reply {line:?}");
-    s.write_all(text.as_bytes()).unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
-    assert_eq!(line, text);
 }

@@ -5,79 +5,16 @@
 //! the hardware-KVM tests (vessel-runtime's sandbox_snapshot, vessel-vmm's
 //! hardware_kvm).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+use std::time::Duration;
+
+use common::{binary, echo, kvm_unusable, skip, tiny_guest, wait_for_text};
 use vessel_hypervisor::builtin::{Builtin, BuiltinConfig};
 use vessel_hypervisor::{AgentChannel, Hypervisor, Vm, VmConfig};
 
-const T: Duration = Duration::from_secs(30);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Says why the test cannot run; in CI every prerequisite exists, so it fails.
-fn skip(why: &str) {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "builtin_tiny_guest could not run in CI: {why}"
-    );
-    eprintln!("\n!!!!! SKIPPED builtin_tiny_guest: {why}\n");
-}
-
-fn vmm() -> Option<PathBuf> {
-    let p = std::env::var_os("VESSEL_VMM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/debug/vessel-vmm"));
-    p.is_file().then_some(p)
-}
-
-fn tiny_guest(dir: &Path) -> PathBuf {
-    let out = dir.join("tiny-guest.elf");
-    let status = Command::new("sh")
-        .arg(repo().join("crates/vmm/tests/guest/build.sh"))
-        .arg(&out)
-        .status()
-        .expect("run crates/vmm/tests/guest/build.sh (needs gcc and binutils)");
-    assert!(status.success(), "building the tiny guest failed");
-    out
-}
-
-fn wait_for_text(path: &Path, needle: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            start.elapsed() < T,
-            "{needle:?} not in {} within {T:?}:\n{text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// One hybrid-vsock connection to the guest's echo server: CONNECT, then a
-/// line there and back.
-fn echo(uds: &Path, port: u32, line: &str) {
-    let mut s = UnixStream::connect(uds).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut ok = String::new();
-    r.read_line(&mut ok).unwrap();
-    assert!(ok.starts_with("OK "), "handshake reply {ok:?}");
-    s.write_all(line.as_bytes()).unwrap();
-    let mut back = String::new();
-    r.read_line(&mut back).unwrap();
-    assert_eq!(back, line);
-}
+const TEST: &str = "builtin_tiny_guest";
 
 fn vm_config(dir: &Path, guest: &Path, initramfs: &Path, id: &str) -> VmConfig {
     let run_dir = dir.join(id);
@@ -111,22 +48,17 @@ async fn stop(vm: Box<dyn Vm>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_and_two_restores_of_a_running_guest() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        skip(&format!("/dev/kvm is not usable ({e})"));
-        return;
+    if let Some(why) = kvm_unusable() {
+        return skip(TEST, &why);
     }
-    let Some(vmm) = vmm() else {
-        skip("target/debug/vessel-vmm is missing: cargo build -p vessel-vmm (or set VESSEL_VMM)");
-        return;
+    let Some(vmm) = binary("VESSEL_VMM", "vessel-vmm") else {
+        return skip(
+            TEST,
+            "target/debug/vessel-vmm is missing: cargo build -p vessel-vmm (or set VESSEL_VMM)",
+        );
     };
     let dir = tempfile::tempdir().unwrap();
-    let guest = tiny_guest(dir.path());
-    let initramfs = dir.path().join("initramfs");
-    std::fs::write(&initramfs, b"unused by the tiny guest").unwrap();
+    let (guest, initramfs) = tiny_guest(dir.path());
     let hv = Builtin::new(BuiltinConfig {
         vmm,
         virtiofsd: "/nonexistent/virtiofsd".into(),

@@ -142,7 +142,6 @@ impl Sandbox {
         let start = Instant::now();
         let vm = hv.launch(&vm_config).await?;
         let timeout = Duration::from_secs(config.boot_timeout_secs);
-        let console = || log_tail(&vm_config.console_log, 30);
         let endpoint = vm.agent_endpoint();
         let connect = async {
             if let Some(ready) = &ready {
@@ -158,30 +157,42 @@ impl Sandbox {
             let version = agent.version().await?;
             Ok::<_, Error>((agent, version))
         };
+        let sb = Self::attach(config, vm, &vm_config, connect).await?;
+        log::info!(
+            "sandbox {}: agent {} ready on {} ({}) after {:?}",
+            sb.id,
+            sb.version.agent_version,
+            channel,
+            sb.vm.accelerator(),
+            start.elapsed()
+        );
+        Ok(sb)
+    }
+
+    /// Waits for `connect` (the agent's connection and version) while watching
+    /// the VM and the boot timeout. On error the VM is stopped.
+    async fn attach(
+        config: &Config,
+        vm: Box<dyn Vm>,
+        vm_config: &VmConfig,
+        connect: impl std::future::Future<Output = Result<(AgentClient, VersionResponse)>>,
+    ) -> Result<Sandbox> {
+        let timeout = Duration::from_secs(config.boot_timeout_secs);
+        let console = || log_tail(&vm_config.console_log, 30);
         let outcome = tokio::select! {
             r = connect => r,
             exit = vm.wait() => Err(Error::VmDiedEarly { exit: exit.to_string(), hypervisor: vm.diagnostics(), console: console() }),
             _ = tokio::time::sleep(timeout) => Err(Error::BootTimeout { secs: timeout.as_secs(), console: console() }),
         };
         match outcome {
-            Ok((agent, version)) => {
-                log::info!(
-                    "sandbox {}: agent {} ready on {} ({}) after {:?}",
-                    spec.id,
-                    version.agent_version,
-                    channel,
-                    vm.accelerator(),
-                    start.elapsed()
-                );
-                Ok(Sandbox {
-                    id: spec.id,
-                    run_dir: run_dir.to_path_buf(),
-                    vm,
-                    agent,
-                    version,
-                    stop_grace: Duration::from_secs(config.stop_grace_secs),
-                })
-            }
+            Ok((agent, version)) => Ok(Sandbox {
+                id: vm_config.id.clone(),
+                run_dir: vm_config.run_dir.clone(),
+                vm,
+                agent,
+                version,
+                stop_grace: Duration::from_secs(config.stop_grace_secs),
+            }),
             Err(e) => {
                 let _ = vm.stop(Duration::ZERO).await;
                 Err(e)
@@ -279,37 +290,15 @@ impl Sandbox {
             agent.reseed_random().await?;
             Ok::<_, Error>((agent, version))
         };
-        let outcome = tokio::select! {
-            r = connect => r,
-            exit = vm.wait() => Err(Error::VmDiedEarly {
-                exit: exit.to_string(),
-                hypervisor: vm.diagnostics(),
-                console: log_tail(&vm_config.console_log, 30),
-            }),
-        };
-        match outcome {
-            Ok((agent, version)) => {
-                log::info!(
-                    "sandbox {}: restored from {} ({}); VM running after {restored_after:?}, agent resynced after {:?}",
-                    vm_config.id,
-                    snapshot.display(),
-                    vm.accelerator(),
-                    start.elapsed()
-                );
-                Ok(Sandbox {
-                    id: vm_config.id.clone(),
-                    run_dir: vm_config.run_dir.clone(),
-                    vm,
-                    agent,
-                    version,
-                    stop_grace: Duration::from_secs(config.stop_grace_secs),
-                })
-            }
-            Err(e) => {
-                let _ = vm.stop(Duration::ZERO).await;
-                Err(e)
-            }
-        }
+        let sb = Self::attach(config, vm, vm_config, connect).await?;
+        log::info!(
+            "sandbox {}: restored from {} ({}); VM running after {restored_after:?}, agent resynced after {:?}",
+            sb.id,
+            snapshot.display(),
+            sb.vm.accelerator(),
+            start.elapsed()
+        );
+        Ok(sb)
     }
 
     pub fn id(&self) -> &str {

@@ -5,30 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{guest_config, pid_alive, processes_mentioning, wait_until};
+use common::{assert_nothing_left, guest_config};
 use vessel_runtime::sandbox::{hypervisor, Sandbox, SandboxSpec};
 use vessel_runtime::{Config, Error};
-
-fn assert_nothing_left(cfg: &Config, pids: &[u32]) {
-    for pid in pids {
-        assert!(
-            wait_until(Duration::from_secs(5), || !pid_alive(*pid)),
-            "process {pid} still running"
-        );
-    }
-    let root = cfg.state_root.to_string_lossy().to_string();
-    assert_eq!(
-        processes_mentioning(&root),
-        Vec::<String>::new(),
-        "processes left behind"
-    );
-    let left: Vec<_> = std::fs::read_dir(&cfg.state_root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(left.is_empty(), "state left behind: {left:?}");
-}
 
 async fn boot_and_check(cfg: Config, id: &str) {
     let hv = hypervisor(&cfg).unwrap();

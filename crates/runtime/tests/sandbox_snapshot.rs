@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{guest_config, pid_alive, processes_mentioning, wait_until};
+use common::{assert_nothing_left, guest_config};
 use vessel_hypervisor::host::{detect_kvm, KvmKind};
 use vessel_hypervisor::Hypervisor;
 use vessel_runtime::sandbox::{hypervisor, Sandbox, SandboxSpec};
@@ -20,27 +20,6 @@ use vessel_runtime::Config;
 const CLONES: usize = 10;
 /// 2001-09-09: the template's clock is set here before the snapshot.
 const OLD_TIME: u64 = 1_000_000_000;
-
-fn assert_nothing_left(cfg: &Config, pids: &[u32]) {
-    for pid in pids {
-        assert!(
-            wait_until(Duration::from_secs(5), || !pid_alive(*pid)),
-            "process {pid} still running"
-        );
-    }
-    let root = cfg.state_root.to_string_lossy().to_string();
-    assert_eq!(
-        processes_mentioning(&root),
-        Vec::<String>::new(),
-        "processes left behind"
-    );
-    let left: Vec<_> = std::fs::read_dir(&cfg.state_root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(left.is_empty(), "state left behind: {left:?}");
-}
 
 fn seconds_apart(a: SystemTime, b: SystemTime) -> f64 {
     match a.duration_since(b) {

@@ -45,3 +45,26 @@ pub fn guest_config(state_root: &Path) -> Option<Config> {
 }
 
 pub use vessel_testutil::{pid_alive, processes_mentioning, wait_until};
+
+/// Asserts that `pids` have exited and that no process and no state of any
+/// sandbox under the state root remain.
+pub fn assert_nothing_left(cfg: &Config, pids: &[u32]) {
+    for pid in pids {
+        assert!(
+            wait_until(std::time::Duration::from_secs(5), || !pid_alive(*pid)),
+            "process {pid} still running"
+        );
+    }
+    let root = cfg.state_root.to_string_lossy().to_string();
+    assert_eq!(
+        processes_mentioning(&root),
+        Vec::<String>::new(),
+        "processes left behind"
+    );
+    let left: Vec<_> = std::fs::read_dir(&cfg.state_root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "state left behind: {left:?}");
+}

@@ -59,7 +59,9 @@ async fn snapshot_and_restore_clones(cfg: &Config, hv: &dyn Hypervisor, snap_dir
 
     for i in 0..CLONES {
         let id = format!("clone{i}");
-        let clone = Sandbox::restore(cfg, hv, &id, snap_dir).await.unwrap();
+        let clone = Sandbox::restore(cfg, hv, &id, snap_dir)
+            .await
+            .unwrap_or_else(|e| panic!("restoring {id}: {e}"));
         pids.extend(clone.vm().pids());
         let p = clone.agent().probe().await.unwrap();
         assert_eq!(p.boot_id, before.boot_id, "{id} is the template's guest");

@@ -59,9 +59,17 @@ impl Session {
             reason,
         };
         let run = async {
-            let stream = UnixStream::connect(socket)
-                .await
-                .map_err(|e| err(format!("connect {}: {e}", socket.display())))?;
+            // A QEMU that just started may have bound its socket but not yet
+            // listen()ed on it.
+            let stream = loop {
+                match UnixStream::connect(socket).await {
+                    Ok(s) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        tokio::time::sleep(Duration::from_millis(5)).await
+                    }
+                    Err(e) => return Err(err(format!("connect {}: {e}", socket.display()))),
+                }
+            };
             let (rd, wr) = stream.into_split();
             let mut s = Session {
                 rd: BufReader::new(rd),

@@ -568,6 +568,21 @@ async fn cases(g: &Guest) {
     g.agent.reseed_random(ctx(), &rreq).await.unwrap();
     eprintln!("ok: set time, reseed");
 
+    // A startContainer hook runs in the container (its /tmp, its rootfs's
+    // /bin/sh) before the process; a prestart hook (host only) does not run.
+    let mut hspec = spec(&["sh", "-c", "cat /tmp/hooked; ls /tmp"]);
+    hspec["hooks"] = json!({
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no > /tmp/prestart"]}],
+        "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "echo hooked in $(hostname) > /tmp/hooked"]}]
+    });
+    let (out, err, st) = g.run("hooks", &hspec).await;
+    assert_eq!(
+        (out.as_str(), st.exit_status),
+        ("hooked in vessel-test\nhooked\n", 0),
+        "stderr: {err}"
+    );
+    eprintln!("ok: startContainer hook in the container");
+
     // seccomp denying mkdir.
     let mut sspec = spec(&["sh", "-c", "mkdir /tmp/x && echo made"]);
     sspec["linux"]["seccomp"] = json!({

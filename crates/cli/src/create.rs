@@ -24,7 +24,7 @@ pub struct Args {
     /// Ignored (runc compatibility).
     #[arg(long)]
     pub no_new_keyring: bool,
-    /// Ignored (runc compatibility): no host fds can reach the guest.
+    /// Only 0 is accepted: host file descriptors cannot be passed into the VM.
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
     pub id: String,
@@ -37,6 +37,11 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
 
 /// Creates the container; returns the supervisor's pid.
 pub fn create(ctx: &Ctx, a: Args) -> anyhow::Result<u32> {
+    anyhow::ensure!(
+        a.preserve_fds == 0,
+        "--preserve-fds {}: host file descriptors cannot be passed into the container's VM",
+        a.preserve_fds
+    );
     if a.no_pivot {
         log::info!("--no-pivot ignored: the root file system is set up inside the VM");
     }

@@ -162,3 +162,29 @@ fn snapshot_needs_boot() {
     assert!(!ok);
     assert!(out.contains("--boot"), "{out}");
 }
+
+#[test]
+fn create_refuses_preserve_fds_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let root = dir.path().join("root");
+    let (ok, out) = vessel(
+        &cfg,
+        &[
+            "--root",
+            root.to_str().unwrap(),
+            "create",
+            "--preserve-fds",
+            "2",
+            "--bundle",
+            dir.path().to_str().unwrap(),
+            "pfd",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        out.contains("--preserve-fds 2") && out.contains("cannot be passed"),
+        "{out}"
+    );
+    assert!(!root.join("pfd").exists(), "state left behind");
+}

@@ -25,7 +25,8 @@ pub enum SpecError {
 }
 
 /// Parses and rewrites a spec for the guest:
-/// - hooks are dropped: OCI hooks run on the host;
+/// - hooks are dropped but `startContainer` (run in the container, so in the
+///   guest); the other hooks run on the host;
 /// - the network namespace is dropped: the VM is the pod's network namespace;
 /// - namespace paths are dropped (they name host files): a fresh namespace is
 ///   created instead;
@@ -44,7 +45,19 @@ pub fn guest_spec(json: &[u8], container_id: &str) -> Result<GuestSpec, SpecErro
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(SpecError::NoArgs);
     }
-    spec.set_hooks(None);
+    // startContainer hooks run in the container's namespaces (libcontainer
+    // runs them in the container's init before it executes the process): that
+    // is inside the VM. Every other kind runs on the host.
+    let start_container = spec
+        .hooks()
+        .as_ref()
+        .and_then(|h| h.start_container().clone())
+        .filter(|h| !h.is_empty());
+    spec.set_hooks(start_container.map(|hooks| {
+        let mut h = oci_spec::runtime::Hooks::default();
+        h.set_start_container(Some(hooks));
+        h
+    }));
     if let Some(process) = spec.process_mut() {
         guest_process(process);
     }
@@ -125,7 +138,8 @@ mod tests {
         "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0},
                     "apparmorProfile": "docker-default", "selinuxLabel": "system_u:r:x"},
         "hostname": "h",
-        "hooks": {"prestart": [{"path": "/usr/bin/true"}]},
+        "hooks": {"prestart": [{"path": "/usr/bin/true"}],
+                  "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "true"]}]},
         "linux": {
             "cgroupsPath": "/kubepods/pod1/c1",
             "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.msgmax": "4096"},
@@ -151,7 +165,10 @@ mod tests {
         let sysctl = spec.linux().as_ref().unwrap().sysctl().as_ref().unwrap();
         assert_eq!(sysctl.len(), 1);
         assert_eq!(sysctl["kernel.msgmax"], "4096");
-        assert!(spec.hooks().is_none());
+        let hooks = spec.hooks().as_ref().expect("startContainer kept");
+        assert!(hooks.prestart().is_none());
+        let start = hooks.start_container().as_ref().unwrap();
+        assert_eq!(start[0].path(), std::path::Path::new("/bin/sh"));
         let process = spec.process().as_ref().unwrap();
         assert!(process.apparmor_profile().is_none());
         assert!(process.selinux_label().is_none());

@@ -13,7 +13,8 @@ use vessel_protocol::agent::{
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
     ListProcessesResponse, OOMEvent, ProbeRequest, ProbeResponse, ProcessRequest,
     RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest, SetTimeRequest,
-    SignalProcessRequest, StateContainerResponse, StatsContainerResponse, WaitProcessResponse,
+    SignalProcessRequest, StateContainerResponse, StatsContainerResponse, UpdateContainerRequest,
+    WaitProcessResponse,
 };
 use vessel_protocol::agent_ttrpc::Agent;
 
@@ -44,10 +45,16 @@ impl From<ContainerError> for ttrpc::Error {
     fn from(e: ContainerError) -> Self {
         use ContainerError::*;
         let code = match &e {
-            InvalidId(_) | Spec(_) | ProcessJson(_) | BadSignal(_) => Code::INVALID_ARGUMENT,
+            InvalidId(_) | NoSandbox(_) | Spec(_) | ProcessJson(_) | BadSignal(_) => {
+                Code::INVALID_ARGUMENT
+            }
             Exists(_) | ExecExists(..) => Code::ALREADY_EXISTS,
             NotFound(_) | ProcessNotFound(..) => Code::NOT_FOUND,
             State(..) | NoTerminal(..) => Code::FAILED_PRECONDITION,
+            Resources(_, crate::container::resources::ResourcesError::Write { .. }) => {
+                Code::INTERNAL
+            }
+            Resources(..) => Code::INVALID_ARGUMENT,
             Storage(_) | Failed(_) | Io(..) => Code::INTERNAL,
         };
         log::info!("request failed: {e}");
@@ -64,11 +71,22 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
-        log::info!("create container {}", req.container_id);
+        log::info!(
+            "create container {} (sharing namespaces with {:?})",
+            req.container_id,
+            req.share_namespaces_with
+        );
         let stdio = req.stdio.clone().unwrap_or_default();
+        let sandbox = Some(req.share_namespaces_with.as_str()).filter(|s| !s.is_empty());
         let pid = self
             .containers
-            .create(&req.container_id, &req.spec_json, &req.storages, &stdio)
+            .create(
+                &req.container_id,
+                &req.spec_json,
+                &req.storages,
+                &stdio,
+                sandbox,
+            )
             .await?;
         Ok(CreateContainerResponse {
             pid: pid as u32,
@@ -205,6 +223,17 @@ impl Agent for AgentService {
         let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
         set_winsize(master, clamp(req.rows), clamp(req.cols))
             .map_err(|e| status(Code::INTERNAL, format!("resize tty: {e}")))?;
+        Ok(Empty::new())
+    }
+
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        log::info!("update container {}", req.container_id);
+        self.containers
+            .update(&req.container_id, &req.resources_json)?;
         Ok(Empty::new())
     }
 

@@ -17,7 +17,7 @@ use vessel_protocol::agent::{
     state_container_response::Status, ContainerRequest, CreateContainerRequest, ExecProcessRequest,
     GetOOMEventRequest, ProcessRequest, RemoveContainerRequest, ReseedRandomRequest,
     ResizeTtyRequest, SetTimeRequest, SignalProcessRequest, StdioConfig, Storage,
-    WaitProcessResponse,
+    UpdateContainerRequest, WaitProcessResponse,
 };
 use vessel_protocol::stdio::StdioStream;
 
@@ -416,6 +416,73 @@ async fn cases(g: &Guest) {
     g.agent.resume_container(ctx(), &creq).await.unwrap();
     assert_eq!(g.state("long").await, Status::RUNNING);
     eprintln!("ok: ps, stats, pause/resume");
+
+    // UpdateContainer: applied to the cgroup; a bad or unsupported value is
+    // refused before anything is written.
+    let update = |resources: Value| UpdateContainerRequest {
+        container_id: "long".into(),
+        resources_json: serde_json::to_vec(&resources).unwrap(),
+        ..Default::default()
+    };
+    let limits = json!({"memory": {"limit": 64 << 20}, "pids": {"limit": 60},
+                        "devices": [{"allow": false, "access": "rwm"}]});
+    g.agent
+        .update_container(ctx(), &update(limits))
+        .await
+        .unwrap();
+    let stats = g.agent.stats_container(ctx(), &creq).await.unwrap();
+    assert_eq!(
+        (stats.memory.limit_bytes, stats.pids.limit),
+        (64 << 20, 60),
+        "{stats:?}"
+    );
+    for bad in [
+        json!({"memory": {"limit": 1 << 20}, "cpu": {"quota": 500}}),
+        json!({"memory": {"limit": 1 << 20}, "cpu": {"cpus": "0"}}),
+    ] {
+        let e = g.agent.update_container(ctx(), &update(bad)).await;
+        assert_eq!(code(&e.unwrap_err()), ttrpc::Code::INVALID_ARGUMENT);
+    }
+    let stats = g.agent.stats_container(ctx(), &creq).await.unwrap();
+    assert_eq!(stats.memory.limit_bytes, 64 << 20, "unchanged: {stats:?}");
+    eprintln!("ok: update");
+
+    // A pod container: joins long's uts and pid namespaces where its spec
+    // names a (host) path, so it sees long's hostname and processes.
+    let mut joiner = spec(&["sh", "-c", "hostname; tr '\\0' ' ' </proc/1/cmdline"]);
+    joiner["hostname"] = json!("ignored-when-joined");
+    joiner["linux"]["namespaces"] = json!([
+        {"type": "pid", "path": "/proc/4242/ns/pid"},
+        {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+        {"type": "uts", "path": "/proc/4242/ns/uts"},
+        {"type": "mount"},
+        {"type": "network", "path": "/var/run/netns/cni-1"}
+    ]);
+    let join = |id: &str, sandbox: &str| CreateContainerRequest {
+        container_id: id.into(),
+        spec_json: serde_json::to_vec(&joiner).unwrap(),
+        stdio: Some(stdio(false, true, true)).into(),
+        share_namespaces_with: sandbox.into(),
+        ..Default::default()
+    };
+    let e = g.agent.create_container(ctx(), &join("j0", "nope")).await;
+    assert_eq!(code(&e.unwrap_err()), ttrpc::Code::INVALID_ARGUMENT);
+    g.agent
+        .create_container(ctx(), &join("joiner", "long"))
+        .await
+        .unwrap();
+    let jout = g.stdio("joiner", None, StdioStream::Stdout).await;
+    let jerr = g.stdio("joiner", None, StdioStream::Stderr).await;
+    g.start("joiner").await;
+    let jout = String::from_utf8(read_all(jout).await).unwrap();
+    let jerr = String::from_utf8(read_all(jerr).await).unwrap();
+    assert_eq!(g.wait("joiner", "").await.exit_status, 0, "{jout} {jerr}");
+    g.remove("joiner", false).await.unwrap();
+    assert!(
+        jout.starts_with("vessel-test\n") && jout.contains("got-term"),
+        "joiner sees long's hostname and its init as pid 1: {jout:?} {jerr:?}"
+    );
+    eprintln!("ok: share namespaces");
 
     g.signal("long", "", 15).await;
     assert_eq!(read_all(out).await, b"got-term\n");

@@ -5,6 +5,7 @@
 //! shim, which owns the pod's VM. The sandbox (pause) container boots the VM,
 //! later containers join it, deleting the sandbox stops it.
 
+mod guest;
 mod pod;
 mod rootfs;
 mod service;

@@ -10,6 +10,7 @@ use vessel_runtime::container::ContainerClient;
 use vessel_runtime::sandbox::{self, SandboxSpec};
 use vessel_runtime::{Config, Sandbox};
 
+use crate::guest::GuestAgent;
 use crate::rootfs;
 use crate::sizing::VmSize;
 
@@ -17,6 +18,8 @@ pub struct Pod {
     pub id: String,
     sandbox: Arc<Sandbox>,
     pub agent: ContainerClient,
+    /// The RPCs `agent` does not offer (namespace sharing, updates).
+    pub guest: GuestAgent,
     /// Host directory shared with the guest (see [`rootfs`]).
     pub staging: PathBuf,
     pids_file: PathBuf,
@@ -70,11 +73,15 @@ impl Pod {
             let _ = sandbox.stop().await;
             bail!("the shim needs channel = \"vsock\" (process stdio travels over vsock)");
         };
-        let agent = match ContainerClient::connect(&uds).await {
-            Ok(a) => a,
+        let clients = async {
+            let agent = ContainerClient::connect(&uds).await?;
+            anyhow::Ok((agent, GuestAgent::connect(&uds).await?))
+        };
+        let (agent, guest) = match clients.await {
+            Ok(c) => c,
             Err(e) => {
                 let _ = sandbox.stop().await;
-                return Err(e.into());
+                return Err(e);
             }
         };
         log::info!(
@@ -87,6 +94,7 @@ impl Pod {
             id: id.to_string(),
             sandbox: Arc::new(sandbox),
             agent,
+            guest,
             staging: staging.to_path_buf(),
             pids_file,
         })
@@ -131,6 +139,19 @@ impl Pod {
         }
         rootfs::remove_tree(&self.staging);
         let _ = std::fs::remove_file(&self.pids_file);
+    }
+}
+
+/// The sandbox container whose ipc, uts and pid namespaces a container joins:
+/// for a CRI `container` (not the `sandbox` itself), its pod's sandbox id.
+pub fn namespace_owner(spec: &oci_spec::runtime::Spec) -> Option<&str> {
+    let ann = spec.annotations().as_ref()?;
+    match ann
+        .get(crate::CONTAINER_TYPE_ANNOTATION)
+        .map(String::as_str)
+    {
+        Some("container") => ann.get(crate::SANDBOX_ID_ANNOTATION).map(String::as_str),
+        _ => None,
     }
 }
 

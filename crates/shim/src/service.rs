@@ -25,7 +25,8 @@ use vessel_runtime::container::share::Staging;
 use vessel_runtime::container::ContainerClient;
 use vessel_runtime::Config;
 
-use crate::pod::Pod;
+use crate::guest::NewContainer;
+use crate::pod::{self, Pod};
 use crate::rootfs;
 use crate::sizing::{vm_size, VmSize};
 use crate::state::{Container, Exit, Process, State};
@@ -33,6 +34,9 @@ use crate::stdio::{self, StdioPaths};
 
 /// Exit status reported when a process's fate is unknown (VM died, agent gone).
 const LOST_EXIT_STATUS: u32 = 255;
+/// How containerd's typeurl names an OCI `linux.resources` (JSON) in an Any.
+const LINUX_RESOURCES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
 /// Longest time output relays get to flush after a process exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -676,9 +680,28 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::Empty> {
         let state = self.inner.state.lock().await;
         state.container(&req.id)?;
-        // The VM is sized at boot; limits inside it are not updated yet.
+        let guest = state.pod()?.guest.clone();
+        drop(state);
+        let resources = req.resources.as_ref().ok_or_else(|| {
+            err(
+                Code::INVALID_ARGUMENT,
+                format!("update of {}: no resources", req.id),
+            )
+        })?;
+        if resources.type_url != LINUX_RESOURCES_TYPE_URL {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "update of {}: resources of type {:?}, expected {LINUX_RESOURCES_TYPE_URL}",
+                    req.id, resources.type_url
+                ),
+            ));
+        }
+        guest.update(&req.id, resources.value.clone()).await?;
+        // Limits inside the VM only: its vCPUs and memory are fixed at boot, so
+        // a limit above the VM's size is accepted but cannot be granted.
         log::info!(
-            "update of {} accepted without effect (VM sized at boot)",
+            "update of {}: limits applied in the guest; the VM itself is not resized",
             req.id
         );
         Ok(api::Empty::new())
@@ -695,7 +718,20 @@ impl TaskService {
         let id = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
         let pod = state.pod()?;
-        let (agent, staging) = (pod.agent.clone(), pod.staging.clone());
+        let (agent, guest, staging) = (pod.agent.clone(), pod.guest.clone(), pod.staging.clone());
+        // Kubernetes containers join the pause container's ipc and uts (and,
+        // for shareProcessNamespace, pid) namespaces; the spec names them by
+        // host paths, the agent maps them to the sandbox's guest namespaces.
+        let share = pod::namespace_owner(&spec).map(str::to_string);
+        if let Some(sandbox) = &share {
+            if !vessel_protocol::stdio::valid_id(sandbox) || !state.containers.contains_key(sandbox)
+            {
+                return Err(err(
+                    Code::INVALID_ARGUMENT,
+                    format!("container {id}: its pod sandbox {sandbox:?} is not a container of this shim"),
+                ));
+            }
+        }
         let cleanup = || rootfs::remove_tree(&staging.join(&id));
         if let Err(e) = rootfs::prepare(&staging, &id, &bundle, &req.rootfs, &mut spec) {
             cleanup();
@@ -714,17 +750,20 @@ impl TaskService {
                 return Err(internal(e));
             }
         };
-        let created = agent
-            .create(&id, spec_json, vec![Staging::storage()], stdio.wanted())
+        let created = guest
+            .create(NewContainer {
+                id: &id,
+                spec_json,
+                storages: vec![Staging::storage()],
+                stdio: stdio.wanted(),
+                share_namespaces_with: share.as_deref(),
+            })
             .await;
         let pid = match created {
             Ok(r) => r,
             Err(e) => {
                 cleanup();
-                return Err(err(
-                    Code::INTERNAL,
-                    format!("agent CreateContainer {id}: {e}"),
-                ));
+                return Err(e);
             }
         };
         let mut process = Process::new(stdio.clone(), Vec::new());

@@ -63,14 +63,8 @@ async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, config: &PodSandboxConf
     .pod_sandbox_id
 }
 
-async fn start_container(
-    rt: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-    pod_config: &PodSandboxConfig,
-    name: &str,
-    command: &[&str],
-) -> String {
-    let config = ContainerConfig {
+fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
         metadata: Some(ContainerMetadata {
             name: name.into(),
             attempt: 0,
@@ -82,7 +76,43 @@ async fn start_container(
         command: command.iter().map(|s| s.to_string()).collect(),
         log_path: format!("{name}.log"),
         ..Default::default()
-    };
+    }
+}
+
+/// A container config with the pid namespace mode kubelet sends (CONTAINER by
+/// default, POD for `shareProcessNamespace: true`).
+fn container_config_pid(name: &str, command: &[&str], pid: NamespaceMode) -> ContainerConfig {
+    ContainerConfig {
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    pid: pid as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..container_config(name, command)
+    }
+}
+
+async fn start_container(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    name: &str,
+    command: &[&str],
+) -> String {
+    start(rt, pod, pod_config, container_config(name, command)).await
+}
+
+async fn start(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
     let id = rt
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod.into(),
@@ -287,5 +317,216 @@ async fn killing_the_hypervisor_exits_the_containers() {
     })
     .await
     .expect("RemovePodSandbox");
+    assert_nothing_left(&c, &sockets);
+}
+
+/// Waits until containerd's CRI reports the pod network ready (after
+/// [`Containerd::fake_cni`]).
+async fn wait_network_ready(rt: &mut RuntimeServiceClient<Channel>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = rt
+            .status(StatusRequest { verbose: false })
+            .await
+            .expect("Status")
+            .into_inner()
+            .status
+            .unwrap_or_default();
+        let ready = status
+            .conditions
+            .iter()
+            .any(|c| c.r#type == "NetworkReady" && c.status);
+        if ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CRI network not ready: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `readlink /proc/self/ns/<ns>` in a container.
+async fn ns(rt: &mut RuntimeServiceClient<Channel>, id: &str, ns: &str) -> String {
+    let (code, link) = exec(rt, id, &["readlink", &format!("/proc/self/ns/{ns}")]).await;
+    assert_eq!(code, 0, "readlink {ns} in {id}");
+    assert!(link.starts_with(&format!("{ns}:[")), "{link:?}");
+    link.trim().to_string()
+}
+
+async fn stop_and_remove(rt: &mut RuntimeServiceClient<Channel>, pod: &str) {
+    rt.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("RemovePodSandbox");
+}
+
+/// Containers of a pod join the sandbox's ipc and uts namespaces (so they see
+/// the pod hostname), and its pid namespace only when the pod asks.
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_containers_share_ipc_uts_and_on_request_pid() {
+    let Some(c) = Containerd::start() else { return };
+    c.fake_cni();
+    let mut rt = connect(&c.sock).await;
+    wait_network_ready(&mut rt).await;
+    let logs = c.dir.path().join("logs");
+    // A pod network (CNI): containerd drops the UTS namespace of pods on the
+    // node's network, and kubelet sets a hostname only for the others.
+    let pod_cfg = |name: &str, pid: NamespaceMode| {
+        let mut cfg = pod_config(name, &logs);
+        cfg.hostname = "vessel-pod".into();
+        cfg.linux = Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Pod as i32,
+                    pid: pid as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        cfg
+    };
+    let mut sockets = Vec::new();
+
+    // Default: pid namespace per container.
+    let cfg = pod_cfg("apart", NamespaceMode::Container);
+    let pod = run_pod(&mut rt, &cfg).await;
+    let mode = NamespaceMode::Container;
+    let a = start(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config_pid("a", &["sleep", "1001"], mode),
+    )
+    .await;
+    let b = start(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config_pid("b", &["sleep", "1002"], mode),
+    )
+    .await;
+    for id in [&a, &b] {
+        let (code, host) = exec(&mut rt, id, &["hostname"]).await;
+        assert_eq!((code, host.trim()), (0, "vessel-pod"), "hostname in {id}");
+    }
+    for n in ["ipc", "uts"] {
+        assert_eq!(
+            ns(&mut rt, &a, n).await,
+            ns(&mut rt, &b, n).await,
+            "{n} namespace"
+        );
+    }
+    assert_ne!(
+        ns(&mut rt, &a, "pid").await,
+        ns(&mut rt, &b, "pid").await,
+        "pid namespace CONTAINER: one per container"
+    );
+    let (_, ps) = exec(&mut rt, &b, &["ps"]).await;
+    assert!(!ps.contains("sleep 1001"), "b sees a's process: {ps}");
+    sockets.extend(shim_sockets(&c));
+    stop_and_remove(&mut rt, &pod).await;
+
+    // shareProcessNamespace: true.
+    let cfg = pod_cfg("together", NamespaceMode::Pod);
+    let pod = run_pod(&mut rt, &cfg).await;
+    let mode = NamespaceMode::Pod;
+    let a = start(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config_pid("a", &["sleep", "1001"], mode),
+    )
+    .await;
+    let b = start(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config_pid("b", &["sleep", "1002"], mode),
+    )
+    .await;
+    for n in ["ipc", "uts", "pid"] {
+        assert_eq!(
+            ns(&mut rt, &a, n).await,
+            ns(&mut rt, &b, n).await,
+            "{n} namespace"
+        );
+    }
+    let (code, ps) = exec(&mut rt, &b, &["ps"]).await;
+    eprintln!("ps in b:\n{ps}");
+    assert_eq!(code, 0);
+    assert!(
+        ps.contains("sleep 1001"),
+        "b does not see a's process: {ps}"
+    );
+    // PID 1 is the sandbox's process, not a's or b's.
+    let (_, init) = exec(&mut rt, &b, &["cat", "/proc/1/cmdline"]).await;
+    assert!(!init.is_empty() && !init.contains("100"), "pid 1: {init:?}");
+    sockets.extend(shim_sockets(&c));
+    stop_and_remove(&mut rt, &pod).await;
+    assert_nothing_left(&c, &sockets);
+}
+
+/// cat of a container's own cgroup files (the container has a cgroup namespace).
+async fn cgroup_limits(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> String {
+    let (code, out) = exec(
+        rt,
+        id,
+        &["cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max"],
+    )
+    .await;
+    assert_eq!(code, 0, "cat cgroup files: {out}");
+    out
+}
+
+/// UpdateContainerResources reaches the container's cgroup in the guest; a bad
+/// value is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn update_container_resources_in_the_guest() {
+    let Some(c) = Containerd::start() else { return };
+    let mut rt = connect(&c.sock).await;
+    let cfg = pod_config("limits", &c.dir.path().join("logs"));
+    let pod = run_pod(&mut rt, &cfg).await;
+    let config = container_config_pid("a", &["sleep", "1000"], NamespaceMode::Container);
+    let a = start(&mut rt, &pod, &cfg, config).await;
+    eprintln!("limits before: {:?}", cgroup_limits(&mut rt, &a).await);
+    let update = |quota: i64| UpdateContainerResourcesRequest {
+        container_id: a.clone(),
+        linux: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            cpu_quota: quota,
+            cpu_period: 100_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    rt.update_container_resources(update(50_000))
+        .await
+        .expect("UpdateContainerResources");
+    let want = format!("{}\n50000 100000\n", 64 << 20);
+    assert_eq!(cgroup_limits(&mut rt, &a).await, want);
+
+    // 500 us is below the kernel's 1 ms minimum quota.
+    let bad = rt.update_container_resources(update(500)).await;
+    let e = bad.expect_err("a 500 us CPU quota is refused");
+    eprintln!("bad update: {e}");
+    assert!(e.message().contains("cpu.quota"), "{e}");
+    assert_eq!(
+        status(&mut rt, &a).await.state,
+        ContainerState::ContainerRunning as i32
+    );
+    assert_eq!(cgroup_limits(&mut rt, &a).await, want, "nothing changed");
+
+    let sockets = shim_sockets(&c);
+    stop_and_remove(&mut rt, &pod).await;
     assert_nothing_left(&c, &sockets);
 }

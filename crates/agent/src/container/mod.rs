@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod helper;
+pub mod resources;
 pub mod spec;
 pub mod storage;
 
@@ -50,10 +51,14 @@ pub enum ContainerError {
     ExecExists(String, String),
     /// no container {0}
     NotFound(String),
+    /// no sandbox container {0} to share namespaces with: create the pod's sandbox container first
+    NoSandbox(String),
     /// no process {1:?} in container {0}
     ProcessNotFound(String, String),
     /// {0}
     Storage(#[from] storage::StorageError),
+    /// container {0}: {1}
+    Resources(String, resources::ResourcesError),
     /// {0}
     Failed(String),
     /// container {0}: {1}
@@ -193,15 +198,19 @@ impl Containers {
     }
 
     /// Mounts the storages, then creates the container; returns the init pid.
+    /// With `sandbox`, the container joins that container's ipc, uts and pid
+    /// namespaces where its spec names a namespace path (see [`spec::guest_spec`]).
     pub async fn create(
         &self,
         id: &str,
         spec_json: &[u8],
         storages: &[Storage],
         stdio: &StdioConfig,
+        sandbox: Option<&str>,
     ) -> Result<i32, ContainerError> {
         check_id(id)?;
-        let spec::GuestSpec { spec, net_sysctls } = spec::guest_spec(spec_json, id)?;
+        let sandbox_pid = sandbox.map(|s| self.sandbox_pid(s)).transpose()?;
+        let spec::GuestSpec { spec, net_sysctls } = spec::guest_spec(spec_json, id, sandbox_pid)?;
         {
             let map = lock(&self.map);
             if map.contains_key(id) || !lock(&self.creating).insert(id.to_string()) {
@@ -409,6 +418,26 @@ impl Containers {
         }
     }
 
+    /// Guest pid of the running init process of sandbox container `id`.
+    /// (Its pid cannot be reused before the reaper collected it, which is
+    /// when `exited` turns Some.)
+    fn sandbox_pid(&self, id: &str) -> Result<i32, ContainerError> {
+        check_id(id)?;
+        let init = match self.init(id) {
+            Err(ContainerError::NotFound(_)) => {
+                return Err(ContainerError::NoSandbox(id.to_string()))
+            }
+            other => other?,
+        };
+        if init.exited().is_some() {
+            return Err(ContainerError::State(
+                id.into(),
+                "the sandbox container has stopped; its namespaces are gone".into(),
+            ));
+        }
+        Ok(init.pid)
+    }
+
     fn init(&self, id: &str) -> Result<Arc<Process>, ContainerError> {
         self.process(id, None)
     }
@@ -500,6 +529,25 @@ impl Containers {
             }
         }
         Ok(())
+    }
+
+    /// Applies OCI `linux.resources` JSON to a live container's cgroup.
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
+        let init = self.init(id)?;
+        if init.exited().is_some() {
+            return Err(ContainerError::State(
+                id.into(),
+                "container is stopped; only a live container's limits can be updated".into(),
+            ));
+        }
+        let err = |e| ContainerError::Resources(id.to_string(), e);
+        let dir = cgroup::dir(id);
+        let cpu_max = std::fs::read_to_string(dir.join("cpu.max")).ok();
+        let writes = resources::parse(resources_json)
+            .and_then(|r| resources::plan(&r, cpu_max.as_deref()))
+            .map_err(err)?;
+        log::info!("container {id}: update {writes:?}");
+        resources::apply(&dir, &writes).map_err(err)
     }
 
     pub async fn pause(&self, id: &str) -> Result<(), ContainerError> {

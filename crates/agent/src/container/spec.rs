@@ -1,6 +1,6 @@
 //! Turns the host's config.json into the one libcontainer runs in the guest.
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Process, Spec};
 
 /// Guest cgroup (relative to /sys/fs/cgroup) of a container.
 pub fn cgroup_path(container_id: &str) -> String {
@@ -24,18 +24,36 @@ pub enum SpecError {
     BadSysctl(String),
 }
 
+/// Namespaces a container of a pod shares with the pod's sandbox container.
+const SHARED_WITH_SANDBOX: [(LinuxNamespaceType, &str); 3] = [
+    (LinuxNamespaceType::Ipc, "ipc"),
+    (LinuxNamespaceType::Uts, "uts"),
+    (LinuxNamespaceType::Pid, "pid"),
+];
+
 /// Parses and rewrites a spec for the guest:
 /// - hooks are dropped but `startContainer` (run in the container, so in the
 ///   guest); the other hooks run on the host;
 /// - the network namespace is dropped: the VM is the pod's network namespace;
-/// - namespace paths are dropped (they name host files): a fresh namespace is
-///   created instead;
+/// - namespace paths name host files. With `sandbox_pid` (the guest pid of the
+///   pod's sandbox container), an ipc, uts or pid entry with a path joins that
+///   namespace of the sandbox (`/proc/<sandbox_pid>/ns/<type>`): the host path
+///   named the sandbox's namespace too. Any other path is dropped and a fresh
+///   namespace is created instead;
+/// - a cgroup namespace is added if the spec has none: the guest is cgroup v2
+///   only, where a private cgroup namespace is the default (containerd leaves
+///   it out on cgroup v1 or hybrid hosts), so the container's /sys/fs/cgroup
+///   is its own cgroup and shows its limits, not the whole guest tree;
 /// - linux.cgroupsPath becomes [`cgroup_path`] (the host's path means nothing here);
 /// - host LSM labels are dropped ([`guest_process`], linux.mountLabel);
 /// - `net.*` sysctls move out of the spec into [`GuestSpec::net_sysctls`]: they
 ///   belong to the VM's network namespace, which the agent sets itself
 ///   (libcontainer refuses net.* sysctls without a new network namespace).
-pub fn guest_spec(json: &[u8], container_id: &str) -> Result<GuestSpec, SpecError> {
+pub fn guest_spec(
+    json: &[u8],
+    container_id: &str,
+    sandbox_pid: Option<i32>,
+) -> Result<GuestSpec, SpecError> {
     let mut spec: Spec = serde_json::from_slice(json)?;
     let root = spec.root().as_ref().ok_or(SpecError::NoRoot)?;
     if !root.path().is_absolute() {
@@ -66,14 +84,32 @@ pub fn guest_spec(json: &[u8], container_id: &str) -> Result<GuestSpec, SpecErro
         if let Some(namespaces) = linux.namespaces_mut() {
             namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
             for ns in namespaces.iter_mut() {
-                if let Some(path) = ns.path() {
-                    log::info!(
-                        "container {container_id}: {:?} namespace path {} is a host path; creating a new namespace",
-                        ns.typ(),
-                        path.display()
-                    );
-                    ns.set_path(None);
+                let Some(path) = ns.path() else { continue };
+                let shared = SHARED_WITH_SANDBOX
+                    .iter()
+                    .find(|(typ, _)| *typ == ns.typ())
+                    .map(|(_, name)| name);
+                match (sandbox_pid, shared) {
+                    (Some(pid), Some(name)) => {
+                        ns.set_path(Some(format!("/proc/{pid}/ns/{name}").into()));
+                    }
+                    _ => {
+                        log::info!(
+                            "container {container_id}: {:?} namespace path {} is a host path; creating a new namespace",
+                            ns.typ(),
+                            path.display()
+                        );
+                        ns.set_path(None);
+                    }
                 }
+            }
+            if !namespaces
+                .iter()
+                .any(|ns| ns.typ() == LinuxNamespaceType::Cgroup)
+            {
+                let mut cgroup = LinuxNamespace::default();
+                cgroup.set_typ(LinuxNamespaceType::Cgroup);
+                namespaces.push(cgroup);
             }
         }
         linux.set_cgroups_path(Some(cgroup_path(container_id).into()));
@@ -154,7 +190,7 @@ mod tests {
 
     #[test]
     fn rewrites_for_guest() {
-        let GuestSpec { spec, net_sysctls } = guest_spec(SPEC.as_bytes(), "c1").unwrap();
+        let GuestSpec { spec, net_sysctls } = guest_spec(SPEC.as_bytes(), "c1", None).unwrap();
         assert_eq!(
             net_sysctls,
             [(
@@ -184,7 +220,8 @@ mod tests {
             [
                 LinuxNamespaceType::Pid,
                 LinuxNamespaceType::Ipc,
-                LinuxNamespaceType::Mount
+                LinuxNamespaceType::Mount,
+                LinuxNamespaceType::Cgroup
             ]
         );
         assert!(ns.iter().all(|n| n.path().is_none()));
@@ -193,28 +230,79 @@ mod tests {
     }
 
     #[test]
+    fn joins_the_sandbox_namespaces() {
+        let mut pod: serde_json::Value = serde_json::from_str(SPEC).unwrap();
+        pod["linux"]["namespaces"] = serde_json::json!([
+            {"type": "pid", "path": "/proc/42/ns/pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "ipc", "path": "/proc/42/ns/ipc"},
+            {"type": "uts", "path": "/proc/42/ns/uts"},
+            {"type": "mount"},
+            {"type": "cgroup", "path": "/proc/42/ns/cgroup"}
+        ]);
+        let json = pod.to_string();
+        let namespaces = |sandbox_pid| {
+            let spec = guest_spec(json.as_bytes(), "c1", sandbox_pid).unwrap().spec;
+            let linux = spec.linux().clone().unwrap();
+            linux
+                .namespaces()
+                .clone()
+                .unwrap()
+                .into_iter()
+                .map(|n| (n.typ(), n.path().clone().map(|p| p.display().to_string())))
+                .collect::<Vec<_>>()
+        };
+        let path = |s: &str| Some(s.to_string());
+        assert_eq!(
+            namespaces(Some(7)),
+            [
+                (LinuxNamespaceType::Pid, path("/proc/7/ns/pid")),
+                (LinuxNamespaceType::Ipc, path("/proc/7/ns/ipc")),
+                (LinuxNamespaceType::Uts, path("/proc/7/ns/uts")),
+                (LinuxNamespaceType::Mount, None),
+                (LinuxNamespaceType::Cgroup, None),
+            ]
+        );
+        // Without a sandbox (the vessel CLI): every namespace is new.
+        assert!(namespaces(None).iter().all(|(_, p)| p.is_none()));
+        // A pid entry without a path (pod pid namespace not shared) stays new.
+        let ns = guest_spec(SPEC.as_bytes(), "c1", Some(7)).unwrap().spec;
+        let ns = ns.linux().clone().unwrap().namespaces().clone().unwrap();
+        let pid = ns.iter().find(|n| n.typ() == LinuxNamespaceType::Pid);
+        assert_eq!(pid.unwrap().path(), &None);
+        let ipc = ns.iter().find(|n| n.typ() == LinuxNamespaceType::Ipc);
+        assert_eq!(
+            ipc.unwrap().path().as_deref(),
+            Some(std::path::Path::new("/proc/7/ns/ipc"))
+        );
+    }
+
+    #[test]
     fn refuses_bad_specs() {
-        assert!(matches!(guest_spec(b"{", "c"), Err(SpecError::Json(_))));
+        assert!(matches!(
+            guest_spec(b"{", "c", None),
+            Err(SpecError::Json(_))
+        ));
         let slash = SPEC.replace("net.ipv4.ip_unprivileged_port_start", "net.ipv4/../../x");
         assert!(matches!(
-            guest_spec(slash.as_bytes(), "c"),
+            guest_spec(slash.as_bytes(), "c", None),
             Err(SpecError::BadSysctl(_))
         ));
         let rel = SPEC.replace("/run/vessel/shared/c1/rootfs", "rootfs");
         assert!(matches!(
-            guest_spec(rel.as_bytes(), "c"),
+            guest_spec(rel.as_bytes(), "c", None),
             Err(SpecError::RelativeRoot(_))
         ));
         let no_args = SPEC.replace(r#""args": ["sh"], "#, r#""args": [], "#);
         assert!(matches!(
-            guest_spec(no_args.as_bytes(), "c"),
+            guest_spec(no_args.as_bytes(), "c", None),
             Err(SpecError::NoArgs)
         ));
         let v: serde_json::Value = serde_json::from_str(SPEC).unwrap();
         let mut no_proc = v.clone();
         no_proc.as_object_mut().unwrap().remove("process");
         assert!(matches!(
-            guest_spec(no_proc.to_string().as_bytes(), "c"),
+            guest_spec(no_proc.to_string().as_bytes(), "c", None),
             Err(SpecError::NoProcess)
         ));
     }

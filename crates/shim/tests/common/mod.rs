@@ -130,6 +130,39 @@ impl Containerd {
         self.ctr_ns("default", args)
     }
 
+    /// Gives CRI a pod network without touching the host's: a CNI plugin that
+    /// configures nothing and reports eth0 with a fixed address (containerd
+    /// needs one to run a pod that is not on the node's network; the Vessel
+    /// VM is the pod's network anyway). containerd picks the configuration up
+    /// within a moment: wait for CRI's NetworkReady before the first pod.
+    pub fn fake_cni(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let cni = self.dir.path().join("c/cni");
+        let plugin = cni.join("bin/vessel-test-cni");
+        std::fs::write(
+            &plugin,
+            r#"#!/bin/sh
+cat >/dev/null
+case "$CNI_COMMAND" in
+ADD) printf '{"cniVersion":"0.4.0","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"version":"4","address":"10.88.0.2/16","interface":0}]}' "$CNI_IFNAME" "$CNI_NETNS" ;;
+VERSION) printf '{"cniVersion":"0.4.0","supportedVersions":["0.3.0","0.3.1","0.4.0"]}' ;;
+esac
+"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // containerd adds a loopback network to every pod.
+        let lo = cni.join("bin/loopback");
+        if !lo.exists() {
+            std::os::unix::fs::symlink(&plugin, &lo).unwrap();
+        }
+        std::fs::write(
+            cni.join("conf/10-vessel-test.conflist"),
+            r#"{"cniVersion":"0.4.0","name":"vessel-test","plugins":[{"type":"vessel-test-cni"}]}"#,
+        )
+        .unwrap();
+    }
+
     pub fn log_tail(&self) -> String {
         let text =
             std::fs::read_to_string(self.dir.path().join("c/containerd.log")).unwrap_or_default();

@@ -106,9 +106,20 @@ pub async fn terminate_all(children: &mut [Child]) {
 
 /// The last `lines` lines of a log file (at most 16 KiB read), for error messages.
 pub fn log_tail(path: &Path, lines: usize) -> String {
-    let Ok(mut f) = File::open(path) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    // The logs live in the run directory, which a jailed VMM may write: never
+    // follow a link planted there, and read nothing but a regular file (a FIFO
+    // would block).
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    else {
         return String::new();
     };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
+    }
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
     let mut buf = Vec::new();
@@ -129,6 +140,12 @@ mod tests {
         std::fs::write(&p, "a\nb\nc\nd\n").unwrap();
         assert_eq!(log_tail(&p, 2), "c\nd");
         assert_eq!(log_tail(&dir.path().join("missing"), 2), "");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert_eq!(log_tail(&link, 2), "", "a symlink is not followed");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(log_tail(&fifo, 2), "", "a FIFO is not read");
     }
 
     #[tokio::test]

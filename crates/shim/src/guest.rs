@@ -29,14 +29,28 @@ fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
 }
 
-/// An agent error as the shim returns it: the agent's status code (the agent
-/// says INVALID_ARGUMENT for a bad request), its message bounded, with the
-/// RPC and container named; transport failures are UNAVAILABLE.
+/// An agent error as the shim returns it, with the RPC and container named.
+/// The guest is not trusted: only the request-error codes the agent documents
+/// pass through (a bad request stays INVALID_ARGUMENT for containerd), any
+/// other code becomes INTERNAL, and the message is bounded and printable.
+/// Transport failures are UNAVAILABLE.
 fn rpc_error(rpc: &str, id: &str, e: ttrpc::Error) -> ttrpc::Error {
     let (code, msg) = match e {
         ttrpc::Error::RpcStatus(s) => {
-            let msg: String = s.message.chars().take(MAX_MESSAGE).collect();
-            (s.code(), msg)
+            let msg: String = s
+                .message
+                .chars()
+                .take(MAX_MESSAGE)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            let code = match s.code() {
+                c @ (Code::INVALID_ARGUMENT
+                | Code::FAILED_PRECONDITION
+                | Code::NOT_FOUND
+                | Code::ALREADY_EXISTS) => c,
+                _ => Code::INTERNAL,
+            };
+            (code, msg)
         }
         other => (Code::UNAVAILABLE, other.to_string()),
     };
@@ -120,5 +134,41 @@ impl GuestAgent {
             .await
             .map_err(|e| rpc_error("UpdateContainer", id, e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: Code, msg: &str) -> ttrpc::Error {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()))
+    }
+
+    fn parts(e: ttrpc::Error) -> (Code, String) {
+        match e {
+            ttrpc::Error::RpcStatus(s) => (s.code(), s.message),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn agent_errors_are_bounded_and_keep_only_request_codes() {
+        let (code, msg) = parts(rpc_error(
+            "UpdateContainer",
+            "c1",
+            status(Code::INVALID_ARGUMENT, "bad\nquota"),
+        ));
+        assert_eq!(code, Code::INVALID_ARGUMENT);
+        assert_eq!(msg, "agent UpdateContainer c1: bad quota");
+        let (code, _) = parts(rpc_error("CreateContainer", "c1", status(Code::OK, "x")));
+        assert_eq!(code, Code::INTERNAL);
+        let (code, msg) = parts(rpc_error(
+            "CreateContainer",
+            "c1",
+            status(Code::UNAUTHENTICATED, &"y".repeat(5000)),
+        ));
+        assert_eq!(code, Code::INTERNAL);
+        assert!(msg.len() < MAX_MESSAGE + 64, "{}", msg.len());
     }
 }

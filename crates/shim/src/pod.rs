@@ -10,7 +10,6 @@ use vessel_runtime::container::ContainerClient;
 use vessel_runtime::sandbox::{self, SandboxSpec};
 use vessel_runtime::{Config, Sandbox};
 
-use crate::guest::GuestAgent;
 use crate::rootfs;
 use crate::sizing::VmSize;
 
@@ -19,7 +18,6 @@ pub struct Pod {
     sandbox: Arc<Sandbox>,
     pub agent: ContainerClient,
     /// The RPCs `agent` does not offer (namespace sharing, updates).
-    pub guest: GuestAgent,
     /// Host directory shared with the guest (see [`rootfs`]).
     pub staging: PathBuf,
     pids_file: PathBuf,
@@ -73,15 +71,11 @@ impl Pod {
             let _ = sandbox.stop().await;
             bail!("the shim needs channel = \"vsock\" (process stdio travels over vsock)");
         };
-        let clients = async {
-            let agent = ContainerClient::connect(&uds).await?;
-            anyhow::Ok((agent, GuestAgent::connect(&uds).await?))
-        };
-        let (agent, guest) = match clients.await {
+        let agent = match ContainerClient::connect(&uds).await {
             Ok(c) => c,
             Err(e) => {
                 let _ = sandbox.stop().await;
-                return Err(e);
+                return Err(e.into());
             }
         };
         log::info!(
@@ -94,7 +88,6 @@ impl Pod {
             id: id.to_string(),
             sandbox: Arc::new(sandbox),
             agent,
-            guest,
             staging: staging.to_path_buf(),
             pids_file,
         })

@@ -25,7 +25,6 @@ use vessel_runtime::container::share::Staging;
 use vessel_runtime::container::ContainerClient;
 use vessel_runtime::Config;
 
-use crate::guest::NewContainer;
 use crate::pod::{self, Pod};
 use crate::rootfs;
 use crate::sizing::{vm_size, VmSize};
@@ -680,7 +679,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::Empty> {
         let state = self.inner.state.lock().await;
         state.container(&req.id)?;
-        let guest = state.pod()?.guest.clone();
+        let agent = state.pod()?.agent.clone();
         drop(state);
         let resources = req.resources.as_ref().ok_or_else(|| {
             err(
@@ -697,7 +696,10 @@ impl Task for TaskService {
                 ),
             ));
         }
-        guest.update(&req.id, resources.value.clone()).await?;
+        agent
+            .update(&req.id, resources.value.clone())
+            .await
+            .map_err(|e| crate::guest::agent_error("UpdateContainer", &req.id, e))?;
         // Limits inside the VM only: its vCPUs and memory are fixed at boot, so
         // a limit above the VM's size is accepted but cannot be granted.
         log::info!(
@@ -718,7 +720,7 @@ impl TaskService {
         let id = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
         let pod = state.pod()?;
-        let (agent, guest, staging) = (pod.agent.clone(), pod.guest.clone(), pod.staging.clone());
+        let (agent, staging) = (pod.agent.clone(), pod.staging.clone());
         // Kubernetes containers join the pause container's ipc and uts (and,
         // for shareProcessNamespace, pid) namespaces; the spec names them by
         // host paths, the agent maps them to the sandbox's guest namespaces.
@@ -750,15 +752,16 @@ impl TaskService {
                 return Err(internal(e));
             }
         };
-        let created = guest
-            .create(NewContainer {
+        let created = agent
+            .create(vessel_runtime::container::NewContainer {
                 id: &id,
                 spec_json,
                 storages: vec![Staging::storage()],
                 stdio: stdio.wanted(),
                 share_namespaces_with: share.as_deref(),
             })
-            .await;
+            .await
+            .map_err(|e| crate::guest::agent_error("CreateContainer", &id, e));
         let pid = match created {
             Ok(r) => r,
             Err(e) => {

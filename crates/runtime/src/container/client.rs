@@ -38,6 +38,20 @@ pub struct ContainerClient {
     uds: PathBuf,
 }
 
+/// A container to create in a sandbox VM.
+pub struct NewContainer<'a> {
+    pub id: &'a str,
+    /// The OCI spec, rewritten for the guest (root and mounts in guest paths).
+    pub spec_json: Vec<u8>,
+    /// Mounted before the container is created.
+    pub storages: Vec<Storage>,
+    /// stdin, stdout, stderr wanted.
+    pub stdio: (bool, bool, bool),
+    /// Guest id of the pod's sandbox container whose ipc, uts and pid
+    /// namespaces the container joins where its spec names one (pods only).
+    pub share_namespaces_with: Option<&'a str>,
+}
+
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
 }
@@ -70,24 +84,33 @@ impl ContainerClient {
         })
     }
 
-    pub async fn create(
-        &self,
-        id: &str,
-        spec_json: Vec<u8>,
-        storages: Vec<Storage>,
-        stdio: (bool, bool, bool),
-    ) -> Result<u32> {
+    /// Creates the container in the guest; returns the guest pid of its init.
+    pub async fn create(&self, c: NewContainer<'_>) -> Result<u32> {
         let mut req = CreateContainerRequest::new();
-        req.container_id = id.into();
-        req.spec_json = spec_json;
-        req.storages = storages;
-        req.stdio = Some(stdio_config(stdio)).into();
+        req.container_id = c.id.into();
+        req.spec_json = c.spec_json;
+        req.storages = c.storages;
+        req.stdio = Some(stdio_config(c.stdio)).into();
+        req.share_namespaces_with = c.share_namespaces_with.unwrap_or_default().into();
         let r = self
             .rpc
             .create_container(ctx(), &req)
             .await
             .map_err(rpc_err("CreateContainer"))?;
         valid_pid("CreateContainer", r.pid)
+    }
+
+    /// Applies OCI `linux.resources` JSON to the container's cgroup in the
+    /// guest (the VM itself keeps its size).
+    pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        let mut req = UpdateContainerRequest::new();
+        req.container_id = id.into();
+        req.resources_json = resources_json;
+        self.rpc
+            .update_container(ctx(), &req)
+            .await
+            .map_err(rpc_err("UpdateContainer"))?;
+        Ok(())
     }
 
     pub async fn start(&self, id: &str) -> Result<()> {

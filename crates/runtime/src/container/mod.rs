@@ -27,7 +27,7 @@ pub mod supervisor;
 use std::path::{Path, PathBuf};
 
 pub use bundle::Bundle;
-pub use client::ContainerClient;
+pub use client::{ContainerClient, NewContainer};
 pub use lock::ContainerLock;
 pub use state::State;
 pub use status::Status;

@@ -23,7 +23,7 @@ use super::bundle::Bundle;
 use super::console::HostPty;
 use super::share::{self, Staging};
 use super::stdio::Relays;
-use super::{ContainerClient, ContainerError, Result, CONTROL_SOCKET, EXIT_FILE};
+use super::{ContainerClient, ContainerError, NewContainer, Result, CONTROL_SOCKET, EXIT_FILE};
 use crate::sandbox::{hypervisor, SandboxSpec};
 use crate::{Config, Sandbox};
 
@@ -229,12 +229,13 @@ async fn create_in(
     let terminal = bundle.terminal();
     let json = serde_json::to_vec(&spec).expect("spec serializes");
     let pid = client
-        .create(
+        .create(NewContainer {
             id,
-            json,
-            vec![Staging::storage()],
-            (!terminal, !terminal, !terminal),
-        )
+            spec_json: json,
+            storages: vec![Staging::storage()],
+            stdio: (!terminal, !terminal, !terminal),
+            share_namespaces_with: None,
+        })
         .await?;
     let mut relays = Relays::default();
     let mut tty = None;

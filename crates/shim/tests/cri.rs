@@ -368,6 +368,31 @@ async fn stop_and_remove(rt: &mut RuntimeServiceClient<Channel>, pod: &str) {
     .expect("RemovePodSandbox");
 }
 
+/// Runs pod `cfg` with containers a (`sleep 1001`) and b (`sleep 1002`), both
+/// with pid namespace `mode`; returns the pod and container ids.
+async fn two_sleepers(
+    rt: &mut RuntimeServiceClient<Channel>,
+    cfg: &PodSandboxConfig,
+    mode: NamespaceMode,
+) -> (String, String, String) {
+    let pod = run_pod(rt, cfg).await;
+    let a = start(
+        rt,
+        &pod,
+        cfg,
+        container_config_pid("a", &["sleep", "1001"], mode),
+    )
+    .await;
+    let b = start(
+        rt,
+        &pod,
+        cfg,
+        container_config_pid("b", &["sleep", "1002"], mode),
+    )
+    .await;
+    (pod, a, b)
+}
+
 /// Containers of a pod join the sandbox's ipc and uts namespaces (so they see
 /// the pod hostname), and its pid namespace only when the pod asks.
 #[tokio::test(flavor = "multi_thread")]
@@ -399,22 +424,7 @@ async fn pod_containers_share_ipc_uts_and_on_request_pid() {
 
     // Default: pid namespace per container.
     let cfg = pod_cfg("apart", NamespaceMode::Container);
-    let pod = run_pod(&mut rt, &cfg).await;
-    let mode = NamespaceMode::Container;
-    let a = start(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config_pid("a", &["sleep", "1001"], mode),
-    )
-    .await;
-    let b = start(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config_pid("b", &["sleep", "1002"], mode),
-    )
-    .await;
+    let (pod, a, b) = two_sleepers(&mut rt, &cfg, NamespaceMode::Container).await;
     for id in [&a, &b] {
         let (code, host) = exec(&mut rt, id, &["hostname"]).await;
         assert_eq!((code, host.trim()), (0, "vessel-pod"), "hostname in {id}");
@@ -438,22 +448,7 @@ async fn pod_containers_share_ipc_uts_and_on_request_pid() {
 
     // shareProcessNamespace: true.
     let cfg = pod_cfg("together", NamespaceMode::Pod);
-    let pod = run_pod(&mut rt, &cfg).await;
-    let mode = NamespaceMode::Pod;
-    let a = start(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config_pid("a", &["sleep", "1001"], mode),
-    )
-    .await;
-    let b = start(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config_pid("b", &["sleep", "1002"], mode),
-    )
-    .await;
+    let (pod, a, b) = two_sleepers(&mut rt, &cfg, NamespaceMode::Pod).await;
     for n in ["ipc", "uts", "pid"] {
         assert_eq!(
             ns(&mut rt, &a, n).await,

@@ -16,6 +16,12 @@ async fn boot_and_check(cfg: Config, id: &str) {
         .unwrap();
     let pids = sb.vm().pids();
     assert!(!pids.is_empty());
+    // QEMU (the first pid) runs under its seccomp filter (-sandbox on).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    assert!(
+        status.lines().any(|l| l == "Seccomp:\t2"),
+        "QEMU without a seccomp filter:\n{status}"
+    );
     sb.agent().check(Duration::from_secs(5)).await.unwrap();
     let v = sb.agent().version().await.unwrap();
     assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));

@@ -45,6 +45,12 @@ pub fn args(cfg: &VmConfig, accel: Accelerator, machine: Machine, paths: &Paths)
         "none",
         "-no-reboot",
     ]);
+    // QEMU's own seccomp filter: no obsolete system calls, no setuid, no
+    // fork/exec, no scheduler or memory-policy changes.
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
     let mem = format!("{}M", cfg.memory_mib);
     // Shared memory only where vhost-user backends (vsock, virtio-fs) map
     // guest RAM. Otherwise private anonymous memory: untouched pages cost
@@ -200,6 +206,7 @@ mod tests {
         assert!(a.contains("-cpu max -m 384M -smp 2"));
         assert!(a.contains("vhost-user-vsock-pci,chardev=vsock"));
         assert!(a.contains("-no-reboot"));
+        assert!(a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
         assert!(a.contains("vhost-user-fs-pci,chardev=fs0,tag=rootfs"));
         assert!(a.contains("path=/run/vessel/sb1/fs0.sock"));
         assert!(!a.contains("virtserialport"));

@@ -99,9 +99,9 @@ impl Pod {
         async move { sandbox.vm().wait().await }
     }
 
-    /// Whether the hypervisor process has already exited.
-    pub fn vm_exited(&self) -> bool {
-        self.sandbox.vm().try_exit().is_some()
+    /// How the hypervisor process ended, if it has.
+    pub fn vm_exit(&self) -> Option<VmExit> {
+        self.sandbox.vm().try_exit()
     }
 
     /// Stops the VM and removes the staging tree. `watchers` must have been

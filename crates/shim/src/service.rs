@@ -279,6 +279,14 @@ impl Task for TaskService {
         if state.pod.is_none() {
             inner.boot_pod(&mut state, &id, &spec).await?;
         }
+        if let Some(exit) = state.pod()?.vm_exit() {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "container {id}: the pod's VM has exited ({exit}); remove the pod and create it again"
+                ),
+            ));
+        }
         let res = self.create_in(&mut state, &req, spec).await;
         if res.is_err() && state.containers.is_empty() {
             // The VM was booted for this container: nothing else needs it.
@@ -412,7 +420,7 @@ impl Task for TaskService {
         }
         if let Ok(pod) = state.pod() {
             let agent = pod.agent.clone();
-            if pod.vm_exited() {
+            if pod.vm_exit().is_some() {
                 log::debug!("VM gone; not asking the agent to remove {}", req.id);
             } else if let Err(e) = agent.remove(&req.id, true).await {
                 log::warn!("agent RemoveContainer {}: {e}", req.id);

@@ -307,6 +307,21 @@ async fn killing_the_hypervisor_exits_the_containers() {
     );
     assert!(took <= Duration::from_secs(5));
     assert_ne!(s.exit_code, 0, "an error exit");
+    // The dead VM is not reused: a new container in the pod is refused
+    // (containerd already refuses it, since the pod's sandbox task is gone;
+    // the shim would refuse it too, naming the VM's exit).
+    let e = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config("b", &["true"])),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await
+        .expect_err("a container in a pod whose VM died");
+    assert!(
+        e.message().contains("the pod's VM has exited") || e.message().contains("no running task"),
+        "{e:?}"
+    );
     rt.stop_pod_sandbox(StopPodSandboxRequest {
         pod_sandbox_id: pod.clone(),
     })

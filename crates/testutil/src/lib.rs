@@ -1,8 +1,20 @@
-//! Helpers shared by the end-to-end tests of the runtime, the CLI and the shim:
-//! leak checks over /proc and polling with a timeout (never a bare sleep).
+//! Helpers shared by the integration tests of the workspace: skipping loudly
+//! (failing in CI), leak checks over /proc and polling with a timeout (never a
+//! bare sleep).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// Reports that `test` cannot run, and `why`. In CI (`CI` set) every
+/// prerequisite is installed, so not running is a failure there: this panics.
+/// Elsewhere it prints loudly and the caller returns.
+pub fn skip(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} could not run in CI, which has every prerequisite: {why}"
+    );
+    eprintln!("\n!!!!! SKIPPED {test}: {why}\n");
+}
 
 /// Interval between two evaluations of a [`wait_until`] condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);

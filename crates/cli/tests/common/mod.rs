@@ -42,14 +42,13 @@ pub fn env() -> Option<Env> {
         missing.push("root".into());
     }
     if !missing.is_empty() {
-        let msg = format!(
-            "SKIPPED: this test boots real guests and needs: {} (run `make guest deps` as root)",
-            missing.join(", ")
+        vessel_testutil::skip(
+            "this test",
+            &format!(
+                "it boots real guests and needs: {} (run `make guest deps` as root)",
+                missing.join(", ")
+            ),
         );
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}; prerequisites are installed in CI, so this is a failure");
-        }
-        eprintln!("\n!!!!! {msg}\n");
         return None;
     }
     let dir = tempfile::Builder::new()

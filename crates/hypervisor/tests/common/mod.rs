@@ -14,15 +14,7 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Says loudly why `test` does not run; in CI every prerequisite exists, so
-/// not running fails there.
-pub fn skip(test: &str, why: &str) {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} could not run in CI: {why}"
-    );
-    eprintln!("\n!!!!! SKIPPED {test}: {why}\n");
-}
+pub use vessel_testutil::skip;
 
 /// `$var`, or `target/debug/<name>`, if it exists.
 pub fn binary(var: &str, name: &str) -> Option<PathBuf> {

@@ -56,14 +56,13 @@ impl Containerd {
     pub fn start() -> Option<Containerd> {
         let missing = missing_prerequisites();
         if !missing.is_empty() {
-            let msg = format!(
-                "SKIPPED: this test runs containerd with the Vessel shim and needs: {} (run `make deps guest` as root)",
-                missing.join(", ")
+            vessel_testutil::skip(
+                "this test",
+                &format!(
+                    "it runs containerd with the Vessel shim and needs: {} (run `make deps guest` as root)",
+                    missing.join(", ")
+                ),
             );
-            if std::env::var_os("CI").is_some() {
-                panic!("{msg}; prerequisites are installed in CI, so this is a failure");
-            }
-            eprintln!("\n!!!!! {msg}\n");
             return None;
         }
         // Short paths: Unix socket paths are limited to 107 bytes.

@@ -13,15 +13,7 @@ pub fn vmm_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vessel-vmm")
 }
 
-/// Says loudly why `test` does not run. In CI (`CI` set) every prerequisite is installed,
-/// so not running is a failure there.
-pub fn skip(test: &str, why: &str) {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} could not run in CI: {why}"
-    );
-    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
-}
+pub use vessel_testutil::skip;
 
 /// Whether /dev/kvm can be opened, and if not, why.
 pub fn kvm_error() -> Option<std::io::Error> {

@@ -12,7 +12,7 @@ pub use jail::JailerConfig;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 use crate::host::{detect_kvm, KvmKind};
 use crate::process::{spawn, wait_for_path};
@@ -121,38 +121,15 @@ impl Hypervisor for Builtin {
             crate::process::terminate_all(&mut helpers).await;
             return Err(e);
         }
-        let api_sock = cfg.run_dir.join("vmm-api.sock");
-        let args = Self::args(cfg, &api_sock);
-        let (what, cmd) = match &self.config.jailer {
-            None => {
-                let mut cmd = Command::new(&self.config.vmm);
-                cmd.args(args);
-                ("vessel-vmm", Ok(cmd))
-            }
-            Some(j) => (
-                "vessel-jailer",
-                jail::command(j, &self.config.vmm, cfg, &args),
-            ),
-        };
-        let spawned = cmd.and_then(|cmd| spawn(what, cmd, &cfg.run_dir.join("vmm.log")));
-        let child = match spawned {
+        let api_sock = cfg.run_dir.join(API_SOCKET);
+        let child = match self.spawn_vmm(cfg, &Self::args(cfg, &api_sock)) {
             Ok(c) => c,
             Err(e) => {
                 crate::process::terminate_all(&mut helpers).await;
                 return Err(e);
             }
         };
-        Ok(Box::new(ProcessVm::watch(
-            child,
-            helpers,
-            Accelerator::Kvm,
-            AgentEndpoint::HybridVsock {
-                uds: cfg.vsock_uds.clone(),
-            },
-            self.control(api_sock, cfg),
-            snapshottable(cfg),
-            &cfg.run_dir,
-        )))
+        Ok(self.watch(cfg, child, helpers))
     }
 
     async fn restore(&self, dir: &Path, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
@@ -164,8 +141,8 @@ impl Hypervisor for Builtin {
                 dir.display()
             )));
         }
-        let api_sock = cfg.run_dir.join("vmm-api.sock");
-        let log = cfg.run_dir.join("vmm.log");
+        let api_sock = cfg.run_dir.join(API_SOCKET);
+        let log = cfg.run_dir.join(VMM_LOG);
         let args: Vec<String> = [
             "--restore",
             &dir.display().to_string(),
@@ -179,18 +156,10 @@ impl Hypervisor for Builtin {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let cmd = match &self.config.jailer {
-            None => {
-                let mut cmd = Command::new(&self.config.vmm);
-                cmd.args(args);
-                cmd
-            }
-            Some(j) => {
-                jail::grant_snapshot_read(dir, j.gid)?;
-                jail::command(j, &self.config.vmm, cfg, &args)?
-            }
-        };
-        let mut child = spawn("vessel-vmm", cmd, &log)?;
+        if let Some(j) = &self.config.jailer {
+            jail::grant_snapshot_read(dir, j.gid)?;
+        }
+        let mut child = self.spawn_vmm(cfg, &args)?;
         // The API socket exists before the restore starts and answers once the
         // restored VM runs; a failed restore ends the process.
         let restored = async {
@@ -207,8 +176,8 @@ impl Hypervisor for Builtin {
                 };
                 match answered {
                     Ok(()) => return Ok(()),
-                    // A jailed VMM's socket appears before the VMM listens on it;
-                    // a failed restore ends the process (next round reports it).
+                    // Not answering yet, or the VMM exited and left its socket
+                    // behind (the next round reports the exit).
                     Err(_) if start.elapsed() < RESTORE_TIMEOUT => {
                         tokio::time::sleep(std::time::Duration::from_millis(5)).await
                     }
@@ -221,32 +190,58 @@ impl Hypervisor for Builtin {
             crate::process::terminate(&mut child, std::time::Duration::ZERO).await;
             return Err(e);
         }
-        Ok(Box::new(ProcessVm::watch(
-            child,
-            Vec::new(),
-            Accelerator::Kvm,
-            AgentEndpoint::HybridVsock {
-                uds: cfg.vsock_uds.clone(),
-            },
-            self.control(api_sock, cfg),
-            snapshottable(cfg),
-            &cfg.run_dir,
-        )))
+        Ok(self.watch(cfg, child, Vec::new()))
     }
 }
 
 impl Builtin {
-    /// How the VM is driven: a jailed VMM writes snapshots into its run directory.
-    fn control(&self, api: PathBuf, cfg: &VmConfig) -> Control {
-        match self.config.jailer {
+    /// Starts vessel-vmm with `args` (host paths), under the jailer when one
+    /// is configured, logging to the run directory.
+    fn spawn_vmm(&self, cfg: &VmConfig, args: &[String]) -> Result<Child> {
+        let log = cfg.run_dir.join(VMM_LOG);
+        match &self.config.jailer {
+            None => {
+                let mut cmd = Command::new(&self.config.vmm);
+                cmd.args(args);
+                spawn("vessel-vmm", cmd, &log)
+            }
+            Some(j) => spawn(
+                "vessel-jailer",
+                jail::command(j, &self.config.vmm, cfg, args)?,
+                &log,
+            ),
+        }
+    }
+
+    /// Supervises the started VMM. A jailed VMM can write only its run
+    /// directory, so it is driven through [`Control::JailedVmmApi`].
+    fn watch(&self, cfg: &VmConfig, vmm: Child, helpers: Vec<Child>) -> Box<dyn Vm> {
+        let api = cfg.run_dir.join(API_SOCKET);
+        let control = match self.config.jailer {
             None => Control::VmmApi(api),
             Some(_) => Control::JailedVmmApi {
                 api,
                 run_dir: cfg.run_dir.clone(),
             },
-        }
+        };
+        Box::new(ProcessVm::watch(
+            vmm,
+            helpers,
+            Accelerator::Kvm,
+            AgentEndpoint::HybridVsock {
+                uds: cfg.vsock_uds.clone(),
+            },
+            control,
+            snapshottable(cfg),
+            &cfg.run_dir,
+        ))
     }
 }
+
+/// vessel-vmm's control API socket, in the run directory.
+const API_SOCKET: &str = "vmm-api.sock";
+/// vessel-vmm's (or the jailer's) stdout and stderr, in the run directory.
+const VMM_LOG: &str = "vmm.log";
 
 /// How long a restore may take before the VM answers its API.
 const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -2,8 +2,35 @@
 //! (failing in CI), leak checks over /proc and polling with a timeout (never a
 //! bare sleep).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The guest built by `make guest`: `$VESSEL_GUEST_DIR`, else `build/guest`.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("VESSEL_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("build/guest"))
+}
+
+/// Writes a Vessel configuration file at `path`: state under `state_root`,
+/// the guest kernel and initramfs from `guest` (see [`guest_dir`]).
+pub fn write_config(path: &Path, state_root: &Path, guest: &Path) {
+    std::fs::write(
+        path,
+        format!(
+            "state_root = \"{}\"\nguest_kernel = \"{}\"\nguest_initramfs = \"{}\"\n",
+            state_root.display(),
+            guest.join("vmlinux").display(),
+            guest.join("initramfs.cpio.gz").display()
+        ),
+    )
+    .unwrap();
+}
 
 /// Reports that `test` cannot run, and `why`. In CI (`CI` set) every
 /// prerequisite is installed, so not running is a failure there: this panics.

@@ -15,16 +15,12 @@ pub struct Env {
     pub config: PathBuf,
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use vessel_testutil::repo;
 
 /// A state root and config pointing at the guest from `make guest`, or
 /// `None` (loudly) when a prerequisite is missing outside CI.
 pub fn env() -> Option<Env> {
-    let guest = std::env::var_os("VESSEL_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("build/guest"));
+    let guest = vessel_testutil::guest_dir();
     let (kernel, initramfs) = (guest.join("vmlinux"), guest.join("initramfs.cpio.gz"));
     let mut missing: Vec<String> = [
         kernel.clone(),
@@ -57,16 +53,7 @@ pub fn env() -> Option<Env> {
         .unwrap();
     let root = dir.path().join("r");
     let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_root = \"{}\"\nguest_kernel = \"{}\"\nguest_initramfs = \"{}\"\n",
-            root.display(),
-            kernel.display(),
-            initramfs.display()
-        ),
-    )
-    .unwrap();
+    vessel_testutil::write_config(&config, &root, &guest);
     Some(Env { dir, root, config })
 }
 

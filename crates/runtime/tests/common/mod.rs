@@ -1,15 +1,13 @@
 //! Shared set-up for tests that boot real guests.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use vessel_runtime::Config;
 
 /// The guest built by `make guest`, or `None` (with a loud message) when the
 /// prerequisites are missing outside CI. In CI a missing prerequisite fails.
 pub fn guest_config(state_root: &Path) -> Option<Config> {
-    let dir = std::env::var_os("VESSEL_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/guest"));
+    let dir = vessel_testutil::guest_dir();
     let mut cfg = Config {
         state_root: state_root.to_path_buf(),
         ..Config::default()

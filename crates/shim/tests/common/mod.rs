@@ -2,21 +2,13 @@
 //! shim under test on its PATH and a Vessel config pointing at `make guest`.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 pub const IMAGE: &str = "localhost/vessel-busybox:latest";
 pub const RUNTIME: &str = "io.containerd.vessel.v2";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("VESSEL_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("build/guest"))
-}
+use vessel_testutil::{guest_dir, repo};
 
 /// A running containerd; stopped (and its directory cleaned) on drop.
 pub struct Containerd {
@@ -73,16 +65,7 @@ impl Containerd {
         let state_root = dir.path().join("s");
         let guest = guest_dir();
         let config = dir.path().join("vessel.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_root = \"{}\"\nguest_kernel = \"{}\"\nguest_initramfs = \"{}\"\n",
-                state_root.display(),
-                guest.join("vmlinux").display(),
-                guest.join("initramfs.cpio.gz").display()
-            ),
-        )
-        .unwrap();
+        vessel_testutil::write_config(&config, &state_root, &guest);
         let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-vessel-v2"));
         let images = std::env::temp_dir().join("vessel-test-images");
         let out = Command::new(repo().join("tests/support/containerd-harness.sh"))

@@ -44,6 +44,23 @@ key=$( {
 } | sha256sum | cut -c1-16)
 cached=$cache_root/$key
 
+# The checks every kernel must pass, on a fresh build and on a cache hit alike, so a
+# cached kernel can never hide a check that fails on a fresh machine.
+# The PVH entry note: binutils 2.40 prints a tab after the note size, older ones spaces.
+verify_outputs() {
+    local dir=$1
+    local f
+    for f in vmlinux bzImage config release; do
+        [[ -s $dir/$f ]] || { say "$dir/$f is missing or empty"; return 1; }
+    done
+    readelf -n "$dir/vmlinux" |
+        grep -Eq 'Xen[[:space:]]+0x[0-9a-f]+[[:space:]]+(Unknown note type: \(0x00000012\)|XEN_ELFNOTE_PHYS32_ENTRY)' ||
+        { say "vmlinux has no PVH/Xen ELF note (readelf -n $dir/vmlinux); a bad cache entry can be removed with rm -rf $dir"; return 1; }
+    file -b "$dir/bzImage" | grep -q 'Linux kernel x86 boot executable' ||
+        { say "$dir/bzImage is not an x86 boot image"; return 1; }
+    grep -qx 'CONFIG_PVH=y' "$dir/config" || { say "$dir/config lacks CONFIG_PVH=y"; return 1; }
+}
+
 install_outputs() {
     mkdir -p "$out"
     for f in vmlinux bzImage config release; do
@@ -53,7 +70,9 @@ install_outputs() {
 }
 
 if [[ -f $cached/release ]]; then
-    say "cache hit $cached"
+    step="verify cached kernel $cached"
+    say "cache hit $cached; verifying"
+    verify_outputs "$cached"
     install_outputs
     exit 0
 fi
@@ -63,6 +82,8 @@ exec 9>"$cache_root/.lock"
 step="wait for another kernel build (lock $cache_root/.lock)"
 flock 9
 if [[ -f $cached/release ]]; then   # built by whoever held the lock
+    step="verify cached kernel $cached"
+    verify_outputs "$cached"
     install_outputs
     exit 0
 fi
@@ -120,7 +141,8 @@ mkdir -p "$work/out"
 cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$work/out/"
 cp "$src/.config" "$work/out/config"
 make -s -C "$src" kernelrelease > "$work/out/release"
-readelf -n "$work/out/vmlinux" | grep -Eq "Xen +0x[0-9a-f]+ +Unknown note type: \(0x00000012\)|XEN_ELFNOTE_PHYS32_ENTRY" || { say "vmlinux has no PVH/Xen ELF note"; false; }
+step="verify outputs"
+verify_outputs "$work/out"
 rm -rf "$cached"
 mv "$work/out" "$cached"
 rm -rf "$work"

@@ -127,6 +127,11 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
         (0, 65534, 0o640)
     );
     assert!(jail_root.join(&clone_id).join("root").is_dir(), "no jail");
+    // The restored VMM queues a vsock transport reset for the guest. A connection
+    // made before the guest has handled it is reset with the guest's old ones (the
+    // echo then reads end-of-file: seen under load), so wait for the guest's word,
+    // as the unjailed restore test does.
+    wait_for_text(&clone_cfg.console_log, "VSOCK-EVENT transport reset");
     echo(&clone_cfg.vsock_uds, 1236, "clone through its jail\n");
     let pids = clone.pids();
     clone.stop(Duration::from_secs(5)).await.unwrap();

@@ -11,6 +11,8 @@ APT_PACKAGES=(
     qemu-system-x86 libseccomp-dev libcap-ng-dev
     # container tooling used by tests and the demo
     busybox-static umoci skopeo runc crun containerd podman iproute2 protobuf-compiler hyperfine
+    # the KVM lane's L1 (scripts/kvm-lane.sh: module dependencies)
+    kmod
 )
 # name version
 CARGO_TOOLS=(
@@ -48,3 +50,6 @@ for t in "${CARGO_TOOLS[@]}"; do
     say "cargo install $name $version (takes a minute or two)"
     cargo install --quiet --locked "$name" --version "$version" --root "$PREFIX"
 done
+
+# The KVM test lane's L1 kernel (Debian's generic linux-image, cached by version).
+"$(dirname "$0")/kvm-lane.sh" --prepare

@@ -1,0 +1,341 @@
+#!/usr/bin/env bash
+# The KVM test lane: runs a command as root inside an "L1" VM whose /dev/kvm is real
+# (kvm_amd over the AMD SVM that QEMU's TCG emulates with `-cpu max`), so that everything
+# needing hardware KVM (the built-in VMM, QEMU -accel kvm, snapshots of Linux guests)
+# runs on hosts that only have software KVM. See docs/kvm-lane.md.
+#
+#   scripts/kvm-lane.sh --prepare        fetch and cache the L1 kernel (make deps runs it)
+#   scripts/kvm-lane.sh --check          verify the cache (what a run checks first)
+#   scripts/kvm-lane.sh CMD [ARGS...]    run CMD in L1; exit with CMD's status
+#
+# Inside L1 the host root is mounted read-only (9p) under a tmpfs overlay, so the same
+# binaries, checkout and tools run there; writes stay in L1 and vanish with it. CMD runs in
+# the caller's working directory with PATH, HOME, CI, LANG, TZ, every VESSEL_*, RUST_*,
+# CARGO_* variable and those named in LANE_ENV (space-separated). Its stdout and stderr
+# come back separately (two virtio-serial ports), each in order.
+#
+# Exit status: CMD's, or 124 if CMD outlived LANE_TIMEOUT, or 125 if the lane itself
+# failed (the message names the step and shows the tail of the L1 console).
+#
+# Settings (environment): LANE_MEM_MIB (6144), LANE_CPUS (2), LANE_BOOT_TIMEOUT (300 s,
+# QEMU start to CMD start), LANE_TIMEOUT (3600 s, CMD), LANE_SHUTDOWN_TIMEOUT (60 s),
+# LANE_VERBOSE=1 (report boot and run times on stderr), VESSEL_CACHE_DIR
+# (/var/cache/vessel; the L1 kernel is cached in its lane/<kernel version>/).
+set -euo pipefail
+
+CACHE=${VESSEL_CACHE_DIR:-/var/cache/vessel}/lane
+MEM_MIB=${LANE_MEM_MIB:-6144}
+CPUS=${LANE_CPUS:-2}
+BOOT_TIMEOUT=${LANE_BOOT_TIMEOUT:-300}
+RUN_TIMEOUT=${LANE_TIMEOUT:-3600}
+SHUTDOWN_TIMEOUT=${LANE_SHUTDOWN_TIMEOUT:-60}
+QEMU=${LANE_QEMU:-qemu-system-x86_64}
+# Debian's generic flavour: the cloud flavour has kvm_amd but no 9p.
+META_PACKAGE=linux-image-amd64
+# Loaded in L1 with their dependencies, in dependency order. Beyond the lane's own needs
+# (virtio PCI, 9p, overlay, the virtio-serial ports, kvm_amd): what the suites and
+# networking use (tun/tap, veth, bridge, tc ingress redirect, vhost) and fuse.
+MODULES=(virtio_pci virtio_console 9pnet_virtio 9p overlay kvm-amd
+    tun veth bridge vhost_net vhost_vsock fuse sch_ingress act_mirred cls_u32 cls_matchall)
+
+say() { echo "kvm-lane: $*" >&2; }
+die() { say "$*"; exit 125; }
+
+# --- the cache -------------------------------------------------------------------------
+
+# Prints the module files (dependencies first) the L1 initramfs loads for kernel $1.
+module_files() {
+    local root=$1 kv=$2 m
+    for m in "${MODULES[@]}"; do
+        modprobe -d "$root" -S "$kv" --show-depends "$m" || return 1
+    done | awk '$1 == "insmod" { print $2 }' | awk '!seen[$0]++'
+}
+
+# Checks the cached kernel $1: image, module index and every module file the lane loads.
+# Prints what is wrong and fails; prints nothing and succeeds if all is there.
+verify_kernel() {
+    local kv=$1 root=$CACHE/$1 f n=0
+    [[ -s $root/boot/vmlinuz-$kv ]] || { echo "$root/boot/vmlinuz-$kv missing"; return 1; }
+    [[ -s $root/lib/modules/$kv/modules.dep ]] ||
+        { echo "$root/lib/modules/$kv/modules.dep missing"; return 1; }
+    command -v modprobe >/dev/null || { echo "modprobe missing (apt package kmod)"; return 1; }
+    local files
+    files=$(module_files "$root" "$kv" 2>&1) || { echo "module lookup: $files"; return 1; }
+    for f in $files; do
+        [[ -s $f ]] || { echo "module $f missing"; return 1; }
+        n=$((n + 1))
+    done
+    ((n >= ${#MODULES[@]})) || { echo "only $n module files for ${#MODULES[@]} modules"; return 1; }
+}
+
+# The L1 /init (busybox sh): modules, the host root as overlay lower, the control files,
+# then switch_root to the overlay where the run's stage2.sh becomes PID 1.
+L1_INIT='#!/bin/sh
+PATH=/bin
+fail() {
+    echo "LANE-INIT-FAILED: $*"
+    echo o > /proc/sysrq-trigger
+    sleep 60
+}
+mount -t proc proc /proc && mount -t sysfs sysfs /sys && mount -t devtmpfs dev /dev ||
+    fail "mount proc, sys, dev"
+for m in /mods/*.ko; do
+    insmod "$m" || echo "lane-init: insmod $m failed"
+done
+[ -e /dev/kvm ] || fail "no /dev/kvm after loading kvm_amd (svm: $(grep -c -w svm /proc/cpuinfo) cpus)"
+ctl=$(sed -n "s/.*lane_ctl=\([^ ]*\).*/\1/p" /proc/cmdline)
+[ -n "$ctl" ] || fail "no lane_ctl= on the kernel command line"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host ||
+    fail "mount the host root (9p hostroot)"
+mount -t tmpfs -o size=80%,mode=0755 rw /rw && mkdir -p /rw/u /rw/w || fail "tmpfs for the overlay"
+mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/u,workdir=/rw/w /newroot ||
+    fail "overlay of the host root"
+mount -t tmpfs -o mode=0755 run /newroot/run && mkdir -p /newroot/run/lane || fail "tmpfs on /run"
+cp "/host$ctl/stage2.sh" "/host$ctl/run.sh" /newroot/run/lane/ || fail "copy $ctl/stage2.sh, run.sh"
+for p in /sys/class/virtio-ports/*; do
+    [ -e "$p/name" ] && ln -s "/dev/${p##*/}" "/newroot/run/lane/$(cat "$p/name")"
+done
+for p in lane.stdout lane.stderr lane.status; do
+    [ -e "/newroot/run/lane/$p" ] || fail "virtio-serial port $p missing"
+done
+for d in proc sys dev; do
+    mount --move "/$d" "/newroot/$d" || fail "move /$d"
+done
+exec switch_root /newroot /bin/bash /run/lane/stage2.sh
+fail "switch_root to the overlay"
+'
+
+# Builds (if needed) the L1 initramfs for kernel $1 and prints its path. Its name carries a
+# hash of /init, the module list and busybox, so a change to any of them builds a new one.
+initramfs() {
+    local kv=$1 root=$CACHE/$1 files key out tmp n=0 m
+    files=$(module_files "$root" "$kv") || die "prepare: module lookup for $kv failed"
+    key=$( { echo "$L1_INIT"; echo "$files"; sha256sum </bin/busybox; } | sha256sum | cut -c1-16)
+    out=$root/l1-initramfs-$key.cpio.gz
+    if [[ -s $out ]] && gzip -t "$out" 2>/dev/null; then
+        echo "$out"
+        return
+    fi
+    [[ -x /bin/busybox ]] || die "prepare: /bin/busybox missing (apt package busybox-static)"
+    tmp=$(mktemp -d "$root/.initramfs.XXXXXX")
+    mkdir -p "$tmp"/{bin,proc,sys,dev,mods,host,newroot,rw}
+    cp /bin/busybox "$tmp/bin/"
+    for a in sh mount insmod mkdir switch_root sed grep cat cp ln sleep echo; do
+        ln -s busybox "$tmp/bin/$a"
+    done
+    for m in $files; do
+        n=$((n + 1))
+        cp "$m" "$tmp/mods/$(printf %02d "$n")-$(basename "$m")"
+    done
+    printf '%s' "$L1_INIT" >"$tmp/init"
+    chmod +x "$tmp/init"
+    (cd "$tmp" && find . | cpio -o -H newc 2>/dev/null | gzip -1 >"$tmp.cpio.gz")
+    rm -rf "$tmp"
+    mv "$tmp.cpio.gz" "$out"
+    echo "$out"
+}
+
+prepare() {
+    [[ $(id -u) == 0 ]] || die "prepare: must run as root"
+    command -v depmod >/dev/null || die "prepare: depmod missing (apt package kmod)"
+    mkdir -p "$CACHE"
+    local pkg kv root tmp why
+    pkg=$(apt-cache depends "$META_PACKAGE" 2>/dev/null |
+        awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+    [[ -n $pkg ]] || die "prepare: apt-cache depends $META_PACKAGE names no kernel (apt-get update?)"
+    kv=${pkg#linux-image-}
+    root=$CACHE/$kv
+    if why=$(verify_kernel "$kv"); then
+        say "L1 kernel $kv cached in $root"
+    else
+        say "fetching the L1 kernel $pkg (cache: $root; ${why:-empty})"
+        rm -rf "$root"
+        tmp=$(mktemp -d "$CACHE/.fetch.XXXXXX")
+        (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1) ||
+            (apt-get update -qq && cd "$tmp" && apt-get download -q "$pkg" >/dev/null) ||
+            { rm -rf "$tmp"; die "prepare: apt-get download $pkg failed"; }
+        dpkg -x "$tmp"/"$pkg"_*.deb "$tmp/root" || { rm -rf "$tmp"; die "prepare: dpkg -x $pkg failed"; }
+        rm -rf "$tmp/root/usr/share/doc"
+        depmod -b "$tmp/root" "$kv" || { rm -rf "$tmp"; die "prepare: depmod $kv failed"; }
+        mv "$tmp/root" "$root"
+        rm -rf "$tmp"
+        why=$(verify_kernel "$kv") || die "prepare: the fetched kernel fails its check: $why"
+    fi
+    echo "$kv" >"$CACHE/current.tmp" && mv "$CACHE/current.tmp" "$CACHE/current"
+    say "L1 initramfs $(initramfs "$kv")"
+}
+
+# The prepared kernel version, verified (what every run does first).
+current_kernel() {
+    local kv why
+    [[ -s $CACHE/current ]] ||
+        die "check: the lane is not prepared ($CACHE/current missing): run \`make deps\` or \`$0 --prepare\`"
+    kv=$(cat "$CACHE/current")
+    why=$(verify_kernel "$kv") ||
+        die "check: the cached L1 kernel $kv is broken ($why): run \`make deps\` or \`$0 --prepare\`"
+    echo "$kv"
+}
+
+# --- a run -------------------------------------------------------------------------------
+
+# Becomes PID 1 in L1 (host bash, on the overlay): the mounts the suites expect, then CMD
+# with its output on the two ports, then its status on the third, then power off.
+STAGE2='#!/bin/bash
+exec 9>/run/lane/lane.status
+step() { echo "LANE-STEP $*" >&9; }
+fail() { echo "LANE-FAILED $*" >&9; echo "LANE-FAILED: $*" >/dev/console; echo o >/proc/sysrq-trigger; sleep 60; }
+step mounts
+mkdir -p /dev/shm /dev/mqueue && mount -t tmpfs -o mode=1777 shm /dev/shm || fail "tmpfs on /dev/shm"
+mkdir -p /dev/pts && mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts &&
+    ln -sf pts/ptmx /dev/ptmx || fail "devpts"
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail "cgroup2 on /sys/fs/cgroup"
+mount -t mqueue mqueue /dev/mqueue 2>/dev/null || true
+if ! grep -q "^# lane: host /tmp" /run/lane/run.sh; then
+    mount -t tmpfs -o mode=1777 tmp /tmp || fail "tmpfs on /tmp"
+fi
+mkdir -p /srv/vessel/jail /run/vessel /var/tmp || fail "mkdir /srv/vessel/jail /run/vessel"
+hostname vessel-lane
+ip link set lo up || fail "loopback up"
+step start "$(cut -d" " -f1 /proc/uptime)"
+/bin/bash /run/lane/run.sh </dev/null >/run/lane/lane.stdout 2>/run/lane/lane.stderr &
+wait $!
+echo "LANE-EXIT $?" >&9
+exec 9>&-
+echo o >/proc/sysrq-trigger
+sleep 60
+'
+
+# The environment CMD gets: fixed names, prefixes, and LANE_ENV.
+carried_env() {
+    local name
+    {
+        for name in PATH HOME CI LANG LC_ALL TZ TERM USER LOGNAME ${LANE_ENV:-}; do echo "$name"; done
+        compgen -e | grep -E '^(VESSEL|RUST|CARGO)_' || true
+    } | sort -u | while read -r name; do
+        if [[ -n $name && ${!name+set} == set ]]; then printf 'export %s=%q\n' "$name" "${!name}"; fi
+    done
+}
+
+run() {
+    local kv initrd ctl qpid rc=125 started finished start_at line
+    kv=$(current_kernel)
+    initrd=$(initramfs "$kv")
+    command -v "$QEMU" >/dev/null || die "check: $QEMU missing (apt package qemu-system-x86)"
+    ctl=$(mktemp -d "${TMPDIR:-/tmp}/vessel-lane.XXXXXX")
+    qpid=
+    # shellcheck disable=SC2064
+    trap "lane_cleanup '$ctl'" EXIT
+    trap 'say "interrupted"; exit 130' INT TERM
+    printf '%s' "$STAGE2" >"$ctl/stage2.sh"
+    {
+        echo "#!/bin/bash"
+        carried_env
+        case $PWD in
+            /tmp | /tmp/*) echo "# lane: host /tmp (the working directory is under /tmp)" ;;
+        esac
+        printf 'cd %q || exit 125\n' "$PWD"
+        printf 'exec'
+        printf ' %q' "$@"
+        echo
+    } >"$ctl/run.sh"
+    : >"$ctl/stdout"; : >"$ctl/stderr"; : >"$ctl/status"; : >"$ctl/console"
+
+    start_at=$SECONDS
+    "$QEMU" -accel tcg -cpu max -m "$MEM_MIB" -smp "$CPUS" -nodefaults -no-user-config \
+        -display none -monitor none -no-reboot \
+        -serial "file:$ctl/console" \
+        -kernel "$CACHE/$kv/boot/vmlinuz-$kv" -initrd "$initrd" \
+        -append "console=ttyS0 quiet panic=-1 lane_ctl=$ctl" \
+        -virtfs local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap \
+        -device virtio-serial-pci,id=ports \
+        -chardev "file,id=out,path=$ctl/stdout" -device virtserialport,bus=ports.0,chardev=out,name=lane.stdout \
+        -chardev "file,id=err,path=$ctl/stderr" -device virtserialport,bus=ports.0,chardev=err,name=lane.stderr \
+        -chardev "file,id=st,path=$ctl/status" -device virtserialport,bus=ports.0,chardev=st,name=lane.status \
+        </dev/null >"$ctl/qemu.log" 2>&1 &
+    qpid=$!
+    tail -q -c +1 -s 0.2 -f --pid="$qpid" "$ctl/stdout" &
+    tail -q -c +1 -s 0.2 -f --pid="$qpid" "$ctl/stderr" >&2 &
+
+    # Boot: QEMU start to CMD start.
+    started=
+    while ((SECONDS - start_at < BOOT_TIMEOUT)); do
+        if grep -q '^LANE-STEP start' "$ctl/status"; then started=1; break; fi
+        lane_dead "$ctl" && break
+        sleep 0.2
+    done
+    if [[ -z $started ]]; then
+        lane_dead "$ctl" && lane_fail "$ctl" "boot" "L1 stopped before it started the command"
+        lane_fail "$ctl" "boot" "L1 did not start the command within ${BOOT_TIMEOUT} s (LANE_BOOT_TIMEOUT)"
+    fi
+    [[ ${LANE_VERBOSE:-0} == 1 ]] &&
+        say "L1 ($kv, ${MEM_MIB} MiB, $CPUS vCPUs) started the command $((SECONDS - start_at)) s after QEMU ($(awk '/^LANE-STEP start/ { print $3 }' "$ctl/status") s L1 uptime)"
+
+    # The command.
+    local cmd_at=$SECONDS
+    finished=
+    while ((SECONDS - cmd_at < RUN_TIMEOUT)); do
+        if grep -q '^LANE-EXIT' "$ctl/status"; then finished=1; break; fi
+        lane_dead "$ctl" && break
+        sleep 0.2
+    done
+    if [[ -z $finished ]]; then
+        if lane_dead "$ctl"; then
+            grep -q '^LANE-EXIT' "$ctl/status" && finished=1
+        else
+            lane_fail "$ctl" "command" "the command did not finish within ${RUN_TIMEOUT} s (LANE_TIMEOUT)" 124
+        fi
+    fi
+    [[ -n $finished ]] || lane_fail "$ctl" "command" "L1 stopped before the command finished"
+    line=$(grep '^LANE-EXIT' "$ctl/status" | head -1)
+    rc=${line#LANE-EXIT }
+    [[ $rc =~ ^[0-9]+$ ]] || lane_fail "$ctl" "command" "bad status line: $line"
+    [[ ${LANE_VERBOSE:-0} == 1 ]] && say "command exited $rc after $((SECONDS - cmd_at)) s"
+
+    # Shutdown: L1 powers itself off after the status.
+    local down_at=$SECONDS
+    while ! lane_dead "$ctl" && ((SECONDS - down_at < SHUTDOWN_TIMEOUT)); do sleep 0.2; done
+    if ! lane_dead "$ctl"; then
+        say "L1 did not power off within ${SHUTDOWN_TIMEOUT} s; stopping QEMU"
+        kill "$qpid" 2>/dev/null || true
+    fi
+    wait "$qpid" 2>/dev/null || true
+    qpid=
+    wait  # the two tails, which end with QEMU
+    exit "$rc"
+}
+
+lane_dead() { [[ -z $qpid ]] || ! kill -0 "$qpid" 2>/dev/null; }
+
+# Reports a failed step with the L1 console's tail, stops QEMU, exits $4 (125).
+lane_fail() {
+    local ctl=$1 step=$2 msg=$3 code=${4:-125}
+    if [[ -n $qpid ]]; then
+        kill "$qpid" 2>/dev/null || true
+        wait "$qpid" 2>/dev/null || true
+    fi
+    qpid=
+    wait 2>/dev/null || true
+    say "step '$step' failed: $msg"
+    local last
+    last=$(grep '^LANE-STEP\|^LANE-FAILED' "$ctl/status" | tail -1)
+    [[ -n $last ]] && say "last L1 step: $last"
+    [[ -s $ctl/qemu.log ]] && { say "QEMU said:"; tail -n 20 "$ctl/qemu.log" >&2; }
+    say "L1 console (last 40 lines):"
+    tail -n 40 "$ctl/console" | tr -d '\r' >&2
+    exit "$code"
+}
+
+lane_cleanup() {
+    if [[ -n ${qpid:-} ]]; then
+        kill "$qpid" 2>/dev/null || true
+        wait "$qpid" 2>/dev/null || true
+    fi
+    rm -rf "$1"
+}
+
+case ${1:-} in
+    --prepare) prepare ;;
+    --check) kv=$(current_kernel) && say "L1 kernel $kv OK, initramfs $(initramfs "$kv")" ;;
+    "" | -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
+    *) run "$@" ;;
+esac

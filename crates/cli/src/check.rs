@@ -5,9 +5,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use vessel_hypervisor::host::{detect_kvm, pick_accelerator, KvmKind};
+use vessel_hypervisor::host::{detect_kvm, KvmKind};
 use vessel_hypervisor::qemu::Qemu;
-use vessel_runtime::sandbox::{hypervisor, Sandbox, SandboxSpec};
+use vessel_hypervisor::{Accelerator, AgentChannel};
+use vessel_runtime::backend::{self, Backend, BackendKind};
+use vessel_runtime::config::HypervisorKind;
+use vessel_runtime::sandbox::{Sandbox, SandboxSpec};
 use vessel_runtime::Config;
 
 #[derive(clap::Args)]
@@ -20,9 +23,10 @@ pub struct CheckArgs {
     /// the virtio-serial channel for this (QEMU cannot migrate vhost-user-vsock).
     #[arg(long, requires = "boot")]
     snapshot: bool,
-    /// Check for this hypervisor backend (default: the configured one).
+    /// Check for this hypervisor backend: auto, qemu or builtin (default: the
+    /// configured one).
     #[arg(long)]
-    hypervisor: Option<String>,
+    hypervisor: Option<HypervisorKind>,
 }
 
 struct Report {
@@ -54,17 +58,15 @@ pub fn run(
     r.line("KVM", format!("{kvm} ({why})"));
     let mut config = config.clone();
     if let Some(h) = args.hypervisor {
-        anyhow::ensure!(
-            matches!(h.as_str(), "auto" | "qemu" | "builtin"),
-            "unknown hypervisor {h:?}: expected auto, qemu or builtin"
-        );
         config.hypervisor = h;
     }
     let config = &config;
-    if config.hypervisor == "builtin" {
-        if kvm != KvmKind::Hardware {
-            return Ok(builtin_unavailable(kvm));
-        }
+    let backend = match Backend::resolve_for(config, kvm, &why) {
+        Ok(b) => b,
+        Err(e) => return Ok(builtin_unavailable(&e)),
+    };
+    r.line("hypervisor", &backend);
+    if backend.kind == BackendKind::Builtin {
         let vmm = &config.builtin.vmm_path;
         if vmm.is_file() {
             r.line("vessel-vmm", vmm.display());
@@ -79,15 +81,9 @@ pub fn run(
             );
         }
     }
-    let accel = match config.hypervisor.as_str() {
-        "builtin" => vessel_hypervisor::Accelerator::Kvm,
-        _ => config
-            .qemu_config()
-            .accelerator
-            .unwrap_or_else(|| pick_accelerator(kvm)),
-    };
+    let accel = backend.accelerator;
     r.line("accelerator", match (accel, kvm) {
-        (vessel_hypervisor::Accelerator::Kvm, _) => "kvm (hardware virtualization)".to_string(),
+        (Accelerator::Kvm, _) => "kvm (hardware virtualization)".to_string(),
         (_, KvmKind::Pvm) => "tcg (software emulation: this host's KVM is kvm_pvm, which cannot run guest Linux user space)".to_string(),
         (_, _) => "tcg (software emulation: no hardware KVM; sandboxes work but start and run slower)".to_string(),
     });
@@ -125,8 +121,8 @@ pub fn run(
         .collect();
     r.line("vhost", vhost.join(", "));
     let helper = &config.qemu.vhost_vsock_path;
-    match (config.agent_channel(), helper.is_file()) {
-        (Ok(vessel_hypervisor::AgentChannel::Vsock), false) => r.problem(
+    match (config.channel, helper.is_file()) {
+        (AgentChannel::Vsock, false) => r.problem(
             "agent channel",
             "vsock",
             format!(
@@ -134,12 +130,11 @@ pub fn run(
                 helper.display()
             ),
         ),
-        (Ok(vessel_hypervisor::AgentChannel::Vsock), true) => r.line(
+        (AgentChannel::Vsock, true) => r.line(
             "agent channel",
             format!("vsock via vhost-user ({})", helper.display()),
         ),
-        (Ok(ch), _) => r.line("agent channel", ch),
-        (Err(e), _) => r.problem("agent channel", &config.channel, e),
+        (ch, _) => r.line("agent channel", ch),
     }
     let fsd = &config.qemu.virtiofsd_path;
     r.line(
@@ -187,28 +182,32 @@ pub fn run(
         }
         return Ok(ExitCode::FAILURE);
     }
-    let backend = if config.hypervisor == "builtin" {
-        "the built-in VMM"
-    } else {
-        "QEMU"
+    let name = match backend.kind {
+        BackendKind::Builtin => "the built-in VMM",
+        BackendKind::Qemu => "QEMU",
     };
-    println!("result:          ok: sandboxes run with {backend} ({accel})");
+    println!("result:          ok: sandboxes run with {name} ({accel})");
     if args.boot {
-        rt.block_on(boot(config, started, args.snapshot))?;
+        rt.block_on(boot(config, &backend, started, args.snapshot))?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn boot(config: &Config, started: Instant, snapshot: bool) -> anyhow::Result<()> {
+async fn boot(
+    config: &Config,
+    backend: &Backend,
+    started: Instant,
+    snapshot: bool,
+) -> anyhow::Result<()> {
     let mut config = config.clone();
-    if snapshot && config.hypervisor != "builtin" && config.channel != "serial" {
+    if snapshot && backend.kind == BackendKind::Qemu && config.channel != AgentChannel::Serial {
         println!(
             "snapshot:        QEMU cannot migrate vhost-user-vsock: using channel = \"serial\""
         );
-        config.channel = "serial".into();
+        config.channel = AgentChannel::Serial;
     }
     let config = &config;
-    let hv = hypervisor(config)?;
+    let hv = backend::build(config, backend)?;
     let id = format!("check-{}", std::process::id());
     println!("boot:            starting throwaway sandbox {id}");
     let sb = Sandbox::boot(config, hv.as_ref(), SandboxSpec::new(&id, config))
@@ -307,12 +306,9 @@ async fn snapshot_and_restore(
     res
 }
 
-fn builtin_unavailable(kvm: KvmKind) -> ExitCode {
-    let why = match kvm {
-        KvmKind::Pvm => "this host's KVM is kvm_pvm (software virtualization), which runs the guest kernel only through an emulator and cannot run guest Linux user space, so the agent cannot start",
-        _ => "this host has no hardware KVM (/dev/kvm with kvm_intel or kvm_amd)",
-    };
-    println!("result:          the built-in VMM cannot run sandboxes here: {why}.");
+fn builtin_unavailable(e: &vessel_runtime::Error) -> ExitCode {
+    println!("hypervisor:      {e}");
+    println!("result:          the built-in VMM cannot run sandboxes here.");
     println!(
         "                 Fallback: hypervisor = \"qemu\" (QEMU with TCG software emulation)."
     );

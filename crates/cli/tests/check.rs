@@ -188,3 +188,60 @@ fn create_refuses_preserve_fds_and_leaves_nothing() {
     );
     assert!(!root.join("pfd").exists(), "state left behind");
 }
+
+#[test]
+fn run_with_builtin_without_hardware_kvm_fails_before_creating_anything() {
+    let (kvm, _) = vessel_hypervisor::host::detect_kvm();
+    if kvm == vessel_hypervisor::KvmKind::Hardware {
+        eprintln!("SKIPPED: this host has hardware KVM, where the built-in VMM runs");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    let cfg = write_config(
+        d.path(),
+        &format!(
+            "state_root = \"{}\"\nhypervisor = \"builtin\"\n",
+            root.display()
+        ),
+    );
+    let bundle = d.path().join("bundle");
+    std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+    std::fs::copy("/bin/true", bundle.join("rootfs/true")).unwrap();
+    std::fs::write(
+        bundle.join("config.json"),
+        r#"{"ociVersion":"1.0.2","process":{"args":["/true"],"cwd":"/"},"root":{"path":"rootfs"}}"#,
+    )
+    .unwrap();
+    for cmd in ["run", "create"] {
+        let (ok, out) = vessel(
+            &cfg,
+            &[
+                "--root",
+                root.to_str().unwrap(),
+                cmd,
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "b1",
+            ],
+        );
+        assert!(!ok, "{cmd}: {out}");
+        assert!(
+            out.contains("hypervisor = \"builtin\" cannot run sandboxes on this host")
+                && out.contains("needs hardware KVM")
+                && out.contains("hypervisor = \"qemu\""),
+            "{cmd}: {out}"
+        );
+        let line = out.lines().find(|l| l.starts_with("vessel: ")).unwrap();
+        assert_eq!(
+            line.matches("needs hardware KVM").count(),
+            1,
+            "{cmd}: the reason is printed once: {out}"
+        );
+        assert!(!root.exists(), "{cmd}: state root created: {out}");
+        assert_eq!(
+            vessel_testutil::processes_mentioning(&root.display().to_string()),
+            Vec::<String>::new()
+        );
+    }
+}

@@ -26,7 +26,7 @@ impl fmt::Display for KvmKind {
 }
 
 /// The accelerator a VM runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accelerator {
     Kvm,

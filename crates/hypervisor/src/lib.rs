@@ -64,8 +64,10 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// How the host reaches the agent inside the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the host reaches the agent inside the guest (`vsock` or `serial` in
+/// configuration files and snapshot metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AgentChannel {
     /// vsock, reached through a hybrid-vsock Unix socket on the host.
     Vsock,

@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut cfg, path) = Config::load(None).context("loading the configuration")?;
     let work = tempfile::tempdir()?;
     cfg.state_root = work.path().join("state");
-    cfg.channel = "serial".into();
+    cfg.channel = vessel_hypervisor::AgentChannel::Serial;
     let hv = hypervisor(&cfg)?;
     println!(
         "configuration {}; backend {}, accelerator {}, {} MiB, {} vCPU, channel serial, {runs} runs each, interleaved",

@@ -1,6 +1,19 @@
 //! Runtime configuration: `/etc/vessel/config.toml` (or `$VESSEL_CONFIG`).
 //!
-//! Every key is optional; `vessel env` prints the effective values.
+//! Every key is optional; `vessel env` prints the effective values. The file is
+//! parsed once: the backend, channel, machine and accelerator are enums, so a
+//! misspelt value is a parse error that names its key.
+//!
+//! ## Which hypervisor runs the sandboxes (`hypervisor`)
+//!
+//! - `builtin`: the built-in VMM (vessel-vmm). It needs hardware KVM (kvm_intel or
+//!   kvm_amd); elsewhere every command that would start a VM fails before it
+//!   creates anything.
+//! - `qemu`: QEMU, with `qemu.accelerator` (`auto`: KVM on hardware KVM, else TCG).
+//! - `auto` (default): the built-in VMM on hardware KVM; else QEMU with KVM if
+//!   `qemu.accelerator = "kvm"` is forced; else QEMU with TCG (software emulation,
+//!   logged as a warning). PVM (kvm_pvm, software KVM) is not hardware KVM: it cannot
+//!   run Linux user space. `vessel check` prints the choice and the reason.
 
 use std::path::{Path, PathBuf};
 
@@ -19,15 +32,15 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/vessel/config.toml";
 pub struct Config {
     /// Where sandboxes keep sockets and state. Default `/run/vessel`.
     pub state_root: PathBuf,
-    /// Hypervisor backend: `auto` (QEMU; the built-in VMM is opt-in until it
-    /// has run the full suite on hardware KVM), `qemu` or `builtin`.
-    pub hypervisor: String,
+    /// Hypervisor backend: `auto` (default), `qemu` or `builtin`; see the module
+    /// documentation for how `auto` chooses.
+    pub hypervisor: HypervisorKind,
     /// Guest kernel (PVH `vmlinux`). Default `/usr/local/share/vessel/vmlinux`.
     pub guest_kernel: PathBuf,
     /// Guest initramfs with vessel-agent as /init.
     pub guest_initramfs: PathBuf,
     /// Agent channel: `vsock` (needs vhost-device-vsock for QEMU) or `serial`.
-    pub channel: String,
+    pub channel: AgentChannel,
     /// vCPUs of a sandbox VM when the spec sets no CPU limit. Default 1.
     pub default_vcpus: u32,
     /// Memory of a sandbox VM in MiB when the spec sets no memory limit. Default 256.
@@ -54,7 +67,7 @@ pub struct BuiltinSection {
     pub vmm_path: PathBuf,
     /// Run vessel-vmm under vessel-jailer: own mount namespace with only the VMM's
     /// files (pivot_root into /srv/vessel/jail/<id>/root), cgroup vessel/<id>, no new
-    /// privileges, `jail_uid`/`jail_gid` instead of root. Default false.
+    /// privileges, `jail_uid`/`jail_gid` instead of root. Default true.
     pub jailer: bool,
     /// vessel-jailer binary. Default `/usr/local/bin/vessel-jailer`.
     pub jailer_path: PathBuf,
@@ -68,7 +81,7 @@ impl Default for BuiltinSection {
     fn default() -> Self {
         BuiltinSection {
             vmm_path: "/usr/local/bin/vessel-vmm".into(),
-            jailer: false,
+            jailer: true,
             jailer_path: "/usr/local/bin/vessel-jailer".into(),
             jail_uid: 65534,
             jail_gid: 65534,
@@ -82,23 +95,68 @@ pub struct QemuSection {
     /// QEMU binary. Default `/usr/bin/qemu-system-x86_64`.
     pub path: PathBuf,
     /// Machine type: `q35` or `microvm`. Default `q35`.
-    pub machine: String,
+    pub machine: Machine,
     /// Accelerator: `auto` (KVM with hardware KVM, else TCG), `kvm` or `tcg`.
-    pub accelerator: String,
+    pub accelerator: AcceleratorChoice,
     /// vhost-device-vsock binary. Default `/usr/local/bin/vhost-device-vsock`.
     pub vhost_vsock_path: PathBuf,
     /// virtiofsd binary. Default `/usr/local/bin/virtiofsd`.
     pub virtiofsd_path: PathBuf,
 }
 
+/// The `hypervisor` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    /// The built-in VMM on hardware KVM, else QEMU (KVM if forced, else TCG).
+    Auto,
+    /// QEMU with `qemu.accelerator`.
+    Qemu,
+    /// The built-in VMM (vessel-vmm); needs hardware KVM.
+    Builtin,
+}
+
+/// The `qemu.accelerator` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceleratorChoice {
+    /// KVM on hardware KVM, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// Parses a config value as the file would (`vessel check --hypervisor builtin`).
+fn parse_value<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, String> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s))
+        .map_err(|e| e.to_string())
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        parse_value(s)
+    }
+}
+
+impl std::fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HypervisorKind::Auto => "auto",
+            HypervisorKind::Qemu => "qemu",
+            HypervisorKind::Builtin => "builtin",
+        })
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             state_root: "/run/vessel".into(),
-            hypervisor: "auto".into(),
+            hypervisor: HypervisorKind::Auto,
             guest_kernel: "/usr/local/share/vessel/vmlinux".into(),
             guest_initramfs: "/usr/local/share/vessel/initramfs.cpio.gz".into(),
-            channel: "vsock".into(),
+            channel: AgentChannel::Vsock,
             default_vcpus: 1,
             default_memory_mib: 256,
             memory_overhead_mib: 128,
@@ -116,8 +174,8 @@ impl Default for QemuSection {
     fn default() -> Self {
         QemuSection {
             path: "/usr/bin/qemu-system-x86_64".into(),
-            machine: "q35".into(),
-            accelerator: "auto".into(),
+            machine: Machine::Q35,
+            accelerator: AcceleratorChoice::Auto,
             vhost_vsock_path: "/usr/local/bin/vhost-device-vsock".into(),
             virtiofsd_path: "/usr/local/bin/virtiofsd".into(),
         }
@@ -149,15 +207,6 @@ impl Config {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        self.agent_channel()?;
-        self.qemu_machine()?;
-        self.qemu_accelerator()?;
-        if !matches!(self.hypervisor.as_str(), "auto" | "qemu") {
-            return Err(format!(
-                "hypervisor = {:?}: supported are \"auto\" and \"qemu\"",
-                self.hypervisor
-            ));
-        }
         if self.default_vcpus == 0 || self.default_memory_mib < 64 {
             return Err("default_vcpus must be >= 1 and default_memory_mib >= 64".into());
         }
@@ -165,37 +214,6 @@ impl Config {
             return Err("builtin.jail_uid and builtin.jail_gid must not be 0 (root)".into());
         }
         Ok(())
-    }
-
-    pub fn agent_channel(&self) -> std::result::Result<AgentChannel, String> {
-        match self.channel.as_str() {
-            "vsock" => Ok(AgentChannel::Vsock),
-            "serial" => Ok(AgentChannel::Serial),
-            other => Err(format!(
-                "channel = {other:?}: expected \"vsock\" or \"serial\""
-            )),
-        }
-    }
-
-    fn qemu_machine(&self) -> std::result::Result<Machine, String> {
-        match self.qemu.machine.as_str() {
-            "q35" => Ok(Machine::Q35),
-            "microvm" => Ok(Machine::Microvm),
-            other => Err(format!(
-                "qemu.machine = {other:?}: expected \"q35\" or \"microvm\""
-            )),
-        }
-    }
-
-    fn qemu_accelerator(&self) -> std::result::Result<Option<Accelerator>, String> {
-        match self.qemu.accelerator.as_str() {
-            "auto" => Ok(None),
-            "kvm" => Ok(Some(Accelerator::Kvm)),
-            "tcg" => Ok(Some(Accelerator::Tcg)),
-            other => Err(format!(
-                "qemu.accelerator = {other:?}: expected auto, kvm or tcg"
-            )),
-        }
     }
 
     pub fn builtin_config(&self) -> BuiltinConfig {
@@ -214,14 +232,15 @@ impl Config {
         }
     }
 
-    pub fn qemu_config(&self) -> QemuConfig {
+    /// The QEMU backend's settings, with the accelerator the backend choice
+    /// resolved (see [`crate::backend`]).
+    pub fn qemu_config(&self, accelerator: Accelerator) -> QemuConfig {
         QemuConfig {
             qemu: self.qemu.path.clone(),
             vhost_vsock: self.qemu.vhost_vsock_path.clone(),
             virtiofsd: self.qemu.virtiofsd_path.clone(),
-            // validate() ran on load; defaults are valid.
-            machine: self.qemu_machine().unwrap_or(Machine::Q35),
-            accelerator: self.qemu_accelerator().unwrap_or(None),
+            machine: self.qemu.machine,
+            accelerator,
         }
     }
 }
@@ -238,29 +257,60 @@ mod tests {
         assert_eq!(Config::load(Some(&p)).unwrap().0, Config::default());
         std::fs::write(&p, "channel = \"serial\"\n[qemu]\nmachine = \"microvm\"\n").unwrap();
         let c = Config::load(Some(&p)).unwrap().0;
-        assert_eq!(c.agent_channel().unwrap(), AgentChannel::Serial);
-        assert_eq!(c.qemu_config().machine, Machine::Microvm);
+        assert_eq!(c.channel, AgentChannel::Serial);
+        assert_eq!(c.qemu_config(Accelerator::Tcg).machine, Machine::Microvm);
         std::fs::write(&p, "chanel = \"serial\"\n").unwrap();
         let e = Config::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("unknown field") && e.contains("chanel"), "{e}");
-        std::fs::write(&p, "channel = \"pigeon\"\n").unwrap();
-        assert!(Config::load(Some(&p))
-            .unwrap_err()
-            .to_string()
-            .contains("pigeon"));
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
     }
 
     #[test]
-    fn jailer_is_off_by_default_and_maps_to_the_builtin_config() {
-        assert_eq!(Config::default().builtin_config().jailer, None);
+    fn an_invalid_enum_value_is_a_parse_error_naming_its_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
+        for (text, key, value) in [
+            ("channel = \"pigeon\"\n", "channel", "pigeon"),
+            (
+                "hypervisor = \"firecracker\"\n",
+                "hypervisor",
+                "firecracker",
+            ),
+            ("[qemu]\nmachine = \"pc\"\n", "machine", "pc"),
+            ("[qemu]\naccelerator = \"hvf\"\n", "accelerator", "hvf"),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = Config::load(Some(&p)).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(value), "{text}: {e}");
+        }
         std::fs::write(
             &p,
-            "[builtin]\njailer = true\njail_uid = 900\njail_gid = 901\n",
+            "hypervisor = \"builtin\"\n[qemu]\naccelerator = \"kvm\"\n",
         )
         .unwrap();
+        let c = Config::load(Some(&p)).unwrap().0;
+        assert_eq!(c.hypervisor, HypervisorKind::Builtin);
+        assert_eq!(c.qemu.accelerator, AcceleratorChoice::Kvm);
+        assert_eq!("qemu".parse::<HypervisorKind>(), Ok(HypervisorKind::Qemu));
+        assert!("kvm"
+            .parse::<HypervisorKind>()
+            .unwrap_err()
+            .contains("builtin"));
+        assert_eq!(HypervisorKind::Builtin.to_string(), "builtin");
+    }
+
+    #[test]
+    fn jailer_is_on_by_default_and_maps_to_the_builtin_config() {
+        let j = Config::default().builtin_config().jailer.unwrap();
+        assert_eq!((j.uid, j.gid), (65534, 65534));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[builtin]\njailer = false\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&p)).unwrap().0.builtin_config().jailer,
+            None
+        );
+        std::fs::write(&p, "[builtin]\njail_uid = 900\njail_gid = 901\n").unwrap();
         let j = Config::load(Some(&p))
             .unwrap()
             .0
@@ -270,7 +320,7 @@ mod tests {
         assert_eq!(j.path, Path::new("/usr/local/bin/vessel-jailer"));
         assert_eq!((j.uid, j.gid), (900, 901));
         assert_eq!(j.jail_root, Path::new("/srv/vessel/jail"));
-        std::fs::write(&p, "[builtin]\njailer = true\njail_uid = 0\n").unwrap();
+        std::fs::write(&p, "[builtin]\njail_uid = 0\n").unwrap();
         let e = Config::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("jail_uid"), "{e}");
     }

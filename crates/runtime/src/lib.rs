@@ -1,11 +1,13 @@
 //! vessel-runtime: the library behind the `vessel` CLI and the containerd shim.
 //!
 //! - [`config`]: `/etc/vessel/config.toml`, every key with a documented default.
+//! - [`backend`]: which hypervisor runs sandboxes on this host, and the factory.
 //! - [`sandbox`]: one VM with its agent: boot, talk, stop, clean up.
 //! - [`agent`]: the host-side agent client (readiness, hybrid vsock, ttrpc).
 //! - [`container`]: OCI containers (one per sandbox), their supervisor and state.
 
 pub mod agent;
+pub mod backend;
 pub mod config;
 pub mod container;
 pub mod sandbox;
@@ -20,6 +22,11 @@ pub enum Error {
     Config { path: String, reason: String },
     /// {0}
     Hypervisor(#[from] vessel_hypervisor::Error),
+    /// hypervisor = "{backend}" cannot run sandboxes on this host: {reason}
+    BackendUnavailable {
+        backend: config::HypervisorKind,
+        reason: String,
+    },
     /// State directory {path}: {source}
     StateDir {
         path: String,

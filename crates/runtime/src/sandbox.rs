@@ -4,8 +4,6 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vessel_hypervisor::builtin::Builtin;
-use vessel_hypervisor::qemu::Qemu;
 use vessel_hypervisor::{
     log_tail, AgentChannel, Hypervisor, SharedDir, SnapshotInfo, Vm, VmConfig, VmExit,
 };
@@ -67,14 +65,7 @@ pub fn validate_id(id: &str) -> Result<()> {
     }
 }
 
-/// The hypervisor backend named by the configuration.
-pub fn hypervisor(config: &Config) -> Result<Box<dyn Hypervisor>> {
-    match config.hypervisor.as_str() {
-        "builtin" => Ok(Box::new(Builtin::new(config.builtin_config())?)),
-        // validate() allows only auto, qemu and builtin.
-        _ => Ok(Box::new(Qemu::new(config.qemu_config())?)),
-    }
-}
+pub use crate::backend::hypervisor;
 
 /// Creates `dir` (mode 0700), with the state root (0711) above it.
 fn create_run_dir(root: &Path, id: &str) -> Result<PathBuf> {
@@ -102,10 +93,7 @@ impl Sandbox {
     /// `Version`. On any error everything created so far is removed.
     pub async fn boot(config: &Config, hv: &dyn Hypervisor, spec: SandboxSpec) -> Result<Sandbox> {
         validate_id(&spec.id)?;
-        let channel = config.agent_channel().map_err(|reason| Error::Config {
-            path: "channel".into(),
-            reason,
-        })?;
+        let channel = config.channel;
         let run_dir = create_run_dir(&config.state_root, &spec.id)?;
         let res = Self::boot_in(config, hv, spec, channel, &run_dir).await;
         if res.is_err() {

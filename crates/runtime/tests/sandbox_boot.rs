@@ -49,7 +49,7 @@ async fn boots_answers_and_cleans_up_over_virtio_serial() {
     let Some(mut cfg) = guest_config(root.path()) else {
         return;
     };
-    cfg.channel = "serial".into();
+    cfg.channel = vessel_hypervisor::AgentChannel::Serial;
     boot_and_check(cfg, "serial1").await;
 }
 

@@ -94,7 +94,7 @@ async fn qemu_clones_get_the_host_clock_and_distinct_rng() {
         return;
     };
     // QEMU cannot migrate vhost-user-vsock: snapshots use virtio-serial.
-    cfg.channel = "serial".into();
+    cfg.channel = vessel_hypervisor::AgentChannel::Serial;
     let hv = hypervisor(&cfg).unwrap();
     let snap = snaps.path().join("snap");
     snapshot_and_restore_clones(&cfg, hv.as_ref(), &snap).await;
@@ -132,7 +132,7 @@ async fn snapshot_of_a_vsock_qemu_vm_is_refused_and_the_vm_runs_on() {
     let Some(cfg) = guest_config(root.path()) else {
         return;
     };
-    assert_eq!(cfg.channel, "vsock");
+    assert_eq!(cfg.channel, vessel_hypervisor::AgentChannel::Vsock);
     let hv = hypervisor(&cfg).unwrap();
     let sb = Sandbox::boot(&cfg, hv.as_ref(), SandboxSpec::new("vsock", &cfg))
         .await
@@ -162,18 +162,26 @@ async fn builtin_clones_get_the_host_clock_and_distinct_rng() {
     let Some(mut cfg) = guest_config(root.path()) else {
         return;
     };
-    cfg.hypervisor = "builtin".into();
-    let vmm = std::env::var_os("VESSEL_VMM")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/vessel-vmm")
-        });
-    assert!(
-        vmm.is_file(),
-        "vessel-vmm not found at {} (cargo build -p vessel-vmm, or set VESSEL_VMM)",
-        vmm.display()
-    );
-    cfg.builtin.vmm_path = vmm;
+    cfg.hypervisor = vessel_runtime::config::HypervisorKind::Builtin;
+    // Jailed, as configured by default.
+    let binary = |var: &str, name: &str| {
+        let path = std::env::var_os(var)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../target/debug")
+                    .join(name)
+            });
+        assert!(
+            path.is_file(),
+            "{name} not found at {} (cargo build -p vessel-vmm -p vessel-jailer, or set {var})",
+            path.display()
+        );
+        path
+    };
+    assert!(cfg.builtin.jailer);
+    cfg.builtin.vmm_path = binary("VESSEL_VMM", "vessel-vmm");
+    cfg.builtin.jailer_path = binary("VESSEL_JAILER", "vessel-jailer");
     let hv = hypervisor(&cfg).unwrap();
     snapshot_and_restore_clones(&cfg, hv.as_ref(), &snaps.path().join("snap")).await;
 }

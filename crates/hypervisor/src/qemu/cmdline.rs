@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 
 use crate::{Accelerator, AgentChannel, VmConfig};
 
-/// QEMU machine type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// QEMU machine type (`q35` or `microvm` in configuration files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Machine {
     /// PCI machine; most tested with vhost-user devices.
     Q35,

@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 pub use cmdline::Machine;
 use cmdline::Paths;
 
-use crate::host::{detect_kvm, pick_accelerator, Accelerator};
+use crate::host::Accelerator;
 use crate::process::{spawn, wait_for_path};
 use crate::process_vm::{Control, ProcessVm};
 use crate::virtiofs::HELPER_START_TIMEOUT;
@@ -36,8 +36,8 @@ pub struct QemuConfig {
     /// `virtiofsd` binary, needed for shared directories.
     pub virtiofsd: PathBuf,
     pub machine: Machine,
-    /// Forced accelerator; `None` picks KVM on hardware KVM, TCG otherwise.
-    pub accelerator: Option<Accelerator>,
+    /// The accelerator (the caller resolves `auto` with [`crate::host::detect_kvm`]).
+    pub accelerator: Accelerator,
 }
 
 pub struct Qemu {
@@ -46,7 +46,7 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    /// Checks that the QEMU binary exists and picks the accelerator.
+    /// Checks that the QEMU binary exists.
     pub fn new(config: QemuConfig) -> Result<Self> {
         if !config.qemu.is_file() {
             return Err(Error::NotFound {
@@ -55,12 +55,7 @@ impl Qemu {
                 hint: "install qemu-system-x86 or set qemu_path in /etc/vessel/config.toml",
             });
         }
-        let accelerator = config.accelerator.unwrap_or_else(|| {
-            let (kvm, why) = detect_kvm();
-            let accel = pick_accelerator(kvm);
-            log::info!("qemu: accelerator {accel} (KVM: {kvm}: {why})");
-            accel
-        });
+        let accelerator = config.accelerator;
         Ok(Qemu {
             config,
             accelerator,

@@ -102,13 +102,10 @@ impl Backend {
 /// The hypervisor backend the configuration resolves to on this host (see
 /// [`Backend::resolve`]): the one factory of the CLI and the shim. Fails before
 /// anything is started when the backend cannot run sandboxes here.
+/// Software emulation chosen by `auto` is logged as a warning: sandboxes work
+/// but start and run far slower.
 pub fn hypervisor(config: &Config) -> Result<Box<dyn Hypervisor>> {
-    build(config, &Backend::resolve(config)?)
-}
-
-/// Builds the resolved `backend`. Software emulation chosen by `auto` is
-/// logged as a warning: sandboxes work but start and run far slower.
-pub fn build(config: &Config, backend: &Backend) -> Result<Box<dyn Hypervisor>> {
+    let backend = Backend::resolve(config)?;
     if backend.accelerator == Accelerator::Tcg && config.qemu.accelerator == AcceleratorChoice::Auto
     {
         log::warn!(
@@ -116,6 +113,20 @@ pub fn build(config: &Config, backend: &Backend) -> Result<Box<dyn Hypervisor>> 
              many times slower than with hardware KVM"
         );
     }
+    build(config, &backend)
+}
+
+/// Fails, without starting anything, when the configured backend cannot run
+/// sandboxes here (wrong KVM, missing binary): what `create` checks before it
+/// creates any state.
+pub fn preflight(config: &Config) -> Result<Backend> {
+    let backend = Backend::resolve(config)?;
+    build(config, &backend)?;
+    Ok(backend)
+}
+
+/// Builds the resolved `backend`.
+pub fn build(config: &Config, backend: &Backend) -> Result<Box<dyn Hypervisor>> {
     Ok(match backend.kind {
         BackendKind::Builtin => Box::new(Builtin::new(config.builtin_config())?),
         BackendKind::Qemu => Box::new(Qemu::new(config.qemu_config(backend.accelerator))?),

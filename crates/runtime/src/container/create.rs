@@ -39,9 +39,9 @@ pub fn create(config: &Config, mut opts: CreateOptions) -> Result<u32> {
     if config.channel != vessel_hypervisor::AgentChannel::Vsock {
         return Err(ContainerError::NeedsVsock { id: opts.id });
     }
-    // The supervisor builds the backend again; building it here first makes a
-    // backend that cannot run on this host fail before anything is created.
-    crate::backend::hypervisor(config)?;
+    // The supervisor builds the backend; a backend that cannot run on this host
+    // fails here, before anything is created.
+    crate::backend::preflight(config)?;
     if bundle.terminal() && opts.console_socket.is_none() {
         return Err(ContainerError::Console(
             "process.terminal is set: pass --console-socket (as with runc)".into(),

@@ -35,6 +35,12 @@ impl SandboxSpec {
 
 /// Host end of the guest's hybrid vsock, in the run directory.
 const VSOCK_SOCKET: &str = "vsock.sock";
+
+/// The agent's socket (host end of the hybrid vsock) of the sandbox whose
+/// run directory is `run_dir`.
+pub fn agent_socket(run_dir: &Path) -> PathBuf {
+    run_dir.join(VSOCK_SOCKET)
+}
 /// Guest serial console, in the run directory.
 const CONSOLE_LOG: &str = "console.log";
 /// Interval between attempts to reach the agent of a restored VM.
@@ -118,7 +124,7 @@ impl Sandbox {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             channel,
-            vsock_uds: run_dir.join(VSOCK_SOCKET),
+            vsock_uds: agent_socket(run_dir),
             console_log: run_dir.join(CONSOLE_LOG),
             shared_dirs: spec.shared_dirs,
         };
@@ -231,7 +237,7 @@ impl Sandbox {
             vcpus: info.vcpus,
             memory_mib: info.memory_mib,
             channel,
-            vsock_uds: run_dir.join(VSOCK_SOCKET),
+            vsock_uds: agent_socket(&run_dir),
             console_log: run_dir.join(CONSOLE_LOG),
             shared_dirs: Vec::new(),
         };

@@ -5,11 +5,9 @@
 //! shim, which owns the pod's VM. The sandbox (pause) container boots the VM,
 //! later containers join it, deleting the sandbox stops it.
 
-mod guest;
+mod error;
 mod pod;
-mod rootfs;
 mod service;
-mod sizing;
 mod state;
 mod stats;
 mod stdio;
@@ -141,10 +139,12 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
         signal_started();
         return Ok(());
     };
+    let (config, _) = vessel_runtime::Config::load(None)?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
     let publisher = RemotePublisher::new(&ttrpc_address).await?;
     let exit = Arc::new(ExitSignal::default());
     let task: Arc<dyn Task + Send + Sync> = Arc::new(service::TaskService::new(
+        config,
         &flags.namespace,
         publisher,
         exit.clone(),

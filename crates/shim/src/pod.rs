@@ -1,25 +1,25 @@
-//! A pod: one sandbox VM, its agent connection and its staging directory.
+//! A pod: one sandbox VM, its agent connection and its staging share.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
-use vessel_hypervisor::{AgentEndpoint, SharedDir, VmExit};
-use vessel_runtime::container::ContainerClient;
+use anyhow::{bail, Context, Result};
+use containerd_shim::protos::api::Mount as TaskMount;
+use nix::mount::{umount2, MntFlags};
+use vessel_hypervisor::{AgentEndpoint, VmExit};
+use vessel_runtime::agent::AgentClient;
+use vessel_runtime::container::bundle::VmSize;
+use vessel_runtime::container::share::{self, PodShare};
 use vessel_runtime::sandbox::{self, SandboxSpec};
 use vessel_runtime::{Config, Sandbox};
-
-use crate::rootfs;
-use crate::sizing::VmSize;
 
 pub struct Pod {
     pub id: String,
     sandbox: Arc<Sandbox>,
-    pub agent: ContainerClient,
-    /// The RPCs `agent` does not offer (namespace sharing, updates).
-    /// Host directory shared with the guest (see [`rootfs`]).
-    pub staging: PathBuf,
+    pub agent: AgentClient,
+    /// Host directory shared with the guest, one subdirectory per container.
+    pub share: PodShare,
     pids_file: PathBuf,
 }
 
@@ -39,58 +39,57 @@ impl Pod {
     /// Boots the pod's VM with its staging directory shared.
     pub async fn boot(config: &Config, id: &str, size: VmSize) -> Result<Pod> {
         sandbox::validate_id(id)?;
-        let staging = staging_dir(config, id);
-        rootfs::make_shared_mount(&staging)?;
-        match Self::boot_in(config, id, size, &staging).await {
-            Ok(pod) => Ok(pod),
+        let share = PodShare::create(&staging_dir(config, id))?;
+        match Self::boot_in(config, id, size, &share).await {
+            Ok(sandbox_and_agent) => {
+                let (sandbox, agent) = sandbox_and_agent;
+                Ok(Pod {
+                    id: id.to_string(),
+                    sandbox: Arc::new(sandbox),
+                    agent,
+                    share,
+                    pids_file: pids_file(config, id),
+                })
+            }
             Err(e) => {
-                rootfs::remove_tree(&staging);
+                if let Err(c) = share.remove() {
+                    log::error!("pod {id}: {c}");
+                }
                 let _ = std::fs::remove_file(pids_file(config, id));
                 Err(e)
             }
         }
     }
 
-    async fn boot_in(config: &Config, id: &str, size: VmSize, staging: &Path) -> Result<Pod> {
+    async fn boot_in(
+        config: &Config,
+        id: &str,
+        size: VmSize,
+        share: &PodShare,
+    ) -> Result<(Sandbox, AgentClient)> {
         let hv = sandbox::hypervisor(config)?;
         let spec = SandboxSpec {
             id: id.to_string(),
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
-            shared_dirs: vec![SharedDir {
-                tag: rootfs::SHARE_TAG.into(),
-                host_path: staging.to_path_buf(),
-                read_only: false,
-            }],
+            shared_dirs: vec![share.shared_dir()],
         };
         let sandbox = Sandbox::boot(config, hv.as_ref(), spec).await?;
         let pids_file = pids_file(config, id);
         let pids: Vec<String> = sandbox.vm().pids().iter().map(u32::to_string).collect();
         let _ = std::fs::write(&pids_file, pids.join("\n"));
-        let AgentEndpoint::HybridVsock { uds } = sandbox.vm().agent_endpoint() else {
+        let AgentEndpoint::HybridVsock { .. } = sandbox.vm().agent_endpoint() else {
             let _ = sandbox.stop().await;
             bail!("the shim needs channel = \"vsock\" (process stdio travels over vsock)");
         };
-        let agent = match ContainerClient::connect(&uds).await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = sandbox.stop().await;
-                return Err(e.into());
-            }
-        };
+        let agent = sandbox.agent().clone();
         log::info!(
             "pod {id}: VM up ({} vCPU, {} MiB, pids {:?})",
             size.vcpus,
             size.memory_mib,
             sandbox.vm().pids()
         );
-        Ok(Pod {
-            id: id.to_string(),
-            sandbox: Arc::new(sandbox),
-            agent,
-            staging: staging.to_path_buf(),
-            pids_file,
-        })
+        Ok((sandbox, agent))
     }
 
     /// Resolves when the hypervisor process has exited.
@@ -130,7 +129,9 @@ impl Pod {
                 Err(e) => log::warn!("pod {}: stopping the VM: {e}", self.id),
             }
         }
-        rootfs::remove_tree(&self.staging);
+        if let Err(e) = self.share.remove() {
+            log::error!("pod {}: {e}; left in place", self.id);
+        }
         let _ = std::fs::remove_file(&self.pids_file);
     }
 }
@@ -168,10 +169,45 @@ pub fn cleanup_after_crash(id: &str, bundle: &Path) {
         }
         let _ = std::fs::remove_file(pids_file(&config, id));
     }
-    rootfs::remove_tree(&staging_dir(&config, id));
+    if let Err(e) = share::cleanup_tree(&staging_dir(&config, id)) {
+        log::error!("pod {id}: {e}; left in place");
+    }
     let run_dir = config.state_root.join(id);
     if run_dir.join("console.log").exists() {
         let _ = std::fs::remove_dir_all(run_dir);
     }
     let _ = bundle;
+}
+
+/// Where a container's root file system is mounted: `<bundle>/rootfs`, as
+/// runc's shim does (containerd removes the bundle after `delete`).
+pub fn rootfs_dir(bundle: &Path) -> PathBuf {
+    bundle.join("rootfs")
+}
+
+/// Mounts containerd's rootfs mounts (an overlay of the snapshot) at
+/// [`rootfs_dir`].
+pub fn mount_rootfs(bundle: &Path, mounts: &[TaskMount]) -> Result<()> {
+    let target = rootfs_dir(bundle);
+    std::fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
+    for m in mounts {
+        containerd_shim::mount::mount_rootfs(
+            Some(m.type_.as_str()).filter(|t| !t.is_empty()),
+            Some(m.source.as_str()).filter(|s| !s.is_empty()),
+            &m.options,
+            &target,
+        )
+        .with_context(|| format!("mount {} rootfs at {}", m.type_, target.display()))?;
+    }
+    Ok(())
+}
+
+/// Undoes [`mount_rootfs`]; removes nothing.
+pub fn unmount_rootfs(bundle: &Path) {
+    let target = rootfs_dir(bundle);
+    if let Err(e) = umount2(&target, MntFlags::MNT_DETACH) {
+        if e != nix::Error::EINVAL && e != nix::Error::ENOENT {
+            log::error!("unmount {}: {e}", target.display());
+        }
+    }
 }

@@ -21,13 +21,14 @@ use containerd_shim::{Task, TtrpcContext};
 use oci_spec::runtime::Spec;
 use tokio::sync::{watch, Mutex};
 use ttrpc::{Code, Result as TtrpcResult};
+use vessel_runtime::agent::AgentClient;
+use vessel_runtime::container::bundle::vm_size;
 use vessel_runtime::container::share::Staging;
-use vessel_runtime::container::ContainerClient;
+use vessel_runtime::container::Status;
 use vessel_runtime::Config;
 
+use crate::error::{agent_error, err, internal};
 use crate::pod::{self, Pod};
-use crate::rootfs;
-use crate::sizing::{vm_size, VmSize};
 use crate::state::{Container, Exit, Process, State};
 use crate::stdio::{self, StdioPaths};
 
@@ -39,19 +40,13 @@ const LINUX_RESOURCES_TYPE_URL: &str =
 /// Longest time output relays get to flush after a process exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
-}
-
-fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
-    err(Code::INTERNAL, format!("{e:#}"))
-}
-
 fn now() -> Timestamp {
     containerd_shim::util::timestamp().unwrap_or_default()
 }
 
 struct Inner {
+    /// Loaded once when the shim server starts.
+    config: Config,
     namespace: String,
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
@@ -64,9 +59,15 @@ pub struct TaskService {
 }
 
 impl TaskService {
-    pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(
+        config: Config,
+        namespace: &str,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
         TaskService {
             inner: Arc::new(Inner {
+                config,
                 namespace: namespace.to_string(),
                 publisher,
                 exit,
@@ -107,15 +108,9 @@ impl Inner {
         id: &str,
         spec: &Spec,
     ) -> TtrpcResult<()> {
-        let (config, _) = Config::load(None).map_err(internal)?;
-        let size = vm_size(
-            spec,
-            VmSize {
-                vcpus: config.default_vcpus,
-                memory_mib: config.default_memory_mib,
-            },
-        );
-        let pod = Pod::boot(&config, id, size)
+        let spec = serde_json::to_value(spec).map_err(internal)?;
+        let size = vm_size(&spec, &self.config);
+        let pod = Pod::boot(&self.config, id, size)
             .await
             .map_err(|e| err(Code::INTERNAL, format!("boot the pod VM: {e:#}")))?;
         let this = self.clone();
@@ -179,7 +174,7 @@ impl Inner {
         }
     }
 
-    async fn oom_loop(&self, agent: ContainerClient) {
+    async fn oom_loop(&self, agent: AgentClient) {
         loop {
             match agent.oom_event().await {
                 Ok(container_id) => {
@@ -202,7 +197,7 @@ impl Inner {
     /// Waits for a started process in the guest, flushes its output, records the exit.
     fn spawn_waiter(
         self: &Arc<Self>,
-        agent: ContainerClient,
+        agent: AgentClient,
         cid: String,
         exec_id: String,
         p: &Process,
@@ -335,7 +330,10 @@ impl Task for TaskService {
             ));
         }
         let pid = if req.exec_id.is_empty() {
-            agent.start(&req.id).await.map_err(internal)?;
+            agent
+                .start(&req.id)
+                .await
+                .map_err(|e| agent_error(&req.id, e))?;
             p.pid
         } else {
             let stdio = p.stdio.clone();
@@ -347,7 +345,7 @@ impl Task for TaskService {
                     stdio.wanted(),
                 )
                 .await
-                .map_err(internal)?;
+                .map_err(|e| agent_error(&req.id, e))?;
             let relays = stdio::attach(&agent, &req.id, Some(&req.exec_id), &stdio)
                 .await
                 .map_err(internal)?;
@@ -425,7 +423,16 @@ impl Task for TaskService {
             } else if let Err(e) = agent.remove(&req.id, true).await {
                 log::warn!("agent RemoveContainer {}: {e}", req.id);
             }
-            rootfs::remove_tree(&pod.staging.join(&req.id));
+            // Never recursive: a staged bind mount that cannot be unmounted
+            // stays, with its host data, and is reported.
+            if let Err(e) = pod.share.unstage(&req.id) {
+                log::error!("container {}: {e}; its staging is left in place", req.id);
+            }
+        }
+        if let Some(c) = state.containers.get(&req.id) {
+            if c.rootfs_mounted {
+                pod::unmount_rootfs(std::path::Path::new(&c.bundle));
+            }
         }
         state.containers.remove(&req.id);
         let pod_done = state.pod.as_ref().is_some_and(|p| p.id == req.id);
@@ -511,7 +518,7 @@ impl Task for TaskService {
         agent
             .resize(&req.id, exec, clamp(req.height), clamp(req.width))
             .await
-            .map_err(internal)?;
+            .map_err(|e| agent_error(&req.id, e))?;
         Ok(api::Empty::new())
     }
 
@@ -528,7 +535,7 @@ impl Task for TaskService {
             id: req.id.clone(),
             bundle: c.bundle.clone(),
             pid: p.pid,
-            status: p.status().into(),
+            status: crate::state::task_status(p.status()).into(),
             stdin: p.stdio.stdin.clone(),
             stdout: p.stdio.stdout.clone(),
             stderr: p.stdio.stderr.clone(),
@@ -549,7 +556,10 @@ impl Task for TaskService {
         state.container(&req.id)?;
         let agent = state.pod()?.agent.clone();
         drop(state);
-        let pids = agent.processes(&req.id).await.map_err(internal)?;
+        let pids = agent
+            .processes(&req.id)
+            .await
+            .map_err(|e| agent_error(&req.id, e))?;
         let processes = pids
             .iter()
             .map(|&pid| containerd_shim::protos::api::ProcessInfo {
@@ -582,7 +592,7 @@ impl Task for TaskService {
         agent
             .signal(&req.id, exec, req.signal, req.all)
             .await
-            .map_err(internal)?;
+            .map_err(|e| agent_error(&req.id, e))?;
         Ok(api::Empty::new())
     }
 
@@ -620,7 +630,10 @@ impl Task for TaskService {
         state.container(&req.id)?;
         let agent = state.pod()?.agent.clone();
         drop(state);
-        let s = agent.stats(&req.id).await.map_err(internal)?;
+        let s = agent
+            .stats(&req.id)
+            .await
+            .map_err(|e| agent_error(&req.id, e))?;
         let metrics = crate::stats::to_cgroup2_metrics(&s);
         let any = containerd_shim::util::convert_to_any(Box::new(metrics)).map_err(internal)?;
         Ok(api::StatsResponse {
@@ -707,7 +720,7 @@ impl Task for TaskService {
         agent
             .update(&req.id, resources.value.clone())
             .await
-            .map_err(|e| crate::guest::agent_error("UpdateContainer", &req.id, e))?;
+            .map_err(|e| agent_error(&req.id, e))?;
         // Limits inside the VM only: its vCPUs and memory are fixed at boot, so
         // a limit above the VM's size is accepted but cannot be granted.
         log::info!(
@@ -723,12 +736,12 @@ impl TaskService {
         &self,
         state: &mut State,
         req: &api::CreateTaskRequest,
-        mut spec: Spec,
+        spec: Spec,
     ) -> TtrpcResult<u32> {
         let id = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
         let pod = state.pod()?;
-        let (agent, staging) = (pod.agent.clone(), pod.staging.clone());
+        let agent = pod.agent.clone();
         // Kubernetes containers join the pause container's ipc and uts (and,
         // for shareProcessNamespace, pid) namespaces; the spec names them by
         // host paths, the agent maps them to the sandbox's guest namespaces.
@@ -742,8 +755,35 @@ impl TaskService {
                 ));
             }
         }
-        let cleanup = || rootfs::remove_tree(&staging.join(&id));
-        if let Err(e) = rootfs::prepare(&staging, &id, &bundle, &req.rootfs, &mut spec) {
+        let rootfs_mounted = !req.rootfs.is_empty();
+        let rootfs = if rootfs_mounted {
+            pod::mount_rootfs(&bundle, &req.rootfs).map_err(|e| {
+                pod::unmount_rootfs(&bundle);
+                internal(e)
+            })?;
+            pod::rootfs_dir(&bundle)
+        } else {
+            // A bundle with a ready rootfs (ctr run --rootfs, plain OCI bundles).
+            let root = spec.root().as_ref().map(|r| r.path().clone());
+            bundle.join(root.unwrap_or_else(|| "rootfs".into()))
+        };
+        let pod_share = &pod.share;
+        let cleanup = || {
+            if let Err(e) = pod_share.unstage(&id) {
+                log::error!("container {id}: {e}; its staging is left in place");
+            }
+            if rootfs_mounted {
+                pod::unmount_rootfs(&bundle);
+            }
+        };
+        let mut spec = match serde_json::to_value(&spec) {
+            Ok(v) => v,
+            Err(e) => {
+                cleanup();
+                return Err(internal(e));
+            }
+        };
+        if let Err(e) = pod_share.stage(&id, &rootfs, &mut spec) {
             cleanup();
             return Err(internal(e));
         }
@@ -769,7 +809,7 @@ impl TaskService {
                 share_namespaces_with: share.as_deref(),
             })
             .await
-            .map_err(|e| crate::guest::agent_error("CreateContainer", &id, e));
+            .map_err(|e| agent_error(&id, e));
         let pid = match created {
             Ok(r) => r,
             Err(e) => {
@@ -791,6 +831,7 @@ impl TaskService {
             id.clone(),
             Container {
                 bundle: req.bundle.clone(),
+                rootfs_mounted,
                 init: process,
                 execs: HashMap::new(),
             },
@@ -801,14 +842,25 @@ impl TaskService {
     async fn freeze(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
         let inner = &self.inner;
         let mut state = inner.state.lock().await;
-        state.container(id)?;
+        let (op, allowed): (_, fn(Status) -> bool) = if pause {
+            ("pause", Status::can_pause)
+        } else {
+            ("resume", Status::can_resume)
+        };
+        let status = state.process(id, "")?.status();
+        if !allowed(status) {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("container {id} is {status}: cannot {op}"),
+            ));
+        }
         let agent = state.pod()?.agent.clone();
         let res = if pause {
             agent.pause(id).await
         } else {
             agent.resume(id).await
         };
-        res.map_err(internal)?;
+        res.map_err(|e| agent_error(id, e))?;
         state.process_mut(id, "")?.paused = pause;
         drop(state);
         if pause {

@@ -8,9 +8,10 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 use ttrpc::{Code, Result as TtrpcResult};
+use vessel_runtime::container::Status;
 
+use crate::error::err;
 use crate::pod::Pod;
-use crate::service::err;
 use crate::stdio::{Relays, StdioPaths};
 
 #[derive(Debug, Clone)]
@@ -47,18 +48,30 @@ impl Process {
         self.exit.borrow().clone()
     }
 
-    pub fn status(&self) -> TaskStatus {
+    pub fn status(&self) -> Status {
         match (self.exited(), self.started, self.paused) {
-            (Some(_), _, _) => TaskStatus::STOPPED,
-            (None, false, _) => TaskStatus::CREATED,
-            (None, true, true) => TaskStatus::PAUSED,
-            (None, true, false) => TaskStatus::RUNNING,
+            (Some(_), _, _) => Status::Stopped,
+            (None, false, _) => Status::Created,
+            (None, true, true) => Status::Paused,
+            (None, true, false) => Status::Running,
         }
+    }
+}
+
+/// A process status as containerd's task API names it.
+pub fn task_status(s: Status) -> TaskStatus {
+    match s {
+        Status::Creating | Status::Created => TaskStatus::CREATED,
+        Status::Running => TaskStatus::RUNNING,
+        Status::Paused => TaskStatus::PAUSED,
+        Status::Stopped => TaskStatus::STOPPED,
     }
 }
 
 pub struct Container {
     pub bundle: String,
+    /// containerd's rootfs mounts are mounted at `<bundle>/rootfs`.
+    pub rootfs_mounted: bool,
     pub init: Process,
     pub execs: HashMap<String, Process>,
 }

@@ -9,7 +9,7 @@ use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use vessel_protocol::stdio::StdioStream;
-use vessel_runtime::container::ContainerClient;
+use vessel_runtime::agent::AgentClient;
 
 /// The FIFO paths containerd passed for one process ("" = not wanted).
 #[derive(Debug, Clone, Default)]
@@ -71,7 +71,7 @@ impl Drop for Relays {
 
 /// Opens one stdio stream of a process (agent handshake included).
 async fn open_stream(
-    agent: &ContainerClient,
+    agent: &AgentClient,
     container_id: &str,
     exec_id: Option<&str>,
     stream: StdioStream,
@@ -120,7 +120,7 @@ where
 
 /// Attaches the FIFOs of one process (after CreateContainer / ExecProcess).
 pub async fn attach(
-    agent: &ContainerClient,
+    agent: &AgentClient,
     container_id: &str,
     exec_id: Option<&str>,
     paths: &StdioPaths,

@@ -129,27 +129,66 @@ impl Bundle {
         self.spec["process"]["terminal"].as_bool().unwrap_or(false)
     }
 
-    /// Memory limit + `memory_overhead_mib`, CPU quota / period rounded up;
-    /// configuration defaults where the spec sets nothing.
+    /// The VM size for this bundle (see [`vm_size`]).
     pub fn vm_size(&self, config: &Config) -> VmSize {
-        let res = &self.spec["linux"]["resources"];
-        let memory_mib = match res["memory"]["limit"].as_i64() {
-            Some(limit) if limit > 0 => {
-                let mib = (limit as u64).div_ceil(1 << 20);
-                u32::try_from(mib + u64::from(config.memory_overhead_mib)).unwrap_or(u32::MAX)
-            }
-            _ => config.default_memory_mib,
-        };
-        let vcpus = match (res["cpu"]["quota"].as_i64(), res["cpu"]["period"].as_u64()) {
-            (Some(q), Some(p)) if q > 0 && p > 0 => {
-                u32::try_from((q as u64).div_ceil(p)).unwrap_or(u32::MAX)
-            }
-            _ => config.default_vcpus,
-        };
-        VmSize {
-            vcpus: vcpus.clamp(1, config.max_vcpus.max(1)),
-            memory_mib: memory_mib.max(64),
+        vm_size(&self.spec, config)
+    }
+}
+
+/// Explicit VM size annotations (for pods: containerd's `pod_annotations`
+/// must pass `io.vessel.*` through).
+pub const VCPUS_ANNOTATION: &str = "io.vessel.vm.vcpus";
+pub const MEMORY_ANNOTATION: &str = "io.vessel.vm.memory_mib";
+/// Pod-level resources CRI puts on the sandbox (containerd >= 1.7).
+const CRI_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+const CRI_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const CRI_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+/// Bounds that keep a typo from asking the hypervisor for something absurd.
+const MIN_MEMORY_MIB: u32 = 64;
+const MAX_MEMORY_MIB: u32 = 256 * 1024;
+
+/// The VM size of a sandbox from its (first) container's spec, in order of
+/// precedence:
+/// - `io.vessel.vm.vcpus` / `io.vessel.vm.memory_mib`: explicit;
+/// - the memory limit (CRI's `sandbox-memory` annotation, else
+///   `linux.resources.memory.limit`) plus `memory_overhead_mib`, and the CPU
+///   quota / period (CRI's `sandbox-cpu-*` annotations, else
+///   `linux.resources.cpu`) rounded up;
+/// - otherwise `default_vcpus` / `default_memory_mib`.
+///
+/// vCPUs are clamped to `1..=max_vcpus`, memory to 64 MiB..=256 GiB.
+pub fn vm_size(spec: &Value, config: &Config) -> VmSize {
+    let ann = |k: &str| {
+        spec["annotations"][k]
+            .as_str()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    };
+    let res = &spec["linux"]["resources"];
+    let limit = ann(CRI_MEMORY).or_else(|| res["memory"]["limit"].as_i64());
+    let mut memory_mib = match limit {
+        Some(limit) if limit > 0 => {
+            let mib = (limit as u64).div_ceil(1 << 20);
+            u32::try_from(mib + u64::from(config.memory_overhead_mib)).unwrap_or(u32::MAX)
         }
+        _ => config.default_memory_mib,
+    };
+    let quota = ann(CRI_CPU_QUOTA).or_else(|| res["cpu"]["quota"].as_i64());
+    let period = ann(CRI_CPU_PERIOD).or_else(|| res["cpu"]["period"].as_i64());
+    let mut vcpus = match (quota, period) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => {
+            u32::try_from((q as u64).div_ceil(p as u64)).unwrap_or(u32::MAX)
+        }
+        _ => config.default_vcpus,
+    };
+    if let Some(v) = ann(VCPUS_ANNOTATION).filter(|v| *v > 0) {
+        vcpus = u32::try_from(v).unwrap_or(u32::MAX);
+    }
+    if let Some(m) = ann(MEMORY_ANNOTATION).filter(|v| *v > 0) {
+        memory_mib = u32::try_from(m).unwrap_or(u32::MAX);
+    }
+    VmSize {
+        vcpus: vcpus.clamp(1, config.max_vcpus.max(1)),
+        memory_mib: memory_mib.clamp(MIN_MEMORY_MIB, MAX_MEMORY_MIB),
     }
 }
 
@@ -287,6 +326,36 @@ mod tests {
         assert_eq!(
             (s.vcpus, s.memory_mib),
             (c.default_vcpus, c.default_memory_mib)
+        );
+    }
+
+    #[test]
+    fn pod_sizing_from_cri_and_explicit_annotations() {
+        let c = Config {
+            max_vcpus: 4,
+            memory_overhead_mib: 100,
+            ..Config::default()
+        };
+        let spec = serde_json::json!({"annotations": {
+            "io.kubernetes.cri.sandbox-memory": "536870912",
+            "io.kubernetes.cri.sandbox-cpu-quota": "150000",
+            "io.kubernetes.cri.sandbox-cpu-period": "100000"},
+            "linux": {"resources": {"memory": {"limit": 1}}}});
+        assert_eq!(
+            vm_size(&spec, &c),
+            VmSize {
+                vcpus: 2,
+                memory_mib: 612
+            }
+        );
+        let spec = serde_json::json!({"annotations": {"io.vessel.vm.vcpus": "9999",
+            "io.vessel.vm.memory_mib": "1", "io.kubernetes.cri.sandbox-memory": "garbage"}});
+        assert_eq!(
+            vm_size(&spec, &c),
+            VmSize {
+                vcpus: 4,
+                memory_mib: 64
+            }
         );
     }
 }

@@ -7,12 +7,11 @@
 //!
 //! - [`status`]: the state machine; [`state`]: state.json; [`lock`]: flock.
 //! - [`bundle`]: config.json checks and VM sizing; [`share`]: rootfs sharing.
-//! - [`client`]: the agent's container service; [`stdio`], [`console`]: relays.
+//! - [`stdio`], [`console`]: relays (the agent client is [`crate::agent`]).
 //! - [`supervisor`]: the per-container process that owns the VM;
 //!   [`create`]: launches it; [`ops`]: the other OCI operations; [`hooks`].
 
 pub mod bundle;
-pub mod client;
 pub mod console;
 pub mod create;
 pub mod hooks;
@@ -26,8 +25,8 @@ pub mod supervisor;
 
 use std::path::{Path, PathBuf};
 
+pub use crate::agent::{AgentClient, NewContainer};
 pub use bundle::Bundle;
-pub use client::{ContainerClient, NewContainer};
 pub use lock::ContainerLock;
 pub use state::State;
 pub use status::Status;
@@ -66,15 +65,6 @@ pub enum ContainerError {
     StillMounted(String),
     /// agent: {0}
     Agent(#[from] crate::agent::AgentError),
-    /// agent RPC {rpc} failed: {source}
-    Rpc {
-        rpc: &'static str,
-        source: ttrpc::Error,
-    },
-    /// agent reply to {rpc} is invalid: {reason}
-    BadReply { rpc: &'static str, reason: String },
-    /// {what}: {reason}
-    Stdio { what: String, reason: String },
     /// console: {0}
     Console(String),
     /// sandbox: {0}
@@ -213,12 +203,9 @@ impl Container {
         }
     }
 
-    pub fn vsock_uds(&self) -> PathBuf {
-        self.state.vm_dir.join("vsock.sock")
-    }
-
-    pub async fn client(&self) -> Result<ContainerClient> {
-        ContainerClient::connect(&self.vsock_uds()).await
+    /// A connection to the agent of the container's sandbox.
+    pub async fn client(&self) -> Result<AgentClient> {
+        Ok(AgentClient::connect_run_dir(&self.state.vm_dir).await?)
     }
 
     pub fn save(&self) -> Result<()> {

@@ -6,12 +6,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::client::ExitStatus;
 use super::stdio::Relays;
 use super::supervisor::{self, Request};
-use super::{
-    hooks, share, Bundle, Container, ContainerClient, ContainerError, Result, State, Status,
-};
+use super::{hooks, share, AgentClient, Bundle, Container, ContainerError, Result, State, Status};
+use crate::agent::ExitStatus;
 
 /// How long `delete` waits for a supervisor to finish after asking it to stop.
 const SUPERVISOR_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -34,7 +32,7 @@ pub async fn start(root: &Path, id: &str) -> Result<()> {
 pub async fn kill(root: &Path, id: &str, signal: u32, all: bool) -> Result<()> {
     let c = Container::open(root, id)?;
     c.require("kill", Status::can_kill)?;
-    c.client().await?.signal(id, None, signal, all).await
+    Ok(c.client().await?.signal(id, None, signal, all).await?)
 }
 
 pub async fn pause(root: &Path, id: &str) -> Result<()> {
@@ -59,7 +57,7 @@ pub async fn processes(root: &Path, id: &str) -> Result<Vec<u32>> {
     c.require("list processes of", |s| {
         matches!(s, Status::Created | Status::Running | Status::Paused)
     })?;
-    c.client().await?.processes(id).await
+    Ok(c.client().await?.processes(id).await?)
 }
 
 /// runc-style stats object (`events --stats` data).
@@ -154,7 +152,7 @@ fn wait_gone(state: &State, timeout: Duration) {
 
 /// A process started by `exec`, with its stdio relayed.
 pub struct Exec {
-    pub client: ContainerClient,
+    pub client: AgentClient,
     pub id: String,
     pub exec_id: String,
     pub pid: u32,

@@ -1,12 +1,20 @@
 //! Rootfs and bind-mount sources reach the guest through ONE virtio-fs share
-//! per sandbox: a staging directory `<root>/<id>/shared/` (a private bind
-//! mount of itself) into which the bundle rootfs and every host bind-mount
-//! source are bind-mounted (files as files). config.json paths are rewritten
-//! to the guest paths under [`GUEST_SHARED`].
+//! per sandbox, into which the bundle rootfs and every host bind-mount source
+//! are bind-mounted (files as files). config.json paths are rewritten to the
+//! guest paths under [`GUEST_SHARED`].
 //!
-//! Cleanup detaches the whole staging tree in one `umount2(MNT_DETACH)` and
+//! - A `vessel` container (a pod of one) stages before its VM boots:
+//!   [`Staging::prepare`] uses `<root>/<id>/shared/`, a private bind mount of
+//!   itself.
+//! - A pod stages each container after its VM booted: [`PodShare`] is a
+//!   shared bind mount of itself (so later mounts propagate to virtiofsd) and
+//!   each container gets `<share>/<container id>/`, seen by the guest under
+//!   `GUEST_SHARED/<container id>/`.
+//!
+//! Cleanup ([`cleanup_tree`]) detaches the staging tree with
+//! `umount2(MNT_DETACH)`, checks that nothing is mounted below it any more and
 //! then removes only empty directories and mount-point files, never
-//! recursively: a failed unmount can never delete container data.
+//! recursively: a failed unmount can never delete host data or container data.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +44,22 @@ fn mount_err(what: &str, path: &Path, e: nix::Error) -> ContainerError {
     }
 }
 
+/// Binds `dir` onto itself and makes it private; `shared`: then a shared
+/// mount of its own peer group (not a peer of the host's mounts).
+fn self_bind(dir: &Path, shared: bool) -> Result<()> {
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| mount_err("bind staging dir", dir, e))?;
+    let mut steps = vec![MsFlags::MS_PRIVATE];
+    if shared {
+        steps.push(MsFlags::MS_SHARED);
+    }
+    for propagation in steps {
+        mount(None::<&str>, dir, None::<&str>, propagation, None::<&str>)
+            .map_err(|e| mount_err("set propagation of staging dir", dir, e))?;
+    }
+    Ok(())
+}
+
 impl Staging {
     /// Builds the staging tree for `spec` (rootfs at `rootfs`) and rewrites
     /// `spec` to guest paths. Everything is undone on error.
@@ -43,7 +67,9 @@ impl Staging {
         let dir = container_dir.join(STAGING_DIR);
         std::fs::create_dir(&dir).map_err(|e| ContainerError::io(&dir, e))?;
         let staging = Staging { dir };
-        match staging.fill(rootfs, spec) {
+        let res = self_bind(&staging.dir, false)
+            .and_then(|()| fill(&staging.dir, GUEST_SHARED, rootfs, spec));
+        match res {
             Ok(()) => Ok(staging),
             Err(e) => {
                 if let Err(c) = cleanup(container_dir) {
@@ -53,48 +79,51 @@ impl Staging {
             }
         }
     }
+}
 
-    fn fill(&self, rootfs: &Path, spec: &mut Value) -> Result<()> {
-        let dir = &self.dir;
-        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(|e| mount_err("bind staging dir", dir, e))?;
-        mount(
-            None::<&str>,
-            dir,
-            None::<&str>,
-            MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .map_err(|e| mount_err("make staging dir private", dir, e))?;
-        let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
-        bind(rootfs, &dir.join("rootfs"), true, readonly)?;
-        spec["root"]["path"] = format!("{GUEST_SHARED}/rootfs").into();
-        if let Some(mounts) = spec["mounts"].as_array_mut() {
-            for (i, m) in mounts.iter_mut().enumerate() {
-                let opts: Vec<String> = m["options"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|o| o.as_str().map(str::to_string))
-                    .collect();
-                let is_bind = m["type"].as_str() == Some("bind")
-                    || opts.iter().any(|o| o == "bind" || o == "rbind");
-                if !is_bind {
-                    continue;
-                }
-                let Some(source) = m["source"].as_str().map(PathBuf::from) else {
-                    continue;
-                };
-                let recursive = opts.iter().any(|o| o == "rbind");
-                let ro = opts.iter().any(|o| o == "ro");
-                let name = format!("m{i}");
-                bind(&source, &dir.join(&name), recursive, ro)?;
-                m["source"] = format!("{GUEST_SHARED}/{name}").into();
+/// Stages `rootfs` and the bind sources of `spec` in `dir` (which exists)
+/// and rewrites `spec` to their guest paths under `guest_dir`.
+fn fill(dir: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
+    let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
+    bind(rootfs, &dir.join("rootfs"), true, readonly)?;
+    spec["root"]["path"] = format!("{guest_dir}/rootfs").into();
+    if let Some(mounts) = spec["mounts"].as_array_mut() {
+        for (i, m) in mounts.iter_mut().enumerate() {
+            let opts: Vec<String> = m["options"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o.as_str().map(str::to_string))
+                .collect();
+            let is_bind = m["type"].as_str() == Some("bind")
+                || opts.iter().any(|o| o == "bind" || o == "rbind");
+            if !is_bind {
+                continue;
             }
+            let Some(source) = m["source"].as_str().map(PathBuf::from) else {
+                continue;
+            };
+            if source.starts_with("/dev/shm") || m["destination"] == "/dev/shm" {
+                // A host tmpfs (CRI's pod shm) cannot be shared with a VM:
+                // the guest gets its own.
+                *m = serde_json::json!({"destination": "/dev/shm", "type": "tmpfs",
+                    "source": "shm", "options": GUEST_SHM_OPTIONS});
+                continue;
+            }
+            let recursive = opts.iter().any(|o| o == "rbind");
+            let ro = opts.iter().any(|o| o == "ro");
+            let name = format!("m{i}");
+            bind(&source, &dir.join(&name), recursive, ro)?;
+            m["source"] = format!("{guest_dir}/{name}").into();
         }
-        Ok(())
     }
+    Ok(())
+}
 
+/// Mount options of the guest's own /dev/shm when the spec binds the host's.
+const GUEST_SHM_OPTIONS: [&str; 5] = ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"];
+
+impl Staging {
     /// The share for the VM.
     pub fn shared_dir(&self) -> SharedDir {
         SharedDir {
@@ -172,7 +201,15 @@ fn unescape_mountinfo(s: &str) -> String {
 
 /// Unmounts the staging tree of `container_dir` and removes it. Idempotent.
 pub fn cleanup(container_dir: &Path) -> Result<()> {
-    let dir = container_dir.join(STAGING_DIR);
+    cleanup_tree(&container_dir.join(STAGING_DIR))
+}
+
+/// Unmounts everything at or below `dir` and removes `dir` and the mount
+/// points in it, never recursively: if anything is still mounted, fails
+/// with [`ContainerError::StillMounted`] (or the unmount's error) and
+/// removes nothing. Idempotent.
+pub fn cleanup_tree(dir: &Path) -> Result<()> {
+    let dir = dir.to_path_buf();
     if !dir.exists() {
         return Ok(());
     }
@@ -206,6 +243,69 @@ pub fn cleanup(container_dir: &Path) -> Result<()> {
         r.map_err(|e| ContainerError::io(&p, e))?;
     }
     std::fs::remove_dir(&dir).map_err(|e| ContainerError::io(&dir, e))
+}
+
+/// The staging share of a pod: one directory shared with the pod's VM, one
+/// subdirectory per container, staged after the VM booted.
+pub struct PodShare {
+    dir: PathBuf,
+}
+
+impl PodShare {
+    /// Creates `dir` as a shared bind mount of itself, so that mounts staged
+    /// later propagate into virtiofsd's mount namespace.
+    pub fn create(dir: &Path) -> Result<PodShare> {
+        std::fs::create_dir_all(dir).map_err(|e| ContainerError::io(dir, e))?;
+        let share = PodShare {
+            dir: dir.to_path_buf(),
+        };
+        if let Err(e) = self_bind(dir, true) {
+            if let Err(c) = cleanup_tree(dir) {
+                log::warn!("cleanup after failed pod share: {c}");
+            }
+            return Err(e);
+        }
+        Ok(share)
+    }
+
+    /// The share for the VM.
+    pub fn shared_dir(&self) -> SharedDir {
+        SharedDir {
+            tag: SHARE_TAG.into(),
+            host_path: self.dir.clone(),
+            read_only: false,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stages container `id` (rootfs at `rootfs`) and rewrites `spec` to
+    /// guest paths under `GUEST_SHARED/<id>`. Undone on error.
+    pub fn stage(&self, id: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
+        super::validate_id(id)?;
+        let dir = self.dir.join(id);
+        std::fs::create_dir(&dir).map_err(|e| ContainerError::io(&dir, e))?;
+        let res = fill(&dir, &format!("{GUEST_SHARED}/{id}"), rootfs, spec);
+        if res.is_err() {
+            if let Err(c) = cleanup_tree(&dir) {
+                log::warn!("cleanup after failed staging of {id}: {c}");
+            }
+        }
+        res
+    }
+
+    /// Unstages container `id` (see [`cleanup_tree`]). Idempotent.
+    pub fn unstage(&self, id: &str) -> Result<()> {
+        super::validate_id(id)?;
+        cleanup_tree(&self.dir.join(id))
+    }
+
+    /// Unmounts and removes the whole share (see [`cleanup_tree`]).
+    pub fn remove(&self) -> Result<()> {
+        cleanup_tree(&self.dir)
+    }
 }
 
 /// Removes a container directory: staging first (safely), then the rest.
@@ -270,5 +370,99 @@ mod tests {
             {"destination": "/x", "type": "bind", "source": "/nonexistent-src", "options": ["bind"]}]});
         assert!(Staging::prepare(&cdir, &rootfs, &mut spec).is_err());
         assert!(!cdir.join(STAGING_DIR).exists());
+    }
+
+    /// Drops CAP_SYS_ADMIN from the calling thread's effective set
+    /// (capabilities are per thread): its unmounts fail with EPERM.
+    fn drop_sys_admin_in_this_thread() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Default, Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_SYS_ADMIN: u32 = 21;
+        let mut h = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut d = [Data::default(); 2];
+        // SAFETY: capget/capset with a v3 header and two data words, as the
+        // kernel ABI requires; pid 0 is the calling thread.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
+            d[0].effective &= !(1 << CAP_SYS_ADMIN);
+            assert_eq!(libc::syscall(libc::SYS_capset, &h, d.as_ptr()), 0);
+        }
+    }
+
+    #[test]
+    fn a_failed_unmount_never_deletes_host_data() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root for bind mounts");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let (rootfs, data) = (d.path().join("rootfs"), d.path().join("data"));
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::create_dir_all(data.join("sub")).unwrap();
+        let files = [("a.txt", "alpha"), ("sub/b.txt", "beta")];
+        for (name, text) in files {
+            std::fs::write(data.join(name), text).unwrap();
+        }
+        let all_there = || {
+            files
+                .iter()
+                .all(|(n, t)| std::fs::read_to_string(data.join(n)).ok().as_deref() == Some(*t))
+        };
+        let share = PodShare::create(&d.path().join("share")).unwrap();
+        let mut spec = serde_json::json!({"root": {"path": "rootfs"}, "mounts": [
+            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]}]});
+        share.stage("c1", &rootfs, &mut spec).unwrap();
+        assert_eq!(spec["mounts"][0]["source"], "/run/vessel/shared/c1/m0");
+        let staged = share.path().join("c1/m0");
+        assert_eq!(
+            std::fs::read_to_string(staged.join("a.txt")).unwrap(),
+            "alpha"
+        );
+        // Keep the staged mount busy: a host process with its cwd inside it
+        // and an open fd on one of the host files.
+        let mut busy = std::process::Command::new("/bin/sh")
+            .args(["-c", "exec 3<a.txt; exec sleep 600"])
+            .current_dir(&staged)
+            .spawn()
+            .unwrap();
+
+        // The unmount fails (no CAP_SYS_ADMIN): an error naming the tree,
+        // nothing removed, the host files all there.
+        let share_dir = share.path().to_path_buf();
+        let e = std::thread::spawn(move || {
+            drop_sys_admin_in_this_thread();
+            cleanup_tree(&share_dir.join("c1"))
+        })
+        .join()
+        .unwrap()
+        .unwrap_err();
+        assert!(e.to_string().contains("c1"), "{e}");
+        assert!(all_there(), "host files lost after a failed unmount");
+        assert!(has_mounts(&staged), "the staging is left in place");
+
+        // With the right to unmount, the busy mount is detached and the
+        // staging removed; the host files are still all there.
+        share.unstage("c1").unwrap();
+        assert!(!share.path().join("c1").exists());
+        assert!(all_there(), "host files lost after unstaging a busy mount");
+        share.remove().unwrap();
+        assert!(!has_mounts(d.path()) && !share.path().exists());
+        let _ = busy.kill();
+        let _ = busy.wait();
+        assert!(all_there());
     }
 }

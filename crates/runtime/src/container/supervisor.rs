@@ -23,7 +23,7 @@ use super::bundle::Bundle;
 use super::console::HostPty;
 use super::share::{self, Staging};
 use super::stdio::Relays;
-use super::{ContainerClient, ContainerError, NewContainer, Result, CONTROL_SOCKET, EXIT_FILE};
+use super::{AgentClient, ContainerError, NewContainer, Result, CONTROL_SOCKET, EXIT_FILE};
 use crate::sandbox::{hypervisor, SandboxSpec};
 use crate::{Config, Sandbox};
 
@@ -99,7 +99,7 @@ pub struct SuperviseArgs {
 
 struct Running {
     sandbox: Sandbox,
-    client: ContainerClient,
+    client: AgentClient,
     relays: Relays,
     /// A dup of the host pty slave, watched for window-size changes.
     tty: Option<File>,
@@ -223,9 +223,9 @@ async fn create_in(
     bundle: &Bundle,
     spec: serde_json::Value,
     sandbox: &Sandbox,
-) -> Result<(ContainerClient, Relays, u32, Option<File>)> {
+) -> Result<(AgentClient, Relays, u32, Option<File>)> {
     let id = &args.id;
-    let client = ContainerClient::connect(&sandbox.run_dir().join("vsock.sock")).await?;
+    let client = sandbox.agent().clone();
     let terminal = bundle.terminal();
     let json = serde_json::to_vec(&spec).expect("spec serializes");
     let pid = client
@@ -260,7 +260,7 @@ async fn create_in(
 /// Relays this process's fds 0, 1 and 2 to the process's three streams, then
 /// points 0-2 at /dev/null so that only the relays hold the caller's fds.
 pub async fn attach_host_stdio(
-    client: &ContainerClient,
+    client: &AgentClient,
     id: &str,
     exec_id: Option<&str>,
     relays: &mut Relays,
@@ -402,7 +402,7 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
 
 /// Polls the host pty's window size (whoever holds the master resizes it;
 /// the slave gets no notification without a session) and forwards changes.
-async fn watch_window_size(tty: File, client: ContainerClient, id: String) {
+async fn watch_window_size(tty: File, client: AgentClient, id: String) {
     let mut last = super::console::window_size(&tty);
     loop {
         tokio::time::sleep(RESIZE_POLL).await;

@@ -1,25 +1,14 @@
-//! Typed client of the agent's container service, and stdio stream opening.
+//! The agent's container RPCs and stdio streams, on [`AgentClient`].
 //!
 //! Every reply is validated: the guest is not trusted.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ttrpc::r#async::transport::Socket;
-use vessel_hypervisor::AgentEndpoint;
 use vessel_protocol::agent::*;
-use vessel_protocol::agent_ttrpc::AgentClient as Ttrpc;
-use vessel_protocol::ports::{AGENT_VSOCK_PORT, STDIO_VSOCK_PORT};
+use vessel_protocol::ports::STDIO_VSOCK_PORT;
 use vessel_protocol::stdio::{StdioHeader, StdioStream, MAX_HEADER_LEN, REPLY_OK};
 
-use super::{ContainerError, Result};
-use crate::agent::connect_socket;
+use super::{connect_socket, rpc_ctx as ctx, AgentClient, AgentError, Result, CONNECT_TIMEOUT};
 
-/// Timeout for RPCs that do not block by design.
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
-/// Timeout for connecting and for a stdio header reply.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most pids accepted from ListProcesses.
 const MAX_PIDS: usize = 65_536;
 
@@ -29,13 +18,6 @@ pub struct ExitStatus {
     /// Shell convention: code, or 128 + signal.
     pub status: i32,
     pub signal: Option<u32>,
-}
-
-/// Client of the agent's `Agent` service for one sandbox.
-#[derive(Clone)]
-pub struct ContainerClient {
-    rpc: Ttrpc,
-    uds: PathBuf,
 }
 
 /// A container to create in a sandbox VM.
@@ -52,12 +34,8 @@ pub struct NewContainer<'a> {
     pub share_namespaces_with: Option<&'a str>,
 }
 
-fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
-}
-
-fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> ContainerError {
-    move |source| ContainerError::Rpc { rpc, source }
+fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
+    move |source| AgentError::Rpc { rpc, source }
 }
 
 fn stdio_config(s: (bool, bool, bool)) -> StdioConfig {
@@ -70,20 +48,7 @@ fn exec_key(exec_id: Option<&str>) -> String {
     exec_id.unwrap_or_default().to_string()
 }
 
-impl ContainerClient {
-    /// Connects to the agent behind the sandbox's hybrid-vsock socket.
-    pub async fn connect(vsock_uds: &Path) -> Result<Self> {
-        let endpoint = AgentEndpoint::HybridVsock {
-            uds: vsock_uds.to_path_buf(),
-        };
-        let stream = connect_socket(&endpoint, AGENT_VSOCK_PORT, CONNECT_TIMEOUT).await?;
-        let client = ttrpc::r#async::Client::new(Socket::new(stream));
-        Ok(ContainerClient {
-            rpc: Ttrpc::new(client),
-            uds: vsock_uds.to_path_buf(),
-        })
-    }
-
+impl AgentClient {
     /// Creates the container in the guest; returns the guest pid of its init.
     pub async fn create(&self, c: NewContainer<'_>) -> Result<u32> {
         let mut req = CreateContainerRequest::new();
@@ -93,7 +58,7 @@ impl ContainerClient {
         req.stdio = Some(stdio_config(c.stdio)).into();
         req.share_namespaces_with = c.share_namespaces_with.unwrap_or_default().into();
         let r = self
-            .rpc
+            .agent
             .create_container(ctx(), &req)
             .await
             .map_err(rpc_err("CreateContainer"))?;
@@ -106,7 +71,7 @@ impl ContainerClient {
         let mut req = UpdateContainerRequest::new();
         req.container_id = id.into();
         req.resources_json = resources_json;
-        self.rpc
+        self.agent
             .update_container(ctx(), &req)
             .await
             .map_err(rpc_err("UpdateContainer"))?;
@@ -116,7 +81,7 @@ impl ContainerClient {
     pub async fn start(&self, id: &str) -> Result<()> {
         let mut req = ContainerRequest::new();
         req.container_id = id.into();
-        self.rpc
+        self.agent
             .start_container(ctx(), &req)
             .await
             .map_err(rpc_err("StartContainer"))?;
@@ -136,7 +101,7 @@ impl ContainerClient {
         req.process_json = process_json;
         req.stdio = Some(stdio_config(stdio)).into();
         let r = self
-            .rpc
+            .agent
             .exec_process(ctx(), &req)
             .await
             .map_err(rpc_err("ExecProcess"))?;
@@ -155,7 +120,7 @@ impl ContainerClient {
         req.exec_id = exec_key(exec_id);
         req.signal = signal;
         req.all = all;
-        self.rpc
+        self.agent
             .signal_process(ctx(), &req)
             .await
             .map_err(rpc_err("SignalProcess"))?;
@@ -168,11 +133,11 @@ impl ContainerClient {
         req.container_id = id.into();
         req.exec_id = exec_key(exec_id);
         let r = self
-            .rpc
+            .agent
             .wait_process(ttrpc::context::Context::default(), &req)
             .await
             .map_err(rpc_err("WaitProcess"))?;
-        let bad = |reason: String| ContainerError::BadReply {
+        let bad = |reason: String| AgentError::BadReply {
             rpc: "WaitProcess",
             reason,
         };
@@ -199,7 +164,7 @@ impl ContainerClient {
         let mut req = RemoveContainerRequest::new();
         req.container_id = id.into();
         req.force = force;
-        self.rpc
+        self.agent
             .remove_container(ctx(), &req)
             .await
             .map_err(rpc_err("RemoveContainer"))?;
@@ -208,12 +173,12 @@ impl ContainerClient {
 
     pub async fn processes(&self, id: &str) -> Result<Vec<u32>> {
         let r = self
-            .rpc
+            .agent
             .list_processes(ctx(), &container_req(id))
             .await
             .map_err(rpc_err("ListProcesses"))?;
         if r.pids.len() > MAX_PIDS {
-            return Err(ContainerError::BadReply {
+            return Err(AgentError::BadReply {
                 rpc: "ListProcesses",
                 reason: format!("{} pids", r.pids.len()),
             });
@@ -222,7 +187,7 @@ impl ContainerClient {
     }
 
     pub async fn pause(&self, id: &str) -> Result<()> {
-        self.rpc
+        self.agent
             .pause_container(ctx(), &container_req(id))
             .await
             .map_err(rpc_err("PauseContainer"))?;
@@ -230,7 +195,7 @@ impl ContainerClient {
     }
 
     pub async fn resume(&self, id: &str) -> Result<()> {
-        self.rpc
+        self.agent
             .resume_container(ctx(), &container_req(id))
             .await
             .map_err(rpc_err("ResumeContainer"))?;
@@ -238,7 +203,7 @@ impl ContainerClient {
     }
 
     pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
-        self.rpc
+        self.agent
             .stats_container(ctx(), &container_req(id))
             .await
             .map_err(rpc_err("StatsContainer"))
@@ -256,7 +221,7 @@ impl ContainerClient {
         req.exec_id = exec_key(exec_id);
         req.rows = rows.into();
         req.cols = cols.into();
-        self.rpc
+        self.agent
             .resize_tty(ctx(), &req)
             .await
             .map_err(rpc_err("ResizeTty"))?;
@@ -266,7 +231,7 @@ impl ContainerClient {
     /// Blocks until the next OOM kill in any container of the sandbox.
     pub async fn oom_event(&self) -> Result<String> {
         let r = self
-            .rpc
+            .agent
             .get_oom_event(
                 ttrpc::context::Context::default(),
                 &GetOOMEventRequest::new(),
@@ -274,7 +239,7 @@ impl ContainerClient {
             .await
             .map_err(rpc_err("GetOOMEvent"))?;
         if !vessel_protocol::stdio::valid_id(&r.container_id) {
-            return Err(ContainerError::BadReply {
+            return Err(AgentError::BadReply {
                 rpc: "GetOOMEvent",
                 reason: "invalid container id".into(),
             });
@@ -289,10 +254,7 @@ impl ContainerClient {
         exec_id: Option<&str>,
         stream: StdioStream,
     ) -> Result<std::os::unix::net::UnixStream> {
-        let endpoint = AgentEndpoint::HybridVsock {
-            uds: self.uds.clone(),
-        };
-        let mut s = connect_socket(&endpoint, STDIO_VSOCK_PORT, CONNECT_TIMEOUT).await?;
+        let mut s = connect_socket(&self.endpoint, STDIO_VSOCK_PORT, CONNECT_TIMEOUT).await?;
         let header = StdioHeader {
             container_id: id.into(),
             exec_id: exec_id.map(str::to_string),
@@ -303,7 +265,7 @@ impl ContainerClient {
             stream.as_str(),
             exec_id.unwrap_or("init")
         );
-        let io = |e: std::io::Error| ContainerError::Stdio {
+        let io = |e: std::io::Error| AgentError::Stdio {
             what: what.clone(),
             reason: e.to_string(),
         };
@@ -326,7 +288,7 @@ impl ContainerClient {
         };
         tokio::time::timeout(CONNECT_TIMEOUT, read)
             .await
-            .map_err(|_| ContainerError::Stdio {
+            .map_err(|_| AgentError::Stdio {
                 what: what.clone(),
                 reason: "no reply from the agent".into(),
             })?
@@ -338,7 +300,7 @@ impl ContainerClient {
                 .chars()
                 .filter(|c| !c.is_control())
                 .collect();
-            return Err(ContainerError::Stdio {
+            return Err(AgentError::Stdio {
                 what,
                 reason: format!("agent refused: {text}"),
             });
@@ -357,7 +319,7 @@ fn container_req(id: &str) -> ContainerRequest {
 
 fn valid_pid(rpc: &'static str, pid: u32) -> Result<u32> {
     if pid == 0 || pid > 4_194_304 {
-        return Err(ContainerError::BadReply {
+        return Err(AgentError::BadReply {
             rpc,
             reason: format!("pid {pid}"),
         });

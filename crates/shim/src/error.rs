@@ -1,17 +1,26 @@
-//! Agent errors of the calls whose status codes containerd acts on (creating
-//! a container, updating its limits), mapped for the shim's replies.
+//! ONE mapping of agent errors to the shim's ttrpc replies.
 
 use ttrpc::Code;
-use vessel_runtime::container::ContainerError;
+use vessel_runtime::agent::AgentError;
+
+/// A ttrpc status reply.
+pub fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+/// A failure of the shim itself (not of the request or the guest).
+pub fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
+    err(Code::INTERNAL, format!("{e:#}"))
+}
 
 /// Longest agent error message passed on (the guest is not trusted).
 const MAX_MESSAGE: usize = 1024;
 
-/// An agent error as the shim returns it, with the RPC and container named.
-/// The guest is not trusted: only the request-error codes the agent documents
-/// pass through (a bad request stays INVALID_ARGUMENT for containerd), any
-/// other code becomes INTERNAL, and the message is bounded and printable.
-/// Transport failures are UNAVAILABLE.
+/// An agent RPC status as the shim returns it, with the RPC and container
+/// named. The guest is not trusted: only the request-error codes the agent
+/// documents pass through (a bad request stays INVALID_ARGUMENT for
+/// containerd), any other code becomes INTERNAL, and the message is bounded
+/// and printable. Transport failures are UNAVAILABLE.
 fn rpc_error(rpc: &str, id: &str, e: ttrpc::Error) -> ttrpc::Error {
     let (code, msg) = match e {
         ttrpc::Error::RpcStatus(s) => {
@@ -32,17 +41,19 @@ fn rpc_error(rpc: &str, id: &str, e: ttrpc::Error) -> ttrpc::Error {
         }
         other => (Code::UNAVAILABLE, other.to_string()),
     };
-    crate::service::err(code, format!("agent {rpc} {id}: {msg}"))
+    err(code, format!("agent {rpc} {id}: {msg}"))
 }
 
-/// A failed agent call of `ContainerClient` as the shim returns it: RPC
-/// errors through [`rpc_error`], anything else (a transport or reply problem)
-/// INTERNAL.
-pub fn agent_error(rpc: &str, id: &str, e: ContainerError) -> ttrpc::Error {
-    match e {
-        ContainerError::Rpc { source, .. } => rpc_error(rpc, id, source),
-        other => crate::service::err(Code::INTERNAL, format!("agent {rpc} {id}: {other}")),
-    }
+/// Every failed agent call of container `id`, as the shim returns it: RPC
+/// statuses through [`rpc_error`]; no connection, UNAVAILABLE; a reply or
+/// stream the guest got wrong, INTERNAL.
+pub fn agent_error(id: &str, e: AgentError) -> ttrpc::Error {
+    let code = match e {
+        AgentError::Rpc { rpc, source } => return rpc_error(rpc, id, source),
+        AgentError::Connect { .. } | AgentError::Handshake(_) => Code::UNAVAILABLE,
+        _ => Code::INTERNAL,
+    };
+    err(code, format!("agent, container {id}: {e}"))
 }
 
 #[cfg(test)]
@@ -78,5 +89,22 @@ mod tests {
         ));
         assert_eq!(code, Code::INTERNAL);
         assert!(msg.len() < MAX_MESSAGE + 64, "{}", msg.len());
+        let (code, msg) = parts(agent_error(
+            "c1",
+            AgentError::Rpc {
+                rpc: "PauseContainer",
+                source: status(Code::FAILED_PRECONDITION, "not running"),
+            },
+        ));
+        assert_eq!(code, Code::FAILED_PRECONDITION);
+        assert_eq!(msg, "agent PauseContainer c1: not running");
+        let (code, _) = parts(agent_error(
+            "c1",
+            AgentError::BadReply {
+                rpc: "ExecProcess",
+                reason: "pid 0".into(),
+            },
+        ));
+        assert_eq!(code, Code::INTERNAL);
     }
 }

@@ -1,8 +1,21 @@
-//! Host-side client of vessel-agent.
+//! The host-side client of vessel-agent: ONE client per sandbox, one
+//! connection (cloned by every user), one timeout policy, one error type.
+//!
+//! - here: connecting, readiness, `Health` and the sandbox-wide `Agent` RPCs
+//!   (clock, entropy, probe);
+//! - [`container`]: the container RPCs and stdio streams.
 //!
 //! Everything read from the guest is untrusted: the readiness line and the
 //! hybrid-vsock reply are length-bounded and parsed strictly; RPC replies are
-//! protobuf-decoded by ttrpc and checked by the callers.
+//! protobuf-decoded by ttrpc and validated here.
+//!
+//! Timeouts: [`CONNECT_TIMEOUT`] for connecting and stream handshakes,
+//! [`RPC_TIMEOUT`] for every RPC that does not block by design; `WaitProcess`
+//! and `GetOOMEvent` block until their event.
+
+pub mod container;
+
+pub use container::{ExitStatus, NewContainer};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,8 +33,11 @@ use vessel_protocol::ports::{AGENT_VSOCK_PORT, READY_MAGIC, READY_VSOCK_PORT};
 
 /// Longest readiness line accepted.
 const MAX_READY_LINE: usize = 128;
-/// Per-RPC timeout for simple calls.
-const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout of every RPC that does not block by design.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout for connecting (hybrid-vsock handshake) and for a stdio stream's
+/// header reply.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval for polling a Unix socket that the hypervisor has not created yet.
 const CONNECT_POLL: Duration = Duration::from_millis(5);
 
@@ -49,6 +65,8 @@ pub enum AgentError {
     },
     /// Agent reply to {rpc} is invalid: {reason}
     BadReply { rpc: &'static str, reason: String },
+    /// {what}: {reason}
+    Stdio { what: String, reason: String },
 }
 
 type Result<T> = std::result::Result<T, AgentError>;
@@ -123,10 +141,13 @@ pub const PROBE_SAMPLE_LEN: usize = 16;
 /// Host entropy sent with `ReseedRandom` after a restore.
 const RESEED_BYTES: usize = 64;
 
-/// A connected agent.
+/// A connected agent: one connection per sandbox, shared by clones.
+#[derive(Clone)]
 pub struct AgentClient {
     health: HealthClient,
     agent: AgentTtrpc,
+    /// Where stdio streams are opened (hybrid vsock only).
+    endpoint: AgentEndpoint,
 }
 
 /// What `Agent.Probe` reports, validated.
@@ -148,7 +169,17 @@ impl AgentClient {
         Ok(AgentClient {
             health: HealthClient::new(client.clone()),
             agent: AgentTtrpc::new(client),
+            endpoint: endpoint.clone(),
         })
+    }
+
+    /// Connects to the agent of a running sandbox whose run directory is
+    /// `run_dir` (see [`crate::sandbox::agent_socket`]).
+    pub async fn connect_run_dir(run_dir: &Path) -> Result<Self> {
+        let endpoint = AgentEndpoint::HybridVsock {
+            uds: crate::sandbox::agent_socket(run_dir),
+        };
+        Self::connect(&endpoint, CONNECT_TIMEOUT).await
     }
 
     /// Sets the guest wall clock to the host's (after a restore the guest's
@@ -264,10 +295,9 @@ impl AgentClient {
 
     /// `Health.Version`, validated.
     pub async fn version(&self) -> Result<VersionResponse> {
-        let ctx = ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64);
         let v = self
             .health
-            .version(ctx, &VersionRequest::new())
+            .version(rpc_ctx(), &VersionRequest::new())
             .await
             .map_err(|source| AgentError::Rpc {
                 rpc: "Health.Version",

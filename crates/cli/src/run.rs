@@ -25,15 +25,8 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
     let pid = crate::create::create(ctx, a.create)?;
     let root = ctx.root();
     let code = crate::block_on(async {
-        if let Err(e) = ops::start(root, &id).await {
-            let _ = ops::delete(root, &id, true).await;
-            return Err(anyhow::Error::from(e));
-        }
-        if a.detach {
-            return Ok(0);
-        }
-        let mut wait =
-            tokio::task::spawn_blocking(move || waitpid(Pid::from_raw(pid as i32), None));
+        // Handlers first: a signal that arrives once the container runs
+        // must be forwarded, not kill this process.
         let kinds = [
             SignalKind::interrupt(),
             SignalKind::terminate(),
@@ -43,9 +36,20 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
             SignalKind::user_defined2(),
         ];
         let mut streams = Vec::new();
-        for k in kinds {
-            streams.push((k.as_raw_value() as u32, signal(k)?));
+        if !a.detach {
+            for k in kinds {
+                streams.push((k.as_raw_value() as u32, signal(k)?));
+            }
         }
+        if let Err(e) = ops::start(root, &id).await {
+            let _ = ops::delete(root, &id, true).await;
+            return Err(anyhow::Error::from(e));
+        }
+        if a.detach {
+            return Ok(0);
+        }
+        let mut wait =
+            tokio::task::spawn_blocking(move || waitpid(Pid::from_raw(pid as i32), None));
         let status = loop {
             let any_signal = futures_select(&mut streams);
             tokio::select! {

@@ -27,14 +27,14 @@ pub struct SnapshotInfo {
     /// Backend that wrote it (`qemu`, `builtin`); only that backend restores it.
     pub backend: String,
     /// Accelerator the VM ran on (`kvm`, `tcg`).
-    pub accelerator: String,
+    pub accelerator: crate::Accelerator,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub kernel_args: Vec<String>,
     pub vcpus: u32,
     pub memory_mib: u32,
     /// `vsock` or `serial`.
-    pub channel: String,
+    pub channel: AgentChannel,
 }
 
 impl SnapshotInfo {
@@ -43,24 +43,13 @@ impl SnapshotInfo {
         SnapshotInfo {
             format: SNAPSHOT_FORMAT,
             backend: backend.to_string(),
-            accelerator: accelerator.to_string(),
+            accelerator,
             kernel: cfg.kernel.clone(),
             initramfs: cfg.initramfs.clone(),
             kernel_args: cfg.kernel_args.clone(),
             vcpus: cfg.vcpus,
             memory_mib: cfg.memory_mib,
-            channel: cfg.channel.to_string(),
-        }
-    }
-
-    /// The agent channel of the snapshotted VM.
-    pub fn agent_channel(&self) -> Result<AgentChannel> {
-        match self.channel.as_str() {
-            "vsock" => Ok(AgentChannel::Vsock),
-            "serial" => Ok(AgentChannel::Serial),
-            other => Err(Error::InvalidConfig(format!(
-                "snapshot names an unknown agent channel {other:?}"
-            ))),
+            channel: cfg.channel,
         }
     }
 
@@ -97,7 +86,6 @@ impl SnapshotInfo {
                 info.format
             )));
         }
-        info.agent_channel()?;
         Ok(info)
     }
 
@@ -123,7 +111,7 @@ impl SnapshotInfo {
                 self.backend
             )));
         }
-        let want = (self.vcpus, self.memory_mib, self.agent_channel()?);
+        let want = (self.vcpus, self.memory_mib, self.channel);
         let got = (cfg.vcpus, cfg.memory_mib, cfg.channel);
         if want != got {
             return Err(Error::InvalidConfig(format!(
@@ -220,9 +208,10 @@ mod tests {
         std::fs::write(&p, vec![b' '; 70 * 1024]).unwrap();
         let e = SnapshotInfo::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("larger than"), "{e}");
-        let mut info = SnapshotInfo::of("qemu", Accelerator::Tcg, &cfg(dir.path()));
-        info.channel = "pigeon".into();
-        std::fs::write(&p, serde_json::to_vec(&info).unwrap()).unwrap();
+        let info = SnapshotInfo::of("qemu", Accelerator::Tcg, &cfg(dir.path()));
+        let mut json = serde_json::to_value(&info).unwrap();
+        json["channel"] = "pigeon".into();
+        std::fs::write(&p, serde_json::to_vec(&json).unwrap()).unwrap();
         let e = SnapshotInfo::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("pigeon"), "{e}");
     }

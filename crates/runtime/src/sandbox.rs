@@ -226,7 +226,7 @@ impl Sandbox {
     ) -> Result<Sandbox> {
         validate_id(id)?;
         let info = SnapshotInfo::load(snapshot)?;
-        let channel = info.agent_channel()?;
+        let channel = info.channel;
         let run_dir = create_run_dir(&config.state_root, id)?;
         let vm_config = VmConfig {
             id: id.to_string(),

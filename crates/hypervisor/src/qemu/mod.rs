@@ -133,7 +133,7 @@ impl Hypervisor for Qemu {
     async fn restore(&self, dir: &Path, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
         let info = SnapshotInfo::load(dir)?;
         info.check_matches(self.name(), cfg)?;
-        if info.accelerator != self.accelerator.to_string() {
+        if info.accelerator != self.accelerator {
             return Err(Error::InvalidConfig(format!(
                 "the snapshot was taken with QEMU/{}; this host runs QEMU/{}",
                 info.accelerator, self.accelerator

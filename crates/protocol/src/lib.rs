@@ -2,6 +2,7 @@
 //!
 //! - [`health`] / [`health_ttrpc`], [`agent`] / [`agent_ttrpc`]: generated
 //!   messages and ttrpc services (container lifecycle lives in `agent`).
+//! - [`id`]: the one rule for sandbox, container and exec ids.
 //! - [`stdio`]: the header line that opens a process stdio stream.
 //! - [`ports`]: vsock ports and virtio-serial port names.
 //! - [`hybrid_vsock`]: the Firecracker-style `CONNECT <port>` handshake that the
@@ -10,6 +11,7 @@
 //! This crate does no I/O policy (timeouts, retries): callers decide those.
 
 pub mod hybrid_vsock;
+pub mod id;
 pub mod ports;
 pub mod stdio;
 

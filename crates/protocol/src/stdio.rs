@@ -66,19 +66,12 @@ pub enum HeaderError {
     Malformed(String),
     /// unknown stdio stream {0:?} (expected stdin, stdout, stderr or tty)
     UnknownStream(String),
-    /// invalid id {0:?} (expected [A-Za-z0-9][A-Za-z0-9_.-]*, at most 128 bytes)
+    /// invalid id {0:?}: use 1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit
     BadId(String),
 }
 
-/// Whether `id` is a valid container or exec id: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
-pub fn valid_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
-}
+/// Ids in a header follow the one id rule.
+pub use crate::id::valid_id;
 
 impl StdioHeader {
     /// Parses one header line (with or without its trailing `\n`).
@@ -184,10 +177,7 @@ mod tests {
         }
         let long = format!("STDIO {} - stdout\n", "a".repeat(300));
         assert_eq!(StdioHeader::parse(long.as_bytes()), Err(TooLong));
-        let id129 = format!("STDIO {} - stdout\n", "a".repeat(129));
-        assert!(matches!(
-            StdioHeader::parse(id129.as_bytes()),
-            Err(BadId(_))
-        ));
+        let id65 = format!("STDIO {} - stdout\n", "a".repeat(65));
+        assert!(matches!(StdioHeader::parse(id65.as_bytes()), Err(BadId(_))));
     }
 }

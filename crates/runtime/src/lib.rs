@@ -47,8 +47,8 @@ pub enum Error {
     /// Timed out after {secs} s waiting for the agent. Console log tail:
     /// {console}
     BootTimeout { secs: u64, console: String },
-    /// Invalid sandbox id {0:?}: use 1-64 characters from [A-Za-z0-9_.-], not starting with '.'
-    InvalidId(String),
+    /// sandbox: {0}
+    InvalidId(vessel_protocol::id::InvalidId),
     /// Sandbox {0} already exists
     Exists(String),
 }

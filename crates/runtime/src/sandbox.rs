@@ -56,19 +56,9 @@ pub struct Sandbox {
     stop_grace: Duration,
 }
 
-/// Checks a sandbox or container id: it becomes a directory name.
+/// Checks a sandbox id against the one id rule ([`vessel_protocol::id`]).
 pub fn validate_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidId(id.to_string()))
-    }
+    vessel_protocol::id::check_id(id).map_err(Error::InvalidId)
 }
 
 pub use crate::backend::hypervisor;
@@ -333,12 +323,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids() {
-        for ok in ["a", "abc-1_2.3", &"x".repeat(64)] {
-            validate_id(ok).unwrap();
-        }
-        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65), ".hidden", "ü"] {
-            assert!(validate_id(bad).is_err(), "{bad:?}");
+    fn ids_follow_the_one_rule() {
+        for (id, ok) in vessel_protocol::id::test_cases() {
+            assert_eq!(validate_id(&id).is_ok(), ok, "{id:?}");
         }
     }
 

@@ -24,7 +24,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tokio::sync::watch;
 use vessel_protocol::agent::{StdioConfig, Storage};
-use vessel_protocol::stdio::valid_id;
+use vessel_protocol::id::valid_id;
 
 use crate::reaper::Reaper;
 use crate::stdio::{server::ProcessLookup, ChildStdio, ProcessIo};

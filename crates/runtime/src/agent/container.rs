@@ -238,7 +238,7 @@ impl AgentClient {
             )
             .await
             .map_err(rpc_err("GetOOMEvent"))?;
-        if !vessel_protocol::stdio::valid_id(&r.container_id) {
+        if !vessel_protocol::id::valid_id(&r.container_id) {
             return Err(AgentError::BadReply {
                 rpc: "GetOOMEvent",
                 reason: "invalid container id".into(),

@@ -5,11 +5,14 @@
 //! - [`sandbox`]: one VM with its agent: boot, talk, stop, clean up.
 //! - [`agent`]: the host-side agent client (readiness, hybrid vsock, ttrpc).
 //! - [`container`]: OCI containers (one per sandbox), their supervisor and state.
+//! - [`pod`]: the pod model (a VM, its share and network, its containers and
+//!   processes with their guards, stdio and exits) behind the containerd shim.
 
 pub mod agent;
 pub mod backend;
 pub mod config;
 pub mod container;
+pub mod pod;
 pub mod sandbox;
 
 pub use config::Config;

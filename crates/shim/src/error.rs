@@ -1,7 +1,9 @@
-//! ONE mapping of agent errors to the shim's ttrpc replies.
+//! ONE mapping of the pod model's errors (agent errors included) to the
+//! shim's ttrpc replies.
 
 use ttrpc::Code;
 use vessel_runtime::agent::AgentError;
+use vessel_runtime::pod::PodError;
 
 /// A ttrpc status reply.
 pub fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
@@ -13,56 +15,44 @@ pub fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
     err(Code::INTERNAL, format!("{e:#}"))
 }
 
-/// Longest agent error message passed on (the guest is not trusted).
-const MAX_MESSAGE: usize = 1024;
-
-/// An agent RPC status as the shim returns it, with the RPC and container
-/// named. The guest is not trusted: only the request-error codes the agent
-/// documents pass through (a bad request stays INVALID_ARGUMENT for
-/// containerd), any other code becomes INTERNAL, and the message is bounded
-/// and printable. Transport failures are UNAVAILABLE.
+/// An agent RPC failure as the shim returns it, with the RPC and container
+/// named: only the request-error codes the agent documents pass through (a
+/// bad request stays INVALID_ARGUMENT for containerd), any other code becomes
+/// INTERNAL (the runtime bounded the guest's message); a transport failure is
+/// UNAVAILABLE.
 fn rpc_error(rpc: &str, id: &str, e: ttrpc::Error) -> ttrpc::Error {
     let (code, msg) = match e {
-        ttrpc::Error::RpcStatus(s) => {
-            let msg: String = s
-                .message
-                .chars()
-                .take(MAX_MESSAGE)
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect();
-            let code = match s.code() {
-                c @ (Code::INVALID_ARGUMENT
-                | Code::FAILED_PRECONDITION
-                | Code::NOT_FOUND
-                | Code::ALREADY_EXISTS) => c,
-                _ => Code::INTERNAL,
-            };
-            (code, msg)
-        }
+        ttrpc::Error::RpcStatus(s) => match s.code() {
+            c @ (Code::INVALID_ARGUMENT
+            | Code::FAILED_PRECONDITION
+            | Code::NOT_FOUND
+            | Code::ALREADY_EXISTS) => (c, s.message),
+            _ => (Code::INTERNAL, s.message),
+        },
         other => (Code::UNAVAILABLE, other.to_string()),
     };
     err(code, format!("agent {rpc} {id}: {msg}"))
 }
 
-/// Every failed agent call of container `id`, as the shim returns it: RPC
-/// statuses through [`rpc_error`]; no connection, UNAVAILABLE; a reply or
-/// stream the guest got wrong, INTERNAL.
-pub fn agent_error(id: &str, e: AgentError) -> ttrpc::Error {
+/// Every failed pod operation on container `id`, as the shim returns it.
+/// Agent RPC statuses go through [`rpc_error`]; no connection to the agent
+/// is UNAVAILABLE; a reply or stream the guest got wrong is INTERNAL.
+pub fn pod_error(id: &str, e: PodError) -> ttrpc::Error {
     let code = match e {
-        AgentError::Rpc { rpc, source } => return rpc_error(rpc, id, source),
-        AgentError::Connect { .. } | AgentError::Handshake(_) => Code::UNAVAILABLE,
+        PodError::Agent(AgentError::Rpc { rpc, source }) => return rpc_error(rpc, id, source),
+        PodError::Agent(AgentError::Connect { .. } | AgentError::Handshake(_)) => Code::UNAVAILABLE,
+        PodError::NotFound(_) | PodError::ExecNotFound { .. } => Code::NOT_FOUND,
+        PodError::Exists(_) => Code::ALREADY_EXISTS,
+        PodError::Invalid(_) => Code::INVALID_ARGUMENT,
+        PodError::WrongState { .. } | PodError::VmExited(_) => Code::FAILED_PRECONDITION,
         _ => Code::INTERNAL,
     };
-    err(code, format!("agent, container {id}: {e}"))
+    err(code, format!("{:#}", anyhow::Error::new(e)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn status(code: Code, msg: &str) -> ttrpc::Error {
-        ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()))
-    }
 
     fn parts(e: ttrpc::Error) -> (Code, String) {
         match e {
@@ -71,40 +61,60 @@ mod tests {
         }
     }
 
+    fn rpc(code: Code) -> PodError {
+        let source = ttrpc::Error::RpcStatus(ttrpc::get_status(code, "bad quota".to_string()));
+        PodError::Agent(AgentError::Rpc {
+            rpc: "UpdateContainer",
+            source,
+        })
+    }
+
     #[test]
-    fn agent_errors_are_bounded_and_keep_only_request_codes() {
-        let (code, msg) = parts(rpc_error(
-            "UpdateContainer",
-            "c1",
-            status(Code::INVALID_ARGUMENT, "bad\nquota"),
-        ));
-        assert_eq!(code, Code::INVALID_ARGUMENT);
-        assert_eq!(msg, "agent UpdateContainer c1: bad quota");
-        let (code, _) = parts(rpc_error("CreateContainer", "c1", status(Code::OK, "x")));
-        assert_eq!(code, Code::INTERNAL);
-        let (code, msg) = parts(rpc_error(
-            "CreateContainer",
-            "c1",
-            status(Code::UNAUTHENTICATED, &"y".repeat(5000)),
-        ));
-        assert_eq!(code, Code::INTERNAL);
-        assert!(msg.len() < MAX_MESSAGE + 64, "{}", msg.len());
-        let (code, msg) = parts(agent_error(
-            "c1",
-            AgentError::Rpc {
-                rpc: "PauseContainer",
-                source: status(Code::FAILED_PRECONDITION, "not running"),
-            },
-        ));
-        assert_eq!(code, Code::FAILED_PRECONDITION);
-        assert_eq!(msg, "agent PauseContainer c1: not running");
-        let (code, _) = parts(agent_error(
-            "c1",
-            AgentError::BadReply {
-                rpc: "ExecProcess",
-                reason: "pid 0".into(),
-            },
-        ));
-        assert_eq!(code, Code::INTERNAL);
+    fn one_mapping_of_pod_and_agent_errors() {
+        let (code, msg) = parts(pod_error("c1", rpc(Code::INVALID_ARGUMENT)));
+        assert_eq!(
+            (code, msg.as_str()),
+            (
+                Code::INVALID_ARGUMENT,
+                "agent UpdateContainer c1: bad quota"
+            )
+        );
+        for (from, to) in [
+            (Code::OK, Code::INTERNAL),
+            (Code::UNAUTHENTICATED, Code::INTERNAL),
+            (Code::NOT_FOUND, Code::NOT_FOUND),
+        ] {
+            assert_eq!(parts(pod_error("c1", rpc(from))).0, to);
+        }
+        let bad_reply = AgentError::BadReply {
+            rpc: "ExecProcess",
+            reason: "pid 0".into(),
+        };
+        assert_eq!(
+            parts(pod_error("c1", PodError::Agent(bad_reply))).0,
+            Code::INTERNAL
+        );
+        let status = vessel_runtime::container::Status::Created;
+        let wrong = PodError::WrongState {
+            what: "container c1".into(),
+            status,
+            op: "pause",
+        };
+        let (code, msg) = parts(pod_error("c1", wrong));
+        assert_eq!(
+            (code, msg.as_str()),
+            (
+                Code::FAILED_PRECONDITION,
+                "container c1 is created: cannot pause"
+            )
+        );
+        assert_eq!(
+            parts(pod_error("c1", PodError::NotFound("c1".into()))).0,
+            Code::NOT_FOUND
+        );
+        assert_eq!(
+            parts(pod_error("c1", PodError::Exists("c1".into()))).0,
+            Code::ALREADY_EXISTS
+        );
     }
 }

@@ -6,11 +6,9 @@
 //! later containers join it, deleting the sandbox stops it.
 
 mod error;
-mod pod;
+mod rootfs;
 mod service;
-mod state;
 mod stats;
-mod stdio;
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
@@ -25,37 +23,13 @@ use containerd_shim::protos::ttrpc::r#async::transport::Listener;
 use containerd_shim::protos::ttrpc::r#async::Server;
 use containerd_shim::{Flags, StartOpts, Task};
 use tokio::io::AsyncWriteExt;
-
-/// Annotation that groups the containers of one CRI pod.
-pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
-/// `sandbox` for the pause container, `container` for the others.
-pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
-
-/// The shim grouping key of a container: its pod's sandbox id, or its own id.
-fn grouping(id: &str, bundle: &Path) -> String {
-    let Ok(text) = std::fs::read(bundle.join("config.json")) else {
-        return id.to_string();
-    };
-    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&text) else {
-        return id.to_string();
-    };
-    let ann = &spec["annotations"];
-    match (
-        ann[CONTAINER_TYPE_ANNOTATION].as_str(),
-        ann[SANDBOX_ID_ANNOTATION].as_str(),
-    ) {
-        (Some("container"), Some(sandbox)) if vessel_protocol::stdio::valid_id(sandbox) => {
-            sandbox.to_string()
-        }
-        _ => id.to_string(),
-    }
-}
+use vessel_runtime::pod::{self, Pod};
 
 /// `start` as containerd 1.6 speaks it: flags in, the bare `unix://` address
 /// out (the library's own start answers with the JSON of newer containerds).
 async fn start(flags: Flags) -> anyhow::Result<()> {
     let bundle = std::env::current_dir()?;
-    let group = grouping(&flags.id, &bundle);
+    let group = pod::pod_of(&flags.id, &bundle);
     let opts = StartOpts {
         id: flags.id,
         publish_binary: flags.publish_binary,
@@ -83,7 +57,10 @@ async fn delete(flags: Flags) -> anyhow::Result<()> {
     } else {
         flags.bundle.into()
     };
-    pod::cleanup_after_crash(&flags.id, &bundle);
+    if let Ok((config, _)) = vessel_runtime::Config::load(None) {
+        Pod::cleanup_after_crash(&config, &flags.id);
+    }
+    rootfs::unmount(&bundle);
     let resp = DeleteResponse {
         exit_status: 128 + libc::SIGKILL as u32,
         exited_at: Some(containerd_shim::util::timestamp()?).into(),
@@ -183,27 +160,5 @@ async fn main() {
     if let Err(e) = res {
         eprintln!("containerd-shim-vessel-v2: {e:#}");
         std::process::exit(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn groups_by_sandbox_id() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(grouping("c1", dir.path()), "c1");
-        let spec = |ty: &str, sb: &str| {
-            format!(
-                r#"{{"annotations":{{"{CONTAINER_TYPE_ANNOTATION}":"{ty}","{SANDBOX_ID_ANNOTATION}":"{sb}"}}}}"#
-            )
-        };
-        std::fs::write(dir.path().join("config.json"), spec("container", "pod1")).unwrap();
-        assert_eq!(grouping("c1", dir.path()), "pod1");
-        std::fs::write(dir.path().join("config.json"), spec("sandbox", "pod1")).unwrap();
-        assert_eq!(grouping("pod1", dir.path()), "pod1");
-        std::fs::write(dir.path().join("config.json"), spec("container", "../x")).unwrap();
-        assert_eq!(grouping("c1", dir.path()), "c1");
     }
 }

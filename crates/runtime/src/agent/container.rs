@@ -35,7 +35,7 @@ pub struct NewContainer<'a> {
 }
 
 fn rpc_err(rpc: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
-    move |source| AgentError::Rpc { rpc, source }
+    move |source| super::rpc_error(rpc, source)
 }
 
 fn stdio_config(s: (bool, bool, bool)) -> StdioConfig {

@@ -71,6 +71,27 @@ pub enum AgentError {
 
 type Result<T> = std::result::Result<T, AgentError>;
 
+/// Longest RPC status message kept from the guest.
+const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// A failed RPC. The guest is not trusted: a status message it sent is cut
+/// to [`MAX_STATUS_MESSAGE`] characters and its control characters blanked.
+fn rpc_error(rpc: &'static str, source: ttrpc::Error) -> AgentError {
+    let source = match source {
+        ttrpc::Error::RpcStatus(mut s) => {
+            s.message = s
+                .message
+                .chars()
+                .take(MAX_STATUS_MESSAGE)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            ttrpc::Error::RpcStatus(s)
+        }
+        other => other,
+    };
+    AgentError::Rpc { rpc, source }
+}
+
 /// `<uds>_<port>`: where guest-initiated vsock connections arrive.
 pub fn guest_initiated_path(uds: &Path, port: u32) -> PathBuf {
     let mut s = uds.as_os_str().to_owned();
@@ -201,10 +222,7 @@ impl AgentClient {
         self.agent
             .set_time(rpc_ctx(), &req)
             .await
-            .map_err(|source| AgentError::Rpc {
-                rpc: "Agent.SetTime",
-                source,
-            })?;
+            .map_err(|source| rpc_error("Agent.SetTime", source))?;
         Ok(())
     }
 
@@ -223,10 +241,7 @@ impl AgentClient {
         self.agent
             .reseed_random(rpc_ctx(), &req)
             .await
-            .map_err(|source| AgentError::Rpc {
-                rpc: "Agent.ReseedRandom",
-                source,
-            })?;
+            .map_err(|source| rpc_error("Agent.ReseedRandom", source))?;
         Ok(())
     }
 
@@ -236,10 +251,7 @@ impl AgentClient {
             .agent
             .probe(rpc_ctx(), &ProbeRequest::new())
             .await
-            .map_err(|source| AgentError::Rpc {
-                rpc: "Agent.Probe",
-                source,
-            })?;
+            .map_err(|source| rpc_error("Agent.Probe", source))?;
         let bad = |reason: String| AgentError::BadReply {
             rpc: "Agent.Probe",
             reason,
@@ -279,10 +291,7 @@ impl AgentClient {
             .health
             .check(ctx, &CheckRequest::new())
             .await
-            .map_err(|source| AgentError::Rpc {
-                rpc: "Health.Check",
-                source,
-            })?;
+            .map_err(|source| rpc_error("Health.Check", source))?;
         use vessel_protocol::health::check_response::ServingStatus;
         match resp.status.enum_value() {
             Ok(ServingStatus::SERVING) => Ok(()),
@@ -299,10 +308,7 @@ impl AgentClient {
             .health
             .version(rpc_ctx(), &VersionRequest::new())
             .await
-            .map_err(|source| AgentError::Rpc {
-                rpc: "Health.Version",
-                source,
-            })?;
+            .map_err(|source| rpc_error("Health.Version", source))?;
         let bad = |reason: String| AgentError::BadReply {
             rpc: "Health.Version",
             reason,
@@ -412,6 +418,19 @@ mod tests {
         }
         let long = format!("VESSEL-AGENT-READY {}\n", "9".repeat(200));
         assert!(parse_ready(long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn guest_status_messages_are_bounded_and_printable() {
+        let status = ttrpc::get_status(ttrpc::Code::INTERNAL, format!("a\nb{}", "x".repeat(5000)));
+        let AgentError::Rpc {
+            source: ttrpc::Error::RpcStatus(s),
+            ..
+        } = rpc_error("X", ttrpc::Error::RpcStatus(status))
+        else {
+            panic!("not an RPC status");
+        };
+        assert!(s.message.starts_with("a b") && s.message.chars().count() == MAX_STATUS_MESSAGE);
     }
 
     #[test]

@@ -1,17 +1,20 @@
-//! Process stdio: containerd's FIFOs on one side, the agent's stdio streams
-//! (vsock port 1026, one connection per stream) on the other.
+//! Process stdio of a pod: host FIFOs (containerd's) on one side, the
+//! agent's stdio streams (vsock port 1026, one connection per stream) on
+//! the other.
 
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use vessel_protocol::stdio::StdioStream;
-use vessel_runtime::agent::AgentClient;
 
-/// The FIFO paths containerd passed for one process ("" = not wanted).
+use super::{PodError, Result};
+use crate::agent::AgentClient;
+
+/// The host FIFO paths of one process ("" = not wanted).
 #[derive(Debug, Clone, Default)]
 pub struct StdioPaths {
     pub stdin: String,
@@ -77,8 +80,19 @@ async fn open_stream(
     stream: StdioStream,
 ) -> Result<UnixStream> {
     let s = agent.open_stream(container_id, exec_id, stream).await?;
-    s.set_nonblocking(true)?;
-    Ok(UnixStream::from_std(s)?)
+    let io = |e| PodError::Io {
+        path: format!("{} stream of {container_id}", stream.as_str()),
+        source: e,
+    };
+    s.set_nonblocking(true).map_err(io)?;
+    UnixStream::from_std(s).map_err(io)
+}
+
+fn fifo_io(path: &str) -> impl FnOnce(std::io::Error) -> PodError + '_ {
+    move |source| PodError::Io {
+        path: Path::new(path).display().to_string(),
+        source,
+    }
 }
 
 fn fifo_reader(path: &str) -> Result<pipe::Receiver> {
@@ -86,14 +100,14 @@ fn fifo_reader(path: &str) -> Result<pipe::Receiver> {
     pipe::OpenOptions::new()
         .read_write(true)
         .open_receiver(path)
-        .with_context(|| format!("open stdin FIFO {path}"))
+        .map_err(fifo_io(path))
 }
 
 fn fifo_writer(path: &str) -> Result<pipe::Sender> {
     pipe::OpenOptions::new()
         .read_write(true)
         .open_sender(path)
-        .with_context(|| format!("open output FIFO {path}"))
+        .map_err(fifo_io(path))
 }
 
 fn copy_out<R>(mut from: R, mut to: pipe::Sender, what: String) -> JoinHandle<()>

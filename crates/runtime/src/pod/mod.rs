@@ -1,0 +1,847 @@
+//! The pod/sandbox model: one VM with its agent, its staging share, its
+//! network and the containers and processes in it, with their status guards,
+//! stdio relays and exits. It knows nothing of containerd or the CLI: the
+//! containerd shim maps its task API onto it.
+//!
+//! Exits and OOM kills are reported once each, as [`PodEvent`]s on the
+//! channel given to [`Pod::boot`]. When the VM dies, every live process is
+//! reported exited with [`LOST_EXIT_STATUS`] at once.
+
+pub mod stdio;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use vessel_hypervisor::{AgentEndpoint, Hypervisor, VmExit};
+use vessel_protocol::agent::StatsContainerResponse;
+
+use crate::agent::{AgentClient, AgentError, NewContainer};
+use crate::container::bundle::vm_size;
+use crate::container::share::{self, PodShare, Staging};
+use crate::container::{ContainerError, Status};
+use crate::sandbox::{self, SandboxSpec};
+use crate::{Config, Sandbox};
+pub use stdio::{Relays, StdioPaths};
+
+/// Exit status reported when a process's fate is unknown (VM died, agent gone).
+pub const LOST_EXIT_STATUS: u32 = 255;
+/// Longest time output relays get to flush after a process exited.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Pod::stop`] waits for its own tasks to drop the sandbox.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Annotation that groups the containers of one CRI pod.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// `sandbox` for the pause container, `container` for the others.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+
+/// Pod errors.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum PodError {
+    /// container {0} not found
+    NotFound(String),
+    /// exec {exec_id} of container {id} not found
+    ExecNotFound { id: String, exec_id: String },
+    /// {0} already exists
+    Exists(String),
+    /// invalid request: {0}
+    Invalid(String),
+    /// {what} is {status}: cannot {op}
+    WrongState {
+        what: String,
+        status: Status,
+        op: &'static str,
+    },
+    /// the pod's VM has exited ({0}); remove the pod and create it again
+    VmExited(String),
+    /// a pod needs channel = "vsock" (process stdio travels over vsock)
+    NeedsVsock,
+    /// {path}
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// the agent failed
+    Agent(#[from] AgentError),
+    /// staging failed
+    Staging(#[from] ContainerError),
+    /// the sandbox failed
+    Sandbox(#[from] crate::Error),
+    /// the pod network failed: {0}
+    Network(String),
+}
+
+pub type Result<T> = std::result::Result<T, PodError>;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Shell convention: code, or 128 + signal; [`LOST_EXIT_STATUS`] if unknown.
+    pub status: u32,
+    pub at: SystemTime,
+}
+
+/// What the pod reports to its front-end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodEvent {
+    /// A started process exited (once per process).
+    Exit {
+        container_id: String,
+        exec_id: Option<String>,
+        pid: u32,
+        exit: Exit,
+    },
+    /// The OOM killer ran in a container.
+    Oom { container_id: String },
+}
+
+/// The pod's network, attached by the network code (the bundle's network
+/// namespace: one tap per link, see ARCHITECTURE.md): `attach` runs before
+/// the VM boots and may add devices to it, `detach` after the VM stopped
+/// (and after a failed boot).
+#[async_trait]
+pub trait PodNetwork: Send + Sync {
+    async fn attach(&mut self, vm: &mut SandboxSpec) -> Result<()>;
+    async fn detach(&mut self);
+}
+
+/// What a front-end sees of one process.
+#[derive(Debug, Clone)]
+pub struct ProcessInfo {
+    /// Guest pid (0 before the agent created it).
+    pub pid: u32,
+    pub status: Status,
+    pub exit: Option<Exit>,
+    pub stdio: StdioPaths,
+    pub bundle: PathBuf,
+}
+
+/// A container to create in the pod.
+pub struct CreateRequest<'a> {
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    /// Host path of the container's root file system (mounted by the caller).
+    pub rootfs: &'a Path,
+    /// The bundle's config.json; rewritten to guest paths here.
+    pub spec: Value,
+    pub stdio: StdioPaths,
+}
+
+struct Process {
+    pid: u32,
+    started: bool,
+    paused: bool,
+    stdio: StdioPaths,
+    /// OCI `process` JSON of an exec (empty for the init process).
+    process_json: Vec<u8>,
+    relays: Arc<tokio::sync::Mutex<Relays>>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl Process {
+    fn new(stdio: StdioPaths, process_json: Vec<u8>) -> Self {
+        Process {
+            pid: 0,
+            started: false,
+            paused: false,
+            stdio,
+            process_json,
+            relays: Arc::default(),
+            exit: watch::channel(None).0,
+        }
+    }
+
+    fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    fn status(&self) -> Status {
+        match (self.exited(), self.started, self.paused) {
+            (Some(_), _, _) => Status::Stopped,
+            (None, false, _) => Status::Created,
+            (None, true, true) => Status::Paused,
+            (None, true, false) => Status::Running,
+        }
+    }
+}
+
+struct Container {
+    bundle: PathBuf,
+    init: Process,
+    execs: HashMap<String, Process>,
+}
+
+type Containers = HashMap<String, Container>;
+
+/// Records an exit once and reports it; later calls are no-ops.
+fn record_exit(
+    sender: &watch::Sender<Option<Exit>>,
+    events: &mpsc::UnboundedSender<PodEvent>,
+    container_id: &str,
+    exec_id: Option<&str>,
+    pid: u32,
+    status: u32,
+) {
+    let exit = Exit {
+        status,
+        at: SystemTime::now(),
+    };
+    if sender.send_if_modified(|e| e.is_none() && e.replace(exit).is_none()) {
+        let _ = events.send(PodEvent::Exit {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.map(str::to_string),
+            pid,
+            exit,
+        });
+    }
+}
+
+/// The VM died: every live process exited, status unknown.
+fn vm_died(containers: &Mutex<Containers>, events: &mpsc::UnboundedSender<PodEvent>) {
+    let containers = containers.lock().unwrap_or_else(|e| e.into_inner());
+    for (cid, c) in containers.iter() {
+        let all = std::iter::once((None, &c.init))
+            .chain(c.execs.iter().map(|(k, v)| (Some(k.as_str()), v)));
+        for (exec_id, p) in all {
+            record_exit(&p.exit, events, cid, exec_id, p.pid, LOST_EXIT_STATUS);
+        }
+    }
+}
+
+/// A pod: one sandbox VM and the containers in it.
+pub struct Pod {
+    id: String,
+    sandbox: Arc<Sandbox>,
+    agent: AgentClient,
+    share: PodShare,
+    pids_file: PathBuf,
+    containers: Arc<Mutex<Containers>>,
+    events: mpsc::UnboundedSender<PodEvent>,
+    /// The VM watcher and the OOM loop.
+    tasks: Vec<JoinHandle<()>>,
+    network: Option<Box<dyn PodNetwork>>,
+}
+
+/// Where a pod's staging share lives.
+fn share_dir(config: &Config, pod_id: &str) -> PathBuf {
+    config.state_root.join("shared").join(pod_id)
+}
+
+/// The host pids of a pod's VM, for cleanup after the front-end crashed.
+fn pids_file(config: &Config, pod_id: &str) -> PathBuf {
+    config
+        .state_root
+        .join("shared")
+        .join(format!("{pod_id}.pids"))
+}
+
+/// For a CRI `container` (not the `sandbox` itself): its pod's sandbox
+/// container, whose ipc, uts and pid namespaces it joins.
+pub fn namespace_owner(spec: &Value) -> Option<&str> {
+    let ann = &spec["annotations"];
+    match ann[CONTAINER_TYPE_ANNOTATION].as_str() {
+        Some("container") => ann[SANDBOX_ID_ANNOTATION].as_str(),
+        _ => None,
+    }
+}
+
+/// The pod a container joins, from its bundle: its CRI sandbox's id, or its
+/// own id (a pod of its own). One shim serves each pod.
+pub fn pod_of(id: &str, bundle: &Path) -> String {
+    let spec = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+        .unwrap_or_default();
+    match namespace_owner(&spec) {
+        Some(sandbox) if vessel_protocol::stdio::valid_id(sandbox) => sandbox.to_string(),
+        _ => id.to_string(),
+    }
+}
+
+fn check_exec_id(exec_id: Option<&str>) -> Result<()> {
+    match exec_id {
+        Some(e) if !vessel_protocol::stdio::valid_id(e) => {
+            Err(PodError::Invalid(format!("exec id {e:?}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Pod {
+    /// Boots the pod's VM, sized from the first container's `spec`, with its
+    /// staging share and `network` attached. On error nothing is left.
+    pub async fn boot(
+        config: &Config,
+        hv: &dyn Hypervisor,
+        id: &str,
+        spec: &Value,
+        mut network: Option<Box<dyn PodNetwork>>,
+        events: mpsc::UnboundedSender<PodEvent>,
+    ) -> Result<Pod> {
+        sandbox::validate_id(id)?;
+        let share = PodShare::create(&share_dir(config, id))?;
+        let size = vm_size(spec, config);
+        let mut vm = SandboxSpec {
+            id: id.to_string(),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            shared_dirs: vec![share.shared_dir()],
+        };
+        let booted = match network.as_mut() {
+            Some(n) => n.attach(&mut vm).await,
+            None => Ok(()),
+        };
+        let booted = match booted {
+            Ok(()) => Self::boot_vm(config, hv, vm).await,
+            Err(e) => Err(e),
+        };
+        let sandbox = match booted {
+            Ok(sb) => sb,
+            Err(e) => {
+                if let Some(n) = network.as_mut() {
+                    n.detach().await;
+                }
+                if let Err(c) = share.remove() {
+                    log::error!("pod {id}: {c}");
+                }
+                return Err(e);
+            }
+        };
+        let pids_file = pids_file(config, id);
+        let pids: Vec<String> = sandbox.vm().pids().iter().map(u32::to_string).collect();
+        if let Err(e) = std::fs::write(&pids_file, pids.join("\n")) {
+            log::warn!("pod {id}: {}: {e}", pids_file.display());
+        }
+        log::info!(
+            "pod {id}: VM up ({} vCPU, {} MiB, pids {pids:?})",
+            size.vcpus,
+            size.memory_mib,
+        );
+        let mut pod = Pod {
+            id: id.to_string(),
+            agent: sandbox.agent().clone(),
+            sandbox: Arc::new(sandbox),
+            share,
+            pids_file,
+            containers: Arc::default(),
+            events,
+            tasks: Vec::new(),
+            network,
+        };
+        pod.watch();
+        Ok(pod)
+    }
+
+    async fn boot_vm(config: &Config, hv: &dyn Hypervisor, vm: SandboxSpec) -> Result<Sandbox> {
+        let sandbox = Sandbox::boot(config, hv, vm).await?;
+        if !matches!(
+            sandbox.vm().agent_endpoint(),
+            AgentEndpoint::HybridVsock { .. }
+        ) {
+            let _ = sandbox.stop().await;
+            return Err(PodError::NeedsVsock);
+        }
+        Ok(sandbox)
+    }
+
+    /// Starts the VM watcher (fan-out of exits when it dies) and the OOM loop.
+    fn watch(&mut self) {
+        let (sandbox, containers, events) = (
+            self.sandbox.clone(),
+            self.containers.clone(),
+            self.events.clone(),
+        );
+        let id = self.id.clone();
+        self.tasks.push(tokio::spawn(async move {
+            let exit = sandbox.vm().wait().await;
+            log::error!("pod {id}: the VM exited unexpectedly ({exit}); its processes are lost");
+            vm_died(&containers, &events);
+        }));
+        let (agent, events) = (self.agent.clone(), self.events.clone());
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                match agent.oom_event().await {
+                    Ok(container_id) => {
+                        log::info!("OOM kill in {container_id}");
+                        let _ = events.send(PodEvent::Oom { container_id });
+                    }
+                    Err(e) => {
+                        log::debug!("OOM event loop ends: {e}");
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The host pid of the pod's VMM (a host process of the sandbox).
+    pub fn host_pid(&self) -> u32 {
+        self.sandbox.vm().pids().first().copied().unwrap_or(0)
+    }
+
+    /// How the VM ended, if it has.
+    pub fn vm_exit(&self) -> Option<VmExit> {
+        self.sandbox.vm().try_exit()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Containers> {
+        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on process `exec_id` (init if `None`) of container `id`.
+    fn with_process<T>(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        f: impl FnOnce(&mut Process, &Path) -> Result<T>,
+    ) -> Result<T> {
+        let mut containers = self.lock();
+        let c = containers
+            .get_mut(id)
+            .ok_or_else(|| PodError::NotFound(id.to_string()))?;
+        let p = match exec_id {
+            None => &mut c.init,
+            Some(e) => c.execs.get_mut(e).ok_or_else(|| PodError::ExecNotFound {
+                id: id.to_string(),
+                exec_id: e.to_string(),
+            })?,
+        };
+        f(p, &c.bundle)
+    }
+
+    fn require(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        op: &'static str,
+        ok: fn(Status) -> bool,
+    ) -> Result<()> {
+        self.with_process(id, exec_id, |p, _| {
+            let status = p.status();
+            if ok(status) {
+                return Ok(());
+            }
+            let what = match exec_id {
+                None => format!("container {id}"),
+                Some(e) => format!("exec {e} of {id}"),
+            };
+            Err(PodError::WrongState { what, status, op })
+        })
+    }
+
+    pub fn process(&self, id: &str, exec_id: Option<&str>) -> Result<ProcessInfo> {
+        self.with_process(id, exec_id, |p, bundle| {
+            Ok(ProcessInfo {
+                pid: p.pid,
+                status: p.status(),
+                exit: p.exited(),
+                stdio: p.stdio.clone(),
+                bundle: bundle.to_path_buf(),
+            })
+        })
+    }
+
+    /// Resolves with the process's exit (see [`Pod::process`] for the rest).
+    pub fn exit_watch(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+    ) -> Result<watch::Receiver<Option<Exit>>> {
+        self.with_process(id, exec_id, |p, _| Ok(p.exit.subscribe()))
+    }
+
+    /// Creates a container: stages its rootfs and bind sources in the share,
+    /// creates it in the guest and attaches its stdio. Returns the guest pid
+    /// of its init. On error nothing of it is left.
+    pub async fn create(&self, req: CreateRequest<'_>) -> Result<u32> {
+        let id = req.id;
+        crate::container::validate_id(id).map_err(|e| PodError::Invalid(e.to_string()))?;
+        if self.lock().contains_key(id) {
+            return Err(PodError::Exists(format!("container {id}")));
+        }
+        if let Some(exit) = self.vm_exit() {
+            return Err(PodError::VmExited(exit.to_string()));
+        }
+        let mut spec = req.spec;
+        let owner = namespace_owner(&spec).map(str::to_string);
+        if let Some(sandbox) = &owner {
+            if !self.lock().contains_key(sandbox) {
+                return Err(PodError::Invalid(format!(
+                    "container {id}: its pod sandbox {sandbox:?} is not a container of this pod"
+                )));
+            }
+        }
+        self.share.stage(id, req.rootfs, &mut spec)?;
+        match self
+            .create_staged(id, spec, owner.as_deref(), &req.stdio)
+            .await
+        {
+            Ok((pid, relays)) => {
+                let mut init = Process::new(req.stdio, Vec::new());
+                init.pid = pid;
+                init.relays = Arc::new(tokio::sync::Mutex::new(relays));
+                let c = Container {
+                    bundle: req.bundle.to_path_buf(),
+                    init,
+                    execs: HashMap::new(),
+                };
+                self.lock().insert(id.to_string(), c);
+                Ok(pid)
+            }
+            Err(e) => {
+                if let Err(c) = self.share.unstage(id) {
+                    log::error!("container {id}: {c}; its staging is left in place");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_staged(
+        &self,
+        id: &str,
+        spec: Value,
+        owner: Option<&str>,
+        stdio: &StdioPaths,
+    ) -> Result<(u32, Relays)> {
+        let spec_json = serde_json::to_vec(&spec).expect("a JSON value serializes");
+        let pid = self
+            .agent
+            .create(NewContainer {
+                id,
+                spec_json,
+                storages: vec![Staging::storage()],
+                stdio: stdio.wanted(),
+                share_namespaces_with: owner,
+            })
+            .await?;
+        match stdio::attach(&self.agent, id, None, stdio).await {
+            Ok(relays) => Ok((pid, relays)),
+            Err(e) => {
+                let _ = self.agent.remove(id, true).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Adds an exec process (started by [`Pod::start`]).
+    pub fn add_exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        stdio: StdioPaths,
+    ) -> Result<()> {
+        check_exec_id(Some(exec_id))?;
+        if !serde_json::from_slice::<Value>(&process_json).is_ok_and(|v| v.is_object()) {
+            return Err(PodError::Invalid(format!(
+                "exec {exec_id}: the process is not a JSON object"
+            )));
+        }
+        let mut containers = self.lock();
+        let c = containers
+            .get_mut(id)
+            .ok_or_else(|| PodError::NotFound(id.to_string()))?;
+        if c.execs.contains_key(exec_id) {
+            return Err(PodError::Exists(format!("exec {exec_id}")));
+        }
+        c.execs
+            .insert(exec_id.to_string(), Process::new(stdio, process_json));
+        Ok(())
+    }
+
+    /// Starts a created container's init (`exec_id` None) or an added exec;
+    /// returns its guest pid. Its exit is reported as a [`PodEvent::Exit`].
+    pub async fn start(&self, id: &str, exec_id: Option<&str>) -> Result<u32> {
+        self.require(id, exec_id, "start", Status::can_start)?;
+        let (stdio, json, relays) = self.with_process(id, exec_id, |p, _| {
+            Ok((p.stdio.clone(), p.process_json.clone(), p.relays.clone()))
+        })?;
+        let pid = match exec_id {
+            None => {
+                self.agent.start(id).await?;
+                self.with_process(id, None, |p, _| Ok(p.pid))?
+            }
+            Some(e) => {
+                let pid = self.agent.exec(id, e, json, stdio.wanted()).await?;
+                *relays.lock().await = stdio::attach(&self.agent, id, Some(e), &stdio).await?;
+                pid
+            }
+        };
+        let sender = self.with_process(id, exec_id, |p, _| {
+            p.pid = pid;
+            p.started = true;
+            Ok(p.exit.clone())
+        })?;
+        let (agent, events) = (self.agent.clone(), self.events.clone());
+        let (id, exec_id) = (id.to_string(), exec_id.map(str::to_string));
+        tokio::spawn(async move {
+            let status = match agent.wait(&id, exec_id.as_deref()).await {
+                Ok(s) => s.status as u32,
+                Err(e) => {
+                    log::warn!("wait for {id}/{exec_id:?}: {e}");
+                    LOST_EXIT_STATUS
+                }
+            };
+            relays.lock().await.drain(DRAIN_TIMEOUT).await;
+            record_exit(&sender, &events, &id, exec_id.as_deref(), pid, status);
+        });
+        Ok(pid)
+    }
+
+    /// Signals a process; one that has exited is left alone.
+    pub async fn kill(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
+        if self.process(id, exec_id)?.exit.is_some() {
+            return Ok(());
+        }
+        Ok(self.agent.signal(id, exec_id, signal, all).await?)
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        self.require(id, None, "pause", Status::can_pause)?;
+        self.agent.pause(id).await?;
+        self.with_process(id, None, |p, _| {
+            p.paused = true;
+            Ok(())
+        })
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<()> {
+        self.require(id, None, "resume", Status::can_resume)?;
+        self.agent.resume(id).await?;
+        self.with_process(id, None, |p, _| {
+            p.paused = false;
+            Ok(())
+        })
+    }
+
+    /// Deletes an exec, or a container with its guest state and staging. A
+    /// staging that cannot be unmounted is left in place (never removed
+    /// recursively) and logged. Returns the process as it was.
+    pub async fn delete(&self, id: &str, exec_id: Option<&str>) -> Result<ProcessInfo> {
+        self.require(id, exec_id, "delete", Status::can_delete)?;
+        let info = self.process(id, exec_id)?;
+        if let Some(e) = exec_id {
+            if let Some(c) = self.lock().get_mut(id) {
+                c.execs.remove(e);
+            }
+            return Ok(info);
+        }
+        if let Some(exit) = self.vm_exit() {
+            log::debug!("VM gone ({exit}); not asking the agent to remove {id}");
+        } else if let Err(e) = self.agent.remove(id, true).await {
+            log::warn!("agent RemoveContainer {id}: {e}");
+        }
+        if let Err(e) = self.share.unstage(id) {
+            log::error!("container {id}: {e}; its staging is left in place");
+        }
+        self.lock().remove(id);
+        Ok(info)
+    }
+
+    pub async fn close_stdin(&self, id: &str, exec_id: Option<&str>) -> Result<()> {
+        let relays = self.with_process(id, exec_id, |p, _| Ok(p.relays.clone()))?;
+        relays.lock().await.close_stdin();
+        Ok(())
+    }
+
+    pub async fn resize(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<()> {
+        self.process(id, exec_id)?;
+        Ok(self.agent.resize(id, exec_id, rows, cols).await?)
+    }
+
+    /// Guest pids of the container's processes.
+    pub async fn processes(&self, id: &str) -> Result<Vec<u32>> {
+        self.process(id, None)?;
+        Ok(self.agent.processes(id).await?)
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
+        self.process(id, None)?;
+        Ok(self.agent.stats(id).await?)
+    }
+
+    /// Applies OCI `linux.resources` JSON inside the guest (the VM keeps its
+    /// size: its vCPUs and memory are fixed at boot).
+    pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        self.process(id, None)?;
+        Ok(self.agent.update(id, resources_json).await?)
+    }
+
+    /// Stops the VM, removes the share and detaches the network.
+    pub async fn stop(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+        let mut sandbox = self.sandbox;
+        let deadline = tokio::time::Instant::now() + RELEASE_TIMEOUT;
+        // Waiter tasks may still hold the agent, never the sandbox.
+        let sandbox = loop {
+            match Arc::try_unwrap(sandbox) {
+                Ok(s) => break Some(s),
+                Err(s) if tokio::time::Instant::now() < deadline => {
+                    sandbox = s;
+                    tokio::task::yield_now().await;
+                }
+                Err(s) => {
+                    log::warn!("pod {}: VM still referenced; stopping it in place", self.id);
+                    let _ = s.vm().stop(Duration::from_secs(1)).await;
+                    break None;
+                }
+            }
+        };
+        if let Some(s) = sandbox {
+            match s.stop().await {
+                Ok(exit) => log::info!("pod {}: VM stopped ({exit})", self.id),
+                Err(e) => log::warn!("pod {}: stopping the VM: {e}", self.id),
+            }
+        }
+        if let Some(n) = self.network.as_mut() {
+            n.detach().await;
+        }
+        if let Err(e) = self.share.remove() {
+            log::error!("pod {}: {e}; left in place", self.id);
+        }
+        let _ = std::fs::remove_file(&self.pids_file);
+    }
+
+    /// After the front-end died: kills the VM processes it recorded and
+    /// removes the pod's share and run directory. Best effort, never fails.
+    pub fn cleanup_after_crash(config: &Config, id: &str) {
+        if sandbox::validate_id(id).is_err() {
+            return;
+        }
+        let pids = pids_file(config, id);
+        if let Ok(text) = std::fs::read_to_string(&pids) {
+            for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                if pid > 1 {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            let _ = std::fs::remove_file(&pids);
+        }
+        if let Err(e) = share::cleanup_tree(&share_dir(config, id)) {
+            log::error!("pod {id}: {e}; left in place");
+        }
+        let run_dir = config.state_root.join(id);
+        if run_dir.join("console.log").exists() {
+            let _ = std::fs::remove_dir_all(run_dir);
+        }
+    }
+}
+
+/// The pod of a front-end that serves one pod (the shim): booted by its
+/// first container, stopped when that container is deleted (or when the
+/// first container's create fails).
+#[derive(Default)]
+pub struct PodSlot {
+    pod: Option<Pod>,
+}
+
+impl PodSlot {
+    pub fn get(&self) -> Option<&Pod> {
+        self.pod.as_ref()
+    }
+
+    /// The pod, or [`PodError::NotFound`] naming `id` before the first create.
+    pub fn pod(&self, id: &str) -> Result<&Pod> {
+        self.get().ok_or_else(|| PodError::NotFound(id.to_string()))
+    }
+
+    /// Creates a container, booting the pod (named after it) first if there
+    /// is none yet, on the hypervisor `hv` makes.
+    pub async fn create(
+        &mut self,
+        config: &Config,
+        hv: impl FnOnce() -> crate::Result<Box<dyn Hypervisor>>,
+        events: &mpsc::UnboundedSender<PodEvent>,
+        req: CreateRequest<'_>,
+    ) -> Result<u32> {
+        let pod = match self.pod.take() {
+            Some(pod) => pod,
+            None => {
+                Pod::boot(
+                    config,
+                    hv()?.as_ref(),
+                    req.id,
+                    &req.spec,
+                    None,
+                    events.clone(),
+                )
+                .await?
+            }
+        };
+        let res = pod.create(req).await;
+        if res.is_err() && pod.is_empty() {
+            // The VM was booted for this container: nothing else needs it.
+            pod.stop().await;
+        } else {
+            self.pod = Some(pod);
+        }
+        res
+    }
+
+    /// Deletes a container or exec (see [`Pod::delete`]); deleting the
+    /// container the pod is named after stops the pod.
+    pub async fn delete(&mut self, id: &str, exec_id: Option<&str>) -> Result<ProcessInfo> {
+        let info = self.pod(id)?.delete(id, exec_id).await?;
+        if exec_id.is_none() && self.pod.as_ref().is_some_and(|p| p.id() == id) {
+            if let Some(pod) = self.pod.take() {
+                pod.stop().await;
+            }
+        }
+        Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_join_the_pod_of_their_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(pod_of("c1", dir.path()), "c1");
+        let spec = |ty: &str, sb: &str| {
+            format!(
+                r#"{{"annotations":{{"{CONTAINER_TYPE_ANNOTATION}":"{ty}","{SANDBOX_ID_ANNOTATION}":"{sb}"}}}}"#
+            )
+        };
+        std::fs::write(dir.path().join("config.json"), spec("container", "pod1")).unwrap();
+        assert_eq!(pod_of("c1", dir.path()), "pod1");
+        std::fs::write(dir.path().join("config.json"), spec("sandbox", "pod1")).unwrap();
+        assert_eq!(pod_of("pod1", dir.path()), "pod1");
+        std::fs::write(dir.path().join("config.json"), spec("container", "../x")).unwrap();
+        assert_eq!(pod_of("c1", dir.path()), "c1");
+    }
+}

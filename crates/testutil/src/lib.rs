@@ -1,6 +1,8 @@
-//! Helpers shared by the integration tests of the workspace: skipping loudly
-//! (failing in CI), leak checks over /proc and polling with a timeout (never a
-//! bare sleep).
+//! Helpers shared by the tests of the workspace: skipping loudly (failing in
+//! CI), leak checks over /proc, polling with a timeout (never a bare sleep),
+//! and [`fake`]: a fake hypervisor, VM and agent for unit tests.
+
+pub mod fake;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

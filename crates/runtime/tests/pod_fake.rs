@@ -1,0 +1,267 @@
+//! The pod model against the fake hypervisor and agent of vessel-testutil:
+//! no QEMU, no KVM, no guest. Staging bind-mounts, so these need root (they
+//! skip loudly without it, and fail in CI).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use ttrpc::Code;
+use vessel_runtime::agent::AgentError;
+use vessel_runtime::container::Status;
+use vessel_runtime::pod::{
+    CreateRequest, Pod, PodError, PodEvent, PodSlot, StdioPaths, LOST_EXIT_STATUS,
+};
+use vessel_runtime::Config;
+use vessel_testutil::fake::{FakeHypervisor, FAKE_VMM_PID};
+
+struct Env {
+    dir: tempfile::TempDir,
+    config: Config,
+    hv: FakeHypervisor,
+    events: mpsc::UnboundedReceiver<PodEvent>,
+    tx: mpsc::UnboundedSender<PodEvent>,
+}
+
+fn env() -> Option<Env> {
+    if !nix::unistd::geteuid().is_root() {
+        vessel_testutil::skip("the fake pod tests", "staging bind-mounts and needs root");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rootfs")).unwrap();
+    let config = Config {
+        state_root: dir.path().join("state"),
+        boot_timeout_secs: 10,
+        ..Config::default()
+    };
+    let (tx, events) = mpsc::unbounded_channel();
+    Some(Env {
+        dir,
+        config,
+        hv: FakeHypervisor::default(),
+        events,
+        tx,
+    })
+}
+
+impl Env {
+    fn rootfs(&self) -> PathBuf {
+        self.dir.path().join("rootfs")
+    }
+
+    async fn boot(&self, spec: &serde_json::Value) -> Pod {
+        Pod::boot(&self.config, &self.hv, "pod1", spec, None, self.tx.clone())
+            .await
+            .unwrap()
+    }
+
+    fn request<'a>(&'a self, id: &'a str, rootfs: &'a Path) -> CreateRequest<'a> {
+        CreateRequest {
+            id,
+            bundle: self.dir.path(),
+            rootfs,
+            spec: serde_json::json!({"ociVersion": "1.0.2", "root": {"path": "rootfs"}}),
+            stdio: StdioPaths::default(),
+        }
+    }
+
+    async fn next_event(&mut self) -> PodEvent {
+        tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the channel is open")
+    }
+
+    /// Nothing of the pod is left mounted or on disk.
+    fn assert_clean(&self) {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let root = self.config.state_root.display().to_string();
+        assert!(!mounts.contains(&root), "mounts left under {root}");
+        assert!(!self.config.state_root.join("shared/pod1").exists());
+        assert!(!self.config.state_root.join("pod1").exists());
+    }
+}
+
+#[tokio::test]
+async fn a_container_runs_exits_once_and_is_deleted_without_leftovers() {
+    let Some(mut e) = env() else { return };
+    let pod = e.boot(&serde_json::json!({})).await;
+    assert_eq!(
+        pod.host_pid(),
+        FAKE_VMM_PID,
+        "the task pid is a host process"
+    );
+    let rootfs = e.rootfs();
+    let pid = pod.create(e.request("pod1", &rootfs)).await.unwrap();
+    assert_eq!(pod.process("pod1", None).unwrap().status, Status::Created);
+    assert_eq!(pod.start("pod1", None).await.unwrap(), pid);
+    assert_eq!(pod.process("pod1", None).unwrap().status, Status::Running);
+    e.hv.agent.exit("pod1", "", 3);
+    match e.next_event().await {
+        PodEvent::Exit {
+            container_id,
+            exec_id,
+            pid: p,
+            exit,
+        } => {
+            assert_eq!((container_id.as_str(), exec_id, p), ("pod1", None, pid));
+            assert_eq!(exit.status, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    let p = pod.process("pod1", None).unwrap();
+    assert_eq!(
+        (p.status, p.exit.map(|x| x.status)),
+        (Status::Stopped, Some(3))
+    );
+    pod.kill("pod1", None, 9, false).await.unwrap();
+    pod.delete("pod1", None).await.unwrap();
+    assert!(matches!(
+        pod.process("pod1", None),
+        Err(PodError::NotFound(_))
+    ));
+    pod.stop().await;
+    assert!(e.events.try_recv().is_err(), "one exit event, no more");
+    e.assert_clean();
+}
+
+#[tokio::test]
+async fn status_guards_refuse_before_the_agent_is_asked() {
+    let Some(e) = env() else { return };
+    let pod = e.boot(&serde_json::json!({})).await;
+    let rootfs = e.rootfs();
+    pod.create(e.request("pod1", &rootfs)).await.unwrap();
+    let err = pod.pause("pod1").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PodError::WrongState {
+                status: Status::Created,
+                op: "pause",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!e
+        .hv
+        .agent
+        .calls()
+        .iter()
+        .any(|c| c.starts_with("PauseContainer")));
+    pod.start("pod1", None).await.unwrap();
+    assert!(matches!(
+        pod.start("pod1", None).await,
+        Err(PodError::WrongState { .. })
+    ));
+    assert!(matches!(
+        pod.resume("pod1").await,
+        Err(PodError::WrongState { .. })
+    ));
+    assert!(matches!(
+        pod.delete("pod1", None).await,
+        Err(PodError::WrongState {
+            status: Status::Running,
+            ..
+        })
+    ));
+    pod.pause("pod1").await.unwrap();
+    assert_eq!(pod.process("pod1", None).unwrap().status, Status::Paused);
+    pod.resume("pod1").await.unwrap();
+    pod.kill("pod1", None, 9, false).await.unwrap();
+    let mut rx = pod.exit_watch("pod1", None).unwrap();
+    let exit = *rx.wait_for(Option::is_some).await.unwrap();
+    assert_eq!(exit.map(|x| x.status), Some(137));
+    pod.delete("pod1", None).await.unwrap();
+    pod.stop().await;
+    e.assert_clean();
+}
+
+#[tokio::test]
+async fn when_the_vm_dies_every_live_process_exits_at_once() {
+    let Some(mut e) = env() else { return };
+    let pod = e.boot(&serde_json::json!({})).await;
+    let rootfs = e.rootfs();
+    pod.create(e.request("pod1", &rootfs)).await.unwrap();
+    pod.create(e.request("c2", &rootfs)).await.unwrap();
+    pod.start("pod1", None).await.unwrap();
+    pod.start("c2", None).await.unwrap();
+    pod.add_exec(
+        "c2",
+        "x1",
+        br#"{"args":["sh"]}"#.to_vec(),
+        StdioPaths::default(),
+    )
+    .unwrap();
+    pod.start("c2", Some("x1")).await.unwrap();
+    e.hv.kill_all().await;
+    let mut exited = Vec::new();
+    for _ in 0..3 {
+        match e.next_event().await {
+            PodEvent::Exit {
+                container_id,
+                exec_id,
+                exit,
+                ..
+            } => {
+                assert_eq!(exit.status, LOST_EXIT_STATUS);
+                exited.push(format!("{container_id}/{}", exec_id.unwrap_or_default()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    exited.sort();
+    assert_eq!(exited, ["c2/", "c2/x1", "pod1/"]);
+    assert!(matches!(
+        pod.create(e.request("c3", &rootfs)).await,
+        Err(PodError::VmExited(_))
+    ));
+    for id in ["c2", "pod1"] {
+        pod.delete(id, None).await.unwrap();
+    }
+    pod.stop().await;
+    e.assert_clean();
+}
+
+#[tokio::test]
+async fn a_failed_first_create_leaves_no_pod_and_no_staging() {
+    let Some(e) = env() else { return };
+    e.hv.agent
+        .fail("CreateContainer", Code::INVALID_ARGUMENT, "bad spec");
+    let mut slot = PodSlot::default();
+    let rootfs = e.rootfs();
+    let make_hv = || -> vessel_runtime::Result<Box<dyn vessel_hypervisor::Hypervisor>> {
+        Ok(Box::new(e.hv.clone()))
+    };
+    let err = slot
+        .create(&e.config, make_hv, &e.tx, e.request("pod1", &rootfs))
+        .await
+        .unwrap_err();
+    match err {
+        PodError::Agent(AgentError::Rpc {
+            rpc: "CreateContainer",
+            source: ttrpc::Error::RpcStatus(s),
+        }) => assert_eq!(
+            (s.code(), s.message.as_str()),
+            (Code::INVALID_ARGUMENT, "bad spec")
+        ),
+        other => panic!("{other}"),
+    }
+    assert!(slot.get().is_none(), "the pod booted for it is stopped");
+    e.assert_clean();
+}
+
+#[tokio::test]
+async fn the_vm_is_sized_by_the_first_spec() {
+    let Some(e) = env() else { return };
+    let spec = serde_json::json!({"linux": {"resources": {
+        "memory": {"limit": 64 << 20}, "cpu": {"quota": 250000, "period": 100000}}}});
+    let pod = e.boot(&spec).await;
+    let vm = &e.hv.launched()[0];
+    assert_eq!(vm.memory_mib, 64 + e.config.memory_overhead_mib);
+    assert_eq!(vm.vcpus, 3.min(e.config.max_vcpus));
+    assert_eq!(vm.shared_dirs.len(), 1, "the pod's staging share");
+    pod.stop().await;
+    e.assert_clean();
+}

@@ -262,7 +262,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        if !vessel_protocol::stdio::valid_id(&req.id) {
+        if !vessel_protocol::id::valid_id(&req.id) {
             return Err(err(
                 Code::INVALID_ARGUMENT,
                 format!("invalid container id {:?}", req.id),

@@ -259,14 +259,14 @@ pub fn pod_of(id: &str, bundle: &Path) -> String {
         .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
         .unwrap_or_default();
     match namespace_owner(&spec) {
-        Some(sandbox) if vessel_protocol::stdio::valid_id(sandbox) => sandbox.to_string(),
+        Some(sandbox) if vessel_protocol::id::valid_id(sandbox) => sandbox.to_string(),
         _ => id.to_string(),
     }
 }
 
 fn check_exec_id(exec_id: Option<&str>) -> Result<()> {
     match exec_id {
-        Some(e) if !vessel_protocol::stdio::valid_id(e) => {
+        Some(e) if !vessel_protocol::id::valid_id(e) => {
             Err(PodError::Invalid(format!("exec id {e:?}")))
         }
         _ => Ok(()),

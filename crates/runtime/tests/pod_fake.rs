@@ -94,7 +94,10 @@ async fn a_container_runs_exits_once_and_is_deleted_without_leftovers() {
     );
     let rootfs = e.rootfs();
     let pid = pod.create(e.request("pod1", &rootfs)).await.unwrap();
-    assert_eq!(pod.process("pod1", None).unwrap().status, Status::Created);
+    assert_eq!(pid, FAKE_VMM_PID, "a container's task pid is the VMM's");
+    let p = pod.process("pod1", None).unwrap();
+    assert_eq!((p.status, p.pid), (Status::Created, FAKE_VMM_PID));
+    assert!(p.guest_pid > 0 && p.guest_pid != FAKE_VMM_PID);
     assert_eq!(pod.start("pod1", None).await.unwrap(), pid);
     assert_eq!(pod.process("pod1", None).unwrap().status, Status::Running);
     e.hv.agent.exit("pod1", "", 3);

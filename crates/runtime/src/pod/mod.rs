@@ -114,8 +114,10 @@ pub trait PodNetwork: Send + Sync {
 /// What a front-end sees of one process.
 #[derive(Debug, Clone)]
 pub struct ProcessInfo {
-    /// Guest pid (0 before the agent created it).
+    /// The task pid (see [`Pod::task_pid`]).
     pub pid: u32,
+    /// Guest pid (0 before the agent created it).
+    pub guest_pid: u32,
     pub status: Status,
     pub exit: Option<Exit>,
     pub stdio: StdioPaths,
@@ -202,14 +204,20 @@ fn record_exit(
     }
 }
 
-/// The VM died: every live process exited, status unknown.
-fn vm_died(containers: &Mutex<Containers>, events: &mpsc::UnboundedSender<PodEvent>) {
+/// The VM died: every live process exited, status unknown. Init processes
+/// are reported with the VMM's pid `host_pid` (see [`Pod::task_pid`]).
+fn vm_died(
+    containers: &Mutex<Containers>,
+    events: &mpsc::UnboundedSender<PodEvent>,
+    host_pid: u32,
+) {
     let containers = containers.lock().unwrap_or_else(|e| e.into_inner());
     for (cid, c) in containers.iter() {
         let all = std::iter::once((None, &c.init))
             .chain(c.execs.iter().map(|(k, v)| (Some(k.as_str()), v)));
         for (exec_id, p) in all {
-            record_exit(&p.exit, events, cid, exec_id, p.pid, LOST_EXIT_STATUS);
+            let pid = if exec_id.is_none() { host_pid } else { p.pid };
+            record_exit(&p.exit, events, cid, exec_id, pid, LOST_EXIT_STATUS);
         }
     }
 }
@@ -357,11 +365,11 @@ impl Pod {
             self.containers.clone(),
             self.events.clone(),
         );
-        let id = self.id.clone();
+        let (id, host_pid) = (self.id.clone(), self.host_pid());
         self.tasks.push(tokio::spawn(async move {
             let exit = sandbox.vm().wait().await;
             log::error!("pod {id}: the VM exited unexpectedly ({exit}); its processes are lost");
-            vm_died(&containers, &events);
+            vm_died(&containers, &events, host_pid);
         }));
         let (agent, events) = (self.agent.clone(), self.events.clone());
         self.tasks.push(tokio::spawn(async move {
@@ -387,6 +395,16 @@ impl Pod {
     /// The host pid of the pod's VMM (a host process of the sandbox).
     pub fn host_pid(&self) -> u32 {
         self.sandbox.vm().pids().first().copied().unwrap_or(0)
+    }
+
+    /// The pid front-ends report for a process (containerd's task pid): for
+    /// a container's init, the VMM's host pid, never a guest pid that host
+    /// tools would take for a host process; for an exec, its guest pid.
+    pub fn task_pid(&self, exec_id: Option<&str>, guest_pid: u32) -> u32 {
+        match exec_id {
+            None => self.host_pid(),
+            Some(_) => guest_pid,
+        }
     }
 
     /// How the VM ended, if it has.
@@ -446,7 +464,8 @@ impl Pod {
     pub fn process(&self, id: &str, exec_id: Option<&str>) -> Result<ProcessInfo> {
         self.with_process(id, exec_id, |p, bundle| {
             Ok(ProcessInfo {
-                pid: p.pid,
+                pid: self.task_pid(exec_id, p.pid),
+                guest_pid: p.pid,
                 status: p.status(),
                 exit: p.exited(),
                 stdio: p.stdio.clone(),
@@ -465,8 +484,8 @@ impl Pod {
     }
 
     /// Creates a container: stages its rootfs and bind sources in the share,
-    /// creates it in the guest and attaches its stdio. Returns the guest pid
-    /// of its init. On error nothing of it is left.
+    /// creates it in the guest and attaches its stdio. Returns its task pid
+    /// (see [`Pod::task_pid`]). On error nothing of it is left.
     pub async fn create(&self, req: CreateRequest<'_>) -> Result<u32> {
         let id = req.id;
         crate::container::validate_id(id).map_err(|e| PodError::Invalid(e.to_string()))?;
@@ -500,7 +519,7 @@ impl Pod {
                     execs: HashMap::new(),
                 };
                 self.lock().insert(id.to_string(), c);
-                Ok(pid)
+                Ok(self.task_pid(None, pid))
             }
             Err(e) => {
                 if let Err(c) = self.share.unstage(id) {
@@ -565,7 +584,7 @@ impl Pod {
     }
 
     /// Starts a created container's init (`exec_id` None) or an added exec;
-    /// returns its guest pid. Its exit is reported as a [`PodEvent::Exit`].
+    /// returns its task pid. Its exit is reported as a [`PodEvent::Exit`].
     pub async fn start(&self, id: &str, exec_id: Option<&str>) -> Result<u32> {
         self.require(id, exec_id, "start", Status::can_start)?;
         let (stdio, json, relays) = self.with_process(id, exec_id, |p, _| {
@@ -587,6 +606,7 @@ impl Pod {
             p.started = true;
             Ok(p.exit.clone())
         })?;
+        let task_pid = self.task_pid(exec_id, pid);
         let (agent, events) = (self.agent.clone(), self.events.clone());
         let (id, exec_id) = (id.to_string(), exec_id.map(str::to_string));
         tokio::spawn(async move {
@@ -598,9 +618,9 @@ impl Pod {
                 }
             };
             relays.lock().await.drain(DRAIN_TIMEOUT).await;
-            record_exit(&sender, &events, &id, exec_id.as_deref(), pid, status);
+            record_exit(&sender, &events, &id, exec_id.as_deref(), task_pid, status);
         });
-        Ok(pid)
+        Ok(task_pid)
     }
 
     /// Signals a process; one that has exited is left alone.

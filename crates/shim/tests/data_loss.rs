@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_until, Containerd, IMAGE, RUNTIME};
+use common::{processes_mentioning, wait_until, Containerd, IMAGE, RUNTIME};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -87,6 +87,12 @@ fn deleting_a_task_keeps_host_files_of_a_busy_bind_mount() {
         .is_empty()),
         "mounts left: {:?}",
         common::mounts_mentioning(&state)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || processes_mentioning(&state)
+            .is_empty()),
+        "left behind: {:?}",
+        processes_mentioning(&state)
     );
     assert!(all_there());
 }

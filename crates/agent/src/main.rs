@@ -13,6 +13,7 @@ mod container;
 mod health;
 mod init;
 mod logger;
+mod network;
 mod reaper;
 mod server;
 mod service;
@@ -62,6 +63,10 @@ fn run_as_init() -> anyhow::Result<()> {
     );
     let rt = runtime()?;
     let res = rt.block_on(async {
+        let net = network::connect().context("guest network")?;
+        network::loopback_up(&net)
+            .await
+            .context("bring up the guest loopback")?;
         let reaper = reaper::spawn().context("start child reaper")?;
         server::serve(channel, reaper, WORK_DIR.into()).await
     });

@@ -12,9 +12,9 @@ use vessel_protocol::agent::{
     state_container_response::Status, ContainerRequest, CreateContainerRequest,
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
     ListProcessesResponse, OOMEvent, ProbeRequest, ProbeResponse, ProcessRequest,
-    RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest, SetTimeRequest,
-    SignalProcessRequest, StateContainerResponse, StatsContainerResponse, UpdateContainerRequest,
-    WaitProcessResponse,
+    RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest, SetNetworkRequest,
+    SetTimeRequest, SignalProcessRequest, StateContainerResponse, StatsContainerResponse,
+    UpdateContainerRequest, WaitProcessResponse,
 };
 use vessel_protocol::agent_ttrpc::Agent;
 
@@ -314,6 +314,31 @@ impl Agent for AgentService {
         if let Err(e) = unsafe { rnd_reseed_crng(f.as_raw_fd()) } {
             log::warn!("RNDRESEEDCRNG: {e}");
         }
+        Ok(Empty::new())
+    }
+
+    async fn set_network(&self, _: &TtrpcContext, req: SetNetworkRequest) -> ttrpc::Result<Empty> {
+        let net = vessel_protocol::net::Network::from_request(&req)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        // Standalone (development) agents run in the host's namespace.
+        if std::process::id() != 1 {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "SetNetwork configures a VM's network; this agent is not PID 1 of a VM".into(),
+            ));
+        }
+        let handle =
+            crate::network::connect().map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        crate::network::apply(&handle, &net).await.map_err(|e| {
+            log::warn!("SetNetwork failed: {e}");
+            status(Code::INTERNAL, e.to_string())
+        })?;
+        log::info!(
+            "network: {} interfaces, {} routes, {} neighbours",
+            net.interfaces.len(),
+            net.routes.len(),
+            net.neighbours.len()
+        );
         Ok(Empty::new())
     }
 

@@ -221,6 +221,30 @@ async fn cases(g: &Guest) {
     assert_eq!(st.exit_status, 0);
     eprintln!("ok: echo");
 
+    // Loopback in a container with its own network namespace (no path): a
+    // listener and a client on 127.0.0.1 in one container ("Network is
+    // unreachable" while lo is down).
+    let mut own_net = spec(&[
+        "sh",
+        "-c",
+        "nc -l -p 7777 -e echo pong & \
+         for i in $(seq 300); do \
+           out=$(nc 127.0.0.1 7777 </dev/null 2>&1) && [ \"$out\" = pong ] && { echo $out; exit 0; }; \
+           sleep 0.1; \
+         done; echo \"last: $out\"; ip link show lo; exit 1",
+    ]);
+    own_net["linux"]["namespaces"] = json!([
+        {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+        {"type": "network"}
+    ]);
+    let (out, err, st) = g.run("loopback", &own_net).await;
+    assert_eq!(
+        (out.as_str(), st.exit_status),
+        ("pong\n", 0),
+        "stderr: {err}"
+    );
+    eprintln!("ok: loopback");
+
     // Exit code propagation.
     let (_, _, st) = g.run("exit3", &spec(&["sh", "-c", "exit 3"])).await;
     assert_eq!((st.exit_status, st.signal), (3, 0));

@@ -7,6 +7,7 @@
 
 pub mod builtin;
 pub mod host;
+pub mod nic;
 mod process;
 mod process_vm;
 pub mod qemu;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use host::{Accelerator, KvmKind};
+pub use nic::{MacAddr, Nic, TapNic};
 pub use snapshot::SnapshotInfo;
 
 /// Hypervisor errors.
@@ -116,6 +118,8 @@ pub struct VmConfig {
     pub console_log: PathBuf,
     /// Directories shared with the guest (virtio-fs), by tag.
     pub shared_dirs: Vec<SharedDir>,
+    /// Network devices, in guest order (empty: no network but loopback).
+    pub nics: Vec<Nic>,
 }
 
 /// A host directory exported to the guest under `tag`.
@@ -279,6 +283,7 @@ mod tests {
             vsock_uds: "/r/v".into(),
             console_log: "/r/c".into(),
             shared_dirs: vec![],
+            nics: Vec::new(),
         };
         let k = guest_cmdline(&cfg, &["reboot=t"]);
         assert!(k.starts_with("console=ttyS0 panic=-1"), "{k}");
@@ -303,6 +308,7 @@ mod tests {
             vsock_uds: dir.path().join("v"),
             console_log: dir.path().join("c"),
             shared_dirs: vec![],
+            nics: Vec::new(),
         };
         assert!(check_vm_config(&cfg)
             .unwrap_err()

@@ -177,6 +177,7 @@ mod tests {
             vsock_uds: dir.join("v"),
             console_log: dir.join("c"),
             shared_dirs: vec![],
+            nics: Vec::new(),
         }
     }
 

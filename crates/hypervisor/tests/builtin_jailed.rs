@@ -67,6 +67,7 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
         memory_mib: 64,
         channel: AgentChannel::Vsock,
         shared_dirs: vec![],
+        nics: Vec::new(),
     };
     let vm = hv.launch(&cfg).await.unwrap();
     wait_for_text(&cfg.console_log, "VSOCK-READY");

@@ -31,6 +31,7 @@ fn vm_config(dir: &Path, guest: &Path, initramfs: &Path, id: &str) -> VmConfig {
         memory_mib: 64,
         channel: AgentChannel::Vsock,
         shared_dirs: vec![],
+        nics: Vec::new(),
     }
 }
 

@@ -4,6 +4,7 @@
 //!   messages and ttrpc services (container lifecycle lives in `agent`).
 //! - [`id`]: the one rule for sandbox, container and exec ids.
 //! - [`stdio`]: the header line that opens a process stdio stream.
+//! - [`net`]: the guest network configuration (`SetNetwork`), typed and checked.
 //! - [`ports`]: vsock ports and virtio-serial port names.
 //! - [`hybrid_vsock`]: the Firecracker-style `CONNECT <port>` handshake that the
 //!   host speaks over a Unix socket to reach a guest vsock port.
@@ -12,6 +13,7 @@
 
 pub mod hybrid_vsock;
 pub mod id;
+pub mod net;
 pub mod ports;
 pub mod stdio;
 

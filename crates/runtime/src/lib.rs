@@ -4,6 +4,7 @@
 //! - [`backend`]: which hypervisor runs sandboxes on this host, and the factory.
 //! - [`sandbox`]: one VM with its agent: boot, talk, stop, clean up.
 //! - [`agent`]: the host-side agent client (readiness, hybrid vsock, ttrpc).
+//! - [`network`]: the sandbox's network (taps and tc redirects in its namespace).
 //! - [`container`]: OCI containers (one per sandbox), their supervisor and state.
 //! - [`pod`]: the pod model (a VM, its share and network, its containers and
 //!   processes with their guards, stdio and exits) behind the containerd shim.
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod backend;
 pub mod config;
 pub mod container;
+pub mod network;
 pub mod pod;
 pub mod sandbox;
 

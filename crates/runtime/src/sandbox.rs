@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vessel_hypervisor::{
-    log_tail, AgentChannel, Hypervisor, SharedDir, SnapshotInfo, Vm, VmConfig, VmExit,
+    log_tail, AgentChannel, Hypervisor, Nic, SharedDir, SnapshotInfo, Vm, VmConfig, VmExit,
 };
 use vessel_protocol::health::VersionResponse;
 
@@ -19,6 +19,8 @@ pub struct SandboxSpec {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub shared_dirs: Vec<SharedDir>,
+    /// Network devices (see [`crate::network`]); empty: loopback only.
+    pub nics: Vec<Nic>,
 }
 
 impl SandboxSpec {
@@ -29,6 +31,7 @@ impl SandboxSpec {
             vcpus: config.default_vcpus,
             memory_mib: config.default_memory_mib,
             shared_dirs: Vec::new(),
+            nics: Vec::new(),
         }
     }
 }
@@ -117,6 +120,7 @@ impl Sandbox {
             vsock_uds: agent_socket(run_dir),
             console_log: run_dir.join(CONSOLE_LOG),
             shared_dirs: spec.shared_dirs,
+            nics: spec.nics,
         };
         // Bind before launch: the agent connects as soon as it is up.
         let ready = match channel {
@@ -230,6 +234,7 @@ impl Sandbox {
             vsock_uds: agent_socket(&run_dir),
             console_log: run_dir.join(CONSOLE_LOG),
             shared_dirs: Vec::new(),
+            nics: Vec::new(),
         };
         let res = Self::restore_in(config, hv, snapshot, &vm_config).await;
         if res.is_err() {

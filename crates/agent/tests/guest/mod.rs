@@ -137,7 +137,7 @@ fn make_rootfs(dir: &Path, busybox: &Path) {
     std::fs::copy(busybox, dir.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "sleep", "true", "false", "id", "hostname", "mkdir", "touch", "head",
-        "ls", "tty", "dd", "pwd", "env", "uname", "stty", "test",
+        "ls", "tty", "dd", "pwd", "env", "uname", "stty", "test", "nc", "seq", "ip",
     ] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
     }

@@ -407,6 +407,7 @@ mod tests {
             vsock_uds: "/r/a/v.sock".into(),
             console_log: "/r/a/c.log".into(),
             shared_dirs: vec![],
+            nics: Vec::new(),
         };
         let e = command(&j, Path::new("/v"), &cfg, &[]).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vessel-jailer"), "{e}");

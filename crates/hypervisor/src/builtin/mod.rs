@@ -116,6 +116,12 @@ impl Hypervisor for Builtin {
                 operation: "virtio-serial agent channel (use vsock)",
             });
         }
+        if !cfg.nics.is_empty() {
+            return Err(Error::Unsupported {
+                backend: "builtin",
+                operation: "network devices from a network namespace (not wired yet; use QEMU)",
+            });
+        }
         let mut helpers = Vec::new();
         if let Err(e) = crate::virtiofs::start(&self.config.virtiofsd, cfg, &mut helpers).await {
             crate::process::terminate_all(&mut helpers).await;
@@ -278,6 +284,7 @@ mod tests {
                 host_path: "/b".into(),
                 read_only: false,
             }],
+            nics: Vec::new(),
         };
         let a = Builtin::args(&cfg, std::path::Path::new("/r/a/vmm-api.sock")).join(" ");
         assert!(

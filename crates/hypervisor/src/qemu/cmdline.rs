@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{Accelerator, AgentChannel, VmConfig};
+use crate::{Accelerator, AgentChannel, Nic, VmConfig};
 
 /// QEMU machine type (`q35` or `microvm` in configuration files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -143,6 +143,29 @@ pub fn args(cfg: &VmConfig, accel: Accelerator, machine: Machine, paths: &Paths)
         }
     }
     push(&["-device", &dev("virtio-rng-pci", "virtio-rng-device")]);
+    for (i, nic) in cfg.nics.iter().enumerate() {
+        match nic {
+            // The fd is inherited (see Qemu::start_qemu_with); vhost=off: no
+            // /dev/vhost-net is needed. QEMU reads IFF_VNET_HDR from the fd
+            // and then negotiates checksum and TSO offloads with the guest
+            // and sets them on the tap (TUNSETOFFLOAD).
+            Nic::VirtioTap(tap) => {
+                push(&[
+                    "-netdev",
+                    &format!("tap,id=net{i},fd={},vhost=off", tap.raw_fd()),
+                ]);
+                let mut device = format!(
+                    "{},netdev=net{i},mac={}",
+                    dev("virtio-net-pci", "virtio-net-device"),
+                    tap.mac
+                );
+                if let Some(mtu) = tap.mtu {
+                    device.push_str(&format!(",host_mtu={mtu}"));
+                }
+                push(&["-device", &device]);
+            }
+        }
+    }
     for (i, share) in cfg.shared_dirs.iter().enumerate() {
         let sock = crate::virtiofs::socket(&cfg.run_dir, i);
         push(&[
@@ -183,6 +206,7 @@ mod tests {
                 host_path: "/b/rootfs".into(),
                 read_only: false,
             }],
+            nics: Vec::new(),
         }
     }
 

@@ -239,6 +239,15 @@ impl Qemu {
         log::debug!("qemu: {} {}", self.config.qemu.display(), args.join(" "));
         let mut cmd = Command::new(&self.config.qemu);
         cmd.args(&args);
+        let fds = crate::nic::tap_fds(&cfg.nics);
+        if !fds.is_empty() {
+            // SAFETY: runs in the forked child before exec; inherit_fds only
+            // calls fcntl(2) (async-signal-safe) on the tap fds, which the
+            // caller keeps open (cfg.nics) until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || crate::nic::inherit_fds(&fds));
+            }
+        }
         spawn("QEMU", cmd, &cfg.run_dir.join("qemu.log"))
     }
 }

@@ -40,6 +40,8 @@ pub(crate) fn blocker(cfg: &VmConfig) -> Option<&'static str> {
         Some("snapshot of a VM with vhost-user-vsock (QEMU cannot migrate vhost-user devices); use channel = \"serial\"")
     } else if !cfg.shared_dirs.is_empty() {
         Some("snapshot of a VM with virtio-fs shares (QEMU cannot migrate vhost-user-fs)")
+    } else if !cfg.nics.is_empty() {
+        Some("snapshot of a VM with network devices (their taps belong to one sandbox)")
     } else {
         None
     }

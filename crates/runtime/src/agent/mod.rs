@@ -67,6 +67,8 @@ pub enum AgentError {
     BadReply { rpc: &'static str, reason: String },
     /// {what}: {reason}
     Stdio { what: String, reason: String },
+    /// Refusing to send {rpc}: {reason}
+    BadRequest { rpc: &'static str, reason: String },
 }
 
 type Result<T> = std::result::Result<T, AgentError>;
@@ -242,6 +244,23 @@ impl AgentClient {
             .reseed_random(rpc_ctx(), &req)
             .await
             .map_err(|source| rpc_error("Agent.ReseedRandom", source))?;
+        Ok(())
+    }
+
+    /// Configures the guest's network (`Agent.SetNetwork`); `net` is checked
+    /// here first, as the agent checks it again.
+    pub async fn set_network(&self, net: &vessel_protocol::net::Network) -> Result<()> {
+        net.validate().map_err(|e| AgentError::BadRequest {
+            rpc: "Agent.SetNetwork",
+            reason: e.to_string(),
+        })?;
+        self.agent
+            .set_network(rpc_ctx(), &net.to_request())
+            .await
+            .map_err(|source| AgentError::Rpc {
+                rpc: "Agent.SetNetwork",
+                source,
+            })?;
         Ok(())
     }
 

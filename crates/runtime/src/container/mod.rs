@@ -75,6 +75,8 @@ pub enum ContainerError {
     Hook { path: String, reason: String },
     /// container {id} does not run on the vsock channel; set channel = "vsock"
     NeedsVsock { id: String },
+    /// network: {0}
+    Network(String),
 }
 
 impl ContainerError {

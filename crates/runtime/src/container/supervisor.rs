@@ -24,6 +24,7 @@ use super::console::HostPty;
 use super::share::{self, Staging};
 use super::stdio::Relays;
 use super::{AgentClient, ContainerError, NewContainer, Result, CONTROL_SOCKET, EXIT_FILE};
+use crate::network::PodNetwork;
 use crate::sandbox::{hypervisor, SandboxSpec};
 use crate::{Config, Sandbox};
 
@@ -103,6 +104,8 @@ struct Running {
     relays: Relays,
     /// A dup of the host pty slave, watched for window-size changes.
     tty: Option<File>,
+    /// Taps and tc redirects in the bundle's network namespace.
+    network: Option<PodNetwork>,
 }
 
 /// Runs the supervisor to the end; returns the process exit status.
@@ -129,6 +132,7 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
     let Running {
         sandbox,
         mut relays,
+        network,
         ..
     } = running;
     let mut sandbox = Some(sandbox);
@@ -146,6 +150,9 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
         log::error!("{}: cannot record exit status: {e}", args.id);
     }
     stop_sandbox(&args.id, sandbox).await;
+    if let Some(mut network) = network {
+        network.detach().await;
+    }
     if let Err(e) = share::cleanup(&dir) {
         log::error!("{}: {e}", args.id);
     }
@@ -175,6 +182,9 @@ async fn setup(config: &Config, args: &SuperviseArgs, dir: &Path) -> Result<(Run
     res
 }
 
+/// Wires the bundle's network namespace (if it names one), then boots the
+/// VM with its NICs and creates the container. On error no tap or tc filter
+/// is left.
 async fn boot_and_create(
     config: &Config,
     args: &SuperviseArgs,
@@ -182,6 +192,34 @@ async fn boot_and_create(
     bundle: &Bundle,
     spec: serde_json::Value,
     staging: &Staging,
+) -> Result<(Running, u32)> {
+    let net_err = |e: crate::network::NetError| ContainerError::Network(crate::network::report(&e));
+    let mut network = match crate::network::netns_path(&bundle.spec).map_err(net_err)? {
+        Some(path) => Some(PodNetwork::attach(&path).await.map_err(net_err)?),
+        None => None,
+    };
+    match boot_and_create_in(config, args, dir, bundle, spec, staging, network.as_ref()).await {
+        Ok((mut running, pid)) => {
+            running.network = network;
+            Ok((running, pid))
+        }
+        Err(e) => {
+            if let Some(n) = network.as_mut() {
+                n.detach().await;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn boot_and_create_in(
+    config: &Config,
+    args: &SuperviseArgs,
+    dir: &Path,
+    bundle: &Bundle,
+    spec: serde_json::Value,
+    staging: &Staging,
+    network: Option<&PodNetwork>,
 ) -> Result<(Running, u32)> {
     let size = bundle.vm_size(config);
     let (vm_root, vm_id) = super::vm_location(dir);
@@ -198,16 +236,24 @@ async fn boot_and_create(
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             shared_dirs: vec![staging.shared_dir()],
+            nics: network.map(PodNetwork::nics).unwrap_or_default(),
         },
     )
     .await?;
-    match create_in(args, bundle, spec, &sandbox).await {
+    let created = async {
+        if let Some(n) = network {
+            sandbox.agent().set_network(n.guest_network()).await?;
+        }
+        create_in(args, bundle, spec, &sandbox).await
+    };
+    match created.await {
         Ok((client, relays, pid, tty)) => Ok((
             Running {
                 sandbox,
                 client,
                 relays,
                 tty,
+                network: None,
             },
             pid,
         )),

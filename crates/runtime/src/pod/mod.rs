@@ -300,6 +300,7 @@ impl Pod {
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             shared_dirs: vec![share.shared_dir()],
+            nics: Vec::new(),
         };
         let booted = match network.as_mut() {
             Some(n) => n.attach(&mut vm).await,

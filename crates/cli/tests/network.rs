@@ -1,0 +1,265 @@
+//! End-to-end: a container on a network namespace made by the test with
+//! `ip netns` and a veth pair (all traffic stays in namespaces the test made),
+//! real guests under QEMU.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{env, text, wait_until};
+
+const T: Duration = Duration::from_secs(90);
+
+fn ip(args: &[&str]) -> std::process::Output {
+    Command::new("ip").args(args).output().unwrap()
+}
+
+fn must(args: &[&str]) {
+    let o = ip(args);
+    assert!(o.status.success(), "ip {}: {}", args.join(" "), text(&o));
+}
+
+/// A network namespace with one end of a veth pair (`eth0`, `<net>.2/24`,
+/// default route via `<net>.1`); the other end stays in the host namespace
+/// with `<net>.1/24`. Removed on drop, even when the test fails.
+struct TestNet {
+    ns: String,
+    host_veth: String,
+    /// First three octets, e.g. "10.244.17".
+    net: String,
+}
+
+impl TestNet {
+    fn new(tag: u8) -> TestNet {
+        let pid = std::process::id();
+        let n = TestNet {
+            ns: format!("vessel-test-{pid}-{tag}"),
+            host_veth: format!("vt{}h{tag}", pid % 100_000),
+            net: format!("10.244.{}", (pid % 200) as u8 + tag),
+        };
+        // Built first: a failing step below still removes what exists.
+        n.setup();
+        n
+    }
+
+    fn setup(&self) {
+        let n = self;
+        must(&["netns", "add", &n.ns]);
+        must(&[
+            "link",
+            "add",
+            &n.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &n.ns,
+        ]);
+        must(&[
+            "addr",
+            "add",
+            &format!("{}.1/24", n.net),
+            "dev",
+            &n.host_veth,
+        ]);
+        must(&["link", "set", &n.host_veth, "up"]);
+        let inside = |args: &[&str]| {
+            let mut a = vec!["-n", &n.ns];
+            a.extend_from_slice(args);
+            must(&a);
+        };
+        inside(&["addr", "add", &format!("{}.2/24", n.net), "dev", "eth0"]);
+        inside(&["link", "set", "eth0", "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        inside(&["route", "add", "default", "via", &format!("{}.1", n.net)]);
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.ns)
+    }
+
+    /// `ip -n <ns> <args>` output.
+    fn show(&self, args: &[&str]) -> String {
+        let o = Command::new("ip")
+            .args(["-n", &self.ns])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `tc qdisc show` inside the namespace.
+    fn qdiscs(&self) -> String {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "tc", "qdisc", "show"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_veth]);
+        let _ = ip(&["netns", "del", &self.ns]);
+    }
+}
+
+/// Kills a host helper process on drop.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn set_netns(c: &mut serde_json::Value, path: Option<&str>) {
+    let list = c["linux"]["namespaces"].as_array_mut().unwrap();
+    list.retain(|n| n["type"] != "network");
+    let mut ns = serde_json::json!({"type": "network"});
+    if let Some(p) = path {
+        ns["path"] = p.into();
+    }
+    list.push(ns);
+}
+
+fn host_get(url: &str) -> Option<String> {
+    // curl: busybox-static's wget crashes (glibc static NSS).
+    let o = Command::new("curl")
+        .args(["-sf", "-m", "3", url])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+#[test]
+fn http_both_ways_over_a_veth_namespace() {
+    let Some(e) = env() else { return };
+    let net = TestNet::new(0);
+    let www = e.dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello-from-the-host\n").unwrap();
+    let host_ip = format!("{}.1", net.net);
+    let guest_ip = format!("{}.2", net.net);
+    let _httpd = Reap(
+        Command::new("busybox")
+            .args(["httpd", "-f", "-p", &format!("{host_ip}:8080"), "-h"])
+            .arg(&www)
+            .spawn()
+            .unwrap(),
+    );
+    let script = format!(
+        "mkdir -p /www && echo hello-from-the-guest > /www/index.html && httpd -p 80 -h /www && \
+         for i in $(seq 600); do \
+           printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {host_ip} 8080 > /tmp/got 2>/dev/null; \
+           if grep -q hello /tmp/got; then echo \"got: $(grep hello /tmp/got)\"; break; fi; \
+           sleep 0.1; \
+         done; ip addr show eth0; while :; do sleep 1; done"
+    );
+    let path = net.path();
+    let b = e.bundle("b", &["sh", "-c", &script], |c| set_netns(c, Some(&path)));
+    let (out, err) = e.create("net1", &b);
+    // Wired at create: a tap inside the namespace, ingress qdiscs both ways.
+    let links = net.show(&["link"]);
+    assert!(
+        links.contains("tap0_vessel"),
+        "no tap in the netns: {links}"
+    );
+    assert!(
+        net.qdiscs().matches("ingress").count() >= 2,
+        "{}",
+        net.qdiscs()
+    );
+    let host_links = String::from_utf8_lossy(&ip(&["link"]).stdout).into_owned();
+    assert!(
+        !host_links.contains("tap0_vessel"),
+        "a tap leaked into the host namespace"
+    );
+    let o = e.run(&["start", "net1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // container -> host
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        wait_until(T, || read().contains("got: hello-from-the-host")),
+        "container -> host HTTP failed; stdout: {}\nstderr: {}",
+        read(),
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    // The guest interface has the namespace's address.
+    let inet = format!("inet {guest_ip}/24");
+    assert!(wait_until(T, || read().contains(&inet)), "{}", read());
+    // host -> container
+    let url = format!("http://{guest_ip}:80/");
+    let mut got = None;
+    assert!(
+        wait_until(T, || {
+            got = host_get(&url);
+            got.is_some()
+        }),
+        "host -> container HTTP failed; container stdout: {}",
+        read()
+    );
+    assert_eq!(got.unwrap(), "hello-from-the-guest\n");
+    let o = e.run(&["delete", "--force", "net1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    e.assert_clean("net1");
+    // Nothing of ours is left in the namespace.
+    assert!(
+        wait_until(Duration::from_secs(10), || !net
+            .show(&["link"])
+            .contains("tap0_vessel")),
+        "tap left: {}",
+        net.show(&["link"])
+    );
+    assert!(
+        !net.qdiscs().contains("ingress"),
+        "qdisc left: {}",
+        net.qdiscs()
+    );
+}
+
+#[test]
+fn a_missing_namespace_path_is_a_clear_error() {
+    let Some(e) = env() else { return };
+    let path = format!("/var/run/netns/vessel-test-missing-{}", std::process::id());
+    let b = e.bundle("b", &["true"], |c| set_netns(c, Some(&path)));
+    let o = e.run(&["create", "--bundle", b.to_str().unwrap(), "nonet"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(msg.contains(&path), "error does not name the path: {msg}");
+    e.assert_clean("nonet");
+}
+
+#[test]
+fn loopback_only_without_a_namespace_path() {
+    let Some(e) = env() else { return };
+    let b = e.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "nc -l -p 7777 -e echo pong & \
+             for i in $(seq 300); do \
+               out=$(nc 127.0.0.1 7777 </dev/null 2>&1) && [ \"$out\" = pong ] && { echo $out; break; }; \
+               sleep 0.1; \
+             done; ip -o link",
+        ],
+        |c| set_netns(c, None),
+    );
+    let o = e.run(&["run", "--bundle", b.to_str().unwrap(), "lo1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("pong\n"), "{}", text(&o));
+    // Only loopback: no Ethernet device was given to the VM.
+    assert!(out.contains("lo: <LOOPBACK,UP"), "{out}");
+    assert!(!out.contains("link/ether"), "{out}");
+    e.assert_clean("lo1");
+}

@@ -215,6 +215,46 @@ mod tests {
     }
 
     #[test]
+    fn tap_nics_by_inherited_fd_with_the_links_mac() {
+        let mut c = cfg(AgentChannel::Vsock);
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let fd = std::sync::Arc::new(fd);
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&*fd);
+        c.nics = vec![Nic::VirtioTap(crate::TapNic {
+            tap_name: "tap0_vessel".into(),
+            fd,
+            vnet_hdr: true,
+            mac: crate::MacAddr([0x02, 0, 0, 0, 0, 0x0a]),
+            mtu: Some(1400),
+        })];
+        let q35 = joined(&args(
+            &c,
+            Accelerator::Tcg,
+            Machine::Q35,
+            &Paths::new(&c.run_dir),
+        ));
+        assert!(
+            q35.contains(&format!("-netdev tap,id=net0,fd={raw},vhost=off")),
+            "{q35}"
+        );
+        assert!(
+            q35.contains("-device virtio-net-pci,netdev=net0,mac=02:00:00:00:00:0a,host_mtu=1400"),
+            "{q35}"
+        );
+        let mmio = joined(&args(
+            &c,
+            Accelerator::Tcg,
+            Machine::Microvm,
+            &Paths::new(&c.run_dir),
+        ));
+        assert!(
+            mmio.contains("-device virtio-net-device,netdev=net0"),
+            "{mmio}"
+        );
+        assert_eq!(crate::nic::tap_fds(&c.nics), vec![raw]);
+    }
+
+    #[test]
     fn q35_tcg_vsock() {
         let c = cfg(AgentChannel::Vsock);
         let a = joined(&args(

@@ -12,6 +12,7 @@ pub mod config;
 pub mod devices;
 pub mod seccomp;
 pub mod snapshot;
+pub mod stop_signal;
 pub mod vmm;
 pub mod vstate;
 

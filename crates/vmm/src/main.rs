@@ -116,6 +116,10 @@ impl Args {
 
 fn main() {
     env_logger_lite();
+    if let Err(e) = vessel_vmm::stop_signal::install() {
+        eprintln!("vessel-vmm: cannot handle SIGTERM: {e}");
+        std::process::exit(vessel_vmm::EXIT_VMM_ERROR);
+    }
     let code = match run() {
         Ok(code) => code,
         Err(e) => {

@@ -65,6 +65,8 @@ const VMM_OWNER: u32 = u32::MAX;
 const TOKEN_EXIT: u32 = 0;
 const TOKEN_API_LISTENER: u32 = 1;
 const TOKEN_API_CONN_BASE: u32 = 2;
+/// SIGTERM or SIGINT arrived (see [`crate::stop_signal`]).
+const TOKEN_STOP_SIGNAL: u32 = u32::MAX;
 /// How long pause waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -533,6 +535,13 @@ impl Vmm {
                 log::error!("cannot watch the API socket: {e}");
             }
         }
+        let stop_signal = match self.watch_stop_signal() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::error!("cannot watch for SIGTERM: {e}");
+                None
+            }
+        };
         crate::seccomp::apply(crate::seccomp::ThreadKind::Vmm);
         let mut events = vec![EpollEvent::default(); 64];
         'outer: loop {
@@ -551,6 +560,11 @@ impl Vmm {
                 if owner == VMM_OWNER {
                     match token {
                         TOKEN_EXIT => break 'outer,
+                        TOKEN_STOP_SIGNAL => {
+                            log::info!("stop signal: stopping the VM");
+                            self.exit.trigger(crate::EXIT_OK);
+                            break 'outer;
+                        }
                         TOKEN_API_LISTENER => {
                             if let Some(a) = api.as_mut() {
                                 let evs = a.accept();
@@ -573,7 +587,23 @@ impl Vmm {
             }
         }
         self.stop();
+        crate::stop_signal::unwatch();
+        drop(stop_signal);
         self.exit.code()
+    }
+
+    /// An eventfd in the event loop that SIGTERM and SIGINT increment.
+    fn watch_stop_signal(&self) -> Result<EventFd, VmmError> {
+        let fd = eventfd("stop signal eventfd")?;
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, vmm_data(TOKEN_STOP_SIGNAL)),
+            )
+            .map_err(|e| VmmError::Setup("epoll stop signal", e))?;
+        crate::stop_signal::watch(&fd);
+        Ok(fd)
     }
 
     fn stop(&mut self) {

@@ -1,8 +1,9 @@
 //! Boot to the vessel agent and restore from a snapshot taken after agent-ready. Needs
 //! hardware KVM: under PVM (the software KVM of the development hosts) Linux user space
-//! cannot run, so these tests skip there, loudly (also in CI). Inputs:
-//! - `VESSEL_AGENT_INITRAMFS`: an initramfs with vessel-agent as /init (from the runtime's
-//!   initramfs builder);
+//! cannot run, so these tests do not run there (loudly); `make test` runs them in the KVM
+//! lane (scripts/kvm-lane.sh), where they must run. Inputs:
+//! - `VESSEL_AGENT_INITRAMFS`: an initramfs with vessel-agent as /init; default the guest's
+//!   `initramfs.cpio.gz` (in `VESSEL_GUEST_DIR` or build/guest);
 //! - the kernel at `build/guest/vmlinux` or `VESSEL_GUEST_KERNEL`, and its bzImage beside it
 //!   (or in `VESSEL_GUEST_DIR`).
 //!
@@ -49,30 +50,35 @@ fn connect_agent(uds: &Path) {
     assert!(line.starts_with("OK "), "agent port not answered: {line:?}");
 }
 
-/// The agent initramfs if this host can boot to the agent (hardware KVM, initramfs given);
-/// otherwise says loudly why `test` skips. These tests skip also in CI: CI hosts have PVM.
+/// The agent initramfs (`VESSEL_AGENT_INITRAMFS`, else the guest's from `make guest`) if
+/// this host can boot to the agent (hardware KVM); otherwise says loudly why `test` does not
+/// run here (PVM cannot run Linux user space: the first syscall of /init faults). `make
+/// test` runs these tests in the KVM lane, where they must run.
 fn agent_initramfs(test: &str) -> Option<PathBuf> {
-    if let Some(e) = kvm_error() {
-        eprintln!("\n*** SKIPPED {test}: /dev/kvm is not usable ({e}) ***\n");
+    let why = match kvm_error() {
+        Some(e) => Some(format!("/dev/kvm is not usable ({e})")),
+        None if vessel_vmm::config::host_is_pvm() => {
+            Some("this host's KVM is kvm_pvm (software)".to_string())
+        }
+        None => None,
+    };
+    if !vessel_testutil::hardware_kvm(test, why.is_none(), why.as_deref().unwrap_or("")) {
         return None;
     }
-    if vessel_vmm::config::host_is_pvm() {
-        eprintln!(
-            "\n*** SKIPPED {test}: this host's KVM is kvm_pvm (software); Linux user space \
-             cannot run under it (the first syscall of /init faults). Run it on a hardware-KVM \
-             host with VESSEL_AGENT_INITRAMFS set; here the end-to-end tests use QEMU with \
-             TCG. ***\n"
+    let initramfs = std::env::var_os("VESSEL_AGENT_INITRAMFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vessel_testutil::guest_dir().join("initramfs.cpio.gz"));
+    if !initramfs.is_file() {
+        skip(
+            test,
+            &format!(
+                "no agent initramfs at {} (make guest, or set VESSEL_AGENT_INITRAMFS)",
+                initramfs.display()
+            ),
         );
         return None;
     }
-    let initramfs = std::env::var_os("VESSEL_AGENT_INITRAMFS").map(PathBuf::from);
-    if initramfs.is_none() {
-        eprintln!(
-            "\n*** SKIPPED {test}: hardware KVM found but VESSEL_AGENT_INITRAMFS is not set \
-             (an initramfs with vessel-agent as /init) ***\n"
-        );
-    }
-    initramfs
+    Some(initramfs)
 }
 
 /// Boots `kernel` (vmlinux or bzImage) with the agent, waits for its ready announcement and

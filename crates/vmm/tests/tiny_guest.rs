@@ -35,6 +35,34 @@ fn serial_output_then_i8042_reset_exits_zero() {
     eprintln!("VMM start to first serial output: {first_output:?}");
 }
 
+/// SIGTERM (and SIGINT) is the ordinary stop of a sandbox VM, as for QEMU: the VMM stops
+/// the VM and exits 0 at once (not killed by the signal, not after the caller's grace).
+#[test]
+fn sigterm_and_sigint_stop_the_vm_with_exit_zero() {
+    if !kvm_available("sigterm_and_sigint_stop_the_vm_with_exit_zero") {
+        return;
+    }
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let dir = scratch("sigterm");
+        let log = dir.path().join("serial.log");
+        let mut child = spawn(&[
+            "--kernel",
+            tiny_guest().to_str().unwrap(),
+            "--cmdline",
+            "mode=idle",
+            "--mem-mib",
+            "32",
+            "--serial-log",
+            log.to_str().unwrap(),
+        ]);
+        wait_for_text(&log, "IDLE", T);
+        // SAFETY: kill takes no pointers; the pid is our unreaped child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let status = wait_exit(&mut child, Duration::from_secs(5));
+        assert_eq!(status.code(), Some(0), "signal {signal}: {status}");
+    }
+}
+
 #[test]
 fn smp_guest_boots() {
     if !kvm_available("smp_guest_boots") {

@@ -90,11 +90,20 @@ impl VirtioDevice for Vsock {
     }
 
     fn save_state(&self) -> serde_json::Value {
-        // Connections are not saved: their host ends belong to this process.
-        serde_json::json!({ "cid": self.cid })
+        // Connections are not saved: their host ends belong to this process. The next
+        // host port is, so that a clone never reuses the port of a connection its guest
+        // still holds (see `Muxer::continue_host_ports_from`).
+        serde_json::json!({ "cid": self.cid, "next_host_port": self.muxer.next_host_port() })
     }
 
-    fn restore_state(&mut self, _state: &serde_json::Value) {
+    fn restore_state(&mut self, state: &serde_json::Value) {
+        if let Some(port) = state
+            .get("next_host_port")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|p| u32::try_from(p).ok())
+        {
+            self.muxer.continue_host_ports_from(port);
+        }
         self.reset_pending = true;
     }
 }

@@ -138,12 +138,20 @@ mod tests {
     }
 
     fn setup() -> Fixture {
+        setup_restored(None)
+    }
+
+    /// A device activated fresh, or restored from `state` (a `save_state`).
+    fn setup_restored(state: Option<&serde_json::Value>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let mut dev = Vsock::new(&VsockConfig {
             uds: dir.path().join("v.sock"),
             cid: CID as u32,
         })
         .unwrap();
+        if let Some(state) = state {
+            dev.restore_state(state);
+        }
         let mem = memory();
         let rx = VirtQ::new(&mem, 0x1000, 16);
         let tx = VirtQ::new(&mem, 0x4000, 16);
@@ -263,6 +271,34 @@ mod tests {
         let mut ok = vec![0u8; format!("OK {host_port}\n").len()];
         host.read_exact(&mut ok).unwrap();
         assert_eq!(ok, format!("OK {host_port}\n").as_bytes());
+    }
+
+    /// The host port of a host-initiated connection (its `OP_REQUEST`'s source port).
+    fn host_connect_port(f: &mut Fixture) -> u32 {
+        let mut host = UnixStream::connect(f.dir.path().join("v.sock")).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        f.pump();
+        loop {
+            let (req, _) = f.recv(4096).unwrap();
+            if { req.op } == OP_REQUEST {
+                return req.src_port;
+            }
+        }
+    }
+
+    /// A clone's guest still holds the snapshot's connections until it has handled the
+    /// transport reset: a new connection must not reuse one of their host ports.
+    #[test]
+    fn a_restored_device_never_reuses_the_snapshots_host_ports() {
+        let mut template = setup();
+        let used = [
+            host_connect_port(&mut template),
+            host_connect_port(&mut template),
+        ];
+        let state = template.dev.save_state();
+        let mut clone = setup_restored(Some(&state));
+        let port = host_connect_port(&mut clone);
+        assert!(port > used[1] && used[1] > used[0], "{port} after {used:?}");
     }
 
     #[test]

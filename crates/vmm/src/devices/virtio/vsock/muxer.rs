@@ -241,6 +241,20 @@ impl Muxer {
         self.push_ctrl(req);
     }
 
+    /// The host port the next host-initiated connection gets (saved in snapshots).
+    pub fn next_host_port(&self) -> u32 {
+        self.next_host_port
+    }
+
+    /// Continues host port numbers from a snapshot's [`Self::next_host_port`]. A restored
+    /// guest still holds the snapshot's connections until it has processed the transport
+    /// reset; a new connection that reused one of their host ports could reach the guest
+    /// first and be taken for a packet of that old connection (dropped, unanswered until
+    /// the handshake timeout).
+    pub fn continue_host_ports_from(&mut self, port: u32) {
+        self.next_host_port = port.max(FIRST_HOST_PORT);
+    }
+
     fn alloc_host_port(&mut self) -> u32 {
         loop {
             let p = self.next_host_port;

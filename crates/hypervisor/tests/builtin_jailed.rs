@@ -90,10 +90,17 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
     echo(&cfg.vsock_uds, 1235, "template after its snapshot\n");
 
     let pids = vm.pids();
-    // stop() sends SIGTERM; the VMM, PID 1 of its own PID namespace without a handler,
-    // gets SIGKILL from the jailer instead, which then cleans up and exits 128 + 9.
+    // stop() sends SIGTERM, which the jailer forwards; the VMM (PID 1 of its own PID
+    // namespace, with a handler) stops the VM and exits 0, and so does the jailer after
+    // cleaning up; well within the grace, which ends in SIGKILL.
+    let stopping = std::time::Instant::now();
     let exit = vm.stop(Duration::from_secs(5)).await.unwrap();
-    assert_eq!(exit.code, Some(128 + 9), "{exit:?}");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "stop took {:?}",
+        stopping.elapsed()
+    );
     for pid in pids {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),

@@ -19,19 +19,114 @@ pub fn guest_dir() -> PathBuf {
         .unwrap_or_else(|| repo().join("build/guest"))
 }
 
+/// The backend the end-to-end tests run their sandboxes on, from
+/// `VESSEL_TEST_HYPERVISOR`: unset or `default` (the configuration's defaults:
+/// `auto`), `builtin` (the built-in VMM under the jailer) or `qemu-kvm` (QEMU with
+/// `accelerator = "kvm"`). The KVM lane (`make test-lane`) runs the suites with the
+/// last two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestHypervisor {
+    Default,
+    Builtin,
+    QemuKvm,
+}
+
+impl TestHypervisor {
+    /// Reads `VESSEL_TEST_HYPERVISOR`; an unknown value panics (a typo must not
+    /// silently test the default backend).
+    pub fn from_env() -> TestHypervisor {
+        match std::env::var("VESSEL_TEST_HYPERVISOR").as_deref() {
+            Err(_) | Ok("") | Ok("default") => TestHypervisor::Default,
+            Ok("builtin") => TestHypervisor::Builtin,
+            Ok("qemu-kvm") => TestHypervisor::QemuKvm,
+            Ok(other) => {
+                panic!("VESSEL_TEST_HYPERVISOR={other:?}: expected default, builtin or qemu-kvm")
+            }
+        }
+    }
+
+    /// The configuration keys selecting this backend: top-level keys, and the
+    /// tables that must follow every top-level key.
+    fn config_keys(self) -> (String, String) {
+        match self {
+            TestHypervisor::Default => (String::new(), String::new()),
+            TestHypervisor::QemuKvm => (
+                "hypervisor = \"qemu\"\n".into(),
+                "[qemu]\naccelerator = \"kvm\"\n".into(),
+            ),
+            TestHypervisor::Builtin => (
+                "hypervisor = \"builtin\"\n".into(),
+                format!(
+                    "[builtin]\nvmm_path = \"{}\"\njailer = true\njailer_path = \"{}\"\n",
+                    workspace_binary("VESSEL_VMM", "vessel-vmm").display(),
+                    workspace_binary("VESSEL_JAILER", "vessel-jailer").display()
+                ),
+            ),
+        }
+    }
+}
+
+/// A binary of this workspace: `$var`, else `name` beside the running test's
+/// profile directory (`target/<profile>/name`, where cargo puts the workspace's
+/// binaries). Panics if it is not there.
+pub fn workspace_binary(var: &str, name: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        // The test executable is target/<profile>/deps/<test>-<hash>.
+        let exe = std::env::current_exe().unwrap();
+        exe.parent()
+            .and_then(Path::parent)
+            .map(|profile| profile.join(name))
+            .unwrap_or_else(|| PathBuf::from(name))
+    });
+    assert!(
+        path.is_file(),
+        "{name} not found at {} (cargo build -p {name}, or set {var})",
+        path.display()
+    );
+    path
+}
+
 /// Writes a Vessel configuration file at `path`: state under `state_root`,
-/// the guest kernel and initramfs from `guest` (see [`guest_dir`]).
+/// the guest kernel and initramfs from `guest` (see [`guest_dir`]), and the
+/// backend [`TestHypervisor::from_env`] names.
 pub fn write_config(path: &Path, state_root: &Path, guest: &Path) {
+    write_config_for(path, state_root, guest, TestHypervisor::from_env());
+}
+
+/// [`write_config`] for backend `hv`.
+pub fn write_config_for(path: &Path, state_root: &Path, guest: &Path, hv: TestHypervisor) {
+    let (top, tables) = hv.config_keys();
     std::fs::write(
         path,
         format!(
-            "state_root = \"{}\"\nguest_kernel = \"{}\"\nguest_initramfs = \"{}\"\n",
+            "state_root = \"{}\"\nguest_kernel = \"{}\"\nguest_initramfs = \"{}\"\n{top}{tables}",
             state_root.display(),
             guest.join("vmlinux").display(),
             guest.join("initramfs.cpio.gz").display()
         ),
     )
     .unwrap();
+}
+
+/// Whether `test`, which needs hardware KVM (Linux user space in a KVM guest),
+/// can run here: `hardware` is the caller's detection and `why` its reason.
+/// Without hardware KVM the test does not run and says so; that is a failure
+/// where `VESSEL_REQUIRE_HARDWARE_KVM` is set (the KVM lane sets it: there these
+/// tests must run). On hosts with only PVM or no KVM, `make test` runs them in
+/// the lane instead.
+pub fn hardware_kvm(test: &str, hardware: bool, why: &str) -> bool {
+    if hardware {
+        return true;
+    }
+    assert!(
+        std::env::var_os("VESSEL_REQUIRE_HARDWARE_KVM").is_none(),
+        "{test} needs hardware KVM, which VESSEL_REQUIRE_HARDWARE_KVM says is here: {why}"
+    );
+    eprintln!(
+        "\n!!!!! NOT RUN HERE {test}: needs hardware KVM ({why}); `make test` runs it in the \
+         KVM lane (scripts/kvm-lane.sh)\n"
+    );
+    false
 }
 
 /// Reports that `test` cannot run, and `why`. In CI (`CI` set) every

@@ -3,17 +3,25 @@
 use std::path::Path;
 
 use vessel_runtime::Config;
+pub use vessel_testutil::TestHypervisor;
 
-/// The guest built by `make guest`, or `None` (with a loud message) when the
-/// prerequisites are missing outside CI. In CI a missing prerequisite fails.
+/// The guest built by `make guest`, on the backend `VESSEL_TEST_HYPERVISOR`
+/// names (see [`guest_config_with`]).
+#[allow(dead_code)]
 pub fn guest_config(state_root: &Path) -> Option<Config> {
+    guest_config_with(state_root, TestHypervisor::from_env())
+}
+
+/// The guest built by `make guest` on backend `hv` (the configuration the CLI and
+/// shim tests write, loaded as a user's would be), or `None` (with a loud message)
+/// when the prerequisites are missing outside CI. In CI a missing prerequisite
+/// fails.
+pub fn guest_config_with(state_root: &Path, hv: TestHypervisor) -> Option<Config> {
     let dir = vessel_testutil::guest_dir();
-    let mut cfg = Config {
-        state_root: state_root.to_path_buf(),
-        ..Config::default()
-    };
-    cfg.guest_kernel = dir.join("vmlinux");
-    cfg.guest_initramfs = dir.join("initramfs.cpio.gz");
+    // Beside the state root, which must stay empty.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    vessel_testutil::write_config_for(file.path(), state_root, &dir, hv);
+    let (cfg, _) = Config::load(Some(file.path())).unwrap();
     let mut missing = Vec::new();
     for p in [
         &cfg.guest_kernel,

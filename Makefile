@@ -11,7 +11,7 @@ VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test \
-        test-vmm bench-boot bench-run bench-restore bench-vmm clean install test-shim bench-shim
+        test-lane test-vmm bench-boot bench-run bench-restore bench-vmm clean install test-shim bench-shim
 
 deps:
 	scripts/install-deps.sh
@@ -62,7 +62,12 @@ workspace-test: guest config
 test-vmm: kernel
 	VESSEL_GUEST_KERNEL=$(GUEST)/vmlinux cargo test -p vessel-vmm
 
-test: deps guest config lint workspace-test
+# The suites that need hardware KVM (built-in VMM to containers, QEMU -accel kvm,
+# snapshots of Linux guests), in the KVM lane: scripts/test-lane.sh, docs/kvm-lane.md.
+test-lane: guest config
+	VESSEL_GUEST_DIR=$(GUEST) scripts/test-lane.sh
+
+test: deps guest config lint workspace-test test-lane
 
 bench-boot: deps guest build config
 	benches/boot.sh

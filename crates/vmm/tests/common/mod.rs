@@ -134,7 +134,9 @@ pub fn spawn(args: &[&str]) -> Child {
 pub fn api(sock: &Path, request: &str) -> serde_json::Value {
     let mut s = poll(Duration::from_secs(10), || UnixStream::connect(sock).ok())
         .unwrap_or_else(|| panic!("API socket {} never accepted", sock.display()));
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // Generous: in the KVM lane (nested under TCG) a snapshot of a Linux guest's memory
+    // under load took more than 30 s.
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     s.write_all(request.as_bytes()).unwrap();
     s.write_all(b"\n").unwrap();
     let mut line = String::new();

@@ -114,20 +114,20 @@ pub fn container_dir(root: &Path, id: &str) -> Result<PathBuf> {
 }
 
 /// Where the sandbox of `dir` keeps its run directory: `(state_root, vm id)`
-/// for [`crate::Sandbox::boot`]. `<dir>/vm` when its sockets fit in
-/// `sun_path`, else a short hashed directory under /run/vessel-vm.
+/// for [`crate::Sandbox::boot`]. The VM id is a hash of `dir`, unique on the
+/// host: the jailer names the VM's jail and cgroup after it (a fixed name made
+/// two jailed containers collide). The run directory is `<dir>/<vm id>` when its
+/// sockets fit in `sun_path`, else under /run/vessel-vm.
 pub fn vm_location(dir: &Path) -> (PathBuf, String) {
-    // Longest socket below the run dir: "/vsock.sock_1025" plus virtiofsd's.
-    if dir.join("vm/virtiofsd-0.sock.pid").as_os_str().len() <= 100 {
-        return (dir.to_path_buf(), "vm".into());
-    }
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     dir.hash(&mut h);
-    (
-        PathBuf::from("/run/vessel-vm"),
-        format!("{:016x}", h.finish()),
-    )
+    let id = format!("{:016x}", h.finish());
+    // Longest socket below the run dir: "/vsock.sock_1025" plus virtiofsd's.
+    if dir.join(&id).join("virtiofsd-0.sock.pid").as_os_str().len() <= 100 {
+        return (dir.to_path_buf(), id);
+    }
+    (PathBuf::from("/run/vessel-vm"), id)
 }
 
 /// Reads init's exit status recorded by the supervisor, if any.
@@ -216,10 +216,10 @@ mod tests {
             assert_eq!(validate_id(&id).is_ok(), ok, "{id:?}");
         }
         let (root, id) = vm_location(Path::new("/run/vessel/c1"));
-        assert_eq!(
-            (root.as_path(), id.as_str()),
-            (Path::new("/run/vessel/c1"), "vm")
-        );
+        assert_eq!(root.as_path(), Path::new("/run/vessel/c1"));
+        assert_eq!(id.len(), 16);
+        // Unique per container directory: jails and cgroups are named after it.
+        assert_ne!(vm_location(Path::new("/run/vessel/c2")).1, id);
         let long = PathBuf::from("/run/containerd/runc/default").join("y".repeat(64));
         let (root, id) = vm_location(&long);
         assert_eq!(root, Path::new("/run/vessel-vm"));

@@ -41,7 +41,10 @@ fn wait_ready(listener: &UnixListener) -> String {
 }
 
 fn connect_agent(uds: &Path) {
-    let mut s = UnixStream::connect(uds).unwrap();
+    // The socket file appears at bind(), a moment before listen(): until then a connect
+    // is refused.
+    let mut s = poll(T, || UnixStream::connect(uds).ok())
+        .unwrap_or_else(|| panic!("{} never accepted", uds.display()));
     s.set_read_timeout(Some(T)).unwrap();
     s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
         .unwrap();

@@ -27,7 +27,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
             let data = match ops::stats(root, &a.id).await {
                 Ok(d) => d,
                 Err(e) if !a.stats => {
-                    log::info!("events: {e}");
+                    log::info!("events: {}", vessel_runtime::chain(&e));
                     return Ok(());
                 }
                 Err(e) => return Err(e),

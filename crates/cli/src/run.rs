@@ -56,7 +56,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
                 w = &mut wait => break w?,
                 sig = any_signal => {
                     if let Err(e) = ops::kill(root, &id, sig, false).await {
-                        log::warn!("forwarding signal {sig}: {e}");
+                        log::warn!("forwarding signal {sig}: {}", vessel_runtime::chain(&e));
                     }
                 }
             }
@@ -67,7 +67,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
             other => anyhow::bail!("waiting for the supervisor of {id}: {other:?}"),
         };
         if let Err(e) = ops::delete(root, &id, true).await {
-            log::warn!("deleting {id}: {e}");
+            log::warn!("deleting {id}: {}", vessel_runtime::chain(&e));
         }
         Ok(code)
     })??;

@@ -64,7 +64,7 @@ pub fn run_exec(ctx: &Ctx, a: ExecArgs) -> anyhow::Result<ExitCode> {
         match exec.wait().await {
             Ok(s) => s.status,
             Err(e) => {
-                log::error!("exec in {}: {e}", a.id);
+                log::error!("exec in {}: {}", a.id, vessel_runtime::chain(&e));
                 255
             }
         }

@@ -26,7 +26,8 @@ pub use host::{Accelerator, KvmKind};
 pub use nic::{MacAddr, Nic, TapNic};
 pub use snapshot::SnapshotInfo;
 
-/// Hypervisor errors.
+/// Hypervisor errors. A variant that wraps a source does not repeat it: `{:#}`
+/// prints the chain once.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum Error {
     /// {what} not found at {path:?}: {hint}
@@ -35,7 +36,7 @@ pub enum Error {
         path: PathBuf,
         hint: &'static str,
     },
-    /// Failed to start {what}: {source}
+    /// Failed to start {what}
     Spawn {
         what: &'static str,
         source: std::io::Error,
@@ -57,7 +58,7 @@ pub enum Error {
     },
     /// Invalid VM configuration: {0}
     InvalidConfig(String),
-    /// I/O error on {what}: {source}
+    /// I/O error on {what}
     Io {
         what: String,
         source: std::io::Error,
@@ -268,6 +269,23 @@ pub(crate) fn guest_cmdline(cfg: &VmConfig, backend_words: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_print_their_cause_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        for e in [
+            Error::Spawn {
+                what: "qemu",
+                source: io(),
+            },
+            Error::Io {
+                what: "x".into(),
+                source: io(),
+            },
+        ] {
+            vessel_testutil::assert_cause_printed_once(&e);
+        }
+    }
 
     #[test]
     fn cmdline_names_channel_and_extra_args_last() {

@@ -16,7 +16,7 @@ pub const MAX_REPLY_LEN: usize = 32;
 /// Hybrid vsock handshake errors.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum HandshakeError {
-    /// I/O error during the hybrid vsock handshake: {0}
+    /// I/O error during the hybrid vsock handshake
     Io(#[from] io::Error),
     /// Connection closed during the hybrid vsock handshake after {0} bytes of reply
     Closed(usize),
@@ -75,6 +75,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_error_prints_its_cause_once() {
+        use std::error::Error as _;
+        let e = HandshakeError::Io(io::Error::from(io::ErrorKind::BrokenPipe));
+        let source = e.source().expect("wraps the I/O error").to_string();
+        assert!(!e.to_string().contains(&source), "{e}");
+    }
     use tokio::io::duplex;
 
     #[test]

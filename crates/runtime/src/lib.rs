@@ -20,24 +20,25 @@ pub mod sandbox;
 pub use config::Config;
 pub use sandbox::Sandbox;
 
-/// Runtime errors.
+/// Runtime errors. A variant that wraps a source does not repeat it: `{:#}`
+/// (anyhow) or [`chain`] prints the chain once.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum Error {
     /// Configuration file {path}: {reason}
     Config { path: String, reason: String },
-    /// {0}
+    /// hypervisor
     Hypervisor(#[from] vessel_hypervisor::Error),
     /// hypervisor = "{backend}" cannot run sandboxes on this host: {reason}
     BackendUnavailable {
         backend: config::HypervisorKind,
         reason: String,
     },
-    /// State directory {path}: {source}
+    /// State directory {path}
     StateDir {
         path: String,
         source: std::io::Error,
     },
-    /// Agent: {0}
+    /// agent
     Agent(#[from] agent::AgentError),
     /// The VM ended before the agent was ready ({exit}).
     /// Hypervisor log:
@@ -59,3 +60,79 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Displays `e` and its sources, joined by ": " (as anyhow's `{:#}`), for log
+/// lines of library code.
+pub fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> Chain<'a> {
+    Chain(e)
+}
+
+/// See [`chain`].
+pub struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(s) = cur {
+            write!(f, ": {s}")?;
+            cur = s.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::NotFound)
+    }
+
+    #[test]
+    fn errors_print_their_cause_once() {
+        let spawn = || vessel_hypervisor::Error::Spawn {
+            what: "qemu",
+            source: io(),
+        };
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(Error::Hypervisor(spawn())),
+            Box::new(Error::StateDir {
+                path: "/r".into(),
+                source: io(),
+            }),
+            Box::new(Error::Agent(agent::AgentError::Connect {
+                path: "/s".into(),
+                source: io(),
+            })),
+            Box::new(container::ContainerError::from(Error::Hypervisor(spawn()))),
+            Box::new(container::ContainerError::io(std::path::Path::new("/x"), io())),
+            Box::new(container::ContainerError::Mount {
+                what: "bind".into(),
+                path: "/m".into(),
+                source: nix::Error::EBUSY,
+            }),
+            Box::new(container::ContainerError::Agent(agent::AgentError::ReadyListen {
+                path: "/l".into(),
+                source: io(),
+            })),
+            Box::new(agent::AgentError::Handshake(
+                vessel_protocol::hybrid_vsock::HandshakeError::Io(io()),
+            )),
+            Box::new(agent::AgentError::Rpc {
+                rpc: "Check",
+                source: ttrpc::Error::Others("x".into()),
+            }),
+        ];
+        for e in &errors {
+            vessel_testutil::assert_cause_printed_once(e.as_ref());
+        }
+        // The reproduced report: the cause once, in order.
+        let e = container::ContainerError::from(Error::Hypervisor(spawn()));
+        assert_eq!(
+            chain(&e).to_string(),
+            "sandbox: hypervisor: Failed to start qemu: entity not found"
+        );
+    }
+}

@@ -93,7 +93,7 @@ async fn missing_kernel_is_a_clear_error_and_leaves_nothing() {
         .await
         .err()
         .unwrap();
-    let msg = err.to_string();
+    let msg = vessel_runtime::chain(&err).to_string();
     assert!(
         msg.contains("guest kernel not found") && msg.contains("no-such-vmlinux"),
         "{msg}"
@@ -126,7 +126,7 @@ async fn missing_qemu_is_a_clear_error() {
         return;
     };
     cfg.qemu.path = root.path().join("qemu-nope");
-    let err = hypervisor(&cfg).err().unwrap().to_string();
+    let err = vessel_runtime::chain(&hypervisor(&cfg).err().unwrap()).to_string();
     assert!(
         err.contains("QEMU not found") && err.contains("qemu-nope"),
         "{err}"

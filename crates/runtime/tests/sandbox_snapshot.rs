@@ -122,8 +122,8 @@ async fn qemu_clones_get_the_host_clock_and_distinct_rng() {
     let err = Sandbox::restore(&cfg, hv.as_ref(), "broken", &snap)
         .await
         .err()
-        .expect("a truncated snapshot cannot be restored")
-        .to_string();
+        .expect("a truncated snapshot cannot be restored");
+    let err = vessel_runtime::chain(&err).to_string();
     assert!(err.contains("loading the snapshot"), "{err}");
     assert_nothing_left(&cfg, &[]);
 
@@ -131,8 +131,8 @@ async fn qemu_clones_get_the_host_clock_and_distinct_rng() {
     let err = Sandbox::restore(&cfg, hv.as_ref(), "none", snaps.path())
         .await
         .err()
-        .unwrap()
-        .to_string();
+        .unwrap();
+    let err = vessel_runtime::chain(&err).to_string();
     assert!(err.contains("snapshot description"), "{err}");
     assert_nothing_left(&cfg, &[]);
 }
@@ -151,7 +151,7 @@ async fn snapshot_of_a_vsock_qemu_vm_is_refused_and_the_vm_runs_on() {
         .unwrap();
     let pids = sb.vm().pids();
     let dir = snaps.path().join("snap");
-    let err = sb.snapshot(&dir).await.unwrap_err().to_string();
+    let err = vessel_runtime::chain(&sb.snapshot(&dir).await.unwrap_err()).to_string();
     assert!(err.contains("vhost-user-vsock"), "{err}");
     assert!(!dir.exists(), "nothing written");
     sb.agent().check(Duration::from_secs(5)).await.unwrap();

@@ -180,3 +180,23 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Asserts that `e` wraps a source and that `{:#}` (anyhow's rendering: each
+/// error of the chain, joined by ": ") prints every cause once: no error of the
+/// chain repeats its source's message in its own.
+pub fn assert_cause_printed_once(e: &(dyn std::error::Error + 'static)) {
+    let mut chain = vec![e.to_string()];
+    let mut cur = e.source();
+    assert!(cur.is_some(), "{:?} ({e}) has no source", e);
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        let parent = chain.last().unwrap();
+        assert!(
+            msg.is_empty() || !parent.contains(&msg),
+            "{parent:?} repeats its source {msg:?}; the chain prints as {:?}",
+            chain.join(": ")
+        );
+        chain.push(msg);
+        cur = s.source();
+    }
+}

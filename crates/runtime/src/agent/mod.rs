@@ -44,21 +44,21 @@ const CONNECT_POLL: Duration = Duration::from_millis(5);
 /// Agent client errors.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum AgentError {
-    /// Cannot listen for agent readiness on {path}: {source}
+    /// Cannot listen for agent readiness on {path}
     ReadyListen {
         path: String,
         source: std::io::Error,
     },
     /// Bad readiness message from the guest: {0}
     BadReady(String),
-    /// Cannot connect to the agent at {path}: {source}
+    /// Cannot connect to the agent at {path}
     Connect {
         path: String,
         source: std::io::Error,
     },
-    /// Hybrid vsock handshake with the agent failed: {0}
+    /// Hybrid vsock handshake with the agent failed
     Handshake(#[from] hybrid_vsock::HandshakeError),
-    /// Agent RPC {rpc} failed: {source}
+    /// Agent RPC {rpc} failed
     Rpc {
         rpc: &'static str,
         source: ttrpc::Error,

@@ -72,7 +72,7 @@ fn undo(dir: &Path) {
         let _ = std::fs::remove_dir_all(vm_root.join(vm_id));
     }
     if let Err(e) = share::remove_container_dir(dir) {
-        log::error!("cleanup of {}: {e}", dir.display());
+        log::error!("cleanup of {}: {}", dir.display(), crate::chain(&e));
     }
 }
 

@@ -50,12 +50,12 @@ pub enum ContainerError {
     },
     /// state file {path} is corrupt: {reason}
     BadState { path: String, reason: String },
-    /// {path}: {source}
+    /// {path}
     Io {
         path: String,
         source: std::io::Error,
     },
-    /// {what} {path}: {source}
+    /// {what} {path}
     Mount {
         what: String,
         path: String,
@@ -63,12 +63,12 @@ pub enum ContainerError {
     },
     /// {0} is still mounted; refusing to remove it
     StillMounted(String),
-    /// agent: {0}
+    /// agent
     Agent(#[from] crate::agent::AgentError),
     /// console: {0}
     Console(String),
-    /// sandbox: {0}
-    Sandbox(Box<crate::Error>),
+    /// sandbox
+    Sandbox(#[source] Box<crate::Error>),
     /// supervisor: {0}
     Supervisor(String),
     /// hook {path}: {reason}

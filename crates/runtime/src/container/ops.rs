@@ -23,7 +23,7 @@ pub async fn start(root: &Path, id: &str) -> Result<()> {
     c.save()?;
     if let Ok(b) = Bundle::load(&c.state.bundle) {
         if let Err(e) = hooks::run(&b.spec, "poststart", &c.state.oci()) {
-            log::warn!("{id}: {e}");
+            log::warn!("{id}: {}", crate::chain(&e));
         }
     }
     Ok(())
@@ -117,7 +117,7 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
         if c.state.exit_status.is_none() {
             if let Err(e) = supervisor::request(&c.dir, &Request::SHUTDOWN, Duration::from_secs(5))
             {
-                log::warn!("{id}: asking the supervisor to stop: {e}");
+                log::warn!("{id}: asking the supervisor to stop: {}", crate::chain(&e));
             }
         }
         wait_gone(&c.state, SUPERVISOR_EXIT_TIMEOUT);
@@ -137,7 +137,7 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     share::remove_container_dir(&c.dir)?;
     if let Some(spec) = spec {
         if let Err(e) = hooks::run(&spec, "poststop", &oci) {
-            log::warn!("{id}: {e}");
+            log::warn!("{id}: {}", crate::chain(&e));
         }
     }
     Ok(())
@@ -228,7 +228,7 @@ pub async fn exec(
         } else {
             relays
                 .terminal(host, stream)
-                .map_err(|e| ContainerError::Console(e.to_string()))?;
+                .map_err(|e| ContainerError::Console(crate::chain(&e).to_string()))?;
         }
     } else {
         supervisor::attach_host_stdio(&client, id, Some(&exec_id), &mut relays).await?;

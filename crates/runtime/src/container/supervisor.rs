@@ -122,7 +122,7 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
             r
         }
         Err(e) => {
-            let msg = e.to_string().replace('\n', " | ");
+            let msg = crate::chain(&e).to_string().replace('\n', " | ");
             let _ = writeln!(sync, "ERR {msg}");
             return 1;
         }
@@ -147,14 +147,14 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
         );
     }
     if let Err(e) = std::fs::write(dir.join(EXIT_FILE), format!("{status}\n")) {
-        log::error!("{}: cannot record exit status: {e}", args.id);
+        log::error!("{}: cannot record exit status: {}", args.id, crate::chain(&e));
     }
     stop_sandbox(&args.id, sandbox).await;
     if let Some(mut network) = network {
         network.detach().await;
     }
     if let Err(e) = share::cleanup(&dir) {
-        log::error!("{}: {e}", args.id);
+        log::error!("{}: {}", args.id, crate::chain(&e));
     }
     let _ = std::fs::remove_file(dir.join(CONTROL_SOCKET));
     log::info!("{}: init exited with status {status}", args.id);
@@ -164,7 +164,7 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
 async fn stop_sandbox(id: &str, sandbox: Option<Sandbox>) {
     if let Some(sb) = sandbox {
         if let Err(e) = sb.stop().await {
-            log::warn!("{id}: stopping the sandbox: {e}");
+            log::warn!("{id}: stopping the sandbox: {}", crate::chain(&e));
         }
     }
 }
@@ -176,7 +176,7 @@ async fn setup(config: &Config, args: &SuperviseArgs, dir: &Path) -> Result<(Run
     let res = boot_and_create(config, args, dir, &bundle, spec, &staging).await;
     if res.is_err() {
         if let Err(e) = share::cleanup(dir) {
-            log::error!("{}: {e}", args.id);
+            log::error!("{}: {}", args.id, crate::chain(&e));
         }
     }
     res
@@ -296,7 +296,7 @@ async fn create_in(
         tty = pty.slave.try_clone().ok();
         relays
             .terminal(pty.slave, stream)
-            .map_err(|e| ContainerError::Console(e.to_string()))?;
+            .map_err(|e| ContainerError::Console(crate::chain(&e).to_string()))?;
     } else {
         attach_host_stdio(&client, id, None, &mut relays).await?;
     }
@@ -364,7 +364,7 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
     let listener = match UnixListener::bind(&sock) {
         Ok(l) => Some(l),
         Err(e) => {
-            log::error!("{id}: control socket {}: {e}", sock.display());
+            log::error!("{id}: control socket {}: {}", sock.display(), crate::chain(&e));
             None
         }
     };
@@ -408,7 +408,7 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
             res = &mut wait => break match res {
                 Ok(s) => s.status,
                 Err(e) => {
-                    log::error!("{id}: waiting for init: {e}");
+                    log::error!("{id}: waiting for init: {}", crate::chain(&e));
                     SANDBOX_DIED
                 }
             },
@@ -456,7 +456,7 @@ async fn watch_window_size(tty: File, client: AgentClient, id: String) {
         if now != last {
             if let Some((rows, cols)) = now {
                 if let Err(e) = client.resize(&id, None, rows, cols).await {
-                    log::warn!("{id}: resize: {e}");
+                    log::warn!("{id}: resize: {}", crate::chain(&e));
                 }
             }
             last = now;

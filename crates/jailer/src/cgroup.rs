@@ -48,7 +48,7 @@ pub enum CgroupError {
     Exists { path: PathBuf },
     /// the {controller} controller is not available in {path:?}: cannot apply the {controller} limit
     NoController { controller: String, path: PathBuf },
-    /// cgroup {what} {path:?}: {source}
+    /// cgroup {what} {path:?}
     Io {
         what: &'static str,
         path: PathBuf,

@@ -34,7 +34,7 @@ const MAX_STR: usize = 4096;
 /// Why the libraries of a binary cannot be listed.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum ElfError {
-    /// cannot read {path:?}: {source}
+    /// cannot read {path:?}
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -26,13 +26,13 @@ const LOCK_FILE: &str = "jailer.lock";
 pub enum JailError {
     /// a jailer for id {id:?} is running (it holds {lock:?}): stop it first or choose another id
     Busy { id: String, lock: PathBuf },
-    /// jail {what} {path:?}: {source}
+    /// jail {what} {path:?}
     Io {
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    /// device {path:?} missing on the host (needed in the jail): {source}
+    /// device {path:?} missing on the host (needed in the jail)
     NoDevice {
         path: &'static str,
         source: std::io::Error,

@@ -28,22 +28,22 @@ use crate::spec::{claim, Bind, JailSpec, SpecError, ENV_ALLOW_LIST};
 /// Everything that can stop a jail from starting or from being cleaned up.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum RunError {
-    /// {0}
+    /// invalid jail request
     Spec(#[from] SpecError),
-    /// finding the VMM's shared libraries: {0}
+    /// finding the VMM's shared libraries
     Elf(#[from] ElfError),
-    /// {0}
+    /// cgroup
     Cgroup(#[from] CgroupError),
-    /// {0}
+    /// jail directory
     Jail(#[from] JailError),
     /// the jailer has {0} threads; it forks and must be single-threaded
     Threads(usize),
-    /// {what}: {source}
+    /// {what}
     Sys {
         what: &'static str,
         source: nix::Error,
     },
-    /// {what} {path:?}: {source}
+    /// {what} {path:?}
     Io {
         what: &'static str,
         path: PathBuf,
@@ -55,7 +55,7 @@ pub enum RunError {
     Child(String),
     /// the jailer's parent exited before the VMM started (--die-with-parent)
     ParentGone,
-    /// the VMM exited with {code}, but cleaning up failed: {source}
+    /// the VMM exited with {code}, but cleaning up failed
     Cleanup { code: i32, source: Box<RunError> },
     /// {error}; cleaning up failed too: {cleanup}
     AndCleanup {
@@ -380,6 +380,52 @@ fn cstring(s: &OsStr) -> Result<CString, RunError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_print_their_cause_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let p = || PathBuf::from("/x");
+        let errors = [
+            RunError::Spec(SpecError::BadId("a/b".into())),
+            RunError::Elf(ElfError::Read {
+                path: p(),
+                source: io(),
+            }),
+            RunError::Cgroup(CgroupError::Io {
+                what: "create",
+                path: p(),
+                source: io(),
+            }),
+            RunError::Jail(JailError::Io {
+                what: "create",
+                path: p(),
+                source: io(),
+            }),
+            RunError::Jail(JailError::NoDevice {
+                path: "/dev/kvm",
+                source: io(),
+            }),
+            RunError::Sys {
+                what: "fork",
+                source: nix::Error::EAGAIN,
+            },
+            RunError::Io {
+                what: "write",
+                path: p(),
+                source: io(),
+            },
+            RunError::Cleanup {
+                code: 0,
+                source: Box::new(RunError::Sys {
+                    what: "rmdir",
+                    source: nix::Error::EBUSY,
+                }),
+            },
+        ];
+        for e in &errors {
+            vessel_testutil::assert_cause_printed_once(e);
+        }
+    }
 
     #[test]
     fn signal_masks() {

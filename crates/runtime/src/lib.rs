@@ -107,16 +107,21 @@ mod tests {
                 source: io(),
             })),
             Box::new(container::ContainerError::from(Error::Hypervisor(spawn()))),
-            Box::new(container::ContainerError::io(std::path::Path::new("/x"), io())),
+            Box::new(container::ContainerError::io(
+                std::path::Path::new("/x"),
+                io(),
+            )),
             Box::new(container::ContainerError::Mount {
                 what: "bind".into(),
                 path: "/m".into(),
                 source: nix::Error::EBUSY,
             }),
-            Box::new(container::ContainerError::Agent(agent::AgentError::ReadyListen {
-                path: "/l".into(),
-                source: io(),
-            })),
+            Box::new(container::ContainerError::Agent(
+                agent::AgentError::ReadyListen {
+                    path: "/l".into(),
+                    source: io(),
+                },
+            )),
             Box::new(agent::AgentError::Handshake(
                 vessel_protocol::hybrid_vsock::HandshakeError::Io(io()),
             )),

@@ -268,7 +268,11 @@ impl Sandbox {
                 match attempt.await {
                     Ok(agent) => break agent,
                     Err(e) if Instant::now() < deadline => {
-                        log::debug!("sandbox {}: agent not back yet: {}", vm_config.id, crate::chain(&e));
+                        log::debug!(
+                            "sandbox {}: agent not back yet: {}",
+                            vm_config.id,
+                            crate::chain(&e)
+                        );
                         tokio::time::sleep(RECONNECT_POLL).await;
                     }
                     Err(e) => return Err(e),

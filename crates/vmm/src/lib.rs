@@ -26,3 +26,41 @@ pub const EXIT_TRIPLE_FAULT: i32 = 2;
 pub const EXIT_GUEST_PANIC: i32 = 3;
 /// Process exit status when KVM could not run the guest (internal error, failed entry).
 pub const EXIT_KVM_INTERNAL: i32 = 4;
+
+/// `e` and its sources joined by ": " (as anyhow's `{:#}`): what the API
+/// answers and the logs print. Error messages never repeat their source.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::vmm::VmmError;
+
+    #[test]
+    fn errors_print_their_cause_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let errors = [
+            VmmError::Setup("epoll", io()),
+            VmmError::Snapshot(crate::snapshot::SnapshotError::Io("f".into(), io())),
+            VmmError::Vcpu(crate::vstate::vcpu::VcpuError::Msrs(1, 2)),
+            VmmError::Boot(crate::arch::boot::BootError::CmdlineBuild(
+                linux_loader::cmdline::Error::InvalidAscii,
+            )),
+        ];
+        for e in &errors {
+            vessel_testutil::assert_cause_printed_once(e);
+        }
+        assert_eq!(
+            super::error_chain(&VmmError::Setup("epoll", io())),
+            "Cannot set up epoll: entity not found"
+        );
+    }
+}

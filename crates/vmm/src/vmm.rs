@@ -36,22 +36,22 @@ use crate::vstate::{memory, vm::Vm};
 /// Errors while building or operating the VM.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum VmmError {
-    /// Invalid configuration: {0}
+    /// Invalid configuration
     Config(#[from] crate::config::ConfigError),
-    /// Guest memory: {0}
+    /// Guest memory
     Memory(#[from] memory::MemoryError),
-    /// KVM VM: {0}
+    /// KVM VM
     Vm(#[from] crate::vstate::vm::VmError),
-    /// vCPU: {0}
+    /// vCPU
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
-    /// Boot images: {0}
+    /// Boot images
     Boot(#[from] boot::BootError),
-    /// MP table: {0}
+    /// MP table
     Mptable(#[from] mptable::MptableError),
-    /// Snapshot: {0}
+    /// Snapshot
     Snapshot(#[from] snapshot::SnapshotError),
-    /// Cannot set up {0}: {1}
-    Setup(&'static str, std::io::Error),
+    /// Cannot set up {0}
+    Setup(&'static str, #[source] std::io::Error),
     /// Device {0}: {1}
     Device(String, String),
     /// Operation {0} is not valid while the VM is {1}
@@ -489,7 +489,7 @@ impl Vmm {
         match result {
             Ok(None) => Response::ok(),
             Ok(Some(v)) => Response::with(v),
-            Err(e) => Response::err(e),
+            Err(e) => Response::err(crate::error_chain(&e)),
         }
     }
 
@@ -663,10 +663,12 @@ pub fn serve_until_vm(api: &mut ApiServer) -> Result<Vmm, VmmError> {
                                     config = Some(c);
                                     Ok(None)
                                 }
-                                Err(e) => Err(e.to_string()),
+                                Err(e) => Err(crate::error_chain(&e)),
                             },
                             Request::Boot {} => match config.clone() {
-                                Some(c) => Vmm::boot(c).map(Some).map_err(|e| e.to_string()),
+                                Some(c) => {
+                                    Vmm::boot(c).map(Some).map_err(|e| crate::error_chain(&e))
+                                }
                                 None => Err("boot: send configure first".to_string()),
                             },
                             Request::Restore {
@@ -676,7 +678,7 @@ pub fn serve_until_vm(api: &mut ApiServer) -> Result<Vmm, VmmError> {
                                 paused,
                             } => Vmm::restore(&dir, serial_log, vsock_uds, paused)
                                 .map(Some)
-                                .map_err(|e| e.to_string()),
+                                .map_err(|e| crate::error_chain(&e)),
                             Request::Metrics {} => Ok(None),
                             Request::Shutdown {} => std::process::exit(crate::EXIT_OK),
                             other => {

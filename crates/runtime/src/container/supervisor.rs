@@ -147,7 +147,11 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
         );
     }
     if let Err(e) = std::fs::write(dir.join(EXIT_FILE), format!("{status}\n")) {
-        log::error!("{}: cannot record exit status: {}", args.id, crate::chain(&e));
+        log::error!(
+            "{}: cannot record exit status: {}",
+            args.id,
+            crate::chain(&e)
+        );
     }
     stop_sandbox(&args.id, sandbox).await;
     if let Some(mut network) = network {
@@ -364,7 +368,11 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
     let listener = match UnixListener::bind(&sock) {
         Ok(l) => Some(l),
         Err(e) => {
-            log::error!("{id}: control socket {}: {}", sock.display(), crate::chain(&e));
+            log::error!(
+                "{id}: control socket {}: {}",
+                sock.display(),
+                crate::chain(&e)
+            );
             None
         }
     };

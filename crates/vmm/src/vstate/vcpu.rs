@@ -23,7 +23,7 @@ use crate::devices::{lock, Bus, ExitSignal};
 pub enum VcpuError {
     /// KVM call {0} on a vCPU failed: {1}
     Kvm(&'static str, kvm_ioctls::Error),
-    /// Cannot write boot registers: {0}
+    /// Cannot write boot registers
     Regs(#[from] regs::RegsError),
     /// KVM accepted only {0} of {1} MSRs
     Msrs(usize, usize),

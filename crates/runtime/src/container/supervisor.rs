@@ -197,7 +197,8 @@ async fn boot_and_create(
     spec: serde_json::Value,
     staging: &Staging,
 ) -> Result<(Running, u32)> {
-    let net_err = |e: crate::network::NetError| ContainerError::Network(crate::network::report(&e));
+    let net_err =
+        |e: crate::network::NetError| ContainerError::Network(crate::chain(&e).to_string());
     let mut network = match crate::network::netns_path(&bundle.spec).map_err(net_err)? {
         Some(path) => Some(PodNetwork::attach(&path).await.map_err(net_err)?),
         None => None,

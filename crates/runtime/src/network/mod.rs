@@ -94,18 +94,6 @@ pub enum NetError {
     Spec(String),
 }
 
-/// Formats an error with its sources, for messages that cross a process.
-pub fn report(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// The network namespace path a spec names: `Ok(None)` when it names none
 /// (no network entry, or one without a path: the VM has only loopback).
 pub fn netns_path(spec: &serde_json::Value) -> Result<Option<PathBuf>, NetError> {

@@ -14,16 +14,7 @@ const T: Duration = Duration::from_secs(120);
 fn delete_keeps_host_files_when_a_bind_unmount_fails() {
     let Some(e) = env() else { return };
     let data = e.dir.path().join("data");
-    std::fs::create_dir_all(data.join("sub")).unwrap();
-    let files = [("a.txt", "alpha\n"), ("sub/b.txt", "beta\n")];
-    for (name, body) in files {
-        std::fs::write(data.join(name), body).unwrap();
-    }
-    let all_there = || {
-        files
-            .iter()
-            .all(|(n, b)| std::fs::read_to_string(data.join(n)).ok().as_deref() == Some(*b))
-    };
+    let files = vessel_testutil::HostFiles::create(&data);
     let mut index = 0;
     let b = e.bundle("b", &["sh", "-c", "cat /data/a.txt; sleep 600"], |c| {
         let m = c["mounts"].as_array_mut().unwrap();
@@ -70,7 +61,7 @@ fn delete_keeps_host_files_when_a_bind_unmount_fails() {
     assert!(!o.status.success(), "{}", text(&o));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("dl1/shared"), "{}", text(&o));
-    assert!(all_there(), "host files lost after a failed unmount");
+    assert!(files.intact(), "host files lost after a failed unmount");
     assert!(
         staged.join("a.txt").is_file(),
         "the staging is left in place"
@@ -79,9 +70,12 @@ fn delete_keeps_host_files_when_a_bind_unmount_fails() {
     // A delete that may unmount detaches the busy mount; the files stay.
     let o = e.run(&["delete", "--force", "dl1"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(all_there(), "host files lost after deleting a busy mount");
+    assert!(
+        files.intact(),
+        "host files lost after deleting a busy mount"
+    );
     let _ = busy.kill();
     let _ = busy.wait();
     e.assert_clean("dl1");
-    assert!(all_there());
+    assert!(files.intact());
 }

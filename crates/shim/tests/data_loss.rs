@@ -15,16 +15,7 @@ const T: Duration = Duration::from_secs(120);
 fn deleting_a_task_keeps_host_files_of_a_busy_bind_mount() {
     let Some(c) = Containerd::start() else { return };
     let data = c.dir.path().join("data");
-    std::fs::create_dir_all(data.join("sub")).unwrap();
-    let files = [("a.txt", "alpha\n"), ("sub/b.txt", "beta\n")];
-    for (name, body) in files {
-        std::fs::write(data.join(name), body).unwrap();
-    }
-    let all_there = || {
-        files
-            .iter()
-            .all(|(n, b)| std::fs::read_to_string(data.join(n)).ok().as_deref() == Some(*b))
-    };
+    let files = vessel_testutil::HostFiles::create(&data);
     let mount = format!(
         "type=bind,src={},dst=/data,options=rbind:rw",
         data.display()
@@ -76,7 +67,7 @@ fn deleting_a_task_keeps_host_files_of_a_busy_bind_mount() {
     );
     assert!(c.ctr(&["task", "rm", "dl1"]).status.success());
     assert!(c.ctr(&["container", "rm", "dl1"]).status.success());
-    assert!(all_there(), "host files lost when the task was deleted");
+    assert!(files.intact(), "host files lost when the task was deleted");
     let _ = busy.kill();
     let _ = busy.wait();
     let state = c.state_root.display().to_string();
@@ -94,5 +85,5 @@ fn deleting_a_task_keeps_host_files_of_a_busy_bind_mount() {
         "left behind: {:?}",
         processes_mentioning(&state)
     );
-    assert!(all_there());
+    assert!(files.intact());
 }

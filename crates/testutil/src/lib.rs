@@ -200,3 +200,32 @@ pub fn assert_cause_printed_once(e: &(dyn std::error::Error + 'static)) {
         cur = s.source();
     }
 }
+
+/// Files in a host directory that the data-loss tests bind into a container:
+/// whatever fails on delete, they must all still be there with their contents.
+pub struct HostFiles {
+    dir: PathBuf,
+}
+
+impl HostFiles {
+    const FILES: [(&'static str, &'static str); 2] =
+        [("a.txt", "alpha\n"), ("sub/b.txt", "beta\n")];
+
+    /// Creates `dir` with the files (`a.txt` holds `alpha`).
+    pub fn create(dir: &Path) -> HostFiles {
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        for (name, body) in Self::FILES {
+            std::fs::write(dir.join(name), body).unwrap();
+        }
+        HostFiles {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Whether every file is there with its contents.
+    pub fn intact(&self) -> bool {
+        Self::FILES
+            .iter()
+            .all(|(n, b)| std::fs::read_to_string(self.dir.join(n)).ok().as_deref() == Some(*b))
+    }
+}

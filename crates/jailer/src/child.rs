@@ -10,6 +10,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{setns, unshare, CloneFlags};
@@ -37,6 +38,8 @@ pub struct ChildPlan {
     pub gid: u32,
     pub rlimit_nofile: Option<u64>,
     pub rlimit_fsize: Option<u64>,
+    /// Descriptors the VMM inherits (kept open, close-on-exec cleared).
+    pub keep_fds: Vec<RawFd>,
     /// In-jail path of the VMM.
     pub exec: CString,
     pub argv: Vec<CString>,
@@ -144,7 +147,14 @@ fn setup(plan: &ChildPlan, go: &OwnedFd, err: RawFd) -> Step<std::convert::Infal
     if let Some(n) = plan.rlimit_fsize {
         set_rlimit(libc::RLIMIT_FSIZE, n, "RLIMIT_FSIZE")?;
     }
-    close_fds_except(&[go.as_raw_fd(), err])?;
+    let mut keep = vec![go.as_raw_fd(), err];
+    keep.extend(&plan.keep_fds);
+    close_fds_except(&keep)?;
+    for fd in &plan.keep_fds {
+        let flags = step("--keep-fd (F_GETFD)", fcntl(*fd, FcntlArg::F_GETFD))?;
+        let flags = FdFlag::from_bits_truncate(flags) - FdFlag::FD_CLOEXEC;
+        step("--keep-fd (F_SETFD)", fcntl(*fd, FcntlArg::F_SETFD(flags)))?;
+    }
     step("PR_SET_NO_NEW_PRIVS", prctl::set_no_new_privs())?;
     drop_capability_bounding_set()?;
     step("dropping supplementary groups", setgroups(&[]))?;

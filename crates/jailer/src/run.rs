@@ -233,6 +233,7 @@ fn prepare(
         gid: spec.gid,
         rlimit_nofile: spec.rlimit_nofile,
         rlimit_fsize: spec.rlimit_fsize,
+        keep_fds: spec.keep_fds.clone(),
         exec,
         argv,
         envp,

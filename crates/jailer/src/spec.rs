@@ -74,6 +74,11 @@ pub struct Cli {
     /// Create /dev/net/tun in the jail (for --net tap devices).
     #[arg(long)]
     pub tun: bool,
+    /// An open descriptor the VMM inherits under the same number (repeatable; 3 or above),
+    /// such as a tap the runtime opened in the sandbox's network namespace. Every other
+    /// descriptor is closed before the VMM starts.
+    #[arg(long = "keep-fd", value_name = "FD")]
+    pub keep_fd: Vec<i32>,
     /// Stop the VMM and clean up when the jailer's parent dies (a SIGTERM to the jailer
     /// as parent-death signal), instead of keeping it running.
     #[arg(long)]
@@ -115,6 +120,10 @@ pub enum SpecError {
     BadCpus(f64),
     /// --{0} must be above 0
     Zero(&'static str),
+    /// --keep-fd {0}: give each descriptor once, 3 or above (0-2 are the VMM's stdio)
+    BadKeepFd(i32),
+    /// --keep-fd {0} is not an open descriptor of the jailer
+    ClosedKeepFd(i32),
     /// {what} {path:?} does not exist or is not usable: {detail}
     Missing {
         what: &'static str,
@@ -141,6 +150,8 @@ pub struct JailSpec {
     pub rlimit_nofile: Option<u64>,
     pub rlimit_fsize: Option<u64>,
     pub tun: bool,
+    /// Descriptors the VMM inherits.
+    pub keep_fds: Vec<i32>,
     pub die_with_parent: bool,
     pub vmm_args: Vec<OsString>,
 }
@@ -176,6 +187,11 @@ impl JailSpec {
                 return Err(SpecError::Zero(name));
             }
         }
+        for (i, fd) in cli.keep_fd.iter().enumerate() {
+            if *fd < 3 || cli.keep_fd[..i].contains(fd) {
+                return Err(SpecError::BadKeepFd(*fd));
+            }
+        }
         let exec_in_jail = Path::new("/").join(exec_name);
         let mut taken = reserved(&exec_in_jail);
         for b in cli.ro_bind.iter().chain(cli.rw_bind.iter()) {
@@ -199,6 +215,7 @@ impl JailSpec {
             rlimit_nofile: cli.rlimit_nofile,
             rlimit_fsize: cli.rlimit_fsize,
             tun: cli.tun,
+            keep_fds: cli.keep_fd,
             die_with_parent: cli.die_with_parent,
             vmm_args: cli.vmm_args,
         })
@@ -259,6 +276,11 @@ impl JailSpec {
         if let Some(ns) = &self.netns {
             if let Err(e) = std::fs::metadata(ns) {
                 return Err(missing("--netns", ns, e.to_string()));
+            }
+        }
+        for fd in &self.keep_fds {
+            if nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+                return Err(SpecError::ClosedKeepFd(*fd));
             }
         }
         Ok(())
@@ -425,6 +447,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn kept_fds_are_above_stdio_each_once_and_open() {
+        let s = cli(&["--keep-fd", "3", "--keep-fd", "7"]).unwrap();
+        assert_eq!(s.keep_fds, vec![3, 7]);
+        for bad in [
+            &["--keep-fd", "2"][..],
+            &["--keep-fd", "5", "--keep-fd", "5"],
+        ] {
+            let e = cli(bad).unwrap_err();
+            assert!(e.contains("each descriptor once"), "{e}");
+        }
+        // An fd this process does not have is refused before anything is created.
+        let mut s = cli(&[]).unwrap();
+        s.exec = std::env::current_exe().unwrap();
+        s.keep_fds = vec![999_999];
+        assert_eq!(s.check_host(), Err(SpecError::ClosedKeepFd(999_999)));
     }
 
     #[test]

@@ -129,28 +129,59 @@ impl std::str::FromStr for BlockConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// Tap interface name (created if missing and the VMM may; usually pre-created).
-    pub tap: String,
+    /// Tap interface name to open (needs CAP_NET_ADMIN to create it); exclusive with `fd`.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// An open tap fd the VMM inherited (the runtime opens the tap in the sandbox's
+    /// network namespace; a jailed VMM cannot); exclusive with `tap`.
+    #[serde(default)]
+    pub fd: Option<i32>,
     /// Guest MAC address; derived from the device index when unset.
     #[serde(default)]
     pub mac: Option<[u8; 6]>,
+    /// MTU the guest is told (VIRTIO_NET_F_MTU); unset offers none.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+impl NetConfig {
+    /// How the tap is named in messages: its name or `fd N`.
+    pub fn describe(&self) -> String {
+        match (&self.tap, self.fd) {
+            (Some(t), _) => t.clone(),
+            (None, Some(fd)) => format!("tap fd {fd}"),
+            (None, None) => "tap (none given)".into(),
+        }
+    }
 }
 
 impl std::str::FromStr for NetConfig {
     type Err = String;
 
-    /// `TAP[,mac=AA:BB:CC:DD:EE:FF]`.
+    /// `TAP[,mac=AA:BB:CC:DD:EE:FF][,mtu=N]` or `fd=N[,mac=...][,mtu=N]`.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
-        let tap = parts
+        let first = parts
             .next()
             .filter(|t| !t.is_empty())
             .ok_or("empty tap name")?;
+        let (tap, fd) = match first.strip_prefix("fd=") {
+            Some(n) => {
+                let fd: i32 = n.parse().map_err(|_| format!("bad tap fd {n:?}"))?;
+                (None, Some(fd))
+            }
+            None => (Some(first.to_string()), None),
+        };
         let mut mac = None;
+        let mut mtu = None;
         for opt in parts {
+            if let Some(m) = opt.strip_prefix("mtu=") {
+                mtu = Some(m.parse::<u16>().map_err(|_| format!("bad MTU {m:?}"))?);
+                continue;
+            }
             let m = opt
                 .strip_prefix("mac=")
-                .ok_or_else(|| format!("unknown net option {opt:?} (use mac=...)"))?;
+                .ok_or_else(|| format!("unknown net option {opt:?} (use mac=... or mtu=...)"))?;
             let bytes: Vec<u8> = m
                 .split(':')
                 .map(|b| u8::from_str_radix(b, 16))
@@ -158,10 +189,7 @@ impl std::str::FromStr for NetConfig {
                 .map_err(|_| format!("bad MAC address {m:?}"))?;
             mac = Some(<[u8; 6]>::try_from(bytes).map_err(|_| format!("bad MAC address {m:?}"))?);
         }
-        Ok(NetConfig {
-            tap: tap.to_string(),
-            mac,
-        })
+        Ok(NetConfig { tap, fd, mac, mtu })
     }
 }
 
@@ -262,6 +290,12 @@ pub enum ConfigError {
     Cid(u32),
     /// Too many devices: {0} (at most 19 virtio devices fit the IRQ range)
     TooManyDevices(usize),
+    /// network device {0}: give exactly one of a tap name and a tap fd
+    NetSource(usize),
+    /// network device {0}: tap fd {1} is not an inherited descriptor (use 3 or above, each once)
+    NetFd(usize, i32),
+    /// network device {0}: MTU {1} is outside 68-65535
+    NetMtu(usize, u16),
 }
 
 impl VmConfig {
@@ -275,7 +309,24 @@ impl VmConfig {
                 return Err(ConfigError::Cid(v.cid));
             }
         }
+        let mut fds = Vec::new();
+        for (i, n) in self.net.iter().enumerate() {
+            match (&n.tap, n.fd) {
+                (Some(t), None) if !t.is_empty() => {}
+                (None, Some(fd)) => {
+                    if fd < 3 || fds.contains(&fd) {
+                        return Err(ConfigError::NetFd(i, fd));
+                    }
+                    fds.push(fd);
+                }
+                _ => return Err(ConfigError::NetSource(i)),
+            }
+            if let Some(mtu) = n.mtu.filter(|m| *m < 68) {
+                return Err(ConfigError::NetMtu(i, mtu));
+            }
+        }
         let devices = self.block.len()
+            + self.net.len()
             + self.fs.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
@@ -299,7 +350,12 @@ mod tests {
         assert!("".parse::<BlockConfig>().is_err());
         let n: NetConfig = "tap0,mac=02:00:00:00:00:0a".parse().unwrap();
         assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 10]));
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
         assert!("tap0,mac=zz".parse::<NetConfig>().is_err());
+        let n: NetConfig = "fd=7,mac=02:00:00:00:00:0b,mtu=1400".parse().unwrap();
+        assert_eq!((n.tap, n.fd, n.mtu), (None, Some(7), Some(1400)));
+        assert!("fd=x".parse::<NetConfig>().is_err());
+        assert!("fd=7,mtu=99999".parse::<NetConfig>().is_err());
     }
 
     #[test]
@@ -309,5 +365,26 @@ mod tests {
         let c: VmConfig = serde_json::from_str(r#"{"kernel":"k"}"#).unwrap();
         assert_eq!((c.mem_mib, c.vcpus), (128, 1));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn net_devices_need_one_valid_source() {
+        let mut c: VmConfig = serde_json::from_str(r#"{"kernel":"k"}"#).unwrap();
+        let net = |s: &str| s.parse::<NetConfig>().unwrap();
+        c.net = vec![net("fd=5"), net("tap0")];
+        assert!(c.validate().is_ok());
+        c.net = vec![net("fd=5"), net("fd=5")];
+        assert!(matches!(c.validate(), Err(ConfigError::NetFd(1, 5))));
+        c.net = vec![net("fd=1")];
+        assert!(matches!(c.validate(), Err(ConfigError::NetFd(0, 1))));
+        c.net = vec![NetConfig {
+            tap: Some("t".into()),
+            fd: Some(4),
+            mac: None,
+            mtu: None,
+        }];
+        assert!(matches!(c.validate(), Err(ConfigError::NetSource(0))));
+        c.net = vec![net("fd=4,mtu=20")];
+        assert!(matches!(c.validate(), Err(ConfigError::NetMtu(0, 20))));
     }
 }

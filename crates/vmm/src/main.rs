@@ -50,7 +50,9 @@ struct Args {
     /// Block device `PATH[,ro]` (repeatable).
     #[arg(long)]
     block: Vec<BlockConfig>,
-    /// Network device on a tap `TAP[,mac=AA:BB:CC:DD:EE:FF]` (repeatable).
+    /// Network device on a tap: `TAP[,mac=AA:BB:CC:DD:EE:FF][,mtu=N]` opens tap TAP (needs
+    /// CAP_NET_ADMIN); `fd=N[,mac=...][,mtu=N]` uses the open tap fd N this process
+    /// inherited (repeatable).
     #[arg(long)]
     net: Vec<NetConfig>,
     /// virtio-fs share served by virtiofsd: `SOCKET,tag=TAG` (repeatable).

@@ -23,7 +23,7 @@ use crate::devices::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_
 use crate::devices::virtio::balloon::{Balloon, BalloonControl};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::fs::Fs;
-use crate::devices::virtio::net::{tap::open_tap, Net};
+use crate::devices::virtio::net::{tap::Tap, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::transport::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::vsock::Vsock;
@@ -54,6 +54,8 @@ pub enum VmmError {
     Setup(&'static str, #[source] std::io::Error),
     /// Device {0}: {1}
     Device(String, String),
+    /// Network device {0}
+    Tap(String, #[source] crate::devices::virtio::net::tap::TapError),
     /// Operation {0} is not valid while the VM is {1}
     InvalidState(&'static str, &'static str),
     /// vCPUs did not pause within {0:?}
@@ -151,10 +153,23 @@ fn build_machine(
             .map_err(|e| VmmError::Device(b.path.display().to_string(), e.to_string()))?;
         devices.push(Box::new(dev));
     }
-    for (i, n) in config.net.iter().enumerate() {
-        let tap = open_tap(&n.tap).map_err(|e| VmmError::Device(n.tap.clone(), e.to_string()))?;
+    // Inherited taps first, before this process opens any tap of its own.
+    let mut inherited = Vec::new();
+    for n in &config.net {
+        inherited.push(match n.fd {
+            Some(fd) => Some(Tap::from_inherited(fd).map_err(|e| VmmError::Tap(n.describe(), e))?),
+            None => None,
+        });
+    }
+    for (i, (n, tap)) in config.net.iter().zip(inherited).enumerate() {
+        let tap = match (tap, &n.tap) {
+            (Some(t), _) => t,
+            (None, Some(name)) => Tap::open(name).map_err(|e| VmmError::Tap(n.describe(), e))?,
+            (None, None) => return Err(crate::config::ConfigError::NetSource(i).into()),
+        };
         let mac = n.mac.unwrap_or([0x06, 0, 0xac, 0x10, 0, 2 + i as u8]);
-        devices.push(Box::new(Net::new(tap, mac)));
+        let dev = Net::new(tap, mac, n.mtu).map_err(|e| VmmError::Setup("net device", e))?;
+        devices.push(Box::new(dev));
     }
     for f in &config.fs {
         let dev = Fs::new(&f.socket, &f.tag)
@@ -377,6 +392,12 @@ impl Vmm {
         }
         self.control.request_pause();
         self.kick_vcpus();
+        if !self.config.net.is_empty() {
+            return Err(VmmError::InvalidState(
+                "snapshot",
+                "attached to a host tap (network devices cannot be saved or cloned)",
+            ));
+        }
         if !self.control.wait_paused(self.vcpus.len(), PAUSE_TIMEOUT) {
             self.control.resume();
             return Err(VmmError::PauseTimeout(PAUSE_TIMEOUT));
@@ -397,6 +418,12 @@ impl Vmm {
             return Err(VmmError::InvalidState(
                 "snapshot",
                 "running (pause it first)",
+            ));
+        }
+        if !self.config.net.is_empty() {
+            return Err(VmmError::InvalidState(
+                "snapshot",
+                "attached to a host tap (network devices cannot be saved or cloned)",
             ));
         }
         if !self.control.wait_paused(self.vcpus.len(), PAUSE_TIMEOUT) {

@@ -137,10 +137,25 @@ pub fn jailer_args(
                 a.extend(["--ro-bind".into(), format!("{host}:{SNAPSHOT_IN_JAIL}")]);
                 SNAPSHOT_IN_JAIL.to_string()
             }
-            "--block" | "--net" => {
+            // `fd=N,...`: a tap the runtime opened; the VMM inherits it under the same
+            // number through the jailer.
+            "--net" => {
+                let v = value(flag, it.next())?;
+                let fd = v
+                    .strip_prefix("fd=")
+                    .and_then(|s| s.split(',').next())
+                    .and_then(|n| n.parse::<i32>().ok())
+                    .ok_or(Error::Unsupported {
+                        backend: "builtin (jailed)",
+                        operation: "opening a tap by name inside the jail (pass an open tap fd)",
+                    })?;
+                a.extend(["--keep-fd".into(), fd.to_string()]);
+                v.to_string()
+            }
+            "--block" => {
                 return Err(Error::Unsupported {
                     backend: "builtin (jailed)",
-                    operation: "block devices and tap networking inside the jail",
+                    operation: "block devices inside the jail",
                 })
             }
             _ => continue,
@@ -327,8 +342,18 @@ mod tests {
         assert!(e.to_string().contains("outside the run directory"), "{e}");
         let e = args(&["--block", "/img"]).unwrap_err();
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        let e = args(&["--net", "tap0,mac=02:00:00:00:00:01"]).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
         let e = args(&["--kernel"]).unwrap_err();
         assert!(e.to_string().contains("without a value"), "{e}");
+    }
+
+    #[test]
+    fn tap_fds_are_kept_through_the_jail() {
+        let a = args(&["--net", "fd=9,mac=02:00:00:00:00:01", "--net", "fd=10"]).unwrap();
+        let (jailer, vmm) = a.split_once(" -- ").unwrap();
+        assert!(jailer.ends_with("--keep-fd 9 --keep-fd 10"), "{jailer}");
+        assert_eq!(vmm, "--net fd=9,mac=02:00:00:00:00:01 --net fd=10");
     }
 
     #[test]

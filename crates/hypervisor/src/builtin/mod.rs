@@ -18,7 +18,7 @@ use crate::host::{detect_kvm, KvmKind};
 use crate::process::{spawn, wait_for_path};
 use crate::process_vm::{Control, ProcessVm};
 use crate::{
-    Accelerator, AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Result,
+    Accelerator, AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Nic, Result,
     SnapshotInfo, Vm, VmConfig,
 };
 
@@ -80,6 +80,19 @@ impl Builtin {
             "3".into(),
             "--rng".into(),
         ];
+        // Each tap by the fd vessel-vmm inherits (see Builtin::spawn_vmm); the VMM probes
+        // the tap's vnet header and offloads itself.
+        for nic in &cfg.nics {
+            match nic {
+                Nic::VirtioTap(tap) => {
+                    let mut spec = format!("fd={},mac={}", tap.raw_fd(), tap.mac);
+                    if let Some(mtu) = tap.mtu.and_then(|m| u16::try_from(m).ok()) {
+                        spec.push_str(&format!(",mtu={mtu}"));
+                    }
+                    a.extend(["--net".into(), spec]);
+                }
+            }
+        }
         for (i, share) in cfg.shared_dirs.iter().enumerate() {
             a.push("--fs".into());
             a.push(format!(
@@ -116,12 +129,6 @@ impl Hypervisor for Builtin {
                 operation: "virtio-serial agent channel (use vsock)",
             });
         }
-        if !cfg.nics.is_empty() {
-            return Err(Error::Unsupported {
-                backend: "builtin",
-                operation: "network devices from a network namespace (not wired yet; use QEMU)",
-            });
-        }
         let mut helpers = Vec::new();
         if let Err(e) = crate::virtiofs::start(&self.config.virtiofsd, cfg, &mut helpers).await {
             crate::process::terminate_all(&mut helpers).await;
@@ -139,6 +146,13 @@ impl Hypervisor for Builtin {
     }
 
     async fn restore(&self, dir: &Path, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
+        if !cfg.nics.is_empty() {
+            return Err(Error::Unsupported {
+                backend: "builtin",
+                operation:
+                    "restoring a snapshot with network devices (their taps belong to one sandbox)",
+            });
+        }
         let info = SnapshotInfo::load(dir)?;
         info.check_matches(self.name(), cfg)?;
         if !dir.join("state.json").is_file() {
@@ -205,18 +219,27 @@ impl Builtin {
     /// is configured, logging to the run directory.
     fn spawn_vmm(&self, cfg: &VmConfig, args: &[String]) -> Result<Child> {
         let log = cfg.run_dir.join(VMM_LOG);
-        match &self.config.jailer {
+        let (what, mut cmd) = match &self.config.jailer {
             None => {
                 let mut cmd = Command::new(&self.config.vmm);
                 cmd.args(args);
-                spawn("vessel-vmm", cmd, &log)
+                ("vessel-vmm", cmd)
             }
-            Some(j) => spawn(
+            Some(j) => (
                 "vessel-jailer",
                 jail::command(j, &self.config.vmm, cfg, args)?,
-                &log,
             ),
+        };
+        let fds = crate::nic::tap_fds(&cfg.nics);
+        if !fds.is_empty() {
+            // SAFETY: runs in the forked child before exec; inherit_fds only calls
+            // fcntl(2) (async-signal-safe) on the tap fds, which the caller keeps open
+            // (cfg.nics) until spawn returns. The jailer passes them on (--keep-fd).
+            unsafe {
+                cmd.pre_exec(move || crate::nic::inherit_fds(&fds));
+            }
         }
+        spawn(what, cmd, &log)
     }
 
     /// Supervises the started VMM. A jailed VMM can write only its run
@@ -252,12 +275,14 @@ const VMM_LOG: &str = "vmm.log";
 /// How long a restore may take before the VM answers its API.
 const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// vessel-vmm snapshots VMs without virtio-fs.
+/// vessel-vmm snapshots VMs without virtio-fs and network devices.
 fn snapshottable(cfg: &VmConfig) -> crate::process_vm::Snapshottable {
-    if cfg.shared_dirs.is_empty() {
-        Ok(SnapshotInfo::of("builtin", Accelerator::Kvm, cfg))
-    } else {
+    if !cfg.shared_dirs.is_empty() {
         Err("snapshot of a VM with virtio-fs shares (vessel-vmm cannot save vhost-user-fs state)")
+    } else if !cfg.nics.is_empty() {
+        Err("snapshot of a VM with network devices (their taps belong to one sandbox)")
+    } else {
+        Ok(SnapshotInfo::of("builtin", Accelerator::Kvm, cfg))
     }
 }
 
@@ -266,9 +291,8 @@ mod tests {
     use super::*;
     use crate::SharedDir;
 
-    #[test]
-    fn command_line() {
-        let cfg = VmConfig {
+    fn vm_config() -> VmConfig {
+        VmConfig {
             id: "a".into(),
             run_dir: "/r/a".into(),
             kernel: "/k/vmlinux".into(),
@@ -285,7 +309,12 @@ mod tests {
                 read_only: false,
             }],
             nics: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn command_line() {
+        let cfg = vm_config();
         let a = Builtin::args(&cfg, std::path::Path::new("/r/a/vmm-api.sock")).join(" ");
         assert!(
             a.contains("--kernel /k/vmlinux --initramfs /k/i.cpio.gz"),
@@ -302,5 +331,30 @@ mod tests {
         );
         assert!(a.contains("--fs /r/a/fs0.sock,tag=rootfs"), "{a}");
         assert!(a.contains("--api-sock /r/a/vmm-api.sock"), "{a}");
+        assert!(!a.contains("--net"), "{a}");
+    }
+
+    #[test]
+    fn taps_go_by_inherited_fd_and_block_snapshots() {
+        let fd = std::sync::Arc::new(std::os::fd::OwnedFd::from(
+            std::fs::File::open("/dev/null").unwrap(),
+        ));
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&*fd);
+        let mut cfg = vm_config();
+        cfg.shared_dirs.clear();
+        cfg.nics = vec![Nic::VirtioTap(crate::TapNic {
+            tap_name: "tap0_vessel".into(),
+            fd,
+            vnet_hdr: true,
+            mac: crate::MacAddr([2, 0, 0, 0, 0, 0x0a]),
+            mtu: Some(1400),
+        })];
+        let a = Builtin::args(&cfg, std::path::Path::new("/r/a/vmm-api.sock")).join(" ");
+        assert!(
+            a.contains(&format!("--net fd={raw},mac=02:00:00:00:00:0a,mtu=1400")),
+            "{a}"
+        );
+        let e = snapshottable(&cfg).unwrap_err();
+        assert!(e.contains("network devices"), "{e}");
     }
 }

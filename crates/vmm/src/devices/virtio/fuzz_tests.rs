@@ -180,16 +180,23 @@ fn net_survives_random_queues() {
     use std::os::unix::io::{FromRawFd, IntoRawFd};
     for seed in 1..=20 {
         let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
         // Frames waiting in the backend, so rx has work too.
         let _ = b.send(&[0u8; 100]);
         let _ = b.send(&[1u8; 1600]);
         // SAFETY: the fd was just taken out of `a`; the File is its only owner.
         let backend = unsafe { std::fs::File::from_raw_fd(a.into_raw_fd()) };
-        let mut dev = super::net::Net::new(backend, [2, 0, 0, 0, 0, 1]);
+        let tap = super::net::tap::Tap::fake(backend, true, true);
+        let mut dev = super::net::Net::new(tap, [2, 0, 0, 0, 0, 1], None).unwrap();
         let qs = queues(2);
-        let _e = activate(&mut dev, &qs);
+        // Odd seeds: no features; even seeds: every offload and mergeable buffers.
+        let features = if seed % 2 == 0 {
+            dev.state().avail_features()
+        } else {
+            0
+        };
+        let (ctx, _e) = activate_ctx(&qs[0].mem, qs.iter().map(|q| q.queue()).collect());
+        dev.activate(features, ctx).unwrap();
         run(&mut dev, &qs, seed);
     }
 }

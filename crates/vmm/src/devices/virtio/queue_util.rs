@@ -39,3 +39,15 @@ pub fn pop<'a>(
 pub fn undo_pop(queue: &mut Queue) {
     queue.go_to_previous_position();
 }
+
+/// Whether `chain` ends where the driver said it ends. virtio-queue stops walking a chain
+/// silently at the queue size (a loop), at a descriptor outside guest memory or past 4 GiB in
+/// total; a device that then used the truncated part would act on a chain the driver never
+/// built. A complete chain's last descriptor has no NEXT flag.
+pub fn chain_is_complete<M>(chain: &virtio_queue::DescriptorChain<M>) -> bool
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    chain.clone().last().is_some_and(|d| !d.has_next())
+}

@@ -17,6 +17,7 @@ use vessel_protocol::agent::{
     UpdateContainerRequest, WaitProcessResponse,
 };
 use vessel_protocol::agent_ttrpc::Agent;
+use vessel_protocol::error::chain;
 
 use crate::container::{cgroup, set_winsize, ContainerError, Containers};
 
@@ -57,8 +58,9 @@ impl From<ContainerError> for ttrpc::Error {
             Resources(..) => Code::INVALID_ARGUMENT,
             Storage(_) | Failed(_) | Io(..) => Code::INTERNAL,
         };
-        log::info!("request failed: {e}");
-        status(code, e.to_string())
+        let msg = chain(&e).to_string();
+        log::info!("request failed: {msg}");
+        status(code, msg)
     }
 }
 
@@ -319,7 +321,7 @@ impl Agent for AgentService {
 
     async fn set_network(&self, _: &TtrpcContext, req: SetNetworkRequest) -> ttrpc::Result<Empty> {
         let net = vessel_protocol::net::Network::from_request(&req)
-            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+            .map_err(|e| status(Code::INVALID_ARGUMENT, chain(&e).to_string()))?;
         // Standalone (development) agents run in the host's namespace.
         if std::process::id() != 1 {
             return Err(status(
@@ -328,10 +330,11 @@ impl Agent for AgentService {
             ));
         }
         let handle =
-            crate::network::connect().map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+            crate::network::connect().map_err(|e| status(Code::INTERNAL, chain(&e).to_string()))?;
         crate::network::apply(&handle, &net).await.map_err(|e| {
-            log::warn!("SetNetwork failed: {e}");
-            status(Code::INTERNAL, e.to_string())
+            let msg = chain(&e).to_string();
+            log::warn!("SetNetwork failed: {msg}");
+            status(Code::INTERNAL, msg)
         })?;
         log::info!(
             "network: {} interfaces, {} routes, {} neighbours",
@@ -357,5 +360,65 @@ impl Agent for AgentService {
             boot_id: crate::health::read_trimmed("/proc/sys/kernel/random/boot_id"),
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::{resources::ResourcesError, spec::SpecError, storage::StorageError};
+    use vessel_testutil::assert_cause_printed_once;
+
+    fn io() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::NotFound)
+    }
+
+    fn json() -> serde_json::Error {
+        serde_json::from_str::<serde_json::Value>("{").unwrap_err()
+    }
+
+    /// Every agent error that wraps a source prints it once, and so does the
+    /// reply the host gets.
+    #[test]
+    fn errors_print_their_cause_once() {
+        let storage = || StorageError::Mount {
+            fstype: "virtiofs".into(),
+            tag: "vessel".into(),
+            target: "/run/vessel/shared".into(),
+            err: nix::Error::EBUSY,
+        };
+        let write = || ResourcesError::Write {
+            path: "/sys/fs/cgroup/c1/memory.max".into(),
+            value: "1".into(),
+            source: io(),
+        };
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(ContainerError::Spec(SpecError::Json(json()))),
+            Box::new(ContainerError::ProcessJson(json())),
+            Box::new(ContainerError::Storage(storage())),
+            Box::new(ContainerError::Storage(StorageError::CreateDir(
+                "/m".into(),
+                io(),
+            ))),
+            Box::new(ContainerError::Resources("c1".into(), write())),
+            Box::new(ContainerError::Resources(
+                "c1".into(),
+                ResourcesError::Json(json()),
+            )),
+            Box::new(ContainerError::Io("open /x".into(), io())),
+            Box::new(crate::network::NetError::Socket(io())),
+        ];
+        for e in &errors {
+            assert_cause_printed_once(e.as_ref());
+        }
+        let reply = ttrpc::Error::from(ContainerError::Resources("c1".into(), write()));
+        match reply {
+            ttrpc::Error::RpcStatus(s) => assert_eq!(
+                s.message,
+                "container c1: resources: write \"1\" to /sys/fs/cgroup/c1/memory.max: \
+                 entity not found"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }

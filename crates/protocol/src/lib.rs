@@ -2,6 +2,7 @@
 //!
 //! - [`health`] / [`health_ttrpc`], [`agent`] / [`agent_ttrpc`]: generated
 //!   messages and ttrpc services (container lifecycle lives in `agent`).
+//! - [`error`]: [`error::chain`], an error and its causes printed once each.
 //! - [`id`]: the one rule for sandbox, container and exec ids.
 //! - [`stdio`]: the header line that opens a process stdio stream.
 //! - [`net`]: the guest network configuration (`SetNetwork`), typed and checked.
@@ -11,6 +12,7 @@
 //!
 //! This crate does no I/O policy (timeouts, retries): callers decide those.
 
+pub mod error;
 pub mod hybrid_vsock;
 pub mod id;
 pub mod net;

@@ -61,26 +61,7 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Displays `e` and its sources, joined by ": " (as anyhow's `{:#}`), for log
-/// lines of library code.
-pub fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> Chain<'a> {
-    Chain(e)
-}
-
-/// See [`chain`].
-pub struct Chain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(s) = cur {
-            write!(f, ": {s}")?;
-            cur = s.source();
-        }
-        Ok(())
-    }
-}
+pub use vessel_protocol::error::{chain, Chain};
 
 #[cfg(test)]
 mod tests {

@@ -41,10 +41,10 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ContainerError {
     /// invalid id {0:?}: expected [A-Za-z0-9][A-Za-z0-9_.-]*, at most 128 bytes
     InvalidId(String),
-    /// {0}
+    /// bad OCI spec
     Spec(#[from] spec::SpecError),
-    /// invalid OCI process JSON: {0}
-    ProcessJson(serde_json::Error),
+    /// invalid OCI process JSON
+    ProcessJson(#[source] serde_json::Error),
     /// container {0} already exists
     Exists(String),
     /// exec {1} already exists in container {0}
@@ -55,10 +55,10 @@ pub enum ContainerError {
     NoSandbox(String),
     /// no process {1:?} in container {0}
     ProcessNotFound(String, String),
-    /// {0}
+    /// storage
     Storage(#[from] storage::StorageError),
-    /// container {0}: {1}
-    Resources(String, resources::ResourcesError),
+    /// container {0}: resources
+    Resources(String, #[source] resources::ResourcesError),
     /// {0}
     Failed(String),
     /// container {0}: {1}
@@ -67,8 +67,8 @@ pub enum ContainerError {
     BadSignal(u32),
     /// process {0} of container {1} has no terminal
     NoTerminal(String, String),
-    /// {0}: {1}
-    Io(String, std::io::Error),
+    /// {0}
+    Io(String, #[source] std::io::Error),
 }
 
 /// How a process ended, shell style.

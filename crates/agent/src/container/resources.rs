@@ -26,7 +26,7 @@ const CPU_SHARES: std::ops::RangeInclusive<u64> = 2..=262_144;
 /// Why an update was refused or failed.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum ResourcesError {
-    /// invalid linux.resources JSON: {0}
+    /// invalid linux.resources JSON
     Json(#[from] serde_json::Error),
     /// linux.resources.{0} cannot be updated in the guest; supported: memory.limit, memory.reservation, memory.swap, cpu.quota, cpu.period, cpu.shares, pids.limit
     Unsupported(String),
@@ -36,7 +36,7 @@ pub enum ResourcesError {
         value: String,
         reason: &'static str,
     },
-    /// write {value:?} to {path}: {source}
+    /// write {value:?} to {path}
     Write {
         path: String,
         value: String,

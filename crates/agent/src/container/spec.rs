@@ -10,7 +10,7 @@ pub fn cgroup_path(container_id: &str) -> String {
 /// Why a spec cannot run in the guest.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum SpecError {
-    /// invalid OCI spec JSON: {0}
+    /// invalid OCI spec JSON
     Json(#[from] serde_json::Error),
     /// the spec has no root; root.path must be an absolute guest path
     NoRoot,

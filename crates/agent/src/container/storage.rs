@@ -13,15 +13,16 @@ pub enum StorageError {
     BadMountPoint(String),
     /// storage {tag:?} ({fstype}) has no source or fstype
     Incomplete { tag: String, fstype: String },
-    /// mount {fstype} {tag:?} on {target}: {err}
+    /// mount {fstype} {tag:?} on {target}
     Mount {
         fstype: String,
         tag: String,
         target: String,
+        #[source]
         err: nix::Error,
     },
-    /// create storage mount point {0}: {1}
-    CreateDir(String, std::io::Error),
+    /// create storage mount point {0}
+    CreateDir(String, #[source] std::io::Error),
 }
 
 /// Splits mount(8)-style options into flags and fs data.

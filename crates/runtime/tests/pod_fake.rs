@@ -1,33 +1,69 @@
 //! The pod model against the fake hypervisor and agent of vessel-testutil:
-//! no QEMU, no KVM, no guest. Staging bind-mounts, so these need root (they
-//! skip loudly without it, and fail in CI).
+//! no QEMU, no KVM, no guest, no root: the staging is a [`FakeStaging`] that
+//! records what it stages and never mounts (the real one is tested with the
+//! data-loss tests of the CLI and the shim).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use ttrpc::Code;
+use vessel_hypervisor::SharedDir;
 use vessel_runtime::agent::AgentError;
 use vessel_runtime::container::Status;
 use vessel_runtime::pod::{
-    CreateRequest, Pod, PodError, PodEvent, PodSlot, StdioPaths, LOST_EXIT_STATUS,
+    CreateRequest, Pod, PodError, PodEvent, PodSetup, PodSlot, PodStaging, Stdio, StdioPaths,
+    LOST_EXIT_STATUS,
 };
 use vessel_runtime::Config;
 use vessel_testutil::fake::{FakeHypervisor, FAKE_VMM_PID};
+
+/// A staging that records the containers it holds and never mounts.
+#[derive(Clone, Default)]
+struct FakeStaging {
+    staged: Arc<Mutex<Vec<String>>>,
+    removed: Arc<Mutex<bool>>,
+}
+
+impl PodStaging for FakeStaging {
+    fn shared_dir(&self) -> SharedDir {
+        SharedDir {
+            tag: "vessel".into(),
+            host_path: PathBuf::from("/nonexistent"),
+            read_only: false,
+        }
+    }
+    fn stage(
+        &self,
+        id: &str,
+        _rootfs: &Path,
+        spec: &mut serde_json::Value,
+    ) -> vessel_runtime::container::Result<()> {
+        spec["root"]["path"] = format!("/run/vessel/shared/{id}/rootfs").into();
+        self.staged.lock().unwrap().push(id.to_string());
+        Ok(())
+    }
+    fn unstage(&self, id: &str) -> vessel_runtime::container::Result<()> {
+        self.staged.lock().unwrap().retain(|s| s != id);
+        Ok(())
+    }
+    fn remove(&self) -> vessel_runtime::container::Result<()> {
+        *self.removed.lock().unwrap() = true;
+        Ok(())
+    }
+}
 
 struct Env {
     dir: tempfile::TempDir,
     config: Config,
     hv: FakeHypervisor,
+    staging: FakeStaging,
     events: mpsc::UnboundedReceiver<PodEvent>,
     tx: mpsc::UnboundedSender<PodEvent>,
 }
 
-fn env() -> Option<Env> {
-    if !nix::unistd::geteuid().is_root() {
-        vessel_testutil::skip("the fake pod tests", "staging bind-mounts and needs root");
-        return None;
-    }
+fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("rootfs")).unwrap();
     let config = Config {
@@ -36,13 +72,14 @@ fn env() -> Option<Env> {
         ..Config::default()
     };
     let (tx, events) = mpsc::unbounded_channel();
-    Some(Env {
+    Env {
         dir,
         config,
         hv: FakeHypervisor::default(),
+        staging: FakeStaging::default(),
         events,
         tx,
-    })
+    }
 }
 
 impl Env {
@@ -50,8 +87,16 @@ impl Env {
         self.dir.path().join("rootfs")
     }
 
+    fn setup(&self) -> PodSetup {
+        let staging = self.staging.clone();
+        let make = move |_: &Config, _: &str| -> vessel_runtime::pod::Result<Box<dyn PodStaging>> {
+            Ok(Box::new(staging.clone()))
+        };
+        PodSetup::in_state_root_with(&self.config, "pod1", None, &make).unwrap()
+    }
+
     async fn boot(&self, spec: &serde_json::Value) -> Pod {
-        Pod::boot(&self.config, &self.hv, "pod1", spec, None, self.tx.clone())
+        Pod::boot_with(&self.config, &self.hv, self.setup(), spec, self.tx.clone())
             .await
             .unwrap()
     }
@@ -62,7 +107,7 @@ impl Env {
             bundle: self.dir.path(),
             rootfs,
             spec: serde_json::json!({"ociVersion": "1.0.2", "root": {"path": "rootfs"}}),
-            stdio: StdioPaths::default(),
+            stdio: Stdio::Fifos(StdioPaths::default()),
         }
     }
 
@@ -73,19 +118,18 @@ impl Env {
             .expect("the channel is open")
     }
 
-    /// Nothing of the pod is left mounted or on disk.
+    /// Nothing of the pod is left staged or on disk.
     fn assert_clean(&self) {
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = self.config.state_root.display().to_string();
-        assert!(!mounts.contains(&root), "mounts left under {root}");
-        assert!(!self.config.state_root.join("shared/pod1").exists());
+        assert!(self.staging.staged.lock().unwrap().is_empty(), "staged");
+        assert!(*self.staging.removed.lock().unwrap(), "share removed");
+        assert!(!self.config.state_root.join("shared/pod1.pids").exists());
         assert!(!self.config.state_root.join("pod1").exists());
     }
 }
 
 #[tokio::test]
 async fn a_container_runs_exits_once_and_is_deleted_without_leftovers() {
-    let Some(mut e) = env() else { return };
+    let mut e = env();
     let pod = e.boot(&serde_json::json!({})).await;
     assert_eq!(
         pod.host_pid(),
@@ -131,7 +175,7 @@ async fn a_container_runs_exits_once_and_is_deleted_without_leftovers() {
 
 #[tokio::test]
 async fn status_guards_refuse_before_the_agent_is_asked() {
-    let Some(e) = env() else { return };
+    let e = env();
     let pod = e.boot(&serde_json::json!({})).await;
     let rootfs = e.rootfs();
     pod.create(e.request("pod1", &rootfs)).await.unwrap();
@@ -183,7 +227,7 @@ async fn status_guards_refuse_before_the_agent_is_asked() {
 
 #[tokio::test]
 async fn when_the_vm_dies_every_live_process_exits_at_once() {
-    let Some(mut e) = env() else { return };
+    let mut e = env();
     let pod = e.boot(&serde_json::json!({})).await;
     let rootfs = e.rootfs();
     pod.create(e.request("pod1", &rootfs)).await.unwrap();
@@ -194,7 +238,7 @@ async fn when_the_vm_dies_every_live_process_exits_at_once() {
         "c2",
         "x1",
         br#"{"args":["sh"]}"#.to_vec(),
-        StdioPaths::default(),
+        Stdio::Fifos(StdioPaths::default()),
     )
     .unwrap();
     pod.start("c2", Some("x1")).await.unwrap();
@@ -229,10 +273,11 @@ async fn when_the_vm_dies_every_live_process_exits_at_once() {
 
 #[tokio::test]
 async fn a_failed_first_create_leaves_no_pod_and_no_staging() {
-    let Some(e) = env() else { return };
+    let e = env();
     e.hv.agent
         .fail("CreateContainer", Code::INVALID_ARGUMENT, "bad spec");
-    let mut slot = PodSlot::default();
+    let staging = e.staging.clone();
+    let mut slot = PodSlot::with_staging(Box::new(move |_, _| Ok(Box::new(staging.clone()))));
     let rootfs = e.rootfs();
     let make_hv = || -> vessel_runtime::Result<Box<dyn vessel_hypervisor::Hypervisor>> {
         Ok(Box::new(e.hv.clone()))
@@ -257,7 +302,7 @@ async fn a_failed_first_create_leaves_no_pod_and_no_staging() {
 
 #[tokio::test]
 async fn the_vm_is_sized_by_the_first_spec() {
-    let Some(e) = env() else { return };
+    let e = env();
     let spec = serde_json::json!({"linux": {"resources": {
         "memory": {"limit": 64 << 20}, "cpu": {"quota": 250000, "period": 100000}}}});
     let pod = e.boot(&spec).await;

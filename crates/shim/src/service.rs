@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, Mutex};
 use ttrpc::{Code, Result as TtrpcResult};
 use vessel_runtime::container::Status;
 use vessel_runtime::pod::{
-    CreateRequest, Exit, Pod, PodEvent, PodSlot, StdioPaths, LOST_EXIT_STATUS,
+    CreateRequest, Exit, Pod, PodEvent, PodSlot, Stdio, StdioPaths, LOST_EXIT_STATUS,
 };
 use vessel_runtime::sandbox::hypervisor;
 use vessel_runtime::Config;
@@ -236,7 +236,7 @@ impl Inner {
             bundle: bundle_dir,
             rootfs,
             spec,
-            stdio,
+            stdio: Stdio::Fifos(stdio),
         };
         let make_hv = || hypervisor(&self.config);
         let res = state
@@ -398,7 +398,7 @@ impl Task for TaskService {
         let state = self.inner.state.lock().await;
         state
             .pod()?
-            .add_exec(&req.id, &req.exec_id, json, stdio)
+            .add_exec(&req.id, &req.exec_id, json, Stdio::Fifos(stdio))
             .map_err(|e| pod_error(&req.id, e))?;
         drop(state);
         let ev = TaskExecAdded {

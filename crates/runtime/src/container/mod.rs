@@ -69,6 +69,8 @@ pub enum ContainerError {
     Console(String),
     /// sandbox
     Sandbox(#[source] Box<crate::Error>),
+    /// pod
+    Pod(#[source] Box<crate::pod::PodError>),
     /// supervisor: {0}
     Supervisor(String),
     /// hook {path}: {reason}

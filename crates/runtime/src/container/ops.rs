@@ -13,12 +13,15 @@ use crate::agent::ExitStatus;
 
 /// How long `delete` waits for a supervisor to finish after asking it to stop.
 const SUPERVISOR_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `start` waits for the supervisor to start init.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(10);
 
 pub async fn start(root: &Path, id: &str) -> Result<()> {
     let mut c = Container::open(root, id)?;
     c.require("start", Status::can_start)?;
-    c.client().await?.start(id).await?;
+    // The supervisor starts init: it owns the pod and waits for the exit.
+    supervisor::request(&c.dir, &Request::START, START_TIMEOUT)?;
     c.state.status = Status::Running;
     c.save()?;
     if let Ok(b) = Bundle::load(&c.state.bundle) {

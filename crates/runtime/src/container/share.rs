@@ -124,6 +124,13 @@ fn fill(dir: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<
 const GUEST_SHM_OPTIONS: [&str; 5] = ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"];
 
 impl Staging {
+    /// The container directory the staging is in.
+    pub fn container_dir(&self) -> &Path {
+        self.dir
+            .parent()
+            .expect("the staging dir is <container dir>/shared")
+    }
+
     /// The share for the VM.
     pub fn shared_dir(&self) -> SharedDir {
         SharedDir {

@@ -1,12 +1,13 @@
 //! The per-container supervisor: a process that outlives `vessel create`,
-//! owns the sandbox VM, the agent connection, the stdio relays and init's
-//! exit status, and EXITS WITH INIT'S EXIT STATUS once init has exited and
+//! runs a pod of one container ([`crate::pod::Pod`], the model the shim
+//! uses too) with its stdio relays and init's exit status, and EXITS WITH INIT'S EXIT STATUS once init has exited and
 //! its output was delivered (callers such as containerd's runc shim and
 //! conmon watch this pid, as they watch runc's container process).
 //!
 //! It reports readiness on an inherited pipe (`OK <guest pid>\n` or
 //! `ERR <message>\n`) and serves typed JSON requests on
-//! `<dir>/supervisor.sock`.
+//! `<dir>/supervisor.sock`: `vessel start` and `delete --force` go through
+//! it; the other operations talk to the agent directly.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -19,14 +20,19 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use vessel_protocol::stdio::StdioStream;
 
+use tokio::sync::mpsc;
+
 use super::bundle::Bundle;
 use super::console::HostPty;
-use super::share::{self, Staging};
+use super::share::Staging;
 use super::stdio::Relays;
-use super::{AgentClient, ContainerError, NewContainer, Result, CONTROL_SOCKET, EXIT_FILE};
-use crate::network::PodNetwork;
-use crate::sandbox::{hypervisor, SandboxSpec};
-use crate::{Config, Sandbox};
+use super::{AgentClient, ContainerError, Result, CONTROL_SOCKET, EXIT_FILE};
+use crate::network::NetnsNetwork;
+use crate::pod::{
+    CreateRequest, Pod, PodError, PodEvent, PodSetup, Stdio, CONTAINER_TYPE_ANNOTATION,
+};
+use crate::sandbox::hypervisor;
+use crate::Config;
 
 /// How long output may still flow after init exited before it is cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,7 +41,7 @@ const RESIZE_POLL: Duration = Duration::from_millis(200);
 /// How long an OOM event may trail a SIGKILL exit.
 const OOM_GRACE: Duration = Duration::from_secs(2);
 /// Exit status when the sandbox died under the container.
-const SANDBOX_DIED: i32 = 255;
+const SANDBOX_DIED: i32 = crate::pod::LOST_EXIT_STATUS as i32;
 /// Exit status after a forced shutdown (as after SIGKILL).
 const KILLED: i32 = 137;
 
@@ -50,12 +56,15 @@ pub struct Request {
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     Ping,
+    /// Start the container's init (`vessel start`).
+    Start,
     /// Stop the VM now; the container ends with status 137.
     Shutdown,
 }
 
 impl Request {
     pub const SHUTDOWN: Request = Request { op: Op::Shutdown };
+    pub const START: Request = Request { op: Op::Start };
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,13 +108,10 @@ pub struct SuperviseArgs {
 }
 
 struct Running {
-    sandbox: Sandbox,
-    client: AgentClient,
+    pod: Pod,
     relays: Relays,
     /// A dup of the host pty slave, watched for window-size changes.
     tty: Option<File>,
-    /// Taps and tc redirects in the bundle's network namespace.
-    network: Option<PodNetwork>,
 }
 
 /// Runs the supervisor to the end; returns the process exit status.
@@ -115,8 +121,12 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
     let mut sync = unsafe { File::from_raw_fd(args.sync_fd) };
     set_cloexec(&sync);
     let dir = config.state_root.join(&args.id);
-    let mut running = match setup(config, &args, &dir).await {
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let listener;
+    let mut running = match setup(config, &args, &dir, tx).await {
         Ok((r, guest_pid)) => {
+            // Listening before the caller hears OK: its `start` comes next.
+            listener = listen(&args.id, &dir);
             let _ = writeln!(sync, "OK {guest_pid}");
             detach_stdio();
             r
@@ -128,17 +138,16 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
         }
     };
     drop(sync);
-    let status = supervise(&args.id, &dir, &mut running).await;
+    let status = supervise(&args.id, &dir, listener, &mut running, &mut events).await;
     let Running {
-        sandbox,
-        mut relays,
-        network,
-        ..
+        pod, mut relays, ..
     } = running;
-    let mut sandbox = Some(sandbox);
+    let mut pod = Some(pod);
     if status == KILLED || status == SANDBOX_DIED {
         // Init did not exit by itself: its streams close only with the VM.
-        stop_sandbox(&args.id, sandbox.take()).await;
+        if let Some(pod) = pod.take() {
+            pod.stop().await;
+        }
     }
     if !relays.drain(DRAIN_TIMEOUT) {
         log::warn!(
@@ -153,148 +162,95 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
             crate::chain(&e)
         );
     }
-    stop_sandbox(&args.id, sandbox).await;
-    if let Some(mut network) = network {
-        network.detach().await;
-    }
-    if let Err(e) = share::cleanup(&dir) {
-        log::error!("{}: {}", args.id, crate::chain(&e));
+    // Stops the VM, detaches the network and removes the share.
+    if let Some(pod) = pod {
+        pod.stop().await;
     }
     let _ = std::fs::remove_file(dir.join(CONTROL_SOCKET));
     log::info!("{}: init exited with status {status}", args.id);
     status
 }
 
-async fn stop_sandbox(id: &str, sandbox: Option<Sandbox>) {
-    if let Some(sb) = sandbox {
-        if let Err(e) = sb.stop().await {
-            log::warn!("{id}: stopping the sandbox: {}", crate::chain(&e));
-        }
-    }
-}
-
-async fn setup(config: &Config, args: &SuperviseArgs, dir: &Path) -> Result<(Running, u32)> {
+/// Boots a pod of one container: the VM (with the bundle's network, its
+/// share at `<dir>/shared`, its run directory at [`super::vm_location`]) and
+/// the container in it, with this process's stdio or a terminal relayed.
+/// On error nothing is left.
+async fn setup(
+    config: &Config,
+    args: &SuperviseArgs,
+    dir: &Path,
+    events: mpsc::UnboundedSender<PodEvent>,
+) -> Result<(Running, u32)> {
     let bundle = Bundle::load(&args.bundle)?;
+    let network = NetnsNetwork::of_spec(&bundle.spec).map_err(pod_err)?;
     let mut spec = bundle.spec.clone();
-    let staging = Staging::prepare(dir, &bundle.rootfs, &mut spec)?;
-    let res = boot_and_create(config, args, dir, &bundle, spec, &staging).await;
-    if res.is_err() {
-        if let Err(e) = share::cleanup(dir) {
-            log::error!("{}: {}", args.id, crate::chain(&e));
-        }
-    }
-    res
-}
-
-/// Wires the bundle's network namespace (if it names one), then boots the
-/// VM with its NICs and creates the container. On error no tap or tc filter
-/// is left.
-async fn boot_and_create(
-    config: &Config,
-    args: &SuperviseArgs,
-    dir: &Path,
-    bundle: &Bundle,
-    spec: serde_json::Value,
-    staging: &Staging,
-) -> Result<(Running, u32)> {
-    let net_err =
-        |e: crate::network::NetError| ContainerError::Network(crate::chain(&e).to_string());
-    let mut network = match crate::network::netns_path(&bundle.spec).map_err(net_err)? {
-        Some(path) => Some(PodNetwork::attach(&path).await.map_err(net_err)?),
-        None => None,
-    };
-    match boot_and_create_in(config, args, dir, bundle, spec, staging, network.as_ref()).await {
-        Ok((mut running, pid)) => {
-            running.network = network;
-            Ok((running, pid))
-        }
-        Err(e) => {
-            if let Some(n) = network.as_mut() {
-                n.detach().await;
-            }
-            Err(e)
-        }
-    }
-}
-
-async fn boot_and_create_in(
-    config: &Config,
-    args: &SuperviseArgs,
-    dir: &Path,
-    bundle: &Bundle,
-    spec: serde_json::Value,
-    staging: &Staging,
-    network: Option<&PodNetwork>,
-) -> Result<(Running, u32)> {
-    let size = bundle.vm_size(config);
     let (vm_root, vm_id) = super::vm_location(dir);
-    let mut vm_config = config.clone();
-    vm_config.state_root = vm_root;
     // Init has exited when the VM is stopped: nothing left to shut down gracefully.
-    vm_config.stop_grace_secs = 0;
-    let hv = hypervisor(&vm_config)?;
-    let sandbox = Sandbox::boot(
-        &vm_config,
-        hv.as_ref(),
-        SandboxSpec {
-            id: vm_id,
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
-            shared_dirs: vec![staging.shared_dir()],
-            nics: network.map(PodNetwork::nics).unwrap_or_default(),
-        },
-    )
-    .await?;
-    let created = async {
-        if let Some(n) = network {
-            sandbox.agent().set_network(n.guest_network()).await?;
-        }
-        create_in(args, bundle, spec, &sandbox).await
+    let vm_config = Config {
+        stop_grace_secs: 0,
+        ..config.clone()
     };
-    match created.await {
-        Ok((client, relays, pid, tty)) => Ok((
-            Running {
-                sandbox,
-                client,
-                relays,
-                tty,
-                network: None,
-            },
-            pid,
-        )),
+    let hv = hypervisor(&vm_config)?;
+    // Staged before the VM boots, at <dir>/shared; removed with the pod.
+    let staging = Staging::prepare(dir, &bundle.rootfs, &mut spec)?;
+    let setup = PodSetup {
+        id: args.id.clone(),
+        vm_root,
+        vm_id,
+        staging: Box::new(staging),
+        pids_file: None,
+        network,
+    };
+    let pod = Pod::boot_with(&vm_config, hv.as_ref(), setup, &bundle.spec, events)
+        .await
+        .map_err(pod_err)?;
+    match create_in(args, &bundle, spec, &pod).await {
+        Ok((relays, tty)) => {
+            let guest_pid = pod.process(&args.id, None).map_err(pod_err)?.guest_pid;
+            Ok((Running { pod, relays, tty }, guest_pid))
+        }
         Err(e) => {
-            let _ = sandbox.stop().await;
+            pod.stop().await;
             Err(e)
         }
     }
 }
 
+fn pod_err(e: PodError) -> ContainerError {
+    ContainerError::Pod(Box::new(e))
+}
+
+/// Creates the container (`spec`: its staged spec) and relays its stdio.
 async fn create_in(
     args: &SuperviseArgs,
     bundle: &Bundle,
-    spec: serde_json::Value,
-    sandbox: &Sandbox,
-) -> Result<(AgentClient, Relays, u32, Option<File>)> {
+    mut spec: serde_json::Value,
+    pod: &Pod,
+) -> Result<(Relays, Option<File>)> {
     let id = &args.id;
-    let client = sandbox.agent().clone();
     let terminal = bundle.terminal();
-    let json = serde_json::to_vec(&spec).expect("spec serializes");
-    let pid = client
-        .create(NewContainer {
-            id,
-            spec_json: json,
-            storages: vec![Staging::storage()],
-            stdio: (!terminal, !terminal, !terminal),
-            share_namespaces_with: None,
-        })
-        .await?;
+    // A pod of one: grouping containers into CRI pods is the shim's; a
+    // runc-style caller gets one VM per container.
+    if let Some(a) = spec["annotations"].as_object_mut() {
+        a.remove(CONTAINER_TYPE_ANNOTATION);
+    }
+    pod.create(CreateRequest {
+        id,
+        bundle: &args.bundle,
+        rootfs: &bundle.rootfs,
+        spec,
+        stdio: Stdio::Caller { terminal },
+    })
+    .await
+    .map_err(pod_err)?;
+    let client = pod.agent();
     let mut relays = Relays::default();
     let mut tty = None;
     if terminal {
         let socket = args.console_socket.as_deref().ok_or_else(|| {
             ContainerError::Console("process.terminal is set but no --console-socket given".into())
         })?;
-        let (rows, cols) = console_size(&spec);
+        let (rows, cols) = console_size(&bundle.spec);
         let pty = HostPty::open(rows, cols)?;
         pty.send_master(socket)?;
         let stream = client.open_stream(id, None, StdioStream::Tty).await?;
@@ -303,9 +259,9 @@ async fn create_in(
             .terminal(pty.slave, stream)
             .map_err(|e| ContainerError::Console(crate::chain(&e).to_string()))?;
     } else {
-        attach_host_stdio(&client, id, None, &mut relays).await?;
+        attach_host_stdio(client, id, None, &mut relays).await?;
     }
-    Ok((client, relays, pid, tty))
+    Ok((relays, tty))
 }
 
 /// Relays this process's fds 0, 1 and 2 to the process's three streams, then
@@ -363,10 +319,12 @@ fn console_size(spec: &serde_json::Value) -> (u16, u16) {
     (get("height", 24), get("width", 80))
 }
 
-async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
+/// Binds the control socket (without it, the container can still run and
+/// exit, but not be started or shut down through the supervisor).
+fn listen(id: &str, dir: &Path) -> Option<UnixListener> {
     let sock = dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&sock);
-    let listener = match UnixListener::bind(&sock) {
+    match UnixListener::bind(&sock) {
         Ok(l) => Some(l),
         Err(e) => {
             log::error!(
@@ -376,27 +334,25 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
             );
             None
         }
-    };
+    }
+}
+
+async fn supervise(
+    id: &str,
+    dir: &Path,
+    listener: Option<UnixListener>,
+    r: &mut Running,
+    events: &mut mpsc::UnboundedReceiver<PodEvent>,
+) -> i32 {
     let resize = r.tty.take().map(|tty| {
-        let (client, id) = (r.client.clone(), id.to_string());
+        let (client, id) = (r.pod.agent().clone(), id.to_string());
         tokio::spawn(watch_window_size(tty, client, id))
     });
-    let oom_client = r.client.clone();
-    let oom_dir = dir.to_path_buf();
-    let oom_id = id.to_string();
-    let (oom_tx, mut oom_rx) = tokio::sync::watch::channel(0u64);
-    let oom = tokio::spawn(async move {
-        let mut n = 0u64;
-        while let Ok(cid) = oom_client.oom_event().await {
-            if cid == oom_id {
-                n += 1;
-                let _ = std::fs::write(oom_dir.join("oom"), format!("{n}\n"));
-                let _ = oom_tx.send(n);
-            }
-        }
-    });
-    let wait = r.client.wait(id, None);
-    tokio::pin!(wait);
+    let mut ooms = 0u64;
+    let oom = |n: &mut u64| {
+        *n += 1;
+        let _ = std::fs::write(dir.join("oom"), format!("{n}\n"));
+    };
     // SIGTERM to the supervisor: stop like `delete --force`, cleaning up.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let terminated = async move {
@@ -414,41 +370,46 @@ async fn supervise(id: &str, dir: &Path, r: &mut Running) -> i32 {
             }
         };
         tokio::select! {
-            res = &mut wait => break match res {
-                Ok(s) => s.status,
-                Err(e) => {
-                    log::error!("{id}: waiting for init: {}", crate::chain(&e));
-                    SANDBOX_DIED
-                }
+            event = events.recv() => match event {
+                // The pod reports a VM that died as LOST_EXIT_STATUS.
+                Some(PodEvent::Exit { container_id, exec_id: None, exit, .. })
+                    if container_id == id => break exit.status as i32,
+                Some(PodEvent::Oom { container_id }) if container_id == id => oom(&mut ooms),
+                Some(_) => {}
+                None => break SANDBOX_DIED,
             },
-            exit = r.sandbox.vm().wait() => {
-                log::error!("{id}: the sandbox VM ended ({exit}) before init exited");
-                break SANDBOX_DIED;
-            }
             _ = &mut terminated => {
                 log::warn!("{id}: SIGTERM: stopping the sandbox");
                 break KILLED;
             }
             conn = accept => {
                 let Ok((conn, _)) = conn else { continue };
-                if serve_one(conn).await == Some(Request::SHUTDOWN) {
+                if serve_one(conn, &r.pod, id).await == Some(Op::Shutdown) {
                     log::info!("{id}: shutdown requested");
                     break KILLED;
                 }
             }
         }
     };
-    if status == KILLED && *oom_rx.borrow() == 0 {
+    if status == KILLED && ooms == 0 {
         // The OOM event may trail the exit: give it a moment.
-        let _ = tokio::time::timeout(OOM_GRACE, oom_rx.changed()).await;
+        let trailing = async {
+            while let Some(e) = events.recv().await {
+                if matches!(&e, PodEvent::Oom { container_id } if container_id == id) {
+                    return true;
+                }
+            }
+            false
+        };
+        if let Ok(true) = tokio::time::timeout(OOM_GRACE, trailing).await {
+            oom(&mut ooms);
+        }
     }
-    if *oom_rx.borrow() > 0 {
+    if ooms > 0 {
         log::warn!(
-            "{id}: OOM: the container's memory limit was hit and the OOM killer ran ({} kills)",
-            *oom_rx.borrow()
+            "{id}: OOM: the container's memory limit was hit and the OOM killer ran ({ooms} kills)"
         );
     }
-    oom.abort();
     if let Some(r) = resize {
         r.abort();
     }
@@ -473,8 +434,9 @@ async fn watch_window_size(tty: File, client: AgentClient, id: String) {
     }
 }
 
-/// Answers one request; returns it if it was valid.
-async fn serve_one(conn: tokio::net::UnixStream) -> Option<Request> {
+/// Answers one request (a start acts on the pod); returns its op if it was
+/// valid.
+async fn serve_one(conn: tokio::net::UnixStream, pod: &Pod, id: &str) -> Option<Op> {
     let (rd, mut wr) = conn.into_split();
     let mut line = String::new();
     let mut rd = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(rd, 4096));
@@ -483,20 +445,23 @@ async fn serve_one(conn: tokio::net::UnixStream) -> Option<Request> {
         Ok(Ok(_)) => serde_json::from_str::<Request>(&line).map_err(|e| e.to_string()),
         _ => Err("no request".to_string()),
     };
-    let resp = match &req {
-        Ok(_) => Response {
-            ok: true,
-            error: None,
-        },
-        Err(e) => Response {
-            ok: false,
-            error: Some(e.clone()),
-        },
+    let done = match &req {
+        Ok(Request { op: Op::Start }) => pod
+            .start(id, None)
+            .await
+            .map(drop)
+            .map_err(|e| crate::chain(&e).to_string()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.clone()),
+    };
+    let resp = Response {
+        ok: done.is_ok(),
+        error: done.err(),
     };
     let mut out = serde_json::to_string(&resp).expect("response serializes");
     out.push('\n');
     let _ = wr.write_all(out.as_bytes()).await;
-    req.ok()
+    req.ok().map(|r| r.op)
 }
 
 #[cfg(test)]

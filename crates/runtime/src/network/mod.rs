@@ -14,9 +14,12 @@
 //! A spec without a network namespace path keeps a loopback-only VM.
 
 pub mod endpoint;
+mod hook;
 mod netns;
 mod tap;
 pub mod tcfilter;
+
+pub use hook::NetnsNetwork;
 
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};

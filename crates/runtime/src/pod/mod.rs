@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use vessel_hypervisor::{AgentEndpoint, Hypervisor, VmExit};
+use vessel_hypervisor::{AgentEndpoint, Hypervisor, SharedDir, VmExit};
 use vessel_protocol::agent::StatsContainerResponse;
 
 use crate::agent::{AgentClient, AgentError, NewContainer};
@@ -27,7 +27,7 @@ use crate::container::share::{self, PodShare, Staging};
 use crate::container::{ContainerError, Status};
 use crate::sandbox::{self, SandboxSpec};
 use crate::{Config, Sandbox};
-pub use stdio::{Relays, StdioPaths};
+pub use stdio::{Relays, Stdio, StdioPaths};
 
 /// Exit status reported when a process's fate is unknown (VM died, agent gone).
 pub const LOST_EXIT_STATUS: u32 = 255;
@@ -73,8 +73,8 @@ pub enum PodError {
     Staging(#[from] ContainerError),
     /// the sandbox failed
     Sandbox(#[from] crate::Error),
-    /// the pod network failed: {0}
-    Network(String),
+    /// the pod network failed
+    Network(#[from] crate::network::NetError),
 }
 
 pub type Result<T> = std::result::Result<T, PodError>;
@@ -103,12 +103,121 @@ pub enum PodEvent {
 
 /// The pod's network, attached by the network code (the bundle's network
 /// namespace: one tap per link, see ARCHITECTURE.md): `attach` runs before
-/// the VM boots and may add devices to it, `detach` after the VM stopped
-/// (and after a failed boot).
+/// the VM boots and may add devices to it, `configure` once its agent
+/// answers, `detach` after the VM stopped (and after a failed boot).
 #[async_trait]
 pub trait PodNetwork: Send + Sync {
     async fn attach(&mut self, vm: &mut SandboxSpec) -> Result<()>;
+    /// Configures the guest's side (addresses, routes) through its agent.
+    async fn configure(&mut self, _agent: &AgentClient) -> Result<()> {
+        Ok(())
+    }
     async fn detach(&mut self);
+}
+
+/// Where containers' files reach the VM: one virtio-fs share, one
+/// subdirectory per container ([`PodShare`]; tests use one that does not
+/// mount). A staging that cannot be cleaned is left in place, never removed
+/// recursively.
+pub trait PodStaging: Send + Sync {
+    /// The share for the VM.
+    fn shared_dir(&self) -> SharedDir;
+    /// Stages container `id` and rewrites `spec` to its guest paths.
+    fn stage(&self, id: &str, rootfs: &Path, spec: &mut Value) -> crate::container::Result<()>;
+    fn unstage(&self, id: &str) -> crate::container::Result<()>;
+    /// Removes the whole share.
+    fn remove(&self) -> crate::container::Result<()>;
+}
+
+impl PodStaging for PodShare {
+    fn shared_dir(&self) -> SharedDir {
+        PodShare::shared_dir(self)
+    }
+    fn stage(&self, id: &str, rootfs: &Path, spec: &mut Value) -> crate::container::Result<()> {
+        PodShare::stage(self, id, rootfs, spec)
+    }
+    fn unstage(&self, id: &str) -> crate::container::Result<()> {
+        PodShare::unstage(self, id)
+    }
+    fn remove(&self) -> crate::container::Result<()> {
+        PodShare::remove(self)
+    }
+}
+
+/// A pod of one whose container was staged before its VM booted (the CLI's
+/// [`Staging::prepare`] at `<container dir>/shared`): staging that container
+/// again is a no-op, any other is refused.
+impl PodStaging for Staging {
+    fn shared_dir(&self) -> SharedDir {
+        Staging::shared_dir(self)
+    }
+    fn stage(&self, id: &str, _rootfs: &Path, _spec: &mut Value) -> crate::container::Result<()> {
+        if self.container_dir().file_name() == Some(std::ffi::OsStr::new(id)) {
+            return Ok(());
+        }
+        Err(ContainerError::Exists(format!(
+            "a staging for one container holds {}, not {id}",
+            self.container_dir().display()
+        )))
+    }
+    fn unstage(&self, _id: &str) -> crate::container::Result<()> {
+        share::cleanup(self.container_dir())
+    }
+    fn remove(&self) -> crate::container::Result<()> {
+        share::cleanup(self.container_dir())
+    }
+}
+
+/// Makes the staging of a pod named `id` (a front-end serving one pod).
+pub type StagingFn = dyn Fn(&Config, &str) -> Result<Box<dyn PodStaging>> + Send + Sync;
+/// See [`StagingFn`].
+pub type MakeStaging = Box<StagingFn>;
+
+/// The shim's staging: a [`PodShare`] at `<state_root>/shared/<id>`.
+fn state_root_share(config: &Config, id: &str) -> Result<Box<dyn PodStaging>> {
+    Ok(Box::new(PodShare::create(&share_dir(config, id))?))
+}
+
+/// Where a pod keeps its parts, and its network.
+pub struct PodSetup {
+    pub id: String,
+    /// The VM's run directory is `<vm_root>/<vm_id>`.
+    pub vm_root: PathBuf,
+    pub vm_id: String,
+    pub staging: Box<dyn PodStaging>,
+    /// Where the VM's host pids are kept for [`Pod::cleanup_after_crash`].
+    pub pids_file: Option<PathBuf>,
+    pub network: Option<Box<dyn PodNetwork>>,
+}
+
+impl PodSetup {
+    /// The shim's layout: the VM at `<state_root>/<id>`, the share at
+    /// `<state_root>/shared/<id>` (created here), a pids file beside it.
+    pub fn in_state_root(
+        config: &Config,
+        id: &str,
+        network: Option<Box<dyn PodNetwork>>,
+    ) -> Result<PodSetup> {
+        Self::in_state_root_with(config, id, network, &state_root_share)
+    }
+
+    /// As [`PodSetup::in_state_root`], with the staging `staging` makes.
+    pub fn in_state_root_with(
+        config: &Config,
+        id: &str,
+        network: Option<Box<dyn PodNetwork>>,
+        staging: &StagingFn,
+    ) -> Result<PodSetup> {
+        sandbox::validate_id(id)?;
+        Ok(PodSetup {
+            id: id.to_string(),
+            vm_root: config.state_root.clone(),
+            vm_id: id.to_string(),
+            staging: staging(config, id)?,
+            pids_file: Some(pids_file(config, id)),
+            network,
+        })
+    }
 }
 
 /// What a front-end sees of one process.
@@ -132,14 +241,14 @@ pub struct CreateRequest<'a> {
     pub rootfs: &'a Path,
     /// The bundle's config.json; rewritten to guest paths here.
     pub spec: Value,
-    pub stdio: StdioPaths,
+    pub stdio: Stdio,
 }
 
 struct Process {
     pid: u32,
     started: bool,
     paused: bool,
-    stdio: StdioPaths,
+    stdio: Stdio,
     /// OCI `process` JSON of an exec (empty for the init process).
     process_json: Vec<u8>,
     relays: Arc<tokio::sync::Mutex<Relays>>,
@@ -147,7 +256,7 @@ struct Process {
 }
 
 impl Process {
-    fn new(stdio: StdioPaths, process_json: Vec<u8>) -> Self {
+    fn new(stdio: Stdio, process_json: Vec<u8>) -> Self {
         Process {
             pid: 0,
             started: false,
@@ -227,8 +336,8 @@ pub struct Pod {
     id: String,
     sandbox: Arc<Sandbox>,
     agent: AgentClient,
-    share: PodShare,
-    pids_file: PathBuf,
+    share: Box<dyn PodStaging>,
+    pids_file: Option<PathBuf>,
     containers: Arc<Mutex<Containers>>,
     events: mpsc::UnboundedSender<PodEvent>,
     /// The VM watcher and the OOM loop.
@@ -282,50 +391,66 @@ fn check_exec_id(exec_id: Option<&str>) -> Result<()> {
 }
 
 impl Pod {
-    /// Boots the pod's VM, sized from the first container's `spec`, with its
-    /// staging share and `network` attached. On error nothing is left.
+    /// Boots the pod's VM in the shim's layout ([`PodSetup::in_state_root`]).
     pub async fn boot(
         config: &Config,
         hv: &dyn Hypervisor,
         id: &str,
         spec: &Value,
-        mut network: Option<Box<dyn PodNetwork>>,
+        network: Option<Box<dyn PodNetwork>>,
         events: mpsc::UnboundedSender<PodEvent>,
     ) -> Result<Pod> {
-        sandbox::validate_id(id)?;
-        let share = PodShare::create(&share_dir(config, id))?;
+        let setup = PodSetup::in_state_root(config, id, network)?;
+        Self::boot_with(config, hv, setup, spec, events).await
+    }
+
+    /// Boots the pod's VM, sized from the first container's `spec`, with its
+    /// staging share and network attached. On error nothing is left (the
+    /// share is removed too).
+    pub async fn boot_with(
+        config: &Config,
+        hv: &dyn Hypervisor,
+        setup: PodSetup,
+        spec: &Value,
+        events: mpsc::UnboundedSender<PodEvent>,
+    ) -> Result<Pod> {
+        let PodSetup {
+            id,
+            vm_root,
+            vm_id,
+            staging: share,
+            pids_file,
+            mut network,
+        } = setup;
         let size = vm_size(spec, config);
-        let mut vm = SandboxSpec {
-            id: id.to_string(),
+        let vm = SandboxSpec {
+            id: vm_id,
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             shared_dirs: vec![share.shared_dir()],
             nics: Vec::new(),
         };
-        let booted = match network.as_mut() {
-            Some(n) => n.attach(&mut vm).await,
-            None => Ok(()),
+        let vm_config = Config {
+            state_root: vm_root,
+            ..config.clone()
         };
-        let booted = match booted {
-            Ok(()) => Self::boot_vm(config, hv, vm).await,
-            Err(e) => Err(e),
-        };
-        let sandbox = match booted {
+        let sandbox = match Self::boot_vm(&vm_config, hv, vm, network.as_deref_mut()).await {
             Ok(sb) => sb,
             Err(e) => {
                 if let Some(n) = network.as_mut() {
                     n.detach().await;
                 }
                 if let Err(c) = share.remove() {
-                    log::error!("pod {id}: {c}");
+                    log::error!("pod {id}: {}", crate::chain(&c));
                 }
                 return Err(e);
             }
         };
-        let pids_file = pids_file(config, id);
         let pids: Vec<String> = sandbox.vm().pids().iter().map(u32::to_string).collect();
-        if let Err(e) = std::fs::write(&pids_file, pids.join("\n")) {
-            log::warn!("pod {id}: {}: {e}", pids_file.display());
+        if let Some(f) = &pids_file {
+            if let Err(e) = std::fs::write(f, pids.join("\n")) {
+                log::warn!("pod {id}: {}: {e}", f.display());
+            }
         }
         log::info!(
             "pod {id}: VM up ({} vCPU, {} MiB, pids {pids:?})",
@@ -333,7 +458,7 @@ impl Pod {
             size.memory_mib,
         );
         let mut pod = Pod {
-            id: id.to_string(),
+            id,
             agent: sandbox.agent().clone(),
             sandbox: Arc::new(sandbox),
             share,
@@ -347,14 +472,31 @@ impl Pod {
         Ok(pod)
     }
 
-    async fn boot_vm(config: &Config, hv: &dyn Hypervisor, vm: SandboxSpec) -> Result<Sandbox> {
+    /// Attaches the network, boots the VM and configures the guest's network.
+    async fn boot_vm(
+        config: &Config,
+        hv: &dyn Hypervisor,
+        mut vm: SandboxSpec,
+        network: Option<&mut (dyn PodNetwork + 'static)>,
+    ) -> Result<Sandbox> {
+        let mut network = network;
+        if let Some(n) = network.as_deref_mut() {
+            n.attach(&mut vm).await?;
+        }
         let sandbox = Sandbox::boot(config, hv, vm).await?;
-        if !matches!(
+        let ready = if !matches!(
             sandbox.vm().agent_endpoint(),
             AgentEndpoint::HybridVsock { .. }
         ) {
+            Err(PodError::NeedsVsock)
+        } else if let Some(n) = network {
+            n.configure(sandbox.agent()).await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = ready {
             let _ = sandbox.stop().await;
-            return Err(PodError::NeedsVsock);
+            return Err(e);
         }
         Ok(sandbox)
     }
@@ -391,6 +533,12 @@ impl Pod {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The pod's agent client, for streams a front-end relays itself
+    /// ([`Stdio::Caller`]).
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
     }
 
     /// The host pid of the pod's VMM (a host process of the sandbox).
@@ -469,7 +617,7 @@ impl Pod {
                 guest_pid: p.pid,
                 status: p.status(),
                 exit: p.exited(),
-                stdio: p.stdio.clone(),
+                stdio: p.stdio.paths(),
                 bundle: bundle.to_path_buf(),
             })
         })
@@ -536,7 +684,7 @@ impl Pod {
         id: &str,
         spec: Value,
         owner: Option<&str>,
-        stdio: &StdioPaths,
+        stdio: &Stdio,
     ) -> Result<(u32, Relays)> {
         let spec_json = serde_json::to_vec(&spec).expect("a JSON value serializes");
         let pid = self
@@ -564,7 +712,7 @@ impl Pod {
         id: &str,
         exec_id: &str,
         process_json: Vec<u8>,
-        stdio: StdioPaths,
+        stdio: Stdio,
     ) -> Result<()> {
         check_exec_id(Some(exec_id))?;
         if !serde_json::from_slice::<Value>(&process_json).is_ok_and(|v| v.is_object()) {
@@ -748,9 +896,11 @@ impl Pod {
             n.detach().await;
         }
         if let Err(e) = self.share.remove() {
-            log::error!("pod {}: {e}; left in place", self.id);
+            log::error!("pod {}: {}; left in place", self.id, crate::chain(&e));
         }
-        let _ = std::fs::remove_file(&self.pids_file);
+        if let Some(f) = &self.pids_file {
+            let _ = std::fs::remove_file(f);
+        }
     }
 
     /// After the front-end died: kills the VM processes it recorded and
@@ -784,12 +934,24 @@ impl Pod {
 /// The pod of a front-end that serves one pod (the shim): booted by its
 /// first container, stopped when that container is deleted (or when the
 /// first container's create fails).
-#[derive(Default)]
 pub struct PodSlot {
     pod: Option<Pod>,
+    staging: MakeStaging,
+}
+
+impl Default for PodSlot {
+    /// Pods staged in a [`PodShare`] under the state root.
+    fn default() -> Self {
+        Self::with_staging(Box::new(state_root_share))
+    }
 }
 
 impl PodSlot {
+    /// Pods staged with what `staging` makes (tests: without mounts).
+    pub fn with_staging(staging: MakeStaging) -> Self {
+        PodSlot { pod: None, staging }
+    }
+
     pub fn get(&self) -> Option<&Pod> {
         self.pod.as_ref()
     }
@@ -811,15 +973,9 @@ impl PodSlot {
         let pod = match self.pod.take() {
             Some(pod) => pod,
             None => {
-                Pod::boot(
-                    config,
-                    hv()?.as_ref(),
-                    req.id,
-                    &req.spec,
-                    None,
-                    events.clone(),
-                )
-                .await?
+                let hv = hv()?;
+                let setup = PodSetup::in_state_root_with(config, req.id, None, &*self.staging)?;
+                Pod::boot_with(config, hv.as_ref(), setup, &req.spec, events.clone()).await?
             }
         };
         let res = pod.create(req).await;

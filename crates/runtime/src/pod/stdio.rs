@@ -34,6 +34,37 @@ impl StdioPaths {
     }
 }
 
+/// Who relays a process's stdio.
+#[derive(Debug, Clone)]
+pub enum Stdio {
+    /// The pod, between these host FIFOs and the agent's streams.
+    Fifos(StdioPaths),
+    /// The front-end, which opens the agent's streams itself
+    /// ([`crate::agent::AgentClient::open_stream`]): all three, or the tty.
+    Caller { terminal: bool },
+}
+
+impl Stdio {
+    /// Which streams the agent should expect: (stdin, stdout, stderr).
+    pub fn wanted(&self) -> (bool, bool, bool) {
+        match self {
+            Stdio::Fifos(p) => p.wanted(),
+            Stdio::Caller { terminal } => (!terminal, !terminal, !terminal),
+        }
+    }
+
+    /// The FIFOs (none when the caller relays).
+    pub fn paths(&self) -> StdioPaths {
+        match self {
+            Stdio::Fifos(p) => p.clone(),
+            Stdio::Caller { terminal } => StdioPaths {
+                terminal: *terminal,
+                ..StdioPaths::default()
+            },
+        }
+    }
+}
+
 /// Running relays of one process.
 #[derive(Default)]
 pub struct Relays {
@@ -132,14 +163,18 @@ where
     })
 }
 
-/// Attaches the FIFOs of one process (after CreateContainer / ExecProcess).
+/// Attaches the FIFOs of one process (after CreateContainer / ExecProcess);
+/// nothing if the caller relays.
 pub async fn attach(
     agent: &AgentClient,
     container_id: &str,
     exec_id: Option<&str>,
-    paths: &StdioPaths,
+    stdio: &Stdio,
 ) -> Result<Relays> {
     let mut relays = Relays::default();
+    let Stdio::Fifos(paths) = stdio else {
+        return Ok(relays);
+    };
     if paths.terminal {
         let s = open_stream(agent, container_id, exec_id, StdioStream::Tty).await?;
         let (r, w) = s.into_split();

@@ -5,11 +5,6 @@
 //! shim, which owns the pod's VM. The sandbox (pause) container boots the VM,
 //! later containers join it, deleting the sandbox stops it.
 
-mod error;
-mod rootfs;
-mod service;
-mod stats;
-
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -22,6 +17,7 @@ use containerd_shim::protos::shim_async::create_task;
 use containerd_shim::protos::ttrpc::r#async::transport::Listener;
 use containerd_shim::protos::ttrpc::r#async::Server;
 use containerd_shim::{Flags, StartOpts, Task};
+use containerd_shim_vessel_v2::{rootfs, service};
 use tokio::io::AsyncWriteExt;
 use vessel_runtime::pod::{self, Pod};
 

@@ -313,3 +313,76 @@ async fn the_vm_is_sized_by_the_first_spec() {
     pod.stop().await;
     e.assert_clean();
 }
+
+/// A network hook that records its calls; `configure` fails if told to.
+#[derive(Clone, Default)]
+struct FakeNetwork {
+    calls: Arc<Mutex<Vec<&'static str>>>,
+    fail_configure: bool,
+}
+
+#[async_trait::async_trait]
+impl vessel_runtime::pod::PodNetwork for FakeNetwork {
+    async fn attach(
+        &mut self,
+        _vm: &mut vessel_runtime::sandbox::SandboxSpec,
+    ) -> vessel_runtime::pod::Result<()> {
+        self.calls.lock().unwrap().push("attach");
+        Ok(())
+    }
+    async fn configure(
+        &mut self,
+        _agent: &vessel_runtime::agent::AgentClient,
+    ) -> vessel_runtime::pod::Result<()> {
+        self.calls.lock().unwrap().push("configure");
+        if self.fail_configure {
+            return Err(PodError::Invalid("no route".into()));
+        }
+        Ok(())
+    }
+    async fn detach(&mut self) {
+        self.calls.lock().unwrap().push("detach");
+    }
+}
+
+#[tokio::test]
+async fn the_network_is_attached_before_boot_configured_after_and_detached_last() {
+    let e = env();
+    let net = FakeNetwork::default();
+    let mut setup = e.setup();
+    setup.network = Some(Box::new(net.clone()));
+    let spec = serde_json::json!({});
+    let pod = Pod::boot_with(&e.config, &e.hv, setup, &spec, e.tx.clone())
+        .await
+        .unwrap();
+    assert_eq!(*net.calls.lock().unwrap(), ["attach", "configure"]);
+    pod.stop().await;
+    assert_eq!(
+        *net.calls.lock().unwrap(),
+        ["attach", "configure", "detach"]
+    );
+    e.assert_clean();
+}
+
+#[tokio::test]
+async fn a_failed_network_configuration_leaves_no_pod() {
+    let e = env();
+    let net = FakeNetwork {
+        fail_configure: true,
+        ..FakeNetwork::default()
+    };
+    let mut setup = e.setup();
+    setup.network = Some(Box::new(net.clone()));
+    let spec = serde_json::json!({});
+    let err = Pod::boot_with(&e.config, &e.hv, setup, &spec, e.tx.clone())
+        .await
+        .err()
+        .expect("the boot fails");
+    assert!(matches!(err, PodError::Invalid(_)), "{err}");
+    assert_eq!(
+        *net.calls.lock().unwrap(),
+        ["attach", "configure", "detach"]
+    );
+    assert_eq!(e.hv.launched().len(), 1, "the VM was booted, then stopped");
+    e.assert_clean();
+}

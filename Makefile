@@ -11,7 +11,7 @@ VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test \
-        test-lane test-vmm bench-boot bench-run bench-restore bench-vmm clean install test-shim bench-shim
+        test-lane test-vmm bench-boot bench-run bench-restore bench-vmm bench-kvm clean install test-shim bench-shim
 
 deps:
 	scripts/install-deps.sh
@@ -81,6 +81,11 @@ bench-restore: deps guest config
 
 bench-vmm:
 	sh crates/vmm/bench/bench-vmm.sh
+
+# The built-in VMM and QEMU-KVM on real KVM, in the KVM lane (docs/kvm-lane.md):
+# boot, run, restore, PSS and density figures (docs/performance.md).
+bench-kvm: guest config
+	benches/kvm.sh
 
 clean:
 	rm -rf $(BUILD) target

@@ -97,4 +97,5 @@ def main():
     print(f"  total{'':27}  {sum(r[2] for r in rows) / 1024:7.1f} MiB")
 
 
-main()
+if __name__ == "__main__":
+    main()

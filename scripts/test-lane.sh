@@ -1,24 +1,54 @@
 #!/usr/bin/env bash
 # `make test-lane`: the suites that need hardware KVM, run in the KVM lane
 # (scripts/kvm-lane.sh, docs/kvm-lane.md). The test executables are built here, on the
-# host (building inside the emulated L1 would be far too slow), then run in one L1 boot:
-#
-#   vessel check --boot --snapshot --hypervisor builtin
-#   vessel-vmm      hardware_kvm       PVH vmlinux and bzImage to the agent, 10 restores
-#   vessel-runtime  sandbox_snapshot   builtin (jailed) and QEMU-KVM: 10 clones each
-#   vessel          lifecycle          with hypervisor = "builtin" (jailed), then QEMU-KVM
-#   vessel          network            the same two backends (host<->container HTTP, loopback)
-#   shim            ctr, cri           the same two backends
+# host (building inside the emulated L1 would be far too slow), then run in one L1 boot.
+# The suites are the SUITES table below; to add one, add its line (and, for a new test
+# executable, its package:target to TEST_TARGETS).
 #
 # Nothing skips there (VESSEL_REQUIRE_HARDWARE_KVM); a lane that cannot start fails.
 # Settings: VESSEL_GUEST_DIR (build/guest), LANE_TEST_THREADS (2), LANE_SUITES (default:
-# all but the shim's ctr-*/cri-*, see below; `all`, or space-separated names from the
-# summary, e.g. "check lifecycle-builtin"),
-# and kvm-lane.sh's (LANE_MEM_MIB, LANE_TIMEOUT, ...).
+# DEFAULT_SUITES; `all`, or space-separated names from the table, e.g. "check
+# lifecycle-builtin"), LANE_QEMU_LIFECYCLE_TESTS (the CLI tests lifecycle-qemu-kvm runs;
+# `all` for all 11),
+# LANE_TEST_FILTER (libtest arguments appended to every test suite, e.g. one test's
+# name), and kvm-lane.sh's (LANE_MEM_MIB, LANE_TIMEOUT, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 GUEST=${VESSEL_GUEST_DIR:-$ROOT/build/guest}
+
+# The test executables the suites run, as package:test-target.
+TEST_TARGETS=(
+    vessel-vmm:hardware_kvm
+    vessel-runtime:sandbox_snapshot
+    vessel:lifecycle
+    vessel:network
+    containerd-shim-vessel-v2:ctr
+    containerd-shim-vessel-v2:cri
+)
+
+# The suites, in order: name, backend (VESSEL_TEST_HYPERVISOR), then the command: a test
+# target from TEST_TARGETS (its executable runs) or a function of this script, and its
+# arguments ($threads: LANE_TEST_THREADS).
+# shellcheck disable=SC2016
+SUITES='
+check               builtin   check_builtin
+hardware_kvm        builtin   hardware_kvm      --test-threads=1
+sandbox_snapshot    qemu-kvm  sandbox_snapshot  --test-threads=1
+lifecycle-builtin   builtin   lifecycle         --test-threads=$threads
+lifecycle-qemu-kvm  qemu-kvm  lifecycle         --test-threads=$threads $qemu_lifecycle_tests
+network-builtin     builtin   network           --test-threads=1
+network-qemu-kvm    qemu-kvm  network           --test-threads=1
+ctr-builtin         builtin   ctr               --test-threads=$threads
+ctr-qemu-kvm        qemu-kvm  ctr               --test-threads=$threads
+cri-builtin         builtin   cri               --test-threads=$threads
+cri-qemu-kvm        qemu-kvm  cri               --test-threads=$threads
+'
+# What `make test` runs. Not yet by default (not green in the lane, 2026-12-05): the
+# shim's ctr/cri suites, and all 11 CLI tests on QEMU-KVM (6 timed out waiting for the
+# agent, 30 s, at host load 12; the builtin run of the same 11 passed). network-qemu-kvm:
+# QEMU's networking is tested on the host with TCG.
+DEFAULT_SUITES="check hardware_kvm sandbox_snapshot lifecycle-builtin lifecycle-qemu-kvm network-builtin"
 
 say() { echo "test-lane: $*" >&2; }
 
@@ -33,9 +63,9 @@ if [[ ${1:-} != --in-lane ]]; then
     # L1 does not see the host's /tmp: the list goes to /var/tmp.
     list=$(mktemp /var/tmp/vessel-lane-tests.XXXXXX)
     trap 'rm -f "$list"' EXIT
-    cargo test -q --no-run --message-format=json \
-        -p vessel-vmm --test hardware_kvm -p vessel-runtime --test sandbox_snapshot \
-        -p vessel --test lifecycle --test network -p containerd-shim-vessel-v2 --test ctr --test cri |
+    args=()
+    for t in "${TEST_TARGETS[@]}"; do args+=(-p "${t%%:*}" --test "${t#*:}"); done
+    cargo test -q --no-run --message-format=json "${args[@]}" |
         python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -43,12 +73,19 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])
 ' >"$list"
-    [[ $(wc -l <"$list") == 6 ]] || { say "expected 6 test executables, got:"; cat "$list" >&2; exit 1; }
-    say "test executables built in $((SECONDS - start)) s; starting the lane"
+    [[ $(wc -l <"$list") == "${#TEST_TARGETS[@]}" ]] ||
+        { say "expected ${#TEST_TARGETS[@]} test executables, got:"; cat "$list" >&2; exit 1; }
+    # The shim suites' images, built here (in L1 the script's ~800 execs take minutes);
+    # L1 sees /var/tmp through its overlay.
+    export VESSEL_IMAGE_DIR=${VESSEL_IMAGE_DIR:-/var/tmp/vessel-test-images}
+    tests/support/busybox-image.sh "$VESSEL_IMAGE_DIR" >/dev/null
+    say "test executables and images built in $((SECONDS - start)) s; starting the lane (host: $(uptime))"
     export VESSEL_GUEST_DIR=$GUEST
-    LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_TEST_THREADS LANE_LIFECYCLE_TESTS" LANE_VERBOSE=1 LANE_TIMEOUT=${LANE_TIMEOUT:-2700} \
-        scripts/kvm-lane.sh "$0" --in-lane "$list"
-    exit
+    rc=0
+    LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_TEST_THREADS LANE_TEST_FILTER LANE_QEMU_LIFECYCLE_TESTS" LANE_VERBOSE=1 LANE_TIMEOUT=${LANE_TIMEOUT:-2700} \
+        scripts/kvm-lane.sh "$0" --in-lane "$list" || rc=$?
+    say "lane finished in $((SECONDS - start)) s (exit $rc; host: $(uptime))"
+    exit "$rc"
 fi
 
 # --- in L1 -----------------------------------------------------------------------------
@@ -57,33 +94,12 @@ exe() { awk -v n="$1" '$1 == n { print $2 }' "$list"; }
 export VESSEL_GUEST_DIR=$GUEST VESSEL_GUEST_KERNEL=$GUEST/vmlinux VESSEL_REQUIRE_HARDWARE_KVM=1
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 threads=${LANE_TEST_THREADS:-2}
-# network-qemu-kvm runs only with LANE_SUITES=all (QEMU's networking is tested on the host
-# with TCG). The shim's ctr and CRI suites have not passed in the lane yet (first runs: slow, and
-# the builtin jail-id collision fixed since): they run with LANE_SUITES=all.
-suites=${LANE_SUITES:-check hardware_kvm sandbox_snapshot lifecycle-builtin lifecycle-qemu-kvm network-builtin}
+selected=${LANE_SUITES:-$DEFAULT_SUITES}
+qemu_lifecycle_tests=${LANE_QEMU_LIFECYCLE_TESTS:-run_echo_and_exit_code create_start_state_delete}
+[[ $qemu_lifecycle_tests == all ]] && qemu_lifecycle_tests=
 logs=$(mktemp -d /tmp/lane-logs.XXXXXX)
 summary=()
 failed=0
-
-# suite NAME BACKEND CMD...: runs CMD with VESSEL_TEST_HYPERVISOR=BACKEND, its output
-# streamed and kept; records tests passed/failed (from libtest's result lines) and time.
-suite() {
-    local name=$1 backend=$2 rc=0 t0=$SECONDS passed failed_n
-    shift 2
-    if [[ $suites != all && " $suites " != *" $name "* ]]; then
-        return
-    fi
-    echo "===== lane suite $name ($backend): $*"
-    VESSEL_TEST_HYPERVISOR=$backend "$@" 2>&1 | tee "$logs/$name.log" || rc=$?
-    passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^passed/) s += $i } END { print s + 0 }' "$logs/$name.log")
-    failed_n=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^failed/) s += $i } END { print s + 0 }' "$logs/$name.log")
-    if ((rc != 0)) || ((passed == 0)); then
-        failed=1
-        summary+=("$(printf '%-22s %-9s %6s %6s %7s  %s' "$name" "$backend" "$passed" "$failed_n" "$((SECONDS - t0)) s" "FAILED (exit $rc)")")
-    else
-        summary+=("$(printf '%-22s %-9s %6s %6s %7s  %s' "$name" "$backend" "$passed" "$failed_n" "$((SECONDS - t0)) s" ok)")
-    fi
-}
 
 # `vessel check --boot --snapshot --hypervisor builtin`, jailed, as one "test".
 check_builtin() {
@@ -107,25 +123,44 @@ check_builtin() {
     echo "test result: ok. 1 passed; 0 failed"
 }
 
+# suite NAME BACKEND CMD ARGS...: runs CMD (a test target's executable, or a function)
+# with VESSEL_TEST_HYPERVISOR=BACKEND, its output streamed and kept; records the tests
+# passed/failed (from libtest's result lines) and the time.
+suite() {
+    local name=$1 backend=$2 cmd=$3 rc=0 t0=$SECONDS passed failed_n result=ok
+    shift 3
+    if [[ $(type -t "$cmd") != function ]]; then
+        cmd=$(exe "$cmd")
+        [[ -n $cmd ]] || { echo "lane: suite $name: no test executable for it in $list"; failed=1; return; }
+        # shellcheck disable=SC2086
+        set -- "$@" ${LANE_TEST_FILTER:-}
+    fi
+    echo "===== lane suite $name ($backend): $cmd $*"
+    VESSEL_TEST_HYPERVISOR=$backend "$cmd" "$@" 2>&1 | tee "$logs/$name.log" || rc=$?
+    passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^passed/) s += $i } END { print s + 0 }' "$logs/$name.log")
+    failed_n=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^failed/) s += $i } END { print s + 0 }' "$logs/$name.log")
+    if ((rc != 0)) || ((passed == 0)); then
+        failed=1
+        result="FAILED (exit $rc)"
+    fi
+    summary+=("$(printf '%-20s %-9s %6s %6s %7s  %s' "$name" "$backend" "$passed" "$failed_n" "$((SECONDS - t0)) s" "$result")")
+}
+
 echo "lane: $(uname -r), $(nproc) vCPUs, $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB, $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null | sed 's/^/kvm_amd nested=/')"
-suite check builtin check_builtin
-suite hardware_kvm builtin "$(exe hardware_kvm)" --test-threads=1
-# Its QEMU tests take QEMU-KVM; its builtin test is always builtin (jailed).
-suite sandbox_snapshot qemu-kvm "$(exe sandbox_snapshot)" --test-threads=1
-# The CLI suite takes about 2 min per test in the lane: by default its core cases run
-# (LANE_LIFECYCLE_TESTS=all runs all 11).
-lifecycle_tests=${LANE_LIFECYCLE_TESTS:-run_echo_and_exit_code create_start_state_delete}
-[[ $lifecycle_tests == all ]] && lifecycle_tests=
-for backend in builtin qemu-kvm; do
+known=" "
+while read -r name backend cmd args; do
+    [[ -n $name ]] || continue
+    known+="$name "
+    [[ $selected == all || " $selected " == *" $name "* ]] || continue
     # shellcheck disable=SC2086
-    suite "lifecycle-$backend" "$backend" "$(exe lifecycle)" --test-threads="$threads" $lifecycle_tests
-    suite "network-$backend" "$backend" "$(exe network)" --test-threads=1
-    suite "ctr-$backend" "$backend" "$(exe ctr)" --test-threads=1
-    suite "cri-$backend" "$backend" "$(exe cri)" --test-threads=1
+    suite "$name" "$backend" "$cmd" $(eval "echo $args")
+done <<<"$SUITES"
+for name in $selected; do
+    [[ $name == all || $known == *" $name "* ]] || { echo "lane: no suite $name (known:$known)"; failed=1; }
 done
 
 echo
 echo "lane: summary (accelerator: kvm_amd, nested SVM under QEMU TCG)"
-printf 'lane: %-22s %-9s %6s %6s %7s  %s\n' suite backend passed failed time result
+printf 'lane: %-20s %-9s %6s %6s %7s  %s\n' suite backend passed failed time result
 for s in "${summary[@]}"; do echo "lane: $s"; done
 exit "$failed"

@@ -53,7 +53,7 @@ fn ctr_runs_with_vessel_as_runc_binary() {
         .arg("start")
         .arg(&dir)
         .env("VESSEL_CONFIG", &e.config)
-        .env("VESSEL_IMAGE_DIR", "/tmp/vessel-test-images")
+        .env("VESSEL_IMAGE_DIR", vessel_testutil::image_dir())
         .output()
         .unwrap();
     assert!(o.status.success(), "harness: {}", text(&o));
@@ -89,7 +89,7 @@ fn podman_runs_with_vessel_as_runtime() {
         return;
     }
     let images = Command::new(repo().join("tests/support/busybox-image.sh"))
-        .arg("/tmp/vessel-test-images")
+        .arg(vessel_testutil::image_dir())
         .output()
         .unwrap();
     assert!(images.status.success(), "{}", text(&images));
@@ -112,7 +112,8 @@ fn podman_runs_with_vessel_as_runtime() {
             .output()
             .unwrap()
     };
-    let o = podman(&["load", "-i", "/tmp/vessel-test-images/busybox-docker.tar"]);
+    let archive = vessel_testutil::image_dir().join("busybox-docker.tar");
+    let o = podman(&["load", "-i", archive.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     // conmon does not pass the environment on: the config goes as a runtime flag.
     let flag = format!("config={}", e.config.display());

@@ -3,13 +3,15 @@
 //! backend and guest, plus the host PSS of each kind of sandbox.
 //!
 //! Usage: `restore_bench [RUNS]` with `VESSEL_CONFIG` naming the configuration
-//! (`make config` writes build/config.toml). The agent channel is virtio-serial:
-//! QEMU cannot migrate vhost-user-vsock.
+//! (`make config` writes build/config.toml). QEMU's agent channel is
+//! virtio-serial here (QEMU cannot migrate vhost-user-vsock); the built-in VMM
+//! snapshots its vsock device.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use vessel_runtime::sandbox::{hypervisor, Sandbox, SandboxSpec};
+use vessel_runtime::backend::{self, Backend, BackendKind};
+use vessel_runtime::sandbox::{Sandbox, SandboxSpec};
 use vessel_runtime::Config;
 
 fn median(v: &mut [f64]) -> f64 {
@@ -63,15 +65,19 @@ async fn main() -> anyhow::Result<()> {
     let (mut cfg, path) = Config::load(None).context("loading the configuration")?;
     let work = tempfile::tempdir()?;
     cfg.state_root = work.path().join("state");
-    cfg.channel = vessel_hypervisor::AgentChannel::Serial;
-    let hv = hypervisor(&cfg)?;
+    let backend = Backend::resolve(&cfg)?;
+    if backend.kind == BackendKind::Qemu {
+        cfg.channel = vessel_hypervisor::AgentChannel::Serial;
+    }
+    let hv = backend::build(&cfg, &backend)?;
     println!(
-        "configuration {}; backend {}, accelerator {}, {} MiB, {} vCPU, channel serial, {runs} runs each, interleaved",
+        "configuration {}; backend {}, accelerator {}, {} MiB, {} vCPU, channel {}, {runs} runs each, interleaved",
         path.display(),
         hv.name(),
         hv.capabilities().accelerator,
         cfg.default_memory_mib,
-        cfg.default_vcpus
+        cfg.default_vcpus,
+        cfg.channel
     );
 
     let snap = work.path().join("snapshot");

@@ -19,6 +19,16 @@ pub fn guest_dir() -> PathBuf {
         .unwrap_or_else(|| repo().join("build/guest"))
 }
 
+/// Where tests/support/busybox-image.sh builds and caches the test images
+/// (busybox and pause): `$VESSEL_IMAGE_DIR`, else /tmp/vessel-test-images. The
+/// KVM lane builds them on the host first (every exec is slow in the lane) and
+/// points this at that copy.
+pub fn image_dir() -> PathBuf {
+    std::env::var_os("VESSEL_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/vessel-test-images"))
+}
+
 /// The backend the end-to-end tests run their sandboxes on, from
 /// `VESSEL_TEST_HYPERVISOR`: unset or `default` (the configuration's defaults:
 /// `auto`), `builtin` (the built-in VMM under the jailer) or `qemu-kvm` (QEMU with

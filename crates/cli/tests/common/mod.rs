@@ -15,8 +15,6 @@ pub struct Env {
     pub config: PathBuf,
 }
 
-use vessel_testutil::repo;
-
 /// A state root and config pointing at the guest from `make guest`, or
 /// `None` (loudly) when a prerequisite is missing outside CI.
 pub fn env() -> Option<Env> {
@@ -58,7 +56,12 @@ pub fn env() -> Option<Env> {
 }
 
 impl Env {
-    /// A busybox bundle running `args`; `edit` adjusts config.json.
+    /// A busybox bundle running `args` (non-terminal, writable root; the
+    /// config from `vessel spec`); `edit` adjusts config.json. Built here in
+    /// one process, not with tests/support/busybox-bundle.sh (which makes the
+    /// same bundle for `make demo` and the benches): in the KVM lane every exec
+    /// costs about 0.1 s, and the script's ~270 `ln` and two Python starts
+    /// took about a minute per bundle.
     pub fn bundle(
         &self,
         name: &str,
@@ -66,16 +69,19 @@ impl Env {
         edit: impl FnOnce(&mut serde_json::Value),
     ) -> PathBuf {
         let b = self.dir.path().join(name);
-        let st = Command::new(repo().join("tests/support/busybox-bundle.sh"))
+        busybox_rootfs(&b.join("rootfs"));
+        let o = Command::new(VESSEL)
+            .args(["spec", "--bundle"])
             .arg(&b)
-            .arg(VESSEL)
-            .arg("--")
-            .args(args)
-            .status()
+            .stdin(Stdio::null())
+            .output()
             .unwrap();
-        assert!(st.success(), "busybox-bundle.sh failed");
+        assert!(o.status.success(), "vessel spec: {}", text(&o));
         let p = b.join("config.json");
         let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        c["process"]["terminal"] = false.into();
+        c["process"]["args"] = args.into();
+        c["root"]["readonly"] = false.into();
         edit(&mut c);
         std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
         b
@@ -173,6 +179,54 @@ impl Drop for Env {
                 .output();
         }
     }
+}
+
+/// Busybox's root filesystem at `root`: /bin/busybox (static) with a symlink
+/// per applet, /etc/passwd and /etc/group with root and nobody, empty /tmp,
+/// /proc, /sys and /dev (as tests/support/busybox-bundle.sh makes it).
+pub fn busybox_rootfs(root: &Path) {
+    const BUSYBOX: &str = "/bin/busybox";
+    let elf = std::fs::read(BUSYBOX).unwrap();
+    assert!(
+        !has_interpreter(&elf),
+        "{BUSYBOX} is not static (apt-get install busybox-static)"
+    );
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
+    assert!(list.status.success(), "busybox --list: {}", text(&list));
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        let link = root.join("bin").join(applet);
+        if !applet.is_empty() && !applet.contains('/') && !link.exists() {
+            std::os::unix::fs::symlink("busybox", link).unwrap();
+        }
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+}
+
+/// Whether the 64-bit little-endian ELF `elf` names a program interpreter
+/// (PT_INTERP): a dynamically linked executable, which a busybox rootfs
+/// without libraries cannot run.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    assert!(
+        elf.starts_with(b"\x7fELF\x02\x01"),
+        "not a 64-bit LE ELF file"
+    );
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).any(|i| {
+        let o = phoff + i * phentsize;
+        u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) == PT_INTERP
+    })
 }
 
 pub fn text(o: &Output) -> String {

@@ -67,7 +67,7 @@ impl Containerd {
         let config = dir.path().join("vessel.toml");
         vessel_testutil::write_config(&config, &state_root, &guest);
         let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-vessel-v2"));
-        let images = std::env::temp_dir().join("vessel-test-images");
+        let images = vessel_testutil::image_dir();
         let out = Command::new(repo().join("tests/support/containerd-harness.sh"))
             .args(["start"])
             .arg(dir.path().join("c"))

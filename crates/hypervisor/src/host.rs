@@ -1,29 +1,10 @@
 //! What the host offers for virtualization.
 
 use std::fmt;
-use std::fs::OpenOptions;
 use std::path::Path;
 
-/// The kind of `/dev/kvm` this host has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvmKind {
-    /// Hardware-assisted KVM (kvm_intel / kvm_amd).
-    Hardware,
-    /// kvm_pvm: software virtualization. Tiny guests run; Linux user space does not.
-    Pvm,
-    /// No usable /dev/kvm.
-    None,
-}
-
-impl fmt::Display for KvmKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            KvmKind::Hardware => "hardware",
-            KvmKind::Pvm => "pvm",
-            KvmKind::None => "none",
-        })
-    }
-}
+/// The kind of `/dev/kvm` this host has: vessel-vmm-api's one probe.
+pub use vessel_vmm_api::HostKvm as KvmKind;
 
 /// The accelerator a VM runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -45,40 +26,12 @@ impl fmt::Display for Accelerator {
 /// Detects the KVM kind from `/dev/kvm` and the loaded modules under `sys_module`
 /// (normally `/sys/module`).
 pub fn detect_kvm_at(dev_kvm: &Path, sys_module: &Path) -> (KvmKind, String) {
-    if !dev_kvm.exists() {
-        return (
-            KvmKind::None,
-            format!("{} does not exist", dev_kvm.display()),
-        );
-    }
-    if let Err(e) = OpenOptions::new().read(true).write(true).open(dev_kvm) {
-        return (
-            KvmKind::None,
-            format!("cannot open {}: {e}", dev_kvm.display()),
-        );
-    }
-    if sys_module.join("kvm_pvm").exists() {
-        return (
-            KvmKind::Pvm,
-            "kvm_pvm is loaded: software virtualization, guest Linux user space cannot run"
-                .to_string(),
-        );
-    }
-    for m in ["kvm_intel", "kvm_amd"] {
-        if sys_module.join(m).exists() {
-            return (KvmKind::Hardware, format!("{m} is loaded"));
-        }
-    }
-    (
-        KvmKind::None,
-        "/dev/kvm exists but neither kvm_intel nor kvm_amd is loaded; not treated as hardware KVM"
-            .to_string(),
-    )
+    vessel_vmm_api::kvm::detect_at(dev_kvm, sys_module)
 }
 
 /// Detects this host's KVM kind, with a one-line reason.
 pub fn detect_kvm() -> (KvmKind, String) {
-    detect_kvm_at(Path::new("/dev/kvm"), Path::new("/sys/module"))
+    vessel_vmm_api::kvm::detect()
 }
 
 /// The accelerator to use for full Linux guests on a host with `kvm`.

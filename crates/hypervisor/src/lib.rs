@@ -51,6 +51,11 @@ pub enum Error {
     },
     /// QMP command {command} failed: {reason}
     Qmp { command: String, reason: String },
+    /// vessel-vmm request {request} failed
+    VmmApi {
+        request: &'static str,
+        source: crate::builtin::api::ApiCallError,
+    },
     /// Operation not supported by the {backend} backend: {operation}
     Unsupported {
         backend: &'static str,

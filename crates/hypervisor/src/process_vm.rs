@@ -158,7 +158,7 @@ impl Vm for ProcessVm {
         match &self.control {
             Control::Qmp(sock) => crate::qemu::qmp::execute(sock, "stop").await.map(|_| ()),
             Control::VmmApi(sock) | Control::JailedVmmApi { api: sock, .. } => {
-                crate::builtin::api::request(sock, "pause").await
+                crate::builtin::api::request(sock, vessel_vmm_api::Request::Pause {}).await
             }
         }
     }
@@ -167,7 +167,7 @@ impl Vm for ProcessVm {
         match &self.control {
             Control::Qmp(sock) => crate::qemu::qmp::execute(sock, "cont").await.map(|_| ()),
             Control::VmmApi(sock) | Control::JailedVmmApi { api: sock, .. } => {
-                crate::builtin::api::request(sock, "resume").await
+                crate::builtin::api::request(sock, vessel_vmm_api::Request::Resume {}).await
             }
         }
     }

@@ -54,7 +54,28 @@ mod tests {
             VmmError::Boot(crate::arch::boot::BootError::CmdlineBuild(
                 linux_loader::cmdline::Error::InvalidAscii,
             )),
+            VmmError::Block(
+                "/img".into(),
+                crate::devices::virtio::block::BlockError::Open("/img".into(), io()),
+            ),
+            VmmError::Fs(
+                "/fs.sock".into(),
+                crate::devices::virtio::fs::FsError::Connect(
+                    "/fs.sock".into(),
+                    vhost::Error::InvalidOperation,
+                ),
+            ),
+            VmmError::Vsock(crate::devices::virtio::vsock::VsockError::Listen(
+                "/v.sock".into(),
+                io(),
+            )),
+            VmmError::Tap(
+                "tap fd 9".into(),
+                crate::devices::virtio::net::tap::TapError::NotATap(9, io()),
+            ),
         ];
+        let activate = crate::devices::virtio::ActivateError::Epoll(io());
+        vessel_testutil::assert_cause_printed_once(&activate);
         for e in &errors {
             vessel_testutil::assert_cause_printed_once(e);
         }

@@ -27,12 +27,12 @@ pub enum ThreadKind {
 /// Errors building or installing a filter.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum SeccompError {
-    /// Cannot build the seccomp filter: {0}
-    Build(seccompiler::BackendError),
-    /// Cannot compile the seccomp filter: {0}
-    Compile(seccompiler::BackendError),
-    /// Cannot install the seccomp filter: {0}
-    Apply(seccompiler::Error),
+    /// Cannot build the seccomp filter
+    Build(#[source] seccompiler::BackendError),
+    /// Cannot compile the seccomp filter
+    Compile(#[source] seccompiler::BackendError),
+    /// Cannot install the seccomp filter
+    Apply(#[source] seccompiler::Error),
 }
 
 /// `KVM_RUN`.

@@ -54,6 +54,12 @@ pub enum VmmError {
     Setup(&'static str, #[source] std::io::Error),
     /// Device {0}: {1}
     Device(String, String),
+    /// Block device {0}
+    Block(String, #[source] crate::devices::virtio::block::BlockError),
+    /// virtio-fs device {0}
+    Fs(String, #[source] crate::devices::virtio::fs::FsError),
+    /// vsock device
+    Vsock(#[source] crate::devices::virtio::vsock::VsockError),
     /// Network device {0}
     Tap(String, #[source] crate::devices::virtio::net::tap::TapError),
     /// Operation {0} is not valid while the VM is {1}
@@ -149,8 +155,7 @@ fn build_machine(
 
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for b in &config.block {
-        let dev = Block::new(b)
-            .map_err(|e| VmmError::Device(b.path.display().to_string(), e.to_string()))?;
+        let dev = Block::new(b).map_err(|e| VmmError::Block(b.path.display().to_string(), e))?;
         devices.push(Box::new(dev));
     }
     // Inherited taps first, before this process opens any tap of its own.
@@ -173,7 +178,7 @@ fn build_machine(
     }
     for f in &config.fs {
         let dev = Fs::new(&f.socket, &f.tag)
-            .map_err(|e| VmmError::Device(f.socket.display().to_string(), e.to_string()))?;
+            .map_err(|e| VmmError::Fs(f.socket.display().to_string(), e))?;
         devices.push(Box::new(dev));
     }
     if config.rng {
@@ -186,7 +191,7 @@ fn build_machine(
         devices.push(Box::new(dev));
     }
     if let Some(v) = &config.vsock {
-        let dev = Vsock::new(v).map_err(|e| VmmError::Device("vsock".into(), e.to_string()))?;
+        let dev = Vsock::new(v).map_err(VmmError::Vsock)?;
         devices.push(Box::new(dev));
     }
 

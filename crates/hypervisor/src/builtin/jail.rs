@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
+use super::Start;
 use crate::{Error, Result, VmConfig};
 
 /// vessel-jailer's default `--jail-root` (crates/jailer).
@@ -43,16 +44,16 @@ pub struct JailerConfig {
     pub cgroup_cpus: Option<f64>,
 }
 
-/// The jailer command that runs `vmm` with `vmm_args` (host paths, as
-/// `Builtin::args` writes them) for VM `cfg`. Hands the run directory and the sockets
-/// already in it (the agent's ready listener, virtiofsd's) to the jail's user, so that
-/// the VMM can create its own sockets there and connect to those.
+/// The jailer command that runs `vmm` for VM `cfg`, and `start` with its host paths
+/// rewritten to where the jail shows them. Hands the run directory and the sockets already
+/// in it (the agent's ready listener, virtiofsd's) to the jail's user, so that the VMM can
+/// create its own sockets there and connect to those.
 pub fn command(
     jailer: &JailerConfig,
     vmm: &Path,
     cfg: &VmConfig,
-    vmm_args: &[String],
-) -> Result<Command> {
+    start: Start,
+) -> Result<(Command, Start)> {
     if !jailer.path.is_file() {
         return Err(Error::NotFound {
             what: "vessel-jailer",
@@ -60,21 +61,22 @@ pub fn command(
             hint: "run 'make install' or set builtin.jailer_path in /etc/vessel/config.toml",
         });
     }
-    let args = jailer_args(jailer, vmm, &cfg.id, &cfg.run_dir, vmm_args)?;
+    let (args, start) = jailer_args(jailer, vmm, &cfg.id, &cfg.run_dir, start)?;
     hand_over_run_dir(&cfg.run_dir, jailer.uid, jailer.gid)?;
     let mut cmd = Command::new(&jailer.path);
     cmd.args(args);
-    Ok(cmd)
+    Ok((cmd, start))
 }
 
-/// The jailer's arguments; `vmm_args` rewritten to in-jail paths after `--`.
+/// The jailer's arguments (binds for the kernel, initramfs or snapshot, `--keep-fd` for
+/// each tap, then `-- --api-sock <in-jail socket>`), and `start` with in-jail paths.
 pub fn jailer_args(
     jailer: &JailerConfig,
     vmm: &Path,
     id: &str,
     run_dir: &Path,
-    vmm_args: &[String],
-) -> Result<Vec<String>> {
+    start: Start,
+) -> Result<(Vec<String>, Start)> {
     let mut a: Vec<String> = vec![
         "--id".into(),
         id.into(),
@@ -101,75 +103,60 @@ pub fn jailer_args(
     if let Some(cpus) = jailer.cgroup_cpus {
         a.extend(["--cgroup-cpus".into(), cpus.to_string()]);
     }
-    let mut rewritten = Vec::with_capacity(vmm_args.len());
-    let mut it = vmm_args.iter();
-    while let Some(flag) = it.next() {
-        rewritten.push(flag.clone());
-        let in_jail = match flag.as_str() {
-            "--kernel" | "--initramfs" => {
-                let host = value(flag, it.next())?;
-                let at = if flag == "--kernel" {
-                    KERNEL_IN_JAIL
-                } else {
-                    INITRAMFS_IN_JAIL
-                };
-                a.extend(["--ro-bind".into(), format!("{host}:{at}")]);
-                at.to_string()
+    let in_run = |p: &Path| in_run_dir(run_dir, p).map(PathBuf::from);
+    let start = match start {
+        Start::Boot(mut c) => {
+            c.kernel = ro_bind(&mut a, &c.kernel, KERNEL_IN_JAIL);
+            if let Some(i) = &c.initramfs {
+                c.initramfs = Some(ro_bind(&mut a, i, INITRAMFS_IN_JAIL));
             }
-            "--serial-log" | "--api-sock" | "--vsock-uds" => {
-                in_run_dir(run_dir, Path::new(value(flag, it.next())?))?
+            if let Some(p) = &c.serial_log {
+                c.serial_log = Some(in_run(p)?);
             }
-            // `SOCKET,tag=TAG`
-            "--fs" => {
-                let v = value(flag, it.next())?;
-                let (sock, rest) = v.split_once(',').unwrap_or((v, ""));
-                let sock = in_run_dir(run_dir, Path::new(sock))?;
-                if rest.is_empty() {
-                    sock
-                } else {
-                    format!("{sock},{rest}")
-                }
+            if let Some(v) = &mut c.vsock {
+                v.uds = in_run(&v.uds)?;
             }
-            // The VMM opens the snapshot's files read-only and maps the
-            // memory file privately: a read-only bind is enough.
-            "--restore" => {
-                let host = value(flag, it.next())?;
-                a.extend(["--ro-bind".into(), format!("{host}:{SNAPSHOT_IN_JAIL}")]);
-                SNAPSHOT_IN_JAIL.to_string()
+            for f in &mut c.fs {
+                f.socket = in_run(&f.socket)?;
             }
-            // `fd=N,...`: a tap the runtime opened; the VMM inherits it under the same
-            // number through the jailer.
-            "--net" => {
-                let v = value(flag, it.next())?;
-                let fd = v
-                    .strip_prefix("fd=")
-                    .and_then(|s| s.split(',').next())
-                    .and_then(|n| n.parse::<i32>().ok())
-                    .ok_or(Error::Unsupported {
-                        backend: "builtin (jailed)",
-                        operation: "opening a tap by name inside the jail (pass an open tap fd)",
-                    })?;
-                a.extend(["--keep-fd".into(), fd.to_string()]);
-                v.to_string()
-            }
-            "--block" => {
+            if !c.block.is_empty() {
                 return Err(Error::Unsupported {
                     backend: "builtin (jailed)",
                     operation: "block devices inside the jail",
-                })
+                });
             }
-            _ => continue,
-        };
-        rewritten.push(in_jail);
-    }
+            for n in &c.net {
+                // A tap the runtime opened; the VMM inherits it under the same number.
+                let fd = n.fd.filter(|_| n.tap.is_none()).ok_or(Error::Unsupported {
+                    backend: "builtin (jailed)",
+                    operation: "opening a tap by name inside the jail (pass an open tap fd)",
+                })?;
+                a.extend(["--keep-fd".into(), fd.to_string()]);
+            }
+            Start::Boot(c)
+        }
+        Start::Restore {
+            dir,
+            serial_log,
+            vsock_uds,
+        } => Start::Restore {
+            // The VMM opens the snapshot's files read-only and maps the memory file
+            // privately: a read-only bind is enough.
+            dir: ro_bind(&mut a, &dir, SNAPSHOT_IN_JAIL),
+            serial_log: in_run(&serial_log)?,
+            vsock_uds: in_run(&vsock_uds)?,
+        },
+    };
     a.push("--".into());
-    a.extend(rewritten);
-    Ok(a)
+    a.push("--api-sock".into());
+    a.push(in_run_dir(run_dir, &run_dir.join(super::API_SOCKET))?);
+    Ok((a, start))
 }
 
-fn value<'a>(flag: &str, v: Option<&'a String>) -> Result<&'a str> {
-    v.map(String::as_str)
-        .ok_or_else(|| Error::InvalidConfig(format!("vessel-vmm flag {flag} without a value")))
+/// Adds a read-only bind of `host` at `at` in the jail; returns `at`.
+fn ro_bind(a: &mut Vec<String>, host: &Path, at: &str) -> PathBuf {
+    a.extend(["--ro-bind".into(), format!("{}:{at}", host.display())]);
+    PathBuf::from(at)
 }
 
 /// `run_dir/x` as the jail shows it: `RUN_DIR_IN_JAIL/x`.
@@ -270,6 +257,7 @@ fn hand_over_run_dir(run_dir: &Path, uid: u32, gid: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vessel_vmm_api as vmm_api;
 
     fn jailer() -> JailerConfig {
         JailerConfig {
@@ -282,97 +270,95 @@ mod tests {
         }
     }
 
-    fn args(vmm_args: &[&str]) -> Result<String> {
-        let vmm_args: Vec<String> = vmm_args.iter().map(|s| s.to_string()).collect();
+    fn args(start: Start) -> Result<(String, Start)> {
         jailer_args(
             &jailer(),
             Path::new("/usr/local/bin/vessel-vmm"),
             "sb1",
             Path::new("/run/vessel/sb1"),
-            &vmm_args,
+            start,
         )
-        .map(|a| a.join(" "))
+        .map(|(a, s)| (a.join(" "), s))
+    }
+
+    fn config() -> vmm_api::VmConfig {
+        let mut c: vmm_api::VmConfig = serde_json::from_value(serde_json::json!({
+            "kernel": "/k/vmlinux",
+            "initramfs": "/k/i.cpio.gz",
+            "cmdline": "console=ttyS0 reboot=k",
+            "mem_mib": 256,
+            "serial_log": "/run/vessel/sb1/console.log",
+            "vsock": {"uds": "/run/vessel/sb1/vsock.sock", "cid": 3},
+            "fs": [{"socket": "/run/vessel/sb1/fs0.sock", "tag": "rootfs"}],
+            "rng": true,
+        }))
+        .unwrap();
+        c.net = vec!["fd=9,mac=02:00:00:00:00:01".parse().unwrap()];
+        c
     }
 
     #[test]
     fn paths_are_rewritten_into_the_jail() {
-        let a = args(&[
-            "--kernel",
-            "/k/vmlinux",
-            "--initramfs",
-            "/k/i.cpio.gz",
-            "--cmdline",
-            "console=ttyS0 reboot=k",
-            "--mem-mib",
-            "256",
-            "--serial-log",
-            "/run/vessel/sb1/console.log",
-            "--api-sock",
-            "/run/vessel/sb1/vmm-api.sock",
-            "--vsock-uds",
-            "/run/vessel/sb1/vsock.sock",
-            "--vsock-cid",
-            "3",
-            "--rng",
-            "--fs",
-            "/run/vessel/sb1/fs0.sock,tag=rootfs",
-        ])
-        .unwrap();
+        let (a, start) = args(Start::Boot(Box::new(config()))).unwrap();
         let (jailer, vmm) = a.split_once(" -- ").unwrap();
         assert_eq!(
             jailer,
             "--id sb1 --exec /usr/local/bin/vessel-vmm --uid 900 --gid 901 \
              --jail-root /srv/vessel/jail --die-with-parent --new-pid-ns \
              --rw-bind /run/vessel/sb1:/run/vessel --cgroup-mem-mib 512 \
-             --ro-bind /k/vmlinux:/boot/kernel --ro-bind /k/i.cpio.gz:/boot/initramfs"
+             --ro-bind /k/vmlinux:/boot/kernel --ro-bind /k/i.cpio.gz:/boot/initramfs \
+             --keep-fd 9"
         );
-        assert_eq!(
-            vmm,
-            "--kernel /boot/kernel --initramfs /boot/initramfs \
-             --cmdline console=ttyS0 reboot=k --mem-mib 256 \
-             --serial-log /run/vessel/console.log --api-sock /run/vessel/vmm-api.sock \
-             --vsock-uds /run/vessel/vsock.sock --vsock-cid 3 --rng \
-             --fs /run/vessel/fs0.sock,tag=rootfs"
-        );
+        assert_eq!(vmm, "--api-sock /run/vessel/vmm-api.sock");
+        let Start::Boot(c) = start else {
+            panic!("{start:?}")
+        };
+        let mut want = config();
+        want.kernel = "/boot/kernel".into();
+        want.initramfs = Some("/boot/initramfs".into());
+        want.serial_log = Some("/run/vessel/console.log".into());
+        want.vsock.as_mut().unwrap().uds = "/run/vessel/vsock.sock".into();
+        want.fs[0].socket = "/run/vessel/fs0.sock".into();
+        assert_eq!(*c, want, "only paths change; the tap keeps its fd number");
     }
 
     #[test]
-    fn paths_outside_the_run_dir_and_unsupported_flags_are_refused() {
-        let e = args(&["--serial-log", "/var/log/c.log"]).unwrap_err();
+    fn paths_outside_the_run_dir_and_unsupported_devices_are_refused() {
+        let mut c = config();
+        c.serial_log = Some("/var/log/c.log".into());
+        let e = args(Start::Boot(Box::new(c))).unwrap_err();
         assert!(e.to_string().contains("outside the run directory"), "{e}");
-        let e = args(&["--block", "/img"]).unwrap_err();
+        let mut c = config();
+        c.block = vec!["/img".parse().unwrap()];
+        let e = args(Start::Boot(Box::new(c))).unwrap_err();
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
-        let e = args(&["--net", "tap0,mac=02:00:00:00:00:01"]).unwrap_err();
+        let mut c = config();
+        c.net = vec!["tap0".parse().unwrap()];
+        let e = args(Start::Boot(Box::new(c))).unwrap_err();
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
-        let e = args(&["--kernel"]).unwrap_err();
-        assert!(e.to_string().contains("without a value"), "{e}");
-    }
-
-    #[test]
-    fn tap_fds_are_kept_through_the_jail() {
-        let a = args(&["--net", "fd=9,mac=02:00:00:00:00:01", "--net", "fd=10"]).unwrap();
-        let (jailer, vmm) = a.split_once(" -- ").unwrap();
-        assert!(jailer.ends_with("--keep-fd 9 --keep-fd 10"), "{jailer}");
-        assert_eq!(vmm, "--net fd=9,mac=02:00:00:00:00:01 --net fd=10");
     }
 
     #[test]
     fn restore_binds_the_snapshot_read_only() {
-        let a = args(&[
-            "--restore",
-            "/var/lib/snap",
-            "--serial-log",
-            "/run/vessel/sb1/console.log",
-        ])
+        let (a, start) = args(Start::Restore {
+            dir: "/var/lib/snap".into(),
+            serial_log: "/run/vessel/sb1/console.log".into(),
+            vsock_uds: "/run/vessel/sb1/vsock.sock".into(),
+        })
         .unwrap();
         let (jailer, vmm) = a.split_once(" -- ").unwrap();
         assert!(
             jailer.ends_with("--ro-bind /var/lib/snap:/snapshot"),
             "{jailer}"
         );
+        assert_eq!(vmm, "--api-sock /run/vessel/vmm-api.sock");
         assert_eq!(
-            vmm,
-            "--restore /snapshot --serial-log /run/vessel/console.log"
+            start,
+            Start::Restore {
+                dir: "/snapshot".into(),
+                serial_log: "/run/vessel/console.log".into(),
+                vsock_uds: "/run/vessel/vsock.sock".into(),
+            }
         );
     }
 
@@ -434,7 +420,8 @@ mod tests {
             shared_dirs: vec![],
             nics: Vec::new(),
         };
-        let e = command(&j, Path::new("/v"), &cfg, &[]).unwrap_err();
+        let start = Start::Boot(Box::new(config()));
+        let e = command(&j, Path::new("/v"), &cfg, start).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vessel-jailer"), "{e}");
     }
 }

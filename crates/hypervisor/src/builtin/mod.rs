@@ -21,6 +21,7 @@ use crate::{
     Accelerator, AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Nic, Result,
     SnapshotInfo, Vm, VmConfig,
 };
+use vessel_vmm_api as vmm_api;
 
 /// Built-in backend settings.
 #[derive(Debug, Clone)]
@@ -57,51 +58,87 @@ impl Builtin {
         Ok(Builtin { config })
     }
 
-    fn args(cfg: &VmConfig, api_sock: &std::path::Path) -> Vec<String> {
-        let mut a = vec![
-            "--kernel".to_string(),
-            cfg.kernel.display().to_string(),
-            "--initramfs".into(),
-            cfg.initramfs.display().to_string(),
+    /// What vessel-vmm is configured with for `cfg` (host paths).
+    fn vmm_config(cfg: &VmConfig) -> Result<vmm_api::VmConfig> {
+        let vcpus = u8::try_from(cfg.vcpus).map_err(|_| {
+            Error::InvalidConfig(format!("{} vCPUs: vessel-vmm takes at most 32", cfg.vcpus))
+        })?;
+        Ok(vmm_api::VmConfig {
+            kernel: cfg.kernel.clone(),
+            initramfs: Some(cfg.initramfs.clone()),
             // `reboot=k`: the agent's reboot resets through the i8042, which ends vessel-vmm.
-            "--cmdline".into(),
-            crate::guest_cmdline(cfg, &["reboot=k"]),
-            "--mem-mib".into(),
-            cfg.memory_mib.to_string(),
-            "--vcpus".into(),
-            cfg.vcpus.to_string(),
-            "--serial-log".into(),
-            cfg.console_log.display().to_string(),
-            "--api-sock".into(),
-            api_sock.display().to_string(),
-            "--vsock-uds".into(),
-            cfg.vsock_uds.display().to_string(),
-            "--vsock-cid".into(),
-            "3".into(),
-            "--rng".into(),
-        ];
-        // Each tap by the fd vessel-vmm inherits (see Builtin::spawn_vmm); the VMM probes
-        // the tap's vnet header and offloads itself.
-        for nic in &cfg.nics {
-            match nic {
-                Nic::VirtioTap(tap) => {
-                    let mut spec = format!("fd={},mac={}", tap.raw_fd(), tap.mac);
-                    if let Some(mtu) = tap.mtu.and_then(|m| u16::try_from(m).ok()) {
-                        spec.push_str(&format!(",mtu={mtu}"));
-                    }
-                    a.extend(["--net".into(), spec]);
-                }
-            }
+            cmdline: crate::guest_cmdline(cfg, &["reboot=k"]),
+            mem_mib: u64::from(cfg.memory_mib),
+            vcpus,
+            serial_log: Some(cfg.console_log.clone()),
+            vsock: Some(vmm_api::config::VsockConfig {
+                uds: cfg.vsock_uds.clone(),
+                cid: 3,
+            }),
+            block: Vec::new(),
+            // Each tap by the fd vessel-vmm inherits (see Builtin::spawn_vmm); the VMM
+            // probes the tap's vnet header and offloads itself.
+            net: cfg
+                .nics
+                .iter()
+                .map(|nic| match nic {
+                    Nic::VirtioTap(tap) => vmm_api::config::NetConfig {
+                        tap: None,
+                        fd: Some(tap.raw_fd()),
+                        mac: Some(tap.mac.0),
+                        mtu: tap.mtu.and_then(|m| u16::try_from(m).ok()),
+                    },
+                })
+                .collect(),
+            fs: cfg
+                .shared_dirs
+                .iter()
+                .enumerate()
+                .map(|(i, share)| vmm_api::config::FsConfig {
+                    socket: crate::virtiofs::socket(&cfg.run_dir, i),
+                    tag: share.tag.clone(),
+                })
+                .collect(),
+            rng: true,
+            balloon_mib: None,
+            pvm_quirks: Default::default(),
+        })
+    }
+}
+
+/// What vessel-vmm is asked to do once its API socket is up.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// `configure` with this configuration, then `boot`.
+    Boot(Box<vmm_api::VmConfig>),
+    /// `restore` the snapshot in `dir` with the VM's own serial log and vsock socket, and
+    /// run it.
+    Restore {
+        dir: PathBuf,
+        serial_log: PathBuf,
+        vsock_uds: PathBuf,
+    },
+}
+
+impl Start {
+    /// The requests to send, in order.
+    fn requests(self) -> Vec<vmm_api::Request> {
+        match self {
+            Start::Boot(config) => vec![
+                vmm_api::Request::Configure { config: *config },
+                vmm_api::Request::Boot {},
+            ],
+            Start::Restore {
+                dir,
+                serial_log,
+                vsock_uds,
+            } => vec![vmm_api::Request::Restore {
+                dir,
+                serial_log: Some(serial_log),
+                vsock_uds: Some(vsock_uds),
+                paused: false,
+            }],
         }
-        for (i, share) in cfg.shared_dirs.iter().enumerate() {
-            a.push("--fs".into());
-            a.push(format!(
-                "{},tag={}",
-                crate::virtiofs::socket(&cfg.run_dir, i).display(),
-                share.tag
-            ));
-        }
-        a
     }
 }
 
@@ -134,8 +171,14 @@ impl Hypervisor for Builtin {
             crate::process::terminate_all(&mut helpers).await;
             return Err(e);
         }
-        let api_sock = cfg.run_dir.join(API_SOCKET);
-        let child = match self.spawn_vmm(cfg, &Self::args(cfg, &api_sock)) {
+        let start = match Self::vmm_config(cfg) {
+            Ok(c) => Start::Boot(Box::new(c)),
+            Err(e) => {
+                crate::process::terminate_all(&mut helpers).await;
+                return Err(e);
+            }
+        };
+        let child = match self.start_vmm(cfg, start, "vessel-vmm").await {
             Ok(c) => c,
             Err(e) => {
                 crate::process::terminate_all(&mut helpers).await;
@@ -161,75 +204,38 @@ impl Hypervisor for Builtin {
                 dir.display()
             )));
         }
-        let api_sock = cfg.run_dir.join(API_SOCKET);
-        let log = cfg.run_dir.join(VMM_LOG);
-        let args: Vec<String> = [
-            "--restore",
-            &dir.display().to_string(),
-            "--serial-log",
-            &cfg.console_log.display().to_string(),
-            "--vsock-uds",
-            &cfg.vsock_uds.display().to_string(),
-            "--api-sock",
-            &api_sock.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
         if let Some(j) = &self.config.jailer {
             jail::grant_snapshot_read(dir, j.gid)?;
         }
-        let mut child = self.spawn_vmm(cfg, &args)?;
-        // The API socket exists before the restore starts and answers once the
-        // restored VM runs; a failed restore ends the process.
-        let restored = async {
-            wait_for_path(&api_sock, &mut child, "vessel-vmm", &log, RESTORE_TIMEOUT).await?;
-            let start = std::time::Instant::now();
-            loop {
-                let answered = tokio::select! {
-                    r = api::request(&api_sock, "metrics") => r,
-                    status = child.wait() => return Err(Error::EarlyExit {
-                        what: "vessel-vmm (restoring)",
-                        status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                        detail: crate::process::log_tail(&log, 20),
-                    }),
-                };
-                match answered {
-                    Ok(()) => return Ok(()),
-                    // Not answering yet, or the VMM exited and left its socket
-                    // behind (the next round reports the exit).
-                    Err(_) if start.elapsed() < RESTORE_TIMEOUT => {
-                        tokio::time::sleep(std::time::Duration::from_millis(5)).await
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        .await;
-        if let Err(e) = restored {
-            crate::process::terminate(&mut child, std::time::Duration::ZERO).await;
-            return Err(e);
-        }
+        let start = Start::Restore {
+            dir: dir.to_path_buf(),
+            serial_log: cfg.console_log.clone(),
+            vsock_uds: cfg.vsock_uds.clone(),
+        };
+        let child = self.start_vmm(cfg, start, "vessel-vmm (restoring)").await?;
         Ok(self.watch(cfg, child, Vec::new()))
     }
 }
 
 impl Builtin {
-    /// Starts vessel-vmm with `args` (host paths), under the jailer when one
-    /// is configured, logging to the run directory.
-    fn spawn_vmm(&self, cfg: &VmConfig, args: &[String]) -> Result<Child> {
+    /// Starts vessel-vmm (under the jailer when one is configured) with only its API
+    /// socket on the command line, then configures and boots it, or restores, over the API.
+    /// A VMM that fails any step is stopped.
+    async fn start_vmm(&self, cfg: &VmConfig, start: Start, what: &'static str) -> Result<Child> {
         let log = cfg.run_dir.join(VMM_LOG);
-        let (what, mut cmd) = match &self.config.jailer {
+        let api_sock = cfg.run_dir.join(API_SOCKET);
+        let (spawned, start) = match &self.config.jailer {
             None => {
                 let mut cmd = Command::new(&self.config.vmm);
-                cmd.args(args);
-                ("vessel-vmm", cmd)
+                cmd.arg("--api-sock").arg(&api_sock);
+                (("vessel-vmm", cmd), start)
             }
-            Some(j) => (
-                "vessel-jailer",
-                jail::command(j, &self.config.vmm, cfg, args)?,
-            ),
+            Some(j) => {
+                let (cmd, start) = jail::command(j, &self.config.vmm, cfg, start)?;
+                (("vessel-jailer", cmd), start)
+            }
         };
+        let (name, mut cmd) = spawned;
         let fds = crate::nic::tap_fds(&cfg.nics);
         if !fds.is_empty() {
             // SAFETY: runs in the forked child before exec; inherit_fds only calls
@@ -239,7 +245,28 @@ impl Builtin {
                 cmd.pre_exec(move || crate::nic::inherit_fds(&fds));
             }
         }
-        spawn(what, cmd, &log)
+        let requests = start.requests();
+        let mut child = spawn(name, cmd, &log)?;
+        let started = async {
+            wait_for_path(&api_sock, &mut child, what, &log, START_TIMEOUT).await?;
+            for req in requests {
+                tokio::select! {
+                    r = api::request(&api_sock, req) => r?,
+                    status = child.wait() => return Err(Error::EarlyExit {
+                        what,
+                        status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                        detail: crate::process::log_tail(&log, 20),
+                    }),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = started {
+            crate::process::terminate(&mut child, std::time::Duration::ZERO).await;
+            return Err(e);
+        }
+        Ok(child)
     }
 
     /// Supervises the started VMM. A jailed VMM can write only its run
@@ -272,8 +299,8 @@ const API_SOCKET: &str = "vmm-api.sock";
 /// vessel-vmm's (or the jailer's) stdout and stderr, in the run directory.
 const VMM_LOG: &str = "vmm.log";
 
-/// How long a restore may take before the VM answers its API.
-const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long vessel-vmm (or the jailer) may take to create its API socket.
+const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// vessel-vmm snapshots VMs without virtio-fs and network devices.
 fn snapshottable(cfg: &VmConfig) -> crate::process_vm::Snapshottable {
@@ -313,25 +340,33 @@ mod tests {
     }
 
     #[test]
-    fn command_line() {
+    fn vmm_configuration() {
         let cfg = vm_config();
-        let a = Builtin::args(&cfg, std::path::Path::new("/r/a/vmm-api.sock")).join(" ");
-        assert!(
-            a.contains("--kernel /k/vmlinux --initramfs /k/i.cpio.gz"),
-            "{a}"
+        let c = Builtin::vmm_config(&cfg).unwrap();
+        assert_eq!(c.kernel, std::path::Path::new("/k/vmlinux"));
+        assert_eq!(
+            c.initramfs.as_deref(),
+            Some(std::path::Path::new("/k/i.cpio.gz"))
         );
         assert!(
-            a.contains("reboot=k") && a.contains("vessel.channel=vsock"),
-            "{a}"
+            c.cmdline.contains("reboot=k") && c.cmdline.contains("vessel.channel=vsock"),
+            "{}",
+            c.cmdline
         );
-        assert!(a.contains("--mem-mib 256 --vcpus 2"), "{a}");
-        assert!(
-            a.contains("--vsock-uds /r/a/vsock.sock --vsock-cid 3"),
-            "{a}"
-        );
-        assert!(a.contains("--fs /r/a/fs0.sock,tag=rootfs"), "{a}");
-        assert!(a.contains("--api-sock /r/a/vmm-api.sock"), "{a}");
-        assert!(!a.contains("--net"), "{a}");
+        assert_eq!((c.mem_mib, c.vcpus, c.rng), (256, 2, true));
+        let v = c.vsock.as_ref().unwrap();
+        assert_eq!((v.uds.to_str(), v.cid), (Some("/r/a/vsock.sock"), 3));
+        assert_eq!(c.fs[0].socket, std::path::Path::new("/r/a/fs0.sock"));
+        assert_eq!(c.fs[0].tag, "rootfs");
+        assert!(c.net.is_empty());
+        assert!(c.validate().is_ok());
+        // What the VMM is sent is what it parses.
+        let req = vmm_api::Request::Configure { config: c.clone() };
+        let back = vmm_api::parse_request(req.to_line().trim_end().as_bytes()).unwrap();
+        assert_eq!(back, req);
+        let mut big = cfg.clone();
+        big.vcpus = 300;
+        assert!(Builtin::vmm_config(&big).is_err());
     }
 
     #[test]
@@ -349,10 +384,15 @@ mod tests {
             mac: crate::MacAddr([2, 0, 0, 0, 0, 0x0a]),
             mtu: Some(1400),
         })];
-        let a = Builtin::args(&cfg, std::path::Path::new("/r/a/vmm-api.sock")).join(" ");
-        assert!(
-            a.contains(&format!("--net fd={raw},mac=02:00:00:00:00:0a,mtu=1400")),
-            "{a}"
+        let c = Builtin::vmm_config(&cfg).unwrap();
+        assert_eq!(
+            c.net,
+            vec![vmm_api::config::NetConfig {
+                tap: None,
+                fd: Some(raw),
+                mac: Some([2, 0, 0, 0, 0, 0x0a]),
+                mtu: Some(1400),
+            }]
         );
         let e = snapshottable(&cfg).unwrap_err();
         assert!(e.contains("network devices"), "{e}");

@@ -54,8 +54,8 @@ pub const DEVICE_TOKEN_BASE: u32 = 16;
 pub enum ActivateError {
     /// The driver set up {0} queues, the device needs {1}
     QueueCount(usize, usize),
-    /// Cannot register a device fd with the event loop: {0}
-    Epoll(std::io::Error),
+    /// Cannot register a device fd with the event loop
+    Epoll(#[source] std::io::Error),
     /// Device backend failed: {0}
     Backend(String),
 }

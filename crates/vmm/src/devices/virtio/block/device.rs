@@ -16,8 +16,8 @@ use crate::devices::virtio::{
 /// Errors while opening the backing file.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum BlockError {
-    /// Cannot open block backing file {0}: {1}
-    Open(String, std::io::Error),
+    /// Cannot open block backing file {0}
+    Open(String, #[source] std::io::Error),
 }
 
 /// Token of the self-notification used when one event had more requests than we handle at

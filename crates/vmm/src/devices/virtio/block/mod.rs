@@ -4,7 +4,7 @@ mod device;
 mod event_handler;
 pub mod request;
 
-pub use device::Block;
+pub use device::{Block, BlockError};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;

@@ -22,10 +22,10 @@ use crate::devices::virtio::{
 pub enum FsError {
     /// virtio-fs tag {0:?} is empty or longer than 36 bytes
     Tag(String),
-    /// Cannot connect to the vhost-user backend at {0} (is virtiofsd running?): {1}
-    Connect(String, vhost::Error),
-    /// vhost-user negotiation with {0} failed: {1}
-    Negotiate(String, vhost::Error),
+    /// Cannot connect to the vhost-user backend at {0} (is virtiofsd running?)
+    Connect(String, #[source] vhost::Error),
+    /// vhost-user negotiation with {0} failed
+    Negotiate(String, #[source] vhost::Error),
 }
 
 /// Tokens of the backend's "used buffers" eventfds: one per queue, from here.

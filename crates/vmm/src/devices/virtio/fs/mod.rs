@@ -5,7 +5,7 @@
 mod device;
 mod event_handler;
 
-pub use device::Fs;
+pub use device::{Fs, FsError};
 
 /// virtio device type of virtio-fs.
 pub const TYPE_FS: u32 = 26;

@@ -12,8 +12,8 @@ use crate::devices::virtio::{
 /// Errors while creating the vsock device.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum VsockError {
-    /// Cannot listen on the vsock socket {0}: {1}
-    Listen(String, std::io::Error),
+    /// Cannot listen on the vsock socket {0}
+    Listen(String, #[source] std::io::Error),
 }
 
 pub(super) const RXQ: usize = 0;

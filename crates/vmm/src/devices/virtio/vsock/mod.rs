@@ -17,7 +17,7 @@ mod event_handler;
 mod muxer;
 pub mod packet;
 
-pub use device::Vsock;
+pub use device::{Vsock, VsockError};
 
 /// The host's CID.
 pub const HOST_CID: u64 = 2;

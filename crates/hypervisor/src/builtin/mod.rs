@@ -4,7 +4,7 @@
 //! whose KVM is kvm_pvm the guest kernel boots but user space cannot run, so
 //! [`Builtin::new`] refuses unless told otherwise (tests of process handling).
 
-pub(crate) mod api;
+pub mod api;
 pub mod jail;
 
 pub use jail::JailerConfig;
@@ -249,6 +249,25 @@ impl Builtin {
         let mut child = spawn(name, cmd, &log)?;
         let started = async {
             wait_for_path(&api_sock, &mut child, what, &log, START_TIMEOUT).await?;
+            // The socket file exists from bind(), a moment before listen(): a connect in
+            // between is refused. Poll until one is accepted.
+            let t0 = std::time::Instant::now();
+            while let Err(e) = tokio::net::UnixStream::connect(&api_sock).await {
+                if t0.elapsed() > START_TIMEOUT {
+                    return Err(Error::VmmApi {
+                        request: "connect",
+                        source: api::ApiCallError::Connect(api_sock.clone(), e),
+                    });
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(Error::EarlyExit {
+                        what,
+                        status: status.to_string(),
+                        detail: crate::process::log_tail(&log, 20),
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
             for req in requests {
                 tokio::select! {
                     r = api::request(&api_sock, req) => r?,

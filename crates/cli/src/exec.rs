@@ -90,7 +90,7 @@ fn detached(ctx: &Ctx, a: &Args, process: &serde_json::Value) -> anyhow::Result<
     }
     cmd.arg(&a.id);
     let inherit = !process["terminal"].as_bool().unwrap_or(false);
-    let (mut child, reply) = create::spawn_supervisor(&mut cmd, inherit)?;
+    let (mut child, reply) = create::spawn_supervisor(&mut cmd, inherit, None)?;
     let _ = std::fs::remove_file(&file);
     match reply.lines().next().and_then(|l| l.strip_prefix("OK ")) {
         Some(_) => {}

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{env, text, wait_until};
+use common::{env, processes_mentioning, text, wait_until};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -238,6 +238,40 @@ fn a_missing_namespace_path_is_a_clear_error() {
     e.assert_clean("nonet");
 }
 
+fn netns_inode(path: &str) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+}
+
+#[test]
+fn a_new_namespace_holds_the_container_pid_and_its_vmm_and_goes_with_delete() {
+    let Some(e) = env() else { return };
+    let b = e.bundle("b", &["sh", "-c", "while :; do sleep 1; done"], |c| {
+        set_netns(c, None)
+    });
+    e.create("nn1", &b);
+    let state: serde_json::Value =
+        serde_json::from_slice(&e.run(&["state", "nn1"]).stdout).unwrap();
+    let pid = state["pid"].as_u64().unwrap();
+    let ns = e.root.join("netns/nn1");
+    let ns_ino = netns_inode(ns.to_str().unwrap());
+    assert_ne!(ns_ino, netns_inode("/proc/self/ns/net"));
+    assert_eq!(netns_inode(&format!("/proc/{pid}/ns/net")), ns_ino);
+    // So does the VMM (virtiofsd sandboxes itself in a namespace of its own).
+    let procs: Vec<String> = processes_mentioning(&format!("{}/", e.root.join("nn1").display()))
+        .into_iter()
+        .filter(|p| p.contains("qemu-system"))
+        .collect();
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    for p in &procs {
+        let pid = p.split(':').next().unwrap();
+        assert_eq!(netns_inode(&format!("/proc/{pid}/ns/net")), ns_ino, "{p}");
+    }
+    let o = e.run(&["delete", "--force", "nn1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!ns.exists(), "{} left", ns.display());
+    e.assert_clean("nn1");
+}
+
 #[test]
 fn loopback_only_without_a_namespace_path() {
     let Some(e) = env() else { return };
@@ -258,8 +292,14 @@ fn loopback_only_without_a_namespace_path() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with("pong\n"), "{}", text(&o));
-    // Only loopback: no Ethernet device was given to the VM.
+    // Only loopback is up: the VM's spare NIC (for an interface added
+    // between create and start) stays down and unconfigured.
     assert!(out.contains("lo: <LOOPBACK,UP"), "{out}");
-    assert!(!out.contains("link/ether"), "{out}");
+    assert!(
+        out.lines()
+            .filter(|l| l.contains("link/ether"))
+            .all(|l| !l.contains(",UP") && !l.contains("<UP")),
+        "{out}"
+    );
     e.assert_clean("lo1");
 }

@@ -17,7 +17,9 @@ mod virtiofs;
 pub use process::log_tail;
 
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -126,6 +128,10 @@ pub struct VmConfig {
     pub shared_dirs: Vec<SharedDir>,
     /// Network devices, in guest order (empty: no network but loopback).
     pub nics: Vec<Nic>,
+    /// The sandbox's network namespace (an open nsfs file): the VMM process
+    /// runs in it, so that its host pid names the sandbox's network (`None`:
+    /// the caller's namespace).
+    pub netns: Option<Arc<OwnedFd>>,
 }
 
 /// A host directory exported to the guest under `tag`.
@@ -307,6 +313,7 @@ mod tests {
             console_log: "/r/c".into(),
             shared_dirs: vec![],
             nics: Vec::new(),
+            netns: None,
         };
         let k = guest_cmdline(&cfg, &["reboot=t"]);
         assert!(k.starts_with("console=ttyS0 panic=-1"), "{k}");
@@ -332,6 +339,7 @@ mod tests {
             console_log: dir.path().join("c"),
             shared_dirs: vec![],
             nics: Vec::new(),
+            netns: None,
         };
         assert!(check_vm_config(&cfg)
             .unwrap_err()

@@ -47,6 +47,18 @@ pub fn spawn(what: &'static str, mut cmd: Command, log: &Path) -> Result<Child> 
     Ok(child)
 }
 
+/// Moves the calling thread into the network namespace open at `ns`. Meant
+/// for `pre_exec` (the child is single-threaded and then execs the VMM, which
+/// keeps the namespace): only setns(2), which is async-signal-safe.
+pub(crate) fn enter_netns(ns: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: setns on an fd number changes only this thread's namespace; a
+    // bad fd or a non-namespace file is an error, no UB.
+    if unsafe { libc::setns(ns, libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Waits until `path` exists, failing early if `child` exits.
 pub async fn wait_for_path(
     path: &Path,

@@ -178,6 +178,7 @@ mod tests {
             console_log: dir.join("c"),
             shared_dirs: vec![],
             nics: Vec::new(),
+            netns: None,
         }
     }
 

@@ -32,6 +32,7 @@ fn vm_config(dir: &Path, guest: &Path, initramfs: &Path, id: &str) -> VmConfig {
         channel: AgentChannel::Vsock,
         shared_dirs: vec![],
         nics: Vec::new(),
+        netns: None,
     }
 }
 

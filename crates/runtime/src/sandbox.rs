@@ -1,7 +1,9 @@
 //! A sandbox: one VM and the agent inside it.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vessel_hypervisor::{
@@ -21,6 +23,8 @@ pub struct SandboxSpec {
     pub shared_dirs: Vec<SharedDir>,
     /// Network devices (see [`crate::network`]); empty: loopback only.
     pub nics: Vec<Nic>,
+    /// The network namespace the VMM runs in (`None`: the caller's).
+    pub netns: Option<Arc<OwnedFd>>,
 }
 
 impl SandboxSpec {
@@ -32,6 +36,7 @@ impl SandboxSpec {
             memory_mib: config.default_memory_mib,
             shared_dirs: Vec::new(),
             nics: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -121,6 +126,7 @@ impl Sandbox {
             console_log: run_dir.join(CONSOLE_LOG),
             shared_dirs: spec.shared_dirs,
             nics: spec.nics,
+            netns: spec.netns,
         };
         // Bind before launch: the agent connects as soon as it is up.
         let ready = match channel {
@@ -235,6 +241,7 @@ impl Sandbox {
             console_log: run_dir.join(CONSOLE_LOG),
             shared_dirs: Vec::new(),
             nics: Vec::new(),
+            netns: None,
         };
         let res = Self::restore_in(config, hv, snapshot, &vm_config).await;
         if res.is_err() {

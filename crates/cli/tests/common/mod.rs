@@ -160,6 +160,8 @@ impl Env {
         );
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(&needle), "mounts left under {needle}");
+        let netns = self.root.join("netns").join(id);
+        assert!(!netns.exists(), "{} left behind", netns.display());
     }
 }
 

@@ -419,6 +419,7 @@ mod tests {
             console_log: "/r/a/c.log".into(),
             shared_dirs: vec![],
             nics: Vec::new(),
+            netns: None,
         };
         let start = Start::Boot(Box::new(config()));
         let e = command(&j, Path::new("/v"), &cfg, start).unwrap_err();

@@ -355,6 +355,7 @@ mod tests {
                 read_only: false,
             }],
             nics: Vec::new(),
+            netns: None,
         }
     }
 

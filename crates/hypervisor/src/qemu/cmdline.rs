@@ -207,6 +207,7 @@ mod tests {
                 read_only: false,
             }],
             nics: Vec::new(),
+            netns: None,
         }
     }
 

@@ -9,6 +9,7 @@ mod cmdline;
 pub(crate) mod qmp;
 pub(crate) mod snapshot;
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -246,6 +247,15 @@ impl Qemu {
             // caller keeps open (cfg.nics) until spawn returns.
             unsafe {
                 cmd.pre_exec(move || crate::nic::inherit_fds(&fds));
+            }
+        }
+        if let Some(ns) = &cfg.netns {
+            let ns = ns.as_raw_fd();
+            // SAFETY: runs in the forked child before exec; enter_netns only
+            // calls setns(2) (async-signal-safe) on the namespace fd, which
+            // the caller keeps open (cfg.netns) until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || crate::process::enter_netns(ns));
             }
         }
         spawn("QEMU", cmd, &cfg.run_dir.join("qemu.log"))

@@ -3,7 +3,7 @@
 //! container. Every failure removes everything that was created.
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use super::bundle::Bundle;
 use super::state::{now_rfc3339, process_start_time};
 use super::{container_dir, hooks, share, ContainerError, ContainerLock, Result, State, Status};
+use crate::network::SandboxNetns;
 use crate::Config;
 
 /// Fd number at which a supervisor finds its readiness pipe.
@@ -59,8 +60,9 @@ pub fn create(config: &Config, mut opts: CreateOptions) -> Result<u32> {
         }
         Err(e) => return Err(ContainerError::io(&dir, e)),
     }
-    let res = create_in(&mut opts, &bundle, &dir);
+    let res = create_in(config, &mut opts, &bundle, &dir);
     if res.is_err() {
+        crate::network::remove_owned_netns(&config.state_root, &opts.id);
         undo(&dir);
     }
     res
@@ -76,8 +78,18 @@ fn undo(dir: &Path) {
     }
 }
 
-fn create_in(opts: &mut CreateOptions, bundle: &Bundle, dir: &Path) -> Result<u32> {
+fn create_in(
+    config: &Config,
+    opts: &mut CreateOptions,
+    bundle: &Bundle,
+    dir: &Path,
+) -> Result<u32> {
     let _lock = ContainerLock::acquire(dir, &opts.id)?;
+    // The supervisor (the container's pid) and the VMM live in the
+    // sandbox's network namespace: host tools that configure the container's
+    // network through its pid (CNI via /proc/<pid>/ns/net) reach it.
+    let netns = SandboxNetns::for_spec(&bundle.spec, &config.state_root, &opts.id)
+        .map_err(|e| ContainerError::Network(crate::chain(&e).to_string()))?;
     let (vm_root, vm_id) = super::vm_location(dir);
     let mut state = State {
         id: opts.id.clone(),
@@ -96,7 +108,9 @@ fn create_in(opts: &mut CreateOptions, bundle: &Bundle, dir: &Path) -> Result<u3
     };
     state.save(dir)?;
     let stdio = !bundle.terminal();
-    let (mut child, reply) = spawn_supervisor(&mut opts.supervisor, stdio)?;
+    let netns_fd = netns.as_ref().map(|n| n.fd().as_raw_fd());
+    let (mut child, reply) = spawn_supervisor(&mut opts.supervisor, stdio, netns_fd)?;
+    drop(netns);
     let guest_pid = match parse_reply(&reply) {
         Ok(pid) => pid,
         Err(msg) => {
@@ -156,9 +170,14 @@ fn parse_reply(reply: &str) -> std::result::Result<u32, String> {
 }
 
 /// Starts `cmd` in its own session with the write end of a pipe at fd
-/// [`SYNC_FD`]; waits for its readiness line (or EOF). With `inherit_stdio`
-/// the caller's fds 0-2 are passed on; else /dev/null.
-pub fn spawn_supervisor(cmd: &mut Command, inherit_stdio: bool) -> Result<(Child, String)> {
+/// [`SYNC_FD`], in the network namespace open at `netns` if given; waits
+/// for its readiness line (or EOF). With `inherit_stdio` the caller's fds
+/// 0-2 are passed on; else /dev/null.
+pub fn spawn_supervisor(
+    cmd: &mut Command,
+    inherit_stdio: bool,
+    netns: Option<RawFd>,
+) -> Result<(Child, String)> {
     let (rd, wr): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::Supervisor(e.to_string()))?;
     let w = wr.as_raw_fd();
@@ -168,11 +187,17 @@ pub fn spawn_supervisor(cmd: &mut Command, inherit_stdio: bool) -> Result<(Child
             .stderr(Stdio::null());
     }
     // SAFETY: the closure runs in the child between fork and exec and calls
-    // only async-signal-safe functions (setsid, dup2, fcntl) on plain ints.
+    // only async-signal-safe functions (setsid, setns, dup2, fcntl) on plain
+    // ints; the namespace fd stays open in the parent until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(ns) = netns {
+                if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             let rc = if w == SYNC_FD {
                 libc::fcntl(w, libc::F_SETFD, 0)
@@ -211,7 +236,7 @@ mod tests {
     fn sync_pipe_reaches_child() {
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", "echo 'OK 7' >&3"]);
-        let (mut child, reply) = spawn_supervisor(&mut cmd, false).unwrap();
+        let (mut child, reply) = spawn_supervisor(&mut cmd, false, None).unwrap();
         assert_eq!(parse_reply(&reply), Ok(7));
         assert!(child.wait().unwrap().success());
     }

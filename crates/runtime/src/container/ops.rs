@@ -134,6 +134,7 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     if !c.state.vm_root.starts_with(&c.dir) {
         let _ = std::fs::remove_dir_all(&c.state.vm_dir);
     }
+    crate::network::remove_owned_netns(root, id);
     let spec = Bundle::load(&c.state.bundle).map(|b| b.spec).ok();
     let mut oci = c.state.oci();
     oci["status"] = "stopped".into();

@@ -182,7 +182,10 @@ async fn setup(
     events: mpsc::UnboundedSender<PodEvent>,
 ) -> Result<(Running, u32)> {
     let bundle = Bundle::load(&args.bundle)?;
-    let network = NetnsNetwork::of_spec(&bundle.spec).map_err(pod_err)?;
+    // `create` made the namespace if the spec asks for a new one, and
+    // started this process in it.
+    let network =
+        NetnsNetwork::made_for_spec(&bundle.spec, &config.state_root, &args.id).map_err(pod_err)?;
     let mut spec = bundle.spec.clone();
     let (vm_root, vm_id) = super::vm_location(dir);
     // Init has exited when the VM is stopped: nothing left to shut down gracefully.

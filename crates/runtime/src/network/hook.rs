@@ -1,47 +1,78 @@
 //! The network of an OCI bundle's network namespace as a pod's
-//! [`crate::pod::PodNetwork`] hook: taps wired before the VM boots, the
-//! guest's addresses and routes set through its agent, the wiring removed
-//! after the VM stopped.
+//! [`crate::pod::PodNetwork`] hook: the VMM runs in the namespace (see
+//! [`super::sandbox`]), taps are wired before the VM boots, the guest's
+//! addresses and routes set through its agent, an interface added before
+//! start is wired then, and the wiring (and a namespace the runtime made)
+//! removed after the VM stopped.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use async_trait::async_trait;
 
-use super::PodNetwork as Wiring;
+use super::{PodNetwork as Wiring, SandboxNetns};
 use crate::agent::AgentClient;
 use crate::pod::{self, PodNetwork};
 use crate::sandbox::SandboxSpec;
 
-/// The network namespace at `netns`, wired on [`PodNetwork::attach`].
+/// A sandbox's network namespace, wired on [`PodNetwork::attach`].
 pub struct NetnsNetwork {
-    netns: PathBuf,
+    netns: SandboxNetns,
     wiring: Option<Wiring>,
 }
 
 impl NetnsNetwork {
-    /// The hook for the namespace an OCI spec names, if it names one.
-    pub fn of_spec(spec: &serde_json::Value) -> pod::Result<Option<Box<dyn PodNetwork>>> {
-        Ok(super::netns_path(spec)?.map(|netns| {
-            Box::new(NetnsNetwork {
-                netns,
-                wiring: None,
-            }) as Box<dyn PodNetwork>
-        }))
+    /// The hook for the namespace an OCI spec names, if it names one; a
+    /// new namespace is made for sandbox `id` under `state_root`.
+    pub fn of_spec(
+        spec: &serde_json::Value,
+        state_root: &Path,
+        id: &str,
+    ) -> pod::Result<Option<Box<dyn PodNetwork>>> {
+        Ok(SandboxNetns::for_spec(spec, state_root, id)?.map(Self::boxed))
+    }
+
+    /// As [`NetnsNetwork::of_spec`] in a process that `create` started
+    /// after making the new namespace (see [`SandboxNetns::made_for_spec`]).
+    pub fn made_for_spec(
+        spec: &serde_json::Value,
+        state_root: &Path,
+        id: &str,
+    ) -> pod::Result<Option<Box<dyn PodNetwork>>> {
+        Ok(SandboxNetns::made_for_spec(spec, state_root, id)?.map(Self::boxed))
+    }
+
+    fn boxed(netns: SandboxNetns) -> Box<dyn PodNetwork> {
+        Box::new(NetnsNetwork {
+            netns,
+            wiring: None,
+        })
     }
 }
 
 #[async_trait]
 impl PodNetwork for NetnsNetwork {
     async fn attach(&mut self, vm: &mut SandboxSpec) -> pod::Result<()> {
-        let wiring = Wiring::attach(&self.netns).await?;
+        vm.netns = Some(self.netns.fd().clone());
+        let wiring = Wiring::attach(self.netns.path()).await?;
         vm.nics.extend(wiring.nics());
         self.wiring = Some(wiring);
         Ok(())
     }
 
     async fn configure(&mut self, agent: &AgentClient) -> pod::Result<()> {
-        if let Some(w) = &self.wiring {
-            agent.set_network(w.guest_network()).await?;
+        match &self.wiring {
+            Some(w) if !w.guest_network().interfaces.is_empty() => {
+                Ok(agent.set_network(w.guest_network()).await?)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn start(&mut self, agent: &AgentClient) -> pod::Result<()> {
+        if let Some(w) = self.wiring.as_mut() {
+            if let Some(guest) = w.wire_new_links().await? {
+                agent.set_network(guest).await?;
+            }
         }
         Ok(())
     }
@@ -50,5 +81,6 @@ impl PodNetwork for NetnsNetwork {
         if let Some(mut w) = self.wiring.take() {
             w.detach().await;
         }
+        self.netns.remove();
     }
 }

@@ -11,11 +11,13 @@
 //! [`PodNetwork::detach`] removes the tc qdiscs; the taps vanish with the last
 //! fd (ours and the VMM's).
 //!
-//! A spec without a network namespace path keeps a loopback-only VM.
+//! Which namespace a sandbox lives in: see [`sandbox`]. A spec without a
+//! network namespace keeps a loopback-only VM.
 
 pub mod endpoint;
 mod hook;
 mod netns;
+mod sandbox;
 mod tap;
 pub mod tcfilter;
 
@@ -38,6 +40,9 @@ use vessel_hypervisor::{MacAddr, Nic, TapNic};
 use vessel_protocol::net::{Interface, IpNet, Mac, Neighbour, NetConfigError, Network, Route};
 
 pub use endpoint::EndpointKind;
+pub use sandbox::{
+    netns_request, owned_netns_path, remove_owned_netns, NetnsRequest, SandboxNetns,
+};
 
 /// The main routing table.
 const RT_TABLE_MAIN: u32 = 254;
@@ -95,33 +100,8 @@ pub enum NetError {
     },
     /// invalid network namespace in config.json: {0}
     Spec(String),
-}
-
-/// The network namespace path a spec names: `Ok(None)` when it names none
-/// (no network entry, or one without a path: the VM has only loopback).
-pub fn netns_path(spec: &serde_json::Value) -> Result<Option<PathBuf>, NetError> {
-    let Some(namespaces) = spec.pointer("/linux/namespaces") else {
-        return Ok(None);
-    };
-    let list = namespaces
-        .as_array()
-        .ok_or_else(|| NetError::Spec("linux.namespaces is not a list".into()))?;
-    for ns in list {
-        if ns.get("type").and_then(|t| t.as_str()) != Some("network") {
-            continue;
-        }
-        return match ns.get("path") {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(serde_json::Value::String(p)) if p.is_empty() => Ok(None),
-            Some(serde_json::Value::String(p)) if Path::new(p).is_absolute() => {
-                Ok(Some(PathBuf::from(p)))
-            }
-            Some(other) => Err(NetError::Spec(format!(
-                "network namespace path {other} is not an absolute path"
-            ))),
-        };
-    }
-    Ok(None)
+    /// interfaces {links} appeared in {netns} after the VM booted: one interface can be wired at start, and only into a namespace that had none at create (the VM cannot hot-add NICs)
+    LateLinks { links: String, netns: PathBuf },
 }
 
 /// A link of the namespace, as netlink reports it.
@@ -170,13 +150,27 @@ struct Endpoint {
     /// Our fd of the tap (the VMM inherits a copy).
     tap_fd: Arc<OwnedFd>,
     offloads: bool,
+    /// The guest device's MAC: the link's, or the spare NIC's (see
+    /// [`PodNetwork::wire_new_links`]).
+    guest_mac: [u8; 6],
+}
+
+/// A tap given to the VM before anything is wired to it: the NIC that an
+/// interface added to the namespace after the VM booted is wired to.
+struct Spare {
+    tap: Link,
+    tap_fd: Arc<OwnedFd>,
+    offloads: bool,
+    mac: [u8; 6],
 }
 
 /// The sandbox's network: taps wired to the namespace's links.
 pub struct PodNetwork {
     netns: PathBuf,
+    ns: OwnedFd,
     handle: Handle,
     endpoints: Vec<Endpoint>,
+    spare: Option<Spare>,
     guest: Network,
 }
 
@@ -219,11 +213,13 @@ impl PodNetwork {
         tokio::spawn(conn);
         let mut net = PodNetwork {
             netns: path.to_path_buf(),
+            ns,
             handle,
             endpoints: Vec::new(),
+            spare: None,
             guest: Network::default(),
         };
-        match net.attach_in(&ns).await {
+        match net.attach_in().await {
             Ok(()) => Ok(net),
             Err(e) => {
                 net.detach().await;
@@ -232,8 +228,15 @@ impl PodNetwork {
         }
     }
 
-    async fn attach_in(&mut self, ns: &OwnedFd) -> Result<(), NetError> {
-        let links: Vec<Link> = self
+    /// The namespace's links but `lo` and our own taps.
+    async fn foreign_links(&self) -> Result<Vec<Link>, NetError> {
+        let ours: Vec<u32> = self
+            .endpoints
+            .iter()
+            .map(|e| e.tap.index)
+            .chain(self.spare.iter().map(|s| s.tap.index))
+            .collect();
+        Ok(self
             .handle
             .link()
             .get()
@@ -243,38 +246,49 @@ impl PodNetwork {
             .map_err(nl(format!("list the links of {}", self.netns.display())))?
             .iter()
             .map(Link::from_message)
-            .filter(|l| l.name != "lo")
-            .collect();
-        let mut wired = Vec::new();
-        for link in links {
-            let kind = EndpointKind::of(&link).ok_or_else(|| NetError::Unsupported {
+            .filter(|l| l.name != "lo" && !ours.contains(&l.index))
+            .collect())
+    }
+
+    /// Checks that `link` can be wired to a tap of ours.
+    async fn check_wirable(&self, link: &Link) -> Result<EndpointKind, NetError> {
+        let kind = EndpointKind::of(link).ok_or_else(|| NetError::Unsupported {
+            link: link.name.clone(),
+            netns: self.netns.clone(),
+            kind: link.kind.clone().unwrap_or_else(|| "device".into()),
+        })?;
+        let busy = || NetError::Busy {
+            link: link.name.clone(),
+            netns: self.netns.clone(),
+        };
+        if kind == EndpointKind::Tap {
+            // A tap of another sandbox that is still running.
+            return Err(busy());
+        }
+        if link.mac.is_none() {
+            return Err(NetError::NoMac {
                 link: link.name.clone(),
                 netns: self.netns.clone(),
-                kind: link.kind.clone().unwrap_or_else(|| "device".into()),
-            })?;
-            if kind == EndpointKind::Tap {
-                // A tap of ours from a sandbox that is still running.
-                return Err(NetError::Busy {
-                    link: link.name.clone(),
-                    netns: self.netns.clone(),
-                });
-            }
-            if link.mac.is_none() {
-                return Err(NetError::NoMac {
-                    link: link.name.clone(),
-                    netns: self.netns.clone(),
-                });
-            }
-            if tcfilter::has_ingress(&self.handle, link.index).await? {
-                return Err(NetError::Busy {
-                    link: link.name.clone(),
-                    netns: self.netns.clone(),
-                });
-            }
+            });
+        }
+        if tcfilter::has_ingress(&self.handle, link.index).await? {
+            return Err(busy());
+        }
+        Ok(kind)
+    }
+
+    async fn attach_in(&mut self) -> Result<(), NetError> {
+        let links = self.foreign_links().await?;
+        if links.is_empty() {
+            return self.add_spare().await;
+        }
+        let mut wired = Vec::new();
+        for link in links {
+            let kind = self.check_wirable(&link).await?;
             wired.push((link, kind));
         }
         let names: Vec<String> = (0..wired.len()).map(tap_name).collect();
-        let taps = netns::run_in(ns.as_fd(), || {
+        let taps = netns::run_in(self.ns.as_fd(), || {
             names
                 .iter()
                 .map(|n| tap::create(n))
@@ -287,41 +301,132 @@ impl PodNetwork {
             pending.push((link, kind, tap, tap_link));
         }
         for (link, kind, tap, tap_link) in pending {
+            let guest_mac = link.mac.expect("checked in check_wirable");
             self.endpoints.push(Endpoint {
                 link,
                 tap: tap_link,
                 kind,
                 tap_fd: Arc::new(tap.fd),
                 offloads: tap.offloads,
+                guest_mac,
             });
         }
-        for ep in &self.endpoints {
-            let mut set = LinkUnspec::new_with_index(ep.tap.index).up();
-            if let Some(mtu) = ep.link.mtu {
-                set = set.mtu(mtu);
-            }
-            self.handle
-                .link()
-                .set(set.build())
-                .execute()
-                .await
-                .map_err(nl(format!("set {} up", ep.tap.name)))?;
-            tcfilter::connect(&self.handle, &ep.link, &ep.tap).await?;
-            log::info!(
-                "network {}: {} ({:?}) <-> {} (offloads: {})",
-                self.netns.display(),
-                ep.link.name,
-                ep.kind,
-                ep.tap.name,
-                ep.offloads
-            );
+        for i in 0..self.endpoints.len() {
+            self.connect(i).await?;
         }
+        self.read_checked_guest_network().await
+    }
+
+    /// Sets endpoint `i`'s tap up (with its link's MTU) and redirects the
+    /// two into each other.
+    async fn connect(&self, i: usize) -> Result<(), NetError> {
+        let ep = &self.endpoints[i];
+        let mut set = LinkUnspec::new_with_index(ep.tap.index).up();
+        if let Some(mtu) = ep.link.mtu {
+            set = set.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .set(set.build())
+            .execute()
+            .await
+            .map_err(nl(format!("set {} up", ep.tap.name)))?;
+        tcfilter::connect(&self.handle, &ep.link, &ep.tap).await?;
+        log::info!(
+            "network {}: {} ({:?}) <-> {} (offloads: {})",
+            self.netns.display(),
+            ep.link.name,
+            ep.kind,
+            ep.tap.name,
+            ep.offloads
+        );
+        Ok(())
+    }
+
+    async fn read_checked_guest_network(&mut self) -> Result<(), NetError> {
         self.guest = self.read_guest_network().await?;
         self.guest.validate().map_err(|source| NetError::Config {
             netns: self.netns.clone(),
             source,
-        })?;
+        })
+    }
+
+    /// An empty namespace at boot: a tap that the VM gets as a NIC, for the
+    /// interface that `ctr run --cni` and the like add after create (QEMU
+    /// here cannot hot-add a NIC: the guest kernel has no PCI hotplug).
+    async fn add_spare(&mut self) -> Result<(), NetError> {
+        let name = tap_name(0);
+        let tap = netns::run_in(self.ns.as_fd(), || tap::create(&name))?;
+        let tap_fd = Arc::new(tap.fd);
+        let tap_link = self.link_by_name(&name).await?;
+        self.spare = Some(Spare {
+            tap: tap_link,
+            tap_fd,
+            offloads: tap.offloads,
+            mac: random_mac(),
+        });
         Ok(())
+    }
+
+    /// Wires the link that appeared in the namespace since [`attach`] to
+    /// the spare NIC and returns the guest network to apply; `None` when no
+    /// link appeared. The guest device keeps the spare NIC's MAC (the agent
+    /// cannot change a device's MAC; the namespace's link is left as CNI
+    /// made it): its frames carry that MAC through the redirect.
+    ///
+    /// [`attach`]: PodNetwork::attach
+    pub async fn wire_new_links(&mut self) -> Result<Option<&Network>, NetError> {
+        let links = self.foreign_links().await?;
+        let wired: Vec<u32> = self.endpoints.iter().map(|e| e.link.index).collect();
+        let new: Vec<Link> = links
+            .into_iter()
+            .filter(|l| !wired.contains(&l.index))
+            .collect();
+        if new.is_empty() {
+            return Ok(None);
+        }
+        let names = new.iter().map(|l| l.name.as_str()).collect::<Vec<_>>();
+        if new.len() > 1 || self.spare.is_none() {
+            return Err(NetError::LateLinks {
+                links: names.join(", "),
+                netns: self.netns.clone(),
+            });
+        }
+        let link = new.into_iter().next().expect("one link");
+        let kind = self.check_wirable(&link).await?;
+        let spare = self.spare.take().expect("checked above");
+        self.endpoints.push(Endpoint {
+            link,
+            tap: spare.tap,
+            kind,
+            tap_fd: spare.tap_fd,
+            offloads: spare.offloads,
+            guest_mac: spare.mac,
+        });
+        let i = self.endpoints.len() - 1;
+        if let Err(e) = self.connect(i).await {
+            self.disconnect_last().await;
+            return Err(e);
+        }
+        if let Err(e) = self.read_checked_guest_network().await {
+            self.disconnect_last().await;
+            return Err(e);
+        }
+        Ok(Some(&self.guest))
+    }
+
+    /// Undoes a failed late wiring: the endpoint's tap becomes spare again.
+    async fn disconnect_last(&mut self) {
+        if let Some(ep) = self.endpoints.pop() {
+            tcfilter::disconnect(&self.handle, ep.link.index, &ep.link.name).await;
+            tcfilter::disconnect(&self.handle, ep.tap.index, &ep.tap.name).await;
+            self.spare = Some(Spare {
+                tap: ep.tap,
+                tap_fd: ep.tap_fd,
+                offloads: ep.offloads,
+                mac: ep.guest_mac,
+            });
+        }
     }
 
     async fn link_by_name(&self, name: &str) -> Result<Link, NetError> {
@@ -375,7 +480,7 @@ impl PodNetwork {
             }
             net.interfaces.push(Interface {
                 name: ep.link.name.clone(),
-                mac: Mac(ep.link.mac.expect("checked in attach")),
+                mac: Mac(ep.guest_mac),
                 mtu: ep.link.mtu,
                 addresses,
             });
@@ -507,19 +612,27 @@ impl PodNetwork {
 
     /// The VM's network devices: one virtio-net per wired link, on its tap,
     /// with the link's MAC and MTU.
+    /// With an empty namespace, the spare NIC (see [`PodNetwork::wire_new_links`]).
     pub fn nics(&self) -> Vec<Nic> {
-        self.endpoints
-            .iter()
-            .map(|ep| {
-                Nic::VirtioTap(TapNic {
-                    tap_name: ep.tap.name.clone(),
-                    fd: ep.tap_fd.clone(),
-                    vnet_hdr: ep.offloads,
-                    mac: MacAddr(ep.link.mac.expect("checked in attach")),
-                    mtu: ep.link.mtu,
-                })
+        let wired = self.endpoints.iter().map(|ep| {
+            Nic::VirtioTap(TapNic {
+                tap_name: ep.tap.name.clone(),
+                fd: ep.tap_fd.clone(),
+                vnet_hdr: ep.offloads,
+                mac: MacAddr(ep.guest_mac),
+                mtu: ep.link.mtu,
             })
-            .collect()
+        });
+        let spare = self.spare.iter().map(|s| {
+            Nic::VirtioTap(TapNic {
+                tap_name: s.tap.name.clone(),
+                fd: s.tap_fd.clone(),
+                vnet_hdr: s.offloads,
+                mac: MacAddr(s.mac),
+                mtu: None,
+            })
+        });
+        wired.chain(spare).collect()
     }
 
     /// What the agent configures in the guest (checked).
@@ -534,11 +647,26 @@ impl PodNetwork {
     /// Removes the tc qdiscs (and their filters) from the links and taps and
     /// closes our tap fds. Idempotent; logs what it cannot remove.
     pub async fn detach(&mut self) {
+        self.spare = None;
         for ep in self.endpoints.drain(..) {
             tcfilter::disconnect(&self.handle, ep.link.index, &ep.link.name).await;
             tcfilter::disconnect(&self.handle, ep.tap.index, &ep.tap.name).await;
         }
     }
+}
+
+/// A random, locally administered unicast MAC.
+fn random_mac() -> [u8; 6] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let b = h.finish().to_le_bytes();
+    [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
 }
 
 fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
@@ -556,26 +684,13 @@ fn is_link_local_v6(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
-    fn netns_from_spec() {
-        let spec = |ns: serde_json::Value| json!({"linux": {"namespaces": ns}});
-        assert_eq!(netns_path(&json!({})).unwrap(), None);
-        assert_eq!(
-            netns_path(&spec(json!([{"type": "pid"}, {"type": "network"}]))).unwrap(),
-            None
-        );
-        assert_eq!(
-            netns_path(&spec(
-                json!([{"type": "network", "path": "/var/run/netns/a"}])
-            ))
-            .unwrap(),
-            Some(PathBuf::from("/var/run/netns/a"))
-        );
-        assert!(netns_path(&spec(json!([{"type": "network", "path": "rel"}]))).is_err());
-        assert!(netns_path(&spec(json!([{"type": "network", "path": 3}]))).is_err());
-        assert!(netns_path(&spec(json!({}))).is_err());
+    fn spare_macs_are_local_unicast() {
+        let m = random_mac();
+        assert_eq!(m[0] & 0x03, 0x02, "{m:?}");
+        assert!(Mac(m).is_unicast());
+        assert_ne!(random_mac(), m);
     }
 
     #[test]

@@ -100,7 +100,7 @@ fn open(name: &str, flags: libc::c_short) -> std::io::Result<OwnedFd> {
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(file.into())
+    super::netns::above_low_fds(file.into())
 }
 
 #[cfg(test)]

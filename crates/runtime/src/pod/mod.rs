@@ -25,6 +25,7 @@ use crate::agent::{AgentClient, AgentError, NewContainer};
 use crate::container::bundle::vm_size;
 use crate::container::share::{self, PodShare, Staging};
 use crate::container::{ContainerError, Status};
+use crate::network::NetnsNetwork;
 use crate::sandbox::{self, SandboxSpec};
 use crate::{Config, Sandbox};
 pub use stdio::{Relays, Stdio, StdioPaths};
@@ -102,14 +103,21 @@ pub enum PodEvent {
 }
 
 /// The pod's network, attached by the network code (the bundle's network
-/// namespace: one tap per link, see ARCHITECTURE.md): `attach` runs before
-/// the VM boots and may add devices to it, `configure` once its agent
-/// answers, `detach` after the VM stopped (and after a failed boot).
+/// namespace: one tap per link, see ARCHITECTURE.md and
+/// [`crate::network::NetnsNetwork`]): `attach` runs before the VM boots and
+/// may add devices to it and name the namespace its VMM runs in,
+/// `configure` once the agent answers (before any container is created),
+/// `detach` after the VM stopped (and after a failed boot).
 #[async_trait]
 pub trait PodNetwork: Send + Sync {
     async fn attach(&mut self, vm: &mut SandboxSpec) -> Result<()>;
-    /// Configures the guest's side (addresses, routes) through its agent.
+    /// Gives the guest its side of the network.
     async fn configure(&mut self, _agent: &AgentClient) -> Result<()> {
+        Ok(())
+    }
+    /// A container's init is about to start: wires interfaces that were
+    /// added to the namespace since `attach` (as `ctr run --cni` does).
+    async fn start(&mut self, _agent: &AgentClient) -> Result<()> {
         Ok(())
     }
     async fn detach(&mut self);
@@ -342,7 +350,7 @@ pub struct Pod {
     events: mpsc::UnboundedSender<PodEvent>,
     /// The VM watcher and the OOM loop.
     tasks: Vec<JoinHandle<()>>,
-    network: Option<Box<dyn PodNetwork>>,
+    network: tokio::sync::Mutex<Option<Box<dyn PodNetwork>>>,
 }
 
 /// Where a pod's staging share lives.
@@ -429,6 +437,7 @@ impl Pod {
             memory_mib: size.memory_mib,
             shared_dirs: vec![share.shared_dir()],
             nics: Vec::new(),
+            netns: None,
         };
         let vm_config = Config {
             state_root: vm_root,
@@ -466,7 +475,7 @@ impl Pod {
             containers: Arc::default(),
             events,
             tasks: Vec::new(),
-            network,
+            network: tokio::sync::Mutex::new(network),
         };
         pod.watch();
         Ok(pod)
@@ -741,6 +750,9 @@ impl Pod {
         })?;
         let pid = match exec_id {
             None => {
+                if let Some(n) = self.network.lock().await.as_mut() {
+                    n.start(&self.agent).await?;
+                }
                 self.agent.start(id).await?;
                 self.with_process(id, None, |p, _| Ok(p.pid))?
             }
@@ -892,7 +904,7 @@ impl Pod {
                 Err(e) => log::warn!("pod {}: stopping the VM: {e}", self.id),
             }
         }
-        if let Some(n) = self.network.as_mut() {
+        if let Some(n) = self.network.get_mut().as_mut() {
             n.detach().await;
         }
         if let Err(e) = self.share.remove() {
@@ -921,6 +933,7 @@ impl Pod {
             }
             let _ = std::fs::remove_file(&pids);
         }
+        crate::network::remove_owned_netns(&config.state_root, id);
         if let Err(e) = share::cleanup_tree(&share_dir(config, id)) {
             log::error!("pod {id}: {e}; left in place");
         }
@@ -974,7 +987,8 @@ impl PodSlot {
             Some(pod) => pod,
             None => {
                 let hv = hv()?;
-                let setup = PodSetup::in_state_root_with(config, req.id, None, &*self.staging)?;
+                let network = NetnsNetwork::of_spec(&req.spec, &config.state_root, req.id)?;
+                let setup = PodSetup::in_state_root_with(config, req.id, network, &*self.staging)?;
                 Pod::boot_with(config, hv.as_ref(), setup, &req.spec, events.clone()).await?
             }
         };

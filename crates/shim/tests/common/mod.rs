@@ -145,6 +145,68 @@ esac
         .unwrap();
     }
 
+    /// Real CNI for CRI and `ctr run --cni`: Debian's bridge, host-local,
+    /// loopback and portmap plugins, one bridge network `name` on bridge
+    /// `bridge` (made in the host namespace by the plugin, removed by the
+    /// returned guard) with `subnet` (a /24: `<net>.0/24`, gateway `<net>.1`
+    /// on the bridge). IP allocations stay in this containerd's directory.
+    pub fn real_cni(&self, name: &str, bridge: &str, net: &str) -> Bridge {
+        let cni = self.dir.path().join("c/cni");
+        for plugin in ["bridge", "host-local", "loopback", "portmap"] {
+            let link = cni.join("bin").join(plugin);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(PathBuf::from("/usr/lib/cni").join(plugin), &link).unwrap();
+        }
+        let data = self.dir.path().join("c/cni/data");
+        let conf = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": name,
+            "plugins": [
+                {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+                 "hairpinMode": true,
+                 "ipam": {"type": "host-local", "dataDir": data,
+                          "ranges": [[{"subnet": format!("{net}.0/24"), "gateway": format!("{net}.1")}]],
+                          "routes": [{"dst": "0.0.0.0/0"}]}},
+                {"type": "portmap", "capabilities": {"portMappings": true}, "snat": false}
+            ]
+        });
+        std::fs::write(
+            cni.join(format!("conf/10-{name}.conflist")),
+            serde_json::to_vec_pretty(&conf).unwrap(),
+        )
+        .unwrap();
+        Bridge(bridge.to_string())
+    }
+
+    /// `ctr ... args` with CNI's fixed directories (/etc/cni/net.d,
+    /// /opt/cni/bin: `ctr run --cni` has no flags for them) bound to this
+    /// containerd's CNI directories in a private mount namespace.
+    pub fn ctr_with_cni(&self, args: &[&str]) -> Output {
+        let cni = self.dir.path().join("c/cni");
+        let out = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(
+                "mount --bind \"$1/conf\" /etc/cni/net.d && mount -t tmpfs tmpfs /opt && \
+                 mkdir -p /opt/cni/bin && mount --bind \"$1/bin\" /opt/cni/bin && \
+                 shift && exec ctr \"$@\"",
+            )
+            .arg("sh")
+            .arg(&cni)
+            .arg("-a")
+            .arg(&self.sock)
+            .args(args)
+            .output()
+            .unwrap();
+        eprintln!(
+            "ctr (cni) {}: {} stdout={:?} stderr={:?}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     pub fn log_tail(&self) -> String {
         let text =
             std::fs::read_to_string(self.dir.path().join("c/containerd.log")).unwrap_or_default();
@@ -159,6 +221,27 @@ impl Drop for Containerd {
             .arg("stop")
             .arg(self.dir.path().join("c"))
             .status();
+    }
+}
+
+/// A bridge in the host namespace made by CNI's bridge plugin; removed on
+/// drop (its veths go with the pods' namespaces).
+pub struct Bridge(pub String);
+
+impl Bridge {
+    /// The bridge's ports (veths of pods still attached).
+    pub fn ports(&self) -> String {
+        let o = Command::new("ip")
+            .args(["-o", "link", "show", "master", &self.0])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
     }
 }
 

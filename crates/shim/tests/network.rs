@@ -57,13 +57,17 @@ fn test_net(tag: u32) -> (String, String) {
 fn remove_task(c: &Containerd, id: &str) {
     let _ = c.ctr(&["task", "kill", "-s", "KILL", id]);
     assert!(
-        wait_until(Duration::from_secs(30), || {
-            c.ctr(&["task", "rm", "-f", id]);
-            !stdout(&c.ctr(&["task", "ls"]))
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(id))
-        }),
-        "task {id} cannot be deleted: {}",
+        wait_until(Duration::from_secs(30), || stdout(&c.ctr(&["task", "ls"]))
+            .lines()
+            .any(
+                |l| l.split_whitespace().next() == Some(id) && l.contains("STOPPED")
+            )),
+        "task {id} did not stop after SIGKILL: {}",
+        c.log_tail()
+    );
+    assert!(
+        c.ctr(&["task", "rm", id]).status.success(),
+        "{}",
         c.log_tail()
     );
     assert!(
@@ -185,14 +189,14 @@ fn a_task_whose_start_failed_can_be_killed_and_deleted() {
     let (net, bridge) = test_net(1);
     let br = c.real_cni("vessel-bad", &bridge, &net);
     // A plugin before the bridge that adds an interface kind Vessel cannot
-    // wire (a dummy): the start fails after CNI ran.
+    // wire (a bridge): the start fails after CNI ran.
     let cni = c.dir.path().join("c/cni");
     let plugin = cni.join("bin/vessel-test-dummy");
     std::fs::write(
         &plugin,
         "#!/bin/sh\ncat >/dev/null\n\
          case \"$CNI_COMMAND\" in\n\
-         ADD) nsenter --net=\"$CNI_NETNS\" ip link add dummy0 type dummy && \
+         ADD) nsenter --net=\"$CNI_NETNS\" ip link add bad0 type bridge && \
               printf '{\"cniVersion\":\"0.4.0\"}' ;;\n\
          VERSION) printf '{\"cniVersion\":\"0.4.0\",\"supportedVersions\":[\"0.4.0\"]}' ;;\n\
          esac\n",
@@ -222,7 +226,7 @@ fn a_task_whose_start_failed_can_be_killed_and_deleted() {
     assert!(!out.status.success(), "the start should have failed");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("dummy0"),
+        err.contains("bad0"),
         "the error does not name the interface: {err}"
     );
     remove_task(&c, "bad1");

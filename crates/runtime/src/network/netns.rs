@@ -114,7 +114,7 @@ pub fn create(path: &Path) -> Result<(), NetError> {
             .map_err(|e| err(e.into()))
         })
         .join()
-        .unwrap_or_else(|_| Err(NetError::ThreadPanicked))
+        .unwrap_or(Err(NetError::ThreadPanicked))
     });
     if made.is_err() {
         let _ = std::fs::remove_file(path);

@@ -389,6 +389,12 @@ pub fn pod_of(id: &str, bundle: &Path) -> String {
     }
 }
 
+/// Whether `signal`'s default action ends a process (not 0, SIGCHLD,
+/// SIGCONT, SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU, SIGURG, SIGWINCH).
+fn ends_unstarted_process(signal: u32) -> bool {
+    !matches!(signal, 0 | 17 | 18 | 19 | 20 | 21 | 22 | 23 | 28)
+}
+
 fn check_exec_id(exec_id: Option<&str>) -> Result<()> {
     match exec_id {
         Some(e) if !vessel_protocol::id::valid_id(e) => {
@@ -792,10 +798,26 @@ impl Pod {
         signal: u32,
         all: bool,
     ) -> Result<()> {
-        if self.process(id, exec_id)?.exit.is_some() {
+        let info = self.process(id, exec_id)?;
+        if info.exit.is_some() {
             return Ok(());
         }
-        Ok(self.agent.signal(id, exec_id, signal, all).await?)
+        if info.status != Status::Created {
+            return Ok(self.agent.signal(id, exec_id, signal, all).await?);
+        }
+        // Never started, or its start failed: no waiter will report an
+        // exit, and the front-end waits for one before it deletes. A
+        // signal that would end the process ends it here.
+        if let Err(e) = self.agent.signal(id, exec_id, signal, all).await {
+            log::debug!("signal {signal} to unstarted {id}/{exec_id:?}: {e}");
+        }
+        if ends_unstarted_process(signal) {
+            self.with_process(id, exec_id, |p, _| {
+                record_exit(&p.exit, &self.events, id, exec_id, info.pid, 128 + signal);
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     pub async fn pause(&self, id: &str) -> Result<()> {
@@ -1018,6 +1040,12 @@ impl PodSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ending_signals_end_an_unstarted_process() {
+        assert!(ends_unstarted_process(9) && ends_unstarted_process(15));
+        assert!(!ends_unstarted_process(0) && !ends_unstarted_process(28));
+    }
 
     #[test]
     fn containers_join_the_pod_of_their_sandbox() {

@@ -245,6 +245,14 @@ impl Builtin {
                 cmd.pre_exec(move || crate::nic::inherit_fds(&fds));
             }
         }
+        if let Some(ns) = &cfg.netns {
+            let ns = std::os::fd::AsRawFd::as_raw_fd(ns.as_ref());
+            // SAFETY: as in the QEMU backend: only setns(2) on an fd the
+            // caller keeps open (cfg.netns) until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || crate::process::enter_netns(ns));
+            }
+        }
         let requests = start.requests();
         let mut child = spawn(name, cmd, &log)?;
         let started = async {

@@ -121,6 +121,7 @@ async fn serve(flags: Flags) -> anyhow::Result<()> {
         &flags.namespace,
         publisher,
         exit.clone(),
+        service::Backend::real(),
     ));
     // containerd 1.6 calls containerd.task.v2.Task; the protos name it v3
     // (same messages). Serve both.

@@ -23,11 +23,11 @@ use containerd_shim::{Task, TtrpcContext};
 use oci_spec::runtime::Spec;
 use tokio::sync::{mpsc, Mutex};
 use ttrpc::{Code, Result as TtrpcResult};
+use vessel_hypervisor::Hypervisor;
 use vessel_runtime::container::Status;
 use vessel_runtime::pod::{
-    CreateRequest, Exit, Pod, PodEvent, PodSlot, Stdio, StdioPaths, LOST_EXIT_STATUS,
+    CreateRequest, Exit, MakeStaging, Pod, PodEvent, PodSlot, Stdio, StdioPaths, LOST_EXIT_STATUS,
 };
-use vessel_runtime::sandbox::hypervisor;
 use vessel_runtime::Config;
 
 use crate::error::{err, internal, pod_error};
@@ -67,7 +67,27 @@ fn exit_fields(exit: Option<Exit>) -> (u32, MessageField<Timestamp>) {
     }
 }
 
-#[derive(Default)]
+/// What the service builds a pod's VM with: [`Backend::real`] in the shim,
+/// fakes (vessel_testutil::fake) in the service's tests.
+pub struct Backend {
+    pub hypervisor: Box<MakeHypervisor>,
+    pub staging: MakeStaging,
+}
+
+/// See [`Backend::hypervisor`].
+pub type MakeHypervisor =
+    dyn Fn(&Config) -> vessel_runtime::Result<Box<dyn Hypervisor>> + Send + Sync;
+
+impl Backend {
+    /// The configured hypervisor; pods staged under the state root.
+    pub fn real() -> Self {
+        Backend {
+            hypervisor: Box::new(vessel_runtime::sandbox::hypervisor),
+            staging: vessel_runtime::pod::state_root_staging(),
+        }
+    }
+}
+
 struct State {
     slot: PodSlot,
     /// Containers whose rootfs this shim mounted at `<bundle>/rootfs`.
@@ -90,6 +110,7 @@ struct Inner {
     exit: Arc<ExitSignal>,
     state: Mutex<State>,
     events: mpsc::UnboundedSender<PodEvent>,
+    hypervisor: Box<MakeHypervisor>,
 }
 
 #[derive(Clone)]
@@ -103,15 +124,21 @@ impl TaskService {
         namespace: &str,
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
+        backend: Backend,
     ) -> Self {
         let (events, mut rx) = mpsc::unbounded_channel();
+        let state = State {
+            slot: PodSlot::with_staging(backend.staging),
+            mounted_rootfs: HashSet::new(),
+        };
         let inner = Arc::new(Inner {
             config,
             namespace: namespace.to_string(),
             publisher,
             exit,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             events,
+            hypervisor: backend.hypervisor,
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -238,7 +265,7 @@ impl Inner {
             spec,
             stdio: Stdio::Fifos(stdio),
         };
-        let make_hv = || hypervisor(&self.config);
+        let make_hv = || (self.hypervisor)(&self.config);
         let res = state
             .slot
             .create(&self.config, make_hv, &self.events, create)

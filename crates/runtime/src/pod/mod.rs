@@ -182,6 +182,10 @@ pub type StagingFn = dyn Fn(&Config, &str) -> Result<Box<dyn PodStaging>> + Send
 pub type MakeStaging = Box<StagingFn>;
 
 /// The shim's staging: a [`PodShare`] at `<state_root>/shared/<id>`.
+pub fn state_root_staging() -> MakeStaging {
+    Box::new(state_root_share)
+}
+
 fn state_root_share(config: &Config, id: &str) -> Result<Box<dyn PodStaging>> {
     Ok(Box::new(PodShare::create(&share_dir(config, id))?))
 }
@@ -977,7 +981,7 @@ pub struct PodSlot {
 impl Default for PodSlot {
     /// Pods staged in a [`PodShare`] under the state root.
     fn default() -> Self {
-        Self::with_staging(Box::new(state_root_share))
+        Self::with_staging(state_root_staging())
     }
 }
 

@@ -65,14 +65,27 @@ if [[ ${1:-} != --in-lane ]]; then
     trap 'rm -f "$list"' EXIT
     args=()
     for t in "${TEST_TARGETS[@]}"; do args+=(-p "${t%%:*}" --test "${t#*:}"); done
+    # `-p A --test t -p B --test u` also builds B's t and A's u where they exist (two
+    # packages have a `network` suite): keep only the package:target pairs listed.
     cargo test -q --no-run --message-format=json "${args[@]}" |
         python3 -c '
 import json, sys
+wanted = set(sys.argv[1:])
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["target"]["name"], m["executable"])
-' >"$list"
+        # package_id: "path+file:///dir/x#name@1.0", "path+file:///dir/name#1.0"
+        # (cargo >= 1.77) or "name 1.0 (path+...)" (older).
+        pid = m["package_id"]
+        if "#" in pid:
+            url, frag = pid.split("#", 1)
+            name = frag.split("@")[0] if "@" in frag else url.rstrip("/").rsplit("/", 1)[-1]
+        else:
+            name = pid.split(" ")[0]
+        key = name + ":" + m["target"]["name"]
+        if key in wanted:
+            print(key, m["executable"])
+' "${TEST_TARGETS[@]}" >"$list"
     [[ $(wc -l <"$list") == "${#TEST_TARGETS[@]}" ]] ||
         { say "expected ${#TEST_TARGETS[@]} test executables, got:"; cat "$list" >&2; exit 1; }
     # The shim suites' images, built here (in L1 the script's ~800 execs take minutes);
@@ -90,7 +103,12 @@ fi
 
 # --- in L1 -----------------------------------------------------------------------------
 list=$2
-exe() { awk -v n="$1" '$1 == n { print $2 }' "$list"; }
+# The executable of test target $1 (named in TEST_TARGETS as package:$1).
+exe() {
+    local t key=
+    for t in "${TEST_TARGETS[@]}"; do [[ ${t#*:} == "$1" ]] && key=$t; done
+    awk -v n="$key" '$1 == n { print $2 }' "$list"
+}
 export VESSEL_GUEST_DIR=$GUEST VESSEL_GUEST_KERNEL=$GUEST/vmlinux VESSEL_REQUIRE_HARDWARE_KVM=1
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 threads=${LANE_TEST_THREADS:-2}

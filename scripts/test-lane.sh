@@ -11,7 +11,7 @@
 # lifecycle-builtin"), LANE_QEMU_LIFECYCLE_TESTS (the CLI tests lifecycle-qemu-kvm runs;
 # `all` for all 11),
 # LANE_TEST_FILTER (libtest arguments appended to every test suite, e.g. one test's
-# name), and kvm-lane.sh's (LANE_MEM_MIB, LANE_TIMEOUT, ...).
+# name), LANE_SUITE_TIMEOUT (900 s: one suite's bound), and kvm-lane.sh's (LANE_MEM_MIB, LANE_TIMEOUT, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -95,7 +95,7 @@ for line in sys.stdin:
     say "test executables and images built in $((SECONDS - start)) s; starting the lane (host: $(uptime))"
     export VESSEL_GUEST_DIR=$GUEST
     rc=0
-    LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_TEST_THREADS LANE_TEST_FILTER LANE_QEMU_LIFECYCLE_TESTS" LANE_VERBOSE=1 LANE_TIMEOUT=${LANE_TIMEOUT:-2700} \
+    LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_SUITE_TIMEOUT LANE_TEST_THREADS LANE_TEST_FILTER LANE_QEMU_LIFECYCLE_TESTS" LANE_VERBOSE=1 LANE_TIMEOUT=${LANE_TIMEOUT:-2700} \
         scripts/kvm-lane.sh "$0" --in-lane "$list" || rc=$?
     say "lane finished in $((SECONDS - start)) s (exit $rc; host: $(uptime))"
     exit "$rc"
@@ -112,6 +112,7 @@ exe() {
 export VESSEL_GUEST_DIR=$GUEST VESSEL_GUEST_KERNEL=$GUEST/vmlinux VESSEL_REQUIRE_HARDWARE_KVM=1
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 threads=${LANE_TEST_THREADS:-2}
+suite_timeout=${LANE_SUITE_TIMEOUT:-900}
 selected=${LANE_SUITES:-$DEFAULT_SUITES}
 qemu_lifecycle_tests=${LANE_QEMU_LIFECYCLE_TESTS:-run_echo_and_exit_code create_start_state_delete}
 [[ $qemu_lifecycle_tests == all ]] && qemu_lifecycle_tests=
@@ -154,7 +155,20 @@ suite() {
         set -- "$@" ${LANE_TEST_FILTER:-}
     fi
     echo "===== lane suite $name ($backend): $cmd $*"
-    VESSEL_TEST_HYPERVISOR=$backend "$cmd" "$@" 2>&1 | tee "$logs/$name.log" || rc=$?
+    if [[ $(type -t "$cmd") == function ]]; then
+        VESSEL_TEST_HYPERVISOR=$backend "$cmd" "$@" 2>&1 | tee "$logs/$name.log" || rc=$?
+    else
+        # A hung suite fails alone instead of holding the lane until LANE_TIMEOUT.
+        VESSEL_TEST_HYPERVISOR=$backend timeout -k 10 "$suite_timeout" "$cmd" "$@" 2>&1 |
+            tee "$logs/$name.log" || rc=$?
+        if ((rc == 124 || rc == 137)); then
+            {
+                echo "lane: suite $name timed out after $suite_timeout s (LANE_SUITE_TIMEOUT); its processes:"
+                ps -eo pid,stat,wchan:24,etime,args | grep -E '[v]essel|[q]emu|[v]irtiofsd|[c]ontainerd' | cut -c1-200 || true
+                echo "test result: FAILED. 0 passed; 1 failed"
+            } | tee -a "$logs/$name.log"
+        fi
+    fi
     passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^passed/) s += $i } END { print s + 0 }' "$logs/$name.log")
     failed_n=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^failed/) s += $i } END { print s + 0 }' "$logs/$name.log")
     if ((rc != 0)) || ((passed == 0)); then

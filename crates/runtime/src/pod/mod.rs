@@ -7,6 +7,8 @@
 //! channel given to [`Pod::boot`]. When the VM dies, every live process is
 //! reported exited with [`LOST_EXIT_STATUS`] at once.
 
+mod slot;
+mod staging;
 pub mod stdio;
 
 use std::collections::HashMap;
@@ -18,16 +20,17 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use vessel_hypervisor::{AgentEndpoint, Hypervisor, SharedDir, VmExit};
+use vessel_hypervisor::{AgentEndpoint, Hypervisor, VmExit};
 use vessel_protocol::agent::StatsContainerResponse;
 
 use crate::agent::{AgentClient, AgentError, NewContainer};
 use crate::container::bundle::vm_size;
-use crate::container::share::{self, PodShare, Staging};
+use crate::container::share::{self, Staging};
 use crate::container::{ContainerError, Status};
-use crate::network::NetnsNetwork;
 use crate::sandbox::{self, SandboxSpec};
 use crate::{Config, Sandbox};
+pub use slot::PodSlot;
+pub use staging::{state_root_staging, MakeStaging, PodStaging, StagingFn};
 pub use stdio::{Relays, Stdio, StdioPaths};
 
 /// Exit status reported when a process's fate is unknown (VM died, agent gone).
@@ -123,73 +126,6 @@ pub trait PodNetwork: Send + Sync {
     async fn detach(&mut self);
 }
 
-/// Where containers' files reach the VM: one virtio-fs share, one
-/// subdirectory per container ([`PodShare`]; tests use one that does not
-/// mount). A staging that cannot be cleaned is left in place, never removed
-/// recursively.
-pub trait PodStaging: Send + Sync {
-    /// The share for the VM.
-    fn shared_dir(&self) -> SharedDir;
-    /// Stages container `id` and rewrites `spec` to its guest paths.
-    fn stage(&self, id: &str, rootfs: &Path, spec: &mut Value) -> crate::container::Result<()>;
-    fn unstage(&self, id: &str) -> crate::container::Result<()>;
-    /// Removes the whole share.
-    fn remove(&self) -> crate::container::Result<()>;
-}
-
-impl PodStaging for PodShare {
-    fn shared_dir(&self) -> SharedDir {
-        PodShare::shared_dir(self)
-    }
-    fn stage(&self, id: &str, rootfs: &Path, spec: &mut Value) -> crate::container::Result<()> {
-        PodShare::stage(self, id, rootfs, spec)
-    }
-    fn unstage(&self, id: &str) -> crate::container::Result<()> {
-        PodShare::unstage(self, id)
-    }
-    fn remove(&self) -> crate::container::Result<()> {
-        PodShare::remove(self)
-    }
-}
-
-/// A pod of one whose container was staged before its VM booted (the CLI's
-/// [`Staging::prepare`] at `<container dir>/shared`): staging that container
-/// again is a no-op, any other is refused.
-impl PodStaging for Staging {
-    fn shared_dir(&self) -> SharedDir {
-        Staging::shared_dir(self)
-    }
-    fn stage(&self, id: &str, _rootfs: &Path, _spec: &mut Value) -> crate::container::Result<()> {
-        if self.container_dir().file_name() == Some(std::ffi::OsStr::new(id)) {
-            return Ok(());
-        }
-        Err(ContainerError::Exists(format!(
-            "a staging for one container holds {}, not {id}",
-            self.container_dir().display()
-        )))
-    }
-    fn unstage(&self, _id: &str) -> crate::container::Result<()> {
-        share::cleanup(self.container_dir())
-    }
-    fn remove(&self) -> crate::container::Result<()> {
-        share::cleanup(self.container_dir())
-    }
-}
-
-/// Makes the staging of a pod named `id` (a front-end serving one pod).
-pub type StagingFn = dyn Fn(&Config, &str) -> Result<Box<dyn PodStaging>> + Send + Sync;
-/// See [`StagingFn`].
-pub type MakeStaging = Box<StagingFn>;
-
-/// The shim's staging: a [`PodShare`] at `<state_root>/shared/<id>`.
-pub fn state_root_staging() -> MakeStaging {
-    Box::new(state_root_share)
-}
-
-fn state_root_share(config: &Config, id: &str) -> Result<Box<dyn PodStaging>> {
-    Ok(Box::new(PodShare::create(&share_dir(config, id))?))
-}
-
 /// Where a pod keeps its parts, and its network.
 pub struct PodSetup {
     pub id: String,
@@ -210,7 +146,7 @@ impl PodSetup {
         id: &str,
         network: Option<Box<dyn PodNetwork>>,
     ) -> Result<PodSetup> {
-        Self::in_state_root_with(config, id, network, &state_root_share)
+        Self::in_state_root_with(config, id, network, &staging::state_root_share)
     }
 
     /// As [`PodSetup::in_state_root`], with the staging `staging` makes.
@@ -967,77 +903,6 @@ impl Pod {
         if run_dir.join("console.log").exists() {
             let _ = std::fs::remove_dir_all(run_dir);
         }
-    }
-}
-
-/// The pod of a front-end that serves one pod (the shim): booted by its
-/// first container, stopped when that container is deleted (or when the
-/// first container's create fails).
-pub struct PodSlot {
-    pod: Option<Pod>,
-    staging: MakeStaging,
-}
-
-impl Default for PodSlot {
-    /// Pods staged in a [`PodShare`] under the state root.
-    fn default() -> Self {
-        Self::with_staging(state_root_staging())
-    }
-}
-
-impl PodSlot {
-    /// Pods staged with what `staging` makes (tests: without mounts).
-    pub fn with_staging(staging: MakeStaging) -> Self {
-        PodSlot { pod: None, staging }
-    }
-
-    pub fn get(&self) -> Option<&Pod> {
-        self.pod.as_ref()
-    }
-
-    /// The pod, or [`PodError::NotFound`] naming `id` before the first create.
-    pub fn pod(&self, id: &str) -> Result<&Pod> {
-        self.get().ok_or_else(|| PodError::NotFound(id.to_string()))
-    }
-
-    /// Creates a container, booting the pod (named after it) first if there
-    /// is none yet, on the hypervisor `hv` makes.
-    pub async fn create(
-        &mut self,
-        config: &Config,
-        hv: impl FnOnce() -> crate::Result<Box<dyn Hypervisor>>,
-        events: &mpsc::UnboundedSender<PodEvent>,
-        req: CreateRequest<'_>,
-    ) -> Result<u32> {
-        let pod = match self.pod.take() {
-            Some(pod) => pod,
-            None => {
-                let hv = hv()?;
-                let network = NetnsNetwork::of_spec(&req.spec, &config.state_root, req.id)?;
-                let setup = PodSetup::in_state_root_with(config, req.id, network, &*self.staging)?;
-                Pod::boot_with(config, hv.as_ref(), setup, &req.spec, events.clone()).await?
-            }
-        };
-        let res = pod.create(req).await;
-        if res.is_err() && pod.is_empty() {
-            // The VM was booted for this container: nothing else needs it.
-            pod.stop().await;
-        } else {
-            self.pod = Some(pod);
-        }
-        res
-    }
-
-    /// Deletes a container or exec (see [`Pod::delete`]); deleting the
-    /// container the pod is named after stops the pod.
-    pub async fn delete(&mut self, id: &str, exec_id: Option<&str>) -> Result<ProcessInfo> {
-        let info = self.pod(id)?.delete(id, exec_id).await?;
-        if exec_id.is_none() && self.pod.as_ref().is_some_and(|p| p.id() == id) {
-            if let Some(pod) = self.pod.take() {
-                pod.stop().await;
-            }
-        }
-        Ok(info)
     }
 }
 

@@ -70,7 +70,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
         let exec = ops::exec(root, &a.id, &process, a.console_socket.as_deref()).await?;
         exec.wait().await
     })??;
-    Ok(ExitCode::from(status.status.clamp(0, 255) as u8))
+    Ok(ExitCode::from(status.clamp(0, 255) as u8))
 }
 
 fn detached(ctx: &Ctx, a: &Args, process: &serde_json::Value) -> anyhow::Result<ExitCode> {

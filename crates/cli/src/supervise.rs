@@ -62,7 +62,7 @@ pub fn run_exec(ctx: &Ctx, a: ExecArgs) -> anyhow::Result<ExitCode> {
             }
         };
         match exec.wait().await {
-            Ok(s) => s.status,
+            Ok(s) => s,
             Err(e) => {
                 log::error!("exec in {}: {}", a.id, vessel_runtime::chain(&e));
                 255

@@ -7,6 +7,8 @@ use vessel_protocol::agent::*;
 use vessel_protocol::ports::STDIO_VSOCK_PORT;
 use vessel_protocol::stdio::{StdioHeader, StdioStream, MAX_HEADER_LEN, REPLY_OK};
 
+use vessel_hypervisor::AgentEndpoint;
+
 use super::{connect_socket, rpc_ctx as ctx, AgentClient, AgentError, Result, CONNECT_TIMEOUT};
 
 /// Most pids accepted from ListProcesses.
@@ -254,61 +256,79 @@ impl AgentClient {
         exec_id: Option<&str>,
         stream: StdioStream,
     ) -> Result<std::os::unix::net::UnixStream> {
-        let mut s = connect_socket(&self.endpoint, STDIO_VSOCK_PORT, CONNECT_TIMEOUT).await?;
-        let header = StdioHeader {
-            container_id: id.into(),
-            exec_id: exec_id.map(str::to_string),
-            stream,
-        };
-        let what = format!(
-            "{} stream of {id}/{}",
-            stream.as_str(),
-            exec_id.unwrap_or("init")
-        );
-        let io = |e: std::io::Error| AgentError::Stdio {
-            what: what.clone(),
-            reason: e.to_string(),
-        };
-        s.write_all(header.to_string().as_bytes())
-            .await
-            .map_err(io)?;
-        let mut line = Vec::with_capacity(8);
-        let read = async {
-            loop {
-                let mut b = [0u8; 1];
-                if s.read(&mut b).await? == 0 || line.len() >= MAX_HEADER_LEN {
-                    break;
-                }
-                line.push(b[0]);
-                if b[0] == b'\n' {
-                    break;
-                }
-            }
-            Ok::<_, std::io::Error>(())
-        };
-        tokio::time::timeout(CONNECT_TIMEOUT, read)
-            .await
-            .map_err(|_| AgentError::Stdio {
-                what: what.clone(),
-                reason: "no reply from the agent".into(),
-            })?
-            .map_err(io)?;
-        if line != REPLY_OK.as_bytes() {
-            let text = String::from_utf8_lossy(&line);
-            let text: String = text
-                .trim_end()
-                .chars()
-                .filter(|c| !c.is_control())
-                .collect();
-            return Err(AgentError::Stdio {
-                what,
-                reason: format!("agent refused: {text}"),
-            });
-        }
-        let std = s.into_std().map_err(io)?;
-        std.set_nonblocking(false).map_err(io)?;
-        Ok(std)
+        open_stream(&self.endpoint, id, exec_id, stream).await
     }
+
+    /// Where the agent's stdio streams are opened (see [`open_stream`]).
+    pub fn endpoint(&self) -> &AgentEndpoint {
+        &self.endpoint
+    }
+}
+
+/// Opens one stdio stream of a process at the agent behind `endpoint` (no
+/// RPC connection needed: a front-end that relays a process's stdio itself
+/// opens its streams while the process's owner holds the client); returns
+/// it as a blocking std socket after `OK`.
+pub async fn open_stream(
+    endpoint: &AgentEndpoint,
+    id: &str,
+    exec_id: Option<&str>,
+    stream: StdioStream,
+) -> Result<std::os::unix::net::UnixStream> {
+    let mut s = connect_socket(endpoint, STDIO_VSOCK_PORT, CONNECT_TIMEOUT).await?;
+    let header = StdioHeader {
+        container_id: id.into(),
+        exec_id: exec_id.map(str::to_string),
+        stream,
+    };
+    let what = format!(
+        "{} stream of {id}/{}",
+        stream.as_str(),
+        exec_id.unwrap_or("init")
+    );
+    let io = |e: std::io::Error| AgentError::Stdio {
+        what: what.clone(),
+        reason: e.to_string(),
+    };
+    s.write_all(header.to_string().as_bytes())
+        .await
+        .map_err(io)?;
+    let mut line = Vec::with_capacity(8);
+    let read = async {
+        loop {
+            let mut b = [0u8; 1];
+            if s.read(&mut b).await? == 0 || line.len() >= MAX_HEADER_LEN {
+                break;
+            }
+            line.push(b[0]);
+            if b[0] == b'\n' {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, read)
+        .await
+        .map_err(|_| AgentError::Stdio {
+            what: what.clone(),
+            reason: "no reply from the agent".into(),
+        })?
+        .map_err(io)?;
+    if line != REPLY_OK.as_bytes() {
+        let text = String::from_utf8_lossy(&line);
+        let text: String = text
+            .trim_end()
+            .chars()
+            .filter(|c| !c.is_control())
+            .collect();
+        return Err(AgentError::Stdio {
+            what,
+            reason: format!("agent refused: {text}"),
+        });
+    }
+    let std = s.into_std().map_err(io)?;
+    std.set_nonblocking(false).map_err(io)?;
+    Ok(std)
 }
 
 fn container_req(id: &str) -> ContainerRequest {

@@ -127,25 +127,24 @@ fn create_in(
     let oci = state.oci();
     for kind in ["prestart", "createRuntime", "createContainer"] {
         if let Err(e) = hooks::run(&bundle.spec, kind, &oci) {
-            kill_and_reap(&mut child, dir);
+            kill_and_reap(&mut child);
             return Err(e);
         }
     }
     if let Some(p) = &opts.pid_file {
         if let Err(e) = write_pid_file(p, state.pid) {
-            kill_and_reap(&mut child, dir);
+            kill_and_reap(&mut child);
             return Err(e);
         }
     }
     Ok(state.pid)
 }
 
-fn kill_and_reap(child: &mut Child, dir: &Path) {
-    let _ = super::supervisor::request(
-        dir,
-        &super::supervisor::Request::SHUTDOWN,
-        std::time::Duration::from_secs(5),
-    );
+/// Stops the supervisor (SIGTERM: as `delete --force`, it stops the VM and
+/// cleans up) and reaps it.
+fn kill_and_reap(child: &mut Child) {
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
 }
 

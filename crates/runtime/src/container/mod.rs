@@ -8,11 +8,13 @@
 //! - [`status`]: the state machine; [`state`]: state.json; [`lock`]: flock.
 //! - [`bundle`]: config.json checks and VM sizing; [`share`]: rootfs sharing.
 //! - [`stdio`], [`console`]: relays (the agent client is [`crate::agent`]).
-//! - [`supervisor`]: the per-container process that owns the VM;
-//!   [`create`]: launches it; [`ops`]: the other OCI operations; [`hooks`].
+//! - [`supervisor`]: the per-container process that owns the VM (a pod of
+//!   one); [`create`]: launches it; [`ops`]: the other OCI operations, which
+//!   reach the pod through the supervisor's [`control`] socket; [`hooks`].
 
 pub mod bundle;
 pub mod console;
+pub mod control;
 pub mod create;
 pub mod hooks;
 pub mod lock;
@@ -102,6 +104,8 @@ pub type Result<T> = std::result::Result<T, ContainerError>;
 pub const EXIT_FILE: &str = "exit";
 /// Name of the supervisor's control socket.
 pub const CONTROL_SOCKET: &str = "supervisor.sock";
+/// Name of the file counting the OOM kills the supervisor saw.
+pub const OOM_FILE: &str = "oom";
 
 /// Checks a container id against the one id rule ([`vessel_protocol::id`]):
 /// it becomes a directory and a guest id.
@@ -196,11 +200,6 @@ impl Container {
                 op,
             })
         }
-    }
-
-    /// A connection to the agent of the container's sandbox.
-    pub async fn client(&self) -> Result<AgentClient> {
-        Ok(AgentClient::connect_run_dir(&self.state.vm_dir).await?)
     }
 
     pub fn save(&self) -> Result<()> {

@@ -5,23 +5,23 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vessel_hypervisor::AgentEndpoint;
 
+use super::control::{Call, Reply, Request};
 use super::stdio::Relays;
-use super::supervisor::{self, Request};
-use super::{hooks, share, AgentClient, Bundle, Container, ContainerError, Result, State, Status};
-use crate::agent::ExitStatus;
+use super::{hooks, share, Bundle, Container, ContainerError, Result, State, Status};
 
 /// How long `delete` waits for a supervisor to finish after asking it to stop.
 const SUPERVISOR_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long `start` waits for the supervisor to start init.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an operation waits for the supervisor's reply (the pod's agent
+/// RPCs are bounded by 30 s each).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
 const POLL: Duration = Duration::from_millis(10);
 
 pub async fn start(root: &Path, id: &str) -> Result<()> {
     let mut c = Container::open(root, id)?;
-    c.require("start", Status::can_start)?;
     // The supervisor starts init: it owns the pod and waits for the exit.
-    supervisor::request(&c.dir, &Request::START, START_TIMEOUT)?;
+    c.act("start", &Request::Start).await?;
     c.state.status = Status::Running;
     c.save()?;
     if let Ok(b) = Bundle::load(&c.state.bundle) {
@@ -34,22 +34,19 @@ pub async fn start(root: &Path, id: &str) -> Result<()> {
 
 pub async fn kill(root: &Path, id: &str, signal: u32, all: bool) -> Result<()> {
     let c = Container::open(root, id)?;
-    c.require("kill", Status::can_kill)?;
-    Ok(c.client().await?.signal(id, None, signal, all).await?)
+    c.act("kill", &Request::Kill { signal, all }).await
 }
 
 pub async fn pause(root: &Path, id: &str) -> Result<()> {
     let mut c = Container::open(root, id)?;
-    c.require("pause", Status::can_pause)?;
-    c.client().await?.pause(id).await?;
+    c.act("pause", &Request::Pause).await?;
     c.state.status = Status::Paused;
     c.save()
 }
 
 pub async fn resume(root: &Path, id: &str) -> Result<()> {
     let mut c = Container::open(root, id)?;
-    c.require("resume", Status::can_resume)?;
-    c.client().await?.resume(id).await?;
+    c.act("resume", &Request::Resume).await?;
     c.state.status = Status::Running;
     c.save()
 }
@@ -57,34 +54,68 @@ pub async fn resume(root: &Path, id: &str) -> Result<()> {
 /// Guest pids of the container's processes.
 pub async fn processes(root: &Path, id: &str) -> Result<Vec<u32>> {
     let c = Container::open(root, id)?;
-    c.require("list processes of", |s| {
-        matches!(s, Status::Created | Status::Running | Status::Paused)
-    })?;
-    Ok(c.client().await?.processes(id).await?)
+    match c.call("list processes of", &Request::Processes).await? {
+        (Reply::Pids { pids }, _) => Ok(pids),
+        (other, _) => Err(unexpected(&other)),
+    }
 }
 
 /// runc-style stats object (`events --stats` data).
 pub async fn stats(root: &Path, id: &str) -> Result<Value> {
     let c = Container::open(root, id)?;
-    c.require("get stats of", |s| {
-        matches!(s, Status::Running | Status::Paused)
-    })?;
-    let s = c.client().await?.stats(id).await?;
-    let (m, cpu, pids) = (
-        s.memory.clone().unwrap_or_default(),
-        s.cpu.clone().unwrap_or_default(),
-        s.pids.clone().unwrap_or_default(),
-    );
-    let oom = std::fs::read_to_string(c.dir.join("oom"))
-        .ok()
-        .and_then(|t| t.trim().parse::<u64>().ok());
-    Ok(serde_json::json!({
-        "cpu": {"usage": {"total": cpu.usage_usec * 1000, "user": cpu.user_usec * 1000, "kernel": cpu.system_usec * 1000},
-                "throttling": {"throttledPeriods": cpu.nr_throttled, "throttledTime": cpu.throttled_usec * 1000}},
-        "memory": {"usage": {"usage": m.usage_bytes, "limit": m.limit_bytes},
-                   "raw": {"anon": m.anon_bytes, "file": m.file_bytes, "oom": m.oom_events, "oom_kill": m.oom_kill_events.max(oom.unwrap_or(0))}},
-        "pids": {"current": pids.current, "limit": pids.limit},
-    }))
+    match c.call("get stats of", &Request::Stats).await? {
+        (Reply::Stats { stats }, _) => Ok(stats),
+        (other, _) => Err(unexpected(&other)),
+    }
+}
+
+fn unexpected(reply: &Reply) -> ContainerError {
+    ContainerError::Supervisor(format!("unexpected reply {reply:?}"))
+}
+
+impl Container {
+    /// Sends `req` to the container's supervisor (its pod acts, with its
+    /// status guards); `op` names the operation in errors. A container whose
+    /// supervisor no longer serves is stopped (init has exited).
+    pub async fn call(&self, op: &'static str, req: &Request) -> Result<(Reply, Call)> {
+        let wrong = |status| ContainerError::WrongState {
+            id: self.id().to_string(),
+            status,
+            op,
+        };
+        let status = self.status();
+        if matches!(status, Status::Creating | Status::Stopped) {
+            return Err(wrong(status));
+        }
+        let (reply, call) = match Call::send(&self.dir, req, REQUEST_TIMEOUT).await {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                return Err(wrong(Status::Stopped))
+            }
+            Err(e) => return Err(ContainerError::io(&self.dir.join(super::CONTROL_SOCKET), e)),
+        };
+        match reply {
+            Reply::Refused { status } => Err(wrong(status)),
+            Reply::Failed { error } => Err(ContainerError::Supervisor(error)),
+            r => Ok((r, call)),
+        }
+    }
+
+    /// [`Container::call`] for an operation that replies [`Reply::Done`].
+    pub async fn act(&self, op: &'static str, req: &Request) -> Result<()> {
+        match self.call(op, req).await? {
+            (Reply::Done, _) => Ok(()),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
 }
 
 /// The OCI state of a container.
@@ -118,9 +149,9 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     }
     if c.state.supervisor_alive() {
         if c.state.exit_status.is_none() {
-            if let Err(e) = supervisor::request(&c.dir, &Request::SHUTDOWN, Duration::from_secs(5))
-            {
-                log::warn!("{id}: asking the supervisor to stop: {}", crate::chain(&e));
+            let stop = Call::send(&c.dir, &Request::Shutdown, Duration::from_secs(5)).await;
+            if let Err(e) = stop {
+                log::warn!("{id}: asking the supervisor to stop: {e}");
             }
         }
         wait_gone(&c.state, SUPERVISOR_EXIT_TIMEOUT);
@@ -156,16 +187,18 @@ fn wait_gone(state: &State, timeout: Duration) {
 
 /// A process started by `exec`, with its stdio relayed.
 pub struct Exec {
-    pub client: AgentClient,
+    /// The supervisor's connection: the exit comes on it.
+    call: Call,
     pub id: String,
     pub exec_id: String,
     pub pid: u32,
     pub relays: Relays,
 }
 
-/// Starts `process` (an OCI process object) in a running container.
-/// Non-terminal: this process's fds 0-2 are relayed. Terminal: the pty master
-/// goes to `console_socket`, or without one, fds 0/1 are relayed to the tty.
+/// Starts `process` (an OCI process object) in a running container, through
+/// its supervisor; this process relays the stdio streams. Non-terminal: this
+/// process's fds 0-2 are relayed. Terminal: the pty master goes to
+/// `console_socket`, or without one, fds 0/1 are relayed to the tty.
 pub async fn exec(
     root: &Path,
     id: &str,
@@ -173,7 +206,6 @@ pub async fn exec(
     console_socket: Option<&Path>,
 ) -> Result<Exec> {
     let c = Container::open(root, id)?;
-    c.require("exec in", Status::can_exec)?;
     if let Ok(b) = Bundle::load(&c.state.bundle) {
         b.check_process(process)
             .map_err(|reason| ContainerError::BadBundle {
@@ -181,8 +213,6 @@ pub async fn exec(
                 reason,
             })?;
     }
-    let client = c.client().await?;
-    drop(c);
     let exec_id = format!(
         "exec-{}-{}",
         std::process::id(),
@@ -192,15 +222,23 @@ pub async fn exec(
             .subsec_nanos()
     );
     let terminal = process["terminal"].as_bool().unwrap_or(false);
-    let json = serde_json::to_vec(process).expect("process serializes");
-    let pid = client
-        .exec(id, &exec_id, json, (!terminal, !terminal, !terminal))
-        .await?;
+    let req = Request::Exec {
+        exec_id: exec_id.clone(),
+        process: process.clone(),
+        terminal,
+    };
+    let (pid, call) = match c.call("exec in", &req).await? {
+        (Reply::Started { pid }, call) => (pid, call),
+        (other, _) => return Err(unexpected(&other)),
+    };
+    let endpoint = AgentEndpoint::HybridVsock {
+        uds: crate::sandbox::agent_socket(&c.state.vm_dir),
+    };
+    drop(c);
+    let open = |stream| crate::agent::container::open_stream(&endpoint, id, Some(&exec_id), stream);
     let mut relays = Relays::default();
     if terminal {
-        let stream = client
-            .open_stream(id, Some(&exec_id), vessel_protocol::stdio::StdioStream::Tty)
-            .await?;
+        let stream = open(vessel_protocol::stdio::StdioStream::Tty).await?;
         let host = match console_socket {
             Some(sock) => {
                 let pty = super::console::HostPty::open(24, 80)?;
@@ -235,10 +273,10 @@ pub async fn exec(
                 .map_err(|e| ContainerError::Console(crate::chain(&e).to_string()))?;
         }
     } else {
-        supervisor::attach_host_stdio(&client, id, Some(&exec_id), &mut relays).await?;
+        super::supervisor::attach_host_stdio(&endpoint, id, Some(&exec_id), &mut relays).await?;
     }
     Ok(Exec {
-        client,
+        call,
         id: id.to_string(),
         exec_id,
         pid,
@@ -247,13 +285,22 @@ pub async fn exec(
 }
 
 impl Exec {
-    /// Waits for the process and its output.
-    pub async fn wait(mut self) -> Result<ExitStatus> {
-        let st = self.client.wait(&self.id, Some(&self.exec_id)).await?;
+    /// Waits for the process (its exit status, shell convention) and its output.
+    pub async fn wait(mut self) -> Result<i32> {
+        let status = match self.call.next().await {
+            Ok(Reply::Exited { status }) => status,
+            Ok(other) => return Err(unexpected(&other)),
+            Err(e) => {
+                return Err(ContainerError::Supervisor(format!(
+                    "{}: exec {} lost: {e}",
+                    self.id, self.exec_id
+                )))
+            }
+        };
         if !self.relays.drain(Duration::from_secs(10)) {
             log::warn!("{}: exec output still open after exit; cut", self.id);
         }
-        Ok(st)
+        Ok(status)
     }
 }
 

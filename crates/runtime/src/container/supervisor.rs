@@ -5,28 +5,27 @@
 //! conmon watch this pid, as they watch runc's container process).
 //!
 //! It reports readiness on an inherited pipe (`OK <guest pid>\n` or
-//! `ERR <message>\n`) and serves typed JSON requests on
-//! `<dir>/supervisor.sock`: `vessel start` and `delete --force` go through
-//! it; the other operations talk to the agent directly.
+//! `ERR <message>\n`) and serves the [`super::control`] socket at
+//! `<dir>/supervisor.sock`: every operation on the container goes through it.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::future::Future;
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::net::UnixListener;
-use vessel_protocol::stdio::StdioStream;
-
 use tokio::sync::mpsc;
+use vessel_hypervisor::AgentEndpoint;
+use vessel_protocol::stdio::StdioStream;
 
 use super::bundle::Bundle;
 use super::console::HostPty;
 use super::share::Staging;
 use super::stdio::Relays;
-use super::{AgentClient, ContainerError, Result, CONTROL_SOCKET, EXIT_FILE};
+use super::{AgentClient, ContainerError, Result, CONTROL_SOCKET, EXIT_FILE, OOM_FILE};
 use crate::network::NetnsNetwork;
 use crate::pod::{
     CreateRequest, Pod, PodError, PodEvent, PodSetup, Stdio, CONTAINER_TYPE_ANNOTATION,
@@ -44,58 +43,6 @@ const OOM_GRACE: Duration = Duration::from_secs(2);
 const SANDBOX_DIED: i32 = crate::pod::LOST_EXIT_STATUS as i32;
 /// Exit status after a forced shutdown (as after SIGKILL).
 const KILLED: i32 = 137;
-
-/// A request on the control socket (one JSON line).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    pub op: Op,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "snake_case")]
-pub enum Op {
-    Ping,
-    /// Start the container's init (`vessel start`).
-    Start,
-    /// Stop the VM now; the container ends with status 137.
-    Shutdown,
-}
-
-impl Request {
-    pub const SHUTDOWN: Request = Request { op: Op::Shutdown };
-    pub const START: Request = Request { op: Op::Start };
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-/// Sends one request to the supervisor of `dir` (blocking, bounded).
-pub fn request(dir: &Path, req: &Request, timeout: Duration) -> Result<()> {
-    let path = dir.join(CONTROL_SOCKET);
-    let io = |e| ContainerError::io(&path, e);
-    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(io)?;
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_string(req).expect("request serializes");
-    line.push('\n');
-    s.write_all(line.as_bytes()).map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(std::io::Read::take(s, 4096))
-        .read_line(&mut reply)
-        .map_err(io)?;
-    let r: Response =
-        serde_json::from_str(&reply).map_err(|e| ContainerError::Supervisor(e.to_string()))?;
-    match r.error {
-        None if r.ok => Ok(()),
-        e => Err(ContainerError::Supervisor(e.unwrap_or_default())),
-    }
-}
 
 /// What `vessel supervise` was started with.
 #[derive(Debug, Clone)]
@@ -120,6 +67,15 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
     // and nothing else in this process owns it.
     let mut sync = unsafe { File::from_raw_fd(args.sync_fd) };
     set_cloexec(&sync);
+    // SIGTERM: stop like `delete --force`, cleaning up. Handled from before
+    // OK is sent: `create` stops a supervisor whose hooks failed this way.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async move {
+        match term.as_mut() {
+            Some(t) => drop(t.recv().await),
+            None => std::future::pending().await,
+        }
+    };
     let dir = config.state_root.join(&args.id);
     let (tx, mut events) = mpsc::unbounded_channel();
     let listener;
@@ -138,7 +94,22 @@ pub async fn run(config: &Config, args: SuperviseArgs) -> i32 {
         }
     };
     drop(sync);
-    let status = supervise(&args.id, &dir, listener, &mut running, &mut events).await;
+    let resize = running.tty.take().map(|tty| {
+        let (client, id) = (running.pod.agent().clone(), args.id.clone());
+        tokio::spawn(watch_window_size(tty, client, id))
+    });
+    let status = serve(
+        &args.id,
+        &dir,
+        listener,
+        &running.pod,
+        &mut events,
+        terminated,
+    )
+    .await;
+    if let Some(r) = resize {
+        r.abort();
+    }
     let Running {
         pod, mut relays, ..
     } = running;
@@ -262,7 +233,7 @@ async fn create_in(
             .terminal(pty.slave, stream)
             .map_err(|e| ContainerError::Console(crate::chain(&e).to_string()))?;
     } else {
-        attach_host_stdio(client, id, None, &mut relays).await?;
+        attach_host_stdio(client.endpoint(), id, None, &mut relays).await?;
     }
     Ok((relays, tty))
 }
@@ -270,7 +241,7 @@ async fn create_in(
 /// Relays this process's fds 0, 1 and 2 to the process's three streams, then
 /// points 0-2 at /dev/null so that only the relays hold the caller's fds.
 pub async fn attach_host_stdio(
-    client: &AgentClient,
+    agent: &AgentEndpoint,
     id: &str,
     exec_id: Option<&str>,
     relays: &mut Relays,
@@ -282,9 +253,10 @@ pub async fn attach_host_stdio(
             .map(File::from)
             .map_err(|e| ContainerError::io(Path::new("stdio"), e))
     };
-    let stdin = client.open_stream(id, exec_id, StdioStream::Stdin).await?;
-    let stdout = client.open_stream(id, exec_id, StdioStream::Stdout).await?;
-    let stderr = client.open_stream(id, exec_id, StdioStream::Stderr).await?;
+    let open = |stream| crate::agent::container::open_stream(agent, id, exec_id, stream);
+    let stdin = open(StdioStream::Stdin).await?;
+    let stdout = open(StdioStream::Stdout).await?;
+    let stderr = open(StdioStream::Stderr).await?;
     relays.input(dup(0)?, stdin);
     relays.output(stdout, dup(1)?);
     relays.output(stderr, dup(2)?);
@@ -340,31 +312,26 @@ fn listen(id: &str, dir: &Path) -> Option<UnixListener> {
     }
 }
 
-async fn supervise(
+/// Serves the control socket for container `id` of `pod` and follows the
+/// pod's events until init exits (its status), the VM dies
+/// ([`crate::pod::LOST_EXIT_STATUS`]), a shutdown request or `stop` (137).
+/// Requests are served concurrently (an exec's connection lasts as long as
+/// the exec).
+pub async fn serve(
     id: &str,
     dir: &Path,
     listener: Option<UnixListener>,
-    r: &mut Running,
+    pod: &Pod,
     events: &mut mpsc::UnboundedReceiver<PodEvent>,
+    stop: impl Future<Output = ()>,
 ) -> i32 {
-    let resize = r.tty.take().map(|tty| {
-        let (client, id) = (r.pod.agent().clone(), id.to_string());
-        tokio::spawn(watch_window_size(tty, client, id))
-    });
     let mut ooms = 0u64;
     let oom = |n: &mut u64| {
         *n += 1;
-        let _ = std::fs::write(dir.join("oom"), format!("{n}\n"));
+        let _ = std::fs::write(dir.join(OOM_FILE), format!("{n}\n"));
     };
-    // SIGTERM to the supervisor: stop like `delete --force`, cleaning up.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let terminated = async move {
-        match term.as_mut() {
-            Some(t) => t.recv().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(terminated);
+    tokio::pin!(stop);
+    let mut requests = FuturesUnordered::new();
     let status = loop {
         let accept = async {
             match &listener {
@@ -381,19 +348,32 @@ async fn supervise(
                 Some(_) => {}
                 None => break SANDBOX_DIED,
             },
-            _ = &mut terminated => {
+            _ = &mut stop => {
                 log::warn!("{id}: SIGTERM: stopping the sandbox");
                 break KILLED;
             }
             conn = accept => {
-                let Ok((conn, _)) = conn else { continue };
-                if serve_one(conn, &r.pod, id).await == Some(Op::Shutdown) {
+                if let Ok((conn, _)) = conn {
+                    requests.push(super::control::serve_one(conn, pod, id, dir));
+                }
+            }
+            Some(shutdown) = requests.next(), if !requests.is_empty() => {
+                if shutdown {
                     log::info!("{id}: shutdown requested");
                     break KILLED;
                 }
             }
         }
     };
+    // New callers find no socket: the container has stopped.
+    drop(listener);
+    let _ = std::fs::remove_file(dir.join(CONTROL_SOCKET));
+    if status != KILLED && status != SANDBOX_DIED {
+        // Init exited by itself: its other processes went with it; let their
+        // callers hear their exits.
+        let rest = async { while requests.next().await.is_some() {} };
+        let _ = tokio::time::timeout(OOM_GRACE, rest).await;
+    }
     if status == KILLED && ooms == 0 {
         // The OOM event may trail the exit: give it a moment.
         let trailing = async {
@@ -413,9 +393,6 @@ async fn supervise(
             "{id}: OOM: the container's memory limit was hit and the OOM killer ran ({ooms} kills)"
         );
     }
-    if let Some(r) = resize {
-        r.abort();
-    }
     status
 }
 
@@ -434,50 +411,5 @@ async fn watch_window_size(tty: File, client: AgentClient, id: String) {
             }
             last = now;
         }
-    }
-}
-
-/// Answers one request (a start acts on the pod); returns its op if it was
-/// valid.
-async fn serve_one(conn: tokio::net::UnixStream, pod: &Pod, id: &str) -> Option<Op> {
-    let (rd, mut wr) = conn.into_split();
-    let mut line = String::new();
-    let mut rd = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(rd, 4096));
-    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
-    let req = match read {
-        Ok(Ok(_)) => serde_json::from_str::<Request>(&line).map_err(|e| e.to_string()),
-        _ => Err("no request".to_string()),
-    };
-    let done = match &req {
-        Ok(Request { op: Op::Start }) => pod
-            .start(id, None)
-            .await
-            .map(drop)
-            .map_err(|e| crate::chain(&e).to_string()),
-        Ok(_) => Ok(()),
-        Err(e) => Err(e.clone()),
-    };
-    let resp = Response {
-        ok: done.is_ok(),
-        error: done.err(),
-    };
-    let mut out = serde_json::to_string(&resp).expect("response serializes");
-    out.push('\n');
-    let _ = wr.write_all(out.as_bytes()).await;
-    req.ok().map(|r| r.op)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_are_strict() {
-        assert_eq!(
-            serde_json::from_str::<Request>(r#"{"op":"shutdown"}"#).unwrap(),
-            Request::SHUTDOWN
-        );
-        assert!(serde_json::from_str::<Request>(r#"{"op":"shutdown","x":1}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
     }
 }

@@ -545,7 +545,8 @@ impl Pod {
         f(p, &c.bundle)
     }
 
-    fn require(
+    /// Fails with [`PodError::WrongState`] unless `ok(status)` of the process.
+    pub fn require(
         &self,
         id: &str,
         exec_id: Option<&str>,

@@ -95,7 +95,8 @@ impl Call {
     ) -> std::io::Result<(Reply, Call)> {
         let path = dir.join(CONTROL_SOCKET);
         let exchange = async {
-            let (rd, mut wr) = UnixStream::connect(&path).await?.into_split();
+            let addr = super::sockpath::SocketPath::new(&path)?;
+            let (rd, mut wr) = UnixStream::connect(addr.as_path()).await?.into_split();
             let mut line = serde_json::to_string(req).expect("a request serializes");
             line.push('\n');
             wr.write_all(line.as_bytes()).await?;

@@ -20,6 +20,7 @@ pub mod hooks;
 pub mod lock;
 pub mod ops;
 pub mod share;
+pub mod sockpath;
 pub mod state;
 pub mod status;
 pub mod stdio;

@@ -299,7 +299,7 @@ fn console_size(spec: &serde_json::Value) -> (u16, u16) {
 fn listen(id: &str, dir: &Path) -> Option<UnixListener> {
     let sock = dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&sock);
-    match UnixListener::bind(&sock) {
+    match super::sockpath::SocketPath::new(&sock).and_then(|a| UnixListener::bind(a.as_path())) {
         Ok(l) => Some(l),
         Err(e) => {
             log::error!(

@@ -10,7 +10,7 @@ APT_PACKAGES=(
     # hypervisor and helpers
     qemu-system-x86 libseccomp-dev libcap-ng-dev
     # container tooling used by tests and the demo
-    busybox-static umoci skopeo runc crun containerd podman iproute2 curl containernetworking-plugins protobuf-compiler hyperfine
+    busybox-static umoci skopeo runc crun containerd podman docker.io iptables iproute2 curl containernetworking-plugins protobuf-compiler hyperfine
     # the KVM lane's L1 (scripts/kvm-lane.sh: module dependencies)
     kmod
 )

@@ -225,21 +225,42 @@ fn state_entries(root: &Path) -> Vec<String> {
 struct Podman<'a> {
     e: &'a Env,
     conf: PathBuf,
+    runtime: PathBuf,
 }
 
 impl Podman<'_> {
+    fn new(e: &Env, conf: PathBuf) -> Podman<'_> {
+        // conmon does not pass the environment on, and the cleanup podman
+        // that conmon starts when the container exits (it may be the one that
+        // runs `delete`) gets `--runtime` but not `--runtime-flag`: the runtime
+        // is a script that names the config, as an installed one would have
+        // it at its default path.
+        let runtime = e.dir.path().join("vessel-runtime");
+        std::fs::write(
+            &runtime,
+            format!(
+                "#!/bin/sh\nexec {VESSEL} --config {} \"$@\"\n",
+                e.config.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &runtime,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        Podman { e, conf, runtime }
+    }
+
     fn run(&self, args: &[&str]) -> Output {
         let d = self.e.dir.path();
-        // conmon does not pass the environment on: the config goes as a flag.
         Command::new("podman")
             .arg("--root")
             .arg(d.join("proot"))
             .arg("--runroot")
             .arg(d.join("prun"))
             .arg("--runtime")
-            .arg(VESSEL)
-            .arg("--runtime-flag")
-            .arg(format!("config={}", self.e.config.display()))
+            .arg(&self.runtime)
             .args(args)
             .env("CONTAINERS_CONF", &self.conf)
             .stdin(Stdio::null())
@@ -291,7 +312,7 @@ fn podman_publishes_a_port_of_a_vessel_container() {
          [network]\nnetwork_backend = \"cni\"\n",
     )
     .unwrap();
-    let p = Podman { e: &e, conf };
+    let p = Podman::new(&e, conf);
     ok(
         p.run(&["load", "-i", archive.to_str().unwrap()]),
         "podman load",

@@ -543,6 +543,16 @@ fn docker_publishes_a_port_of_a_vessel_container() {
         text(&dockerd.docker(&["logs", "web"]))
     );
     assert_eq!(got.unwrap().trim(), page);
+    // exec (containerd's runc shim: `exec --process P --detach --pid-file F`)
+    // with its exit status, and with a terminal (`--console-socket`).
+    let o = dockerd.docker(&["exec", "web", "sh", "-c", "cat /www/index.html; exit 4"]);
+    assert_eq!(o.status.code(), Some(4), "docker exec: {}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), page);
+    let tty = ok(
+        dockerd.docker(&["exec", "-t", "web", "tty"]),
+        "docker exec -t",
+    );
+    assert!(tty.starts_with("/dev/pts/"), "exec -t has no pty: {tty}");
 
     // stop: SIGTERM, then SIGKILL after the grace period; then delete.
     ok(
@@ -563,6 +573,28 @@ fn docker_publishes_a_port_of_a_vessel_container() {
     );
     assert_no_processes(&id);
     assert_no_mounts(&id);
+
+    // A foreground run's output and exit status reach the client.
+    let o = dockerd.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "vessel",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo fg; exit 3",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "docker run --rm: {}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "fg\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || state_entries(
+            &dockerd.vessel_root()
+        )
+        .is_empty()),
+        "vessel state left after run --rm: {:?}",
+        state_entries(&dockerd.vessel_root())
+    );
 
     let exec_root = dockerd.exec_root.clone();
     drop(dockerd);

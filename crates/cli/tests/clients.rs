@@ -5,8 +5,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use common::{env, text, VESSEL};
+use common::{env, text, unmount_under, wait_until, VESSEL};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -100,12 +101,15 @@ fn podman_runs_with_vessel_as_runtime() {
         "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
     )
     .unwrap();
+    let runtime = e.runtime_script();
     let podman = |args: &[&str]| {
         Command::new("podman")
             .arg("--root")
             .arg(d.join("proot"))
             .arg("--runroot")
             .arg(d.join("prun"))
+            .arg("--runtime")
+            .arg(&runtime)
             .args(args)
             .env("CONTAINERS_CONF", &conf)
             .env("VESSEL_CONFIG", &e.config)
@@ -115,72 +119,35 @@ fn podman_runs_with_vessel_as_runtime() {
     let archive = vessel_testutil::image_dir().join("busybox-docker.tar");
     let o = podman(&["load", "-i", archive.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    // conmon does not pass the environment on: the config goes as a runtime flag.
-    let flag = format!("config={}", e.config.display());
-    let o = podman(&[
-        "--runtime",
-        VESSEL,
-        "--runtime-flag",
-        &flag,
-        "run",
-        "--rm",
-        IMAGE,
-        "echo",
-        "hi",
-    ]);
+    let o = podman(&["run", "--rm", IMAGE, "echo", "hi"]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
-    let o = podman(&[
-        "--runtime",
-        VESSEL,
-        "--runtime-flag",
-        &flag,
-        "run",
-        "--rm",
-        IMAGE,
-        "sh",
-        "-c",
-        "exit 3",
-    ]);
+    let o = podman(&["run", "--rm", IMAGE, "sh", "-c", "exit 3"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     // exec into a running container (podman: exec --process --detach --pid-file).
-    let o = podman(&[
-        "--runtime",
-        VESSEL,
-        "--runtime-flag",
-        &flag,
-        "run",
-        "-d",
-        "--name",
-        "pe",
-        IMAGE,
-        "sleep",
-        "600",
-    ]);
+    let o = podman(&["run", "-d", "--name", "pe", IMAGE, "sleep", "600"]);
     assert!(o.status.success(), "{}", text(&o));
-    let o = podman(&[
-        "--runtime",
-        VESSEL,
-        "--runtime-flag",
-        &flag,
-        "exec",
-        "pe",
-        "sh",
-        "-c",
-        "echo exec-hi; exit 6",
-    ]);
+    let o = podman(&["exec", "pe", "sh", "-c", "echo exec-hi; exit 6"]);
     assert_eq!(o.status.code(), Some(6), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "exec-hi\n");
-    let o = podman(&[
-        "--runtime",
-        VESSEL,
-        "--runtime-flag",
-        &flag,
-        "rm",
-        "-f",
-        "-t",
-        "0",
-        "pe",
-    ]);
+    let o = podman(&["rm", "-f", "-t", "0", "pe"]);
     assert!(o.status.success(), "{}", text(&o));
+    // Whichever podman ran `delete` (this one or conmon's cleanup), it found
+    // the container: no state is left.
+    let left = || -> Vec<String> {
+        std::fs::read_dir(&e.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "netns")
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || left().is_empty()),
+        "vessel state left: {:?}",
+        left()
+    );
+    // containers/storage leaves its overlay home (proot/overlay) mounted.
+    unmount_under(d);
 }

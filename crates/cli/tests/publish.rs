@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{env, processes_mentioning, text, wait_until, Env, VESSEL};
+use common::{env, processes_mentioning, text, unmount_under, wait_until, Env, VESSEL};
 
 /// TCG boot plus httpd start, under load.
 const T: Duration = Duration::from_secs(90);
@@ -230,25 +230,7 @@ struct Podman<'a> {
 
 impl Podman<'_> {
     fn new(e: &Env, conf: PathBuf) -> Podman<'_> {
-        // conmon does not pass the environment on, and the cleanup podman
-        // that conmon starts when the container exits (it may be the one that
-        // runs `delete`) gets `--runtime` but not `--runtime-flag`: the runtime
-        // is a script that names the config, as an installed one would have
-        // it at its default path.
-        let runtime = e.dir.path().join("vessel-runtime");
-        std::fs::write(
-            &runtime,
-            format!(
-                "#!/bin/sh\nexec {VESSEL} --config {} \"$@\"\n",
-                e.config.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(
-            &runtime,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        let runtime = e.runtime_script();
         Podman { e, conf, runtime }
     }
 
@@ -277,20 +259,6 @@ impl Drop for Podman<'_> {
         // containers/storage mounts its overlay home (proot/overlay) private
         // and leaves it mounted after each command.
         unmount_under(self.e.dir.path());
-    }
-}
-
-/// Detaches every mount at or below `dir`, deepest first.
-fn unmount_under(dir: &Path) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mut points: Vec<&str> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| Path::new(m).starts_with(dir))
-        .collect();
-    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in points {
-        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -87,6 +87,29 @@ impl Env {
         b
     }
 
+    /// An executable that runs `vessel --config <this config> ARGS`: the
+    /// `--runtime` for podman. conmon does not pass the environment on, and
+    /// the cleanup podman that conmon starts when the container exits (it may
+    /// be the one that runs `delete --force`) gets `--runtime` but not
+    /// `--runtime-flag`, so a flag would leave that delete looking in the
+    /// default state root.
+    pub fn runtime_script(&self) -> PathBuf {
+        let path = self.dir.path().join("vessel-runtime");
+        if !path.exists() {
+            std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\nexec {VESSEL} --config {} \"$@\"\n",
+                    self.config.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        path
+    }
+
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(VESSEL);
         c.arg("--config")
@@ -229,6 +252,20 @@ fn has_interpreter(elf: &[u8]) -> bool {
         let o = phoff + i * phentsize;
         u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) == PT_INTERP
     })
+}
+
+/// Detaches every mount at or below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect();
+    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in points {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 pub fn text(o: &Output) -> String {

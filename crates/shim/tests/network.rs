@@ -6,52 +6,17 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{processes_mentioning, wait_until, Containerd, IMAGE, RUNTIME};
+use common::{
+    host_get, netns_inode, processes_mentioning, test_net, wait_until, Containerd, IMAGE, RUNTIME,
+};
 
 const T: Duration = Duration::from_secs(120);
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn netns_inode(pid: &str) -> u64 {
-    std::fs::metadata(format!("/proc/{pid}/ns/net"))
-        .unwrap()
-        .ino()
-}
-
-/// The task pid `ctr task ls` shows for `id`.
-fn task_pid(c: &Containerd, id: &str) -> String {
-    let ls = stdout(&c.ctr(&["task", "ls"]));
-    ls.lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or_else(|| panic!("no task {id}: {ls}"))
-        .to_string()
-}
-
-fn host_get(url: &str) -> Option<String> {
-    let o = Command::new("curl")
-        .args(["-sf", "-m", "3", url])
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    o.status
-        .success()
-        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-/// A subnet and bridge name of this test process (`tag` tells tests apart).
-fn test_net(tag: u32) -> (String, String) {
-    let pid = std::process::id();
-    (
-        format!("10.245.{}", (pid * 3 + tag) % 250),
-        format!("vb{}n{tag}", pid % 100_000),
-    )
 }
 
 fn remove_task(c: &Containerd, id: &str) {
@@ -123,7 +88,7 @@ fn ctr_run_cni_configures_the_sandbox_namespace_and_the_container_gets_its_addre
 
     // The task pid is a host process in the sandbox's own namespace, where
     // CNI put eth0 with the address it chose.
-    let pid = task_pid(&c, "cni1");
+    let pid = c.task_pid("default", "cni1");
     assert_ne!(
         netns_inode(&pid),
         netns_inode("self"),

@@ -112,39 +112,6 @@ impl Containerd {
         self.ctr_ns("default", args)
     }
 
-    /// Gives CRI a pod network without touching the host's: a CNI plugin that
-    /// configures nothing and reports eth0 with a fixed address (containerd
-    /// needs one to run a pod that is not on the node's network; the Vessel
-    /// VM is the pod's network anyway). containerd picks the configuration up
-    /// within a moment: wait for CRI's NetworkReady before the first pod.
-    pub fn fake_cni(&self) {
-        use std::os::unix::fs::PermissionsExt;
-        let cni = self.dir.path().join("c/cni");
-        let plugin = cni.join("bin/vessel-test-cni");
-        std::fs::write(
-            &plugin,
-            r#"#!/bin/sh
-cat >/dev/null
-case "$CNI_COMMAND" in
-ADD) printf '{"cniVersion":"0.4.0","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"version":"4","address":"10.88.0.2/16","interface":0}]}' "$CNI_IFNAME" "$CNI_NETNS" ;;
-VERSION) printf '{"cniVersion":"0.4.0","supportedVersions":["0.3.0","0.3.1","0.4.0"]}' ;;
-esac
-"#,
-        )
-        .unwrap();
-        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        // containerd adds a loopback network to every pod.
-        let lo = cni.join("bin/loopback");
-        if !lo.exists() {
-            std::os::unix::fs::symlink(&plugin, &lo).unwrap();
-        }
-        std::fs::write(
-            cni.join("conf/10-vessel-test.conflist"),
-            r#"{"cniVersion":"0.4.0","name":"vessel-test","plugins":[{"type":"vessel-test-cni"}]}"#,
-        )
-        .unwrap();
-    }
-
     /// Real CNI for CRI and `ctr run --cni`: Debian's bridge, host-local,
     /// loopback and portmap plugins, one bridge network `name` on bridge
     /// `bridge` (made in the host namespace by the plugin, removed by the
@@ -207,6 +174,16 @@ esac
         out
     }
 
+    /// The task pid `ctr -n <ns> task ls` shows for `id`.
+    pub fn task_pid(&self, ns: &str, id: &str) -> String {
+        let ls = String::from_utf8_lossy(&self.ctr_ns(ns, &["task", "ls"]).stdout).to_string();
+        ls.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_else(|| panic!("no task {id}: {ls}"))
+            .to_string()
+    }
+
     pub fn log_tail(&self) -> String {
         let text =
             std::fs::read_to_string(self.dir.path().join("c/containerd.log")).unwrap_or_default();
@@ -245,6 +222,128 @@ impl Drop for Bridge {
     }
 }
 
+/// A subnet (`10.245.<n>`) and a bridge name of this test process (`tag`
+/// tells its networks apart).
+pub fn test_net(tag: u32) -> (String, String) {
+    let pid = std::process::id();
+    (
+        format!("10.245.{}", (pid * 3 + tag) % 250),
+        format!("vb{}n{tag}", pid % 100_000),
+    )
+}
+
+/// The body of `url` fetched from the host (curl, 3 s), or `None`.
+pub fn host_get(url: &str) -> Option<String> {
+    let o = Command::new("curl")
+        .args(["-sf", "-m", "3", url])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// The inode of `/proc/<pid>/ns/net` (`pid` may be `self`).
+pub fn netns_inode(pid: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .unwrap()
+        .ino()
+}
+
+/// A pod's network namespace, held by a bind mount of the test's own so that
+/// it can still be inspected after the runtime and CNI are done with it.
+pub struct PodNetns {
+    path: PathBuf,
+    /// The name its creator gave it under /var/run/netns, if any.
+    named: Option<PathBuf>,
+}
+
+impl PodNetns {
+    /// Holds the network namespace of host process `pid`, which must not be
+    /// the host's.
+    pub fn hold(c: &Containerd, pid: &str) -> PodNetns {
+        use std::os::unix::fs::MetadataExt;
+        let ino = netns_inode(pid);
+        assert_ne!(
+            ino,
+            netns_inode("self"),
+            "task pid {pid} is in the host's network namespace"
+        );
+        let path = c.dir.path().join(format!("netns-{pid}"));
+        std::fs::write(&path, "").unwrap();
+        let ok = Command::new("mount")
+            .arg("--bind")
+            .arg(format!("/proc/{pid}/ns/net"))
+            .arg(&path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "bind-mount the network namespace of {pid}");
+        let named = std::fs::read_dir("/var/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == ino));
+        eprintln!("holding the network namespace of pid {pid} ({named:?})");
+        PodNetns { path, named }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let o = Command::new("nsenter")
+            .arg(format!("--net={}", self.path.display()))
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `ip -o link` inside.
+    pub fn links(&self) -> String {
+        self.run(&["ip", "-o", "link"])
+    }
+
+    /// `tc qdisc show` inside.
+    pub fn qdiscs(&self) -> String {
+        self.run(&["tc", "qdisc", "show"])
+    }
+
+    /// `tc filter show dev <dev> ingress` inside.
+    pub fn filters(&self, dev: &str) -> String {
+        self.run(&["tc", "filter", "show", "dev", dev, "ingress"])
+    }
+
+    /// After the pod is gone: only loopback is left inside (no tap, no veth,
+    /// so no tc filter either), no ingress qdisc, and the namespace's name
+    /// is gone.
+    pub fn assert_empty(self) {
+        let links = self.links();
+        let names: Vec<&str> = links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n))
+            .collect();
+        assert_eq!(names, ["lo"], "links left in the pod's namespace: {links}");
+        assert!(
+            !self.qdiscs().contains("ingress"),
+            "qdiscs left: {}",
+            self.qdiscs()
+        );
+        if let Some(named) = &self.named {
+            assert!(!named.exists(), "namespace {named:?} left behind");
+        }
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Mount points whose path mentions `needle`.
 pub fn mounts_mentioning(needle: &str) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -257,3 +356,5 @@ pub fn mounts_mentioning(needle: &str) -> Vec<String> {
 }
 
 pub use vessel_testutil::{processes_mentioning, wait_until};
+
+pub mod cri;

@@ -1,0 +1,151 @@
+//! CRI pods on a real CNI network: Debian's containernetworking-plugins
+//! (bridge, host-local, loopback, portmap) in this containerd's private CNI
+//! directories. A pod gets the address the bridge plugin gave it, serves HTTP
+//! on it to the host, pods on one bridge reach each other, and once the pods
+//! are removed no tap, tc qdisc or filter, veth or namespace is left.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cri::*;
+use common::{host_get, test_net, wait_until, Containerd, PodNetns};
+
+const T: Duration = Duration::from_secs(120);
+
+/// A pod on the CNI network (not the node's), like a kubelet pod without
+/// `hostNetwork`.
+fn pod_on_cni(name: &str, c: &Containerd) -> PodSandboxConfig {
+    let mut cfg = pod_config(name, &c.dir.path().join("logs"));
+    cfg.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                network: NamespaceMode::Pod as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    cfg
+}
+
+/// The pod's IP in PodSandboxStatus (filled by containerd from CNI's result).
+async fn pod_ip(rt: &mut Runtime, pod: &str) -> String {
+    rt.pod_sandbox_status(PodSandboxStatusRequest {
+        pod_sandbox_id: pod.into(),
+        verbose: false,
+    })
+    .await
+    .expect("PodSandboxStatus")
+    .into_inner()
+    .status
+    .and_then(|s| s.network)
+    .map(|n| n.ip)
+    .unwrap_or_default()
+}
+
+/// busybox httpd in the foreground serving `body` at `/`.
+fn httpd(body: &str) -> Vec<String> {
+    let script =
+        format!("mkdir -p /www && echo {body} > /www/index.html && exec httpd -f -p 80 -h /www");
+    ["sh", "-c", &script].map(String::from).to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cri_pods_on_a_cni_bridge_get_its_addresses_serve_the_host_and_reach_each_other() {
+    let Some(c) = Containerd::start() else { return };
+    let (net, bridge) = test_net(20);
+    let br = c.real_cni("vessel-cri", &bridge, &net);
+    let mut rt = connect(&c.sock).await;
+    wait_network_ready(&mut rt).await;
+
+    let mut pods = Vec::new();
+    for name in ["web-a", "web-b"] {
+        let cfg = pod_on_cni(name, &c);
+        let pod = run_pod(&mut rt, &cfg).await;
+        let ip = pod_ip(&mut rt, &pod).await;
+        eprintln!("pod {name} ({pod}): {ip}");
+        assert!(
+            ip.starts_with(&format!("{net}.")),
+            "pod {name}: PodSandboxStatus ip {ip:?} is not from the bridge's subnet {net}.0/24"
+        );
+        let body = format!("hello-from-{name}");
+        let refs: Vec<String> = httpd(&body);
+        let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+        let ctr = start_container(&mut rt, &pod, &cfg, "httpd", &refs).await;
+        pods.push((pod, ip, ctr, body));
+    }
+    let [(pod_a, ip_a, ctr_a, body_a), (pod_b, ip_b, ctr_b, body_b)] = &pods[..] else {
+        unreachable!()
+    };
+    assert_ne!(ip_a, ip_b);
+
+    // The guest has the address CNI gave the pod.
+    let (code, addrs) = exec(&mut rt, ctr_a, &["ip", "-o", "-4", "addr"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        addrs.contains(&format!("inet {ip_a}/24")),
+        "guest addresses of pod a: {addrs}"
+    );
+
+    // The sandbox task's pid is the VMM, in the pod's namespace, where the
+    // runtime wired CNI's eth0 to a tap with tc redirects both ways.
+    let held: Vec<PodNetns> = [pod_a, pod_b]
+        .iter()
+        .map(|pod| PodNetns::hold(&c, &c.task_pid("k8s.io", pod)))
+        .collect();
+    for ns in &held {
+        assert!(ns.links().contains("tap0_vessel"), "{}", ns.links());
+        assert!(
+            ns.qdiscs().matches("ingress").count() >= 2,
+            "{}",
+            ns.qdiscs()
+        );
+        assert!(
+            ns.filters("eth0").contains("mirred"),
+            "{}",
+            ns.filters("eth0")
+        );
+    }
+
+    // Host -> pod over the bridge.
+    for (ip, body) in [(ip_a, body_a), (ip_b, body_b)] {
+        let url = format!("http://{ip}/");
+        let mut got = None;
+        assert!(
+            wait_until(T, || {
+                got = host_get(&url);
+                got.is_some()
+            }),
+            "host -> pod {url} failed; {}",
+            c.log_tail()
+        );
+        assert_eq!(got.unwrap().trim(), body);
+    }
+    // Pod -> pod on the same bridge, both ways (nc: busybox-static's wget
+    // crashes in glibc's static NSS).
+    for (from, ip, body) in [(ctr_b, ip_a, body_a), (ctr_a, ip_b, body_b)] {
+        let get = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {ip} 80");
+        let (code, got) = exec(&mut rt, from, &["sh", "-c", &get]).await;
+        assert_eq!(code, 0, "{from} -> {ip}: {got}");
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.trim_end().ends_with(body.as_str()),
+            "{from} -> {ip}: {got}"
+        );
+    }
+
+    let sockets = shim_sockets(&c);
+    for (pod, ..) in &pods {
+        stop_and_remove(&mut rt, pod).await;
+    }
+    assert_nothing_left(&c, &sockets);
+    assert!(
+        wait_until(Duration::from_secs(15), || br.ports().is_empty()),
+        "veths left on {bridge}: {}",
+        br.ports()
+    );
+    for ns in held {
+        ns.assert_empty();
+    }
+}

@@ -386,3 +386,31 @@ async fn a_failed_network_configuration_leaves_no_pod() {
     assert_eq!(e.hv.launched().len(), 1, "the VM was booted, then stopped");
     e.assert_clean();
 }
+
+#[tokio::test]
+async fn a_staging_failure_detaches_the_network_and_boots_nothing() {
+    let e = env();
+    let net = FakeNetwork::default();
+    let made = net.clone();
+    let mut slot = PodSlot::with_parts(
+        Box::new(|_, id| Err(PodError::Invalid(format!("no share for {id}")))),
+        Box::new(move |_, _, _| Ok(Some(Box::new(made.clone())))),
+    );
+    let rootfs = e.rootfs();
+    let make_hv = || -> vessel_runtime::Result<Box<dyn vessel_hypervisor::Hypervisor>> {
+        Ok(Box::new(e.hv.clone()))
+    };
+    let err = slot
+        .create(&e.config, make_hv, &e.tx, e.request("pod1", &rootfs))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PodError::Invalid(m) if m == "no share for pod1"),
+        "{err}"
+    );
+    // The network may own a namespace it made: it is detached (which
+    // removes it) although nothing was attached.
+    assert_eq!(*net.calls.lock().unwrap(), ["detach"]);
+    assert!(e.hv.launched().is_empty(), "no VM booted");
+    assert!(slot.get().is_none());
+}

@@ -29,7 +29,7 @@ use crate::container::share::{self, Staging};
 use crate::container::{ContainerError, Status};
 use crate::sandbox::{self, SandboxSpec};
 use crate::{Config, Sandbox};
-pub use slot::PodSlot;
+pub use slot::{MakeNetwork, PodSlot};
 pub use staging::{state_root_staging, MakeStaging, PodStaging, StagingFn};
 pub use stdio::{Relays, Stdio, StdioPaths};
 

@@ -4,11 +4,20 @@ use tokio::sync::mpsc;
 use vessel_hypervisor::Hypervisor;
 
 use super::{
-    state_root_staging, CreateRequest, MakeStaging, Pod, PodError, PodEvent, PodSetup, ProcessInfo,
-    Result,
+    state_root_staging, CreateRequest, MakeStaging, Pod, PodError, PodEvent, PodNetwork, PodSetup,
+    ProcessInfo, Result,
 };
 use crate::network::NetnsNetwork;
 use crate::Config;
+
+/// Makes the network of a pod from its first container's spec, the state
+/// root and the pod's id (a runtime-made namespace lives under the state
+/// root), or `None` for a VM without one.
+pub type MakeNetwork = Box<
+    dyn Fn(&serde_json::Value, &std::path::Path, &str) -> Result<Option<Box<dyn PodNetwork>>>
+        + Send
+        + Sync,
+>;
 
 /// The pod of a front-end that serves one pod (the shim): booted by its
 /// first container, stopped when that container is deleted (or when the
@@ -16,6 +25,7 @@ use crate::Config;
 pub struct PodSlot {
     pod: Option<Pod>,
     staging: MakeStaging,
+    network: MakeNetwork,
 }
 
 impl Default for PodSlot {
@@ -26,9 +36,20 @@ impl Default for PodSlot {
 }
 
 impl PodSlot {
-    /// Pods staged with what `staging` makes (tests: without mounts).
+    /// Pods staged with what `staging` makes (tests: without mounts), on
+    /// the network namespace their spec names ([`NetnsNetwork`]).
     pub fn with_staging(staging: MakeStaging) -> Self {
-        PodSlot { pod: None, staging }
+        Self::with_parts(staging, Box::new(NetnsNetwork::of_spec))
+    }
+
+    /// Pods staged with what `staging` makes, on the network `network`
+    /// makes (tests: fakes of both).
+    pub fn with_parts(staging: MakeStaging, network: MakeNetwork) -> Self {
+        PodSlot {
+            pod: None,
+            staging,
+            network,
+        }
     }
 
     pub fn get(&self) -> Option<&Pod> {
@@ -53,8 +74,19 @@ impl PodSlot {
             Some(pod) => pod,
             None => {
                 let hv = hv()?;
-                let network = NetnsNetwork::of_spec(&req.spec, &config.state_root, req.id)?;
-                let setup = PodSetup::in_state_root_with(config, req.id, network, &*self.staging)?;
+                let mut network = (self.network)(&req.spec, &config.state_root, req.id)?;
+                let setup = match PodSetup::in_state_root_with(config, req.id, None, &*self.staging)
+                {
+                    Ok(setup) => PodSetup { network, ..setup },
+                    Err(e) => {
+                        // Nothing is attached yet, but the network may own a
+                        // namespace it made: detach removes it.
+                        if let Some(n) = network.as_mut() {
+                            n.detach().await;
+                        }
+                        return Err(e);
+                    }
+                };
                 Pod::boot_with(config, hv.as_ref(), setup, &req.spec, events.clone()).await?
             }
         };

@@ -108,8 +108,14 @@ our_shims() {
 }
 
 stop() {
+    # CRI pods' network namespaces (containerd makes them under /var/run/netns
+    # and removes them on StopPodSandbox, which a failed test never sent).
+    local pod_netns=() ns id
     if [[ -S $SOCK ]] && [[ -f $PIDFILE ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-        local ns id
+        for id in $(ctr_ -n k8s.io containers ls -q 2>/dev/null); do
+            pod_netns+=($(ctr_ -n k8s.io containers info "$id" 2>/dev/null \
+                | grep -o '"/var/run/netns/cni-[0-9a-f-]*"' | tr -d '"' || true))
+        done
         for ns in $(ctr_ namespaces ls -q 2>/dev/null); do
             for id in $(ctr_ -n "$ns" tasks ls -q 2>/dev/null); do
                 ctr_ -n "$ns" tasks kill -a -s KILL "$id" >/dev/null 2>&1 || true
@@ -146,6 +152,11 @@ stop() {
         sock=$(tr '\0' '\n' 2>/dev/null <"/proc/$s/cmdline" | grep -A1 -x -- -socket | tail -1 || true)
         kill -9 "$s" 2>/dev/null || true
         [[ $sock == unix://* ]] && rm -f "${sock#unix://}"
+    done
+    # Deleting the namespace deletes the pod's end of CNI's veth, and so the
+    # pair. Already gone after a clean StopPodSandbox.
+    for ns in "${pod_netns[@]}"; do
+        ip netns del "$(basename "$ns")" 2>/dev/null || true
     done
     # Mounts under DIR, deepest first.
     awk -v d="$DIR/" 'index($2, d) == 1 { print $2 }' /proc/self/mounts | sort -r | while read -r m; do

@@ -149,3 +149,83 @@ async fn cri_pods_on_a_cni_bridge_get_its_addresses_serve_the_host_and_reach_eac
         ns.assert_empty();
     }
 }
+
+/// The seed's yardstick: nginx built from Debian's `nginx` package
+/// (tests/support/nginx-image.sh) in a CRI pod with runtime handler `vessel`
+/// serves its page to the host on the pod IP the bridge plugin gave it.
+/// docs/example-nginx-cri.md walks through the same steps by hand.
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_from_debian_in_a_vessel_pod_serves_its_page_on_the_pod_ip() {
+    let Some(c) = Containerd::start() else { return };
+    let image = nginx_image();
+    let import = c.ctr_ns(
+        "k8s.io",
+        &["images", "import", &image.display().to_string()],
+    );
+    assert!(import.status.success(), "import {image:?}");
+    let (net, bridge) = test_net(22);
+    let br = c.real_cni("vessel-nginx", &bridge, &net);
+    let mut rt = connect(&c.sock).await;
+    wait_network_ready(&mut rt).await;
+
+    let cfg = pod_on_cni("nginx", &c);
+    let pod = run_pod(&mut rt, &cfg).await;
+    let ip = pod_ip(&mut rt, &pod).await;
+    eprintln!("nginx pod {pod}: {ip}");
+    assert!(ip.starts_with(&format!("{net}.")), "pod ip {ip:?}");
+    let config = ContainerConfig {
+        image: Some(ImageSpec {
+            image: NGINX.into(),
+            ..Default::default()
+        }),
+        // The image's entrypoint and cmd: nginx -g 'daemon off;'. Its
+        // own pid namespace, as kubelet asks by default.
+        ..container_config_pid("nginx", &[], NamespaceMode::Container)
+    };
+    let nginx = start(&mut rt, &pod, &cfg, config).await;
+    let held = PodNetns::hold(&c, &c.task_pid("k8s.io", &pod));
+
+    let url = format!("http://{ip}/");
+    let mut page = None;
+    assert!(
+        wait_until(T, || {
+            page = host_get(&url);
+            page.is_some()
+        }),
+        "host -> nginx {url} failed: {:?}; {}",
+        status(&mut rt, &nginx).await,
+        c.log_tail()
+    );
+    let page = page.unwrap();
+    assert!(
+        page.contains("<title>Welcome to nginx!</title>"),
+        "not Debian's nginx page: {page}"
+    );
+
+    let sockets = shim_sockets(&c);
+    stop_and_remove(&mut rt, &pod).await;
+    assert_nothing_left(&c, &sockets);
+    assert!(
+        wait_until(Duration::from_secs(15), || br.ports().is_empty()),
+        "veths left on {bridge}: {}",
+        br.ports()
+    );
+    held.assert_empty();
+}
+
+const NGINX: &str = "localhost/vessel-nginx:latest";
+
+/// Builds (once, cached beside the busybox image) the nginx image.
+fn nginx_image() -> std::path::PathBuf {
+    let out =
+        std::process::Command::new(vessel_testutil::repo().join("tests/support/nginx-image.sh"))
+            .arg(vessel_testutil::image_dir())
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "nginx-image.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().into()
+}

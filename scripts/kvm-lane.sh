@@ -15,10 +15,15 @@
 # come back separately (two virtio-serial ports), each in order.
 #
 # Exit status: CMD's, or 124 if CMD outlived LANE_TIMEOUT, or 125 if the lane itself
-# failed (the message names the step and shows the tail of the L1 console).
+# failed (the message names the step and shows the tail of the L1 console). L1 writes a
+# heartbeat every 10 s while CMD runs; if none arrives for LANE_STALL_TIMEOUT, L1 itself
+# is wedged (its kernel no longer runs: seen under nested SVM in TCG), and the lane fails
+# at once with the L1 vCPUs' state from QEMU's monitor instead of waiting for LANE_TIMEOUT.
 #
 # Settings (environment): LANE_MEM_MIB (6144), LANE_CPUS (2), LANE_BOOT_TIMEOUT (300 s,
-# QEMU start to CMD start), LANE_TIMEOUT (3600 s, CMD), LANE_SHUTDOWN_TIMEOUT (60 s),
+# QEMU start to CMD start), LANE_TIMEOUT (3600 s, CMD), LANE_STALL_TIMEOUT (180 s without
+# an L1 heartbeat), LANE_SHUTDOWN_TIMEOUT (60 s), LANE_L1_CMDLINE (extra L1 kernel
+# parameters, e.g. module options such as kvm_amd.vgif=0),
 # LANE_VERBOSE=1 (report boot and run times on stderr), VESSEL_CACHE_DIR
 # (/var/cache/vessel; the L1 kernel is cached in its lane/<kernel version>/).
 set -euo pipefail
@@ -29,6 +34,8 @@ CPUS=${LANE_CPUS:-2}
 BOOT_TIMEOUT=${LANE_BOOT_TIMEOUT:-300}
 RUN_TIMEOUT=${LANE_TIMEOUT:-3600}
 SHUTDOWN_TIMEOUT=${LANE_SHUTDOWN_TIMEOUT:-60}
+STALL_TIMEOUT=${LANE_STALL_TIMEOUT:-180}
+ACCEL=${LANE_ACCEL:-tcg}
 QEMU=${LANE_QEMU:-qemu-system-x86_64}
 # Debian's generic flavour: the cloud flavour has kvm_amd but no 9p.
 META_PACKAGE=linux-image-amd64
@@ -79,8 +86,13 @@ fail() {
 }
 mount -t proc proc /proc && mount -t sysfs sysfs /sys && mount -t devtmpfs dev /dev ||
     fail "mount proc, sys, dev"
+# Module options from the kernel command line (name.option=value), as modprobe would
+# apply them (LANE_L1_CMDLINE): insmod does not read them itself.
 for m in /mods/*.ko; do
-    insmod "$m" || echo "lane-init: insmod $m failed"
+    name=$(basename "$m" .ko | sed "s/^[0-9]*-//; s/-/_/g")
+    opts=$(tr " " "\n" </proc/cmdline | sed -n "s/^$name\.//p")
+    # shellcheck disable=SC2086
+    insmod "$m" $opts || echo "lane-init: insmod $m $opts failed"
 done
 [ -e /dev/kvm ] || fail "no /dev/kvm after loading kvm_amd (svm: $(grep -c -w svm /proc/cpuinfo) cpus)"
 ctl=$(sed -n "s/.*lane_ctl=\([^ ]*\).*/\1/p" /proc/cmdline)
@@ -197,6 +209,8 @@ mkdir -p /srv/vessel/jail /run/vessel /var/tmp || fail "mkdir /srv/vessel/jail /
 hostname vessel-lane
 ip link set lo up || fail "loopback up"
 step start "$(cut -d" " -f1 /proc/uptime)"
+# The heartbeat: the host tells a slow L1 from a wedged one by it.
+(while sleep 10; do echo "LANE-BEAT $(cut -d" " -f1 /proc/uptime)" >&9; done) &
 /bin/bash /run/lane/run.sh </dev/null >/run/lane/lane.stdout 2>/run/lane/lane.stderr &
 wait $!
 echo "LANE-EXIT $?" >&9
@@ -241,11 +255,11 @@ run() {
     : >"$ctl/stdout"; : >"$ctl/stderr"; : >"$ctl/status"; : >"$ctl/console"
 
     start_at=$SECONDS
-    "$QEMU" -accel tcg -cpu max -m "$MEM_MIB" -smp "$CPUS" -nodefaults -no-user-config \
-        -display none -monitor none -no-reboot \
+    "$QEMU" -accel "$ACCEL" -cpu max -m "$MEM_MIB" -smp "$CPUS" -nodefaults -no-user-config \
+        -display none -monitor "unix:$ctl/monitor.sock,server=on,wait=off" -no-reboot \
         -serial "file:$ctl/console" \
         -kernel "$CACHE/$kv/boot/vmlinuz-$kv" -initrd "$initrd" \
-        -append "console=ttyS0 quiet panic=-1 lane_ctl=$ctl" \
+        -append "console=ttyS0 quiet panic=-1 lane_ctl=$ctl ${LANE_L1_CMDLINE:-}" \
         -virtfs local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap \
         -device virtio-serial-pci,id=ports \
         -chardev "file,id=out,path=$ctl/stdout" -device virtserialport,bus=ports.0,chardev=out,name=lane.stdout \
@@ -273,9 +287,18 @@ run() {
     # The command.
     local cmd_at=$SECONDS
     finished=
+    local size seen=-1 alive_at=$SECONDS
     while ((SECONDS - cmd_at < RUN_TIMEOUT)); do
         if grep -q '^LANE-EXIT' "$ctl/status"; then finished=1; break; fi
         lane_dead "$ctl" && break
+        size=$(stat -c %s "$ctl/status")
+        if ((size != seen)); then
+            seen=$size alive_at=$SECONDS
+        elif ((SECONDS - alive_at > STALL_TIMEOUT)); then
+            say "L1 vCPUs (QEMU monitor):"
+            vcpu_state "$ctl" >&2 || say "(the monitor did not answer)"
+            lane_fail "$ctl" "command" "L1 is wedged: no heartbeat for ${STALL_TIMEOUT} s (LANE_STALL_TIMEOUT), $((SECONDS - cmd_at)) s into the command" 125
+        fi
         sleep 0.2
     done
     if [[ -z $finished ]]; then
@@ -306,6 +329,34 @@ run() {
 
 lane_dead() { [[ -z $qpid ]] || ! kill -0 "$qpid" 2>/dev/null; }
 
+# Prints where each L1 vCPU is (QEMU's `info cpus` and the main registers), read from the
+# monitor socket with a bounded wait.
+vcpu_state() {
+    timeout 20 python3 - "$1/monitor.sock" <<'PY'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+out = b""
+for cmd in (b"info cpus\n", b"info registers -a\n"):
+    s.sendall(cmd)
+    end = time.time() + 5
+    while time.time() < end:
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        out += chunk
+keep = ("CPU", "RIP", "RAX", "RSP", "CS ", "CR0", "EFER", "HLT")
+for line in out.decode(errors="replace").splitlines():
+    line = line.strip("\r")
+    if line.lstrip("* ").startswith(keep) or "thread_id" in line:
+        print("  " + line)
+PY
+}
+
 # Reports a failed step with the L1 console's tail, stops QEMU, exits $4 (125).
 lane_fail() {
     local ctl=$1 step=$2 msg=$3 code=${4:-125}
@@ -320,8 +371,19 @@ lane_fail() {
     last=$(grep '^LANE-STEP\|^LANE-FAILED' "$ctl/status" | tail -1)
     [[ -n $last ]] && say "last L1 step: $last"
     [[ -s $ctl/qemu.log ]] && { say "QEMU said:"; tail -n 20 "$ctl/qemu.log" >&2; }
-    say "L1 console (last 40 lines):"
-    tail -n 40 "$ctl/console" | tr -d '\r' >&2
+    # A kernel oops or panic is shown whole (from its first line, at most 150 lines);
+    # otherwise the console's last 40 lines.
+    local first
+    first=$(grep -n -m1 -E 'BUG:|Oops|general protection|Kernel panic|WARNING:|watchdog:|rcu: INFO' "$ctl/console" | cut -d: -f1)
+    if [[ -n $first ]]; then
+        say "L1 console (from line $first, the first kernel error):"
+        tail -n "+$first" "$ctl/console" | head -n 150 | tr -d '\r' >&2
+        say "L1 console (last 10 lines):"
+        tail -n 10 "$ctl/console" | tr -d '\r' >&2
+    else
+        say "L1 console (last 40 lines):"
+        tail -n 40 "$ctl/console" | tr -d '\r' >&2
+    fi
     exit "$code"
 }
 

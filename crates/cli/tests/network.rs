@@ -303,3 +303,68 @@ fn loopback_only_without_a_namespace_path() {
     );
     e.assert_clean("lo1");
 }
+
+/// `tc filter show dev eth0 ingress` inside the namespace.
+fn eth0_filters(net: &TestNet) -> String {
+    let o = Command::new("ip")
+        .args(["netns", "exec", &net.ns])
+        .args(["tc", "filter", "show", "dev", "eth0", "ingress"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn delete_force_after_the_supervisor_was_killed_removes_its_tc_wiring() {
+    let Some(e) = env() else { return };
+    let net = TestNet::new(2);
+    let path = net.path();
+    let b = e.bundle("b", &["sh", "-c", "while :; do sleep 1; done"], |c| {
+        set_netns(c, Some(&path))
+    });
+    e.create("killed1", &b);
+    assert!(net.show(&["link"]).contains("tap0_vessel"));
+    assert!(
+        eth0_filters(&net).contains("mirred"),
+        "{}",
+        eth0_filters(&net)
+    );
+    let record = e.root.join("wired/killed1.json");
+    assert!(record.exists(), "no wiring record at {record:?}");
+
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.root.join("killed1/state.json")).unwrap()).unwrap();
+    let supervisor = state["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // QEMU dies with it (PR_SET_PDEATHSIG), and the tap with the last fd;
+    // the qdiscs on the namespace's own eth0 stay.
+    assert!(
+        wait_until(Duration::from_secs(20), || !net
+            .show(&["link"])
+            .contains("tap0_vessel")),
+        "tap still there: {}",
+        net.show(&["link"])
+    );
+    assert!(
+        net.qdiscs().contains("ingress"),
+        "nothing left to clean: {}",
+        net.qdiscs()
+    );
+
+    let o = e.run(&["delete", "--force", "killed1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    e.assert_clean("killed1");
+    assert!(
+        !net.qdiscs().contains("ingress"),
+        "qdisc left: {}",
+        net.qdiscs()
+    );
+    assert!(eth0_filters(&net).is_empty(), "{}", eth0_filters(&net));
+    assert!(!record.exists(), "record left");
+    // eth0 is the namespace owner's: still there, as it was.
+    assert!(net.show(&["link"]).contains("eth0"));
+}

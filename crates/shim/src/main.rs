@@ -55,6 +55,8 @@ async fn delete(flags: Flags) -> anyhow::Result<()> {
     };
     if let Ok((config, _)) = vessel_runtime::Config::load(None) {
         Pod::cleanup_after_crash(&config, &flags.id);
+        // The VM is gone: the tc qdiscs it left on the namespace's links go too.
+        vessel_runtime::network::undo_recorded(&config.state_root, &flags.id).await;
     }
     rootfs::unmount(&bundle);
     let resp = DeleteResponse {

@@ -165,6 +165,8 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     if !c.state.vm_root.starts_with(&c.dir) {
         let _ = std::fs::remove_dir_all(&c.state.vm_dir);
     }
+    // A supervisor that was killed left its tc qdiscs on the namespace's links.
+    crate::network::undo_recorded(root, id).await;
     crate::network::remove_owned_netns(root, id);
     let spec = Bundle::load(&c.state.bundle).map(|b| b.spec).ok();
     let mut oci = c.state.oci();

@@ -5,11 +5,11 @@
 //! start is wired then, and the wiring (and a namespace the runtime made)
 //! removed after the VM stopped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{PodNetwork as Wiring, SandboxNetns};
+use super::{record, PodNetwork as Wiring, SandboxNetns};
 use crate::agent::AgentClient;
 use crate::pod::{self, PodNetwork};
 use crate::sandbox::SandboxSpec;
@@ -18,6 +18,8 @@ use crate::sandbox::SandboxSpec;
 pub struct NetnsNetwork {
     netns: SandboxNetns,
     wiring: Option<Wiring>,
+    /// Where the wiring is recorded while it exists ([`record`]).
+    record: PathBuf,
 }
 
 impl NetnsNetwork {
@@ -28,7 +30,8 @@ impl NetnsNetwork {
         state_root: &Path,
         id: &str,
     ) -> pod::Result<Option<Box<dyn PodNetwork>>> {
-        Ok(SandboxNetns::for_spec(spec, state_root, id)?.map(Self::boxed))
+        let record = record::record_path(state_root, id);
+        Ok(SandboxNetns::for_spec(spec, state_root, id)?.map(|ns| Self::boxed(ns, record)))
     }
 
     /// As [`NetnsNetwork::of_spec`] in a process that `create` started
@@ -38,14 +41,31 @@ impl NetnsNetwork {
         state_root: &Path,
         id: &str,
     ) -> pod::Result<Option<Box<dyn PodNetwork>>> {
-        Ok(SandboxNetns::made_for_spec(spec, state_root, id)?.map(Self::boxed))
+        let record = record::record_path(state_root, id);
+        Ok(SandboxNetns::made_for_spec(spec, state_root, id)?.map(|ns| Self::boxed(ns, record)))
     }
 
-    fn boxed(netns: SandboxNetns) -> Box<dyn PodNetwork> {
+    fn boxed(netns: SandboxNetns, record: PathBuf) -> Box<dyn PodNetwork> {
         Box::new(NetnsNetwork {
             netns,
             wiring: None,
+            record,
         })
+    }
+
+    /// Records the wiring before anything relies on it; on failure the
+    /// caller's error path detaches (a wiring nobody could undo after a
+    /// crash is not kept).
+    fn save_record(&self) -> pod::Result<()> {
+        if let Some(w) = &self.wiring {
+            w.record()
+                .save(&self.record)
+                .map_err(|source| pod::PodError::Io {
+                    path: self.record.display().to_string(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 }
 
@@ -56,7 +76,7 @@ impl PodNetwork for NetnsNetwork {
         let wiring = Wiring::attach(self.netns.path()).await?;
         vm.nics.extend(wiring.nics());
         self.wiring = Some(wiring);
-        Ok(())
+        self.save_record()
     }
 
     async fn configure(&mut self, agent: &AgentClient) -> pod::Result<()> {
@@ -70,8 +90,10 @@ impl PodNetwork for NetnsNetwork {
 
     async fn start(&mut self, agent: &AgentClient) -> pod::Result<()> {
         if let Some(w) = self.wiring.as_mut() {
-            if let Some(guest) = w.wire_new_links().await? {
-                agent.set_network(guest).await?;
+            let guest = w.wire_new_links().await?.cloned();
+            self.save_record()?;
+            if let Some(guest) = guest {
+                agent.set_network(&guest).await?;
             }
         }
         Ok(())
@@ -80,6 +102,11 @@ impl PodNetwork for NetnsNetwork {
     async fn detach(&mut self) {
         if let Some(mut w) = self.wiring.take() {
             w.detach().await;
+        }
+        if let Err(e) = std::fs::remove_file(&self.record) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("remove {}: {e}", self.record.display());
+            }
         }
         self.netns.remove();
     }

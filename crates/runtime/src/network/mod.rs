@@ -17,6 +17,7 @@
 pub mod endpoint;
 mod hook;
 mod netns;
+mod record;
 mod sandbox;
 mod tap;
 pub mod tcfilter;
@@ -40,6 +41,7 @@ use vessel_hypervisor::{MacAddr, Nic, TapNic};
 use vessel_protocol::net::{Interface, IpNet, Mac, Neighbour, NetConfigError, Network, Route};
 
 pub use endpoint::EndpointKind;
+pub use record::{record_path, undo_recorded, RecordedLink, WiringRecord};
 pub use sandbox::{
     netns_request, owned_netns_path, remove_owned_netns, NetnsRequest, SandboxNetns,
 };
@@ -193,6 +195,19 @@ impl std::fmt::Debug for PodNetwork {
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
     let what = what.into();
     move |source| NetError::Netlink { what, source }
+}
+
+/// The name of link `index`, if there is one.
+async fn link_name(handle: &Handle, index: u32) -> Option<String> {
+    let msg = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .ok()??;
+    Some(Link::from_message(&msg).name)
 }
 
 /// Tap name for endpoint `i` (at most 15 bytes).
@@ -642,6 +657,21 @@ impl PodNetwork {
 
     pub fn netns(&self) -> &Path {
         &self.netns
+    }
+
+    /// The namespace's links that carry a qdisc of ours (see [`record`]).
+    pub fn record(&self) -> WiringRecord {
+        WiringRecord {
+            netns: self.netns.clone(),
+            links: self
+                .endpoints
+                .iter()
+                .map(|ep| RecordedLink {
+                    index: ep.link.index,
+                    name: ep.link.name.clone(),
+                })
+                .collect(),
+        }
     }
 
     /// Removes the tc qdiscs (and their filters) from the links and taps and

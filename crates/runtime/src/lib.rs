@@ -7,12 +7,15 @@
 //! - [`network`]: the sandbox's network (taps and tc redirects in its namespace).
 //! - [`container`]: OCI containers (one per sandbox), their supervisor and state.
 //! - [`pod`]: the pod model (a VM, its share and network, its containers and
-//!   processes with their guards, stdio and exits) behind the containerd shim.
+//!   processes with their guards, stdio and exits) behind both front-ends.
+//! - `fake` (feature `test-fakes`): test doubles of the runtime's traits.
 
 pub mod agent;
 pub mod backend;
 pub mod config;
 pub mod container;
+#[cfg(feature = "test-fakes")]
+pub mod fake;
 pub mod network;
 pub mod pod;
 pub mod sandbox;

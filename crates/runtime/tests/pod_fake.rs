@@ -1,58 +1,22 @@
 //! The pod model against the fake hypervisor and agent of vessel-testutil:
-//! no QEMU, no KVM, no guest, no root: the staging is a [`FakeStaging`] that
-//! records what it stages and never mounts (the real one is tested with the
-//! data-loss tests of the CLI and the shim).
+//! no QEMU, no KVM, no guest, no root: the staging is vessel-runtime's
+//! [`FakeStaging`] that records what it stages and never mounts (the real
+//! one is tested with the data-loss tests of the CLI and the shim).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use ttrpc::Code;
-use vessel_hypervisor::SharedDir;
 use vessel_runtime::agent::AgentError;
 use vessel_runtime::container::Status;
+use vessel_runtime::fake::{FakeNetwork, FakeStaging};
 use vessel_runtime::pod::{
-    CreateRequest, Pod, PodError, PodEvent, PodSetup, PodSlot, PodStaging, Stdio, StdioPaths,
+    CreateRequest, Pod, PodError, PodEvent, PodKind, PodSetup, PodSlot, Stdio, StdioPaths,
     LOST_EXIT_STATUS,
 };
 use vessel_runtime::Config;
 use vessel_testutil::fake::{FakeHypervisor, FAKE_VMM_PID};
-
-/// A staging that records the containers it holds and never mounts.
-#[derive(Clone, Default)]
-struct FakeStaging {
-    staged: Arc<Mutex<Vec<String>>>,
-    removed: Arc<Mutex<bool>>,
-}
-
-impl PodStaging for FakeStaging {
-    fn shared_dir(&self) -> SharedDir {
-        SharedDir {
-            tag: "vessel".into(),
-            host_path: PathBuf::from("/nonexistent"),
-            read_only: false,
-        }
-    }
-    fn stage(
-        &self,
-        id: &str,
-        _rootfs: &Path,
-        spec: &mut serde_json::Value,
-    ) -> vessel_runtime::container::Result<()> {
-        spec["root"]["path"] = format!("/run/vessel/shared/{id}/rootfs").into();
-        self.staged.lock().unwrap().push(id.to_string());
-        Ok(())
-    }
-    fn unstage(&self, id: &str) -> vessel_runtime::container::Result<()> {
-        self.staged.lock().unwrap().retain(|s| s != id);
-        Ok(())
-    }
-    fn remove(&self) -> vessel_runtime::container::Result<()> {
-        *self.removed.lock().unwrap() = true;
-        Ok(())
-    }
-}
 
 struct Env {
     dir: tempfile::TempDir,
@@ -88,11 +52,8 @@ impl Env {
     }
 
     fn setup(&self) -> PodSetup {
-        let staging = self.staging.clone();
-        let make = move |_: &Config, _: &str| -> vessel_runtime::pod::Result<Box<dyn PodStaging>> {
-            Ok(Box::new(staging.clone()))
-        };
-        PodSetup::in_state_root_with(&self.config, "pod1", None, &make).unwrap()
+        let make = self.staging.maker();
+        PodSetup::in_state_root_with(&self.config, "pod1", None, &*make).unwrap()
     }
 
     async fn boot(&self, spec: &serde_json::Value) -> Pod {
@@ -120,8 +81,8 @@ impl Env {
 
     /// Nothing of the pod is left staged or on disk.
     fn assert_clean(&self) {
-        assert!(self.staging.staged.lock().unwrap().is_empty(), "staged");
-        assert!(*self.staging.removed.lock().unwrap(), "share removed");
+        assert!(self.staging.staged().is_empty(), "staged");
+        assert!(self.staging.removed(), "share removed");
         assert!(!self.config.state_root.join("shared/pod1.pids").exists());
         assert!(!self.config.state_root.join("pod1").exists());
     }
@@ -276,8 +237,7 @@ async fn a_failed_first_create_leaves_no_pod_and_no_staging() {
     let e = env();
     e.hv.agent
         .fail("CreateContainer", Code::INVALID_ARGUMENT, "bad spec");
-    let staging = e.staging.clone();
-    let mut slot = PodSlot::with_staging(Box::new(move |_, _| Ok(Box::new(staging.clone()))));
+    let mut slot = PodSlot::with_staging(e.staging.maker());
     let rootfs = e.rootfs();
     let make_hv = || -> vessel_runtime::Result<Box<dyn vessel_hypervisor::Hypervisor>> {
         Ok(Box::new(e.hv.clone()))
@@ -314,37 +274,6 @@ async fn the_vm_is_sized_by_the_first_spec() {
     e.assert_clean();
 }
 
-/// A network hook that records its calls; `configure` fails if told to.
-#[derive(Clone, Default)]
-struct FakeNetwork {
-    calls: Arc<Mutex<Vec<&'static str>>>,
-    fail_configure: bool,
-}
-
-#[async_trait::async_trait]
-impl vessel_runtime::pod::PodNetwork for FakeNetwork {
-    async fn attach(
-        &mut self,
-        _vm: &mut vessel_runtime::sandbox::SandboxSpec,
-    ) -> vessel_runtime::pod::Result<()> {
-        self.calls.lock().unwrap().push("attach");
-        Ok(())
-    }
-    async fn configure(
-        &mut self,
-        _agent: &vessel_runtime::agent::AgentClient,
-    ) -> vessel_runtime::pod::Result<()> {
-        self.calls.lock().unwrap().push("configure");
-        if self.fail_configure {
-            return Err(PodError::Invalid("no route".into()));
-        }
-        Ok(())
-    }
-    async fn detach(&mut self) {
-        self.calls.lock().unwrap().push("detach");
-    }
-}
-
 #[tokio::test]
 async fn the_network_is_attached_before_boot_configured_after_and_detached_last() {
     let e = env();
@@ -355,22 +284,16 @@ async fn the_network_is_attached_before_boot_configured_after_and_detached_last(
     let pod = Pod::boot_with(&e.config, &e.hv, setup, &spec, e.tx.clone())
         .await
         .unwrap();
-    assert_eq!(*net.calls.lock().unwrap(), ["attach", "configure"]);
+    assert_eq!(net.calls(), ["attach", "configure"]);
     pod.stop().await;
-    assert_eq!(
-        *net.calls.lock().unwrap(),
-        ["attach", "configure", "detach"]
-    );
+    assert_eq!(net.calls(), ["attach", "configure", "detach"]);
     e.assert_clean();
 }
 
 #[tokio::test]
 async fn a_failed_network_configuration_leaves_no_pod() {
     let e = env();
-    let net = FakeNetwork {
-        fail_configure: true,
-        ..FakeNetwork::default()
-    };
+    let net = FakeNetwork::failing_configure();
     let mut setup = e.setup();
     setup.network = Some(Box::new(net.clone()));
     let spec = serde_json::json!({});
@@ -379,10 +302,7 @@ async fn a_failed_network_configuration_leaves_no_pod() {
         .err()
         .expect("the boot fails");
     assert!(matches!(err, PodError::Invalid(_)), "{err}");
-    assert_eq!(
-        *net.calls.lock().unwrap(),
-        ["attach", "configure", "detach"]
-    );
+    assert_eq!(net.calls(), ["attach", "configure", "detach"]);
     assert_eq!(e.hv.launched().len(), 1, "the VM was booted, then stopped");
     e.assert_clean();
 }
@@ -410,7 +330,60 @@ async fn a_staging_failure_detaches_the_network_and_boots_nothing() {
     );
     // The network may own a namespace it made: it is detached (which
     // removes it) although nothing was attached.
-    assert_eq!(*net.calls.lock().unwrap(), ["detach"]);
+    assert_eq!(net.calls(), ["detach"]);
     assert!(e.hv.launched().is_empty(), "no VM booted");
     assert!(slot.get().is_none());
+}
+
+/// A CRI container's spec, naming its pod's sandbox `sandbox`.
+fn cri_container(sandbox: &str) -> serde_json::Value {
+    serde_json::json!({"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "annotations": {
+        vessel_runtime::pod::CONTAINER_TYPE_ANNOTATION: "container",
+        vessel_runtime::pod::SANDBOX_ID_ANNOTATION: sandbox}})
+}
+
+#[tokio::test]
+async fn a_cri_container_joins_its_sandbox_in_a_cri_pod_and_keeps_its_own_namespaces_alone() {
+    let e = env();
+    let rootfs = e.rootfs();
+    // A CRI pod: the container joins the sandbox's namespaces; one whose
+    // sandbox is not in the pod is refused.
+    let pod = e.boot(&serde_json::json!({})).await;
+    pod.create(e.request("pod1", &rootfs)).await.unwrap();
+    let mut c2 = e.request("c2", &rootfs);
+    c2.spec = cri_container("pod1");
+    pod.create(c2).await.unwrap();
+    assert_eq!(e.hv.agent.joined("c2").as_deref(), Some("pod1"));
+    let mut c3 = e.request("c3", &rootfs);
+    c3.spec = cri_container("elsewhere");
+    assert!(matches!(pod.create(c3).await, Err(PodError::Invalid(_))));
+    for id in ["c2", "pod1"] {
+        pod.delete(id, None).await.unwrap();
+    }
+    pod.stop().await;
+    // A pod of one (the CLI's) gets the same spec, annotations untouched:
+    // its sandbox is in another VM, so it keeps namespaces of its own; a
+    // second container is refused.
+    let mut setup = e.setup();
+    setup.kind = PodKind::One;
+    let pod = Pod::boot_with(
+        &e.config,
+        &e.hv,
+        setup,
+        &serde_json::json!({}),
+        e.tx.clone(),
+    )
+    .await
+    .unwrap();
+    let mut alone = e.request("c4", &rootfs);
+    alone.spec = cri_container("pod1");
+    pod.create(alone).await.unwrap();
+    assert_eq!(e.hv.agent.joined("c4"), None);
+    assert!(matches!(
+        pod.create(e.request("c5", &rootfs)).await,
+        Err(PodError::Invalid(_))
+    ));
+    pod.delete("c4", None).await.unwrap();
+    pod.stop().await;
+    e.assert_clean();
 }

@@ -4,7 +4,6 @@
 //! containerd events endpoint that records what the shim publishes. No root,
 //! QEMU, KVM or containerd (the real ones are tests/ctr.rs and tests/cri.rs).
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,8 +18,8 @@ use containerd_shim::protos::topics;
 use containerd_shim::{Task, TtrpcContext};
 use containerd_shim_vessel_v2::service::{Backend, TaskService};
 use ttrpc::Code;
-use vessel_hypervisor::SharedDir;
-use vessel_runtime::pod::{PodStaging, LOST_EXIT_STATUS};
+use vessel_runtime::fake::FakeStaging;
+use vessel_runtime::pod::LOST_EXIT_STATUS;
 use vessel_runtime::Config;
 use vessel_testutil::fake::{FakeHypervisor, FAKE_VMM_PID};
 
@@ -62,37 +61,6 @@ impl FakeEvents {
     }
 }
 
-/// A staging that never mounts (the real one: tests/data_loss.rs).
-#[derive(Clone, Default)]
-struct FakeStaging(Arc<Mutex<Vec<String>>>);
-
-impl PodStaging for FakeStaging {
-    fn shared_dir(&self) -> SharedDir {
-        SharedDir {
-            tag: "vessel".into(),
-            host_path: PathBuf::from("/nonexistent"),
-            read_only: false,
-        }
-    }
-    fn stage(
-        &self,
-        id: &str,
-        _rootfs: &Path,
-        spec: &mut serde_json::Value,
-    ) -> vessel_runtime::container::Result<()> {
-        spec["root"]["path"] = format!("/run/vessel/shared/{id}/rootfs").into();
-        self.0.lock().unwrap().push(id.to_string());
-        Ok(())
-    }
-    fn unstage(&self, id: &str) -> vessel_runtime::container::Result<()> {
-        self.0.lock().unwrap().retain(|s| s != id);
-        Ok(())
-    }
-    fn remove(&self) -> vessel_runtime::container::Result<()> {
-        Ok(())
-    }
-}
-
 struct Env {
     dir: tempfile::TempDir,
     hv: FakeHypervisor,
@@ -122,7 +90,7 @@ async fn env() -> Env {
         let (hv, staging) = (hv.clone(), staging.clone());
         Backend {
             hypervisor: Box::new(move |_| Ok(Box::new(hv.clone()))),
-            staging: Box::new(move |_, _| Ok(Box::new(staging.clone()))),
+            staging: staging.maker(),
         }
     };
     let exit = Arc::new(ExitSignal::default());
@@ -240,7 +208,7 @@ async fn a_task_runs_reports_the_vmm_pid_exits_and_is_deleted() {
         topics::TASK_DELETE_EVENT_TOPIC,
     ];
     assert_eq!(e.events.topics(), want);
-    assert!(e.staging.0.lock().unwrap().is_empty(), "unstaged");
+    assert!(e.staging.staged().is_empty(), "unstaged");
     assert_eq!(e.hv.launched().len(), 1);
 }
 
@@ -295,6 +263,6 @@ async fn agent_errors_keep_their_request_code_and_a_failed_first_create_leaves_n
         "{msg}"
     );
     assert_eq!(code(e.state("c1").await).0, Code::NOT_FOUND, "no pod left");
-    assert!(e.staging.0.lock().unwrap().is_empty(), "nothing staged");
+    assert!(e.staging.staged().is_empty(), "nothing staged");
     assert!(e.events.topics().is_empty(), "{:?}", e.events.topics());
 }

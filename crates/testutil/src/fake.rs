@@ -41,6 +41,8 @@ struct AgentState {
     /// RPC name (`CreateContainer`, ...) -> the status it fails with.
     failures: HashMap<String, (Code, String)>,
     calls: Vec<String>,
+    /// Container id -> the container whose namespaces it was created to share.
+    joined: HashMap<String, String>,
 }
 
 /// A scripted agent: see the module documentation.
@@ -65,6 +67,11 @@ impl FakeAgent {
     /// The RPCs called so far, in order (`"StartContainer c1"`, ...).
     pub fn calls(&self) -> Vec<String> {
         self.lock().calls.clone()
+    }
+
+    /// The container whose namespaces container `id` was created to share.
+    pub fn joined(&self, id: &str) -> Option<String> {
+        self.lock().joined.get(id).cloned()
     }
 
     /// Makes a process exit with `status` (exec_id "" = the container's init).
@@ -231,6 +238,10 @@ impl vessel_protocol::agent_ttrpc::Agent for FakeAgent {
         r: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
         self.call("CreateContainer", &r.container_id)?;
+        if !r.share_namespaces_with.is_empty() {
+            let owner = r.share_namespaces_with.clone();
+            self.lock().joined.insert(r.container_id.clone(), owner);
+        }
         Ok(CreateContainerResponse {
             pid: self.spawn(&r.container_id, ""),
             ..Default::default()

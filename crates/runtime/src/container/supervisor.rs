@@ -27,9 +27,7 @@ use super::share::Staging;
 use super::stdio::Relays;
 use super::{AgentClient, ContainerError, Result, CONTROL_SOCKET, EXIT_FILE, OOM_FILE};
 use crate::network::NetnsNetwork;
-use crate::pod::{
-    CreateRequest, Pod, PodError, PodEvent, PodSetup, Stdio, CONTAINER_TYPE_ANNOTATION,
-};
+use crate::pod::{CreateRequest, Pod, PodError, PodEvent, PodKind, PodSetup, Stdio};
 use crate::sandbox::hypervisor;
 use crate::Config;
 
@@ -169,6 +167,7 @@ async fn setup(
     let staging = Staging::prepare(dir, &bundle.rootfs, &mut spec)?;
     let setup = PodSetup {
         id: args.id.clone(),
+        kind: PodKind::One,
         vm_root,
         vm_id,
         staging: Box::new(staging),
@@ -198,16 +197,11 @@ fn pod_err(e: PodError) -> ContainerError {
 async fn create_in(
     args: &SuperviseArgs,
     bundle: &Bundle,
-    mut spec: serde_json::Value,
+    spec: serde_json::Value,
     pod: &Pod,
 ) -> Result<(Relays, Option<File>)> {
     let id = &args.id;
     let terminal = bundle.terminal();
-    // A pod of one: grouping containers into CRI pods is the shim's; a
-    // runc-style caller gets one VM per container.
-    if let Some(a) = spec["annotations"].as_object_mut() {
-        a.remove(CONTAINER_TYPE_ANNOTATION);
-    }
     pod.create(CreateRequest {
         id,
         bundle: &args.bundle,

@@ -126,9 +126,24 @@ pub trait PodNetwork: Send + Sync {
     async fn detach(&mut self);
 }
 
+/// Which containers a pod holds, and whose namespaces they share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodKind {
+    /// A CRI pod (the shim's): its sandbox container, and the containers
+    /// whose `sandbox-id` annotation names it, which join its ipc, uts and
+    /// pid namespaces ([`namespace_owner`]).
+    Cri,
+    /// A pod of one container (the CLI's). CRI annotations in its spec name
+    /// a sandbox in another VM (a CRI runtime driving this runtime as runc:
+    /// one VM per container), so it keeps namespaces of its own; a second
+    /// container is refused.
+    One,
+}
+
 /// Where a pod keeps its parts, and its network.
 pub struct PodSetup {
     pub id: String,
+    pub kind: PodKind,
     /// The VM's run directory is `<vm_root>/<vm_id>`.
     pub vm_root: PathBuf,
     pub vm_id: String,
@@ -139,7 +154,7 @@ pub struct PodSetup {
 }
 
 impl PodSetup {
-    /// The shim's layout: the VM at `<state_root>/<id>`, the share at
+    /// The shim's layout (a [`PodKind::Cri`] pod): the VM at `<state_root>/<id>`, the share at
     /// `<state_root>/shared/<id>` (created here), a pids file beside it.
     pub fn in_state_root(
         config: &Config,
@@ -159,6 +174,7 @@ impl PodSetup {
         sandbox::validate_id(id)?;
         Ok(PodSetup {
             id: id.to_string(),
+            kind: PodKind::Cri,
             vm_root: config.state_root.clone(),
             vm_id: id.to_string(),
             staging: staging(config, id)?,
@@ -282,6 +298,7 @@ fn vm_died(
 /// A pod: one sandbox VM and the containers in it.
 pub struct Pod {
     id: String,
+    kind: PodKind,
     sandbox: Arc<Sandbox>,
     agent: AgentClient,
     share: Box<dyn PodStaging>,
@@ -370,6 +387,7 @@ impl Pod {
     ) -> Result<Pod> {
         let PodSetup {
             id,
+            kind,
             vm_root,
             vm_id,
             staging: share,
@@ -414,6 +432,7 @@ impl Pod {
         );
         let mut pod = Pod {
             id,
+            kind,
             agent: sandbox.agent().clone(),
             sandbox: Arc::new(sandbox),
             share,
@@ -601,7 +620,16 @@ impl Pod {
             return Err(PodError::VmExited(exit.to_string()));
         }
         let mut spec = req.spec;
-        let owner = namespace_owner(&spec).map(str::to_string);
+        let owner = match self.kind {
+            PodKind::Cri => namespace_owner(&spec).map(str::to_string),
+            PodKind::One if !self.is_empty() => {
+                return Err(PodError::Invalid(format!(
+                    "container {id}: pod {} holds one container",
+                    self.id
+                )))
+            }
+            PodKind::One => None,
+        };
         if let Some(sandbox) = &owner {
             if !self.lock().contains_key(sandbox) {
                 return Err(PodError::Invalid(format!(

@@ -30,6 +30,9 @@ use vessel_protocol::ports::{AGENT_VSOCK_PORT, READY_MAGIC, READY_VSOCK_PORT, ST
 /// that no code under test can signal a real process with it.
 pub const FAKE_VMM_PID: u32 = 4_194_305;
 
+/// The memory usage a [`FakeAgent`] reports for every container.
+pub const FAKE_MEMORY_USAGE: u64 = 42 << 20;
+
 fn status(code: Code, msg: &str) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()))
 }
@@ -316,6 +319,22 @@ impl vessel_protocol::agent_ttrpc::Agent for FakeAgent {
         self.call("ListProcesses", &r.container_id)?;
         Ok(ListProcessesResponse {
             pids: vec![1],
+            ..Default::default()
+        })
+    }
+
+    async fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        r: ContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        self.call("StatsContainer", &r.container_id)?;
+        Ok(StatsContainerResponse {
+            memory: Some(MemoryStats {
+                usage_bytes: FAKE_MEMORY_USAGE,
+                ..Default::default()
+            })
+            .into(),
             ..Default::default()
         })
     }

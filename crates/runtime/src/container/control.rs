@@ -126,10 +126,18 @@ impl Call {
     }
 }
 
+/// What serving one connection left to do.
+pub enum Served<'a> {
+    Done,
+    /// The caller asked the supervisor to shut down.
+    Shutdown,
+    /// An exec started: this resolves once its exit was sent to the caller.
+    Exec(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>),
+}
+
 /// Serves one connection for container `id` of `pod` (its state in `dir`):
-/// reads a request, acts on the pod, replies. Returns whether it asked the
-/// supervisor to shut down.
-pub async fn serve_one(conn: UnixStream, pod: &Pod, id: &str, dir: &Path) -> bool {
+/// reads a request, acts on the pod, replies.
+pub async fn serve_one<'a>(conn: UnixStream, pod: &'a Pod, id: &'a str, dir: &Path) -> Served<'a> {
     let (rd, mut wr) = conn.into_split();
     let mut rd = BufReader::new(rd.take(MAX_LINE));
     let mut line = String::new();
@@ -146,13 +154,12 @@ pub async fn serve_one(conn: UnixStream, pod: &Pod, id: &str, dir: &Path) -> boo
         log::debug!("{id}: the caller left before the reply");
     }
     match req {
-        Ok(Request::Exec { exec_id, .. }) if started => {
+        Ok(Request::Exec { exec_id, .. }) if started => Served::Exec(Box::pin(async move {
             let status = exec_exit(pod, id, &exec_id).await;
             write(&mut wr, &Reply::Exited { status }).await;
-            false
-        }
-        Ok(Request::Shutdown) => true,
-        _ => false,
+        })),
+        Ok(Request::Shutdown) => Served::Shutdown,
+        _ => Served::Done,
     }
 }
 

@@ -23,6 +23,7 @@ use vessel_protocol::stdio::StdioStream;
 
 use super::bundle::Bundle;
 use super::console::HostPty;
+use super::control::{serve_one, Served};
 use super::share::Staging;
 use super::stdio::Relays;
 use super::{AgentClient, ContainerError, Result, CONTROL_SOCKET, EXIT_FILE, OOM_FILE};
@@ -37,6 +38,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const RESIZE_POLL: Duration = Duration::from_millis(200);
 /// How long an OOM event may trail a SIGKILL exit.
 const OOM_GRACE: Duration = Duration::from_secs(2);
+/// How long requests in flight when init exited still get their replies.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 /// Exit status when the sandbox died under the container.
 const SANDBOX_DIED: i32 = crate::pod::LOST_EXIT_STATUS as i32;
 /// Exit status after a forced shutdown (as after SIGKILL).
@@ -306,6 +309,16 @@ fn listen(id: &str, dir: &Path) -> Option<UnixListener> {
     }
 }
 
+/// How [`serve`] stopped following the pod.
+enum End {
+    /// Init exited with this status.
+    Init(i32),
+    /// The pod's VM died.
+    Died,
+    /// A shutdown request or `stop`.
+    Stopped,
+}
+
 /// Serves the control socket for container `id` of `pod` and follows the
 /// pod's events until init exits (its status), the VM dies
 /// ([`crate::pod::LOST_EXIT_STATUS`]), a shutdown request or `stop` (137).
@@ -325,8 +338,8 @@ pub async fn serve(
         let _ = std::fs::write(dir.join(OOM_FILE), format!("{n}\n"));
     };
     tokio::pin!(stop);
-    let mut requests = FuturesUnordered::new();
-    let status = loop {
+    let (mut requests, mut execs) = (FuturesUnordered::new(), FuturesUnordered::new());
+    let end = loop {
         let accept = async {
             match &listener {
                 Some(l) => l.accept().await,
@@ -337,37 +350,53 @@ pub async fn serve(
             event = events.recv() => match event {
                 // The pod reports a VM that died as LOST_EXIT_STATUS.
                 Some(PodEvent::Exit { container_id, exec_id: None, exit, .. })
-                    if container_id == id => break exit.status as i32,
+                    if container_id == id => break End::Init(exit.status as i32),
                 Some(PodEvent::Oom { container_id }) if container_id == id => oom(&mut ooms),
                 Some(_) => {}
-                None => break SANDBOX_DIED,
+                None => break End::Died,
             },
             _ = &mut stop => {
                 log::warn!("{id}: SIGTERM: stopping the sandbox");
-                break KILLED;
+                break End::Stopped;
             }
             conn = accept => {
                 if let Ok((conn, _)) = conn {
-                    requests.push(super::control::serve_one(conn, pod, id, dir));
+                    requests.push(serve_one(conn, pod, id, dir));
                 }
             }
-            Some(shutdown) = requests.next(), if !requests.is_empty() => {
-                if shutdown {
+            Some(served) = requests.next(), if !requests.is_empty() => match served {
+                Served::Shutdown => {
                     log::info!("{id}: shutdown requested");
-                    break KILLED;
+                    break End::Stopped;
                 }
-            }
+                Served::Exec(exit) => execs.push(exit),
+                Served::Done => {}
+            },
+            Some(()) = execs.next(), if !execs.is_empty() => {}
         }
     };
-    // New callers find no socket: the container has stopped.
+    // New callers find no socket: the container has stopped. Callers in
+    // flight get their replies (a kill that ended init, say), and, if init
+    // exited by itself (its processes went with it), execs their exits.
     drop(listener);
     let _ = std::fs::remove_file(dir.join(CONTROL_SOCKET));
-    if status != KILLED && status != SANDBOX_DIED {
-        // Init exited by itself: its other processes went with it; let their
-        // callers hear their exits.
-        let rest = async { while requests.next().await.is_some() {} };
-        let _ = tokio::time::timeout(OOM_GRACE, rest).await;
-    }
+    let finish = async {
+        while let Some(served) = requests.next().await {
+            if let Served::Exec(exit) = served {
+                execs.push(exit);
+            }
+        }
+        if matches!(end, End::Init(_)) {
+            while execs.next().await.is_some() {}
+        }
+    };
+    let _ = tokio::time::timeout(IN_FLIGHT_GRACE, finish).await;
+    let status = match end {
+        End::Init(status) => status,
+        End::Died => SANDBOX_DIED,
+        // A forced stop ends the container as SIGKILL would.
+        End::Stopped => KILLED,
+    };
     if status == KILLED && ooms == 0 {
         // The OOM event may trail the exit: give it a moment.
         let trailing = async {

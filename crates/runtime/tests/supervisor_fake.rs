@@ -116,6 +116,21 @@ fn wrong_state(r: Result<impl std::fmt::Debug, ContainerError>) -> (Status, &'st
     }
 }
 
+/// The supervisor serving `$e`'s control socket (in `$dir`) until init
+/// exits or a shutdown; never stopped from outside.
+macro_rules! serving {
+    ($e:ident, $dir:ident) => {
+        supervisor::serve(
+            ID,
+            &$dir,
+            $e.listener.take(),
+            &$e.pod,
+            &mut $e.events,
+            std::future::pending(),
+        )
+    };
+}
+
 fn agent_was_asked(hv: &FakeHypervisor, rpc: &str) -> bool {
     hv.agent.calls().iter().any(|c| c.starts_with(rpc))
 }
@@ -124,14 +139,7 @@ fn agent_was_asked(hv: &FakeHypervisor, rpc: &str) -> bool {
 async fn operations_go_through_the_pod_with_its_status_guards() {
     let mut e = env().await;
     let (root, dir, hv) = (e.root.clone(), e.dir(), e.hv.clone());
-    let server = supervisor::serve(
-        ID,
-        &dir,
-        e.listener.take(),
-        &e.pod,
-        &mut e.events,
-        std::future::pending(),
-    );
+    let server = serving!(e, dir);
     let client = async {
         // Created: the pod refuses a pause before the agent is asked.
         let err = wrong_state(ops::pause(&root, ID).await);
@@ -176,14 +184,7 @@ async fn operations_go_through_the_pod_with_its_status_guards() {
 async fn pause_and_resume_keep_the_state_file_and_the_pod_in_step() {
     let mut e = env().await;
     let (root, dir) = (e.root.clone(), e.dir());
-    let server = supervisor::serve(
-        ID,
-        &dir,
-        e.listener.take(),
-        &e.pod,
-        &mut e.events,
-        std::future::pending(),
-    );
+    let server = serving!(e, dir);
     let client = async {
         ops::start(&root, ID).await.unwrap();
         ops::pause(&root, ID).await.unwrap();
@@ -222,14 +223,7 @@ async fn pause_and_resume_keep_the_state_file_and_the_pod_in_step() {
 async fn an_exec_connection_carries_the_exit_and_the_exec_is_forgotten() {
     let mut e = env().await;
     let (root, dir, hv) = (e.root.clone(), e.dir(), e.hv.clone());
-    let server = supervisor::serve(
-        ID,
-        &dir,
-        e.listener.take(),
-        &e.pod,
-        &mut e.events,
-        std::future::pending(),
-    );
+    let server = serving!(e, dir);
     let pod = &e.pod;
     let pod_exec = |pod: &Pod| pod.process(ID, Some("x1")).is_ok();
     let client = async {

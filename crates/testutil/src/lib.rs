@@ -1,6 +1,8 @@
 //! Helpers shared by the tests of the workspace: skipping loudly (failing in
 //! CI), leak checks over /proc, polling with a timeout (never a bare sleep),
-//! and [`fake`]: a fake hypervisor, VM and agent for unit tests.
+//! and [`fake`]: a fake hypervisor, VM and agent for unit tests (the fakes of
+//! vessel-runtime's own traits are `vessel_runtime::fake`, feature
+//! `test-fakes`: this crate cannot depend on vessel-runtime, whose tests use it).
 
 pub mod fake;
 

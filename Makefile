@@ -11,7 +11,7 @@ VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test \
-        test-lane test-vmm bench-boot bench-run bench-restore bench-vmm bench-kvm clean install test-shim bench-shim
+        test-lane test-vmm bench-boot bench-run bench-net bench-restore bench-vmm bench-kvm clean install test-shim bench-shim
 
 deps:
 	scripts/install-deps.sh
@@ -74,6 +74,10 @@ bench-boot: deps guest build config
 
 bench-run: deps guest build config
 	benches/run.sh
+
+# iperf3 and 1,000 sequential HTTP requests container<->host, Vessel vs runc.
+bench-net: deps guest build config
+	benches/net.sh
 
 # Cold boot vs restore from a snapshot (QEMU; TCG on hosts without hardware KVM).
 bench-restore: deps guest config

@@ -75,7 +75,8 @@ bench-boot: deps guest build config
 bench-run: deps guest build config
 	benches/run.sh
 
-# iperf3 and 1,000 sequential HTTP requests container<->host, Vessel vs runc.
+# iperf3 TCP both ways and 1,000 sequential HTTP requests, host <-> a Vessel
+# container and a runc container on veth namespaces (docs/performance.md).
 bench-net: deps guest build config
 	benches/net.sh
 

@@ -11,7 +11,7 @@ APT_PACKAGES=(
     qemu-system-x86 libseccomp-dev libcap-ng-dev
     # container tooling used by tests and the demo
     busybox-static umoci skopeo runc crun containerd podman docker.io iptables iproute2 curl containernetworking-plugins protobuf-compiler hyperfine
-    # make bench-net (the host side; the container gets Debian's iperf3 by dpkg -x)
+    # make bench-net (the host's iperf3 and its libraries are copied into the container)
     iperf3
     # the KVM lane's L1 (scripts/kvm-lane.sh: module dependencies)
     kmod

@@ -28,15 +28,28 @@ struct TestNet {
     host_veth: String,
     /// First three octets, e.g. "10.244.17".
     net: String,
+    /// The IPv6 /64, e.g. "fd00:1a2b:0", when the pair has IPv6 addresses
+    /// too (`<net6>::1` outside, `<net6>::2` inside, default route via `::1`).
+    net6: Option<String>,
 }
 
 impl TestNet {
     fn new(tag: u8) -> TestNet {
+        TestNet::build(tag, false)
+    }
+
+    /// Dual stack: IPv4 as [`TestNet::new`] plus an fd00::/8 /64.
+    fn dual(tag: u8) -> TestNet {
+        TestNet::build(tag, true)
+    }
+
+    fn build(tag: u8, v6: bool) -> TestNet {
         let pid = std::process::id();
         let n = TestNet {
             ns: format!("vessel-test-{pid}-{tag}"),
             host_veth: format!("vt{}h{tag}", pid % 100_000),
             net: format!("10.244.{}", (pid % 200) as u8 + tag),
+            net6: v6.then(|| format!("fd00:{:x}:{tag:x}", pid % 0xffff)),
         };
         // Built first: a failing step below still removes what exists.
         n.setup();
@@ -75,6 +88,35 @@ impl TestNet {
         inside(&["link", "set", "eth0", "up"]);
         inside(&["link", "set", "lo", "up"]);
         inside(&["route", "add", "default", "via", &format!("{}.1", n.net)]);
+        if let Some(net6) = &n.net6 {
+            // nodad: usable at once (the guest's copy does its own DAD).
+            must(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{net6}::1/64"),
+                "dev",
+                &n.host_veth,
+                "nodad",
+            ]);
+            inside(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{net6}::2/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            inside(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{net6}::1"),
+            ]);
+        }
     }
 
     fn path(&self) -> String {
@@ -131,7 +173,7 @@ fn set_netns(c: &mut serde_json::Value, path: Option<&str>) {
 fn host_get(url: &str) -> Option<String> {
     // curl: busybox-static's wget crashes (glibc static NSS).
     let o = Command::new("curl")
-        .args(["-sf", "-m", "3", url])
+        .args(["-gsf", "-m", "3", url])
         .stdin(Stdio::null())
         .output()
         .ok()?;
@@ -367,4 +409,76 @@ fn delete_force_after_the_supervisor_was_killed_removes_its_tc_wiring() {
     assert!(!record.exists(), "record left");
     // eth0 is the namespace owner's: still there, as it was.
     assert!(net.show(&["link"]).contains("eth0"));
+}
+
+#[test]
+fn ipv6_addresses_and_default_route_reach_the_guest() {
+    let Some(e) = env() else { return };
+    let net = TestNet::dual(1);
+    let net6 = net.net6.clone().unwrap();
+    let (host_ip, guest_ip) = (format!("{net6}::1"), format!("{net6}::2"));
+    let www = e.dir.path().join("www6");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello-over-ipv6\n").unwrap();
+    let _httpd = Reap(
+        Command::new("busybox")
+            .args(["httpd", "-f", "-p", &format!("[{host_ip}]:8080"), "-h"])
+            .arg(&www)
+            .spawn()
+            .unwrap(),
+    );
+    // container -> host over IPv6 (the default route's gateway), then the
+    // guest's view of its addresses and IPv6 routes.
+    let script = format!(
+        "mkdir -p /www && echo hello-from-the-guest-v6 > /www/index.html && httpd -p '[::]:80' -h /www && \
+         for i in $(seq 600); do \
+           printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {host_ip} 8080 > /tmp/got 2>/dev/null; \
+           if grep -q hello /tmp/got; then echo \"got: $(grep hello /tmp/got)\"; break; fi; \
+           sleep 0.1; \
+         done; ip -6 addr show eth0; ip -6 route; echo listed; while :; do sleep 1; done"
+    );
+    let path = net.path();
+    let b = e.bundle("b", &["sh", "-c", &script], |c| set_netns(c, Some(&path)));
+    let (out, err) = e.create("net6", &b);
+    let o = e.run(&["start", "net6"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        wait_until(T, || read().contains("got: hello-over-ipv6")),
+        "container -> host HTTP over IPv6 failed; stdout: {}\nstderr: {}",
+        read(),
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    assert!(wait_until(T, || read().contains("listed")), "{}", read());
+    let listing = read();
+    assert!(
+        listing.contains(&format!("inet6 {guest_ip}/64")),
+        "the guest lacks the namespace's IPv6 address: {listing}"
+    );
+    assert!(
+        listing.contains(&format!("default via {host_ip} dev eth0")),
+        "the guest lacks the IPv6 default route: {listing}"
+    );
+    // host -> container over IPv6.
+    let url = format!("http://[{guest_ip}]:80/");
+    let mut got = None;
+    assert!(
+        wait_until(T, || {
+            got = host_get(&url);
+            got.is_some()
+        }),
+        "host -> container HTTP over IPv6 failed; container stdout: {}",
+        read()
+    );
+    assert_eq!(got.unwrap(), "hello-from-the-guest-v6\n");
+    let o = e.run(&["delete", "--force", "net6"]);
+    assert!(o.status.success(), "{}", text(&o));
+    e.assert_clean("net6");
+    assert!(
+        wait_until(Duration::from_secs(10), || !net
+            .show(&["link"])
+            .contains("tap0_vessel")),
+        "tap left: {}",
+        net.show(&["link"])
+    );
 }

@@ -306,3 +306,56 @@ async fn update_container_resources_in_the_guest() {
     stop_and_remove(&mut rt, &pod).await;
     assert_nothing_left(&c, &sockets);
 }
+
+/// A container in the pod's pid namespace (CRI's POD mode) whose init forks:
+/// when the init is killed its children die too (as under runc's shim), else
+/// they would hold its stdio open and its exit would never be reported.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forking_init_in_the_pod_pid_namespace_takes_its_children_along() {
+    let Some(c) = Containerd::start() else { return };
+    let mut rt = connect(&c.sock).await;
+    let cfg = pod_config("forks", &c.dir.path().join("logs"));
+    let pod = run_pod(&mut rt, &cfg).await;
+    let script = ["sh", "-c", "sleep 1003 & sleep 1004 & wait"];
+    let a = start(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config_pid("a", &script, NamespaceMode::Pod),
+    )
+    .await;
+    let b = start(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config_pid("b", &["sleep", "1000"], NamespaceMode::Pod),
+    )
+    .await;
+    let (_, ps) = exec(&mut rt, &b, &["ps"]).await;
+    assert!(
+        ps.contains("sleep 1003"),
+        "b does not see a's children: {ps}"
+    );
+
+    // Timeout 0: SIGKILL to a's init, then containerd waits for its exit.
+    let stop = rt.stop_container(StopContainerRequest {
+        container_id: a.clone(),
+        timeout: 0,
+    });
+    tokio::time::timeout(Duration::from_secs(60), stop)
+        .await
+        .expect("StopContainer returned within 60 s")
+        .expect("StopContainer");
+    let s = status(&mut rt, &a).await;
+    assert_eq!(s.state, ContainerState::ContainerExited as i32);
+    assert_eq!(s.exit_code, 137);
+    let (_, ps) = exec(&mut rt, &b, &["ps"]).await;
+    assert!(
+        !ps.contains("sleep 1003") && !ps.contains("sleep 1004"),
+        "a's children outlived it: {ps}"
+    );
+
+    let sockets = shim_sockets(&c);
+    stop_and_remove(&mut rt, &pod).await;
+    assert_nothing_left(&c, &sockets);
+}

@@ -22,6 +22,7 @@ use libcontainer::container::{Container as LcContainer, ContainerStatus};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
+use oci_spec::runtime::LinuxNamespaceType;
 use tokio::sync::watch;
 use vessel_protocol::agent::{StdioConfig, Storage};
 use vessel_protocol::id::valid_id;
@@ -114,11 +115,20 @@ pub struct Process {
 }
 
 impl Process {
-    fn new(pid: i32, io: ProcessIo, reaper: &Reaper) -> Self {
+    /// `kill_rest_of`: the container whose remaining processes die with this
+    /// one (the init of a container without its own pid namespace: as
+    /// runc's shim does, or its children would keep the stdio pipes, and so
+    /// the reported exit, open forever).
+    fn new(pid: i32, io: ProcessIo, reaper: &Reaper, kill_rest_of: Option<String>) -> Self {
         let status = reaper.subscribe(pid);
         let (tx, exit) = watch::channel(None);
         tokio::spawn(async move {
             if let Ok(ws) = status.await {
+                if let Some(id) = kill_rest_of {
+                    for pid in cgroup::pids(&id) {
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    }
+                }
                 let _ = tx.send(Some(ExitStatus::from_wait(ws)));
             }
         });
@@ -281,6 +291,14 @@ impl Containers {
         let process = spec.process().as_ref().ok_or(spec::SpecError::NoProcess)?;
         let terminal = process.terminal().unwrap_or(false);
         let size = process.console_size().map(|s| (s.height(), s.width()));
+        let own_pid_ns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| {
+                ns.iter()
+                    .any(|n| n.typ() == LinuxNamespaceType::Pid && n.path().is_none())
+            });
         self.spawn(
             id,
             HelperOp::Create { bundle },
@@ -288,11 +306,15 @@ impl Containers {
             terminal,
             size,
             stdio,
+            (!own_pid_ns).then(|| id.to_string()),
         )
         .await
     }
 
     /// Runs the helper and wires the new process's stdio.
+    // Eight: the process's identity, stdio and exit policy; a struct for
+    // the last three is the next change to this function.
+    #[allow(clippy::too_many_arguments)]
     async fn spawn(
         &self,
         id: &str,
@@ -301,6 +323,7 @@ impl Containers {
         terminal: bool,
         console_size: Option<(u64, u64)>,
         stdio: &StdioConfig,
+        kill_rest_of: Option<String>,
     ) -> Result<Process, ContainerError> {
         let io_err = |what: String| move |e| ContainerError::Io(what, e);
         let console_dir = self.work.join("console");
@@ -350,7 +373,7 @@ impl Containers {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             ContainerError::Failed(e)
         })?;
-        Ok(Process::new(pid, io, &self.reaper))
+        Ok(Process::new(pid, io, &self.reaper, kill_rest_of))
     }
 
     /// Starts a created container.
@@ -399,7 +422,15 @@ impl Containers {
             process_json: path.clone(),
         };
         let res = self
-            .spawn(id, op, &format!("exec-{exec_id}"), terminal, size, stdio)
+            .spawn(
+                id,
+                op,
+                &format!("exec-{exec_id}"),
+                terminal,
+                size,
+                stdio,
+                None,
+            )
             .await;
         helper::remove_quietly(&path);
         let process = res?;

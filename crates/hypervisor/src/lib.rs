@@ -124,6 +124,9 @@ pub struct VmConfig {
     pub vsock_uds: PathBuf,
     /// File that receives the guest serial console.
     pub console_log: PathBuf,
+    /// Size and rate caps of the console log and of the hypervisor's and
+    /// helpers' logs (all of which the guest can make grow).
+    pub log_limits: vessel_logcap::Limits,
     /// Directories shared with the guest (virtio-fs), by tag.
     pub shared_dirs: Vec<SharedDir>,
     /// Network devices, in guest order (empty: no network but loopback).
@@ -311,6 +314,7 @@ mod tests {
             channel: AgentChannel::Serial,
             vsock_uds: "/r/v".into(),
             console_log: "/r/c".into(),
+            log_limits: Default::default(),
             shared_dirs: vec![],
             nics: Vec::new(),
             netns: None,
@@ -337,6 +341,7 @@ mod tests {
             channel: AgentChannel::Vsock,
             vsock_uds: dir.path().join("v"),
             console_log: dir.path().join("c"),
+            log_limits: Default::default(),
             shared_dirs: vec![],
             nics: Vec::new(),
             netns: None,

@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -14,11 +15,50 @@ use crate::{Error, Result};
 /// (a socket created by another process).
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
-/// Spawns `cmd` with stdout and stderr to `log`, stdin closed, in its own
-/// process group, and with SIGKILL as parent-death signal so that no helper
-/// outlives the process that supervises the VM.
-pub fn spawn(what: &'static str, mut cmd: Command, log: &Path) -> Result<Child> {
-    let out = File::create(log).map_err(|source| Error::Io {
+/// Spawns `cmd` with stdout and stderr to `log` (through a pipe into a
+/// [`vessel_logcap::BoundedLog`] drained by a thread of this process, so the
+/// log stays under `limits` whatever the child prints), stdin closed, in its
+/// own process group, and with SIGKILL as parent-death signal so that no
+/// helper outlives the process that supervises the VM.
+pub fn spawn(
+    what: &'static str,
+    cmd: Command,
+    log: &Path,
+    limits: vessel_logcap::Limits,
+) -> Result<Child> {
+    spawn_keeping(what, cmd, log, limits, None)
+}
+
+/// Moves `file` to an fd number above stdio if it has one of 0..=2 (a
+/// process started with stdio closed), so that a child can inherit it at its
+/// own number ([`spawn_keeping`]) without a clash with the stdio the child
+/// is given.
+pub fn above_stdio(file: File) -> std::io::Result<File> {
+    if file.as_raw_fd() > 2 {
+        return Ok(file);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own returns a new fd (or -1).
+    let fd = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl just returned this fd and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// [`spawn`], and the child inherits `keep` (if any) at its own fd number
+/// (see [`above_stdio`]). Every fd a child inherits keeps its number (the
+/// tap fds of `crate::nic` too), so inherited fds cannot clash: they are
+/// distinct open fds of this process.
+pub fn spawn_keeping(
+    what: &'static str,
+    mut cmd: Command,
+    log: &Path,
+    limits: vessel_logcap::Limits,
+    keep: Option<File>,
+) -> Result<Child> {
+    let out = vessel_logcap::pipe_to(log, limits).map_err(|source| Error::Io {
         what: format!("create {}", log.display()),
         source,
     })?;
@@ -30,11 +70,16 @@ pub fn spawn(what: &'static str, mut cmd: Command, log: &Path) -> Result<Child> 
         .stdout(out)
         .stderr(err)
         .process_group(0);
+    let keep_fd = keep.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
     // SAFETY: the closure runs in the forked child before exec and only calls
-    // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+    // prctl(2) and fcntl(2) on plain ints, which are async-signal-safe; it
+    // touches no memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if keep_fd > 2 && libc::fcntl(keep_fd, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -43,6 +88,7 @@ pub fn spawn(what: &'static str, mut cmd: Command, log: &Path) -> Result<Child> 
     let child = cmd
         .spawn()
         .map_err(|source| Error::Spawn { what, source })?;
+    drop(keep);
     log::debug!("started {what} pid {:?}", child.id());
     Ok(child)
 }
@@ -166,7 +212,7 @@ mod tests {
         let log = dir.path().join("h.log");
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo helper failed: bad flag >&2; exit 3"]);
-        let mut child = spawn("helper", cmd, &log).unwrap();
+        let mut child = spawn("helper", cmd, &log, Default::default()).unwrap();
         let err = wait_for_path(
             &dir.path().join("never"),
             &mut child,

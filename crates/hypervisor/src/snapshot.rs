@@ -176,6 +176,7 @@ mod tests {
             channel: AgentChannel::Serial,
             vsock_uds: dir.join("v"),
             console_log: dir.join("c"),
+            log_limits: Default::default(),
             shared_dirs: vec![],
             nics: Vec::new(),
             netns: None,

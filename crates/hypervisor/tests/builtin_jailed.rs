@@ -59,6 +59,7 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
         id: id.clone(),
         vsock_uds: run_dir.join("vsock.sock"),
         console_log: run_dir.join("console.log"),
+        log_limits: Default::default(),
         run_dir: run_dir.clone(),
         kernel: guest,
         initramfs,
@@ -124,6 +125,7 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
         id: clone_id.clone(),
         vsock_uds: clone_run.join("vsock.sock"),
         console_log: clone_run.join("console.log"),
+        log_limits: Default::default(),
         run_dir: clone_run.clone(),
         ..cfg.clone()
     };

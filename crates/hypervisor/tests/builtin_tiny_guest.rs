@@ -23,6 +23,7 @@ fn vm_config(dir: &Path, guest: &Path, initramfs: &Path, id: &str) -> VmConfig {
         id: id.into(),
         vsock_uds: run_dir.join("vsock.sock"),
         console_log: run_dir.join("console.log"),
+        log_limits: Default::default(),
         run_dir,
         kernel: guest.into(),
         initramfs: initramfs.into(),

@@ -58,6 +58,30 @@ pub struct Config {
     pub kernel_args: Vec<String>,
     pub qemu: QemuSection,
     pub builtin: BuiltinSection,
+    pub logs: LogsSection,
+}
+
+/// Caps of every log a guest can make grow: its serial console and the
+/// output of the hypervisor and of its helpers (virtiofsd,
+/// vhost-device-vsock), each file on its own. See docs/threat-model.md.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsSection {
+    /// Size cap of each log file in bytes (at least 4096); past it the file
+    /// restarts with its newest half. Default 1048576 (1 MiB).
+    pub max_bytes: u64,
+    /// Rate cap of each log in bytes per second; output over it is dropped
+    /// and the drop noted in the log. 0: no rate cap. Default 262144.
+    pub bytes_per_sec: u64,
+}
+
+impl Default for LogsSection {
+    fn default() -> Self {
+        LogsSection {
+            max_bytes: vessel_logcap::DEFAULT_MAX_BYTES,
+            bytes_per_sec: vessel_logcap::DEFAULT_BYTES_PER_SEC,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -166,6 +190,7 @@ impl Default for Config {
             kernel_args: Vec::new(),
             qemu: QemuSection::default(),
             builtin: BuiltinSection::default(),
+            logs: LogsSection::default(),
         }
     }
 }
@@ -210,10 +235,25 @@ impl Config {
         if self.default_vcpus == 0 || self.default_memory_mib < 64 {
             return Err("default_vcpus must be >= 1 and default_memory_mib >= 64".into());
         }
+        if self.logs.max_bytes < vessel_logcap::MIN_MAX_BYTES {
+            return Err(format!(
+                "logs.max_bytes = {}: must be at least {}",
+                self.logs.max_bytes,
+                vessel_logcap::MIN_MAX_BYTES
+            ));
+        }
         if self.builtin.jailer && (self.builtin.jail_uid == 0 || self.builtin.jail_gid == 0) {
             return Err("builtin.jail_uid and builtin.jail_gid must not be 0 (root)".into());
         }
         Ok(())
+    }
+
+    /// The caps of every log a guest can make grow.
+    pub fn log_limits(&self) -> vessel_logcap::Limits {
+        vessel_logcap::Limits {
+            max_bytes: self.logs.max_bytes,
+            bytes_per_sec: self.logs.bytes_per_sec,
+        }
     }
 
     pub fn builtin_config(&self) -> BuiltinConfig {
@@ -263,6 +303,12 @@ mod tests {
         let e = Config::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("unknown field") && e.contains("chanel"), "{e}");
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+        std::fs::write(&p, "[logs]\nmax_bytes = 65536\nbytes_per_sec = 0\n").unwrap();
+        let l = Config::load(Some(&p)).unwrap().0.log_limits();
+        assert_eq!((l.max_bytes, l.bytes_per_sec), (65536, 0));
+        std::fs::write(&p, "[logs]\nmax_bytes = 10\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("logs.max_bytes"), "{e}");
     }
 
     #[test]

@@ -9,9 +9,11 @@
 //! - [`pod`]: the pod model (a VM, its share and network, its containers and
 //!   processes with their guards, stdio and exits) behind both front-ends.
 //! - `fake` (feature `test-fakes`): test doubles of the runtime's traits.
+//! - [`beneath`]: race-free file operations inside trees the guest can write.
 
 pub mod agent;
 pub mod backend;
+pub mod beneath;
 pub mod config;
 pub mod container;
 #[cfg(feature = "test-fakes")]

@@ -176,6 +176,40 @@ pub struct VsockConfig {
     pub cid: u32,
 }
 
+/// Caps of the serial log file, which the guest writes at will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialLogLimits {
+    /// The file never grows past this many bytes (the newest output is kept).
+    pub max_bytes: u64,
+    /// Sustained bytes per second accepted (0: none); output over it is dropped.
+    pub bytes_per_sec: u64,
+}
+
+impl Default for SerialLogLimits {
+    fn default() -> Self {
+        vessel_logcap::Limits::default().into()
+    }
+}
+
+impl From<vessel_logcap::Limits> for SerialLogLimits {
+    fn from(l: vessel_logcap::Limits) -> Self {
+        SerialLogLimits {
+            max_bytes: l.max_bytes,
+            bytes_per_sec: l.bytes_per_sec,
+        }
+    }
+}
+
+impl From<SerialLogLimits> for vessel_logcap::Limits {
+    fn from(l: SerialLogLimits) -> Self {
+        vessel_logcap::Limits {
+            max_bytes: l.max_bytes,
+            bytes_per_sec: l.bytes_per_sec,
+        }
+    }
+}
+
 /// Everything needed to boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,6 +231,9 @@ pub struct VmConfig {
     /// Where the guest's serial console goes; stdout when unset.
     #[serde(default)]
     pub serial_log: Option<PathBuf>,
+    /// Size and rate caps of `serial_log`.
+    #[serde(default)]
+    pub serial_log_limits: SerialLogLimits,
     /// Hybrid vsock device.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
@@ -314,6 +351,10 @@ mod tests {
         assert!(e.is_err());
         let c: VmConfig = serde_json::from_str(r#"{"kernel":"k"}"#).unwrap();
         assert_eq!((c.mem_mib, c.vcpus), (128, 1));
+        assert_eq!(
+            c.serial_log_limits.max_bytes,
+            vessel_logcap::DEFAULT_MAX_BYTES
+        );
         assert!(c.validate().is_ok());
     }
 

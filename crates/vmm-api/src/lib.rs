@@ -6,7 +6,7 @@
 pub mod config;
 pub mod kvm;
 
-pub use config::VmConfig;
+pub use config::{SerialLogLimits, VmConfig};
 pub use kvm::HostKvm;
 
 use std::path::PathBuf;
@@ -43,6 +43,9 @@ pub enum Request {
         /// New serial log path (the snapshot's is used when unset).
         #[serde(default)]
         serial_log: Option<PathBuf>,
+        /// New caps of the serial log (the snapshot's are used when unset).
+        #[serde(default)]
+        serial_log_limits: Option<config::SerialLogLimits>,
         /// New vsock Unix socket path (the snapshot's is used when unset).
         #[serde(default)]
         vsock_uds: Option<PathBuf>,
@@ -164,6 +167,7 @@ mod tests {
         let r = Request::Restore {
             dir: "/s".into(),
             serial_log: Some("/c".into()),
+            serial_log_limits: None,
             vsock_uds: None,
             paused: true,
         };

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use vessel_vmm::api::server::ApiServer;
 use vessel_vmm::config::{
-    BlockConfig, FsConfig, HostKvm, NetConfig, PvmQuirks, VmConfig, VsockConfig,
+    BlockConfig, FsConfig, HostKvm, NetConfig, PvmQuirks, SerialLogLimits, VmConfig, VsockConfig,
 };
 use vessel_vmm::vmm::Vmm;
 
@@ -38,6 +38,12 @@ struct Args {
     /// Serial console output file (default: stdout).
     #[arg(long)]
     serial_log: Option<PathBuf>,
+    /// Size cap of the serial log file in bytes (the newest output is kept).
+    #[arg(long, default_value_t = vessel_logcap::DEFAULT_MAX_BYTES)]
+    serial_log_max_bytes: u64,
+    /// Rate cap of the serial log in bytes per second (0: none); output over it is dropped.
+    #[arg(long, default_value_t = vessel_logcap::DEFAULT_BYTES_PER_SEC)]
+    serial_log_rate: u64,
     /// Control API Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -88,6 +94,13 @@ fn parse_quirks(s: &str) -> Result<PvmQuirks, String> {
 }
 
 impl Args {
+    fn serial_log_limits(&self) -> SerialLogLimits {
+        SerialLogLimits {
+            max_bytes: self.serial_log_max_bytes,
+            bytes_per_sec: self.serial_log_rate,
+        }
+    }
+
     fn vm_config(&self) -> anyhow::Result<Option<VmConfig>> {
         let Some(kernel) = self.kernel.clone() else {
             return Ok(None);
@@ -102,6 +115,7 @@ impl Args {
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
             serial_log: self.serial_log.clone(),
+            serial_log_limits: self.serial_log_limits(),
             vsock: self.vsock_uds.clone().map(|uds| VsockConfig {
                 uds,
                 cid: self.vsock_cid.unwrap_or(3),
@@ -152,6 +166,7 @@ fn run() -> anyhow::Result<i32> {
         Vmm::restore(
             dir,
             args.serial_log.clone(),
+            Some(args.serial_log_limits()),
             args.vsock_uds.clone(),
             args.paused,
         )

@@ -4,8 +4,8 @@
 //! instead of killing.
 //!
 //! vCPU threads may only run `KVM_RUN` (and `KVM_GET_REGS` to report an internal error),
-//! write eventfds and the console log, and manage memory and locks: device activation and
-//! all back-end I/O happen on the VMM thread. Known gap: on the VMM thread `ioctl` is
+//! write eventfds and the console log (truncating it at its cap), and manage memory and
+//! locks: device activation and all back-end I/O happen on the VMM thread. Known gap: on the VMM thread `ioctl` is
 //! allowed with any request (KVM `GET_*` for snapshots, `FIONBIO`, tap set-up).
 
 use std::collections::BTreeMap;
@@ -63,6 +63,8 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_exit_group,
     libc::SYS_gettid,
     libc::SYS_getpid,
+    // The serial log's size cap truncates it (on the vCPU thread that writes it).
+    libc::SYS_ftruncate,
 ];
 
 /// Additional calls of the VMM thread: the event loop, device activation and back ends
@@ -97,7 +99,6 @@ const VMM_ONLY: &[libc::c_long] = &[
     libc::SYS_newfstatat,
     libc::SYS_fstat,
     libc::SYS_statx,
-    libc::SYS_ftruncate,
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,

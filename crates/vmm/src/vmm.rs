@@ -1,7 +1,6 @@
 //! The VMM: builds a VM from a config or a snapshot, runs the vCPU threads, and runs the
 //! event loop (devices, control API) on the calling thread until the VM stops.
 
-use std::fs::OpenOptions;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -110,13 +109,15 @@ struct Machine {
     cmdline_extra: Vec<String>,
 }
 
-fn open_serial_out(path: Option<&Path>) -> Result<Box<dyn std::io::Write + Send>, VmmError> {
+fn open_serial_out(
+    path: Option<&Path>,
+    limits: crate::config::SerialLogLimits,
+) -> Result<Box<dyn std::io::Write + Send>, VmmError> {
     Ok(match path {
+        // Truncated, never through a link, and kept under its caps with
+        // only write(2) and ftruncate(2) on the vCPU thread that writes it.
         Some(p) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
+            vessel_logcap::BoundedLog::create(p, limits.into())
                 .map_err(|e| VmmError::Setup("serial log", e))?,
         ),
         None => Box::new(std::io::stdout()),
@@ -140,7 +141,10 @@ fn build_machine(
     vm.fd()
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| VmmError::Setup("serial irqfd", std::io::Error::other(e)))?;
-    let out = SerialOut::new(open_serial_out(config.serial_log.as_deref())?, exit.clone());
+    let out = SerialOut::new(
+        open_serial_out(config.serial_log.as_deref(), config.serial_log_limits)?,
+        exit.clone(),
+    );
     let serial_state = snap.map(|s| (&s.serial).into());
     let serial = Arc::new(Mutex::new(
         SerialDevice::new(serial_irq, out, serial_state.as_ref())
@@ -302,10 +306,11 @@ impl Vmm {
     }
 
     /// Restores a VM from the snapshot in `dir`. `serial_log` and `vsock_uds` override the
-    /// snapshot's paths (each clone needs its own).
+    /// snapshot's paths (each clone needs its own), `serial_log_limits` its log caps.
     pub fn restore(
         dir: &Path,
         serial_log: Option<PathBuf>,
+        serial_log_limits: Option<crate::config::SerialLogLimits>,
         vsock_uds: Option<PathBuf>,
         paused: bool,
     ) -> Result<Self, VmmError> {
@@ -315,6 +320,9 @@ impl Vmm {
         let mut config = snap.config.clone();
         if serial_log.is_some() {
             config.serial_log = serial_log;
+        }
+        if let Some(limits) = serial_log_limits {
+            config.serial_log_limits = limits;
         }
         if let (Some(v), Some(uds)) = (config.vsock.as_mut(), vsock_uds) {
             v.uds = uds;
@@ -706,11 +714,14 @@ pub fn serve_until_vm(api: &mut ApiServer) -> Result<Vmm, VmmError> {
                             Request::Restore {
                                 dir,
                                 serial_log,
+                                serial_log_limits,
                                 vsock_uds,
                                 paused,
-                            } => Vmm::restore(&dir, serial_log, vsock_uds, paused)
-                                .map(Some)
-                                .map_err(|e| crate::error_chain(&e)),
+                            } => {
+                                Vmm::restore(&dir, serial_log, serial_log_limits, vsock_uds, paused)
+                                    .map(Some)
+                                    .map_err(|e| crate::error_chain(&e))
+                            }
                             Request::Metrics {} => Ok(None),
                             Request::Shutdown {} => std::process::exit(crate::EXIT_OK),
                             other => {

@@ -138,8 +138,10 @@ pub fn jailer_args(
         Start::Restore {
             dir,
             serial_log,
+            serial_log_limits,
             vsock_uds,
         } => Start::Restore {
+            serial_log_limits,
             // The VMM opens the snapshot's files read-only and maps the memory file
             // privately: a read-only bind is enough.
             dir: ro_bind(&mut a, &dir, SNAPSHOT_IN_JAIL),
@@ -343,6 +345,7 @@ mod tests {
         let (a, start) = args(Start::Restore {
             dir: "/var/lib/snap".into(),
             serial_log: "/run/vessel/sb1/console.log".into(),
+            serial_log_limits: Default::default(),
             vsock_uds: "/run/vessel/sb1/vsock.sock".into(),
         })
         .unwrap();
@@ -357,6 +360,7 @@ mod tests {
             Start::Restore {
                 dir: "/snapshot".into(),
                 serial_log: "/run/vessel/console.log".into(),
+                serial_log_limits: Default::default(),
                 vsock_uds: "/run/vessel/vsock.sock".into(),
             }
         );
@@ -417,6 +421,7 @@ mod tests {
             channel: crate::AgentChannel::Vsock,
             vsock_uds: "/r/a/v.sock".into(),
             console_log: "/r/a/c.log".into(),
+            log_limits: Default::default(),
             shared_dirs: vec![],
             nics: Vec::new(),
             netns: None,

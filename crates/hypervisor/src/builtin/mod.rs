@@ -71,6 +71,7 @@ impl Builtin {
             mem_mib: u64::from(cfg.memory_mib),
             vcpus,
             serial_log: Some(cfg.console_log.clone()),
+            serial_log_limits: cfg.log_limits.into(),
             vsock: Some(vmm_api::config::VsockConfig {
                 uds: cfg.vsock_uds.clone(),
                 cid: 3,
@@ -111,11 +112,12 @@ impl Builtin {
 pub enum Start {
     /// `configure` with this configuration, then `boot`.
     Boot(Box<vmm_api::VmConfig>),
-    /// `restore` the snapshot in `dir` with the VM's own serial log and vsock socket, and
-    /// run it.
+    /// `restore` the snapshot in `dir` with the VM's own serial log (and its caps) and
+    /// vsock socket, and run it.
     Restore {
         dir: PathBuf,
         serial_log: PathBuf,
+        serial_log_limits: vmm_api::SerialLogLimits,
         vsock_uds: PathBuf,
     },
 }
@@ -131,10 +133,12 @@ impl Start {
             Start::Restore {
                 dir,
                 serial_log,
+                serial_log_limits,
                 vsock_uds,
             } => vec![vmm_api::Request::Restore {
                 dir,
                 serial_log: Some(serial_log),
+                serial_log_limits: Some(serial_log_limits),
                 vsock_uds: Some(vsock_uds),
                 paused: false,
             }],
@@ -210,6 +214,7 @@ impl Hypervisor for Builtin {
         let start = Start::Restore {
             dir: dir.to_path_buf(),
             serial_log: cfg.console_log.clone(),
+            serial_log_limits: cfg.log_limits.into(),
             vsock_uds: cfg.vsock_uds.clone(),
         };
         let child = self.start_vmm(cfg, start, "vessel-vmm (restoring)").await?;
@@ -254,7 +259,7 @@ impl Builtin {
             }
         }
         let requests = start.requests();
-        let mut child = spawn(name, cmd, &log)?;
+        let mut child = spawn(name, cmd, &log, cfg.log_limits)?;
         let started = async {
             wait_for_path(&api_sock, &mut child, what, &log, START_TIMEOUT).await?;
             // The socket file exists from bind(), a moment before listen(): a connect in
@@ -357,6 +362,7 @@ mod tests {
             channel: AgentChannel::Vsock,
             vsock_uds: "/r/a/vsock.sock".into(),
             console_log: "/r/a/console.log".into(),
+            log_limits: Default::default(),
             shared_dirs: vec![SharedDir {
                 tag: "rootfs".into(),
                 host_path: "/b".into(),

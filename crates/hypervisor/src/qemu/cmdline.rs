@@ -34,7 +34,15 @@ impl Paths {
     }
 }
 
-pub fn args(cfg: &VmConfig, accel: Accelerator, machine: Machine, paths: &Paths) -> Vec<String> {
+/// QEMU's command line; the serial console goes to `console_fd`, an fd QEMU
+/// inherits at that number.
+pub fn args(
+    cfg: &VmConfig,
+    accel: Accelerator,
+    machine: Machine,
+    paths: &Paths,
+    console_fd: std::os::fd::RawFd,
+) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("vessel-{},debug-threads=on", cfg.id)]);
@@ -93,7 +101,8 @@ pub fn args(cfg: &VmConfig, accel: Accelerator, machine: Machine, paths: &Paths)
     push(&["-append", &crate::guest_cmdline(cfg, &["reboot=t"])]);
     push(&[
         "-chardev",
-        &format!("file,id=console,path={}", cfg.console_log.display()),
+        // A pipe to the host-side bounded log (see `Qemu::start_qemu_with`).
+        &format!("file,id=console,path=/proc/self/fd/{console_fd}"),
     ]);
     push(&["-serial", "chardev:console"]);
     push(&[
@@ -201,6 +210,7 @@ mod tests {
             channel,
             vsock_uds: "/run/vessel/sb1/vsock.sock".into(),
             console_log: "/run/vessel/sb1/console.log".into(),
+            log_limits: Default::default(),
             shared_dirs: vec![SharedDir {
                 tag: "rootfs".into(),
                 host_path: "/b/rootfs".into(),
@@ -233,9 +243,15 @@ mod tests {
             Accelerator::Tcg,
             Machine::Q35,
             &Paths::new(&c.run_dir),
+            9,
         ));
         assert!(
             q35.contains(&format!("-netdev tap,id=net0,fd={raw},vhost=off")),
+            "{q35}"
+        );
+        // The console pipe and the taps are inherited at their own numbers.
+        assert!(
+            q35.contains("-chardev file,id=console,path=/proc/self/fd/9"),
             "{q35}"
         );
         assert!(
@@ -247,6 +263,7 @@ mod tests {
             Accelerator::Tcg,
             Machine::Microvm,
             &Paths::new(&c.run_dir),
+            9,
         ));
         assert!(
             mmio.contains("-device virtio-net-device,netdev=net0"),
@@ -263,6 +280,7 @@ mod tests {
             Accelerator::Tcg,
             Machine::Q35,
             &Paths::new(&c.run_dir),
+            9,
         ));
         assert!(
             a.contains("-machine q35,accel=tcg,memory-backend=mem"),
@@ -286,6 +304,7 @@ mod tests {
             Accelerator::Kvm,
             Machine::Microvm,
             &Paths::new(&c.run_dir),
+            9,
         ));
         assert!(a.contains("microvm,accel=kvm"), "{a}");
         assert!(a.contains("-cpu host"));
@@ -305,6 +324,7 @@ mod tests {
             Accelerator::Tcg,
             Machine::Q35,
             &Paths::new(&c.run_dir),
+            9,
         ));
         assert!(a.contains("memory-backend-ram,id=mem,size=384M"), "{a}");
         assert!(!a.contains("share=on"), "{a}");

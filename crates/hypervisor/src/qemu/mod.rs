@@ -19,7 +19,7 @@ pub use cmdline::Machine;
 use cmdline::Paths;
 
 use crate::host::Accelerator;
-use crate::process::{spawn, wait_for_path};
+use crate::process::{above_stdio, spawn, spawn_keeping, wait_for_path};
 use crate::process_vm::{Control, ProcessVm};
 use crate::virtiofs::HELPER_START_TIMEOUT;
 use crate::{
@@ -214,7 +214,7 @@ impl Qemu {
             cmd.arg("--guest-cid").arg("3");
             cmd.arg("--socket").arg(&paths.vhost_vsock);
             cmd.arg("--uds-path").arg(&cfg.vsock_uds);
-            let mut child = spawn("vhost-device-vsock", cmd, &log)?;
+            let mut child = spawn("vhost-device-vsock", cmd, &log, cfg.log_limits)?;
             let ready = wait_for_path(
                 &paths.vhost_vsock,
                 &mut child,
@@ -235,7 +235,22 @@ impl Qemu {
     }
 
     fn start_qemu_with(&self, cfg: &VmConfig, paths: &Paths, extra: &[&str]) -> Result<Child> {
-        let mut args = cmdline::args(cfg, self.accelerator, self.config.machine, paths);
+        // QEMU cannot cap a file chardev: the console goes into a pipe that
+        // QEMU inherits at its own fd number (as the tap fds are: no clash)
+        // and a thread of this process writes to a bounded log.
+        let console = vessel_logcap::pipe_to(&cfg.console_log, cfg.log_limits)
+            .and_then(above_stdio)
+            .map_err(|source| Error::Io {
+                what: format!("create {}", cfg.console_log.display()),
+                source,
+            })?;
+        let mut args = cmdline::args(
+            cfg,
+            self.accelerator,
+            self.config.machine,
+            paths,
+            console.as_raw_fd(),
+        );
         args.extend(extra.iter().map(|a| a.to_string()));
         log::debug!("qemu: {} {}", self.config.qemu.display(), args.join(" "));
         let mut cmd = Command::new(&self.config.qemu);
@@ -258,6 +273,12 @@ impl Qemu {
                 cmd.pre_exec(move || crate::process::enter_netns(ns));
             }
         }
-        spawn("QEMU", cmd, &cfg.run_dir.join("qemu.log"))
+        spawn_keeping(
+            "QEMU",
+            cmd,
+            &cfg.run_dir.join("qemu.log"),
+            cfg.log_limits,
+            Some(console),
+        )
     }
 }

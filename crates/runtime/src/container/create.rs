@@ -53,6 +53,9 @@ pub fn create(config: &Config, mut opts: CreateOptions) -> Result<u32> {
         .mode(0o711)
         .create(&config.state_root)
         .map_err(|e| ContainerError::io(&config.state_root, e))?;
+    // The whole creation runs under the id's lock: a concurrent `delete`
+    // sees either nothing or a complete state.json.
+    let lock = ContainerLock::acquire(&config.state_root, &opts.id)?;
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -64,11 +67,13 @@ pub fn create(config: &Config, mut opts: CreateOptions) -> Result<u32> {
     if res.is_err() {
         crate::network::remove_owned_netns(&config.state_root, &opts.id);
         undo(&dir);
+        lock.remove();
     }
     res
 }
 
-fn undo(dir: &Path) {
+/// Removes what a failed or aborted create left in `dir` (caller holds the lock).
+pub(super) fn undo(dir: &Path) {
     let (vm_root, vm_id) = super::vm_location(dir);
     if !vm_root.starts_with(dir) {
         let _ = std::fs::remove_dir_all(vm_root.join(vm_id));
@@ -84,7 +89,6 @@ fn create_in(
     bundle: &Bundle,
     dir: &Path,
 ) -> Result<u32> {
-    let _lock = ContainerLock::acquire(dir, &opts.id)?;
     // The supervisor (the container's pid) and the VMM live in the
     // sandbox's network namespace: host tools that configure the container's
     // network through its pid (CNI via /proc/<pid>/ns/net) reach it.

@@ -1,8 +1,8 @@
 //! Containers: one per sandbox VM, driven through the runc-compatible CLI.
 //!
-//! Layout of `<root>/<id>/`: `state.json` (written under `lock` by the CLI),
-//! `exit` (written once by the supervisor when init exits), `lock`,
-//! `supervisor.sock`, `shared/` (virtio-fs staging, see [`share`]) and, when
+//! Layout of `<root>/<id>/`: `state.json` (written under the container's lock,
+//! `<root>/.locks/<id>`, by the CLI), `exit` (written once by the supervisor
+//! when init exits), `supervisor.sock`, `shared/` (virtio-fs staging, see [`share`]) and, when
 //! the path is short enough for Unix sockets, `vm/` (the sandbox run dir).
 //!
 //! - [`status`]: the state machine; [`state`]: state.json; [`lock`]: flock.
@@ -66,6 +66,8 @@ pub enum ContainerError {
     },
     /// {0} is still mounted; refusing to remove it
     StillMounted(String),
+    /// staging the share
+    Staging(#[source] crate::beneath::BeneathError),
     /// agent
     Agent(#[from] crate::agent::AgentError),
     /// console: {0}
@@ -154,10 +156,12 @@ impl Container {
     /// Locks and loads container `id` under `root`.
     pub fn open(root: &Path, id: &str) -> Result<Container> {
         let dir = container_dir(root, id)?;
+        let lock = ContainerLock::acquire(root, id)?;
         if !dir.is_dir() {
+            // Deleted (or never created): leave no lock file behind either.
+            lock.remove();
             return Err(ContainerError::NotFound(id.to_string()));
         }
-        let lock = ContainerLock::acquire(&dir, id)?;
         let mut state = State::load(&dir, id)?;
         if state.exit_status.is_none() {
             state.exit_status = read_exit(&dir);

@@ -9,7 +9,9 @@ use vessel_hypervisor::AgentEndpoint;
 
 use super::control::{Call, Reply, Request};
 use super::stdio::Relays;
-use super::{hooks, share, Bundle, Container, ContainerError, Result, State, Status};
+use super::{
+    hooks, share, Bundle, Container, ContainerError, ContainerLock, Result, State, Status,
+};
 
 /// How long `delete` waits for a supervisor to finish after asking it to stop.
 const SUPERVISOR_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -141,8 +143,35 @@ pub fn list(root: &Path) -> Vec<State> {
 }
 
 /// Deletes a stopped container (`force`: any container), its VM and state.
+/// Safe to run concurrently: deletes of one id serialize on its lock, and
+/// the losers find the container gone (`NotFound`, which `delete --force`
+/// treats as success). A directory without state.json (an aborted create)
+/// is removed too.
 pub async fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
-    let c = Container::open(root, id)?;
+    let dir = super::container_dir(root, id)?;
+    let lock = ContainerLock::acquire(root, id)?;
+    let mut state = match State::load(&dir, id) {
+        Ok(s) => s,
+        Err(ContainerError::NotFound(_)) => {
+            if dir.exists() {
+                super::create::undo(&dir);
+                if dir.exists() {
+                    return Err(ContainerError::StillMounted(dir.display().to_string()));
+                }
+            }
+            lock.remove();
+            return Err(ContainerError::NotFound(id.to_string()));
+        }
+        Err(e) => return Err(e),
+    };
+    if state.exit_status.is_none() {
+        state.exit_status = super::read_exit(&dir);
+    }
+    let c = Container {
+        dir,
+        state,
+        _lock: lock,
+    };
     let status = c.status();
     if !force && !status.can_delete() {
         c.require("delete (use --force)", Status::can_delete)?;
@@ -172,6 +201,7 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     let mut oci = c.state.oci();
     oci["status"] = "stopped".into();
     share::remove_container_dir(&c.dir)?;
+    c._lock.remove();
     if let Some(spec) = spec {
         if let Err(e) = hooks::run(&spec, "poststop", &oci) {
             log::warn!("{id}: {}", crate::chain(&e));

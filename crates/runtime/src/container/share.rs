@@ -11,11 +11,27 @@
 //!   each container gets `<share>/<container id>/`, seen by the guest under
 //!   `GUEST_SHARED/<container id>/`.
 //!
+//! The guest is hostile and writes the share:
+//! - The top of a [`Staging`] share is a small tmpfs ([`TOP_TMPFS_OPTIONS`]),
+//!   not host state: what the guest writes beside the rootfs is bounded, and
+//!   it all goes away with one unmount. The writable parts are the
+//!   container's own rootfs and bind sources, as with runc.
+//! - Every host-side step inside a [`Staging`] share is race-free
+//!   ([`crate::beneath`]): mount points are created and opened beneath the
+//!   share's root without following symlinks, and binds are placed on those
+//!   file descriptors (`open_tree` + `move_mount`), never on a path resolved
+//!   again.
+//! - Known gap: a [`PodShare`] (staged after its VM booted, through mount
+//!   propagation into virtiofsd) still binds by path on a self-bind top;
+//!   binds attached with `move_mount` did not reach virtiofsd there.
+//!
 //! Cleanup ([`cleanup_tree`]) detaches the staging tree with
 //! `umount2(MNT_DETACH)`, checks that nothing is mounted below it any more and
-//! then removes only empty directories and mount-point files, never
-//! recursively: a failed unmount can never delete host data or container data.
+//! only then removes what is left (never following a link): a failed unmount
+//! can never delete host data or container data, and nothing the guest left
+//! in the tmpfs can stop a delete.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -24,16 +40,21 @@ use vessel_hypervisor::SharedDir;
 use vessel_protocol::agent::Storage;
 
 use super::{ContainerError, Result};
+use crate::beneath::{self, Tree};
 
 /// virtio-fs tag of the staging share.
 pub const SHARE_TAG: &str = "vessel";
 /// Where the guest mounts the staging share.
 pub const GUEST_SHARED: &str = "/run/vessel/shared";
 pub const STAGING_DIR: &str = "shared";
+/// The top of a share: a tmpfs of at most 1 MiB and 1024 inodes (host RAM
+/// the guest can fill, bounded), with no devices, set-id or executables.
+pub const TOP_TMPFS_OPTIONS: &str = "size=1m,nr_inodes=1024,mode=0755";
 
 /// The staging tree of one container.
 pub struct Staging {
     dir: PathBuf,
+    tree: Tree,
 }
 
 fn mount_err(what: &str, path: &Path, e: nix::Error) -> ContainerError {
@@ -44,32 +65,39 @@ fn mount_err(what: &str, path: &Path, e: nix::Error) -> ContainerError {
     }
 }
 
-/// Binds `dir` onto itself and makes it private; `shared`: then a shared
-/// mount of its own peer group (not a peer of the host's mounts).
-fn self_bind(dir: &Path, shared: bool) -> Result<()> {
-    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| mount_err("bind staging dir", dir, e))?;
-    let mut steps = vec![MsFlags::MS_PRIVATE];
-    if shared {
-        steps.push(MsFlags::MS_SHARED);
-    }
-    for propagation in steps {
-        mount(None::<&str>, dir, None::<&str>, propagation, None::<&str>)
-            .map_err(|e| mount_err("set propagation of staging dir", dir, e))?;
-    }
-    Ok(())
+/// Mounts the share's top on `dir` (which exists): a size-limited private
+/// tmpfs. Returns its root for race-free work beneath it.
+fn mount_top(dir: &Path) -> Result<Tree> {
+    let at = Tree::open(dir).map_err(ContainerError::Staging)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let target = beneath::fd_path(at.fd());
+    mount(
+        Some("tmpfs"),
+        &target,
+        Some("tmpfs"),
+        flags,
+        Some(TOP_TMPFS_OPTIONS),
+    )
+    .map_err(|e| mount_err("mount the share's tmpfs on", dir, e))?;
+    // The tmpfs root, reached through the host-only parent directory.
+    let tree = Tree::open(dir).map_err(ContainerError::Staging)?;
+    mount(
+        None::<&str>,
+        &beneath::fd_path(tree.fd()),
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| mount_err("make staging dir private", dir, e))?;
+    Ok(tree)
 }
 
 impl Staging {
     /// Builds the staging tree for `spec` (rootfs at `rootfs`) and rewrites
     /// `spec` to guest paths. Everything is undone on error.
     pub fn prepare(container_dir: &Path, rootfs: &Path, spec: &mut Value) -> Result<Staging> {
-        let dir = container_dir.join(STAGING_DIR);
-        std::fs::create_dir(&dir).map_err(|e| ContainerError::io(&dir, e))?;
-        let staging = Staging { dir };
-        let res = self_bind(&staging.dir, false)
-            .and_then(|()| fill(&staging.dir, GUEST_SHARED, rootfs, spec));
-        match res {
+        let staging = Staging::create(&container_dir.join(STAGING_DIR))?;
+        match fill(&staging.tree, Path::new(""), GUEST_SHARED, rootfs, spec) {
             Ok(()) => Ok(staging),
             Err(e) => {
                 if let Err(c) = cleanup(container_dir) {
@@ -79,13 +107,37 @@ impl Staging {
             }
         }
     }
+
+    /// Creates the share's top at `dir` (which must not exist): a
+    /// size-limited private tmpfs. [`cleanup_tree`] of `dir` undoes it.
+    pub fn create(dir: &Path) -> Result<Staging> {
+        std::fs::create_dir(dir).map_err(|e| ContainerError::io(dir, e))?;
+        match mount_top(dir) {
+            Ok(tree) => Ok(Staging {
+                dir: dir.to_path_buf(),
+                tree,
+            }),
+            Err(e) => {
+                if let Err(c) = cleanup_tree(dir) {
+                    log::warn!("cleanup after failed staging: {c}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Bind-mounts host `source` at `rel` in the share; see [`bind`].
+    pub fn bind(&self, source: &Path, rel: &Path, recursive: bool, readonly: bool) -> Result<()> {
+        bind(&self.tree, source, rel, recursive, readonly)
+    }
 }
 
-/// Stages `rootfs` and the bind sources of `spec` in `dir` (which exists)
-/// and rewrites `spec` to their guest paths under `guest_dir`.
-fn fill(dir: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
+/// Stages `rootfs` and the bind sources of `spec` in `sub` of `tree` (which
+/// exists; empty: the top) and rewrites `spec` to their guest paths under
+/// `guest_dir`.
+fn fill(tree: &Tree, sub: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
     let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
-    bind(rootfs, &dir.join("rootfs"), true, readonly)?;
+    bind(tree, rootfs, &sub.join("rootfs"), true, readonly)?;
     spec["root"]["path"] = format!("{guest_dir}/rootfs").into();
     if let Some(mounts) = spec["mounts"].as_array_mut() {
         for (i, m) in mounts.iter_mut().enumerate() {
@@ -113,7 +165,7 @@ fn fill(dir: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<
             let recursive = opts.iter().any(|o| o == "rbind");
             let ro = opts.iter().any(|o| o == "ro");
             let name = format!("m{i}");
-            bind(&source, &dir.join(&name), recursive, ro)?;
+            bind(tree, &source, &sub.join(&name), recursive, ro)?;
             m["source"] = format!("{guest_dir}/{name}").into();
         }
     }
@@ -150,8 +202,84 @@ impl Staging {
     }
 }
 
+/// Bind-mounts host `source` (directory or file) at `rel` in `tree`,
+/// creating the mount point; all by file descriptor. `rel` may be changed by
+/// the guest meanwhile: the mount lands on the object created (wherever in
+/// the share the guest moved it) or fails.
+fn bind(tree: &Tree, source: &Path, rel: &Path, recursive: bool, readonly: bool) -> Result<()> {
+    let src = beneath::open_source(source).map_err(|e| ContainerError::io(source, e))?;
+    let meta = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&src))
+        .map_err(|e| mount_err("stat", source, e))?;
+    let is_dir = nix::sys::stat::SFlag::from_bits_truncate(meta.st_mode)
+        .contains(nix::sys::stat::SFlag::S_IFDIR);
+    let target = if is_dir {
+        tree.mkdir(rel, 0o755)
+    } else {
+        tree.create_file(rel, 0o644)
+    }
+    .map_err(ContainerError::Staging)?;
+    beneath::bind_fd(src.as_fd(), target.as_fd(), recursive, readonly)
+        .map_err(|e| mount_err("bind", source, e))
+}
+
+/// Binds `dir` onto itself and makes it private; `shared`: then a shared
+/// mount of its own peer group (not a peer of the host's mounts).
+fn self_bind(dir: &Path, shared: bool) -> Result<()> {
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| mount_err("bind staging dir", dir, e))?;
+    let mut steps = vec![MsFlags::MS_PRIVATE];
+    if shared {
+        steps.push(MsFlags::MS_SHARED);
+    }
+    for propagation in steps {
+        mount(None::<&str>, dir, None::<&str>, propagation, None::<&str>)
+            .map_err(|e| mount_err("set propagation of staging dir", dir, e))?;
+    }
+    Ok(())
+}
+
+/// [`fill`] by path, for a pod's share. Known gap (issue 12): pods stage
+/// after the VM booted, so these path-based steps race with the guest; the
+/// fd-based binds do not propagate to virtiofsd's mount namespace yet.
+fn fill_path(dir: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
+    let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
+    bind_path(rootfs, &dir.join("rootfs"), true, readonly)?;
+    spec["root"]["path"] = format!("{guest_dir}/rootfs").into();
+    if let Some(mounts) = spec["mounts"].as_array_mut() {
+        for (i, m) in mounts.iter_mut().enumerate() {
+            let opts: Vec<String> = m["options"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o.as_str().map(str::to_string))
+                .collect();
+            let is_bind = m["type"].as_str() == Some("bind")
+                || opts.iter().any(|o| o == "bind" || o == "rbind");
+            if !is_bind {
+                continue;
+            }
+            let Some(source) = m["source"].as_str().map(PathBuf::from) else {
+                continue;
+            };
+            if source.starts_with("/dev/shm") || m["destination"] == "/dev/shm" {
+                // A host tmpfs (CRI's pod shm) cannot be shared with a VM:
+                // the guest gets its own.
+                *m = serde_json::json!({"destination": "/dev/shm", "type": "tmpfs",
+                    "source": "shm", "options": GUEST_SHM_OPTIONS});
+                continue;
+            }
+            let recursive = opts.iter().any(|o| o == "rbind");
+            let ro = opts.iter().any(|o| o == "ro");
+            let name = format!("m{i}");
+            bind_path(&source, &dir.join(&name), recursive, ro)?;
+            m["source"] = format!("{guest_dir}/{name}").into();
+        }
+    }
+    Ok(())
+}
+
 /// Bind-mounts `source` (directory or file) at `target`, creating `target`.
-fn bind(source: &Path, target: &Path, recursive: bool, readonly: bool) -> Result<()> {
+fn bind_path(source: &Path, target: &Path, recursive: bool, readonly: bool) -> Result<()> {
     let meta = std::fs::metadata(source).map_err(|e| ContainerError::io(source, e))?;
     if meta.is_dir() {
         std::fs::create_dir(target)
@@ -211,13 +339,14 @@ pub fn cleanup(container_dir: &Path) -> Result<()> {
     cleanup_tree(&container_dir.join(STAGING_DIR))
 }
 
-/// Unmounts everything at or below `dir` and removes `dir` and the mount
-/// points in it, never recursively: if anything is still mounted, fails
-/// with [`ContainerError::StillMounted`] (or the unmount's error) and
+/// Unmounts everything at or below `dir`, then removes `dir` and what is
+/// left in it (the underlying directory, or a container's directory in a pod
+/// share's tmpfs) without following links. If anything is still mounted,
+/// fails with [`ContainerError::StillMounted`] (or the unmount's error) and
 /// removes nothing. Idempotent.
 pub fn cleanup_tree(dir: &Path) -> Result<()> {
     let dir = dir.to_path_buf();
-    if !dir.exists() {
+    if std::fs::symlink_metadata(&dir).is_err() {
         return Ok(());
     }
     // Detach repeatedly: the staging dir may carry stacked mounts.
@@ -225,12 +354,12 @@ pub fn cleanup_tree(dir: &Path) -> Result<()> {
         if !has_mounts(&dir) {
             break;
         }
-        match umount2(&dir, MntFlags::MNT_DETACH) {
+        match umount2(&dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => {}
             Err(nix::Error::EINVAL) => {
                 // Not a mount point itself: detach what is below it.
                 for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                    let _ = umount2(&e.path(), MntFlags::MNT_DETACH);
+                    let _ = umount2(&e.path(), MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
                 }
             }
             Err(e) => return Err(mount_err("unmount staging dir", &dir, e)),
@@ -239,17 +368,13 @@ pub fn cleanup_tree(dir: &Path) -> Result<()> {
     if has_mounts(&dir) {
         return Err(ContainerError::StillMounted(dir.display().to_string()));
     }
-    for e in std::fs::read_dir(&dir).map_err(|e| ContainerError::io(&dir, e))? {
-        let e = e.map_err(|e| ContainerError::io(&dir, e))?;
-        let p = e.path();
-        let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
-            std::fs::remove_dir(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        r.map_err(|e| ContainerError::io(&p, e))?;
+    // Nothing is mounted below `dir` any more: whatever is left is ours or
+    // the guest's junk in the tmpfs (remove_dir_all never follows links).
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ContainerError::io(&dir, e)),
     }
-    std::fs::remove_dir(&dir).map_err(|e| ContainerError::io(&dir, e))
 }
 
 /// The staging share of a pod: one directory shared with the pod's VM, one
@@ -294,7 +419,7 @@ impl PodShare {
         super::validate_id(id)?;
         let dir = self.dir.join(id);
         std::fs::create_dir(&dir).map_err(|e| ContainerError::io(&dir, e))?;
-        let res = fill(&dir, &format!("{GUEST_SHARED}/{id}"), rootfs, spec);
+        let res = fill_path(&dir, &format!("{GUEST_SHARED}/{id}"), rootfs, spec);
         if res.is_err() {
             if let Err(c) = cleanup_tree(&dir) {
                 log::warn!("cleanup after failed staging of {id}: {c}");

@@ -1,0 +1,189 @@
+//! End-to-end: a hostile guest (or careless callers) cannot leave host state
+//! behind or grow it without bound (issue 12). Real guests under QEMU.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{env, text, wait_until};
+
+/// Six `delete -f` of one running container at once, ten rounds with the same
+/// id: every one succeeds, nothing is left, and the id can be used again.
+#[test]
+fn concurrent_force_deletes_leave_nothing_and_the_id_is_reusable() {
+    let Some(e) = env() else { return };
+    let b = e.bundle("b", &["sleep", "600"], |_| {});
+    let started = Instant::now();
+    for round in 0..10 {
+        e.create("race", &b);
+        let deletes: Vec<_> = (0..6)
+            .map(|_| {
+                e.cmd()
+                    .args(["delete", "-f", "race"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for d in deletes {
+            let o = d.wait_with_output().unwrap();
+            assert!(o.status.success(), "round {round}: {}", text(&o));
+        }
+        e.assert_clean("race");
+        let locks = e.root.join(".locks");
+        let left: Vec<_> = std::fs::read_dir(&locks)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "round {round}: lock files left: {left:?}");
+        let o = e.run(&["list", "--format", "json"]);
+        let l: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(l, serde_json::json!([]), "round {round}");
+    }
+    eprintln!("10 rounds in {:?}", started.elapsed());
+    // Deleting what is gone stays a success with --force, an error without.
+    assert!(e.run(&["delete", "-f", "race"]).status.success());
+    assert!(!e.run(&["delete", "race"]).status.success());
+}
+
+/// Root in the guest with every capability and every device: what a
+/// container escape into the guest kernel amounts to.
+fn privileged(c: &mut serde_json::Value) {
+    let all: Vec<String> = [
+        "CAP_SYS_ADMIN",
+        "CAP_MKNOD",
+        "CAP_DAC_OVERRIDE",
+        "CAP_CHOWN",
+        "CAP_FOWNER",
+        "CAP_SYS_RAWIO",
+        "CAP_SYS_PTRACE",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for set in ["bounding", "effective", "permitted"] {
+        c["process"]["capabilities"][set] = all.clone().into();
+    }
+    c["linux"]["resources"]["devices"] = serde_json::json!([{"allow": true, "access": "rwm"}]);
+    c["linux"]["maskedPaths"] = serde_json::json!([]);
+    c["linux"]["readonlyPaths"] = serde_json::json!([]);
+}
+
+fn wait_for_line(path: &Path, want: &str, timeout: Duration) -> String {
+    let mut text = String::new();
+    let ok = wait_until(timeout, || {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        text.contains(want)
+    });
+    assert!(ok, "no {want:?} within {timeout:?}; output so far:\n{text}");
+    text
+}
+
+/// Guest root reaches the share through the agent's mount of it and tries
+/// to fill the host beside the rootfs (1 GiB, a deep tree, links, special
+/// files): it gets a bounded
+/// tmpfs, and `delete -f` still removes everything, so the id is reusable.
+#[test]
+fn guest_writes_beside_the_rootfs_are_bounded_and_delete_removes_them() {
+    let Some(e) = env() else { return };
+    // The guest's own mount of the share, through PID 1 (the agent).
+    let script =
+        "S=/proc/1/root/run/vessel/shared; [ -d $S/rootfs ] || { echo no-share; exit 1; }; \
+        dd if=/dev/zero of=$S/junk bs=1M count=1024 2>/dev/null; echo dd-exit=$?; \
+        mkdir -p $S/deep/a/b/c/d/e/f/g/h && ln -s / $S/rootlink && ln -s $S $S/loop; \
+        mkfifo $S/fifo; mknod $S/null c 1 3; touch $S/rootfs/in-rootfs; \
+        echo hostile-done; sleep 600";
+    let b = e.bundle("hb", &["sh", "-c", script], |c| {
+        privileged(c);
+        // Guest root: the guest's PID namespace, so PID 1 (the agent) and
+        // its mounts are reachable.
+        let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "pid");
+    });
+    for round in 0..2 {
+        let (out, _) = e.create("hostile", &b);
+        assert!(e.run(&["start", "hostile"]).status.success());
+        let said = wait_for_line(&out, "hostile-done", Duration::from_secs(120));
+        assert!(
+            said.contains("dd-exit=1"),
+            "the 1 GiB write must fail: {said}"
+        );
+        let top = e.root.join("hostile").join("shared");
+        let junk = std::fs::symlink_metadata(top.join("junk")).unwrap().len();
+        assert!(
+            junk <= 1024 * 1024,
+            "junk beside the rootfs is {junk} bytes"
+        );
+        let du: u64 = std::fs::read_dir(&top)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum();
+        assert!(du <= 1024 * 1024, "the share's top holds {du} bytes");
+        let o = e.run(&["delete", "-f", "hostile"]);
+        assert!(o.status.success(), "round {round}: {}", text(&o));
+        e.assert_clean("hostile");
+        // What the guest wrote in its own rootfs stays there, as with runc.
+        assert!(b.join("rootfs/in-rootfs").exists());
+        std::fs::remove_file(b.join("rootfs/in-rootfs")).unwrap();
+    }
+}
+
+/// A guest floods its serial console (100 MiB written straight to the UART):
+/// console.log never passes its cap, and the agent keeps answering.
+#[test]
+fn console_flood_stays_under_the_log_cap_and_the_vm_keeps_running() {
+    let Some(e) = env() else { return };
+    const CAP: u64 = 64 * 1024;
+    let mut cfg = std::fs::read_to_string(&e.config).unwrap();
+    cfg.push_str(&format!("[logs]\nmax_bytes = {CAP}\n"));
+    std::fs::write(&e.config, cfg).unwrap();
+    let script = "mknod /dev/ttyS0 c 4 64 || exit 1; echo flooding; \
+        yes 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde | head -c 104857600 > /dev/ttyS0; \
+        echo flood-exit=$?; sleep 600";
+    let b = e.bundle("fb", &["sh", "-c", script], privileged);
+    let (out, _) = e.create("flood", &b);
+    let state = e.state("flood").unwrap();
+    assert_eq!(state["status"], "created");
+    // The VM's run directory is named per container (state.json's vm_dir).
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.root.join("flood/state.json")).unwrap()).unwrap();
+    let console = std::path::PathBuf::from(st["vm_dir"].as_str().expect("vm_dir in state.json"))
+        .join("console.log");
+    assert!(e.run(&["start", "flood"]).status.success());
+    wait_for_line(&out, "flooding", Duration::from_secs(60));
+    let started = Instant::now();
+    let mut max_seen = 0;
+    let done = wait_until(Duration::from_secs(900), || {
+        let len = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+        max_seen = max_seen.max(len);
+        assert!(len <= CAP, "console.log is {len} bytes, over its cap {CAP}");
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("flood-exit=0")
+    });
+    assert!(done, "the flood did not finish");
+    eprintln!(
+        "100 MiB flood took {:?}; console.log peaked at {max_seen} bytes",
+        started.elapsed()
+    );
+    let log = std::fs::read(&console).unwrap();
+    let log = String::from_utf8_lossy(&log);
+    assert!(
+        log.contains("log cap reached") || log.contains("bytes dropped"),
+        "the cap never acted: {} bytes",
+        log.len()
+    );
+    // The VM and its agent still work.
+    let o = e.run(&["ps", "flood"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(e.status("flood"), "running");
+    let o = e.run(&["delete", "-f", "flood"]);
+    assert!(o.status.success(), "{}", text(&o));
+    e.assert_clean("flood");
+}

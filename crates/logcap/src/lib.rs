@@ -5,7 +5,8 @@
 //! [`Limits::max_bytes`]. When the next write would pass the cap, the file is
 //! truncated and restarted with a marker line and the newest half of what was
 //! written, so the newest output is always kept (and a tail of the file is
-//! always the newest output). Output over [`Limits::bytes_per_sec`] (a token
+//! always the newest output; a reader can find the file empty for the
+//! moment between the truncation and the rewrite). Output over [`Limits::bytes_per_sec`] (a token
 //! bucket holding one second's worth) is dropped and the drop is noted in the
 //! file when output flows again. Writing never fails: a console is best
 //! effort, and a full disk must not stop a guest.

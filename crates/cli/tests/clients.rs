@@ -134,15 +134,7 @@ fn podman_runs_with_vessel_as_runtime() {
     assert!(o.status.success(), "{}", text(&o));
     // Whichever podman ran `delete` (this one or conmon's cleanup), it found
     // the container: no state is left.
-    let left = || -> Vec<String> {
-        std::fs::read_dir(&e.root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != "netns")
-            .collect()
-    };
+    let left = || common::state_left(&e.root);
     assert!(
         wait_until(Duration::from_secs(10), || left().is_empty()),
         "vessel state left: {:?}",

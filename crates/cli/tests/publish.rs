@@ -213,13 +213,7 @@ fn assert_no_nat_rule(port: u16) {
 }
 
 fn state_entries(root: &Path) -> Vec<String> {
-    std::fs::read_dir(root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "netns")
-        .collect()
+    common::state_left(root)
 }
 
 struct Podman<'a> {
@@ -436,7 +430,10 @@ impl Drop for Dockerd {
     fn drop(&mut self) {
         let _ = self.docker(&["rm", "--force", "--volumes", "web"]);
         // A failed test may leave a VM that docker lost track of.
-        for id in state_entries(&self.vessel_root()) {
+        for id in state_entries(&self.vessel_root())
+            .into_iter()
+            .filter(|n| !n.contains('/'))
+        {
             let _ = Command::new(VESSEL)
                 .arg("--config")
                 .arg(&self.config)

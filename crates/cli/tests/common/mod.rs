@@ -268,6 +268,33 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
+/// What a state root still holds for containers: its entries, except the runtime's shared
+/// bookkeeping directories (`netns`, `.locks`, `wired`), whose own entries (a namespace, a
+/// lock file, a wiring record of some container) are listed as `dir/name`.
+pub fn state_left(root: &Path) -> Vec<String> {
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let mut left = Vec::new();
+    for n in names(root) {
+        if matches!(n.as_str(), "netns" | ".locks" | "wired") {
+            left.extend(
+                names(&root.join(&n))
+                    .into_iter()
+                    .map(|m| format!("{n}/{m}")),
+            );
+        } else {
+            left.push(n);
+        }
+    }
+    left
+}
+
 pub fn text(o: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",

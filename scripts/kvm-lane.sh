@@ -36,6 +36,10 @@ MEM_MIB=${LANE_MEM_MIB:-6144}
 # hardware_kvm's restore test wedged L1 within 1-9 runs. With one L1 vCPU there are no
 # IPIs to lose (docs/kvm-lane.md); on this 2-core host it is also faster.
 CPUS=${LANE_CPUS:-1}
+# A periodic tick in L1 (LANE_L1_TICK to change): with one vCPU, L1 was once found halted
+# with interrupts on and no heartbeat (a one-shot timer interrupt lost by TCG leaves a
+# tickless idle CPU asleep for good); QEMU re-arms a periodic APIC timer by itself.
+L1_TICK=${LANE_L1_TICK-nohz=off highres=off}
 BOOT_TIMEOUT=${LANE_BOOT_TIMEOUT:-300}
 RUN_TIMEOUT=${LANE_TIMEOUT:-3600}
 SHUTDOWN_TIMEOUT=${LANE_SHUTDOWN_TIMEOUT:-60}
@@ -264,7 +268,7 @@ run() {
         -display none -monitor "unix:$ctl/monitor.sock,server=on,wait=off" -no-reboot \
         -serial "file:$ctl/console" \
         -kernel "$CACHE/$kv/boot/vmlinuz-$kv" -initrd "$initrd" \
-        -append "console=ttyS0 quiet panic=-1 lane_ctl=$ctl ${LANE_L1_CMDLINE:-}" \
+        -append "console=ttyS0 quiet panic=-1 $L1_TICK lane_ctl=$ctl ${LANE_L1_CMDLINE:-}" \
         -virtfs local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap \
         -device virtio-serial-pci,id=ports \
         -chardev "file,id=out,path=$ctl/stdout" -device virtserialport,bus=ports.0,chardev=out,name=lane.stdout \

@@ -136,8 +136,28 @@ impl Staging {
 /// exists; empty: the top) and rewrites `spec` to their guest paths under
 /// `guest_dir`.
 fn fill(tree: &Tree, sub: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
+    rewrite_spec(
+        guest_dir,
+        rootfs,
+        spec,
+        |source, name, recursive, readonly| {
+            bind(tree, source, &sub.join(name), recursive, readonly)
+        },
+    )
+}
+
+/// Rewrites `spec`'s root and bind mounts to guest paths under `guest_dir`,
+/// staging each source (the rootfs as `rootfs`, mount `i` as `m<i>`) with
+/// `stage(source, name, recursive, readonly)`; a bind of the host's /dev/shm
+/// becomes the guest's own tmpfs.
+fn rewrite_spec(
+    guest_dir: &str,
+    rootfs: &Path,
+    spec: &mut Value,
+    mut stage: impl FnMut(&Path, &str, bool, bool) -> Result<()>,
+) -> Result<()> {
     let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
-    bind(tree, rootfs, &sub.join("rootfs"), true, readonly)?;
+    stage(rootfs, "rootfs", true, readonly)?;
     spec["root"]["path"] = format!("{guest_dir}/rootfs").into();
     if let Some(mounts) = spec["mounts"].as_array_mut() {
         for (i, m) in mounts.iter_mut().enumerate() {
@@ -165,7 +185,7 @@ fn fill(tree: &Tree, sub: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Valu
             let recursive = opts.iter().any(|o| o == "rbind");
             let ro = opts.iter().any(|o| o == "ro");
             let name = format!("m{i}");
-            bind(tree, &source, &sub.join(&name), recursive, ro)?;
+            stage(&source, &name, recursive, ro)?;
             m["source"] = format!("{guest_dir}/{name}").into();
         }
     }
@@ -242,40 +262,12 @@ fn self_bind(dir: &Path, shared: bool) -> Result<()> {
 /// after the VM booted, so these path-based steps race with the guest; the
 /// fd-based binds do not propagate to virtiofsd's mount namespace yet.
 fn fill_path(dir: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
-    let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
-    bind_path(rootfs, &dir.join("rootfs"), true, readonly)?;
-    spec["root"]["path"] = format!("{guest_dir}/rootfs").into();
-    if let Some(mounts) = spec["mounts"].as_array_mut() {
-        for (i, m) in mounts.iter_mut().enumerate() {
-            let opts: Vec<String> = m["options"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o.as_str().map(str::to_string))
-                .collect();
-            let is_bind = m["type"].as_str() == Some("bind")
-                || opts.iter().any(|o| o == "bind" || o == "rbind");
-            if !is_bind {
-                continue;
-            }
-            let Some(source) = m["source"].as_str().map(PathBuf::from) else {
-                continue;
-            };
-            if source.starts_with("/dev/shm") || m["destination"] == "/dev/shm" {
-                // A host tmpfs (CRI's pod shm) cannot be shared with a VM:
-                // the guest gets its own.
-                *m = serde_json::json!({"destination": "/dev/shm", "type": "tmpfs",
-                    "source": "shm", "options": GUEST_SHM_OPTIONS});
-                continue;
-            }
-            let recursive = opts.iter().any(|o| o == "rbind");
-            let ro = opts.iter().any(|o| o == "ro");
-            let name = format!("m{i}");
-            bind_path(&source, &dir.join(&name), recursive, ro)?;
-            m["source"] = format!("{guest_dir}/{name}").into();
-        }
-    }
-    Ok(())
+    rewrite_spec(
+        guest_dir,
+        rootfs,
+        spec,
+        |source, name, recursive, readonly| bind_path(source, &dir.join(name), recursive, readonly),
+    )
 }
 
 /// Bind-mounts `source` (directory or file) at `target`, creating `target`.

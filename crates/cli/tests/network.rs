@@ -133,6 +133,11 @@ impl TestNet {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// Waits up to `timeout` for the namespace to hold no `tap0_vessel`.
+    fn tap_gone_within(&self, timeout: Duration) -> bool {
+        wait_until(timeout, || !self.show(&["link"]).contains("tap0_vessel"))
+    }
+
     /// `tc qdisc show` inside the namespace.
     fn qdiscs(&self) -> String {
         let o = Command::new("ip")
@@ -168,6 +173,16 @@ fn set_netns(c: &mut serde_json::Value, path: Option<&str>) {
         ns["path"] = p.into();
     }
     list.push(ns);
+}
+
+/// [`host_get`] until it answers, within T.
+fn host_get_within(url: &str) -> Option<String> {
+    let mut got = None;
+    wait_until(T, || {
+        got = host_get(url);
+        got.is_some()
+    });
+    got
 }
 
 fn host_get(url: &str) -> Option<String> {
@@ -240,12 +255,9 @@ fn http_both_ways_over_a_veth_namespace() {
     assert!(wait_until(T, || read().contains(&inet)), "{}", read());
     // host -> container
     let url = format!("http://{guest_ip}:80/");
-    let mut got = None;
+    let got = host_get_within(&url);
     assert!(
-        wait_until(T, || {
-            got = host_get(&url);
-            got.is_some()
-        }),
+        got.is_some(),
         "host -> container HTTP failed; container stdout: {}",
         read()
     );
@@ -255,9 +267,7 @@ fn http_both_ways_over_a_veth_namespace() {
     e.assert_clean("net1");
     // Nothing of ours is left in the namespace.
     assert!(
-        wait_until(Duration::from_secs(10), || !net
-            .show(&["link"])
-            .contains("tap0_vessel")),
+        net.tap_gone_within(Duration::from_secs(10)),
         "tap left: {}",
         net.show(&["link"])
     );
@@ -432,9 +442,7 @@ fn delete_force_after_the_supervisor_was_killed_removes_its_tc_wiring() {
     // QEMU dies with it (PR_SET_PDEATHSIG), and the tap with the last fd;
     // the qdiscs on the namespace's own eth0 stay.
     assert!(
-        wait_until(Duration::from_secs(20), || !net
-            .show(&["link"])
-            .contains("tap0_vessel")),
+        net.tap_gone_within(Duration::from_secs(20)),
         "tap still there: {}",
         net.show(&["link"])
     );
@@ -508,12 +516,9 @@ fn ipv6_addresses_and_default_route_reach_the_guest() {
     );
     // host -> container over IPv6.
     let url = format!("http://[{guest_ip}]:80/");
-    let mut got = None;
+    let got = host_get_within(&url);
     assert!(
-        wait_until(T, || {
-            got = host_get(&url);
-            got.is_some()
-        }),
+        got.is_some(),
         "host -> container HTTP over IPv6 failed; container stdout: {}",
         read()
     );
@@ -522,9 +527,7 @@ fn ipv6_addresses_and_default_route_reach_the_guest() {
     assert!(o.status.success(), "{}", text(&o));
     e.assert_clean("net6");
     assert!(
-        wait_until(Duration::from_secs(10), || !net
-            .show(&["link"])
-            .contains("tap0_vessel")),
+        net.tap_gone_within(Duration::from_secs(10)),
         "tap left: {}",
         net.show(&["link"])
     );

@@ -31,12 +31,13 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
-    create(ctx, a)?;
+    create(ctx, a, None)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Creates the container; returns the supervisor's pid.
-pub fn create(ctx: &Ctx, a: Args) -> anyhow::Result<u32> {
+/// Creates the container; returns the supervisor's pid. `console_size`
+/// (rows, cols) replaces `process.consoleSize` (`run` on our own terminal).
+pub fn create(ctx: &Ctx, a: Args, console_size: Option<(u16, u16)>) -> anyhow::Result<u32> {
     anyhow::ensure!(
         a.preserve_fds == 0,
         "--preserve-fds {}: host file descriptors cannot be passed into the container's VM",
@@ -57,6 +58,9 @@ pub fn create(ctx: &Ctx, a: Args) -> anyhow::Result<u32> {
     cmd.arg("supervise").arg("--bundle").arg(&bundle);
     if let Some(s) = &console_socket {
         cmd.arg("--console-socket").arg(s);
+    }
+    if let Some((rows, cols)) = console_size {
+        cmd.arg("--console-size").arg(format!("{rows}x{cols}"));
     }
     cmd.arg(&a.id);
     let opts = vessel_runtime::container::create::CreateOptions {

@@ -1,13 +1,17 @@
 //! `vessel exec`: runs a process in a running container. Without `-d` it
 //! relays stdio itself and exits with the process's status; with `-d` a
 //! detached `supervise-exec` does that and `--pid-file` gets its pid.
+//! A terminal without `--console-socket` is our own (raw mode, window size).
+//! Vessel's own failures exit 255 (as runc's), apart from the process's 1.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use tokio::signal::unix::{signal, SignalKind};
 use vessel_runtime::container::{create, ops, Bundle};
 
+use crate::tty::{self, RawMode};
 use crate::Ctx;
 
 #[derive(clap::Args)]
@@ -33,6 +37,16 @@ pub struct Args {
     /// uid[:gid].
     #[arg(long, short)]
     pub user: Option<String>,
+    /// Additional groups (comma-separated gids, or the flag repeated).
+    #[arg(long, short = 'g', value_delimiter = ',')]
+    pub additional_gids: Vec<u32>,
+    /// Sub-cgroup to run in: only the container's own ("/" or empty); the
+    /// guest's cgroups are the container's alone.
+    #[arg(long)]
+    pub cgroup: Vec<String>,
+    /// Exec into a paused container (the process is frozen with it).
+    #[arg(long)]
+    pub ignore_paused: bool,
     pub id: String,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
@@ -44,7 +58,16 @@ fn parse_user(u: &str) -> anyhow::Result<(u32, u32)> {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
-    let process: serde_json::Value = match &a.process {
+    for c in &a.cgroup {
+        let path = c.rsplit_once(':').map_or(c.as_str(), |(_, p)| p);
+        if !matches!(path, "" | "/") {
+            bail!(
+                "--cgroup {c}: sub-cgroups are not supported: the process joins the \
+                 container's cgroup inside its VM"
+            );
+        }
+    }
+    let mut process: serde_json::Value = match &a.process {
         Some(p) => {
             serde_json::from_slice(&std::fs::read(p).with_context(|| p.display().to_string())?)?
         }
@@ -59,6 +82,23 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
             ops::exec_process(&spec, &a.args, &a.env, a.cwd.as_deref(), user, a.tty)
         }
     };
+    if !process.is_object() {
+        bail!("the process must be a JSON object");
+    }
+    // runc runs a process without `user` as uid 0.
+    if !process["user"].is_object() {
+        process["user"] = serde_json::json!({"uid": 0, "gid": 0});
+    }
+    if !a.additional_gids.is_empty() {
+        process["user"]["additionalGids"] = a.additional_gids.clone().into();
+    }
+    let terminal = process["terminal"].as_bool().unwrap_or(false);
+    let foreground_tty = terminal && !a.detach && a.console_socket.is_none();
+    if foreground_tty {
+        if let Some((rows, cols)) = tty::stdin_size() {
+            process["consoleSize"] = serde_json::json!({"height": rows, "width": cols});
+        }
+    }
     if a.detach {
         return detached(ctx, &a, &process);
     }
@@ -66,9 +106,25 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
         create::write_pid_file(p, std::process::id())?;
     }
     let root = ctx.root();
+    let _raw = foreground_tty.then(RawMode::stdin);
     let status = crate::block_on(async {
         let exec = ops::exec(root, &a.id, &process, a.console_socket.as_deref()).await?;
-        exec.wait().await
+        let exec_id = exec.exec_id.clone();
+        let mut winch = signal(SignalKind::window_change())?;
+        let wait = exec.wait();
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                s = &mut wait => break Ok::<_, anyhow::Error>(s?),
+                _ = winch.recv(), if foreground_tty => {
+                    if let Some((rows, cols)) = tty::stdin_size() {
+                        if let Err(e) = ops::resize(root, &a.id, Some(&exec_id), rows, cols).await {
+                            log::warn!("resize: {}", vessel_runtime::chain(&e));
+                        }
+                    }
+                }
+            }
+        }
     })??;
     Ok(ExitCode::from(status.clamp(0, 255) as u8))
 }

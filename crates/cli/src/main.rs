@@ -15,6 +15,7 @@ mod spec;
 mod start;
 mod state;
 mod supervise;
+mod tty;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -113,13 +114,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = !matches!(cli.command, Command::Check(_) | Command::Env);
     logging::init(cli.log.as_deref(), cli.log_format, cli.debug, quiet);
+    // runc's exec exits 255 on its own failures: apart from the process's 1.
+    let failure = match cli.command {
+        Command::Exec(_) => ExitCode::from(255),
+        _ => ExitCode::FAILURE,
+    };
     match run(cli, started) {
         Ok(code) => code,
         Err(e) => {
             log::error!("{e:#}");
             // With --log the error is in the log file (as runc does); say it on stderr too.
             eprintln!("vessel: {e:#}");
-            ExitCode::FAILURE
+            failure
         }
     }
 }

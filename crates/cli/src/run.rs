@@ -1,15 +1,23 @@
 //! `vessel run`: create + start + wait; exits with the container's status
 //! (128 + signal when it was killed) and deletes it, as runc does.
 //! SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 are forwarded to the container.
+//! A terminal process without `--console-socket` runs on our own terminal
+//! (raw mode, window size at start and on SIGWINCH), as with runc.
 
+use std::fs::File;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
-use vessel_runtime::container::ops;
+use vessel_runtime::container::{ops, Bundle};
 
+use crate::tty::{self, ConsoleSocket, RawMode};
 use crate::Ctx;
+
+/// How long the terminal's last output may take to arrive after the exit.
+const DRAIN: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,12 +26,91 @@ pub struct Args {
     /// Return after start; leave the container running.
     #[arg(long, short)]
     pub detach: bool,
+    /// Do not delete the container after it exits.
+    #[arg(long)]
+    pub keep: bool,
 }
 
-pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
+/// A terminal on our own stdio: the pty master our supervisor sent.
+struct Foreground {
+    master: File,
+    output_done: std::sync::mpsc::Receiver<()>,
+    _raw: RawMode,
+}
+
+impl Foreground {
+    /// Relays stdin -> master and master -> stdout; raw mode on stdin.
+    fn start(master: File) -> anyhow::Result<Foreground> {
+        let (tx, output_done) = std::sync::mpsc::channel();
+        let (input, output) = (master.try_clone()?, master.try_clone()?);
+        let (stdin, stdout) = (tty::dup_std(0)?, tty::dup_std(1)?);
+        let raw = RawMode::stdin();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut &stdin, &mut &input);
+        });
+        std::thread::spawn(move || {
+            // Ends with EIO once the supervisor closed the slave.
+            let _ = copy_flushed(&output, &stdout);
+            let _ = tx.send(());
+        });
+        Ok(Foreground {
+            master,
+            output_done,
+            _raw: raw,
+        })
+    }
+
+    fn window_changed(&self) {
+        if let Some(size) = tty::stdin_size() {
+            if let Err(e) = tty::set_size(&self.master, size) {
+                log::warn!("resize: {e}");
+            }
+        }
+    }
+}
+
+fn copy_flushed(mut src: &File, mut dst: &File) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        dst.write_all(&buf[..n])?;
+    }
+}
+
+pub fn run(ctx: &Ctx, mut a: Args) -> anyhow::Result<ExitCode> {
     let id = a.create.id.clone();
-    let pid = crate::create::create(ctx, a.create)?;
+    let bundle = std::path::absolute(&a.create.bundle)?;
+    let foreground_tty = !a.detach
+        && a.create.console_socket.is_none()
+        && Bundle::load(&bundle).is_ok_and(|b| b.terminal());
+    let console = if foreground_tty {
+        let c = ConsoleSocket::bind()?;
+        a.create.console_socket = Some(c.path.clone());
+        Some(c)
+    } else {
+        None
+    };
+    let size = console.as_ref().and_then(|_| tty::stdin_size());
+    let pid = crate::create::create(ctx, a.create, size)?;
     let root = ctx.root();
+    let fg = match console
+        .as_ref()
+        .map(|c| c.receive().and_then(Foreground::start))
+    {
+        Some(Ok(f)) => Some(f),
+        Some(Err(e)) => {
+            let _ = crate::block_on(ops::delete(root, &id, true));
+            return Err(e);
+        }
+        None => None,
+    };
+    drop(console);
     let code = crate::block_on(async {
         // Handlers first: a signal that arrives once the container runs
         // must be forwarded, not kill this process.
@@ -41,6 +128,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
                 streams.push((k.as_raw_value() as u32, signal(k)?));
             }
         }
+        let mut winch = signal(SignalKind::window_change())?;
         if let Err(e) = ops::start(root, &id).await {
             let _ = ops::delete(root, &id, true).await;
             return Err(anyhow::Error::from(e));
@@ -59,6 +147,11 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
                         log::warn!("forwarding signal {sig}: {}", vessel_runtime::chain(&e));
                     }
                 }
+                _ = winch.recv() => {
+                    if let Some(f) = &fg {
+                        f.window_changed();
+                    }
+                }
             }
         };
         let code = match status {
@@ -66,11 +159,19 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
             Ok(WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
             other => anyhow::bail!("waiting for the supervisor of {id}: {other:?}"),
         };
-        if let Err(e) = ops::delete(root, &id, true).await {
-            log::warn!("deleting {id}: {}", vessel_runtime::chain(&e));
+        if let Some(f) = &fg {
+            if f.output_done.recv_timeout(DRAIN).is_err() {
+                log::warn!("{id}: terminal output still open after exit; cut");
+            }
+        }
+        if !a.keep {
+            if let Err(e) = ops::delete(root, &id, true).await {
+                log::warn!("deleting {id}: {}", vessel_runtime::chain(&e));
+            }
         }
         Ok(code)
     })??;
+    drop(fg);
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 

@@ -16,7 +16,16 @@ pub struct Args {
     bundle: PathBuf,
     #[arg(long)]
     console_socket: Option<PathBuf>,
+    /// ROWSxCOLS: replaces process.consoleSize.
+    #[arg(long, value_parser = parse_size)]
+    console_size: Option<(u16, u16)>,
     id: String,
+}
+
+fn parse_size(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?}: expected ROWSxCOLS");
+    let (r, c) = s.split_once('x').ok_or_else(bad)?;
+    Ok((r.parse().map_err(|_| bad())?, c.parse().map_err(|_| bad())?))
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
@@ -24,6 +33,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
         id: a.id,
         bundle: a.bundle,
         console_socket: a.console_socket,
+        console_size: a.console_size,
         sync_fd: SYNC_FD,
     };
     let status = crate::block_on(supervisor::run(&ctx.config, args))?;

@@ -2,12 +2,12 @@
 
 mod common;
 
-use std::io::{IoSliceMut, Read};
+use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{env, text};
+use common::{env, text, Reader};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 const T: Duration = Duration::from_secs(60);
@@ -34,42 +34,6 @@ fn recv_fd(l: &UnixListener) -> OwnedFd {
         }
     }
     panic!("no fd received on the console socket");
-}
-
-/// Everything read from a pty master, collected by a thread.
-struct Reader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    got: Vec<u8>,
-}
-
-impl Reader {
-    fn new(f: OwnedFd) -> Reader {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut f = std::fs::File::from(f);
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = f.read(&mut buf) {
-                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        Reader {
-            rx,
-            got: Vec::new(),
-        }
-    }
-
-    /// Reads until `want` appears or `timeout`; returns all text so far.
-    fn until(&mut self, want: &str, timeout: Duration) -> String {
-        let start = Instant::now();
-        while start.elapsed() < timeout && !String::from_utf8_lossy(&self.got).contains(want) {
-            if let Ok(b) = self.rx.recv_timeout(Duration::from_millis(100)) {
-                self.got.extend(b);
-            }
-        }
-        String::from_utf8_lossy(&self.got).into_owned()
-    }
 }
 
 #[test]

@@ -3,9 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
 
@@ -302,6 +304,42 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// Everything read from a pty master, collected by a thread.
+pub struct Reader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    got: Vec<u8>,
+}
+
+impl Reader {
+    pub fn new(f: OwnedFd) -> Reader {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::from(f);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = f.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Reader {
+            rx,
+            got: Vec::new(),
+        }
+    }
+
+    /// Reads until `want` appears or `timeout`; returns all text so far.
+    pub fn until(&mut self, want: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        while start.elapsed() < timeout && !String::from_utf8_lossy(&self.got).contains(want) {
+            if let Ok(b) = self.rx.recv_timeout(Duration::from_millis(100)) {
+                self.got.extend(b);
+            }
+        }
+        String::from_utf8_lossy(&self.got).into_owned()
+    }
 }
 
 pub use vessel_testutil::{processes_mentioning, wait_until};

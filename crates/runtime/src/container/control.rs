@@ -42,6 +42,16 @@ pub enum Request {
     Processes,
     /// runc's stats object (`events --stats` data).
     Stats,
+    /// Window size of the terminal of init (`exec_id` None) or an exec.
+    Resize {
+        exec_id: Option<String>,
+        rows: u16,
+        cols: u16,
+    },
+    /// New OCI `linux.resources` for the container's cgroup in the guest.
+    Update {
+        resources: Value,
+    },
     /// Start an OCI `process` in the running container; the caller relays
     /// its stdio streams (all three, or the tty).
     Exec {
@@ -219,6 +229,20 @@ async fn act(pod: &Pod, id: &str, dir: &Path, req: &Request) -> crate::pod::Resu
             Reply::Stats {
                 stats: runc_stats(&pod.stats(id).await?, ooms),
             }
+        }
+        Request::Resize {
+            exec_id,
+            rows,
+            cols,
+        } => {
+            pod.resize(id, exec_id.as_deref(), *rows, *cols).await?;
+            Reply::Done
+        }
+        Request::Update { resources } => {
+            pod.require(id, None, "update", live)?;
+            let json = serde_json::to_vec(resources).expect("a JSON value serializes");
+            pod.update(id, json).await?;
+            Reply::Done
         }
         Request::Exec {
             exec_id,

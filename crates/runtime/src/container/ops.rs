@@ -53,6 +53,30 @@ pub async fn resume(root: &Path, id: &str) -> Result<()> {
     c.save()
 }
 
+/// Sets the window size of the terminal of init (`exec_id` None) or an exec.
+pub async fn resize(
+    root: &Path,
+    id: &str,
+    exec_id: Option<&str>,
+    rows: u16,
+    cols: u16,
+) -> Result<()> {
+    let c = Container::open(root, id)?;
+    let req = Request::Resize {
+        exec_id: exec_id.map(str::to_string),
+        rows,
+        cols,
+    };
+    c.act("resize the terminal of", &req).await
+}
+
+/// Applies OCI `linux.resources` to the container's cgroup in the guest
+/// (the VM keeps the vCPUs and memory it booted with).
+pub async fn update(root: &Path, id: &str, resources: Value) -> Result<()> {
+    let c = Container::open(root, id)?;
+    c.act("update", &Request::Update { resources }).await
+}
+
 /// Guest pids of the container's processes.
 pub async fn processes(root: &Path, id: &str) -> Result<Vec<u32>> {
     let c = Container::open(root, id)?;

@@ -51,6 +51,9 @@ pub struct SuperviseArgs {
     pub id: String,
     pub bundle: PathBuf,
     pub console_socket: Option<PathBuf>,
+    /// (rows, cols) replacing `process.consoleSize`: the size of the
+    /// caller's terminal when `vessel run` relays on its own stdio.
+    pub console_size: Option<(u16, u16)>,
     /// Write end of the readiness pipe.
     pub sync_fd: RawFd,
 }
@@ -200,11 +203,18 @@ fn pod_err(e: PodError) -> ContainerError {
 async fn create_in(
     args: &SuperviseArgs,
     bundle: &Bundle,
-    spec: serde_json::Value,
+    mut spec: serde_json::Value,
     pod: &Pod,
 ) -> Result<(Relays, Option<File>)> {
     let id = &args.id;
     let terminal = bundle.terminal();
+    let (rows, cols) = args
+        .console_size
+        .unwrap_or_else(|| console_size(&bundle.spec));
+    if terminal {
+        // The guest pty starts at the host pty's size.
+        spec["process"]["consoleSize"] = serde_json::json!({"height": rows, "width": cols});
+    }
     pod.create(CreateRequest {
         id,
         bundle: &args.bundle,
@@ -221,7 +231,6 @@ async fn create_in(
         let socket = args.console_socket.as_deref().ok_or_else(|| {
             ContainerError::Console("process.terminal is set but no --console-socket given".into())
         })?;
-        let (rows, cols) = console_size(&bundle.spec);
         let pty = HostPty::open(rows, cols)?;
         pty.send_master(socket)?;
         let stream = client.open_stream(id, None, StdioStream::Tty).await?;

@@ -34,7 +34,7 @@ versions=$(apt-cache policy "${PACKAGES[@]}" | awk '/^[^ ]/ { p = $1 } /Candidat
 if grep -q "(none)" <<<"$versions" || [[ $(wc -l <<<"$versions") -ne ${#PACKAGES[@]} ]]; then
     say "no candidate for some of ${PACKAGES[*]} (run apt-get update):"; say "$versions"; exit 1
 fi
-key=$( { echo "$versions"; sha256sum "${BASH_SOURCE[0]}"; echo "$REF"; } | sha256sum | cut -d' ' -f1)
+key=$( { echo "$versions"; cat "${BASH_SOURCE[0]}"; echo "$REF"; } | sha256sum | cut -d' ' -f1)
 if [[ -f $OUT/.nginx.stamp && $(cat "$OUT/.nginx.stamp") == "$key" && -f $OUT/nginx-docker.tar ]]; then
     echo "$OUT/nginx-docker.tar"
     exit 0

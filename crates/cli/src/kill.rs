@@ -20,10 +20,11 @@ pub struct Args {
 
 pub fn parse_signal(s: &str) -> anyhow::Result<u32> {
     if let Ok(n) = s.parse::<u32>() {
-        if (1..=64).contains(&n) {
+        // 0: only checks that the container can be signalled (runc's kill(2) with 0).
+        if n <= 64 {
             return Ok(n);
         }
-        bail!("signal {n} out of range 1-64");
+        bail!("signal {n} out of range 0-64");
     }
     let upper = s.to_ascii_uppercase();
     let name = if upper.starts_with("SIG") {
@@ -58,6 +59,7 @@ mod tests {
         assert_eq!(parse_signal("KILL").unwrap(), 9);
         assert_eq!(parse_signal("SIGTERM").unwrap(), 15);
         assert_eq!(parse_signal("hup").unwrap(), 1);
-        assert!(parse_signal("FOO").is_err() && parse_signal("0").is_err());
+        assert_eq!(parse_signal("0").unwrap(), 0);
+        assert!(parse_signal("FOO").is_err() && parse_signal("65").is_err());
     }
 }

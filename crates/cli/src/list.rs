@@ -21,7 +21,7 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
     }
     match a.format.as_str() {
         "json" => {
-            let v: Vec<_> = all.iter().map(|s| s.oci()).collect();
+            let v: Vec<_> = all.iter().map(|s| s.oci_state()).collect();
             println!("{}", serde_json::to_string(&v)?);
         }
         "table" => {
@@ -30,14 +30,15 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
                 "ID", "PID", "STATUS", "BUNDLE", "CREATED"
             );
             for s in &all {
-                let o = s.oci();
+                let o = s.oci_state();
                 println!(
-                    "{:<20} {:<8} {:<10} {:<40} {:<32} root",
-                    s.id,
-                    o["pid"],
-                    s.status,
-                    s.bundle.display(),
-                    s.created
+                    "{:<20} {:<8} {:<10} {:<40} {:<32} {}",
+                    o.id,
+                    o.pid,
+                    o.status,
+                    o.bundle.display(),
+                    o.created,
+                    o.owner
                 );
             }
         }

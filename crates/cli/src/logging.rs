@@ -47,8 +47,17 @@ pub fn init(file: Option<&Path>, format: Format, debug: bool, quiet: bool) {
                 writeln!(buf, "{line}")
             });
         }
+        // logrus's text format, as runc writes it: time="..." level=... msg="...".
         Format::Text => {
-            b.format(|buf, record| writeln!(buf, "vessel[{}] {}", record.level(), record.args()));
+            b.format(|buf, record| {
+                writeln!(
+                    buf,
+                    "time={:?} level={} msg={:?}",
+                    vessel_runtime::container::state::now_rfc3339(),
+                    record.level().as_str().to_lowercase(),
+                    record.args().to_string()
+                )
+            });
         }
     }
     let _ = b.try_init();

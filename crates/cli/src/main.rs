@@ -5,6 +5,7 @@ mod create;
 mod delete;
 mod events;
 mod exec;
+mod features;
 mod kill;
 mod list;
 mod logging;
@@ -16,6 +17,7 @@ mod start;
 mod state;
 mod supervise;
 mod tty;
+mod update;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,12 +90,27 @@ enum Command {
     Events(events::Args),
     /// Write a default config.json.
     Spec(spec::Args),
+    /// Update the resource limits of a container (in its guest cgroup).
+    Update(update::Args),
+    /// Show what this runtime supports (runc's JSON).
+    Features,
+    /// Not supported: a container's processes live in its VM.
+    Checkpoint(Unsupported),
+    /// Not supported: a container's processes live in its VM.
+    Restore(Unsupported),
     /// (internal) Per-container supervisor started by `create`.
     #[command(hide = true)]
     Supervise(supervise::Args),
     /// (internal) Supervisor of a detached `exec`.
     #[command(hide = true)]
     SuperviseExec(supervise::ExecArgs),
+}
+
+/// Any flags and arguments of a command Vessel refuses.
+#[derive(clap::Args)]
+struct Unsupported {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    _args: Vec<String>,
 }
 
 /// What commands need besides their own flags.
@@ -114,16 +131,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = !matches!(cli.command, Command::Check(_) | Command::Env);
     logging::init(cli.log.as_deref(), cli.log_format, cli.debug, quiet);
+    log::debug!(
+        "vessel {} (pid {}): {:?}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        std::env::args().skip(1).collect::<Vec<_>>()
+    );
     // runc's exec exits 255 on its own failures: apart from the process's 1.
     let failure = match cli.command {
         Command::Exec(_) => ExitCode::from(255),
         _ => ExitCode::FAILURE,
     };
+    let has_log_file = cli.log.is_some();
     match run(cli, started) {
         Ok(code) => code,
         Err(e) => {
-            log::error!("{e:#}");
-            // With --log the error is in the log file (as runc does); say it on stderr too.
+            // With --log the error is in the log file (as runc does); say it
+            // on stderr too, once.
+            if has_log_file {
+                log::error!("{e:#}");
+            }
             eprintln!("vessel: {e:#}");
             failure
         }
@@ -174,6 +201,12 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Resume(a) => pause::resume(&ctx, a),
         Command::Events(a) => events::run(&ctx, a),
         Command::Spec(a) => spec::run(a),
+        Command::Update(a) => update::run(&ctx, a),
+        Command::Features => features::run(),
+        Command::Checkpoint(_) | Command::Restore(_) => anyhow::bail!(
+            "checkpoint/restore is not supported: the container's processes run in its own \
+             VM, out of CRIU's reach on the host"
+        ),
         Command::Supervise(a) => supervise::run(&ctx, a),
         Command::SuperviseExec(a) => supervise::run_exec(&ctx, a),
     }

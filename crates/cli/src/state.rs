@@ -10,7 +10,7 @@ pub struct Args {
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
-    let s = vessel_runtime::container::ops::state(ctx.root(), &a.id)?;
+    let s = vessel_runtime::container::ops::oci_state(ctx.root(), &a.id)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(ExitCode::SUCCESS)
 }

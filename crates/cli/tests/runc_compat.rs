@@ -165,3 +165,287 @@ fn exec_tty_without_console_socket_is_interactive_on_the_callers_terminal() {
     assert!(o.status.success(), "{}", text(&o));
     e.assert_clean("xt");
 }
+
+/// A running container `id` whose init sleeps (bundle from `vessel spec`).
+fn running(e: &common::Env, id: &str) {
+    let b = e.bundle(&format!("b-{id}"), &["sleep", "1000"], |_| {});
+    e.create(id, &b);
+    let o = e.run(&["start", id]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// `vessel exec ID args...`: (exit code, stdout, stderr).
+fn exec(e: &common::Env, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["exec"];
+    all.extend_from_slice(args);
+    let o = e.run(&all);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn update_applies_limits_in_the_guest_and_features_says_what_is_supported() {
+    let Some(e) = env() else { return };
+    running(&e, "up");
+    let cgroup = |e: &common::Env| {
+        let (code, out, err) = exec(
+            e,
+            &[
+                "up",
+                "cat",
+                "/sys/fs/cgroup/memory.max",
+                "/sys/fs/cgroup/cpu.max",
+                "/sys/fs/cgroup/pids.max",
+            ],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        out
+    };
+    // runc's flags, with its size suffixes.
+    let o = e.run(&[
+        "update",
+        "--memory",
+        "64M",
+        "--cpu-quota",
+        "50000",
+        "--cpu-period",
+        "100000",
+        "--pids-limit",
+        "20",
+        "up",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(cgroup(&e), "67108864\n50000 100000\n20\n");
+    // containerd's way: linux.resources JSON on stdin.
+    let mut c = e.cmd();
+    c.args(["update", "--resources", "-", "up"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            br#"{"memory": {"limit": 33554432}, "cpu": {"quota": -1}, "pids": {"limit": 10}}"#,
+        )
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(cgroup(&e), "33554432\nmax 100000\n10\n");
+    // What the guest cannot apply is refused with the field named; nothing changes.
+    let o = e.run(&["update", "--cpuset-cpus", "0", "up"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cpus"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(cgroup(&e), "33554432\nmax 100000\n10\n");
+    let o = e.run(&["update", "--memory", "lots", "up"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let o = e.run(&["update", "--memory", "64M", "nosuch"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    // checkpoint/restore: a clear refusal.
+    for cmd in ["checkpoint", "restore"] {
+        let o = e.run(&[cmd, "--image-path", "/tmp/x", "up"]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("not supported"),
+            "{}",
+            text(&o)
+        );
+    }
+    assert!(e.run(&["delete", "--force", "up"]).status.success());
+    e.assert_clean("up");
+    // stopped: update refused.
+    let o = e.run(&["update", "--memory", "64M", "up"]);
+    assert!(!o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn features_is_runcs_json_with_honest_values() {
+    let o = std::process::Command::new(common::VESSEL)
+        .arg("features")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.trim_start()
+            .starts_with("{\n  \"ociVersionMin\": \"1.0.0\""),
+        "{out}"
+    );
+    let f: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(f["ociVersionMax"], "1.2.0");
+    let ns = f["linux"]["namespaces"].as_array().unwrap();
+    assert!(
+        ns.contains(&"pid".into()) && !ns.contains(&"user".into()),
+        "{ns:?}"
+    );
+    assert_eq!(f["linux"]["cgroup"]["v2"], true);
+    assert_eq!(f["linux"]["cgroup"]["v1"], false);
+    assert_eq!(f["linux"]["seccomp"]["enabled"], true);
+    assert_eq!(f["linux"]["apparmor"]["enabled"], false);
+    assert!(f["hooks"]
+        .as_array()
+        .unwrap()
+        .contains(&"startContainer".into()));
+    assert!(f["mountOptions"]
+        .as_array()
+        .unwrap()
+        .contains(&"rbind".into()));
+}
+
+#[test]
+fn exec_defaults_and_flags_and_exit_codes_like_runc() {
+    let Some(e) = env() else { return };
+    running(&e, "ex");
+    // A process.json without `user` runs as uid 0.
+    let p = e.dir.path().join("process.json");
+    std::fs::write(
+        &p,
+        r#"{"args": ["sh", "-c", "id -u; id -g"], "cwd": "/", "env": ["PATH=/bin"]}"#,
+    )
+    .unwrap();
+    let (code, out, err) = exec(&e, &["--process", p.to_str().unwrap(), "ex"]);
+    assert_eq!((code, out.as_str()), (Some(0), "0\n0\n"), "{err}");
+    // --additional-gids, repeated or comma-separated (runc's exec.bats); the
+    // kernel lists groups sorted.
+    let (code, out, err) = exec(
+        &e,
+        &[
+            "--user",
+            "1000:1000",
+            "--additional-gids",
+            "100",
+            "-g",
+            "65534,7",
+            "ex",
+            "id",
+            "-G",
+        ],
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "1000 7 100 65534\n"),
+        "{err}"
+    );
+    // The process's own status, and Vessel's failures as 255.
+    let (code, _, err) = exec(&e, &["ex", "sh", "-c", "exit 1"]);
+    assert_eq!(code, Some(1), "{err}");
+    let (code, _, err) = exec(&e, &["nosuch", "true"]);
+    assert_eq!(code, Some(255), "{err}");
+    let (code, _, err) = exec(&e, &["ex", "/no/such/binary"]);
+    assert_eq!(code, Some(255), "{err}");
+    // --cgroup: the container's own cgroup; a sub-cgroup is refused with the reason.
+    let (code, _, err) = exec(&e, &["--cgroup", "/", "ex", "true"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = exec(&e, &["--cgroup", "sub", "ex", "true"]);
+    assert_eq!(code, Some(255), "{err}");
+    assert!(err.contains("sub-cgroups"), "{err}");
+    assert!(e.run(&["delete", "--force", "ex"]).status.success());
+    e.assert_clean("ex");
+}
+
+#[test]
+fn kill_0_events_interval_ps_keep_state_list_and_debug_like_runc() {
+    let Some(e) = env() else { return };
+    running(&e, "k0");
+    // kill ID 0: the container can be signalled; nothing is sent.
+    let o = e.run(&["kill", "k0", "0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(e.status("k0"), "running");
+    // events --interval with a Go duration: a stats line every 100 ms.
+    let mut ev = e
+        .cmd()
+        .args(["events", "--interval", "100ms", "k0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = {
+        use std::io::BufRead;
+        let out = std::io::BufReader::new(ev.stdout.take().unwrap());
+        out.lines().take(3).map(|l| l.unwrap()).collect::<Vec<_>>()
+    };
+    let _ = ev.kill();
+    let _ = ev.wait();
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert!(
+            l.starts_with(r#"{"type":"stats","id":"k0","data":{"#),
+            "{l}"
+        );
+    }
+    // state and list: runc's field order, the owner's name.
+    let o = e.run(&["state", "k0"]);
+    let s = String::from_utf8_lossy(&o.stdout);
+    let keys: Vec<&str> = s
+        .lines()
+        .filter_map(|l| l.strip_prefix("  \"")?.split('"').next())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "ociVersion",
+            "id",
+            "pid",
+            "status",
+            "bundle",
+            "rootfs",
+            "created",
+            "owner"
+        ],
+        "{s}"
+    );
+    assert!(s.contains(r#""owner": "root""#), "{s}");
+    let o = e.run(&["list", "--format", "json"]);
+    let l = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        l.starts_with(r#"[{"ociVersion":"1.0.2","id":"k0","pid":"#),
+        "{l}"
+    );
+    assert!(l.contains(r#""owner":"root"}"#), "{l}");
+    // --debug: debug lines on stderr, in runc's text format.
+    let o = e.run(&["--debug", "ps", "k0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("level=debug"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().next(),
+        Some("PID")
+    );
+    // ps on a stopped container: no processes, no error.
+    assert!(e.run(&["kill", "k0", "KILL"]).status.success());
+    e.wait_status("k0", "stopped", T);
+    let o = e.run(&["ps", "k0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "PID\n");
+    let o = e.run(&["ps", "--format", "json", "k0"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "[]\n", "{}", text(&o));
+    let o = e.run(&["kill", "k0", "0"]);
+    assert!(
+        !o.status.success(),
+        "kill 0 of a stopped container: {}",
+        text(&o)
+    );
+    assert!(e.run(&["delete", "k0"]).status.success());
+    e.assert_clean("k0");
+    // run --keep: the stopped container stays until deleted.
+    let b = e.bundle("keep", &["sh", "-c", "exit 5"], |_| {});
+    let o = e.run(&["run", "--keep", "--bundle", b.to_str().unwrap(), "kept"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert_eq!(e.status("kept"), "stopped");
+    assert!(e.run(&["delete", "kept"]).status.success());
+    e.assert_clean("kept");
+}

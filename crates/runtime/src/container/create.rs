@@ -113,8 +113,19 @@ fn create_in(
     state.save(dir)?;
     let stdio = !bundle.terminal();
     let netns_fd = netns.as_ref().map(|n| n.fd().as_raw_fd());
+    log::debug!(
+        "{}: starting the supervisor: {:?}",
+        opts.id,
+        opts.supervisor
+    );
     let (mut child, reply) = spawn_supervisor(&mut opts.supervisor, stdio, netns_fd)?;
     drop(netns);
+    log::debug!(
+        "{}: supervisor {} replied {:?}",
+        opts.id,
+        child.id(),
+        reply.trim_end()
+    );
     let guest_pid = match parse_reply(&reply) {
         Ok(pid) => pid,
         Err(msg) => {

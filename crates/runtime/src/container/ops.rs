@@ -34,8 +34,12 @@ pub async fn start(root: &Path, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Signal 0 sends nothing: it succeeds when the container could be signalled.
 pub async fn kill(root: &Path, id: &str, signal: u32, all: bool) -> Result<()> {
     let c = Container::open(root, id)?;
+    if signal == 0 {
+        return c.act("kill", &Request::Ping).await;
+    }
     c.act("kill", &Request::Kill { signal, all }).await
 }
 
@@ -113,6 +117,7 @@ impl Container {
         if matches!(status, Status::Creating | Status::Stopped) {
             return Err(wrong(status));
         }
+        log::debug!("{}: {op}: request {req:?}", self.id());
         let (reply, call) = match Call::send(&self.dir, req, REQUEST_TIMEOUT).await {
             Ok(r) => r,
             Err(e)
@@ -147,6 +152,11 @@ impl Container {
 /// The OCI state of a container.
 pub fn state(root: &Path, id: &str) -> Result<Value> {
     Ok(Container::peek(root, id)?.oci())
+}
+
+/// The OCI state of a container, in runc's field order.
+pub fn oci_state(root: &Path, id: &str) -> Result<super::state::OciState> {
+    Ok(Container::peek(root, id)?.oci_state())
 }
 
 /// States of every container under `root` (unreadable entries skipped).

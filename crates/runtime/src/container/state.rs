@@ -85,23 +85,55 @@ impl State {
 
     /// The OCI state (`runc state` output), with runc's extra fields.
     pub fn oci(&self) -> serde_json::Value {
+        serde_json::to_value(self.oci_state()).expect("the OCI state serializes")
+    }
+
+    /// [`State::oci`] as a struct: its fields serialize in runc's order.
+    pub fn oci_state(&self) -> OciState {
         let status = self.refreshed_status();
         let pid = if status == Status::Stopped {
             0
         } else {
             self.pid
         };
-        serde_json::json!({
-            "ociVersion": "1.0.2",
-            "id": self.id,
-            "pid": pid,
-            "status": status.as_str(),
-            "bundle": self.bundle,
-            "rootfs": self.rootfs,
-            "created": self.created,
-            "annotations": self.annotations,
-            "owner": "",
-        })
+        OciState {
+            oci_version: "1.0.2",
+            id: self.id.clone(),
+            pid,
+            status,
+            bundle: self.bundle.clone(),
+            rootfs: self.rootfs.clone(),
+            created: self.created.clone(),
+            annotations: self.annotations.clone(),
+            owner: owner_name(),
+        }
+    }
+}
+
+/// The OCI state with runc's extra fields (`rootfs`, `created`, `owner`),
+/// in runc's field order; `annotations` only when there are some.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OciState {
+    pub oci_version: &'static str,
+    pub id: String,
+    pub pid: u32,
+    pub status: Status,
+    pub bundle: PathBuf,
+    pub rootfs: PathBuf,
+    pub created: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    pub owner: String,
+}
+
+/// runc's `owner`: the name of the user that runs the runtime (its state is
+/// that user's), or the uid when it has no name.
+fn owner_name() -> String {
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => u.name,
+        _ => uid.to_string(),
     }
 }
 

@@ -78,6 +78,33 @@ impl Tree {
         })
     }
 
+    /// The tree rooted at `dir`, an `O_PATH` directory fd from
+    /// [`Tree::mkdir`] of another tree; `path` is where it was made, for
+    /// messages (the guest may move it: lookups stay beneath the fd).
+    pub fn from_dir(dir: OwnedFd, path: PathBuf) -> Tree {
+        Tree { root: dir, path }
+    }
+
+    /// Removes the empty directory or the file `name` (one component) of
+    /// the root, never following a link and never recursing: what the guest
+    /// put there or moved in stays (a mount point fails with EBUSY).
+    pub fn remove(&self, name: &Path, dir: bool) -> Result<()> {
+        self.check(name)?;
+        if name.components().count() != 1 {
+            return Err(BeneathError::BadPath {
+                root: self.path.display().to_string(),
+                path: name.display().to_string(),
+            });
+        }
+        let how = if dir {
+            nix::unistd::UnlinkatFlags::RemoveDir
+        } else {
+            nix::unistd::UnlinkatFlags::NoRemoveDir
+        };
+        nix::unistd::unlinkat(Some(self.root.as_raw_fd()), name, how)
+            .map_err(|e| self.err("remove", name, e))
+    }
+
     /// The host path the tree was opened at (for messages).
     pub fn path(&self) -> &Path {
         &self.path
@@ -237,13 +264,19 @@ pub fn open_source(path: &Path) -> std::io::Result<OwnedFd> {
 /// Bind-mounts `source` onto `target` (a directory or file fd, typically
 /// from [`Tree::mkdir`] / [`Tree::create_file`]), all by file descriptor:
 /// the copy of `source` (with its submounts if `recursive`) is made
-/// read-only BEFORE it is attached when `readonly`.
+/// read-only BEFORE it is attached when `readonly`. Returns an fd of the
+/// new mount's root, for [`detach`].
+///
+/// Attached under a shared mount (a pod's share), the new mount propagates
+/// like one made by mount(2), into virtiofsd's mount namespace too, with the
+/// attributes it had when attached (later changes of them would not
+/// propagate).
 pub fn bind_fd(
     source: BorrowedFd,
     target: BorrowedFd,
     recursive: bool,
     readonly: bool,
-) -> nix::Result<()> {
+) -> nix::Result<OwnedFd> {
     let empty = CString::default();
     let mut flags =
         OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
@@ -296,7 +329,19 @@ pub fn bind_fd(
             MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
         )
     };
-    Errno::result(rc).map(drop)
+    Errno::result(rc)?;
+    Ok(tree)
+}
+
+/// Detaches the mount whose root `mount` is (from [`bind_fd`]) with every
+/// mount below it (`MNT_DETACH`), by file descriptor: wherever the guest
+/// moved its mount point, and never anything else. A mount that is no
+/// longer attached is done.
+pub fn detach(mount: BorrowedFd) -> nix::Result<()> {
+    match nix::mount::umount2(&fd_path(mount), nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(Errno::EINVAL) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// `/proc/self/fd/<fd>`: the exact object `fd` refers to, for the classic
@@ -371,13 +416,36 @@ mod tests {
         std::fs::write(src.path().join("hello"), b"hi").unwrap();
         let target = t.mkdir(Path::new("m"), 0o755).unwrap();
         let s = open_source(src.path()).unwrap();
-        bind_fd(s.as_fd(), target.as_fd(), false, true).unwrap();
+        let mount = bind_fd(s.as_fd(), target.as_fd(), false, true).unwrap();
         let m = d.path().join("m");
         assert_eq!(std::fs::read(m.join("hello")).unwrap(), b"hi");
         assert!(
             std::fs::write(m.join("new"), b"").is_err(),
             "read-only bind"
         );
-        nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        // Moved away, it is still detached by its fd, and only it.
+        std::fs::rename(&m, d.path().join("moved")).unwrap_err(); // a mount point
+        detach(mount.as_fd()).unwrap();
+        assert!(!d.path().join("m/hello").exists());
+        detach(mount.as_fd()).unwrap(); // done already
+        t.remove(Path::new("m"), true).unwrap();
+        assert!(!m.exists());
+    }
+
+    #[test]
+    fn remove_never_recurses_or_follows() {
+        let (d, t) = tree();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), b"k").unwrap();
+        symlink(outside.path(), d.path().join("link")).unwrap();
+        std::fs::create_dir_all(d.path().join("full/x")).unwrap();
+        t.remove(Path::new("link"), false).unwrap();
+        assert!(outside.path().join("keep").exists());
+        assert!(t.remove(Path::new("full"), true).is_err());
+        assert!(d.path().join("full/x").is_dir());
+        assert!(
+            t.remove(Path::new("full/x"), true).is_err(),
+            "one component"
+        );
     }
 }

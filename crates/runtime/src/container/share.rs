@@ -4,35 +4,41 @@
 //! guest paths under [`GUEST_SHARED`].
 //!
 //! - A `vessel` container (a pod of one) stages before its VM boots:
-//!   [`Staging::prepare`] uses `<root>/<id>/shared/`, a private bind mount of
-//!   itself.
-//! - A pod stages each container after its VM booted: [`PodShare`] is a
-//!   shared bind mount of itself (so later mounts propagate to virtiofsd) and
-//!   each container gets `<share>/<container id>/`, seen by the guest under
-//!   `GUEST_SHARED/<container id>/`.
+//!   [`Staging::prepare`] fills `<root>/<id>/shared/`.
+//! - A pod stages each container after its VM booted: [`PodShare::stage`]
+//!   fills `<share>/<container id>/`, seen by the guest under
+//!   `GUEST_SHARED/<container id>/`. The pod's top is a shared mount of its
+//!   own peer group, so binds made after virtiofsd started (in its own mount
+//!   namespace, a slave of ours) reach it.
 //!
-//! The guest is hostile and writes the share:
-//! - The top of a [`Staging`] share is a small tmpfs ([`TOP_TMPFS_OPTIONS`]),
-//!   not host state: what the guest writes beside the rootfs is bounded, and
-//!   it all goes away with one unmount. The writable parts are the
-//!   container's own rootfs and bind sources, as with runc.
-//! - Every host-side step inside a [`Staging`] share is race-free
-//!   ([`crate::beneath`]): mount points are created and opened beneath the
-//!   share's root without following symlinks, and binds are placed on those
-//!   file descriptors (`open_tree` + `move_mount`), never on a path resolved
-//!   again.
-//! - Known gap: a [`PodShare`] (staged after its VM booted, through mount
-//!   propagation into virtiofsd) still binds by path on a self-bind top;
-//!   binds attached with `move_mount` did not reach virtiofsd there.
+//! The guest is hostile and writes the share. Both kinds are one
+//! implementation:
+//! - The top of a share is a small tmpfs ([`TOP_TMPFS_OPTIONS`]), not host
+//!   state: what the guest writes beside the rootfs is bounded, and it all
+//!   goes away with one unmount. The writable parts are the container's own
+//!   rootfs and bind sources, as with runc.
+//! - Every host-side step inside a share is race-free ([`crate::beneath`]):
+//!   mount points (and a pod container's directory) are created and opened
+//!   beneath the share's root without following symlinks, and binds are
+//!   placed on those file descriptors (`open_tree` + `move_mount`), never on
+//!   a path resolved again. A guest that moves a directory only moves where
+//!   a mount lands inside the share.
+//! - A pod's container is unstaged by file descriptor: each of its binds is
+//!   detached through the fd of its mount, wherever the guest moved it, and
+//!   only the (then empty) mount points made for it are removed, one name
+//!   at a time, never recursively.
 //!
-//! Cleanup ([`cleanup_tree`]) detaches the staging tree with
-//! `umount2(MNT_DETACH)`, checks that nothing is mounted below it any more and
+//! Cleanup of a whole share ([`cleanup_tree`]) detaches its top with
+//! `umount2(MNT_DETACH | UMOUNT_NOFOLLOW)` (a host path, never one beneath
+//! the guest's tree), checks that nothing is mounted below it any more and
 //! only then removes what is left (never following a link): a failed unmount
 //! can never delete host data or container data, and nothing the guest left
 //! in the tmpfs can stop a delete.
 
-use std::os::fd::AsFd;
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde_json::Value;
@@ -65,9 +71,11 @@ fn mount_err(what: &str, path: &Path, e: nix::Error) -> ContainerError {
     }
 }
 
-/// Mounts the share's top on `dir` (which exists): a size-limited private
-/// tmpfs. Returns its root for race-free work beneath it.
-fn mount_top(dir: &Path) -> Result<Tree> {
+/// Mounts the share's top on `dir` (which exists): a size-limited tmpfs,
+/// private, or with `shared` a shared mount of its own peer group (not a
+/// peer of the host's mounts). Returns its root for race-free work beneath
+/// it.
+fn mount_top(dir: &Path, shared: bool) -> Result<Tree> {
     let at = Tree::open(dir).map_err(ContainerError::Staging)?;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let target = beneath::fd_path(at.fd());
@@ -89,6 +97,16 @@ fn mount_top(dir: &Path) -> Result<Tree> {
         None::<&str>,
     )
     .map_err(|e| mount_err("make staging dir private", dir, e))?;
+    if shared {
+        mount(
+            None::<&str>,
+            &beneath::fd_path(tree.fd()),
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(|e| mount_err("make staging dir shared", dir, e))?;
+    }
     Ok(tree)
 }
 
@@ -97,7 +115,8 @@ impl Staging {
     /// `spec` to guest paths. Everything is undone on error.
     pub fn prepare(container_dir: &Path, rootfs: &Path, spec: &mut Value) -> Result<Staging> {
         let staging = Staging::create(&container_dir.join(STAGING_DIR))?;
-        match fill(&staging.tree, Path::new(""), GUEST_SHARED, rootfs, spec) {
+        // The binds go with the top (one detach): their fds are not kept.
+        match fill(&staging.tree, GUEST_SHARED, rootfs, spec, &mut Vec::new()) {
             Ok(()) => Ok(staging),
             Err(e) => {
                 if let Err(c) = cleanup(container_dir) {
@@ -112,7 +131,7 @@ impl Staging {
     /// size-limited private tmpfs. [`cleanup_tree`] of `dir` undoes it.
     pub fn create(dir: &Path) -> Result<Staging> {
         std::fs::create_dir(dir).map_err(|e| ContainerError::io(dir, e))?;
-        match mount_top(dir) {
+        match mount_top(dir, false) {
             Ok(tree) => Ok(Staging {
                 dir: dir.to_path_buf(),
                 tree,
@@ -128,20 +147,27 @@ impl Staging {
 
     /// Bind-mounts host `source` at `rel` in the share; see [`bind`].
     pub fn bind(&self, source: &Path, rel: &Path, recursive: bool, readonly: bool) -> Result<()> {
-        bind(&self.tree, source, rel, recursive, readonly)
+        bind(&self.tree, source, rel, recursive, readonly).map(drop)
     }
 }
 
-/// Stages `rootfs` and the bind sources of `spec` in `sub` of `tree` (which
-/// exists; empty: the top) and rewrites `spec` to their guest paths under
-/// `guest_dir`.
-fn fill(tree: &Tree, sub: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
+/// Stages `rootfs` and the bind sources of `spec` at the top of `tree`,
+/// pushing each bind to `bound` as it is made, and rewrites `spec` to their
+/// guest paths under `guest_dir`.
+fn fill(
+    tree: &Tree,
+    guest_dir: &str,
+    rootfs: &Path,
+    spec: &mut Value,
+    bound: &mut Vec<Bound>,
+) -> Result<()> {
     rewrite_spec(
         guest_dir,
         rootfs,
         spec,
         |source, name, recursive, readonly| {
-            bind(tree, source, &sub.join(name), recursive, readonly)
+            bound.push(bind(tree, source, Path::new(name), recursive, readonly)?);
+            Ok(())
         },
     )
 }
@@ -150,14 +176,21 @@ fn fill(tree: &Tree, sub: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Valu
 /// staging each source (the rootfs as `rootfs`, mount `i` as `m<i>`) with
 /// `stage(source, name, recursive, readonly)`; a bind of the host's /dev/shm
 /// becomes the guest's own tmpfs.
+///
+/// The rootfs is staged read-write even for `root.readonly`: the guest's
+/// libcontainer first creates the spec's missing mount points in the rootfs
+/// (a CRI sandbox binds /etc/resolv.conf, absent from its image; a bundle
+/// may lack /proc or /sys) and then makes the container's root read-only
+/// itself, as runc does on the host. A bind made read-only before it is
+/// attached is read-only in virtiofsd too, so the guest could not create
+/// them. Binds marked `ro` stay read-only on the host.
 fn rewrite_spec(
     guest_dir: &str,
     rootfs: &Path,
     spec: &mut Value,
     mut stage: impl FnMut(&Path, &str, bool, bool) -> Result<()>,
 ) -> Result<()> {
-    let readonly = spec["root"]["readonly"].as_bool().unwrap_or(false);
-    stage(rootfs, "rootfs", true, readonly)?;
+    stage(rootfs, "rootfs", true, false)?;
     spec["root"]["path"] = format!("{guest_dir}/rootfs").into();
     if let Some(mounts) = spec["mounts"].as_array_mut() {
         for (i, m) in mounts.iter_mut().enumerate() {
@@ -222,75 +255,37 @@ impl Staging {
     }
 }
 
+/// One bind staged in a tree: the name of its mount point and the fd of
+/// the mount (see [`beneath::detach`]).
+struct Bound {
+    name: PathBuf,
+    dir: bool,
+    mount: OwnedFd,
+}
+
 /// Bind-mounts host `source` (directory or file) at `rel` in `tree`,
 /// creating the mount point; all by file descriptor. `rel` may be changed by
 /// the guest meanwhile: the mount lands on the object created (wherever in
 /// the share the guest moved it) or fails.
-fn bind(tree: &Tree, source: &Path, rel: &Path, recursive: bool, readonly: bool) -> Result<()> {
+fn bind(tree: &Tree, source: &Path, rel: &Path, recursive: bool, readonly: bool) -> Result<Bound> {
     let src = beneath::open_source(source).map_err(|e| ContainerError::io(source, e))?;
     let meta = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&src))
         .map_err(|e| mount_err("stat", source, e))?;
-    let is_dir = nix::sys::stat::SFlag::from_bits_truncate(meta.st_mode)
+    let dir = nix::sys::stat::SFlag::from_bits_truncate(meta.st_mode)
         .contains(nix::sys::stat::SFlag::S_IFDIR);
-    let target = if is_dir {
+    let target = if dir {
         tree.mkdir(rel, 0o755)
     } else {
         tree.create_file(rel, 0o644)
     }
     .map_err(ContainerError::Staging)?;
-    beneath::bind_fd(src.as_fd(), target.as_fd(), recursive, readonly)
-        .map_err(|e| mount_err("bind", source, e))
-}
-
-/// Binds `dir` onto itself and makes it private; `shared`: then a shared
-/// mount of its own peer group (not a peer of the host's mounts).
-fn self_bind(dir: &Path, shared: bool) -> Result<()> {
-    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| mount_err("bind staging dir", dir, e))?;
-    let mut steps = vec![MsFlags::MS_PRIVATE];
-    if shared {
-        steps.push(MsFlags::MS_SHARED);
-    }
-    for propagation in steps {
-        mount(None::<&str>, dir, None::<&str>, propagation, None::<&str>)
-            .map_err(|e| mount_err("set propagation of staging dir", dir, e))?;
-    }
-    Ok(())
-}
-
-/// [`fill`] by path, for a pod's share. Known gap (issue 12): pods stage
-/// after the VM booted, so these path-based steps race with the guest; the
-/// fd-based binds do not propagate to virtiofsd's mount namespace yet.
-fn fill_path(dir: &Path, guest_dir: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
-    rewrite_spec(
-        guest_dir,
-        rootfs,
-        spec,
-        |source, name, recursive, readonly| bind_path(source, &dir.join(name), recursive, readonly),
-    )
-}
-
-/// Bind-mounts `source` (directory or file) at `target`, creating `target`.
-fn bind_path(source: &Path, target: &Path, recursive: bool, readonly: bool) -> Result<()> {
-    let meta = std::fs::metadata(source).map_err(|e| ContainerError::io(source, e))?;
-    if meta.is_dir() {
-        std::fs::create_dir(target)
-    } else {
-        std::fs::File::create(target).map(drop)
-    }
-    .map_err(|e| ContainerError::io(target, e))?;
-    let mut flags = MsFlags::MS_BIND;
-    if recursive {
-        flags |= MsFlags::MS_REC;
-    }
-    mount(Some(source), target, None::<&str>, flags, None::<&str>)
+    let mount = beneath::bind_fd(src.as_fd(), target.as_fd(), recursive, readonly)
         .map_err(|e| mount_err("bind", source, e))?;
-    if readonly {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
-            .map_err(|e| mount_err("remount read-only", target, e))?;
-    }
-    Ok(())
+    Ok(Bound {
+        name: rel.to_path_buf(),
+        dir,
+        mount,
+    })
 }
 
 /// Whether anything is mounted at or below `dir` (from /proc/self/mountinfo).
@@ -331,29 +326,27 @@ pub fn cleanup(container_dir: &Path) -> Result<()> {
     cleanup_tree(&container_dir.join(STAGING_DIR))
 }
 
-/// Unmounts everything at or below `dir`, then removes `dir` and what is
-/// left in it (the underlying directory, or a container's directory in a pod
-/// share's tmpfs) without following links. If anything is still mounted,
-/// fails with [`ContainerError::StillMounted`] (or the unmount's error) and
-/// removes nothing. Idempotent.
+/// Unmounts `dir` (a share's top: a host path, whose last component is
+/// never followed) with everything mounted below it, then removes `dir` and
+/// what is left in it without following links. If anything is still
+/// mounted below `dir`, fails with [`ContainerError::StillMounted`] (or the
+/// unmount's error) and removes nothing. Idempotent.
 pub fn cleanup_tree(dir: &Path) -> Result<()> {
     let dir = dir.to_path_buf();
     if std::fs::symlink_metadata(&dir).is_err() {
         return Ok(());
     }
-    // Detach repeatedly: the staging dir may carry stacked mounts.
+    // Detach repeatedly: the staging dir may carry stacked mounts. Only
+    // `dir` itself is unmounted by path: a path beneath it is the guest's to
+    // change (a component swapped for a symlink would aim the unmount at a
+    // host mount).
     for _ in 0..8 {
         if !has_mounts(&dir) {
             break;
         }
         match umount2(&dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => {}
-            Err(nix::Error::EINVAL) => {
-                // Not a mount point itself: detach what is below it.
-                for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                    let _ = umount2(&e.path(), MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
-                }
-            }
+            Err(nix::Error::EINVAL) => break,
             Err(e) => return Err(mount_err("unmount staging dir", &dir, e)),
         }
     }
@@ -370,26 +363,40 @@ pub fn cleanup_tree(dir: &Path) -> Result<()> {
 }
 
 /// The staging share of a pod: one directory shared with the pod's VM, one
-/// subdirectory per container, staged after the VM booted.
+/// subdirectory per container, staged after the VM booted (see the module
+/// docs).
 pub struct PodShare {
     dir: PathBuf,
+    tree: Tree,
+    /// Each staged container's directory and binds, by id.
+    staged: Mutex<HashMap<String, Staged>>,
+}
+
+/// A container staged in a [`PodShare`].
+struct Staged {
+    dir: Tree,
+    bound: Vec<Bound>,
 }
 
 impl PodShare {
-    /// Creates `dir` as a shared bind mount of itself, so that mounts staged
-    /// later propagate into virtiofsd's mount namespace.
+    /// Creates the share at `dir`: a size-limited tmpfs, a shared mount of
+    /// its own peer group, so that binds staged later propagate into
+    /// virtiofsd's mount namespace.
     pub fn create(dir: &Path) -> Result<PodShare> {
         std::fs::create_dir_all(dir).map_err(|e| ContainerError::io(dir, e))?;
-        let share = PodShare {
-            dir: dir.to_path_buf(),
-        };
-        if let Err(e) = self_bind(dir, true) {
-            if let Err(c) = cleanup_tree(dir) {
-                log::warn!("cleanup after failed pod share: {c}");
+        match mount_top(dir, true) {
+            Ok(tree) => Ok(PodShare {
+                dir: dir.to_path_buf(),
+                tree,
+                staged: Mutex::default(),
+            }),
+            Err(e) => {
+                if let Err(c) = cleanup_tree(dir) {
+                    log::warn!("cleanup after failed pod share: {c}");
+                }
+                Err(e)
             }
-            return Err(e);
         }
-        Ok(share)
     }
 
     /// The share for the VM.
@@ -405,30 +412,81 @@ impl PodShare {
         &self.dir
     }
 
+    fn staged(&self) -> MutexGuard<'_, HashMap<String, Staged>> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Stages container `id` (rootfs at `rootfs`) and rewrites `spec` to
-    /// guest paths under `GUEST_SHARED/<id>`. Undone on error.
+    /// guest paths under `GUEST_SHARED/<id>`, race-free against the guest:
+    /// `<id>` is created (or reused) beneath the share and everything is
+    /// staged beneath its file descriptor. Undone on error.
     pub fn stage(&self, id: &str, rootfs: &Path, spec: &mut Value) -> Result<()> {
         super::validate_id(id)?;
-        let dir = self.dir.join(id);
-        std::fs::create_dir(&dir).map_err(|e| ContainerError::io(&dir, e))?;
-        let res = fill_path(&dir, &format!("{GUEST_SHARED}/{id}"), rootfs, spec);
+        if self.staged().contains_key(id) {
+            return Err(ContainerError::Exists(id.to_string()));
+        }
+        let dir = self
+            .tree
+            .mkdir(Path::new(id), 0o755)
+            .map_err(ContainerError::Staging)?;
+        let dir = Tree::from_dir(dir, self.dir.join(id));
+        let mut bound = Vec::new();
+        let res = fill(
+            &dir,
+            &format!("{GUEST_SHARED}/{id}"),
+            rootfs,
+            spec,
+            &mut bound,
+        );
+        self.staged().insert(id.to_string(), Staged { dir, bound });
         if res.is_err() {
-            if let Err(c) = cleanup_tree(&dir) {
+            if let Err(c) = self.unstage(id) {
                 log::warn!("cleanup after failed staging of {id}: {c}");
             }
         }
         res
     }
 
-    /// Unstages container `id` (see [`cleanup_tree`]). Idempotent.
+    /// Unstages container `id`: detaches each of its binds by file
+    /// descriptor (wherever the guest moved it), then removes the mount
+    /// points made for it and its directory if they are empty, one name at
+    /// a time (what the guest left there stays in the bounded tmpfs until
+    /// [`PodShare::remove`]). A failed detach fails, keeps the container
+    /// staged and removes nothing. Idempotent.
     pub fn unstage(&self, id: &str) -> Result<()> {
         super::validate_id(id)?;
-        cleanup_tree(&self.dir.join(id))
+        let Some(staged) = self.staged().remove(id) else {
+            return Ok(());
+        };
+        for b in &staged.bound {
+            if let Err(e) = beneath::detach(b.mount.as_fd()) {
+                let path = staged.dir.path().join(&b.name);
+                self.staged().insert(id.to_string(), staged);
+                return Err(mount_err("unmount staged", &path, e));
+            }
+        }
+        // The mount points first, then their directory (in this order: an
+        // eager `chain` once tried the directory first, while it was full).
+        let mut left: Vec<_> = staged
+            .bound
+            .iter()
+            .filter_map(|b| staged.dir.remove(&b.name, b.dir).err())
+            .collect();
+        left.extend(self.tree.remove(Path::new(id), true).err());
+        if !left.is_empty() {
+            // The guest moved or added something: it stays in the bounded
+            // tmpfs until the share is removed.
+            log::debug!("unstaged {id}, not all removed: {left:?}");
+        }
+        Ok(())
     }
 
     /// Unmounts and removes the whole share (see [`cleanup_tree`]).
+    /// The binds' fds are dropped once it is done.
     pub fn remove(&self) -> Result<()> {
-        cleanup_tree(&self.dir)
+        cleanup_tree(&self.dir)?;
+        self.staged().clear();
+        Ok(())
     }
 }
 
@@ -481,10 +539,11 @@ mod tests {
         assert_eq!(spec["mounts"][0]["source"], "proc");
         let staged = st.shared_dir().host_path;
         assert_eq!(std::fs::read(staged.join("m1")).unwrap(), b"hi");
-        assert!(
-            std::fs::write(staged.join("rootfs/x"), b"").is_err(),
-            "ro root"
-        );
+        assert!(std::fs::write(staged.join("m1"), b"").is_err(), "ro bind");
+        // The guest creates mount points in a read-only root before it
+        // makes it read-only (see `fill`).
+        std::fs::write(staged.join("rootfs/mountpoint"), b"").unwrap();
+        std::fs::remove_file(rootfs.join("mountpoint")).unwrap();
         assert!(has_mounts(&staged));
         remove_container_dir(&cdir).unwrap();
         assert!(!cdir.exists() && rootfs.join("etc").exists() && src.exists());
@@ -494,6 +553,81 @@ mod tests {
             {"destination": "/x", "type": "bind", "source": "/nonexistent-src", "options": ["bind"]}]});
         assert!(Staging::prepare(&cdir, &rootfs, &mut spec).is_err());
         assert!(!cdir.join(STAGING_DIR).exists());
+    }
+
+    /// Stands in for virtiofsd: its own mount namespace, a slave of ours,
+    /// with the share bound onto itself there, started before anything is
+    /// staged. Returns it once its namespace is set up.
+    fn virtiofsd_like(share: &Path) -> std::process::Child {
+        let ready = share.with_extension("ready");
+        let script = format!(
+            "mount --rbind {0} {0} && touch {1} && exec sleep 600",
+            share.display(),
+            ready.display()
+        );
+        let child = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "slave", "sh", "-c", &script])
+            .spawn()
+            .unwrap();
+        assert!(vessel_testutil::wait_until(
+            std::time::Duration::from_secs(10),
+            || ready.exists()
+        ));
+        child
+    }
+
+    #[test]
+    fn binds_staged_after_the_vm_started_reach_virtiofsd_and_go_away() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root for mounts");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let (rootfs, data) = (d.path().join("rootfs"), d.path().join("data"));
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(rootfs.join("marker"), b"root").unwrap();
+        std::fs::write(data.join("v"), b"volume").unwrap();
+        let share = PodShare::create(&d.path().join("share")).unwrap();
+        let mut ns = virtiofsd_like(share.path());
+        // What the namespace sees at a path of ours.
+        let seen = |rel: &str| {
+            PathBuf::from(format!("/proc/{}/root", ns.id()))
+                .join(share.path().strip_prefix("/").unwrap())
+                .join(rel)
+        };
+        // A fresh spec for every stage: staging rewrites its sources.
+        let spec = || {
+            serde_json::json!({"root": {"path": "rootfs", "readonly": true},
+            "mounts": [
+            {"destination": "/v", "type": "bind", "source": data, "options": ["rbind", "ro"]}]})
+        };
+        let mut spec1 = spec();
+        share.stage("c1", &rootfs, &mut spec1).unwrap();
+        assert_eq!(spec1["root"]["path"], "/run/vessel/shared/c1/rootfs");
+        assert_eq!(std::fs::read(seen("c1/rootfs/marker")).unwrap(), b"root");
+        assert_eq!(std::fs::read(seen("c1/m0/v")).unwrap(), b"volume");
+        let e = std::fs::write(seen("c1/m0/w"), b"").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "read-only there too");
+        // The guest moves the container's directory: unstaging still
+        // detaches its binds (by fd), in virtiofsd's namespace too.
+        std::fs::rename(seen("c1"), seen("moved")).unwrap();
+        share.unstage("c1").unwrap();
+        assert!(!seen("moved/rootfs/marker").exists() && !seen("moved/m0/v").exists());
+        assert!(!has_mounts(share.path().join("moved").as_path()));
+        share.stage("c1", &rootfs, &mut spec()).unwrap();
+        assert_eq!(std::fs::read(seen("c1/rootfs/marker")).unwrap(), b"root");
+        share.unstage("c1").unwrap();
+        assert!(
+            !seen("c1").exists(),
+            "unstaged in virtiofsd's namespace too"
+        );
+        assert!(!share.path().join("c1").exists());
+        let _ = ns.kill();
+        let _ = ns.wait();
+        share.remove().unwrap();
+        assert!(!has_mounts(d.path()) && !share.path().exists());
+        assert_eq!(std::fs::read(data.join("v")).unwrap(), b"volume");
     }
 
     /// Drops CAP_SYS_ADMIN from the calling thread's effective set
@@ -564,17 +698,19 @@ mod tests {
             .spawn()
             .unwrap();
 
-        // The unmount fails (no CAP_SYS_ADMIN): an error naming the tree,
-        // nothing removed, the host files all there.
-        let share_dir = share.path().to_path_buf();
-        let e = std::thread::spawn(move || {
-            drop_sys_admin_in_this_thread();
-            cleanup_tree(&share_dir.join("c1"))
-        })
-        .join()
-        .unwrap()
-        .unwrap_err();
-        assert!(e.to_string().contains("c1"), "{e}");
+        // The unmounts fail (no CAP_SYS_ADMIN): an error naming the
+        // container, nothing removed, the host files all there.
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                drop_sys_admin_in_this_thread();
+                let unstage = share.unstage("c1").unwrap_err();
+                (unstage, share.remove().unwrap_err())
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(e.0.to_string().contains("c1"), "{}", e.0);
+        assert!(e.1.to_string().contains("share"), "{}", e.1);
         assert!(all_there(), "host files lost after a failed unmount");
         assert!(has_mounts(&staged), "the staging is left in place");
 

@@ -449,3 +449,36 @@ fn kill_0_events_interval_ps_keep_state_list_and_debug_like_runc() {
     assert!(e.run(&["delete", "kept"]).status.success());
     e.assert_clean("kept");
 }
+
+#[test]
+fn terminal_belongs_to_the_process_user_and_an_ro_dev_mount_is_read_only() {
+    let Some(e) = env() else { return };
+    let b = e.bundle("b", &["sh"], |c| {
+        c["process"]["terminal"] = true.into();
+        c["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+        for m in c["mounts"].as_array_mut().unwrap() {
+            if m["destination"] == "/dev" {
+                m["options"].as_array_mut().unwrap().push("ro".into());
+            }
+        }
+    });
+    let pty = Pty::open(24, 80);
+    let mut reader = pty.reader();
+    let mut cmd = e.cmd();
+    cmd.args(["run", "--bundle", b.to_str().unwrap(), "own"]);
+    let mut child = pty.spawn(cmd);
+    // runc's tty.bats: the pty is the process user's, group tty (5).
+    pty.write("echo owner=$(stat -c %u:%g $(tty)); id -u\n");
+    let out = reader.until("owner=1", T);
+    assert!(out.contains("owner=1000:5"), "{out:?}");
+    // runc's mounts.bats: "ro" on /dev is honoured; /dev/pts still works.
+    pty.write("touch /dev/x 2>/dev/null && echo dev-writable || echo dev-$((1+1))-ro; exit\n");
+    let out = reader.until("dev-", T);
+    assert_eq!(exit_code(&mut child), Some(0), "{out:?}");
+    let out = reader.until("dev-2-ro", Duration::from_secs(1));
+    assert!(
+        out.contains("dev-2-ro") && !out.contains("dev-writable\r"),
+        "{out:?}"
+    );
+    e.assert_clean("own");
+}

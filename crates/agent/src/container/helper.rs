@@ -33,6 +33,9 @@ pub enum HelperOp {
     Create { bundle: PathBuf },
     /// Run the process in `process_json` in the running container.
     Exec { process_json: PathBuf },
+    /// Remount `path` read-only in the mount namespace of process `pid`
+    /// (a created container's init, waiting for start). Result: pid 0.
+    RemountReadOnly { pid: i32, path: PathBuf },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -114,13 +117,21 @@ pub fn main(arg: &str) -> ExitCode {
     if let Some(path) = &req.log {
         init_tracing(path, req.debug);
     }
+    // Opened first: an operation may leave the agent's mount namespace.
+    let Ok(mut out) = std::fs::File::create(&req.result) else {
+        eprintln!(
+            "vessel-agent helper: cannot create {}",
+            req.result.display()
+        );
+        return ExitCode::FAILURE;
+    };
     let result = match build(&req) {
         Ok(pid) => HelperResult::Pid(pid),
         Err(e) => HelperResult::Error(e),
     };
     let ok = matches!(result, HelperResult::Pid(_));
     let json = serde_json::to_vec(&result).unwrap_or_default();
-    if std::fs::write(&req.result, json).is_err() || !ok {
+    if std::io::Write::write_all(&mut out, &json).is_err() || !ok {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
@@ -171,6 +182,7 @@ fn build(req: &HelperRequest) -> Result<i32, String> {
                 .map(|p| p.as_raw())
                 .ok_or_else(|| "libcontainer created the container but reports no pid".into())
         }
+        HelperOp::RemountReadOnly { pid, path } => remount_read_only(*pid, path).map(|()| 0),
         HelperOp::Exec { process_json } => builder
             .as_tenant()
             .with_detach(true)
@@ -180,6 +192,33 @@ fn build(req: &HelperRequest) -> Result<i32, String> {
             .map(|p| p.as_raw())
             .map_err(|e| format!("exec in container {}: {e}", req.container_id)),
     }
+}
+
+/// Enters the mount namespace of `pid` (its root: the container's, after
+/// pivot_root) and remounts `path` read-only, keeping its other flags.
+fn remount_read_only(pid: i32, path: &Path) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+        .map_err(|e| format!("mount namespace of {pid}: {e}"))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("enter the mount namespace of {pid}: {e}"))?;
+    let st = statvfs(path).map_err(|e| format!("statvfs {}: {e}", path.display()))?;
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (f, m) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if st.flags().contains(f) {
+            flags |= m;
+        }
+    }
+    mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
+        .map_err(|e| format!("remount {} read-only: {e}", path.display()))
 }
 
 /// Receives the pty master that libcontainer sends on the console socket.

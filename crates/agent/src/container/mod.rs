@@ -13,6 +13,7 @@ pub mod spec;
 pub mod storage;
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -289,8 +290,7 @@ impl Containers {
             .map_err(|e| ContainerError::Failed(format!("encode config.json: {e}")))?;
         std::fs::write(bundle.join("config.json"), json).map_err(io_err("write config.json"))?;
         let process = spec.process().as_ref().ok_or(spec::SpecError::NoProcess)?;
-        let terminal = process.terminal().unwrap_or(false);
-        let size = process.console_size().map(|s| (s.height(), s.width()));
+        let tty = Tty::of(process);
         let own_pid_ns = spec
             .linux()
             .as_ref()
@@ -299,29 +299,55 @@ impl Containers {
                 ns.iter()
                     .any(|n| n.typ() == LinuxNamespaceType::Pid && n.path().is_none())
             });
-        self.spawn(
-            id,
-            HelperOp::Create { bundle },
-            "init",
-            terminal,
-            size,
-            stdio,
-            (!own_pid_ns).then(|| id.to_string()),
-        )
-        .await
+        let process = self
+            .spawn(
+                id,
+                HelperOp::Create { bundle },
+                "init",
+                tty,
+                stdio,
+                (!own_pid_ns).then(|| id.to_string()),
+            )
+            .await?;
+        if spec::dev_read_only(spec) {
+            // libcontainer mounts /dev writable whatever its options say
+            // (it must create the device nodes); runc remounts it read-only
+            // at the end, before the process runs. So does this, in init's
+            // mount namespace while init waits for start.
+            let op = HelperOp::RemountReadOnly {
+                pid: process.pid,
+                path: "/dev".into(),
+            };
+            if let Err(e) = self.helper(id, op).await {
+                let _ = kill(Pid::from_raw(process.pid), Signal::SIGKILL);
+                return Err(ContainerError::Failed(format!("read-only /dev: {e}")));
+            }
+        }
+        Ok(process)
     }
 
-    /// Runs the helper and wires the new process's stdio.
-    // Eight: the process's identity, stdio and exit policy; a struct for
-    // the last three is the next change to this function.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs a helper operation that starts no process.
+    async fn helper(&self, id: &str, op: HelperOp) -> Result<i32, String> {
+        let n = NEXT_SPAWN.fetch_add(1, Ordering::Relaxed);
+        let req = HelperRequest {
+            root: self.state_root(),
+            container_id: id.to_string(),
+            op,
+            console_socket: None,
+            result: self.work.join("console").join(format!("{n}.result")),
+            log: (std::process::id() == 1).then(|| "/dev/console".into()),
+            debug: log::max_level() >= log::LevelFilter::Debug,
+        };
+        helper::run(&self.reaper, &req, ChildStdio::default()).await
+    }
+
+    /// Runs the helper and wires the new process's stdio (`tty`: a terminal).
     async fn spawn(
         &self,
         id: &str,
         op: HelperOp,
         name: &str,
-        terminal: bool,
-        console_size: Option<(u64, u64)>,
+        tty: Option<Tty>,
         stdio: &StdioConfig,
         kill_rest_of: Option<String>,
     ) -> Result<Process, ContainerError> {
@@ -334,7 +360,7 @@ impl Containers {
         let console_path = console_dir.join(format!("{n}.sock"));
         let result = console_dir.join(format!("{n}.result"));
         log::debug!("spawn {n}: {name} of container {id}");
-        let (io, child, console) = if terminal {
+        let (io, child, console) = if tty.is_some() {
             helper::remove_quietly(&console_path);
             let listener = tokio::net::UnixListener::bind(&console_path)
                 .map_err(io_err(format!("bind {}", console_path.display())))?;
@@ -359,8 +385,8 @@ impl Containers {
             (_, Some(io), _) => Ok(io),
             (true, None, Some(listener)) => {
                 helper::receive_console(&listener).await.and_then(|master| {
-                    if let Some((rows, cols)) = console_size {
-                        let _ = set_winsize(&master, rows as u16, cols as u16);
+                    if let Some(t) = &tty {
+                        t.apply(&master);
                     }
                     ProcessIo::tty(master).map_err(|e| format!("pty master: {e}"))
                 })
@@ -416,8 +442,6 @@ impl Containers {
         let json = serde_json::to_vec(&process).map_err(ContainerError::ProcessJson)?;
         std::fs::write(&path, json)
             .map_err(|e| ContainerError::Io(format!("write {}", path.display()), e))?;
-        let terminal = process.terminal().unwrap_or(false);
-        let size = process.console_size().map(|s| (s.height(), s.width()));
         let op = HelperOp::Exec {
             process_json: path.clone(),
         };
@@ -426,8 +450,7 @@ impl Containers {
                 id,
                 op,
                 &format!("exec-{exec_id}"),
-                terminal,
-                size,
+                Tty::of(&process),
                 stdio,
                 None,
             )
@@ -641,6 +664,50 @@ impl cgroup::Watched for Containers {
     fn container_ids(&self) -> Vec<String> {
         self.ids()
     }
+}
+
+/// A terminal process's pty settings.
+struct Tty {
+    size: Option<(u64, u64)>,
+    /// The process's user, who gets the slave (as with runc).
+    uid: u32,
+}
+
+impl Tty {
+    fn of(p: &oci_spec::runtime::Process) -> Option<Tty> {
+        p.terminal().unwrap_or(false).then(|| Tty {
+            size: p.console_size().map(|s| (s.height(), s.width())),
+            uid: p.user().uid(),
+        })
+    }
+
+    fn apply(&self, master: &OwnedFd) {
+        if let Some((rows, cols)) = self.size {
+            let _ = set_winsize(master, rows as u16, cols as u16);
+        }
+        if let Err(e) = chown_slave(master, self.uid) {
+            log::warn!("pty owner {}: {e}", self.uid);
+        }
+    }
+}
+
+/// Hands the slave of the pty `master` to `uid`, keeping its group (the
+/// devpts `gid=5`, tty), as runc's fixStdioPermissions does. TIOCGPTPEER
+/// opens the slave from the master, whichever devpts instance it is in.
+fn chown_slave(master: &OwnedFd, uid: u32) -> nix::Result<()> {
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER on a pty master we own: returns a new fd or -1.
+    let fd = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    if fd < 0 {
+        return Err(nix::Error::last());
+    }
+    // SAFETY: the ioctl just returned this fd to us alone.
+    let slave = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::unistd::fchown(
+        slave.as_raw_fd(),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        None,
+    )
 }
 
 nix::ioctl_write_ptr_bad!(tiocswinsz, libc::TIOCSWINSZ, libc::winsize);

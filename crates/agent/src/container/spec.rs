@@ -164,9 +164,32 @@ pub fn guest_process(process: &mut Process) {
     }
 }
 
+/// Whether the spec mounts /dev with `ro` (libcontainer mounts it writable
+/// regardless; the agent remounts it, see `Containers::create`).
+pub fn dev_read_only(spec: &Spec) -> bool {
+    spec.mounts().iter().flatten().any(|m| {
+        m.destination() == std::path::Path::new("/dev")
+            && m.options().iter().flatten().any(|o| o == "ro")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dev_read_only_only_for_an_ro_dev_mount() {
+        let with = |opts: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion": "1.0.2", "root": {{"path": "/r"}}, "mounts": [
+                    {{"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": [{opts}]}},
+                    {{"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]}}]}}"#
+            ))
+            .unwrap()
+        };
+        assert!(dev_read_only(&with(r#""nosuid", "ro""#)));
+        assert!(!dev_read_only(&with(r#""nosuid", "mode=755""#)));
+    }
 
     const SPEC: &str = r#"{
         "ociVersion": "1.0.2",

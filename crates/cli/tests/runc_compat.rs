@@ -351,6 +351,27 @@ fn exec_defaults_and_flags_and_exit_codes_like_runc() {
     assert!(err.contains("sub-cgroups"), "{err}");
     assert!(e.run(&["delete", "--force", "ex"]).status.success());
     e.assert_clean("ex");
+    // runc's exec.bats "runc exec [created container]": allowed, and the
+    // container stays created (its init has not run).
+    let b = e.bundle(
+        "b-cr",
+        &["sh", "-c", "echo init-ran > /tmp/ran; sleep 1000"],
+        |_| {},
+    );
+    e.create("cr", &b);
+    let (code, out, err) = exec(&e, &["cr", "sh", "-c", "echo exec-$((40+2)); ls /tmp"]);
+    assert_eq!((code, out.as_str()), (Some(0), "exec-42\n"), "{err}");
+    assert_eq!(e.status("cr"), "created");
+    let o = e.run(&["start", "cr"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Init runs after start: its file appears.
+    assert!(common::wait_until(T, || exec(
+        &e,
+        &["cr", "cat", "/tmp/ran"]
+    )
+    .1 == "init-ran\n"));
+    assert!(e.run(&["delete", "--force", "cr"]).status.success());
+    e.assert_clean("cr");
 }
 
 #[test]

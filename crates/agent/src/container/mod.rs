@@ -173,6 +173,9 @@ pub struct Containers {
     creating: Mutex<HashSet<String>>,
     mounts: Mutex<storage::Mounts>,
     oom: Arc<cgroup::OomWatcher>,
+    /// Held by `start` and by an exec into a created container, which
+    /// shows libcontainer a running one for the time of the exec.
+    status_flip: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -197,6 +200,7 @@ impl Containers {
             map: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
             mounts: Mutex::new(storage::Mounts::default()),
+            status_flip: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -404,8 +408,18 @@ impl Containers {
 
     /// Starts a created container.
     pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
+        let _flip = self.status_flip.lock().await;
         self.init(id)?;
         self.libcontainer(id, |c| c.start()).await
+    }
+
+    /// Sets libcontainer's recorded status of container `id`.
+    async fn set_status(&self, id: &str, status: ContainerStatus) -> Result<(), ContainerError> {
+        self.libcontainer(id, move |c| {
+            c.set_status(status);
+            c.save()
+        })
+        .await
     }
 
     /// Runs `process_json` in the container; returns its pid.
@@ -445,6 +459,17 @@ impl Containers {
         let op = HelperOp::Exec {
             process_json: path.clone(),
         };
+        // runc execs into a created container (its init waits for start in
+        // its namespaces); libcontainer's tenant builder insists on a
+        // running one, so it is shown one until the exec has started.
+        let flip = self.status_flip.lock().await;
+        let created = matches!(self.state(id).await, Ok((ContainerStatus::Created, _)));
+        if !created {
+            drop(flip);
+        } else if let Err(e) = self.set_status(id, ContainerStatus::Running).await {
+            helper::remove_quietly(&path);
+            return Err(e);
+        }
         let res = self
             .spawn(
                 id,
@@ -455,6 +480,11 @@ impl Containers {
                 None,
             )
             .await;
+        if created {
+            if let Err(e) = self.set_status(id, ContainerStatus::Created).await {
+                log::error!("container {id}: restoring its created status: {e}");
+            }
+        }
         helper::remove_quietly(&path);
         let process = res?;
         let pid = process.pid;

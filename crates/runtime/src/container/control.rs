@@ -249,7 +249,10 @@ async fn act(pod: &Pod, id: &str, dir: &Path, req: &Request) -> crate::pod::Resu
             process,
             terminal,
         } => {
-            pod.require(id, None, "exec in", Status::can_exec)?;
+            // runc execs into a created container too (the agent does).
+            pod.require(id, None, "exec in", |s| {
+                matches!(s, Status::Created | Status::Running)
+            })?;
             let json = serde_json::to_vec(process).expect("a JSON value serializes");
             let stdio = Stdio::Caller {
                 terminal: *terminal,

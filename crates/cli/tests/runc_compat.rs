@@ -503,3 +503,24 @@ fn terminal_belongs_to_the_process_user_and_an_ro_dev_mount_is_read_only() {
     );
     e.assert_clean("own");
 }
+
+#[test]
+fn seccomp_profile_loads_without_no_new_privileges() {
+    let Some(e) = env() else { return };
+    // runc's seccomp.bats runs profiles with noNewPrivileges false: the
+    // filter is then loaded while the process still has CAP_SYS_ADMIN.
+    let script = "mkdir /tmp/x 2>/dev/null; echo rc=$?; grep NoNewPrivs /proc/self/status";
+    let b = e.bundle("b", &["sh", "-c", script], |c| {
+        c["process"]["noNewPrivileges"] = false.into();
+        c["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
+        });
+    });
+    let o = e.run(&["run", "--bundle", b.to_str().unwrap(), "nnp"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("rc=1\n"), "mkdir not denied: {}", text(&o));
+    assert!(out.contains("NoNewPrivs:\t0"), "{}", text(&o));
+    e.assert_clean("nnp");
+}

@@ -45,7 +45,8 @@ const SHARED_WITH_SANDBOX: [(LinuxNamespaceType, &str); 3] = [
 ///   it out on cgroup v1 or hybrid hosts), so the container's /sys/fs/cgroup
 ///   is its own cgroup and shows its limits, not the whole guest tree;
 /// - linux.cgroupsPath becomes [`cgroup_path`] (the host's path means nothing here);
-/// - host LSM labels are dropped ([`guest_process`], linux.mountLabel);
+/// - host LSM labels are dropped and `noNewPrivileges: false` made absent
+///   ([`guest_process`], linux.mountLabel);
 /// - `net.*` sysctls move out of the spec into [`GuestSpec::net_sysctls`]: they
 ///   belong to the VM's network namespace, which the agent sets itself
 ///   (libcontainer refuses net.* sysctls without a new network namespace).
@@ -154,7 +155,15 @@ pub fn write_sysctl(key: &str, value: &str) -> std::io::Result<()> {
 /// Drops the AppArmor profile and SELinux label of a process: they name
 /// host LSM policy, the guest kernel has no such LSM (libcontainer refuses a
 /// profile it cannot apply), and the VM is the isolation boundary.
+///
+/// `noNewPrivileges: false` becomes absent (the same in the OCI spec):
+/// libcontainer tests `is_none()`, so an explicit false made it load the
+/// seccomp filter after dropping capabilities and without no_new_privs,
+/// which the kernel refuses (runc loads it before dropping them).
 pub fn guest_process(process: &mut Process) {
+    if process.no_new_privileges() == Some(false) {
+        process.set_no_new_privileges(None);
+    }
     if let Some(profile) = process.apparmor_profile() {
         log::info!("ignoring AppArmor profile {profile:?}: no AppArmor in the guest");
         process.set_apparmor_profile(None);
@@ -176,6 +185,20 @@ pub fn dev_read_only(spec: &Spec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_new_privileges_false_is_absent() {
+        let mut p: Process =
+            serde_json::from_str(r#"{"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "noNewPrivileges": false}"#)
+                .unwrap();
+        guest_process(&mut p);
+        assert_eq!(p.no_new_privileges(), None);
+        let mut p: Process =
+            serde_json::from_str(r#"{"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "noNewPrivileges": true}"#)
+                .unwrap();
+        guest_process(&mut p);
+        assert_eq!(p.no_new_privileges(), Some(true));
+    }
 
     #[test]
     fn dev_read_only_only_for_an_ro_dev_mount() {

@@ -9,6 +9,8 @@ APT_PACKAGES=(
     linux-source-6.1 bc flex bison libelf-dev libssl-dev cpio build-essential python3 file
     # hypervisor and helpers
     qemu-system-x86 libseccomp-dev libcap-ng-dev
+    # the agent's libbpf (libcontainer's cgroup v2 device filter; also needs libelf-dev, make)
+    zlib1g-dev pkg-config
     # container tooling used by tests and the demo
     busybox-static umoci skopeo runc crun containerd podman docker.io iptables iproute2 curl containernetworking-plugins protobuf-compiler hyperfine
     # make bench-net (the host's iperf3 and its libraries are copied into the container)

@@ -524,3 +524,51 @@ fn seccomp_profile_loads_without_no_new_privileges() {
     assert!(out.contains("NoNewPrivs:\t0"), "{}", text(&o));
     e.assert_clean("nnp");
 }
+
+#[test]
+fn device_cgroup_rules_are_enforced_in_the_guest() {
+    let Some(e) = env() else { return };
+    // runc's dev.bats: a device node the process makes itself is usable only
+    // when linux.resources.devices allows it; the default devices stay usable.
+    let script = "mknod /tmp/kmsg c 1 11 || exit 9; \
+                  echo hi > /tmp/kmsg 2>/dev/null && echo kmsg-writable || echo kmsg-denied; \
+                  echo x > /dev/null && echo null-ok";
+    let with_rules = |name: &str, devices: serde_json::Value| {
+        e.bundle(name, &["sh", "-c", script], |c| {
+            for set in ["bounding", "effective", "permitted"] {
+                c["process"]["capabilities"][set]
+                    .as_array_mut()
+                    .unwrap()
+                    .push("CAP_MKNOD".into());
+            }
+            c["linux"]["resources"]["devices"] = devices;
+        })
+    };
+    let deny = with_rules(
+        "deny",
+        serde_json::json!([{"allow": false, "access": "rwm"}]),
+    );
+    let o = e.run(&["run", "--bundle", deny.to_str().unwrap(), "devdeny"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "kmsg-denied\nnull-ok\n",
+        "{}",
+        text(&o)
+    );
+    e.assert_clean("devdeny");
+    let allow = with_rules(
+        "allow",
+        serde_json::json!([{"allow": false, "access": "rwm"},
+                           {"allow": true, "type": "c", "major": 1, "minor": 11, "access": "rwm"}]),
+    );
+    let o = e.run(&["run", "--bundle", allow.to_str().unwrap(), "devallow"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "kmsg-writable\nnull-ok\n",
+        "{}",
+        text(&o)
+    );
+    e.assert_clean("devallow");
+}

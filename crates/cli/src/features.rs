@@ -148,8 +148,8 @@ pub fn document() -> Features {
         ],
         mount_options: MOUNT_OPTIONS,
         linux: Linux {
-            // No "user": uid/gid mappings are refused (docs/oci-cli.md).
-            namespaces: &["cgroup", "ipc", "mount", "network", "pid", "uts"],
+            // "network" is the VM's: a container's own is its VM.
+            namespaces: &["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
             capabilities: CAPABILITIES,
             cgroup: Cgroup {
                 v1: false,

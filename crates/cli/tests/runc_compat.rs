@@ -285,7 +285,7 @@ fn features_is_runcs_json_with_honest_values() {
     assert_eq!(f["ociVersionMax"], "1.2.0");
     let ns = f["linux"]["namespaces"].as_array().unwrap();
     assert!(
-        ns.contains(&"pid".into()) && !ns.contains(&"user".into()),
+        ns.contains(&"pid".into()) && ns.contains(&"user".into()),
         "{ns:?}"
     );
     assert_eq!(f["linux"]["cgroup"]["v2"], true);
@@ -571,4 +571,38 @@ fn device_cgroup_rules_are_enforced_in_the_guest() {
         text(&o)
     );
     e.assert_clean("devallow");
+}
+
+#[test]
+fn user_namespace_with_mappings_runs() {
+    let Some(e) = env() else { return };
+    // runc's userns.bats: a `runc spec` bundle with a user namespace and
+    // mappings runs; the process is root inside, 100000 outside.
+    let script = "cat /proc/self/uid_map /proc/self/gid_map; id -u; \
+                  ls /sys/class >/dev/null && echo sys-ok; \
+                  cat /sys/fs/cgroup/pids.max >/dev/null && echo cgroup-ok";
+    let b = e.bundle("b", &["sh", "-c", script], |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "user"}));
+        let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        c["linux"]["uidMappings"] = map.clone();
+        c["linux"]["gidMappings"] = map;
+    });
+    let o = e.run(&["run", "--bundle", b.to_str().unwrap(), "userns"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let maps: Vec<Vec<&str>> = out
+        .lines()
+        .take(2)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        maps,
+        [["0", "100000", "65536"], ["0", "100000", "65536"]],
+        "{out}"
+    );
+    assert!(out.contains("\n0\nsys-ok\ncgroup-ok\n"), "{}", text(&o));
+    e.assert_clean("userns");
 }

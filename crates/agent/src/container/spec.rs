@@ -115,6 +115,7 @@ pub fn guest_spec(
         }
         linux.set_cgroups_path(Some(cgroup_path(container_id).into()));
     }
+    sysfs_bind_in_user_namespace(&mut spec);
     let mut net_sysctls = Vec::new();
     if let Some(sysctls) = spec
         .linux_mut()
@@ -137,6 +138,38 @@ pub fn guest_spec(
     }
     net_sysctls.sort();
     Ok(GuestSpec { spec, net_sysctls })
+}
+
+/// With a user namespace, a `sysfs` mount becomes a read-only rbind of the
+/// VM's /sys: the container keeps the VM's network namespace, which its user
+/// namespace does not own, and the kernel allows sysfs only to the owner of
+/// the network namespace (runc binds /sys in that case too). It shows what a
+/// fresh sysfs in that network namespace would.
+fn sysfs_bind_in_user_namespace(spec: &mut Spec) {
+    let user_ns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User));
+    if !user_ns {
+        return;
+    }
+    for m in spec.mounts_mut().iter_mut().flatten() {
+        if m.typ().as_deref() != Some("sysfs") {
+            continue;
+        }
+        let mut options: Vec<String> = vec!["rbind".into()];
+        options.extend(
+            m.options()
+                .iter()
+                .flatten()
+                .filter(|o| matches!(o.as_str(), "ro" | "nosuid" | "nodev" | "noexec"))
+                .cloned(),
+        );
+        m.set_typ(Some("bind".into()));
+        m.set_source(Some("/sys".into()));
+        m.set_options(Some(options));
+    }
 }
 
 /// A spec ready for libcontainer, and what the agent applies itself.
@@ -185,6 +218,34 @@ pub fn dev_read_only(spec: &Spec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sysfs_is_bound_in_a_user_namespace_only() {
+        let spec = |ns: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion": "1.0.2", "root": {{"path": "/r"}},
+                    "process": {{"args": ["sh"], "cwd": "/", "user": {{"uid": 0, "gid": 0}}}},
+                    "mounts": [{{"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                                 "options": ["nosuid", "noexec", "nodev", "ro"]}}],
+                    "linux": {{"namespaces": [{{"type": "mount"}}{ns}]}}}}"#
+            ))
+            .unwrap()
+        };
+        let json = |s: &Spec| serde_json::to_vec(s).unwrap();
+        let g = guest_spec(&json(&spec(r#", {"type": "user"}"#)), "c1", None).unwrap();
+        let m = &g.spec.mounts().as_ref().unwrap()[0];
+        assert_eq!(m.typ().as_deref(), Some("bind"));
+        assert_eq!(m.source().as_deref(), Some(std::path::Path::new("/sys")));
+        assert_eq!(
+            m.options().as_ref().unwrap(),
+            &["rbind", "nosuid", "noexec", "nodev", "ro"]
+        );
+        let g = guest_spec(&json(&spec("")), "c1", None).unwrap();
+        assert_eq!(
+            g.spec.mounts().as_ref().unwrap()[0].typ().as_deref(),
+            Some("sysfs")
+        );
+    }
 
     #[test]
     fn no_new_privileges_false_is_absent() {

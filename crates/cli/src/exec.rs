@@ -44,7 +44,7 @@ pub struct Args {
     /// guest's cgroups are the container's alone.
     #[arg(long)]
     pub cgroup: Vec<String>,
-    /// Exec into a paused container (the process is frozen with it).
+    /// runc: exec into a paused container. Refused here, with the reason.
     #[arg(long)]
     pub ignore_paused: bool,
     pub id: String,
@@ -66,6 +66,12 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
                  container's cgroup inside its VM"
             );
         }
+    }
+    if a.ignore_paused && ops::state(ctx.root(), &a.id)?["status"] == "paused" {
+        bail!(
+            "--ignore-paused: exec into a paused container is not supported: the guest's \
+             libcontainer would set the process up inside the frozen cgroup; resume it first"
+        );
     }
     let mut process: serde_json::Value = match &a.process {
         Some(p) => {

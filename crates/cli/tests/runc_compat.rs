@@ -349,6 +349,18 @@ fn exec_defaults_and_flags_and_exit_codes_like_runc() {
     let (code, _, err) = exec(&e, &["--cgroup", "sub", "ex", "true"]);
     assert_eq!(code, Some(255), "{err}");
     assert!(err.contains("sub-cgroups"), "{err}");
+    // A paused container: refused, with --ignore-paused saying why.
+    assert!(e.run(&["pause", "ex"]).status.success());
+    let (code, _, err) = exec(&e, &["ex", "true"]);
+    assert_eq!(code, Some(255), "{err}");
+    assert!(err.contains("paused"), "{err}");
+    let (code, _, err) = exec(&e, &["--ignore-paused", "ex", "true"]);
+    assert_eq!(code, Some(255), "{err}");
+    assert!(
+        err.contains("--ignore-paused") && err.contains("resume"),
+        "{err}"
+    );
+    assert!(e.run(&["resume", "ex"]).status.success());
     assert!(e.run(&["delete", "--force", "ex"]).status.success());
     e.assert_clean("ex");
     // runc's exec.bats "runc exec [created container]": allowed, and the

@@ -158,14 +158,16 @@ fn sysfs_bind_in_user_namespace(spec: &mut Spec) {
         if m.typ().as_deref() != Some("sysfs") {
             continue;
         }
+        // Read-only whatever the spec says: it is the VM's own /sys.
         let mut options: Vec<String> = vec!["rbind".into()];
         options.extend(
             m.options()
                 .iter()
                 .flatten()
-                .filter(|o| matches!(o.as_str(), "ro" | "nosuid" | "nodev" | "noexec"))
+                .filter(|o| matches!(o.as_str(), "nosuid" | "nodev" | "noexec"))
                 .cloned(),
         );
+        options.push("ro".into());
         m.set_typ(Some("bind".into()));
         m.set_source(Some("/sys".into()));
         m.set_options(Some(options));
@@ -226,7 +228,7 @@ mod tests {
                 r#"{{"ociVersion": "1.0.2", "root": {{"path": "/r"}},
                     "process": {{"args": ["sh"], "cwd": "/", "user": {{"uid": 0, "gid": 0}}}},
                     "mounts": [{{"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                                 "options": ["nosuid", "noexec", "nodev", "ro"]}}],
+                                 "options": ["nosuid", "noexec", "nodev"]}}],
                     "linux": {{"namespaces": [{{"type": "mount"}}{ns}]}}}}"#
             ))
             .unwrap()

@@ -24,6 +24,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -114,11 +115,22 @@ def mem_available_mib():
 def start_idle(v, cfg, root, bundle, cid):
     """Creates and starts an idle container (`sleep` in busybox); returns its state."""
     for cmd in (["create", "--bundle", bundle, cid], ["start", cid]):
-        out = vessel(v, cfg, root, *cmd)
-        if out.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)}: {out.stderr.strip()[-600:]}")
+        # As with runc, the container's process inherits create's stdio: pipes here
+        # would stay open for the container's life, so output goes to a file.
+        with tempfile.TemporaryFile() as err:
+            out = subprocess.run([v, "--config", cfg, "--root", root, *cmd],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=err, timeout=300)
+            if out.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(f"{' '.join(cmd)}: {err.read().decode(errors='replace').strip()[-600:]}")
     out = vessel(v, cfg, root, "state", cid)
-    return json.loads(out.stdout)
+    state = json.loads(out.stdout)
+    # The OCI state has the supervisor's pid; the run directory (vm_dir) is in the
+    # runtime's own record of the container.
+    with open(os.path.join(root, cid, "state.json")) as f:
+        state["vm_dir"] = json.load(f)["vm_dir"]
+    return state
 
 
 def settled_pss(state, timeout=30):

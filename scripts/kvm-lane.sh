@@ -50,9 +50,13 @@ QEMU=${LANE_QEMU:-qemu-system-x86_64}
 META_PACKAGE=linux-image-amd64
 # Loaded in L1 with their dependencies, in dependency order. Beyond the lane's own needs
 # (virtio PCI, 9p, overlay, the virtio-serial ports, kvm_amd): what the suites and
-# networking use (tun/tap, veth, bridge, tc ingress redirect, vhost) and fuse.
+# networking use (tun/tap, veth, bridge, tc ingress redirect, vhost), fuse, and the
+# netfilter that Debian's iptables (nft) needs for CNI's bridge/portmap/firewall plugins.
 MODULES=(virtio_pci virtio_console 9pnet_virtio 9p overlay kvm-amd
-    tun veth bridge vhost_net vhost_vsock fuse sch_ingress act_mirred cls_u32 cls_matchall)
+    tun veth bridge vhost_net vhost_vsock fuse sch_ingress act_mirred cls_u32 cls_matchall
+    nf_tables nft_compat nft_chain_nat nft_masq nft_fib_inet nft_fib_ipv4 nft_ct
+    xt_nat xt_MASQUERADE xt_conntrack xt_comment xt_multiport xt_mark xt_addrtype xt_tcpudp
+    br_netfilter)
 
 say() { echo "kvm-lane: $*" >&2; }
 die() { say "$*"; exit 125; }

@@ -9,7 +9,8 @@
 # Settings: VESSEL_GUEST_DIR (build/guest), LANE_TEST_THREADS (2), LANE_SUITES (default:
 # DEFAULT_SUITES; `all`, or space-separated names from the table, e.g. "check
 # lifecycle-builtin"), LANE_QEMU_LIFECYCLE_TESTS (the CLI tests lifecycle-qemu-kvm runs;
-# `all` for all 11),
+# default `all`), VESSEL_TEST_FLOOD_BYTES (4 MiB: hostile's console flood in L1),
+# LANE_PARALLEL (2: L1 VMs running the suites at once, one vCPU each),
 # LANE_TEST_FILTER (libtest arguments appended to every test suite, e.g. one test's
 # name), LANE_SUITE_TIMEOUT (900 s: one suite's bound), and kvm-lane.sh's (LANE_MEM_MIB, LANE_TIMEOUT, ...).
 set -euo pipefail
@@ -25,30 +26,41 @@ TEST_TARGETS=(
     vessel:network
     containerd-shim-vessel-v2:ctr
     containerd-shim-vessel-v2:cri
+    containerd-shim-vessel-v2:network
+    containerd-shim-vessel-v2:cri_network
+    vessel:hostile
+    vessel:publish
 )
 
-# The suites, in order: name, backend (VESSEL_TEST_HYPERVISOR), then the command: a test
-# target from TEST_TARGETS (its executable runs) or a function of this script, and its
-# arguments ($threads: LANE_TEST_THREADS).
+# The suites, in order: name, backend (VESSEL_TEST_HYPERVISOR), the seconds it took in the
+# lane (2026-12-05, host load 3-4: what the split over parallel lanes balances), then the
+# command: a test
+# target from TEST_TARGETS (its executable runs; `package:target` where two packages have
+# a target of that name) or a function of this script, and its arguments ($threads:
+# LANE_TEST_THREADS).
 # shellcheck disable=SC2016
 SUITES='
-check               builtin   check_builtin
-hardware_kvm        builtin   hardware_kvm      --test-threads=1
-sandbox_snapshot    qemu-kvm  sandbox_snapshot  --test-threads=1
-lifecycle-builtin   builtin   lifecycle         --test-threads=$threads
-lifecycle-qemu-kvm  qemu-kvm  lifecycle         --test-threads=$threads $qemu_lifecycle_tests
-network-builtin     builtin   network           --test-threads=1
-network-qemu-kvm    qemu-kvm  network           --test-threads=1
-ctr-builtin         builtin   ctr               --test-threads=$threads
-ctr-qemu-kvm        qemu-kvm  ctr               --test-threads=$threads
-cri-builtin         builtin   cri               --test-threads=$threads
-cri-qemu-kvm        qemu-kvm  cri               --test-threads=$threads
+check               builtin     30  check_builtin
+hardware_kvm        builtin     50  hardware_kvm      --test-threads=1
+sandbox_snapshot    qemu-kvm    80  sandbox_snapshot  --test-threads=1
+lifecycle-builtin   builtin    240  lifecycle         --test-threads=$threads
+lifecycle-qemu-kvm  qemu-kvm   300  lifecycle         --test-threads=$threads $qemu_lifecycle_tests
+network-builtin     builtin    100  vessel:network    --test-threads=1
+network-qemu-kvm    qemu-kvm   100  vessel:network    --test-threads=1
+ctr-builtin         builtin    160  ctr               --test-threads=$threads
+ctr-qemu-kvm        qemu-kvm   150  ctr               --test-threads=$threads
+cri-builtin         builtin    300  cri               --test-threads=$threads
+cri-qemu-kvm        qemu-kvm   300  cri               --test-threads=$threads
+ctr-cni-builtin     builtin     90  containerd-shim-vessel-v2:network --test-threads=1
+cri-cni-builtin     builtin    270  cri_network       --test-threads=1
+hostile-builtin     builtin    400  hostile           --test-threads=1
+publish-builtin     builtin    300  publish           --test-threads=1
 '
-# What `make test` runs. Not yet by default (not green in the lane, 2026-12-05): the
-# shim's ctr/cri suites, and all 11 CLI tests on QEMU-KVM (6 timed out waiting for the
-# agent, 30 s, at host load 12; the builtin run of the same 11 passed). network-qemu-kvm:
-# QEMU's networking is tested on the host with TCG.
-DEFAULT_SUITES="check hardware_kvm sandbox_snapshot lifecycle-builtin lifecycle-qemu-kvm network-builtin"
+# What `make test` runs: every suite but network-qemu-kvm (QEMU's networking is tested on
+# the host with TCG; the lane proves the built-in VMM's).
+DEFAULT_SUITES="check hardware_kvm sandbox_snapshot lifecycle-builtin lifecycle-qemu-kvm network-builtin
+    ctr-builtin ctr-qemu-kvm cri-builtin cri-qemu-kvm ctr-cni-builtin cri-cni-builtin hostile-builtin
+    publish-builtin"
 
 say() { echo "test-lane: $*" >&2; }
 
@@ -92,29 +104,74 @@ for line in sys.stdin:
     # L1 sees /var/tmp through its overlay.
     export VESSEL_IMAGE_DIR=${VESSEL_IMAGE_DIR:-/var/tmp/vessel-test-images}
     tests/support/busybox-image.sh "$VESSEL_IMAGE_DIR" >/dev/null
+    tests/support/nginx-image.sh "$VESSEL_IMAGE_DIR" >/dev/null
     say "test executables and images built in $((SECONDS - start)) s; starting the lane (host: $(uptime))"
     export VESSEL_GUEST_DIR=$GUEST
+    # The selected suites, split over LANE_PARALLEL L1 VMs (one vCPU each) that run at
+    # once: the largest suites first, each to the lane with the least work so far.
+    selected=${LANE_SUITES:-$DEFAULT_SUITES}
+    nlanes=${LANE_PARALLEL:-2}
+    mapfile -t groups < <(python3 -c '
+import sys
+n, sel, table = int(sys.argv[1]), sys.argv[2].split(), sys.argv[3]
+rows = [l.split()[:3] for l in table.splitlines() if l.strip()]
+est = {r[0]: int(r[2]) for r in rows}
+order = [r[0] for r in rows if sel == ["all"] or r[0] in sel]
+order += [s for s in sel if s != "all" and s not in est]  # unknown: the lane reports it
+n = max(1, min(n, len(order)))
+load, groups = [0] * n, [[] for _ in range(n)]
+for name in sorted(order, key=lambda x: -est.get(x, 0)):
+    i = load.index(min(load))
+    groups[i].append(name)
+    load[i] += est.get(name, 0)
+for g in groups:
+    print(" ".join(sorted(g, key=order.index)))
+' "$nlanes" "$selected" "$SUITES")
+    rcs=$(mktemp -d /var/tmp/vessel-lane-rc.XXXXXX)
+    trap 'rm -rf "$list" "$rcs"' EXIT
+    i=0
+    for group in "${groups[@]}"; do
+        i=$((i + 1))
+        say "lane $i of ${#groups[@]}: $group"
+        (
+            rc=0
+            LANE_SUITES=$group LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_SUITE_TIMEOUT LANE_TEST_THREADS LANE_TEST_FILTER LANE_QEMU_LIFECYCLE_TESTS VESSEL_TEST_FLOOD_BYTES" \
+                LANE_VERBOSE=1 LANE_TIMEOUT=${LANE_TIMEOUT:-2700} \
+                scripts/kvm-lane.sh "$0" --in-lane "$list" </dev/null 2>&1 || rc=$?
+            echo "$rc" >"$rcs/$i"
+        ) | if ((${#groups[@]} > 1)); then sed -u "s/^/[lane $i] /"; else cat; fi &
+    done
+    wait
     rc=0
-    LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_SUITE_TIMEOUT LANE_TEST_THREADS LANE_TEST_FILTER LANE_QEMU_LIFECYCLE_TESTS" LANE_VERBOSE=1 LANE_TIMEOUT=${LANE_TIMEOUT:-2700} \
-        scripts/kvm-lane.sh "$0" --in-lane "$list" || rc=$?
-    say "lane finished in $((SECONDS - start)) s (exit $rc; host: $(uptime))"
+    for j in $(seq 1 "${#groups[@]}"); do
+        r=$(cat "$rcs/$j" 2>/dev/null || echo 1)
+        say "lane $j: exit $r"
+        ((r == 0)) || rc=$r
+    done
+    say "lanes finished in $((SECONDS - start)) s (exit $rc; host: $(uptime))"
     exit "$rc"
 fi
 
 # --- in L1 -----------------------------------------------------------------------------
 list=$2
-# The executable of test target $1 (named in TEST_TARGETS as package:$1).
+# The executable of test target $1: `package:target` as in TEST_TARGETS, or a target
+# name that only one package has.
 exe() {
     local t key=
-    for t in "${TEST_TARGETS[@]}"; do [[ ${t#*:} == "$1" ]] && key=$t; done
+    for t in "${TEST_TARGETS[@]}"; do [[ $t == "$1" || ${t#*:} == "$1" ]] && key=$t; done
     awk -v n="$key" '$1 == n { print $2 }' "$list"
 }
 export VESSEL_GUEST_DIR=$GUEST VESSEL_GUEST_KERNEL=$GUEST/vmlinux VESSEL_REQUIRE_HARDWARE_KVM=1
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+# The console flood test (hostile-builtin) writes this much to the serial port: every byte
+# is a VM exit through the emulated L1, so 100 MiB as on the host would take hours.
+export VESSEL_TEST_FLOOD_BYTES=${VESSEL_TEST_FLOOD_BYTES:-4194304}
 threads=${LANE_TEST_THREADS:-2}
 suite_timeout=${LANE_SUITE_TIMEOUT:-900}
-selected=${LANE_SUITES:-$DEFAULT_SUITES}
-qemu_lifecycle_tests=${LANE_QEMU_LIFECYCLE_TESTS:-run_echo_and_exit_code create_start_state_delete}
+# One line: DEFAULT_SUITES spans lines, and the match below is on " name ".
+# shellcheck disable=SC2116,SC2086
+selected=$(echo ${LANE_SUITES:-$DEFAULT_SUITES})
+qemu_lifecycle_tests=${LANE_QEMU_LIFECYCLE_TESTS:-all}
 [[ $qemu_lifecycle_tests == all ]] && qemu_lifecycle_tests=
 logs=$(mktemp -d /tmp/lane-logs.XXXXXX)
 summary=()
@@ -180,7 +237,7 @@ suite() {
 
 echo "lane: $(uname -r), $(nproc) vCPUs, $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB, $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null | sed 's/^/kvm_amd nested=/')"
 known=" "
-while read -r name backend cmd args; do
+while read -r name backend _est cmd args; do
     [[ -n $name ]] || continue
     known+="$name "
     [[ $selected == all || " $selected " == *" $name "* ]] || continue

@@ -290,40 +290,6 @@ fn a_missing_namespace_path_is_a_clear_error() {
     e.assert_clean("nonet");
 }
 
-/// `pid` and every process below it (from /proc's parent pids).
-fn self_and_descendants(pid: u32) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let p: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            let ppid = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some((p, ppid))
-        })
-        .collect();
-    let mut found = vec![pid];
-    let mut i = 0;
-    while i < found.len() {
-        let parent = found[i];
-        found.extend(
-            parents
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        i += 1;
-    }
-    found
-}
-
 fn netns_inode(path: &str) -> u64 {
     std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
 }
@@ -342,17 +308,9 @@ fn a_new_namespace_holds_the_container_pid_and_its_vmm_and_goes_with_delete() {
     let ns_ino = netns_inode(ns.to_str().unwrap());
     assert_ne!(ns_ino, netns_inode("/proc/self/ns/net"));
     assert_eq!(netns_inode(&format!("/proc/{pid}/ns/net")), ns_ino);
-    // The task pid is the VMM's (QEMU, or the built-in VMM, which its jailer may run as a
-    // child): exactly one VMM process, the pid or below it, in the namespace (virtiofsd
-    // sandboxes itself in a namespace of its own).
-    let vmms: Vec<(u32, String)> = self_and_descendants(pid as u32)
-        .into_iter()
-        .filter_map(|p| {
-            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).ok()?;
-            let comm = comm.trim().to_string();
-            (comm.starts_with("qemu-system") || comm == "vessel-vmm").then_some((p, comm))
-        })
-        .collect();
+    // The task pid is the VMM's (or its jailer's): exactly one VMM process, the pid or
+    // below it, in the namespace (virtiofsd sandboxes itself in a namespace of its own).
+    let vmms = vessel_testutil::vmms_at_or_below(pid as u32);
     assert_eq!(
         vmms.len(),
         1,

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cri::*;
-use common::{processes_mentioning, Containerd};
+use common::Containerd;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_with_two_containers_is_one_vm() {
@@ -27,11 +27,7 @@ async fn pod_with_two_containers_is_one_vm() {
         );
     }
     assert_eq!(shims(&c).len(), 1, "one shim per pod: {:?}", shims(&c));
-    let qemus = processes_mentioning("qemu-system");
-    let ours: Vec<_> = qemus
-        .iter()
-        .filter(|q| q.contains(&c.state_root.display().to_string()))
-        .collect();
+    let ours = vmms(&c);
     assert_eq!(ours.len(), 1, "one VM per pod: {ours:?}");
 
     let (code_a, boot_a) = exec(&mut rt, &a, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
@@ -88,23 +84,21 @@ async fn killing_the_hypervisor_exits_the_containers() {
     let cfg = pod_config("doomed", &c.dir.path().join("logs"));
     let pod = run_pod(&mut rt, &cfg).await;
     let a = start_container(&mut rt, &pod, &cfg, "a", &["sleep", "1000"]).await;
-    let state = c.state_root.display().to_string();
-    let qemu: Vec<u32> = processes_mentioning("qemu-system")
-        .iter()
-        .filter(|l| l.contains(&state))
-        .filter_map(|l| l.split(':').next()?.parse().ok())
-        .collect();
-    assert_eq!(qemu.len(), 1);
+    let vmm = vmms(&c);
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
     let sockets = shim_sockets(&c);
     let killed = Instant::now();
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(qemu[0] as i32),
+        nix::unistd::Pid::from_raw(vmm[0].0 as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     let s = wait_exited(&mut rt, &a, Duration::from_secs(5)).await;
     let took = killed.elapsed();
-    eprintln!("container exited {took:?} after QEMU was killed: {s:?}");
+    eprintln!(
+        "container exited {took:?} after the VMM ({}) was killed: {s:?}",
+        vmm[0].1
+    );
     assert_eq!(
         s.state,
         ContainerState::ContainerExited as i32,

@@ -176,6 +176,53 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// `pid` and every process below it (from /proc's parent pids).
+pub fn self_and_descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let p: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found
+}
+
+/// The VMM processes (QEMU, or the built-in VMM, which its jailer runs as a child)
+/// at or below `pid`, as (pid, comm).
+pub fn vmms_at_or_below(pid: u32) -> Vec<(u32, String)> {
+    self_and_descendants(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).ok()?;
+            let comm = comm.trim().to_string();
+            (comm.starts_with("qemu-system") || comm == "vessel-vmm").then_some((p, comm))
+        })
+        .collect()
+}
+
 /// Polls `cond` until it holds or `timeout` passes; returns its last value.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

@@ -173,6 +173,16 @@ pub fn shims(c: &Containerd) -> Vec<String> {
     processes_mentioning(&format!("-address {}", c.sock.display()))
 }
 
+/// The VMM processes (QEMU or the built-in VMM) of this containerd's shims, as
+/// (pid, comm).
+pub fn vmms(c: &Containerd) -> Vec<(u32, String)> {
+    shims(c)
+        .iter()
+        .filter_map(|l| l.split(':').next()?.parse().ok())
+        .flat_map(vessel_testutil::vmms_at_or_below)
+        .collect()
+}
+
 pub fn assert_nothing_left(c: &Containerd, sockets: &[String]) {
     let state = c.state_root.display().to_string();
     assert!(

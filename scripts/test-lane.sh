@@ -9,7 +9,7 @@
 # Settings: VESSEL_GUEST_DIR (build/guest), LANE_TEST_THREADS (2), LANE_SUITES (default:
 # DEFAULT_SUITES; `all`, or space-separated names from the table, e.g. "check
 # lifecycle-builtin"), LANE_QEMU_LIFECYCLE_TESTS (the CLI tests lifecycle-qemu-kvm runs;
-# default `all`), VESSEL_TEST_FLOOD_BYTES (4 MiB: hostile's console flood in L1),
+# default `all`),
 # LANE_PARALLEL (2: L1 VMs running the suites at once, one vCPU each),
 # LANE_TEST_FILTER (libtest arguments appended to every test suite, e.g. one test's
 # name), LANE_SUITE_TIMEOUT (900 s: one suite's bound), and kvm-lane.sh's (LANE_MEM_MIB, LANE_TIMEOUT, ...).
@@ -53,7 +53,7 @@ cri-builtin         builtin    300  cri               --test-threads=$threads
 cri-qemu-kvm        qemu-kvm   300  cri               --test-threads=$threads
 ctr-cni-builtin     builtin     90  containerd-shim-vessel-v2:network --test-threads=1
 cri-cni-builtin     builtin    270  cri_network       --test-threads=1
-hostile-builtin     builtin    400  hostile           --test-threads=1
+hostile-builtin     builtin    120  hostile           --test-threads=1 $no_flood
 publish-builtin     builtin    300  publish           --test-threads=1
 '
 # What `make test` runs: every suite but network-qemu-kvm (QEMU's networking is tested on
@@ -135,7 +135,7 @@ for g in groups:
         say "lane $i of ${#groups[@]}: $group"
         (
             rc=0
-            LANE_SUITES=$group LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_SUITE_TIMEOUT LANE_TEST_THREADS LANE_TEST_FILTER LANE_QEMU_LIFECYCLE_TESTS VESSEL_TEST_FLOOD_BYTES" \
+            LANE_SUITES=$group LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_SUITE_TIMEOUT LANE_TEST_THREADS LANE_TEST_FILTER LANE_QEMU_LIFECYCLE_TESTS" \
                 LANE_VERBOSE=1 LANE_TIMEOUT=${LANE_TIMEOUT:-2700} \
                 scripts/kvm-lane.sh "$0" --in-lane "$list" </dev/null 2>&1 || rc=$?
             echo "$rc" >"$rcs/$i"
@@ -163,15 +163,16 @@ exe() {
 }
 export VESSEL_GUEST_DIR=$GUEST VESSEL_GUEST_KERNEL=$GUEST/vmlinux VESSEL_REQUIRE_HARDWARE_KVM=1
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
-# The console flood test (hostile-builtin) writes this much to the serial port: every byte
-# is a VM exit through the emulated L1, so 100 MiB as on the host would take hours.
-export VESSEL_TEST_FLOOD_BYTES=${VESSEL_TEST_FLOOD_BYTES:-4194304}
 threads=${LANE_TEST_THREADS:-2}
 suite_timeout=${LANE_SUITE_TIMEOUT:-900}
 # One line: DEFAULT_SUITES spans lines, and the match below is on " name ".
 # shellcheck disable=SC2116,SC2086
 selected=$(echo ${LANE_SUITES:-$DEFAULT_SUITES})
 qemu_lifecycle_tests=${LANE_QEMU_LIFECYCLE_TESTS:-all}
+# hostile's console flood is not run in L1: every console byte is a VM exit through the
+# emulated L1 (4 MiB did not finish in 12 min); the built-in VMM's serial cap is proven on
+# the host (crates/vmm/tests/tiny_guest.rs serial_flood_stays_under_the_log_cap).
+no_flood="--skip console_flood_stays_under_the_log_cap_and_the_vm_keeps_running"
 [[ $qemu_lifecycle_tests == all ]] && qemu_lifecycle_tests=
 logs=$(mktemp -d /tmp/lane-logs.XXXXXX)
 summary=()

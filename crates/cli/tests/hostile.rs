@@ -143,8 +143,7 @@ fn console_flood_stays_under_the_log_cap_and_the_vm_keeps_running() {
     let mut cfg = std::fs::read_to_string(&e.config).unwrap();
     cfg.push_str(&format!("[logs]\nmax_bytes = {CAP}\n"));
     std::fs::write(&e.config, cfg).unwrap();
-    // 100 MiB; the KVM lane sets less (VESSEL_TEST_FLOOD_BYTES, scripts/test-lane.sh):
-    // there every console byte is a VM exit through the emulated L1.
+    // 100 MiB (VESSEL_TEST_FLOOD_BYTES for a quicker run by hand).
     let bytes: u64 = std::env::var("VESSEL_TEST_FLOOD_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -24,10 +24,17 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// PSS of `pids` in MiB, from /proc/PID/smaps_rollup.
+/// PSS of `pids` and every process below them in MiB, from /proc/PID/smaps_rollup
+/// (the built-in VMM's pid is its jailer's; the VMM is the jailer's child).
 fn pss_mib(pids: &[u32]) -> f64 {
+    let mut all: Vec<u32> = pids
+        .iter()
+        .flat_map(|p| vessel_testutil::self_and_descendants(*p))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
     let mut kib = 0u64;
-    for pid in pids {
+    for pid in &all {
         let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("Pss:") {

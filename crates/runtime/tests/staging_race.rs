@@ -74,6 +74,63 @@ impl Drop for Unmount {
     }
 }
 
+/// Runs one race: `attacker` plays the guest beneath `top` (see [`guest`], [`pod_guest`])
+/// while the host stages `rounds` times with `stage(i)`, each retried until it succeeds,
+/// and starts round `i` only once the guest attacks it (it keeps looping on it while the
+/// host works: a real race, not turns). Returns the guest's swaps and plants, the host's
+/// refused attempts and the time taken.
+fn race<E>(
+    top: &Path,
+    outside: &Path,
+    rounds: usize,
+    attacker: fn(PathBuf, PathBuf, Arc<Race>) -> u64,
+    mut stage: impl FnMut(usize) -> Result<(), E>,
+) -> (u64, u64, Duration) {
+    let race = Arc::new(Race {
+        current: AtomicUsize::new(0),
+        seen: AtomicUsize::new(usize::MAX),
+        ready: Barrier::new(2),
+        stop: AtomicBool::new(false),
+    });
+    let g = {
+        let (top, outside, race) = (top.to_path_buf(), outside.to_path_buf(), race.clone());
+        std::thread::spawn(move || attacker(top, outside, race))
+    };
+    race.ready.wait();
+    let started = Instant::now();
+    let mut refused = 0u64;
+    for i in 0..rounds {
+        race.current.store(i, Ordering::Release);
+        while race.seen.load(Ordering::Acquire) != i {
+            std::hint::spin_loop();
+        }
+        while stage(i).is_err() {
+            refused += 1;
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "the host never got a turn ({refused} attempts refused)"
+            );
+        }
+    }
+    race.stop.store(true, Ordering::Relaxed);
+    let hits = g.join().unwrap();
+    (hits, refused, started.elapsed())
+}
+
+/// Asserts that no mount landed outside the staging tree (nor anything in `outside`) and
+/// that the tmpfs top and the 200 binds are all beneath `top`; returns the mount points.
+fn assert_all_beneath(top: &Path, outside: &Path) -> Vec<PathBuf> {
+    let mounts = mount_points();
+    assert!(
+        !mounts.iter().any(|m| m.starts_with(outside)),
+        "a mount landed outside the staging tree"
+    );
+    assert_eq!(std::fs::read_dir(outside).unwrap().count(), 0);
+    let inside = mounts.iter().filter(|m| m.starts_with(top)).count();
+    assert_eq!(inside, 201, "the tmpfs top and 200 binds, all beneath it");
+    mounts
+}
+
 #[test]
 fn symlink_swaps_during_staging_never_move_a_mount_outside() {
     if !nix::unistd::geteuid().is_root() {
@@ -93,51 +150,11 @@ fn symlink_swaps_during_staging_never_move_a_mount_outside() {
     let _unmount = Unmount(cdir.clone());
     let staging = Staging::create(&cdir.join(share::STAGING_DIR)).unwrap();
     let top = staging.shared_dir().host_path;
-    let race = Arc::new(Race {
-        current: AtomicUsize::new(0),
-        seen: AtomicUsize::new(usize::MAX),
-        ready: Barrier::new(2),
-        stop: AtomicBool::new(false),
+    let (hits, refused, took) = race(&top, &outside, 200, guest, |i| {
+        staging.bind(&src, Path::new(&format!("m{i}")), false, true)
     });
-    let g = {
-        let (top, outside, race) = (top.clone(), outside.clone(), race.clone());
-        std::thread::spawn(move || guest(top, outside, race))
-    };
-    race.ready.wait();
-    let started = Instant::now();
-    let mut refused = 0u64;
-    for i in 0..200 {
-        race.current.store(i, Ordering::Release);
-        // Start only once the guest is attacking this mount point (it keeps
-        // looping on it while we work: a real race, not turns).
-        while race.seen.load(Ordering::Acquire) != i {
-            std::hint::spin_loop();
-        }
-        loop {
-            match staging.bind(&src, Path::new(&format!("m{i}")), false, true) {
-                Ok(()) => break,
-                Err(_) => refused += 1,
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "the host never got a turn ({refused} attempts refused)"
-            );
-        }
-    }
-    race.stop.store(true, Ordering::Relaxed);
-    let hits = g.join().unwrap();
-    eprintln!(
-        "staged 200 binds in {:?}; guest swaps and plants {hits}, host attempts refused {refused}",
-        started.elapsed()
-    );
-    let mounts = mount_points();
-    assert!(
-        !mounts.iter().any(|m| m.starts_with(&outside)),
-        "a mount landed outside the staging tree"
-    );
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
-    let inside = mounts.iter().filter(|m| m.starts_with(&top)).count();
-    assert_eq!(inside, 201, "the tmpfs top and 200 binds, all beneath it");
+    eprintln!("staged 200 binds in {took:?}; guest swaps and plants {hits}, host attempts refused {refused}");
+    let mounts = assert_all_beneath(&top, &outside);
     let moved = mounts
         .iter()
         .filter(|m| m.parent() == Some(top.as_path()))
@@ -216,53 +233,17 @@ fn symlink_swaps_while_a_pod_stages_never_move_a_mount_outside() {
     let share = PodShare::create(&d.path().join("share")).unwrap();
     let _remove = RemoveShare(&share);
     let top = share.path().to_path_buf();
-    let race = Arc::new(Race {
-        current: AtomicUsize::new(0),
-        seen: AtomicUsize::new(usize::MAX),
-        ready: Barrier::new(2),
-        stop: AtomicBool::new(false),
-    });
-    let g = {
-        let (top, outside, race) = (top.clone(), outside.clone(), race.clone());
-        std::thread::spawn(move || pod_guest(top, outside, race))
-    };
-    race.ready.wait();
-    let started = Instant::now();
-    let mut refused = 0u64;
     // 100 containers, each a rootfs and one bind: 200 binds.
-    for i in 0..100 {
-        race.current.store(i, Ordering::Release);
-        while race.seen.load(Ordering::Acquire) != i {
-            std::hint::spin_loop();
-        }
-        loop {
-            let mut spec = serde_json::json!({"root": {"path": "rootfs", "readonly": true},
-                "mounts": [{"destination": "/v", "type": "bind", "source": src,
-                            "options": ["rbind", "ro"]}]});
-            match share.stage(&format!("c{i}"), &rootfs, &mut spec) {
-                Ok(()) => break,
-                Err(_) => refused += 1,
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "the host never got a turn ({refused} attempts refused)"
-            );
-        }
-    }
-    race.stop.store(true, Ordering::Relaxed);
-    let hits = g.join().unwrap();
+    let (hits, refused, took) = race(&top, &outside, 100, pod_guest, |i| {
+        let mut spec = serde_json::json!({"root": {"path": "rootfs", "readonly": true},
+            "mounts": [{"destination": "/v", "type": "bind", "source": src,
+                        "options": ["rbind", "ro"]}]});
+        share.stage(&format!("c{i}"), &rootfs, &mut spec)
+    });
     eprintln!(
-        "staged 100 containers (200 binds) in {:?}; guest swaps and plants {hits}, host attempts refused {refused}",
-        started.elapsed()
+        "staged 100 containers (200 binds) in {took:?}; guest swaps and plants {hits}, host attempts refused {refused}"
     );
-    let mounts = mount_points();
-    assert!(
-        !mounts.iter().any(|m| m.starts_with(&outside)),
-        "a mount landed outside the staging tree"
-    );
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
-    let inside = mounts.iter().filter(|m| m.starts_with(&top)).count();
-    assert_eq!(inside, 201, "the tmpfs top and 200 binds, all beneath it");
+    assert_all_beneath(&top, &outside);
     assert!(hits > 0 && refused > 0, "the guest never raced the host");
     // Unstaging detaches every bind by fd, wherever the guest moved it.
     for i in 0..100 {

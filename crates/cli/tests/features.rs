@@ -7,19 +7,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
-use common::{env, text, Reader};
+use common::{env, text, winsize, Reader};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 const T: Duration = Duration::from_secs(60);
-
-fn winsize(rows: u16, cols: u16) -> nix::pty::Winsize {
-    nix::pty::Winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    }
-}
 
 fn recv_fd(l: &UnixListener) -> OwnedFd {
     let (c, _) = l.accept().unwrap();

@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{env, text, Reader};
+use common::{env, text, winsize, Reader};
 use nix::sys::termios::{tcgetattr, LocalFlags};
 
 const T: Duration = Duration::from_secs(60);
@@ -68,15 +68,6 @@ impl Pty {
 
     fn reader(&self) -> Reader {
         Reader::new(self.master.try_clone().unwrap())
-    }
-}
-
-fn winsize(rows: u16, cols: u16) -> nix::pty::Winsize {
-    nix::pty::Winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
     }
 }
 

@@ -343,3 +343,13 @@ impl Reader {
 }
 
 pub use vessel_testutil::{processes_mentioning, wait_until};
+
+/// A terminal window size of `rows` x `cols`.
+pub fn winsize(rows: u16, cols: u16) -> nix::pty::Winsize {
+    nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}

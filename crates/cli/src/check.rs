@@ -175,6 +175,7 @@ pub fn run(
             format!("state root not writable: {e:#}"),
         ),
     }
+    r.line("templates", templates_line(config));
     if !r.problems.is_empty() {
         println!("result:          this host cannot run sandboxes:");
         for p in &r.problems {
@@ -304,6 +305,17 @@ async fn snapshot_and_restore(
             .with_context(|| format!("remove snapshot {}", dir.display()))?;
     }
     res
+}
+
+/// Whether sandboxes start from templates, and why not (`vessel check`, `vessel env`).
+pub fn templates_line(config: &Config) -> String {
+    match vessel_runtime::backend::hypervisor(config) {
+        Ok(hv) => match vessel_runtime::template::status(config, hv.as_ref()) {
+            Ok(dir) => format!("on (kept in {})", dir.display()),
+            Err(why) => format!("cold boot only: {why}"),
+        },
+        Err(e) => format!("cold boot only: no backend ({})", vessel_runtime::chain(&e)),
+    }
 }
 
 fn builtin_unavailable(e: &vessel_runtime::Error) -> ExitCode {

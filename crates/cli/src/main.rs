@@ -186,6 +186,7 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Env => {
             println!("# effective configuration (from {})", config_path.display());
             print!("{}", toml::to_string(&ctx.config)?);
+            println!("# templates: {}", check::templates_line(&ctx.config));
             Ok(ExitCode::SUCCESS)
         }
         Command::Create(a) => create::run(&ctx, a),

@@ -191,6 +191,12 @@ pub trait Hypervisor: Send + Sync {
     /// Starts a VM. Returns once the hypervisor process runs; the guest boots
     /// in the background (the caller waits for the agent).
     async fn launch(&self, config: &VmConfig) -> Result<Box<dyn Vm>>;
+    /// Whether a VM launched from `config` could be snapshotted, or why not
+    /// (for callers that decide before launching, as templates do).
+    fn snapshot_blocker(&self, config: &VmConfig) -> Option<&'static str> {
+        let _ = config;
+        Some("this backend cannot snapshot VMs")
+    }
     /// Starts a VM from the snapshot in `snapshot` (written by [`Vm::snapshot`]
     /// of this backend). `config` must have the snapshot's shape (see
     /// [`SnapshotInfo::check_matches`]); its paths (run directory, sockets,

@@ -35,6 +35,10 @@ pub struct SnapshotInfo {
     pub memory_mib: u32,
     /// `vsock` or `serial`.
     pub channel: AgentChannel,
+    /// The VM's virtio-fs devices (tag, read-only), in device order: a restore
+    /// must give each its own share with the same tag.
+    #[serde(default)]
+    pub shares: Vec<(String, bool)>,
 }
 
 impl SnapshotInfo {
@@ -50,6 +54,7 @@ impl SnapshotInfo {
             vcpus: cfg.vcpus,
             memory_mib: cfg.memory_mib,
             channel: cfg.channel,
+            shares: shares_of(cfg),
         }
     }
 
@@ -119,14 +124,22 @@ impl SnapshotInfo {
                 want.0, want.1, want.2, got.0, got.1, got.2
             )));
         }
-        if !cfg.shared_dirs.is_empty() {
-            return Err(Error::Unsupported {
-                backend: "snapshot",
-                operation: "restoring with shared directories",
-            });
+        let got = shares_of(cfg);
+        if self.shares != got {
+            return Err(Error::InvalidConfig(format!(
+                "the snapshot's VM has shares (tag, read-only) {:?}; asked to restore with {got:?}",
+                self.shares
+            )));
         }
         Ok(())
     }
+}
+
+fn shares_of(cfg: &VmConfig) -> Vec<(String, bool)> {
+    cfg.shared_dirs
+        .iter()
+        .map(|s| (s.tag.clone(), s.read_only))
+        .collect()
 }
 
 /// Creates the snapshot directory (mode 0700); it must not exist yet, or be empty.

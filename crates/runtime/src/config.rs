@@ -59,6 +59,29 @@ pub struct Config {
     pub qemu: QemuSection,
     pub builtin: BuiltinSection,
     pub logs: LogsSection,
+    pub templates: TemplatesSection,
+}
+
+/// Sandboxes started from a snapshot of their shape (see
+/// [`crate::template`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplatesSection {
+    /// Use templates where the backend can snapshot the sandbox's VM (the
+    /// built-in VMM, no network devices). Default true.
+    pub enabled: bool,
+    /// Where templates are kept (mode 0700). Default `<state_root>/templates`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for TemplatesSection {
+    fn default() -> Self {
+        TemplatesSection {
+            enabled: true,
+            dir: None,
+        }
+    }
 }
 
 /// Caps of every log a guest can make grow: its serial console and the
@@ -191,6 +214,7 @@ impl Default for Config {
             qemu: QemuSection::default(),
             builtin: BuiltinSection::default(),
             logs: LogsSection::default(),
+            templates: TemplatesSection::default(),
         }
     }
 }
@@ -246,6 +270,14 @@ impl Config {
             return Err("builtin.jail_uid and builtin.jail_gid must not be 0 (root)".into());
         }
         Ok(())
+    }
+
+    /// Where templates are kept: `templates.dir`, else `<state_root>/templates`.
+    pub fn template_dir(&self) -> PathBuf {
+        self.templates
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_root.join("templates"))
     }
 
     /// The caps of every log a guest can make grow.

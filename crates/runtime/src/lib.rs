@@ -3,6 +3,7 @@
 //! - [`config`]: `/etc/vessel/config.toml`, every key with a documented default.
 //! - [`backend`]: which hypervisor runs sandboxes on this host, and the factory.
 //! - [`sandbox`]: one VM with its agent: boot, talk, stop, clean up.
+//! - [`template`]: sandboxes started from a snapshot of their shape.
 //! - [`agent`]: the host-side agent client (readiness, hybrid vsock, ttrpc).
 //! - [`network`]: the sandbox's network (taps and tc redirects in its namespace).
 //! - [`container`]: OCI containers (one per sandbox), their supervisor and state.
@@ -21,6 +22,7 @@ pub mod fake;
 pub mod network;
 pub mod pod;
 pub mod sandbox;
+pub mod template;
 
 pub use config::Config;
 pub use sandbox::Sandbox;
@@ -62,6 +64,8 @@ pub enum Error {
     InvalidId(vessel_protocol::id::InvalidId),
     /// Sandbox {0} already exists
     Exists(String),
+    /// template
+    Template(#[source] template::TemplateError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

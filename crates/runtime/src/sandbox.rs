@@ -225,6 +225,20 @@ impl Sandbox {
         id: &str,
         snapshot: &Path,
     ) -> Result<Sandbox> {
+        Self::restore_with(config, hv, SandboxSpec::new(id, config), snapshot).await
+    }
+
+    /// [`Sandbox::restore`] with `spec`'s id, shares, network devices and
+    /// namespace (its vCPUs and memory are the snapshot's). The shares must be
+    /// the snapshot VM's (same tags, in order), each served by this sandbox's own
+    /// virtiofsd.
+    pub async fn restore_with(
+        config: &Config,
+        hv: &dyn Hypervisor,
+        spec: SandboxSpec,
+        snapshot: &Path,
+    ) -> Result<Sandbox> {
+        let id = spec.id.as_str();
         validate_id(id)?;
         let info = SnapshotInfo::load(snapshot)?;
         let channel = info.channel;
@@ -241,9 +255,9 @@ impl Sandbox {
             vsock_uds: agent_socket(&run_dir),
             console_log: run_dir.join(CONSOLE_LOG),
             log_limits: config.log_limits(),
-            shared_dirs: Vec::new(),
-            nics: Vec::new(),
-            netns: None,
+            shared_dirs: spec.shared_dirs,
+            nics: spec.nics,
+            netns: spec.netns,
         };
         let res = Self::restore_in(config, hv, snapshot, &vm_config).await;
         if res.is_err() {

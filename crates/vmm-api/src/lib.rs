@@ -49,6 +49,10 @@ pub enum Request {
         /// New vsock Unix socket path (the snapshot's is used when unset).
         #[serde(default)]
         vsock_uds: Option<PathBuf>,
+        /// New vhost-user sockets of the snapshot's virtio-fs devices, in device order
+        /// (each clone has its own virtiofsd); empty: the snapshot's.
+        #[serde(default)]
+        fs_sockets: Vec<PathBuf>,
         /// Leave the restored VM paused.
         #[serde(default)]
         paused: bool,
@@ -169,6 +173,7 @@ mod tests {
             serial_log: Some("/c".into()),
             serial_log_limits: None,
             vsock_uds: None,
+            fs_sockets: vec!["/run/fs0.sock".into()],
             paused: true,
         };
         let line = r.to_line();

@@ -168,6 +168,7 @@ fn run() -> anyhow::Result<i32> {
             args.serial_log.clone(),
             Some(args.serial_log_limits()),
             args.vsock_uds.clone(),
+            Vec::new(),
             args.paused,
         )
         .with_context(|| format!("restoring {}", dir.display()))?

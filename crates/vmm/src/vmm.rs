@@ -305,13 +305,21 @@ impl Vmm {
         Ok(vmm)
     }
 
-    /// Restores a VM from the snapshot in `dir`. `serial_log` and `vsock_uds` override the
-    /// snapshot's paths (each clone needs its own), `serial_log_limits` its log caps.
+    /// Restores a VM from the snapshot in `dir`. `serial_log`, `vsock_uds` and
+    /// `fs_sockets` (one per virtio-fs device, or none) override the snapshot's paths
+    /// (each clone needs its own), `serial_log_limits` its log caps.
+    ///
+    /// A VM with virtio-fs devices gets a private copy of the snapshot's memory in a
+    /// memfd (its vhost-user back ends map guest memory by fd); others map the memory
+    /// file copy-on-write. The virtio-fs devices reconnect to their (new) back ends with
+    /// the saved ring state: that is sound while the guest has no FUSE session on them
+    /// (nothing mounted when the snapshot was taken), which is what templates ensure.
     pub fn restore(
         dir: &Path,
         serial_log: Option<PathBuf>,
         serial_log_limits: Option<crate::config::SerialLogLimits>,
         vsock_uds: Option<PathBuf>,
+        fs_sockets: Vec<PathBuf>,
         paused: bool,
     ) -> Result<Self, VmmError> {
         let started = Instant::now();
@@ -327,7 +335,22 @@ impl Vmm {
         if let (Some(v), Some(uds)) = (config.vsock.as_mut(), vsock_uds) {
             v.uds = uds;
         }
-        let mem = memory::restore(&snapshot::memory_path(dir), snap.mem_bytes)?;
+        if !fs_sockets.is_empty() {
+            if fs_sockets.len() != config.fs.len() {
+                return Err(VmmError::InvalidState(
+                    "restore",
+                    "given a different number of virtio-fs sockets than the snapshot has devices",
+                ));
+            }
+            for (f, socket) in config.fs.iter_mut().zip(fs_sockets) {
+                f.socket = socket;
+            }
+        }
+        let mem = if config.fs.is_empty() {
+            memory::restore(&snapshot::memory_path(dir), snap.mem_bytes)?
+        } else {
+            memory::restore_shared(&snapshot::memory_path(dir), snap.mem_bytes)?
+        };
         let vm = Vm::new(&mem)?;
         vm.restore_state(&snap.vm)?;
         let epoll = Arc::new(Epoll::new().map_err(|e| VmmError::Setup("epoll", e))?);
@@ -716,12 +739,18 @@ pub fn serve_until_vm(api: &mut ApiServer) -> Result<Vmm, VmmError> {
                                 serial_log,
                                 serial_log_limits,
                                 vsock_uds,
+                                fs_sockets,
                                 paused,
-                            } => {
-                                Vmm::restore(&dir, serial_log, serial_log_limits, vsock_uds, paused)
-                                    .map(Some)
-                                    .map_err(|e| crate::error_chain(&e))
-                            }
+                            } => Vmm::restore(
+                                &dir,
+                                serial_log,
+                                serial_log_limits,
+                                vsock_uds,
+                                fs_sockets,
+                                paused,
+                            )
+                            .map(Some)
+                            .map_err(|e| crate::error_chain(&e)),
                             Request::Metrics {} => Ok(None),
                             Request::Shutdown {} => std::process::exit(crate::EXIT_OK),
                             other => {

@@ -140,13 +140,18 @@ pub fn jailer_args(
             serial_log,
             serial_log_limits,
             vsock_uds,
+            fs_sockets,
         } => Start::Restore {
             serial_log_limits,
             // The VMM opens the snapshot's files read-only and maps the memory file
-            // privately: a read-only bind is enough.
+            // privately (or copies it): a read-only bind is enough.
             dir: ro_bind(&mut a, &dir, SNAPSHOT_IN_JAIL),
             serial_log: in_run(&serial_log)?,
             vsock_uds: in_run(&vsock_uds)?,
+            fs_sockets: fs_sockets
+                .iter()
+                .map(|s| in_run(s))
+                .collect::<Result<_>>()?,
         },
     };
     a.push("--".into());
@@ -347,6 +352,7 @@ mod tests {
             serial_log: "/run/vessel/sb1/console.log".into(),
             serial_log_limits: Default::default(),
             vsock_uds: "/run/vessel/sb1/vsock.sock".into(),
+            fs_sockets: vec!["/run/vessel/sb1/fs0.sock".into()],
         })
         .unwrap();
         let (jailer, vmm) = a.split_once(" -- ").unwrap();
@@ -362,6 +368,7 @@ mod tests {
                 serial_log: "/run/vessel/console.log".into(),
                 serial_log_limits: Default::default(),
                 vsock_uds: "/run/vessel/vsock.sock".into(),
+                fs_sockets: vec!["/run/vessel/fs0.sock".into()],
             }
         );
     }

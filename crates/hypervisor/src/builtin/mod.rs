@@ -112,13 +112,14 @@ impl Builtin {
 pub enum Start {
     /// `configure` with this configuration, then `boot`.
     Boot(Box<vmm_api::VmConfig>),
-    /// `restore` the snapshot in `dir` with the VM's own serial log (and its caps) and
-    /// vsock socket, and run it.
+    /// `restore` the snapshot in `dir` with the VM's own serial log (and its caps),
+    /// vsock socket and virtiofsd sockets, and run it.
     Restore {
         dir: PathBuf,
         serial_log: PathBuf,
         serial_log_limits: vmm_api::SerialLogLimits,
         vsock_uds: PathBuf,
+        fs_sockets: Vec<PathBuf>,
     },
 }
 
@@ -135,11 +136,13 @@ impl Start {
                 serial_log,
                 serial_log_limits,
                 vsock_uds,
+                fs_sockets,
             } => vec![vmm_api::Request::Restore {
                 dir,
                 serial_log: Some(serial_log),
                 serial_log_limits: Some(serial_log_limits),
                 vsock_uds: Some(vsock_uds),
+                fs_sockets,
                 paused: false,
             }],
         }
@@ -148,6 +151,10 @@ impl Start {
 
 #[async_trait]
 impl Hypervisor for Builtin {
+    fn snapshot_blocker(&self, config: &VmConfig) -> Option<&'static str> {
+        snapshottable(config).err()
+    }
+
     fn name(&self) -> &'static str {
         "builtin"
     }
@@ -211,14 +218,30 @@ impl Hypervisor for Builtin {
         if let Some(j) = &self.config.jailer {
             jail::grant_snapshot_read(dir, j.gid)?;
         }
+        // The clone's own virtiofsd for each share, at its own socket; the VMM
+        // reconnects the snapshot's virtio-fs devices to them.
+        let mut helpers = Vec::new();
+        if let Err(e) = crate::virtiofs::start(&self.config.virtiofsd, cfg, &mut helpers).await {
+            crate::process::terminate_all(&mut helpers).await;
+            return Err(e);
+        }
         let start = Start::Restore {
             dir: dir.to_path_buf(),
             serial_log: cfg.console_log.clone(),
             serial_log_limits: cfg.log_limits.into(),
             vsock_uds: cfg.vsock_uds.clone(),
+            fs_sockets: (0..cfg.shared_dirs.len())
+                .map(|i| crate::virtiofs::socket(&cfg.run_dir, i))
+                .collect(),
         };
-        let child = self.start_vmm(cfg, start, "vessel-vmm (restoring)").await?;
-        Ok(self.watch(cfg, child, Vec::new()))
+        let child = match self.start_vmm(cfg, start, "vessel-vmm (restoring)").await {
+            Ok(c) => c,
+            Err(e) => {
+                crate::process::terminate_all(&mut helpers).await;
+                return Err(e);
+            }
+        };
+        Ok(self.watch(cfg, child, helpers))
     }
 }
 
@@ -334,11 +357,12 @@ const VMM_LOG: &str = "vmm.log";
 /// How long vessel-vmm (or the jailer) may take to create its API socket.
 const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// vessel-vmm snapshots VMs without virtio-fs and network devices.
+/// vessel-vmm snapshots VMs without network devices. Its virtio-fs devices are
+/// saved with their ring state and reconnect to the clone's own virtiofsd, which
+/// is sound only while the guest has mounted none of them (no FUSE session to
+/// carry over): snapshot before any container exists, as templates do.
 fn snapshottable(cfg: &VmConfig) -> crate::process_vm::Snapshottable {
-    if !cfg.shared_dirs.is_empty() {
-        Err("snapshot of a VM with virtio-fs shares (vessel-vmm cannot save vhost-user-fs state)")
-    } else if !cfg.nics.is_empty() {
+    if !cfg.nics.is_empty() {
         Err("snapshot of a VM with network devices (their taps belong to one sandbox)")
     } else {
         Ok(SnapshotInfo::of("builtin", Accelerator::Kvm, cfg))

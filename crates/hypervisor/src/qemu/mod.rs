@@ -95,6 +95,10 @@ impl Qemu {
 
 #[async_trait]
 impl Hypervisor for Qemu {
+    fn snapshot_blocker(&self, config: &VmConfig) -> Option<&'static str> {
+        snapshot::blocker(config)
+    }
+
     fn name(&self) -> &'static str {
         "qemu"
     }

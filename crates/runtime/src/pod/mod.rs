@@ -403,10 +403,13 @@ impl Pod {
             nics: Vec::new(),
             netns: None,
         };
-        let vm_config = Config {
+        // The VM's run directory is under `vm_root`; templates stay where the
+        // configuration puts them, shared by every sandbox of this runtime.
+        let mut vm_config = Config {
             state_root: vm_root,
             ..config.clone()
         };
+        vm_config.templates.dir = Some(config.template_dir());
         let sandbox = match Self::boot_vm(&vm_config, hv, vm, network.as_deref_mut()).await {
             Ok(sb) => sb,
             Err(e) => {
@@ -457,7 +460,7 @@ impl Pod {
         if let Some(n) = network.as_deref_mut() {
             n.attach(&mut vm).await?;
         }
-        let sandbox = Sandbox::boot(config, hv, vm).await?;
+        let sandbox = Sandbox::start(config, hv, vm).await?;
         let ready = if !matches!(
             sandbox.vm().agent_endpoint(),
             AgentEndpoint::HybridVsock { .. }

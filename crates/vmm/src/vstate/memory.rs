@@ -54,6 +54,12 @@ pub fn create_shared(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     if !(16..=(1 << 20)).contains(&mib) {
         return Err(MemoryError::BadSize(mib));
     }
+    let file = memfd(mib << 20)?;
+    map_shared(&file, mib << 20)
+}
+
+/// A new memfd of `len` bytes (all holes: pages are allocated when written).
+fn memfd(len: u64) -> Result<File, MemoryError> {
     // SAFETY: memfd_create with a NUL-terminated name; the returned fd is owned below.
     let fd = unsafe { libc::memfd_create(c"vessel-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -64,11 +70,16 @@ pub fn create_shared(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     }
     // SAFETY: `fd` was just created and is owned by nothing else.
     let file = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
-    file.set_len(mib << 20)
+    file.set_len(len)
         .map_err(|e| MemoryError::File("memfd".into(), e))?;
+    Ok(file)
+}
+
+/// Maps `file` (`total` bytes) shared at the RAM layout for `total` bytes.
+fn map_shared(file: &File, total: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let mut regions = Vec::new();
     let mut offset = 0u64;
-    for (start, len) in layout::ram_regions(mib << 20) {
+    for (start, len) in layout::ram_regions(total) {
         let fd = file
             .try_clone()
             .map_err(|e| MemoryError::File("memfd".into(), e))?;
@@ -84,6 +95,53 @@ pub fn create_shared(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         offset += len;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Collection(e.to_string()))
+}
+
+/// Copies a memory file written by [`save`] into a new memfd mapped shared, for a VM
+/// restored with vhost-user devices: their back ends map guest memory by fd, and a
+/// private (copy-on-write) mapping of the snapshot file cannot be shared with them.
+/// Only the file's data extents are copied (it is sparse: zero pages are holes), so the
+/// copy costs what the guest had touched, not its whole RAM; the pages are the clone's
+/// own (no sharing between clones).
+pub fn restore_shared(path: &Path, total: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let name = path.display().to_string();
+    let err = |e| MemoryError::File(name.clone(), e);
+    let src = File::open(path).map_err(err)?;
+    let len = src.metadata().map_err(err)?.len();
+    if len != total {
+        return Err(MemoryError::FileSize(name, len, total));
+    }
+    let dst = memfd(total)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: u64 = 0;
+    while pos < total {
+        // SAFETY: lseek on an fd `src` owns; SEEK_DATA/SEEK_HOLE only return offsets.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `pos`
+            }
+            return Err(err(e));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        let (mut at, end) = (data as u64, (hole as u64).min(total));
+        while at < end {
+            let n = buf.len().min((end - at) as usize);
+            src.read_exact_at(&mut buf[..n], at).map_err(err)?;
+            dst.write_all_at(&buf[..n], at)
+                .map_err(|e| MemoryError::File("memfd".into(), e))?;
+            at += n as u64;
+        }
+        pos = end;
+    }
+    map_shared(&dst, total)
 }
 
 /// Total guest RAM in bytes.
@@ -192,6 +250,33 @@ mod tests {
             0xdead_beef
         );
         assert!(restore(&path, 32 << 20).is_err());
+    }
+
+    #[test]
+    fn shared_restore_copies_the_data_and_is_private_to_each_clone() {
+        let mem = create_shared(16).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1234))
+            .unwrap();
+        mem.write_obj(7u8, GuestAddress((16 << 20) - 1)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        save(&mem, &path).unwrap();
+        let a = restore_shared(&path, 16 << 20).unwrap();
+        let b = restore_shared(&path, 16 << 20).unwrap();
+        assert!(a.iter().all(|r| r.file_offset().is_some()));
+        assert_eq!(
+            a.read_obj::<u32>(GuestAddress(0x1234)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(a.read_obj::<u8>(GuestAddress((16 << 20) - 1)).unwrap(), 7);
+        assert_eq!(a.read_obj::<u64>(GuestAddress(0x8000)).unwrap(), 0);
+        a.write_obj(1u32, GuestAddress(0x1234)).unwrap();
+        assert_eq!(
+            b.read_obj::<u32>(GuestAddress(0x1234)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(std::fs::read(&path).unwrap()[0x1234], 0xef);
+        assert!(restore_shared(&path, 32 << 20).is_err());
     }
 
     #[test]

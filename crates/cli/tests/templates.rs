@@ -1,0 +1,133 @@
+//! End-to-end: sandboxes start from templates by default (docs/snapshots.md).
+//!
+//! With the built-in VMM (the KVM lane) the first `vessel run` of a shape boots cold
+//! and writes the template, the second is restored from it and its container sees its
+//! own rootfs, env and mounts, and a reinstalled kernel makes the next run build a new
+//! template instead of using the old one. With QEMU (vhost-user vsock and virtio-fs,
+//! which QEMU cannot migrate) every run boots cold and the log says why.
+
+mod common;
+
+use std::path::Path;
+
+use common::{env, text, Env};
+
+/// `vessel run` of `bundle` as `id`, logging at info level into `<id>.log`;
+/// returns stdout and the log.
+fn run_logged(e: &Env, bundle: &Path, id: &str) -> (String, String) {
+    let log = e.dir.path().join(format!("{id}.log"));
+    let o = e
+        .cmd()
+        .env("VESSEL_LOG", "info")
+        .arg("--log")
+        .arg(&log)
+        .args(["run", "--bundle", bundle.to_str().unwrap(), id])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(o.status.code(), Some(0), "{}\nlog:\n{log}", text(&o));
+    e.assert_clean(id);
+    (String::from_utf8_lossy(&o.stdout).into_owned(), log)
+}
+
+fn templates(e: &Env) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(e.root.join("templates"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn second_run_starts_from_the_template_and_a_new_kernel_rebuilds_it() {
+    let Some(e) = env() else { return };
+    // The kernel is a copy, so that the test can reinstall it.
+    let kernel = e.dir.path().join("vmlinux");
+    let guest = vessel_testutil::guest_dir();
+    std::fs::copy(guest.join("vmlinux"), &kernel).unwrap();
+    let config = std::fs::read_to_string(&e.config).unwrap();
+    let config = config.replace(
+        &format!("\"{}\"", guest.join("vmlinux").display()),
+        &format!("\"{}\"", kernel.display()),
+    );
+    assert!(config.contains(kernel.to_str().unwrap()), "{config}");
+    std::fs::write(&e.config, config).unwrap();
+    let env_out = e.run(&["env"]);
+    let env_text = String::from_utf8_lossy(&env_out.stdout).into_owned();
+    let builtin = env_text.contains("hypervisor = \"builtin\"");
+
+    let first = e.bundle("b1", &["echo", "first"], |_| {});
+    let (out, log) = run_logged(&e, &first, "t1");
+    assert_eq!(out, "first\n");
+
+    if !builtin {
+        // QEMU: cold boot, with the reason, and no template.
+        assert!(
+            log.contains("cold boot (no template: snapshot of a VM with vhost-user-vsock"),
+            "{log}"
+        );
+        assert!(
+            env_text.contains("# templates: cold boot only"),
+            "{env_text}"
+        );
+        assert!(templates(&e).is_empty());
+        return;
+    }
+    assert!(env_text.contains("# templates: on"), "{env_text}");
+    assert!(
+        log.contains("template ") && log.contains(" written to "),
+        "{log}"
+    );
+    assert!(!log.contains("started from template"), "{log}");
+    let made = templates(&e);
+    assert_eq!(made.len(), 1, "{made:?}");
+    let mode = std::fs::metadata(e.root.join("templates").join(&made[0]))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o700
+    );
+
+    // The second run: restored, with its own rootfs, env and mounts.
+    let data = e.dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("f"), "from the host\n").unwrap();
+    let second = e.bundle(
+        "b2",
+        &["sh", "-c", "echo $MARK; cat /data/f; cat /marker"],
+        |c| {
+            c["process"]["env"]
+                .as_array_mut()
+                .unwrap()
+                .push("MARK=second".into());
+            c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+                "destination": "/data", "type": "bind", "source": data, "options": ["rbind", "ro"]
+            }));
+        },
+    );
+    std::fs::write(second.join("rootfs/marker"), "b2's rootfs\n").unwrap();
+    let (out, log) = run_logged(&e, &second, "t2");
+    assert_eq!(out, "second\nfrom the host\nb2's rootfs\n");
+    assert!(
+        log.contains(&format!("started from template {}", made[0])),
+        "{log}"
+    );
+    assert!(log.contains("restored from"), "{log}");
+
+    // A reinstalled kernel (same bytes, new file times): a new template, the old
+    // one is not used.
+    std::fs::copy(guest.join("vmlinux"), &kernel).unwrap();
+    let (out, log) = run_logged(&e, &first, "t3");
+    assert_eq!(out, "first\n");
+    assert!(!log.contains("started from template"), "{log}");
+    assert!(log.contains(" written to "), "{log}");
+    let now = templates(&e);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.contains(&made[0]));
+}

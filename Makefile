@@ -11,7 +11,7 @@ VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test \
-        test-lane test-vmm bench-boot bench-run bench-net bench-restore bench-vmm bench-kvm clean install test-shim bench-shim
+        test-lane test-vmm bench-boot bench-run bench-net bench-restore bench-vmm bench-kvm bench-start bench-start-kvm clean install test-shim bench-shim
 
 deps:
 	scripts/install-deps.sh
@@ -83,6 +83,19 @@ bench-net: deps guest build config
 # Cold boot vs restore from a snapshot (QEMU; TCG on hosts without hardware KVM).
 bench-restore: deps guest config
 	cargo run --release -q -p vessel-runtime --example restore_bench -- $${RUNS:-10}
+
+# Start from a template vs cold boot (docs/snapshots.md): `vessel run`, `ctr run` and a
+# CRI pod + container, interleaved, medians of RUNS (10) and ratios; host PSS per idle
+# sandbox with 1 and with 20 running. Here: the configured backend (QEMU boots cold, and
+# the bench says why). bench-start-kvm: the built-in VMM on real KVM, in the KVM lane.
+bench-start: deps guest config
+	cargo build -q -p vessel -p vessel-vmm -p vessel-jailer -p containerd-shim-vessel-v2
+	VESSEL_GUEST_DIR=$(GUEST) RUNS=$${RUNS:-10} cargo test -q -p containerd-shim-vessel-v2 \
+		--test start_bench -- --ignored --nocapture
+
+bench-start-kvm: guest config
+	VESSEL_GUEST_DIR=$(GUEST) LANE_SUITES=start-bench LANE_PARALLEL=1 LANE_ENV=RUNS \
+		LANE_SUITE_TIMEOUT=$${LANE_SUITE_TIMEOUT:-3600} RUNS=$${RUNS:-10} scripts/test-lane.sh
 
 bench-vmm:
 	sh crates/vmm/bench/bench-vmm.sh

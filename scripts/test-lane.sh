@@ -30,6 +30,8 @@ TEST_TARGETS=(
     containerd-shim-vessel-v2:cri_network
     vessel:hostile
     vessel:publish
+    vessel:templates
+    containerd-shim-vessel-v2:start_bench
 )
 
 # The suites, in order: name, backend (VESSEL_TEST_HYPERVISOR), the seconds it took in the
@@ -56,6 +58,7 @@ cri-cni-builtin     builtin    270  cri_network       --test-threads=1
 hostile-builtin     builtin    120  hostile           --test-threads=1 $no_flood
 publish-builtin     builtin    300  publish           --test-threads=1
 templates-builtin   builtin     90  vessel:templates  --test-threads=1
+start-bench         builtin    900  containerd-shim-vessel-v2:start_bench --ignored --nocapture --test-threads=1
 '
 # What `make test` runs: every suite but network-qemu-kvm (QEMU's networking is tested on
 # the host with TCG; the lane proves the built-in VMM's).

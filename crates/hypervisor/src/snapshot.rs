@@ -39,6 +39,10 @@ pub struct SnapshotInfo {
     /// must give each its own share with the same tag.
     #[serde(default)]
     pub shares: Vec<(String, bool)>,
+    /// The MAC of each of the VM's NICs, in order: a restore must give as many
+    /// taps, and the guest sees these MACs until it is told its own.
+    #[serde(default)]
+    pub nics: Vec<[u8; 6]>,
 }
 
 impl SnapshotInfo {
@@ -55,6 +59,13 @@ impl SnapshotInfo {
             memory_mib: cfg.memory_mib,
             channel: cfg.channel,
             shares: shares_of(cfg),
+            nics: cfg
+                .nics
+                .iter()
+                .map(|n| match n {
+                    crate::Nic::VirtioTap(t) => t.mac.0,
+                })
+                .collect(),
         }
     }
 
@@ -122,6 +133,13 @@ impl SnapshotInfo {
             return Err(Error::InvalidConfig(format!(
                 "the snapshot is of a VM with {} vCPUs, {} MiB and the {} channel; asked to restore {} vCPUs, {} MiB, {} channel",
                 want.0, want.1, want.2, got.0, got.1, got.2
+            )));
+        }
+        if self.nics.len() != cfg.nics.len() {
+            return Err(Error::InvalidConfig(format!(
+                "the snapshot's VM has {} network devices; asked to restore with {}",
+                self.nics.len(),
+                cfg.nics.len()
             )));
         }
         let got = shares_of(cfg);

@@ -127,7 +127,11 @@ fn opt_ip(what: &str, b: &[u8]) -> Result<Option<IpAddr>, NetConfigError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
     pub name: String,
+    /// The device's MAC, which finds it.
     pub mac: Mac,
+    /// The MAC the interface is given when it differs from the device's (a
+    /// clone of a template keeps the template's device MAC); `None`: keep it.
+    pub set_mac: Option<Mac>,
     /// `None` keeps the device's MTU.
     pub mtu: Option<u32>,
     pub addresses: Vec<IpNet>,
@@ -237,6 +241,11 @@ impl Network {
             if !macs.insert(i.mac) {
                 return Err(NetConfigError::DuplicateMac(i.mac));
             }
+            if let Some(m) = i.set_mac {
+                if !m.is_unicast() {
+                    return Err(NetConfigError::NotUnicast(i.name.clone(), m));
+                }
+            }
             if let Some(mtu) = i.mtu {
                 if !(MIN_MTU..=65535).contains(&mtu) {
                     return Err(NetConfigError::BadMtu(i.name.clone(), mtu));
@@ -291,6 +300,11 @@ impl Network {
             net.interfaces.push(Interface {
                 name: i.name.clone(),
                 mac: Mac::from_bytes(&i.name, &i.mac)?,
+                set_mac: if i.set_mac.is_empty() {
+                    None
+                } else {
+                    Some(Mac::from_bytes(&i.name, &i.set_mac)?)
+                },
                 mtu: (i.mtu != 0).then_some(i.mtu),
                 addresses: i
                     .addresses
@@ -333,6 +347,7 @@ impl Network {
                 .map(|i| NetInterface {
                     name: i.name.clone(),
                     mac: i.mac.0.to_vec(),
+                    set_mac: i.set_mac.map(|m| m.0.to_vec()).unwrap_or_default(),
                     mtu: i.mtu.unwrap_or(0),
                     addresses: i.addresses.iter().map(|a| a.to_pb()).collect(),
                     ..Default::default()
@@ -379,6 +394,7 @@ mod tests {
             interfaces: vec![Interface {
                 name: "eth0".into(),
                 mac: Mac([0x02, 0, 0, 0, 0, 1]),
+                set_mac: Some(Mac([0x02, 0, 0, 0, 0, 9])),
                 mtu: Some(1500),
                 addresses: vec![
                     IpNet::new(ip("10.244.1.2"), 24).unwrap(),

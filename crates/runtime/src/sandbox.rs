@@ -62,6 +62,8 @@ pub struct Sandbox {
     agent: AgentClient,
     version: VersionResponse,
     stop_grace: Duration,
+    /// Restored from a snapshot: the MACs its NICs have (the snapshot VM's).
+    device_macs: Option<Vec<[u8; 6]>>,
 }
 
 /// Checks a sandbox id against the one id rule ([`vessel_protocol::id`]).
@@ -187,6 +189,7 @@ impl Sandbox {
                 agent,
                 version,
                 stop_grace: Duration::from_secs(config.stop_grace_secs),
+                device_macs: None,
             }),
             Err(e) => {
                 let _ = vm.stop(Duration::ZERO).await;
@@ -259,7 +262,12 @@ impl Sandbox {
             nics: spec.nics,
             netns: spec.netns,
         };
-        let res = Self::restore_in(config, hv, snapshot, &vm_config).await;
+        let res = Self::restore_in(config, hv, snapshot, &vm_config)
+            .await
+            .map(|mut sb| {
+                sb.device_macs = Some(info.nics.clone());
+                sb
+            });
         if res.is_err() {
             let _ = std::fs::remove_dir_all(&run_dir);
         }
@@ -327,6 +335,12 @@ impl Sandbox {
 
     pub fn agent(&self) -> &AgentClient {
         &self.agent
+    }
+
+    /// For a sandbox restored from a snapshot, the MACs its NICs have (the
+    /// snapshot VM's, in NIC order); `None` for a cold boot.
+    pub fn device_macs(&self) -> Option<&[[u8; 6]]> {
+        self.device_macs.as_deref()
     }
 
     /// The agent's `Version` reply from boot.

@@ -75,6 +75,8 @@ pub struct Inputs {
     pub channel: String,
     /// (tag, read-only) of each share, in order.
     pub shares: Vec<(String, bool)>,
+    /// The MTU of each network device, in order (`None`: the default).
+    pub nics: Vec<Option<u32>>,
 }
 
 impl Inputs {
@@ -99,6 +101,13 @@ impl Inputs {
                 .shared_dirs
                 .iter()
                 .map(|s: &SharedDir| (s.tag.clone(), s.read_only))
+                .collect(),
+            nics: spec
+                .nics
+                .iter()
+                .map(|n| match n {
+                    vessel_hypervisor::Nic::VirtioTap(t) => t.mtu,
+                })
                 .collect(),
         })
     }
@@ -417,6 +426,7 @@ mod tests {
             memory_mib: 256,
             channel: "vsock".into(),
             shares: vec![("vessel".into(), false)],
+            nics: vec![Some(1500)],
         }
     }
 

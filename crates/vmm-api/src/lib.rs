@@ -53,6 +53,10 @@ pub enum Request {
         /// (each clone has its own virtiofsd); empty: the snapshot's.
         #[serde(default)]
         fs_sockets: Vec<PathBuf>,
+        /// Tap fds (inherited) of the snapshot's network devices, in device order
+        /// (each clone has its own taps); empty: the snapshot's.
+        #[serde(default)]
+        net_fds: Vec<i32>,
         /// Leave the restored VM paused.
         #[serde(default)]
         paused: bool,
@@ -174,6 +178,7 @@ mod tests {
             serial_log_limits: None,
             vsock_uds: None,
             fs_sockets: vec!["/run/fs0.sock".into()],
+            net_fds: vec![5],
             paused: true,
         };
         let line = r.to_line();

@@ -169,6 +169,7 @@ fn run() -> anyhow::Result<i32> {
             Some(args.serial_log_limits()),
             args.vsock_uds.clone(),
             Vec::new(),
+            Vec::new(),
             args.paused,
         )
         .with_context(|| format!("restoring {}", dir.display()))?

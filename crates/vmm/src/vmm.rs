@@ -320,6 +320,7 @@ impl Vmm {
         serial_log_limits: Option<crate::config::SerialLogLimits>,
         vsock_uds: Option<PathBuf>,
         fs_sockets: Vec<PathBuf>,
+        net_fds: Vec<i32>,
         paused: bool,
     ) -> Result<Self, VmmError> {
         let started = Instant::now();
@@ -344,6 +345,18 @@ impl Vmm {
             }
             for (f, socket) in config.fs.iter_mut().zip(fs_sockets) {
                 f.socket = socket;
+            }
+        }
+        if !net_fds.is_empty() {
+            if net_fds.len() != config.net.len() {
+                return Err(VmmError::InvalidState(
+                    "restore",
+                    "given a different number of tap fds than the snapshot has network devices",
+                ));
+            }
+            for (n, fd) in config.net.iter_mut().zip(net_fds) {
+                n.fd = Some(fd);
+                n.tap = None;
             }
         }
         let mem = if config.fs.is_empty() {
@@ -428,12 +441,6 @@ impl Vmm {
         }
         self.control.request_pause();
         self.kick_vcpus();
-        if !self.config.net.is_empty() {
-            return Err(VmmError::InvalidState(
-                "snapshot",
-                "attached to a host tap (network devices cannot be saved or cloned)",
-            ));
-        }
         if !self.control.wait_paused(self.vcpus.len(), PAUSE_TIMEOUT) {
             self.control.resume();
             return Err(VmmError::PauseTimeout(PAUSE_TIMEOUT));
@@ -454,12 +461,6 @@ impl Vmm {
             return Err(VmmError::InvalidState(
                 "snapshot",
                 "running (pause it first)",
-            ));
-        }
-        if !self.config.net.is_empty() {
-            return Err(VmmError::InvalidState(
-                "snapshot",
-                "attached to a host tap (network devices cannot be saved or cloned)",
             ));
         }
         if !self.control.wait_paused(self.vcpus.len(), PAUSE_TIMEOUT) {
@@ -740,6 +741,7 @@ pub fn serve_until_vm(api: &mut ApiServer) -> Result<Vmm, VmmError> {
                                 serial_log_limits,
                                 vsock_uds,
                                 fs_sockets,
+                                net_fds,
                                 paused,
                             } => Vmm::restore(
                                 &dir,
@@ -747,6 +749,7 @@ pub fn serve_until_vm(api: &mut ApiServer) -> Result<Vmm, VmmError> {
                                 serial_log_limits,
                                 vsock_uds,
                                 fs_sockets,
+                                net_fds,
                                 paused,
                             )
                             .map(Some)

@@ -92,7 +92,8 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
     move |source| NetError::Netlink { what, source }
 }
 
-/// Applies a checked configuration: every interface (found by MAC) is renamed,
+/// Applies a checked configuration: every interface (found by its device MAC) is
+/// renamed, given `set_mac` if there is one,
 /// gets its MTU and addresses and is set up; then routes (link-scope first, so
 /// gateways are reachable) and permanent neighbours are added.
 pub async fn apply(handle: &Handle, net: &Network) -> Result<(), NetError> {
@@ -121,6 +122,10 @@ pub async fn apply(handle: &Handle, net: &Network) -> Result<(), NetError> {
         let mut set = LinkUnspec::new_with_index(index).name(name.clone());
         if let Some(mtu) = iface.mtu {
             set = set.mtu(mtu);
+        }
+        if let Some(mac) = iface.set_mac {
+            // A clone of a template: its device has the template's MAC.
+            set = set.address(mac.0.to_vec());
         }
         handle
             .link()

@@ -141,6 +141,7 @@ pub fn jailer_args(
             serial_log_limits,
             vsock_uds,
             fs_sockets,
+            net_fds,
         } => Start::Restore {
             serial_log_limits,
             // The VMM opens the snapshot's files read-only and maps the memory file
@@ -152,6 +153,13 @@ pub fn jailer_args(
                 .iter()
                 .map(|s| in_run(s))
                 .collect::<Result<_>>()?,
+            net_fds: {
+                for fd in &net_fds {
+                    // The clone's taps, inherited under the same numbers.
+                    a.extend(["--keep-fd".into(), fd.to_string()]);
+                }
+                net_fds
+            },
         },
     };
     a.push("--".into());
@@ -353,11 +361,12 @@ mod tests {
             serial_log_limits: Default::default(),
             vsock_uds: "/run/vessel/sb1/vsock.sock".into(),
             fs_sockets: vec!["/run/vessel/sb1/fs0.sock".into()],
+            net_fds: vec![7],
         })
         .unwrap();
         let (jailer, vmm) = a.split_once(" -- ").unwrap();
         assert!(
-            jailer.ends_with("--ro-bind /var/lib/snap:/snapshot"),
+            jailer.ends_with("--ro-bind /var/lib/snap:/snapshot --keep-fd 7"),
             "{jailer}"
         );
         assert_eq!(vmm, "--api-sock /run/vessel/vmm-api.sock");
@@ -369,6 +378,7 @@ mod tests {
                 serial_log_limits: Default::default(),
                 vsock_uds: "/run/vessel/vsock.sock".into(),
                 fs_sockets: vec!["/run/vessel/fs0.sock".into()],
+                net_fds: vec![7],
             }
         );
     }

@@ -101,7 +101,9 @@ impl Builtin {
                 })
                 .collect(),
             rng: true,
-            balloon_mib: None,
+            // No inflation, only free page reporting: what an idle guest frees
+            // goes back to the host (docs/snapshots.md).
+            balloon_mib: Some(0),
             pvm_quirks: Default::default(),
         })
     }
@@ -120,6 +122,8 @@ pub enum Start {
         serial_log_limits: vmm_api::SerialLogLimits,
         vsock_uds: PathBuf,
         fs_sockets: Vec<PathBuf>,
+        /// The clone's taps, by the fd numbers vessel-vmm inherits.
+        net_fds: Vec<i32>,
     },
 }
 
@@ -137,12 +141,14 @@ impl Start {
                 serial_log_limits,
                 vsock_uds,
                 fs_sockets,
+                net_fds,
             } => vec![vmm_api::Request::Restore {
                 dir,
                 serial_log: Some(serial_log),
                 serial_log_limits: Some(serial_log_limits),
                 vsock_uds: Some(vsock_uds),
                 fs_sockets,
+                net_fds,
                 paused: false,
             }],
         }
@@ -200,13 +206,6 @@ impl Hypervisor for Builtin {
     }
 
     async fn restore(&self, dir: &Path, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
-        if !cfg.nics.is_empty() {
-            return Err(Error::Unsupported {
-                backend: "builtin",
-                operation:
-                    "restoring a snapshot with network devices (their taps belong to one sandbox)",
-            });
-        }
         let info = SnapshotInfo::load(dir)?;
         info.check_matches(self.name(), cfg)?;
         if !dir.join("state.json").is_file() {
@@ -233,6 +232,8 @@ impl Hypervisor for Builtin {
             fs_sockets: (0..cfg.shared_dirs.len())
                 .map(|i| crate::virtiofs::socket(&cfg.run_dir, i))
                 .collect(),
+            // Inherited at their own numbers (start_vmm), as at boot.
+            net_fds: crate::nic::tap_fds(&cfg.nics),
         };
         let child = match self.start_vmm(cfg, start, "vessel-vmm (restoring)").await {
             Ok(c) => c,
@@ -357,16 +358,14 @@ const VMM_LOG: &str = "vmm.log";
 /// How long vessel-vmm (or the jailer) may take to create its API socket.
 const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// vessel-vmm snapshots VMs without network devices. Its virtio-fs devices are
-/// saved with their ring state and reconnect to the clone's own virtiofsd, which
-/// is sound only while the guest has mounted none of them (no FUSE session to
-/// carry over): snapshot before any container exists, as templates do.
+/// vessel-vmm snapshots every VM it runs. Its virtio-fs devices are saved with
+/// their ring state and reconnect to the clone's own virtiofsd, which is sound
+/// only while the guest has mounted none of them (no FUSE session to carry
+/// over); its network devices are attached to the clone's own taps, and keep
+/// the snapshot VM's MAC until the agent is told the clone's. Snapshot before
+/// any container exists, as templates do.
 fn snapshottable(cfg: &VmConfig) -> crate::process_vm::Snapshottable {
-    if !cfg.nics.is_empty() {
-        Err("snapshot of a VM with network devices (their taps belong to one sandbox)")
-    } else {
-        Ok(SnapshotInfo::of("builtin", Accelerator::Kvm, cfg))
-    }
+    Ok(SnapshotInfo::of("builtin", Accelerator::Kvm, cfg))
 }
 
 #[cfg(test)]
@@ -428,7 +427,7 @@ mod tests {
     }
 
     #[test]
-    fn taps_go_by_inherited_fd_and_block_snapshots() {
+    fn taps_go_by_inherited_fd_and_snapshots_record_their_macs() {
         let fd = std::sync::Arc::new(std::os::fd::OwnedFd::from(
             std::fs::File::open("/dev/null").unwrap(),
         ));
@@ -452,7 +451,8 @@ mod tests {
                 mtu: Some(1400),
             }]
         );
-        let e = snapshottable(&cfg).unwrap_err();
-        assert!(e.contains("network devices"), "{e}");
+        // Snapshots record the NICs' MACs: a clone's guest finds its devices by them.
+        let info = snapshottable(&cfg).unwrap();
+        assert_eq!(info.nics, vec![[2, 0, 0, 0, 0, 0x0a]]);
     }
 }

@@ -79,6 +79,12 @@ impl PodNetwork for NetnsNetwork {
         self.save_record()
     }
 
+    fn restored(&mut self, device_macs: Vec<[u8; 6]>) {
+        if let Some(w) = self.wiring.as_mut() {
+            w.set_device_macs(device_macs);
+        }
+    }
+
     async fn configure(&mut self, agent: &AgentClient) -> pod::Result<()> {
         match &self.wiring {
             Some(w) if !w.guest_network().interfaces.is_empty() => {

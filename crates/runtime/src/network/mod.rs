@@ -174,6 +174,9 @@ pub struct PodNetwork {
     endpoints: Vec<Endpoint>,
     spare: Option<Spare>,
     guest: Network,
+    /// The MACs the VM's NICs have, in NIC order, where they are not the
+    /// endpoints' (a VM restored from a template); empty: the endpoints'.
+    device_macs: Vec<[u8; 6]>,
 }
 
 impl std::fmt::Debug for PodNetwork {
@@ -233,6 +236,7 @@ impl PodNetwork {
             endpoints: Vec::new(),
             spare: None,
             guest: Network::default(),
+            device_macs: Vec::new(),
         };
         match net.attach_in().await {
             Ok(()) => Ok(net),
@@ -360,10 +364,39 @@ impl PodNetwork {
 
     async fn read_checked_guest_network(&mut self) -> Result<(), NetError> {
         self.guest = self.read_guest_network().await?;
+        self.remap_device_macs();
         self.guest.validate().map_err(|source| NetError::Config {
             netns: self.netns.clone(),
             source,
         })
+    }
+
+    /// The VM's NICs have `macs` (in NIC order: the endpoints', then the
+    /// spare's), a template's: the guest network finds each device by its
+    /// MAC and gives it the endpoint's.
+    pub fn set_device_macs(&mut self, macs: Vec<[u8; 6]>) {
+        self.device_macs = macs;
+        self.remap_device_macs();
+    }
+
+    fn remap_device_macs(&mut self) {
+        for (k, ep) in self.endpoints.iter().enumerate() {
+            let Some(&device) = self.device_macs.get(k) else {
+                continue;
+            };
+            let wanted = Mac(ep.guest_mac);
+            if let Some(i) = self
+                .guest
+                .interfaces
+                .iter_mut()
+                .find(|i| i.set_mac.unwrap_or(i.mac) == wanted)
+            {
+                if Mac(device) != wanted {
+                    i.mac = Mac(device);
+                    i.set_mac = Some(wanted);
+                }
+            }
+        }
     }
 
     /// An empty namespace at boot: a tap that the VM gets as a NIC, for the
@@ -496,6 +529,7 @@ impl PodNetwork {
             net.interfaces.push(Interface {
                 name: ep.link.name.clone(),
                 mac: Mac(ep.guest_mac),
+                set_mac: None,
                 mtu: ep.link.mtu,
                 addresses,
             });

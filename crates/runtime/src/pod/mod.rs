@@ -114,6 +114,10 @@ pub enum PodEvent {
 #[async_trait]
 pub trait PodNetwork: Send + Sync {
     async fn attach(&mut self, vm: &mut SandboxSpec) -> Result<()>;
+    /// The VM was restored from a template: its NICs have these device MACs
+    /// (the template's), in NIC order; the guest network must find them by
+    /// them and give the devices the sandbox's own MACs.
+    fn restored(&mut self, _device_macs: Vec<[u8; 6]>) {}
     /// Gives the guest its side of the network.
     async fn configure(&mut self, _agent: &AgentClient) -> Result<()> {
         Ok(())
@@ -461,6 +465,9 @@ impl Pod {
             n.attach(&mut vm).await?;
         }
         let sandbox = Sandbox::start(config, hv, vm).await?;
+        if let (Some(n), Some(macs)) = (network.as_deref_mut(), sandbox.device_macs()) {
+            n.restored(macs.to_vec());
+        }
         let ready = if !matches!(
             sandbox.vm().agent_endpoint(),
             AgentEndpoint::HybridVsock { .. }

@@ -34,10 +34,22 @@ pub(super) fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> u64 {
     if !(host as usize).is_multiple_of(4096) {
         return 0;
     }
+    // Guest memory in a shared memfd (VMs with vhost-user devices) keeps its pages in the
+    // memfd: MADV_DONTNEED would only unmap them. MADV_REMOVE frees them (the guest then
+    // reads zeros); it fails on private mappings, which MADV_DONTNEED frees.
+    let shared = region.file_offset().is_some();
     // SAFETY: `host..host+len` lies inside one guest memory mapping owned by `mem` (checked
-    // above). MADV_DONTNEED only drops the pages' contents; the mapping stays valid and the
-    // guest sees zero (anonymous) or snapshot (file) pages on its next access.
-    let ret = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+    // above). MADV_REMOVE and MADV_DONTNEED only drop the pages' contents; the mapping
+    // stays valid and the guest sees zero (anonymous, memfd) or snapshot (private file)
+    // pages on its next access.
+    let removed =
+        shared && unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_REMOVE) } == 0;
+    let ret = if removed {
+        0
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) }
+    };
     if ret == 0 {
         len
     } else {
@@ -129,6 +141,38 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(PAGE_B + 8192)).unwrap(), 0);
         assert_eq!(dev.control.reported_bytes.load(Ordering::SeqCst), 16384);
         assert_eq!(report.used_idx(), 1);
+    }
+
+    /// Guest memory in a shared memfd (VMs with virtio-fs): a reported range must
+    /// leave the memfd, not just the VMM's page tables.
+    #[test]
+    fn reported_pages_leave_a_shared_memfd() {
+        use std::os::unix::fs::MetadataExt;
+        let mem = crate::vstate::memory::create_shared(16).unwrap();
+        let blocks = |mem: &GuestMemoryMmap| {
+            let r = mem.find_region(GuestAddress(0)).unwrap();
+            r.file_offset().unwrap().file().metadata().unwrap().blocks()
+        };
+        let before = blocks(&mem);
+        for off in (0..(1 << 20)).step_by(4096) {
+            mem.write_obj(1u8, GuestAddress(PAGE_B + off)).unwrap();
+        }
+        let filled = blocks(&mem);
+        assert!(filled >= before + 2048, "{before} -> {filled} blocks");
+        let mut dev = Balloon::new(0);
+        let inflate = VirtQ::new(&mem, 0x1000, 16);
+        let deflate = VirtQ::new(&mem, 0x4000, 16);
+        let report = VirtQ::new(&mem, 0x7000, 16);
+        let (ctx, _e) = activate_ctx(&mem, vec![inflate.queue(), deflate.queue(), report.queue()]);
+        dev.activate(0, ctx).unwrap();
+        report.desc(0, PAGE_B, 1 << 20, F_WRITE, 0);
+        report.publish(0);
+        dev.process_queue(REPORTQ);
+        assert_eq!(dev.control.reported_bytes.load(Ordering::SeqCst), 1 << 20);
+        // The 1 MiB (2048 blocks) left the memfd; the rings set up since take a few.
+        let after = blocks(&mem);
+        assert!(after + 2048 <= filled + 64, "{filled} -> {after} blocks");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(PAGE_B + 4096)).unwrap(), 0);
     }
 
     #[test]

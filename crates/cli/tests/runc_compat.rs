@@ -152,6 +152,20 @@ fn exec_tty_without_console_socket_is_interactive_on_the_callers_terminal() {
     assert!(out.contains("hi-42"), "{out:?}");
     assert_eq!(code, Some(3), "{out:?}");
     assert!(pty.canonical(), "caller's terminal left in raw mode");
+    // runc's tty.bats "exec -t ... --user": the pty is the process user's
+    // from its first instruction (the agent hands it over as the exec starts).
+    let mut cmd = e.cmd();
+    cmd.args(["exec", "-t", "--user", "1000:1000", "xt"]).args([
+        "stat",
+        "-L",
+        "-c",
+        "owner=%u:%g",
+        "/proc/self/fd/0",
+    ]);
+    let mut child = pty.spawn(cmd);
+    assert_eq!(exit_code(&mut child), Some(0));
+    let out = reader.until("owner=1000:5", T);
+    assert!(out.contains("owner=1000:5"), "{out:?}");
     let o = e.run(&["delete", "--force", "xt"]);
     assert!(o.status.success(), "{}", text(&o));
     e.assert_clean("xt");

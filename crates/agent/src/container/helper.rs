@@ -18,6 +18,7 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use serde::{Deserialize, Serialize};
 
+use super::executor::{self, VesselExecutor};
 use crate::reaper::Reaper;
 use crate::stdio::ChildStdio;
 
@@ -29,8 +30,12 @@ pub const HELPER_ARG: &str = "--libcontainer-helper";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum HelperOp {
-    /// Create a container from `<bundle>/config.json`.
-    Create { bundle: PathBuf },
+    /// Create a container from `<bundle>/config.json`; its init runs the
+    /// `startContainer` hooks before the payload (see [`super::executor`]).
+    Create {
+        bundle: PathBuf,
+        start_hooks: Vec<oci_spec::runtime::Hook>,
+    },
     /// Run the process in `process_json` in the running container.
     Exec { process_json: PathBuf },
     /// Remount `path` read-only in the mount namespace of process `pid`
@@ -52,6 +57,9 @@ pub struct HelperRequest {
     /// whether to include debug lines.
     pub log: Option<PathBuf>,
     pub debug: bool,
+    /// Whether the helper has the write end of a start report pipe at
+    /// [`executor::REPORT_FD`] for the container's init.
+    pub report: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -61,16 +69,43 @@ enum HelperResult {
 }
 
 /// Runs the helper for `req` and returns the pid of the created process.
-pub async fn run(reaper: &Reaper, req: &HelperRequest, stdio: ChildStdio) -> Result<i32, String> {
+/// `report`: the write end of the start report pipe, given to the helper at
+/// [`executor::REPORT_FD`] (`req.report` must say so).
+pub async fn run(
+    reaper: &Reaper,
+    req: &HelperRequest,
+    stdio: ChildStdio,
+    report: Option<&OwnedFd>,
+) -> Result<i32, String> {
     let arg = serde_json::to_string(req).map_err(|e| format!("encode helper request: {e}"))?;
     let _ = std::fs::remove_file(&req.result);
     let to_stdio = |fd: Option<OwnedFd>| fd.map_or_else(Stdio::null, Stdio::from);
-    let child = Command::new("/proc/self/exe")
-        .arg(HELPER_ARG)
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg(HELPER_ARG)
         .arg(arg)
         .stdin(to_stdio(stdio.stdin))
         .stdout(to_stdio(stdio.stdout))
-        .stderr(to_stdio(stdio.stderr))
+        .stderr(to_stdio(stdio.stderr));
+    if let Some(fd) = report {
+        let fd = fd.as_raw_fd();
+        // SAFETY: between fork and exec only dup2/fcntl, which are
+        // async-signal-safe; `fd` stays open in the agent until spawn returns.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let target = executor::REPORT_FD;
+                let rc = if fd == target {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, target)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = cmd
         .spawn()
         .map_err(|e| format!("start libcontainer helper: {e}"))?;
     // The reaper keeps statuses of pids nobody subscribed to yet.
@@ -116,6 +151,12 @@ pub fn main(arg: &str) -> ExitCode {
     };
     if let Some(path) = &req.log {
         init_tracing(path, req.debug);
+    }
+    if req.report {
+        // Inherited by the container's init (a fork), closed by its exec
+        // and by the hooks' exec.
+        // SAFETY: fcntl on the fd the agent passed us; no memory involved.
+        unsafe { libc::fcntl(executor::REPORT_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     // Opened first: an operation may leave the agent's mount namespace.
     let Ok(mut out) = std::fs::File::create(&req.result) else {
@@ -167,8 +208,18 @@ fn build(req: &HelperRequest) -> Result<i32, String> {
         .map_err(|e| format!("libcontainer root {}: {e}", req.root.display()))?
         .with_console_socket(req.console_socket.as_deref());
     match &req.op {
-        HelperOp::Create { bundle } => {
+        HelperOp::Create {
+            bundle,
+            start_hooks,
+        } => {
+            let executor = VesselExecutor::new(
+                req.container_id.clone(),
+                bundle.clone(),
+                start_hooks.clone(),
+                req.report.then_some(executor::REPORT_FD),
+            );
             let container = builder
+                .with_executor(executor)
                 .validate_id()
                 .map_err(|e| format!("container id {:?}: {e}", req.container_id))?
                 .as_init(bundle)
@@ -184,6 +235,12 @@ fn build(req: &HelperRequest) -> Result<i32, String> {
         }
         HelperOp::RemountReadOnly { pid, path } => remount_read_only(*pid, path).map(|()| 0),
         HelperOp::Exec { process_json } => builder
+            .with_executor(VesselExecutor::new(
+                req.container_id.clone(),
+                PathBuf::new(),
+                Vec::new(),
+                None,
+            ))
             .as_tenant()
             .with_detach(true)
             .as_sibling(true)

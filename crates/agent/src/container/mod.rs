@@ -7,13 +7,15 @@
 //! and exit status, and the storages it mounted.
 
 pub mod cgroup;
+pub mod executor;
 pub mod helper;
 pub mod resources;
+pub mod seccomp;
 pub mod spec;
 pub mod storage;
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +39,9 @@ static NEXT_SPAWN: AtomicU64 = AtomicU64::new(0);
 
 /// How long a forced removal waits for the init process to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `start` waits for the startContainer hooks (and the exec) of a
+/// container that has some; a hook still running then is left to run.
+const START_REPORT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why a container operation failed. Each maps to a ttrpc status code.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -161,6 +166,8 @@ struct Container {
     init: Arc<Process>,
     execs: HashMap<String, Arc<Process>>,
     storages: Vec<PathBuf>,
+    /// Read end of the start report pipe (see [`executor`]), until start.
+    start_report: Option<OwnedFd>,
 }
 
 /// All containers of this guest.
@@ -225,7 +232,11 @@ impl Containers {
     ) -> Result<i32, ContainerError> {
         check_id(id)?;
         let sandbox_pid = sandbox.map(|s| self.sandbox_pid(s)).transpose()?;
-        let spec::GuestSpec { spec, net_sysctls } = spec::guest_spec(spec_json, id, sandbox_pid)?;
+        let spec::GuestSpec {
+            spec,
+            net_sysctls,
+            start_hooks,
+        } = spec::guest_spec(spec_json, id, sandbox_pid)?;
         {
             let map = lock(&self.map);
             if map.contains_key(id) || !lock(&self.creating).insert(id.to_string()) {
@@ -242,11 +253,11 @@ impl Containers {
         }
         let mut mounted = Vec::new();
         let res = self
-            .create_inner(id, &spec, storages, stdio, &mut mounted)
+            .create_inner(id, &spec, start_hooks, storages, stdio, &mut mounted)
             .await;
         lock(&self.creating).remove(id);
         match res {
-            Ok(process) => {
+            Ok((process, start_report)) => {
                 let pid = process.pid;
                 lock(&self.map).insert(
                     id.to_string(),
@@ -254,6 +265,7 @@ impl Containers {
                         init: Arc::new(process),
                         execs: HashMap::new(),
                         storages: mounted,
+                        start_report,
                     },
                 );
                 Ok(pid)
@@ -272,14 +284,17 @@ impl Containers {
         }
     }
 
+    /// Returns init and, with startContainer hooks, the read end of the
+    /// pipe their failure is reported on.
     async fn create_inner(
         &self,
         id: &str,
         spec: &oci_spec::runtime::Spec,
+        start_hooks: Vec<oci_spec::runtime::Hook>,
         storages: &[Storage],
         stdio: &StdioConfig,
         mounted: &mut Vec<PathBuf>,
-    ) -> Result<Process, ContainerError> {
+    ) -> Result<(Process, Option<OwnedFd>), ContainerError> {
         for s in storages {
             let target = lock(&self.mounts).acquire(s)?;
             mounted.push(target);
@@ -303,14 +318,26 @@ impl Containers {
                 ns.iter()
                     .any(|n| n.typ() == LinuxNamespaceType::Pid && n.path().is_none())
             });
+        let (report_rd, report_wr) = if start_hooks.is_empty() {
+            (None, None)
+        } else {
+            let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| io_err("create the start report pipe")(e.into()))?;
+            (Some(rd), Some(wr))
+        };
+        let op = HelperOp::Create {
+            bundle,
+            start_hooks,
+        };
         let process = self
             .spawn(
                 id,
-                HelperOp::Create { bundle },
+                op,
                 "init",
                 tty,
                 stdio,
                 (!own_pid_ns).then(|| id.to_string()),
+                report_wr,
             )
             .await?;
         if spec::dev_read_only(spec) {
@@ -327,7 +354,7 @@ impl Containers {
                 return Err(ContainerError::Failed(format!("read-only /dev: {e}")));
             }
         }
-        Ok(process)
+        Ok((process, report_rd))
     }
 
     /// Runs a helper operation that starts no process.
@@ -341,11 +368,15 @@ impl Containers {
             result: self.work.join("console").join(format!("{n}.result")),
             log: (std::process::id() == 1).then(|| "/dev/console".into()),
             debug: log::max_level() >= log::LevelFilter::Debug,
+            report: false,
         };
-        helper::run(&self.reaper, &req, ChildStdio::default()).await
+        helper::run(&self.reaper, &req, ChildStdio::default(), None).await
     }
 
     /// Runs the helper and wires the new process's stdio (`tty`: a terminal).
+    /// `report`: the write end of a start report pipe for the helper (closed
+    /// here once the helper has run).
+    #[allow(clippy::too_many_arguments)]
     async fn spawn(
         &self,
         id: &str,
@@ -354,6 +385,7 @@ impl Containers {
         tty: Option<Tty>,
         stdio: &StdioConfig,
         kill_rest_of: Option<String>,
+        report: Option<OwnedFd>,
     ) -> Result<Process, ContainerError> {
         let io_err = |what: String| move |e| ContainerError::Io(what, e);
         let console_dir = self.work.join("console");
@@ -383,8 +415,10 @@ impl Containers {
             // PID 1's console is the guest console the host captures.
             log: (std::process::id() == 1).then(|| "/dev/console".into()),
             debug: log::max_level() >= log::LevelFilter::Debug,
+            report: report.is_some(),
         };
-        let pid = helper::run(&self.reaper, &req, child).await;
+        let pid = helper::run(&self.reaper, &req, child, report.as_ref()).await;
+        drop(report);
         let io = match (pid.is_ok(), io, console) {
             (_, Some(io), _) => Ok(io),
             (true, None, Some(listener)) => {
@@ -406,11 +440,28 @@ impl Containers {
         Ok(Process::new(pid, io, &self.reaper, kill_rest_of))
     }
 
-    /// Starts a created container.
+    /// Starts a created container. With startContainer hooks, waits until
+    /// they ran: a failed one fails the start with its reason, as with runc.
     pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
         let _flip = self.status_flip.lock().await;
         self.init(id)?;
-        self.libcontainer(id, |c| c.start()).await
+        let report = lock(&self.map)
+            .get_mut(id)
+            .and_then(|c| c.start_report.take());
+        self.libcontainer(id, |c| c.start()).await?;
+        let Some(report) = report else {
+            return Ok(());
+        };
+        let read = tokio::task::spawn_blocking(move || read_report(report, START_REPORT_TIMEOUT));
+        match read.await {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(msg))) => Err(ContainerError::Failed(msg)),
+            Ok(Err(e)) => {
+                log::warn!("container {id}: start report: {e}");
+                Ok(())
+            }
+            Err(e) => Err(ContainerError::Failed(format!("start report task: {e}"))),
+        }
     }
 
     /// Sets libcontainer's recorded status of container `id`.
@@ -477,6 +528,7 @@ impl Containers {
                 &format!("exec-{exec_id}"),
                 Tty::of(&process),
                 stdio,
+                None,
                 None,
             )
             .await;
@@ -694,6 +746,45 @@ impl cgroup::Watched for Containers {
     fn container_ids(&self) -> Vec<String> {
         self.ids()
     }
+}
+
+/// Reads a start report pipe until end of file (the payload runs, or init
+/// died) or `timeout`: the hook's error, if one was written.
+fn read_report(fd: OwnedFd, timeout: Duration) -> std::io::Result<Option<String>> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut file = std::fs::File::from(fd);
+    let mut msg = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the startContainer hooks still run after {timeout:?}"),
+            ));
+        }
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, ms)? == 0 {
+            continue;
+        }
+        let mut buf = [0u8; 1024];
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        if msg.len() < executor::REPORT_CAP {
+            msg.extend_from_slice(&buf[..n]);
+        }
+    }
+    msg.truncate(executor::REPORT_CAP);
+    Ok((!msg.is_empty()).then(|| String::from_utf8_lossy(&msg).into_owned()))
 }
 
 /// A terminal process's pty settings.

@@ -32,8 +32,10 @@ const SHARED_WITH_SANDBOX: [(LinuxNamespaceType, &str); 3] = [
 ];
 
 /// Parses and rewrites a spec for the guest:
-/// - hooks are dropped but `startContainer` (run in the container, so in the
-///   guest); the other hooks run on the host;
+/// - hooks are dropped; `startContainer` ones (run in the container, so in the
+///   guest) move to [`GuestSpec::start_hooks`]; the other hooks run on the host;
+/// - a seccomp profile answers ENOSYS to syscalls newer than it names
+///   ([`super::seccomp::add_enosys_rules`]), as runc's does;
 /// - the network namespace is dropped: the VM is the pod's network namespace;
 /// - namespace paths name host files. With `sandbox_pid` (the guest pid of the
 ///   pod's sandbox container), an ipc, uts or pid entry with a path joins that
@@ -64,19 +66,16 @@ pub fn guest_spec(
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(SpecError::NoArgs);
     }
-    // startContainer hooks run in the container's namespaces (libcontainer
-    // runs them in the container's init before it executes the process): that
-    // is inside the VM. Every other kind runs on the host.
-    let start_container = spec
+    // startContainer hooks run in the container's namespaces, that is inside
+    // the VM: the agent's executor runs them in the container's init before
+    // it executes the process (see `executor`), not libcontainer, which could
+    // not report their failure. Every other kind runs on the host.
+    let start_hooks = spec
         .hooks()
         .as_ref()
         .and_then(|h| h.start_container().clone())
-        .filter(|h| !h.is_empty());
-    spec.set_hooks(start_container.map(|hooks| {
-        let mut h = oci_spec::runtime::Hooks::default();
-        h.set_start_container(Some(hooks));
-        h
-    }));
+        .unwrap_or_default();
+    spec.set_hooks(None);
     if let Some(process) = spec.process_mut() {
         guest_process(process);
     }
@@ -116,6 +115,12 @@ pub fn guest_spec(
         linux.set_cgroups_path(Some(cgroup_path(container_id).into()));
     }
     sysfs_bind_in_user_namespace(&mut spec);
+    let enosys = super::seccomp::add_enosys_rules(&mut spec);
+    if enosys > 0 {
+        log::debug!(
+            "container {container_id}: ENOSYS for {enosys} syscalls newer than its seccomp profile"
+        );
+    }
     let mut net_sysctls = Vec::new();
     if let Some(sysctls) = spec
         .linux_mut()
@@ -137,7 +142,11 @@ pub fn guest_spec(
         }
     }
     net_sysctls.sort();
-    Ok(GuestSpec { spec, net_sysctls })
+    Ok(GuestSpec {
+        spec,
+        net_sysctls,
+        start_hooks,
+    })
 }
 
 /// With a user namespace, a `sysfs` mount becomes a read-only rbind of the
@@ -179,6 +188,8 @@ pub struct GuestSpec {
     pub spec: Spec,
     /// `net.*` sysctls (key, value) for the VM's network namespace.
     pub net_sysctls: Vec<(String, String)>,
+    /// The `startContainer` hooks, for the agent's executor.
+    pub start_hooks: Vec<oci_spec::runtime::Hook>,
 }
 
 /// Sets a sysctl of the agent's (the VM's) namespaces.
@@ -299,7 +310,11 @@ mod tests {
 
     #[test]
     fn rewrites_for_guest() {
-        let GuestSpec { spec, net_sysctls } = guest_spec(SPEC.as_bytes(), "c1", None).unwrap();
+        let GuestSpec {
+            spec,
+            net_sysctls,
+            start_hooks,
+        } = guest_spec(SPEC.as_bytes(), "c1", None).unwrap();
         assert_eq!(
             net_sysctls,
             [(
@@ -310,10 +325,10 @@ mod tests {
         let sysctl = spec.linux().as_ref().unwrap().sysctl().as_ref().unwrap();
         assert_eq!(sysctl.len(), 1);
         assert_eq!(sysctl["kernel.msgmax"], "4096");
-        let hooks = spec.hooks().as_ref().expect("startContainer kept");
-        assert!(hooks.prestart().is_none());
-        let start = hooks.start_container().as_ref().unwrap();
-        assert_eq!(start[0].path(), std::path::Path::new("/bin/sh"));
+        // No hooks for libcontainer; startContainer ones for the executor.
+        assert!(spec.hooks().is_none());
+        assert_eq!(start_hooks.len(), 1);
+        assert_eq!(start_hooks[0].path(), std::path::Path::new("/bin/sh"));
         let process = spec.process().as_ref().unwrap();
         assert!(process.apparmor_profile().is_none());
         assert!(process.selinux_label().is_none());

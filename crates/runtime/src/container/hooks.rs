@@ -11,15 +11,22 @@ use super::{ContainerError, Result};
 /// Runs every hook of `kind` (`prestart`, `createRuntime`, `poststart`,
 /// `poststop`, ...) in order; the first failure stops the rest.
 pub fn run(spec: &Value, kind: &str, state: &Value) -> Result<()> {
-    for hook in spec["hooks"][kind].as_array().into_iter().flatten() {
-        run_one(hook, state)?;
+    for (index, hook) in spec["hooks"][kind]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        run_one(kind, index, hook, state)?;
     }
     Ok(())
 }
 
-fn run_one(hook: &Value, state: &Value) -> Result<()> {
+fn run_one(kind: &str, index: usize, hook: &Value, state: &Value) -> Result<()> {
     let path = hook["path"].as_str().unwrap_or_default();
     let err = |reason: String| ContainerError::Hook {
+        kind: kind.to_string(),
+        index,
         path: path.to_string(),
         reason,
     };
@@ -73,7 +80,10 @@ fn run_one(hook: &Value, state: &Value) -> Result<()> {
     if let Some(mut e) = child.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
     }
-    Err(err(format!("{status}: {}", stderr.trim())))
+    match stderr.trim() {
+        "" => Err(err(status.to_string())),
+        text => Err(err(format!("{status}: {text}"))),
+    }
 }
 
 #[cfg(test)]
@@ -90,7 +100,22 @@ mod tests {
         let state = serde_json::json!({"id": "c1"});
         run(&spec, "poststop", &state).unwrap();
         assert_eq!(std::fs::read_to_string(&out).unwrap(), r#"{"id":"c1"}"#);
-        assert!(run(&spec, "prestart", &state).is_err());
+        assert_eq!(
+            run(&spec, "prestart", &state).unwrap_err().to_string(),
+            "error running prestart hook #0 (/bin/false): exit status: 1"
+        );
         run(&spec, "poststart", &state).unwrap();
+        // A hook killed by a signal fails with the signal named.
+        let killed = serde_json::json!({"hooks": {"createRuntime": [
+            {"path": "/bin/true"},
+            {"path": "/bin/sh", "args": ["sh", "-c", "kill -SYS $$"]},
+        ]}});
+        let e = run(&killed, "createRuntime", &state)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("error running createRuntime hook #1 (/bin/sh): signal: 31 (SIGSYS)"),
+            "{e}"
+        );
     }
 }

@@ -78,8 +78,13 @@ pub enum ContainerError {
     Pod(#[source] Box<crate::pod::PodError>),
     /// supervisor: {0}
     Supervisor(String),
-    /// hook {path}: {reason}
-    Hook { path: String, reason: String },
+    /// error running {kind} hook #{index} ({path}): {reason}
+    Hook {
+        kind: String,
+        index: usize,
+        path: String,
+        reason: String,
+    },
     /// container {id} does not run on the vsock channel; set channel = "vsock"
     NeedsVsock { id: String },
     /// network: {0}

@@ -463,6 +463,16 @@ fn kill_0_events_interval_ps_keep_state_list_and_debug_like_runc() {
         String::from_utf8_lossy(&o.stdout).lines().next(),
         Some("PID")
     );
+    // runc's ps.bats "ps -e -x" style: options go to a ps, here the
+    // container's own (busybox's has -o, not -x).
+    let o = e.run(&["ps", "k0", "-o", "pid,comm"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with("PID") && out.contains("sleep"),
+        "{}",
+        text(&o)
+    );
     // ps on a stopped container: no processes, no error.
     assert!(e.run(&["kill", "k0", "KILL"]).status.success());
     e.wait_status("k0", "stopped", T);

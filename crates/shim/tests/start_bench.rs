@@ -145,6 +145,11 @@ async fn bench_start() {
         .unwrap_or("hypervisor = auto")
         .to_string();
     println!("bench-start: {hv}; templates: {templates}; {runs} runs of each, interleaved");
+    if !templates.starts_with("on") {
+        println!(
+            "  templates are not available here: both columns boot cold (their ratio is noise)"
+        );
+    }
     let b = bundle(&work.join("true"), &["true"]);
     let idle = bundle(&work.join("idle"), &["sleep", "100000"]);
     let mut rt = connect(&c.sock).await;

@@ -493,7 +493,11 @@ impl Vmm {
             devices,
         };
         std::fs::create_dir_all(dir).map_err(|e| VmmError::Setup("snapshot dir", e))?;
-        memory::save(&self.mem, &snapshot::memory_path(dir))?;
+        memory::save(
+            &self.mem,
+            &snapshot::memory_path(dir),
+            !self.config.fs.is_empty(),
+        )?;
         snapshot::write_state(dir, &snap)?;
         Ok(())
     }

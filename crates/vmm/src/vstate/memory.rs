@@ -8,8 +8,8 @@ use std::path::Path;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
 };
 
 use crate::arch::layout;
@@ -150,8 +150,13 @@ pub fn size(mem: &GuestMemoryMmap) -> u64 {
 }
 
 /// Writes all regions back to back into `path`, leaving holes for zero pages so that the
-/// file stays sparse.
-pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<(), MemoryError> {
+/// file stays sparse. With `shared_memfd` (guest memory made by [`create_shared`] or
+/// [`restore_shared`]) only the memfd's data extents are read: a page the guest never
+/// touched, or that free page reporting removed, is a hole there, so the cost follows
+/// what the guest uses, not its RAM size. Other memory (anonymous, or a snapshot mapped
+/// privately, whose untouched pages are the file's) is read page by page.
+pub fn save(mem: &GuestMemoryMmap, path: &Path, shared_memfd: bool) -> Result<(), MemoryError> {
+    use std::os::unix::io::AsRawFd;
     let name = path.display().to_string();
     let err = |e| MemoryError::File(name.clone(), e);
     let mut file = OpenOptions::new()
@@ -161,28 +166,77 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<(), MemoryError> {
         .open(path)
         .map_err(err)?;
     const PAGE: usize = 4096;
-    let mut page = [0u8; PAGE];
     let mut offset = 0u64;
     for region in mem.iter() {
-        let mut pos = 0u64;
-        while pos < region.len() {
-            let n = PAGE.min((region.len() - pos) as usize);
-            let addr = region.start_addr().unchecked_add(pos);
-            let slice = mem
-                .get_slice(addr, n)
-                .map_err(|e| err(std::io::Error::other(e.to_string())))?;
-            slice.copy_to(&mut page[..n]);
-            if page[..n].iter().any(|b| *b != 0) {
-                file.seek(SeekFrom::Start(offset + pos)).map_err(err)?;
-                file.write_all(&page[..n]).map_err(err)?;
+        let base = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        let len = region.len() as usize;
+        // The byte ranges of the region to read: its memfd's data extents, or all of it.
+        let mut ranges = Vec::new();
+        match region.file_offset().filter(|_| shared_memfd) {
+            Some(fo) => {
+                let fd = fo.file().as_raw_fd();
+                let start = fo.start();
+                let end = start + len as u64;
+                let mut pos = start;
+                while pos < end {
+                    // SAFETY: lseek on an fd the region owns; only returns offsets.
+                    let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+                    if data < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.raw_os_error() == Some(libc::ENXIO) {
+                            break;
+                        }
+                        return Err(err(e));
+                    }
+                    let data = data as u64;
+                    if data >= end {
+                        break;
+                    }
+                    // SAFETY: as above.
+                    let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+                    if hole < 0 {
+                        return Err(err(std::io::Error::last_os_error()));
+                    }
+                    let hole = (hole as u64).min(end);
+                    ranges.push(((data - start) as usize, (hole - start) as usize));
+                    pos = hole;
+                }
             }
-            pos += n as u64;
+            None => ranges.push((0, len)),
+        }
+        for (from, to) in ranges {
+            let mut at = from - from % PAGE;
+            while at < to {
+                let m = PAGE.min(len - at);
+                // SAFETY: `base + at .. + m` lies inside this region's mapping, which
+                // `mem` keeps alive; the vCPUs are paused for a snapshot, so the guest
+                // does not write it meanwhile.
+                let page = unsafe { std::slice::from_raw_parts(base.add(at), m) };
+                if !is_zero(page) {
+                    file.seek(SeekFrom::Start(offset + at as u64)).map_err(err)?;
+                    file.write_all(page).map_err(err)?;
+                }
+                at += m;
+            }
         }
         offset += region.len();
     }
     file.set_len(offset).map_err(err)?;
     file.sync_all().map_err(err)?;
     Ok(())
+}
+
+/// Whether `page` is all zero bytes (by 8-byte words: this runs over every
+/// resident page of a snapshot).
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any byte pattern is a valid u64; align_to only reinterprets
+        // the aligned middle part.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
 }
 
 /// Maps a memory file written by [`save`] privately (copy-on-write) at the layout for
@@ -230,7 +284,7 @@ mod tests {
         mem.write_obj(7u8, GuestAddress((16 << 20) - 1)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mem");
-        save(&mem, &path).unwrap();
+        save(&mem, &path, false).unwrap();
         let a = restore(&path, 16 << 20).unwrap();
         let b = restore(&path, 16 << 20).unwrap();
         assert_eq!(
@@ -260,7 +314,7 @@ mod tests {
         mem.write_obj(7u8, GuestAddress((16 << 20) - 1)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mem");
-        save(&mem, &path).unwrap();
+        save(&mem, &path, true).unwrap();
         let a = restore_shared(&path, 16 << 20).unwrap();
         let b = restore_shared(&path, 16 << 20).unwrap();
         assert!(a.iter().all(|r| r.file_offset().is_some()));

@@ -200,3 +200,109 @@ fn console_flood_stays_under_the_log_cap_and_the_vm_keeps_running() {
     assert!(o.status.success(), "{}", text(&o));
     e.assert_clean("flood");
 }
+
+/// The sandbox VM id of container `id` (its host cgroup is `vessel/<vm id>`).
+fn vm_id(e: &common::Env, id: &str) -> String {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.root.join(id).join("state.json")).unwrap())
+            .unwrap();
+    let vm_dir = Path::new(state["vm_dir"].as_str().unwrap());
+    vm_dir.file_name().unwrap().to_str().unwrap().to_string()
+}
+
+fn supervisor_pid(e: &common::Env, id: &str) -> u32 {
+    e.state(id).unwrap()["pid"].as_u64().unwrap() as u32
+}
+
+fn host_cgroup(vm_id: &str) -> Option<vessel_cgroup::Cgroup> {
+    vessel_cgroup::Cgroup::open(Path::new(vessel_cgroup::CGROUP_ROOT), vm_id)
+}
+
+/// A container that allocates without bound (the guest OOM-kills it once all
+/// 256 MiB of guest RAM are dirty), then floods virtio-fs with 1 GiB of writes:
+/// every host process of the sandbox (supervisor, QEMU, virtiofsd,
+/// vhost-device-vsock) is in the sandbox's host cgroup, which is charged the
+/// dirtied guest RAM and stays under its limit (guest memory + overhead) while
+/// the writes still succeed (the page cache is reclaimed inside the limit).
+/// `delete` removes the cgroup, also after the supervisor was SIGKILLed.
+#[test]
+fn a_guest_that_dirties_its_memory_and_floods_virtio_fs_stays_inside_its_host_limits() {
+    let Some(e) = env() else { return };
+    let script = "tail /dev/zero; echo tail=$?; \
+        dd if=/dev/zero of=/flood bs=1M count=1024 2>/dev/null; echo dd=$?; \
+        rm /flood; echo flood-done; sleep 600";
+    let b = e.bundle("lim", &["sh", "-c", script], |_| {});
+    let started = Instant::now();
+    let (out, _) = e.create("lim", &b);
+    let vm = vm_id(&e, "lim");
+    let cg = host_cgroup(&vm).expect("the sandbox has no host cgroup");
+    let limit = cg.memory_limit().expect("no memory limit");
+    // The VM's 256 MiB (the default size) plus the backend's overhead.
+    let mib = limit >> 20;
+    assert!((256 + 64..=256 + 256).contains(&mib), "limit {mib} MiB");
+    let in_cgroup = |what: &str| {
+        let host = vessel_testutil::self_and_descendants(supervisor_pid(&e, "lim"));
+        let procs = cg.procs();
+        // Supervisor, vhost-device-vsock, virtiofsd (two processes), QEMU.
+        assert!(host.len() >= 5, "{what}: host processes {host:?}");
+        let outside: Vec<_> = host
+            .iter()
+            .filter(|p| !procs.contains(&(**p as i32)))
+            .collect();
+        assert!(
+            outside.is_empty(),
+            "{what}: {outside:?} of {host:?} outside the cgroup {procs:?}"
+        );
+    };
+    in_cgroup("created");
+    assert!(e.run(&["start", "lim"]).status.success());
+    let said = wait_for_line(&out, "tail=", Duration::from_secs(120));
+    assert!(
+        said.contains("tail=137"),
+        "the guest OOM-kills tail: {said}"
+    );
+    let dirty = cg.memory_peak().unwrap();
+    // The guest RAM QEMU dirtied is charged here: QEMU is really inside.
+    assert!(
+        dirty >= 200 << 20 && dirty <= limit,
+        "peak {} MiB after dirtying the guest's memory (limit {mib} MiB)",
+        dirty >> 20
+    );
+    in_cgroup("after dirtying");
+    let said = wait_for_line(&out, "flood-done", Duration::from_secs(300));
+    assert!(said.contains("dd=0"), "the writes succeed: {said}");
+    let peak = cg.memory_peak().unwrap();
+    assert!(peak <= limit, "peak {} MiB", peak >> 20);
+    in_cgroup("after the flood");
+    eprintln!(
+        "limit {mib} MiB; peak {} MiB after dirtying 256 MiB, {} MiB after a 1 GiB flood; {:?}",
+        dirty >> 20,
+        peak >> 20,
+        started.elapsed()
+    );
+    let o = e.run(&["delete", "-f", "lim"]);
+    assert!(o.status.success(), "{}", text(&o));
+    e.assert_clean("lim");
+    assert!(host_cgroup(&vm).is_none(), "cgroup vessel/{vm} left");
+
+    // A supervisor SIGKILLed: its helpers die with it, delete removes the cgroup.
+    e.create("lim", &b);
+    let vm = vm_id(&e, "lim");
+    let sup = supervisor_pid(&e, "lim");
+    assert!(host_cgroup(&vm).is_some_and(|c| c.procs().contains(&(sup as i32))));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        !vessel_testutil::pid_alive(sup)
+    }));
+    let o = e.run(&["delete", "-f", "lim"]);
+    assert!(o.status.success(), "{}", text(&o));
+    e.assert_clean("lim");
+    assert!(
+        host_cgroup(&vm).is_none(),
+        "cgroup vessel/{vm} left after a crash"
+    );
+}

@@ -70,6 +70,11 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
+    /// Cannot start {what} in the sandbox's host cgroup
+    Cgroup {
+        what: &'static str,
+        source: vessel_cgroup::CgroupError,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -135,6 +140,28 @@ pub struct VmConfig {
     /// runs in it, so that its host pid names the sandbox's network (`None`:
     /// the caller's namespace).
     pub netns: Option<Arc<OwnedFd>>,
+    /// The sandbox's host cgroup: every process the backend starts joins it
+    /// before it execs (`None`: they stay in the caller's). The caller
+    /// creates it, sized with [`Hypervisor::host_overhead`], and removes it.
+    pub cgroup: Option<Arc<vessel_cgroup::Cgroup>>,
+}
+
+/// Processes and threads a sandbox's host processes may have together: QEMU's
+/// vCPU, I/O and worker threads (its thread pool grows to 64), virtiofsd's
+/// two processes and thread pool, vhost-device-vsock and the supervisor's
+/// runtime threads; a sandbox at rest has about 25 (docs/threat-model.md).
+pub const HOST_PIDS: u64 = 512;
+
+/// What a backend's host processes need beside the guest's memory and vCPUs
+/// (measured figures in docs/threat-model.md, "Host limits").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostOverhead {
+    /// MiB beyond the guest's RAM: the hypervisor's own memory (QEMU's TCG
+    /// translation cache, device state), virtiofsd, the vsock backend, and
+    /// the supervisor's memory after it joins.
+    pub memory_mib: u64,
+    /// Processes and threads at most, all of them together.
+    pub pids: u64,
 }
 
 /// A host directory exported to the guest under `tag`.
@@ -188,6 +215,11 @@ pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
     /// What this backend can do on this host.
     fn capabilities(&self) -> Capabilities;
+    /// What its host processes need beside the guest (`None`: it starts no
+    /// host process, as the test doubles).
+    fn host_overhead(&self) -> Option<HostOverhead> {
+        None
+    }
     /// Starts a VM. Returns once the hypervisor process runs; the guest boots
     /// in the background (the caller waits for the agent).
     async fn launch(&self, config: &VmConfig) -> Result<Box<dyn Vm>>;
@@ -287,8 +319,29 @@ pub(crate) fn guest_cmdline(cfg: &VmConfig, backend_words: &[&str]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A VM configuration with everything under `dir` (nothing need exist).
+    pub(crate) fn config(dir: &Path) -> VmConfig {
+        VmConfig {
+            id: "a".into(),
+            run_dir: dir.into(),
+            kernel: dir.join("vmlinux"),
+            initramfs: dir.join("initramfs"),
+            kernel_args: vec![],
+            vcpus: 1,
+            memory_mib: 128,
+            channel: AgentChannel::Vsock,
+            vsock_uds: dir.join("v"),
+            console_log: dir.join("c"),
+            log_limits: Default::default(),
+            shared_dirs: vec![],
+            nics: Vec::new(),
+            netns: None,
+            cgroup: None,
+        }
+    }
 
     #[test]
     fn errors_print_their_cause_once() {
@@ -324,6 +377,7 @@ mod tests {
             shared_dirs: vec![],
             nics: Vec::new(),
             netns: None,
+            cgroup: None,
         };
         let k = guest_cmdline(&cfg, &["reboot=t"]);
         assert!(k.starts_with("console=ttyS0 panic=-1"), "{k}");
@@ -334,24 +388,8 @@ mod tests {
     #[test]
     fn launch_needs_kernel_initramfs_and_sane_size() {
         let dir = tempfile::tempdir().unwrap();
-        let k = dir.path().join("vmlinux");
-        let i = dir.path().join("initramfs");
-        let mut cfg = VmConfig {
-            id: "a".into(),
-            run_dir: dir.path().into(),
-            kernel: k.clone(),
-            initramfs: i.clone(),
-            kernel_args: vec![],
-            vcpus: 1,
-            memory_mib: 128,
-            channel: AgentChannel::Vsock,
-            vsock_uds: dir.path().join("v"),
-            console_log: dir.path().join("c"),
-            log_limits: Default::default(),
-            shared_dirs: vec![],
-            nics: Vec::new(),
-            netns: None,
-        };
+        let (k, i) = (dir.path().join("vmlinux"), dir.path().join("initramfs"));
+        let mut cfg = config(dir.path());
         assert!(check_vm_config(&cfg)
             .unwrap_err()
             .to_string()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use crate::{Error, Result};
+use crate::{Error, Result, VmConfig};
 
 /// Interval for polling a file system condition that has no notification
 /// (a socket created by another process).
@@ -17,16 +17,13 @@ const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Spawns `cmd` with stdout and stderr to `log` (through a pipe into a
 /// [`vessel_logcap::BoundedLog`] drained by a thread of this process, so the
-/// log stays under `limits` whatever the child prints), stdin closed, in its
-/// own process group, and with SIGKILL as parent-death signal so that no
-/// helper outlives the process that supervises the VM.
-pub fn spawn(
-    what: &'static str,
-    cmd: Command,
-    log: &Path,
-    limits: vessel_logcap::Limits,
-) -> Result<Child> {
-    spawn_keeping(what, cmd, log, limits, None)
+/// log stays under `cfg.log_limits` whatever the child prints), stdin closed,
+/// in its own process group, in the sandbox's host cgroup `cfg.cgroup` (it
+/// joins before it execs: nothing of it runs outside), and with SIGKILL as
+/// parent-death signal so that no helper outlives the process that
+/// supervises the VM.
+pub fn spawn(what: &'static str, cmd: Command, log: &Path, cfg: &VmConfig) -> Result<Child> {
+    spawn_keeping(what, cmd, log, cfg, None)
 }
 
 /// Moves `file` to an fd number above stdio if it has one of 0..=2 (a
@@ -55,10 +52,17 @@ pub fn spawn_keeping(
     what: &'static str,
     mut cmd: Command,
     log: &Path,
-    limits: vessel_logcap::Limits,
+    cfg: &VmConfig,
     keep: Option<File>,
 ) -> Result<Child> {
-    let out = vessel_logcap::pipe_to(log, limits).map_err(|source| Error::Io {
+    let procs = match &cfg.cgroup {
+        Some(cg) => cg
+            .procs_files()
+            .map_err(|source| Error::Cgroup { what, source })?,
+        None => Vec::new(),
+    };
+    let procs_fds = vessel_cgroup::raw_fds(&procs);
+    let out = vessel_logcap::pipe_to(log, cfg.log_limits).map_err(|source| Error::Io {
         what: format!("create {}", log.display()),
         source,
     })?;
@@ -72,10 +76,12 @@ pub fn spawn_keeping(
         .process_group(0);
     let keep_fd = keep.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
     // SAFETY: the closure runs in the forked child before exec and only calls
+    // write(2) (join_in_child, on fds `procs` keeps open until spawn returns),
     // prctl(2) and fcntl(2) on plain ints, which are async-signal-safe; it
-    // touches no memory of the parent.
+    // reads only its own captured fd numbers.
     unsafe {
         cmd.pre_exec(move || {
+            vessel_cgroup::join_in_child(&procs_fds)?;
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -89,6 +95,7 @@ pub fn spawn_keeping(
         .spawn()
         .map_err(|source| Error::Spawn { what, source })?;
     drop(keep);
+    drop(procs);
     log::debug!("started {what} pid {:?}", child.id());
     Ok(child)
 }
@@ -212,7 +219,8 @@ mod tests {
         let log = dir.path().join("h.log");
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo helper failed: bad flag >&2; exit 3"]);
-        let mut child = spawn("helper", cmd, &log, Default::default()).unwrap();
+        let cfg = crate::tests::config(dir.path());
+        let mut child = spawn("helper", cmd, &log, &cfg).unwrap();
         let err = wait_for_path(
             &dir.path().join("never"),
             &mut child,

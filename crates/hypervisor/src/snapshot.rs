@@ -211,6 +211,7 @@ mod tests {
             shared_dirs: vec![],
             nics: Vec::new(),
             netns: None,
+            cgroup: None,
         }
     }
 

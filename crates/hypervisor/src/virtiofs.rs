@@ -37,7 +37,7 @@ pub async fn start(bin: &Path, cfg: &VmConfig, helpers: &mut Vec<Child>) -> Resu
         if share.read_only {
             cmd.arg("--readonly");
         }
-        let mut child = spawn("virtiofsd", cmd, &log, cfg.log_limits)?;
+        let mut child = spawn("virtiofsd", cmd, &log, cfg)?;
         let ready = wait_for_path(&sock, &mut child, "virtiofsd", &log, HELPER_START_TIMEOUT).await;
         helpers.push(child);
         ready?;

@@ -70,6 +70,7 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
         shared_dirs: vec![],
         nics: Vec::new(),
         netns: None,
+        cgroup: None,
     };
     let vm = hv.launch(&cfg).await.unwrap();
     wait_for_text(&cfg.console_log, "VSOCK-READY");

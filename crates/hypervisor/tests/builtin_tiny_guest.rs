@@ -34,6 +34,7 @@ fn vm_config(dir: &Path, guest: &Path, initramfs: &Path, id: &str) -> VmConfig {
         shared_dirs: vec![],
         nics: Vec::new(),
         netns: None,
+        cgroup: None,
     }
 }
 

@@ -8,7 +8,7 @@
 //! an unprivileged uid/gid and an environment cleared down to [`spec::ENV_ALLOW_LIST`].
 //! The jailer stays as its parent, forwards signals and cleans up ([`run`]).
 
-pub mod cgroup;
+pub use vessel_cgroup as cgroup;
 pub mod child;
 pub mod elf;
 pub mod jail;

@@ -120,6 +120,7 @@ pub fn run(spec: &JailSpec) -> Result<i32, RunError> {
     );
     // Both, even if the first fails.
     let cgroup_removed = cgroup
+        .as_ref()
         .map_or(Ok(()), Cgroup::remove)
         .map_err(RunError::from);
     let jail_removed = jail.remove().map_err(RunError::from);
@@ -147,14 +148,17 @@ fn start_and_wait(
     cgroup: &mut Option<Cgroup>,
 ) -> Result<i32, RunError> {
     // A jailer that was SIGKILLed left these; its VMM died with it (PR_SET_PDEATHSIG).
-    Cgroup::remove_stale(cgroup_root, &spec.id)?;
+    if spec.limits.is_some() {
+        Cgroup::remove_stale(cgroup_root, &spec.id)?;
+    }
     if jail.is_stale() {
         jail.clear_stale()?;
     }
     let plan = prepare(spec, jail, libs, netns, old_mask)?;
-    *cgroup = Some(Cgroup::create(cgroup_root, &spec.id, spec.limits)?);
-    let cgroup = cgroup.as_ref().expect("just set");
-    supervise(spec, plan, waited, cgroup)
+    if let Some(limits) = spec.limits {
+        *cgroup = Some(Cgroup::create(cgroup_root, &spec.id, limits)?);
+    }
+    supervise(spec, plan, waited, cgroup.as_ref())
 }
 
 /// Fills the jail directory and computes the child's plan.
@@ -246,7 +250,7 @@ fn supervise(
     spec: &JailSpec,
     plan: ChildPlan,
     waited: &SigSet,
-    cgroup: &Cgroup,
+    cgroup: Option<&Cgroup>,
 ) -> Result<i32, RunError> {
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
@@ -270,7 +274,7 @@ fn supervise(
     };
     drop(go_r);
     drop(err_w);
-    if let Err(e) = cgroup.add(child.as_raw()) {
+    if let Err(e) = cgroup.map_or(Ok(()), |c| c.add(child.as_raw())) {
         let _ = kill(child, Signal::SIGKILL);
         let _ = waitpid(child, None);
         return Err(e.into());

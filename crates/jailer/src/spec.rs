@@ -59,6 +59,10 @@ pub struct Cli {
     /// Start the VMM in a new PID namespace.
     #[arg(long)]
     pub new_pid_ns: bool,
+    /// Stay in the cgroup the jailer was started in (vessel-runtime starts it in the
+    /// sandbox's, which holds every host process of the sandbox) instead of vessel/<id>.
+    #[arg(long, conflicts_with_all = ["cgroup_mem_mib", "cgroup_cpus"])]
+    pub no_cgroup: bool,
     /// cgroup memory limit in MiB.
     #[arg(long)]
     pub cgroup_mem_mib: Option<u64>,
@@ -146,7 +150,8 @@ pub struct JailSpec {
     pub rw_bind: Option<Bind>,
     pub netns: Option<PathBuf>,
     pub new_pid_ns: bool,
-    pub limits: crate::cgroup::Limits,
+    /// The limits of cgroup vessel/<id>; `None`: no cgroup of its own (`--no-cgroup`).
+    pub limits: Option<crate::cgroup::Limits>,
     pub rlimit_nofile: Option<u64>,
     pub rlimit_fsize: Option<u64>,
     pub tun: bool,
@@ -208,10 +213,11 @@ impl JailSpec {
             rw_bind: cli.rw_bind,
             netns: cli.netns,
             new_pid_ns: cli.new_pid_ns,
-            limits: crate::cgroup::Limits {
+            limits: (!cli.no_cgroup).then_some(crate::cgroup::Limits {
                 mem_mib: cli.cgroup_mem_mib,
                 cpus: cli.cgroup_cpus,
-            },
+                pids: None,
+            }),
             rlimit_nofile: cli.rlimit_nofile,
             rlimit_fsize: cli.rlimit_fsize,
             tun: cli.tun,
@@ -419,8 +425,9 @@ mod tests {
             }
         );
         assert_eq!(s.rw_bind.unwrap().jail, Path::new("/run"));
-        assert_eq!(s.limits.mem_mib, Some(256));
-        assert_eq!(s.limits.cpus, Some(1.5));
+        let limits = s.limits.unwrap();
+        assert_eq!(limits.mem_mib, Some(256));
+        assert_eq!(limits.cpus, Some(1.5));
         assert!(s.new_pid_ns && s.tun && s.die_with_parent);
         assert_eq!(
             s.vmm_args,
@@ -433,7 +440,10 @@ mod tests {
         let s = cli(&[]).unwrap();
         assert_eq!(s.jail_dir(), Path::new("/srv/vessel/jail/vm-1"));
         assert!(s.ro_binds.is_empty() && s.rw_bind.is_none() && !s.new_pid_ns);
-        assert_eq!(s.limits, crate::cgroup::Limits::default());
+        assert_eq!(s.limits, Some(crate::cgroup::Limits::default()));
+        assert_eq!(cli(&["--no-cgroup"]).unwrap().limits, None);
+        let e = cli(&["--no-cgroup", "--cgroup-mem-mib", "64"]).unwrap_err();
+        assert!(e.contains("cannot be used with"), "{e}");
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub struct Config {
     pub builtin: BuiltinSection,
     pub logs: LogsSection,
     pub templates: TemplatesSection,
+    pub limits: LimitsSection,
 }
 
 /// Sandboxes started from a snapshot of their shape (see
@@ -80,6 +81,36 @@ impl Default for TemplatesSection {
         TemplatesSection {
             enabled: true,
             dir: None,
+        }
+    }
+}
+
+/// Host limits of a sandbox: every host process of it (VMM or jailer,
+/// virtiofsd, vhost-device-vsock, the supervisor or shim) runs in cgroup
+/// `vessel/<vm id>` with these limits. See docs/threat-model.md, "Host limits".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Whether sandboxes get the cgroup. Default true.
+    pub enabled: bool,
+    /// Memory limit beyond the VM's memory, in MiB. Default: the backend's
+    /// overhead (QEMU with TCG 192, QEMU with KVM 128, built-in 96).
+    pub memory_overhead_mib: Option<u64>,
+    /// CPU limit beyond the VM's vCPUs, in CPUs (I/O threads, virtiofsd,
+    /// vsock backend). 0: no CPU limit. Default 1.
+    pub extra_cpus: f64,
+    /// Most processes and threads of the sandbox on the host. Default: the
+    /// backend's (512).
+    pub pids: Option<u64>,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            enabled: true,
+            memory_overhead_mib: None,
+            extra_cpus: 1.0,
+            pids: None,
         }
     }
 }
@@ -215,6 +246,7 @@ impl Default for Config {
             builtin: BuiltinSection::default(),
             logs: LogsSection::default(),
             templates: TemplatesSection::default(),
+            limits: LimitsSection::default(),
         }
     }
 }
@@ -265,6 +297,10 @@ impl Config {
                 self.logs.max_bytes,
                 vessel_logcap::MIN_MAX_BYTES
             ));
+        }
+        let l = &self.limits;
+        if !(l.extra_cpus.is_finite() && l.extra_cpus >= 0.0) || l.pids == Some(0) {
+            return Err("limits.extra_cpus must be >= 0 and limits.pids >= 1".into());
         }
         if self.builtin.jailer && (self.builtin.jail_uid == 0 || self.builtin.jail_gid == 0) {
             return Err("builtin.jail_uid and builtin.jail_gid must not be 0 (root)".into());

@@ -11,6 +11,7 @@
 //!   processes with their guards, stdio and exits) behind both front-ends.
 //! - `fake` (feature `test-fakes`): test doubles of the runtime's traits.
 //! - [`beneath`]: race-free file operations inside trees the guest can write.
+//! - [`limits`]: the host cgroup that holds every host process of a sandbox.
 
 pub mod agent;
 pub mod backend;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod container;
 #[cfg(feature = "test-fakes")]
 pub mod fake;
+pub mod limits;
 pub mod network;
 pub mod pod;
 pub mod sandbox;
@@ -66,6 +68,11 @@ pub enum Error {
     Exists(String),
     /// template
     Template(#[source] template::TemplateError),
+    /// host cgroup of sandbox {id} (host limits: `[limits]` in the configuration)
+    Cgroup {
+        id: String,
+        source: vessel_cgroup::CgroupError,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

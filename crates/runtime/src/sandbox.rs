@@ -12,6 +12,7 @@ use vessel_hypervisor::{
 use vessel_protocol::health::VersionResponse;
 
 use crate::agent::{AgentClient, ReadyListener};
+use crate::limits;
 use crate::{Config, Error, Result};
 
 /// What a sandbox needs besides the runtime configuration.
@@ -64,6 +65,8 @@ pub struct Sandbox {
     stop_grace: Duration,
     /// Restored from a snapshot: the MACs its NICs have (the snapshot VM's).
     device_macs: Option<Vec<[u8; 6]>>,
+    /// The host cgroup of its processes ([`crate::limits`]), removed on drop.
+    cgroup: Option<Arc<vessel_cgroup::Cgroup>>,
 }
 
 /// Checks a sandbox id against the one id rule ([`vessel_protocol::id`]).
@@ -101,7 +104,11 @@ impl Sandbox {
         validate_id(&spec.id)?;
         let channel = config.channel;
         let run_dir = create_run_dir(&config.state_root, &spec.id)?;
-        let res = Self::boot_in(config, hv, spec, channel, &run_dir).await;
+        let limits = limits::limits_for(&config.limits, hv, spec.vcpus, spec.memory_mib);
+        let res = match limits.map(|l| limits::create(&spec.id, l)).transpose() {
+            Ok(cgroup) => Self::boot_in(config, hv, spec, channel, &run_dir, cgroup).await,
+            Err(e) => Err(e),
+        };
         if res.is_err() {
             let _ = std::fs::remove_dir_all(&run_dir);
         }
@@ -114,6 +121,7 @@ impl Sandbox {
         spec: SandboxSpec,
         channel: AgentChannel,
         run_dir: &Path,
+        cgroup: Option<Arc<vessel_cgroup::Cgroup>>,
     ) -> Result<Sandbox> {
         let vm_config = VmConfig {
             id: spec.id.clone(),
@@ -130,6 +138,7 @@ impl Sandbox {
             shared_dirs: spec.shared_dirs,
             nics: spec.nics,
             netns: spec.netns,
+            cgroup,
         };
         // Bind before launch: the agent connects as soon as it is up.
         let ready = match channel {
@@ -137,7 +146,15 @@ impl Sandbox {
             AgentChannel::Serial => None,
         };
         let start = Instant::now();
-        let vm = hv.launch(&vm_config).await?;
+        let vm = match hv.launch(&vm_config).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                if let Some(cg) = &vm_config.cgroup {
+                    limits::remove(cg, &vm_config.id);
+                }
+                return Err(e.into());
+            }
+        };
         let timeout = Duration::from_secs(config.boot_timeout_secs);
         let endpoint = vm.agent_endpoint();
         let connect = async {
@@ -190,9 +207,13 @@ impl Sandbox {
                 version,
                 stop_grace: Duration::from_secs(config.stop_grace_secs),
                 device_macs: None,
+                cgroup: vm_config.cgroup.clone(),
             }),
             Err(e) => {
                 let _ = vm.stop(Duration::ZERO).await;
+                if let Some(cg) = &vm_config.cgroup {
+                    limits::remove(cg, &vm_config.id);
+                }
                 Err(e)
             }
         }
@@ -246,6 +267,14 @@ impl Sandbox {
         let info = SnapshotInfo::load(snapshot)?;
         let channel = info.channel;
         let run_dir = create_run_dir(&config.state_root, id)?;
+        let limits = limits::limits_for(&config.limits, hv, info.vcpus, info.memory_mib);
+        let cgroup = match limits.map(|l| limits::create(id, l)).transpose() {
+            Ok(cg) => cg,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                return Err(e);
+            }
+        };
         let vm_config = VmConfig {
             id: id.to_string(),
             run_dir: run_dir.clone(),
@@ -261,6 +290,7 @@ impl Sandbox {
             shared_dirs: spec.shared_dirs,
             nics: spec.nics,
             netns: spec.netns,
+            cgroup,
         };
         let res = Self::restore_in(config, hv, snapshot, &vm_config)
             .await
@@ -281,7 +311,15 @@ impl Sandbox {
         vm_config: &VmConfig,
     ) -> Result<Sandbox> {
         let start = Instant::now();
-        let vm = hv.restore(snapshot, vm_config).await?;
+        let vm = match hv.restore(snapshot, vm_config).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                if let Some(cg) = &vm_config.cgroup {
+                    limits::remove(cg, &vm_config.id);
+                }
+                return Err(e.into());
+            }
+        };
         let restored_after = start.elapsed();
         let timeout = Duration::from_secs(config.boot_timeout_secs);
         let endpoint = vm.agent_endpoint();
@@ -352,8 +390,21 @@ impl Sandbox {
         &self.run_dir
     }
 
+    /// Moves the calling process into the sandbox's host cgroup, for a process that
+    /// exists for this sandbox alone (the CLI's supervisor, the shim of a pod). It
+    /// moves back when the sandbox is stopped.
+    pub fn enter_host_cgroup(&self) -> Result<()> {
+        match &self.cgroup {
+            Some(cg) => cg.enter_self().map_err(|source| Error::Cgroup {
+                id: self.id.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Stops the VM (grace period from the configuration) and removes the
-    /// sandbox's run directory.
+    /// sandbox's run directory, then (on drop) its host cgroup.
     pub async fn stop(self) -> Result<VmExit> {
         let exit = self.vm.stop(self.stop_grace).await?;
         std::fs::remove_dir_all(&self.run_dir).map_err(|source| Error::StateDir {
@@ -361,6 +412,16 @@ impl Sandbox {
             source,
         })?;
         Ok(exit)
+    }
+}
+
+impl Drop for Sandbox {
+    /// Removes the host cgroup: after [`Sandbox::stop`] it is empty; otherwise
+    /// what is left in it is killed.
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            limits::remove(&cg, &self.id);
+        }
     }
 }
 

@@ -61,7 +61,17 @@ pub fn command(
             hint: "run 'make install' or set builtin.jailer_path in /etc/vessel/config.toml",
         });
     }
-    let (args, start) = jailer_args(jailer, vmm, &cfg.id, &cfg.run_dir, start)?;
+    let (mut args, start) = jailer_args(jailer, vmm, &cfg.id, &cfg.run_dir, start)?;
+    if cfg.cgroup.is_some() {
+        // The jailer starts in the sandbox's cgroup (crate::process::spawn) and its
+        // VMM stays there, under the sandbox's limits.
+        if jailer.cgroup_mem_mib.is_some() || jailer.cgroup_cpus.is_some() {
+            return Err(Error::InvalidConfig(
+                "jailer cgroup limits and a sandbox host cgroup exclude each other".into(),
+            ));
+        }
+        args.insert(0, "--no-cgroup".into());
+    }
     hand_over_run_dir(&cfg.run_dir, jailer.uid, jailer.gid)?;
     let mut cmd = Command::new(&jailer.path);
     cmd.args(args);
@@ -442,6 +452,7 @@ mod tests {
             shared_dirs: vec![],
             nics: Vec::new(),
             netns: None,
+            cgroup: None,
         };
         let start = Start::Boot(Box::new(config()));
         let e = command(&j, Path::new("/v"), &cfg, start).unwrap_err();

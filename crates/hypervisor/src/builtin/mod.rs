@@ -18,8 +18,8 @@ use crate::host::{detect_kvm, KvmKind};
 use crate::process::{spawn, wait_for_path};
 use crate::process_vm::{Control, ProcessVm};
 use crate::{
-    Accelerator, AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Nic, Result,
-    SnapshotInfo, Vm, VmConfig,
+    Accelerator, AgentChannel, AgentEndpoint, Capabilities, Error, HostOverhead, Hypervisor, Nic,
+    Result, SnapshotInfo, Vm, VmConfig,
 };
 use vessel_vmm_api as vmm_api;
 
@@ -175,6 +175,15 @@ impl Hypervisor for Builtin {
         }
     }
 
+    fn host_overhead(&self) -> Option<HostOverhead> {
+        // vessel-vmm beside guest RAM (~15 MiB, docs/performance.md), virtiofsd,
+        // the jailer and the supervisor.
+        Some(HostOverhead {
+            memory_mib: 96,
+            pids: crate::HOST_PIDS,
+        })
+    }
+
     async fn launch(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
         crate::check_vm_config(cfg)?;
         if cfg.channel != AgentChannel::Vsock {
@@ -283,7 +292,7 @@ impl Builtin {
             }
         }
         let requests = start.requests();
-        let mut child = spawn(name, cmd, &log, cfg.log_limits)?;
+        let mut child = spawn(name, cmd, &log, cfg)?;
         let started = async {
             wait_for_path(&api_sock, &mut child, what, &log, START_TIMEOUT).await?;
             // The socket file exists from bind(), a moment before listen(): a connect in
@@ -393,6 +402,7 @@ mod tests {
             }],
             nics: Vec::new(),
             netns: None,
+            cgroup: None,
         }
     }
 

@@ -4,6 +4,10 @@ use std::path::{Path, PathBuf};
 
 use crate::{Accelerator, AgentChannel, Nic, VmConfig};
 
+/// QEMU's TCG translation cache in MiB (`-accel tcg,tb-size=`). A Linux
+/// guest's kernel and a busybox user space translate to well under this.
+pub const TCG_TB_SIZE_MIB: u32 = 64;
+
 /// QEMU machine type (`q35` or `microvm` in configuration files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,23 +75,25 @@ pub fn args(
         format!("memory-backend-ram,id=mem,size={mem}")
     };
     push(&["-object", &backend]);
-    let accel_name = accel.to_string();
     let (cpu, pci) = match (accel, machine) {
         (Accelerator::Kvm, _) => ("host", machine == Machine::Q35),
         (Accelerator::Tcg, _) => ("max", machine == Machine::Q35),
     };
     match machine {
-        Machine::Q35 => push(&[
-            "-machine",
-            &format!("q35,accel={accel_name},memory-backend=mem"),
-        ]),
+        Machine::Q35 => push(&["-machine", "q35,memory-backend=mem"]),
         Machine::Microvm => {
             push(&[
                 "-machine",
-                &format!("microvm,accel={accel_name},x-option-roms=off,acpi=off,rtc=on,memory-backend=mem"),
+                "microvm,x-option-roms=off,acpi=off,rtc=on,memory-backend=mem",
             ]);
             push(&["-global", "virtio-mmio.force-legacy=false"]);
         }
+    }
+    match accel {
+        Accelerator::Kvm => push(&["-accel", "kvm"]),
+        // QEMU's default translation cache is up to 1 GiB, all of it host memory
+        // the guest's code fills: capped, it fits the sandbox's host limits.
+        Accelerator::Tcg => push(&["-accel", &format!("tcg,tb-size={TCG_TB_SIZE_MIB}")]),
     }
     push(&["-cpu", cpu, "-m", &mem, "-smp", &cfg.vcpus.to_string()]);
     push(&[
@@ -223,6 +229,7 @@ mod tests {
             }],
             nics: Vec::new(),
             netns: None,
+            cgroup: None,
         }
     }
 
@@ -289,10 +296,8 @@ mod tests {
             &Paths::new(&c.run_dir),
             9,
         ));
-        assert!(
-            a.contains("-machine q35,accel=tcg,memory-backend=mem"),
-            "{a}"
-        );
+        assert!(a.contains("-machine q35,memory-backend=mem"), "{a}");
+        assert!(a.contains("-accel tcg,tb-size=64"), "{a}");
         assert!(a.contains("memory-backend-memfd,id=mem,size=384M,share=on"));
         assert!(a.contains("-cpu max -m 384M -smp 2"));
         assert!(a.contains("vhost-user-vsock-pci,chardev=vsock"));
@@ -313,7 +318,8 @@ mod tests {
             &Paths::new(&c.run_dir),
             9,
         ));
-        assert!(a.contains("microvm,accel=kvm"), "{a}");
+        assert!(a.contains("-machine microvm,x-option-roms"), "{a}");
+        assert!(a.contains("-accel kvm"), "{a}");
         assert!(a.contains("-cpu host"));
         assert!(a.contains("virtio-serial-device,id=vser0"));
         assert!(a.contains("name=vessel.agent"));

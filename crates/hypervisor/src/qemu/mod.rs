@@ -23,8 +23,8 @@ use crate::process::{above_stdio, spawn, spawn_keeping, wait_for_path};
 use crate::process_vm::{Control, ProcessVm};
 use crate::virtiofs::HELPER_START_TIMEOUT;
 use crate::{
-    AgentChannel, AgentEndpoint, Capabilities, Error, Hypervisor, Result, SnapshotInfo, Vm,
-    VmConfig,
+    AgentChannel, AgentEndpoint, Capabilities, Error, HostOverhead, Hypervisor, Result,
+    SnapshotInfo, Vm, VmConfig, HOST_PIDS,
 };
 
 /// QEMU backend settings.
@@ -115,6 +115,21 @@ impl Hypervisor for Qemu {
             shared_dirs: self.config.virtiofsd.is_file(),
             snapshot: true,
         }
+    }
+
+    fn host_overhead(&self) -> Option<HostOverhead> {
+        Some(HostOverhead {
+            memory_mib: match self.accelerator {
+                // Measured under TCG (docs/threat-model.md, "Host limits"): the
+                // sandbox's processes were charged 103 MiB beyond the 256 MiB of
+                // guest RAM the guest dirtied, most of it QEMU's translation cache
+                // (capped at cmdline::TCG_TB_SIZE_MIB).
+                Accelerator::Tcg => 192,
+                // No translation cache; not measured here (no hardware KVM).
+                Accelerator::Kvm => 128,
+            },
+            pids: HOST_PIDS,
+        })
     }
 
     async fn launch(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
@@ -218,7 +233,7 @@ impl Qemu {
             cmd.arg("--guest-cid").arg("3");
             cmd.arg("--socket").arg(&paths.vhost_vsock);
             cmd.arg("--uds-path").arg(&cfg.vsock_uds);
-            let mut child = spawn("vhost-device-vsock", cmd, &log, cfg.log_limits)?;
+            let mut child = spawn("vhost-device-vsock", cmd, &log, cfg)?;
             let ready = wait_for_path(
                 &paths.vhost_vsock,
                 &mut child,
@@ -281,7 +296,7 @@ impl Qemu {
             "QEMU",
             cmd,
             &cfg.run_dir.join("qemu.log"),
-            cfg.log_limits,
+            cfg,
             Some(console),
         )
     }

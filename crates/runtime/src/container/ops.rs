@@ -228,6 +228,10 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     if !c.state.vm_root.starts_with(&c.dir) {
         let _ = std::fs::remove_dir_all(&c.state.vm_dir);
     }
+    // A supervisor that was killed left the sandbox's host cgroup.
+    if let Some(vm_id) = c.state.vm_dir.file_name().and_then(|n| n.to_str()) {
+        crate::limits::remove_stale(vm_id);
+    }
     // A supervisor that was killed left its tc qdiscs on the namespace's links.
     crate::network::undo_recorded(root, id).await;
     crate::network::remove_owned_netns(root, id);

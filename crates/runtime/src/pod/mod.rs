@@ -465,6 +465,12 @@ impl Pod {
             n.attach(&mut vm).await?;
         }
         let sandbox = Sandbox::start(config, hv, vm).await?;
+        // This process (the CLI's supervisor, the pod's shim) serves this pod alone:
+        // it is one of the sandbox's host processes, under the same limits.
+        if let Err(e) = sandbox.enter_host_cgroup() {
+            let _ = sandbox.stop().await;
+            return Err(e.into());
+        }
         if let (Some(n), Some(macs)) = (network.as_deref_mut(), sandbox.device_macs()) {
             n.restored(macs.to_vec());
         }
@@ -935,6 +941,7 @@ impl Pod {
             let _ = std::fs::remove_file(&pids);
         }
         crate::network::remove_owned_netns(&config.state_root, id);
+        crate::limits::remove_stale(id);
         if let Err(e) = share::cleanup_tree(&share_dir(config, id)) {
             log::error!("pod {id}: {e}; left in place");
         }

@@ -1,25 +1,33 @@
-//! The VMM's cgroup: `vessel/<id>` under the cgroup root.
+//! Host cgroups: `vessel/<id>` under the cgroup root, with memory, CPU and pids limits.
+//!
+//! Two users: vessel-jailer puts a jailed VMM in one of its own, and vessel-runtime puts
+//! every host process of a sandbox (VMM or jailer, virtiofsd, vhost-device-vsock, the
+//! supervisor or shim) in one sized from the VM (docs/threat-model.md, "Host limits").
 //!
 //! cgroup v2 (a unified `/sys/fs/cgroup`): one directory, controllers enabled in the
-//! parents' `cgroup.subtree_control`, `memory.max` and `cpu.max`. Hosts still on v1 or
-//! hybrid (v1 controllers, as the development machines are) get `vessel/<id>` in the
-//! `memory` and `cpu` hierarchies with `memory.limit_in_bytes` and `cpu.cfs_quota_us`.
+//! parents' `cgroup.subtree_control`, `memory.max`, `cpu.max` and `pids.max`. Hosts still
+//! on v1 or hybrid (v1 controllers, as the development machines are) get `vessel/<id>` in
+//! the `memory`, `cpu` and `pids` hierarchies with `memory.limit_in_bytes`,
+//! `cpu.cfs_quota_us` and `pids.max`.
 
+use std::fs::File;
 use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The cgroup file system the jailer uses.
+/// The cgroup file system.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The parent of every VM's cgroup.
 pub const PARENT: &str = "vessel";
 /// CPU bandwidth period (µs) for the CPU limit.
 const CPU_PERIOD_US: u64 = 100_000;
-/// v1 hierarchies a VM gets a directory in.
-const V1_CONTROLLERS: &[&str] = &["memory", "cpu"];
+/// v1 hierarchies a cgroup gets a directory in (those the host has).
+const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "pids"];
 /// How long a removal waits for the cgroup's processes to be gone.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -28,6 +36,8 @@ const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Limits {
     pub mem_mib: Option<u64>,
     pub cpus: Option<f64>,
+    /// Most processes and threads at once.
+    pub pids: Option<u64>,
 }
 
 /// Which cgroup layout the host has.
@@ -42,7 +52,7 @@ pub enum Layout {
 /// cgroup failures.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum CgroupError {
-    /// no cgroup file system at {0:?} (neither cgroup v2 nor v1 memory/cpu hierarchies)
+    /// no cgroup file system at {0:?} (neither cgroup v2 nor v1 memory/cpu/pids hierarchies)
     NoCgroupFs(PathBuf),
     /// cgroup {path:?} already exists: another VM with this id is running, or a stale one could not be removed
     Exists { path: PathBuf },
@@ -56,6 +66,8 @@ pub enum CgroupError {
     },
     /// cgroup {path:?} still has processes after {REMOVE_TIMEOUT:?}
     Busy { path: PathBuf },
+    /// cannot tell from /proc/self/cgroup which cgroup this process is in beside {path:?}
+    NoOrigin { path: PathBuf },
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
@@ -69,8 +81,12 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 /// A VM's cgroup directories (one with v2, one per controller with v1).
 #[derive(Debug)]
 pub struct Cgroup {
+    root: PathBuf,
     layout: Layout,
     dirs: Vec<PathBuf>,
+    /// Where the calling process was before [`Cgroup::enter_self`] (one directory per
+    /// entry of `dirs`): it goes back there before the cgroup is removed.
+    origin: Mutex<Option<Vec<PathBuf>>>,
 }
 
 impl Layout {
@@ -108,8 +124,10 @@ impl Cgroup {
     pub fn create(root: &Path, id: &str, limits: Limits) -> Result<Cgroup, CgroupError> {
         let layout = Layout::detect(root)?;
         let cg = Cgroup {
+            root: root.to_owned(),
             layout,
             dirs: layout.dirs(root, id),
+            origin: Mutex::new(None),
         };
         if let Some(d) = cg.dirs.iter().find(|d| d.exists()) {
             return Err(CgroupError::Exists { path: d.clone() });
@@ -139,6 +157,9 @@ impl Cgroup {
         if limits.cpus.is_some() {
             needed.push("cpu");
         }
+        if limits.pids.is_some() {
+            needed.push("pids");
+        }
         for c in needed {
             enable_controller(root, c)?;
             enable_controller(&parent, c)?;
@@ -154,6 +175,9 @@ impl Cgroup {
                 &format!("{} {CPU_PERIOD_US}", cpu_quota_us(cpus)),
             )?;
         }
+        if let Some(pids) = limits.pids {
+            write(&dir.join("pids.max"), &pids.to_string())?;
+        }
         Ok(())
     }
 
@@ -161,6 +185,7 @@ impl Cgroup {
         for (controller, wanted) in [
             ("memory", limits.mem_mib.is_some()),
             ("cpu", limits.cpus.is_some()),
+            ("pids", limits.pids.is_some()),
         ] {
             let hierarchy = root.join(controller);
             if wanted && !self.dirs.iter().any(|d| d.starts_with(&hierarchy)) {
@@ -187,8 +212,30 @@ impl Cgroup {
                     )?;
                 }
             }
+            if dir.starts_with(root.join("pids")) {
+                if let Some(pids) = limits.pids {
+                    write(&dir.join("pids.max"), &pids.to_string())?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// VM `id`'s cgroup under `root` if it exists (made by another process, or left by
+    /// one that was killed), to read or remove it.
+    pub fn open(root: &Path, id: &str) -> Option<Cgroup> {
+        let layout = Layout::detect(root).ok()?;
+        let dirs: Vec<_> = layout
+            .dirs(root, id)
+            .into_iter()
+            .filter(|d| d.is_dir())
+            .collect();
+        (!dirs.is_empty()).then(|| Cgroup {
+            root: root.to_owned(),
+            layout,
+            dirs,
+            origin: Mutex::new(None),
+        })
     }
 
     /// The cgroup directories.
@@ -204,9 +251,96 @@ impl Cgroup {
         Ok(())
     }
 
-    /// Kills whatever is left in the cgroup, then removes its directories.
-    pub fn remove(self) -> Result<(), CgroupError> {
-        remove_dirs(self.layout, &self.dirs)
+    /// The processes in the cgroup (in any of its directories), sorted.
+    pub fn procs(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// The memory limit in bytes (`None`: no memory controller or no limit).
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.memory_value("memory.max", "memory.limit_in_bytes")
+    }
+
+    /// The most memory the cgroup ever used, in bytes (v2 `memory.peak`, which needs
+    /// Linux 5.19; v1 `memory.max_usage_in_bytes`).
+    pub fn memory_peak(&self) -> Option<u64> {
+        self.memory_value("memory.peak", "memory.max_usage_in_bytes")
+    }
+
+    fn memory_value(&self, v2: &str, v1: &str) -> Option<u64> {
+        let file = match self.layout {
+            Layout::V2 => self.dirs.first()?.join(v2),
+            Layout::V1 => {
+                let memory = self.root.join("memory");
+                self.dirs.iter().find(|d| d.starts_with(&memory))?.join(v1)
+            }
+        };
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
+    /// Opens each directory's `cgroup.procs` for writing (close-on-exec), for
+    /// [`join_in_child`]: a child that writes `0` there before it execs starts its
+    /// program in the cgroup, with no window outside it. Keep the files open until
+    /// the child has been spawned.
+    pub fn procs_files(&self) -> Result<Vec<File>, CgroupError> {
+        self.dirs
+            .iter()
+            .map(|d| {
+                let p = d.join("cgroup.procs");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .map_err(io("open", &p))
+            })
+            .collect()
+    }
+
+    /// Moves the calling process (all its threads) into the cgroup; [`Cgroup::remove`]
+    /// moves it back where it was first.
+    pub fn enter_self(&self) -> Result<(), CgroupError> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(io("read", Path::new("/proc/self/cgroup")))?;
+        let origin = self
+            .dirs
+            .iter()
+            .map(|d| origin_of(&self.root, self.layout, d, &own))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| CgroupError::NoOrigin {
+                path: self.dirs.first().cloned().unwrap_or_default(),
+            })?;
+        let mut slot = self.origin.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(origin);
+        drop(slot);
+        self.add(std::process::id() as i32)
+    }
+
+    /// Moves the calling process back where it was before [`Cgroup::enter_self`].
+    fn leave_self(&self) -> Result<(), CgroupError> {
+        let origin = self.origin.lock().unwrap_or_else(|p| p.into_inner()).take();
+        for d in origin.iter().flatten() {
+            write(&d.join("cgroup.procs"), &std::process::id().to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Kills whatever is left in the cgroup (never the calling process: it moves back
+    /// where it was if it had entered), then removes its directories.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        let left = self.leave_self();
+        remove_dirs(self.layout, &self.dirs)?;
+        left
     }
 
     /// Removes VM `id`'s cgroup if it exists (a jailer that was SIGKILLed left it),
@@ -224,16 +358,60 @@ impl Cgroup {
     }
 }
 
+/// For `pre_exec` (see [`Cgroup::procs_files`]): writes `0` (the calling process) to
+/// each of `procs`. Only write(2), which is async-signal-safe.
+pub fn join_in_child(procs: &[RawFd]) -> std::io::Result<()> {
+    for fd in procs {
+        // SAFETY: write(2) of one byte from a static buffer to an fd number; a bad fd
+        // is an error, not UB.
+        if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The raw numbers of `files`, for [`join_in_child`].
+pub fn raw_fds(files: &[File]) -> Vec<RawFd> {
+    files.iter().map(AsRawFd::as_raw_fd).collect()
+}
+
+/// The directory of the cgroup that `own` (the text of /proc/self/cgroup) names in the
+/// hierarchy of `dir`.
+fn origin_of(root: &Path, layout: Layout, dir: &Path, own: &str) -> Option<PathBuf> {
+    let controller = match layout {
+        Layout::V2 => None,
+        Layout::V1 => Some(dir.strip_prefix(root).ok()?.iter().next()?.to_str()?),
+    };
+    own.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let matches = match controller {
+            None => controllers.is_empty(),
+            Some(c) => controllers.split(',').any(|x| x == c),
+        };
+        let rel = path.trim_start_matches('/');
+        matches.then(|| match controller {
+            None => root.join(rel),
+            Some(c) => root.join(c).join(rel),
+        })
+    })
+}
+
 fn remove_dirs(layout: Layout, dirs: &[PathBuf]) -> Result<(), CgroupError> {
+    let me = std::process::id() as i32;
     for dir in dirs {
         let deadline = Instant::now() + REMOVE_TIMEOUT;
-        if layout == Layout::V2 && dir.join("cgroup.kill").exists() {
+        let has_me = std::fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|p| p.lines().any(|l| l.trim() == me.to_string()));
+        if layout == Layout::V2 && !has_me && dir.join("cgroup.kill").exists() {
             let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         }
         loop {
             // Processes may still be exiting: kill what is listed, retry the rmdir.
             if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let pids = procs.lines().filter_map(|l| l.trim().parse::<i32>().ok());
+                for pid in pids.filter(|p| *p != me) {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
@@ -308,6 +486,7 @@ mod tests {
         let limits = Limits {
             mem_mib: Some(256),
             cpus: Some(1.5),
+            pids: Some(512),
         };
         let cg = Cgroup::create(root.path(), "vm1", limits).unwrap();
         let dir = root.path().join("vessel/vm1");
@@ -315,9 +494,10 @@ mod tests {
         let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
         assert_eq!(read("vessel/vm1/memory.max"), (256u64 << 20).to_string());
         assert_eq!(read("vessel/vm1/cpu.max"), "150000 100000");
+        assert_eq!(read("vessel/vm1/pids.max"), "512");
         // Files overwrite, so the last controller enabled is what a plain file keeps.
-        assert_eq!(read("cgroup.subtree_control"), "+cpu");
-        assert_eq!(read("vessel/cgroup.subtree_control"), "+cpu");
+        assert_eq!(read("cgroup.subtree_control"), "+pids");
+        assert_eq!(read("vessel/cgroup.subtree_control"), "+pids");
         assert!(matches!(
             Cgroup::create(root.path(), "vm1", limits),
             Err(CgroupError::Exists { .. })
@@ -341,7 +521,7 @@ mod tests {
             "vm3",
             Limits {
                 mem_mib: Some(64),
-                cpus: None,
+                ..Limits::default()
             },
         )
         .unwrap_err();
@@ -357,19 +537,62 @@ mod tests {
             std::fs::write(root.path().join(c).join("cgroup.procs"), "").unwrap();
         }
         assert_eq!(Layout::detect(root.path()).unwrap(), Layout::V1);
-        let cg = Cgroup::create(
-            root.path(),
-            "vm4",
-            Limits {
-                mem_mib: Some(1),
-                cpus: Some(0.001),
-            },
-        )
-        .unwrap();
+        let limits = Limits {
+            mem_mib: Some(1),
+            cpus: Some(0.001),
+            pids: None,
+        };
+        let cg = Cgroup::create(root.path(), "vm4", limits).unwrap();
         let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
         assert_eq!(read("memory/vessel/vm4/memory.limit_in_bytes"), "1048576");
         assert_eq!(read("cpu/vessel/vm4/cpu.cfs_quota_us"), "1000");
         assert_eq!(cg.dirs().len(), 2);
+        assert_eq!(cg.memory_limit(), Some(1048576));
+        // No pids hierarchy: a pids limit cannot be kept, and nothing is left.
+        let e = Cgroup::create(
+            root.path(),
+            "vm5",
+            Limits {
+                pids: Some(8),
+                ..limits
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("pids controller"), "{e}");
+        assert!(!root.path().join("memory/vessel/vm5").exists());
+        assert!(Cgroup::open(root.path(), "vm5").is_none());
+        assert_eq!(Cgroup::open(root.path(), "vm4").unwrap().dirs(), cg.dirs());
+    }
+
+    #[test]
+    fn origin_from_proc_self_cgroup() {
+        let root = Path::new("/sys/fs/cgroup");
+        let hybrid = "12:pids:/user.slice/x\n4:cpu,cpuacct:/a\n3:memory:/\n0::/init.scope\n";
+        let origin = |layout, dir: &str, own| origin_of(root, layout, Path::new(dir), own);
+        assert_eq!(
+            origin(Layout::V1, "/sys/fs/cgroup/pids/vessel/x", hybrid),
+            Some("/sys/fs/cgroup/pids/user.slice/x".into())
+        );
+        assert_eq!(
+            origin(Layout::V1, "/sys/fs/cgroup/cpu/vessel/x", hybrid),
+            Some("/sys/fs/cgroup/cpu/a".into())
+        );
+        assert_eq!(
+            origin(Layout::V1, "/sys/fs/cgroup/memory/vessel/x", hybrid),
+            Some("/sys/fs/cgroup/memory/".into())
+        );
+        assert_eq!(
+            origin(
+                Layout::V2,
+                "/sys/fs/cgroup/vessel/x",
+                "0::/system.slice/c\n"
+            ),
+            Some("/sys/fs/cgroup/system.slice/c".into())
+        );
+        assert_eq!(
+            origin(Layout::V1, "/sys/fs/cgroup/blkio/vessel/x", hybrid),
+            None
+        );
     }
 
     #[test]

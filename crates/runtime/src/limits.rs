@@ -1,0 +1,149 @@
+//! Host limits of a sandbox: cgroup `vessel/<vm id>` holds every host process of the
+//! sandbox (the VMM or its jailer, virtiofsd, vhost-device-vsock, and the supervisor or
+//! shim once its pod is up), with memory, CPU and pids limits derived from the VM's
+//! size, so that a guest cannot make them take more of the host (docs/threat-model.md,
+//! "Host limits"; the `[limits]` keys in docs/configuration.md).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use vessel_cgroup::{Cgroup, Limits, CGROUP_ROOT};
+use vessel_hypervisor::Hypervisor;
+
+use crate::config::LimitsSection;
+use crate::{Error, Result};
+
+/// The cgroup limits of a sandbox with `vcpus` and `memory_mib` on `hv`, or `None` when
+/// host limits are off or the backend starts no host process.
+pub fn limits_for(
+    section: &LimitsSection,
+    hv: &dyn Hypervisor,
+    vcpus: u32,
+    memory_mib: u32,
+) -> Option<Limits> {
+    let overhead = hv.host_overhead().filter(|_| section.enabled)?;
+    let extra = section.memory_overhead_mib.unwrap_or(overhead.memory_mib);
+    Some(Limits {
+        mem_mib: Some(u64::from(memory_mib) + extra),
+        cpus: (section.extra_cpus > 0.0).then(|| f64::from(vcpus) + section.extra_cpus),
+        pids: Some(section.pids.unwrap_or(overhead.pids)),
+    })
+}
+
+/// Creates sandbox `id`'s cgroup with `limits`. One left by a supervisor that was
+/// killed (its processes died with it) is removed first; one that still has processes
+/// belongs to a running sandbox: an error.
+pub fn create(id: &str, limits: Limits) -> Result<Arc<Cgroup>> {
+    create_under(Path::new(CGROUP_ROOT), id, limits)
+}
+
+fn create_under(root: &Path, id: &str, limits: Limits) -> Result<Arc<Cgroup>> {
+    let err = |source| Error::Cgroup {
+        id: id.to_string(),
+        source,
+    };
+    if let Some(old) = Cgroup::open(root, id) {
+        if old.procs().is_empty() {
+            old.remove().map_err(err)?;
+        }
+    }
+    Cgroup::create(root, id, limits).map(Arc::new).map_err(err)
+}
+
+/// Removes sandbox `id`'s cgroup after its supervisor died, killing what is left in it.
+/// Best effort: a failure is logged.
+pub fn remove_stale(id: &str) {
+    if let Err(e) = Cgroup::remove_stale(Path::new(CGROUP_ROOT), id) {
+        log::error!("sandbox {id}: {}", crate::chain(&e));
+    }
+}
+
+/// Removes `cgroup` of sandbox `id`, logging a failure.
+pub(crate) fn remove(cgroup: &Cgroup, id: &str) {
+    if let Err(e) = cgroup.remove() {
+        log::error!(
+            "sandbox {id}: removing its host cgroup: {}",
+            crate::chain(&e)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vessel_hypervisor::HostOverhead;
+
+    #[test]
+    fn limits_follow_the_vm_size_and_the_configuration() {
+        let hv = backend();
+        let on = LimitsSection::default();
+        let l = limits_for(&on, &hv, 2, 256).unwrap();
+        assert_eq!(l.mem_mib, Some(256 + 100));
+        assert_eq!(l.cpus, Some(2.0 + on.extra_cpus));
+        assert_eq!(l.pids, Some(50));
+        let set = LimitsSection {
+            memory_overhead_mib: Some(10),
+            extra_cpus: 0.0,
+            pids: Some(7),
+            ..on.clone()
+        };
+        let l = limits_for(&set, &hv, 1, 128).unwrap();
+        assert_eq!((l.mem_mib, l.cpus, l.pids), (Some(138), None, Some(7)));
+        let off = LimitsSection {
+            enabled: false,
+            ..on
+        };
+        assert_eq!(limits_for(&off, &hv, 1, 128), None);
+    }
+
+    /// A backend with host processes and a known overhead.
+    fn backend() -> Overhead {
+        Overhead(HostOverhead {
+            memory_mib: 100,
+            pids: 50,
+        })
+    }
+
+    struct Overhead(HostOverhead);
+
+    #[async_trait::async_trait]
+    impl Hypervisor for Overhead {
+        fn name(&self) -> &'static str {
+            "overhead"
+        }
+        fn capabilities(&self) -> vessel_hypervisor::Capabilities {
+            unimplemented!()
+        }
+        fn host_overhead(&self) -> Option<HostOverhead> {
+            Some(self.0)
+        }
+        async fn launch(
+            &self,
+            _: &vessel_hypervisor::VmConfig,
+        ) -> vessel_hypervisor::Result<Box<dyn vessel_hypervisor::Vm>> {
+            unimplemented!()
+        }
+    }
+
+    #[test]
+    fn a_stale_empty_cgroup_is_replaced_and_a_busy_one_refused() {
+        // A fake v1 root: plain files where the kernel would have its own.
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("memory")).unwrap();
+        std::fs::write(root.path().join("memory/cgroup.procs"), "").unwrap();
+        let limits = Limits {
+            mem_mib: Some(64),
+            ..Limits::default()
+        };
+        let stale = root.path().join("memory/vessel/sb");
+        std::fs::create_dir_all(&stale).unwrap();
+        create_under(root.path(), "sb", limits).unwrap();
+        assert!(stale.join("memory.limit_in_bytes").is_file());
+        // A plain directory with files is not removable as a cgroup is: clear it.
+        std::fs::remove_file(stale.join("memory.limit_in_bytes")).unwrap();
+        std::fs::write(stale.join("cgroup.procs"), "4242\n").unwrap();
+        let e = create_under(root.path(), "sb", limits).unwrap_err();
+        let e = crate::chain(&e).to_string();
+        assert!(e.contains("already exists"), "{e}");
+    }
+}

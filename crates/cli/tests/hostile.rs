@@ -201,13 +201,12 @@ fn console_flood_stays_under_the_log_cap_and_the_vm_keeps_running() {
     e.assert_clean("flood");
 }
 
-/// The sandbox VM id of container `id` (its host cgroup is `vessel/<vm id>`).
-fn vm_id(e: &common::Env, id: &str) -> String {
+/// The name of container `id`'s sandbox host cgroup (`vessel/<name>`).
+fn cgroup_name(e: &common::Env, id: &str) -> String {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(e.root.join(id).join("state.json")).unwrap())
             .unwrap();
-    let vm_dir = Path::new(state["vm_dir"].as_str().unwrap());
-    vm_dir.file_name().unwrap().to_str().unwrap().to_string()
+    vessel_runtime::limits::cgroup_name(Path::new(state["vm_dir"].as_str().unwrap()))
 }
 
 fn supervisor_pid(e: &common::Env, id: &str) -> u32 {
@@ -234,7 +233,7 @@ fn a_guest_that_dirties_its_memory_and_floods_virtio_fs_stays_inside_its_host_li
     let b = e.bundle("lim", &["sh", "-c", script], |_| {});
     let started = Instant::now();
     let (out, _) = e.create("lim", &b);
-    let vm = vm_id(&e, "lim");
+    let vm = cgroup_name(&e, "lim");
     let cg = host_cgroup(&vm).expect("the sandbox has no host cgroup");
     let limit = cg.memory_limit().expect("no memory limit");
     // The VM's 256 MiB (the default size) plus the backend's overhead.
@@ -287,7 +286,7 @@ fn a_guest_that_dirties_its_memory_and_floods_virtio_fs_stays_inside_its_host_li
 
     // A supervisor SIGKILLed: its helpers die with it, delete removes the cgroup.
     e.create("lim", &b);
-    let vm = vm_id(&e, "lim");
+    let vm = cgroup_name(&e, "lim");
     let sup = supervisor_pid(&e, "lim");
     assert!(host_cgroup(&vm).is_some_and(|c| c.procs().contains(&(sup as i32))));
     nix::sys::signal::kill(

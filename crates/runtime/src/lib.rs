@@ -68,9 +68,9 @@ pub enum Error {
     Exists(String),
     /// template
     Template(#[source] template::TemplateError),
-    /// host cgroup of sandbox {id} (host limits: `[limits]` in the configuration)
+    /// host cgroup vessel/{name} (host limits: `[limits]` in the configuration)
     Cgroup {
-        id: String,
+        name: String,
         source: vessel_cgroup::CgroupError,
     },
 }

@@ -1,4 +1,4 @@
-//! Host limits of a sandbox: cgroup `vessel/<vm id>` holds every host process of the
+//! Host limits of a sandbox: cgroup `vessel/<vm id>-<hash>` holds every host process of the
 //! sandbox (the VMM or its jailer, virtiofsd, vhost-device-vsock, and the supervisor or
 //! shim once its pod is up), with memory, CPU and pids limits derived from the VM's
 //! size, so that a guest cannot make them take more of the host (docs/threat-model.md,
@@ -30,31 +30,51 @@ pub fn limits_for(
     })
 }
 
-/// Creates sandbox `id`'s cgroup with `limits`. One left by a supervisor that was
-/// killed (its processes died with it) is removed first; one that still has processes
-/// belongs to a running sandbox: an error.
-pub fn create(id: &str, limits: Limits) -> Result<Arc<Cgroup>> {
-    create_under(Path::new(CGROUP_ROOT), id, limits)
+/// The cgroup name (under `vessel/`) of the sandbox whose run directory is `run_dir`:
+/// its id and a hash of the directory, so that two state roots (two containerds, a
+/// CLI and a shim) never share one.
+pub fn cgroup_name(run_dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    // FNV-1a: stable across builds (the name must be found again after a crash).
+    let hash = run_dir
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let id = run_dir.file_name().unwrap_or_default().to_string_lossy();
+    format!("{id}-{:08x}", hash as u32)
 }
 
-fn create_under(root: &Path, id: &str, limits: Limits) -> Result<Arc<Cgroup>> {
+/// Creates cgroup `vessel/<name>` ([`cgroup_name`]) with `limits`. One left by a
+/// supervisor that was killed (its processes died with it) is removed first; one that
+/// still has processes belongs to a running sandbox: an error.
+pub fn create(name: &str, limits: Limits) -> Result<Arc<Cgroup>> {
+    create_under(Path::new(CGROUP_ROOT), name, limits)
+}
+
+fn create_under(root: &Path, name: &str, limits: Limits) -> Result<Arc<Cgroup>> {
     let err = |source| Error::Cgroup {
-        id: id.to_string(),
+        name: name.to_string(),
         source,
     };
-    if let Some(old) = Cgroup::open(root, id) {
+    if let Some(old) = Cgroup::open(root, name) {
         if old.procs().is_empty() {
             old.remove().map_err(err)?;
         }
     }
-    Cgroup::create(root, id, limits).map(Arc::new).map_err(err)
+    Cgroup::create(root, name, limits)
+        .map(Arc::new)
+        .map_err(err)
 }
 
-/// Removes sandbox `id`'s cgroup after its supervisor died, killing what is left in it.
-/// Best effort: a failure is logged.
-pub fn remove_stale(id: &str) {
-    if let Err(e) = Cgroup::remove_stale(Path::new(CGROUP_ROOT), id) {
-        log::error!("sandbox {id}: {}", crate::chain(&e));
+/// Removes the cgroup of the sandbox whose run directory is `run_dir` after its
+/// supervisor died, killing what is left in it. Best effort: a failure is logged.
+pub fn remove_stale(run_dir: &Path) {
+    let name = cgroup_name(run_dir);
+    if let Err(e) = Cgroup::remove_stale(Path::new(CGROUP_ROOT), &name) {
+        log::error!("sandbox cgroup {name}: {}", crate::chain(&e));
     }
 }
 
@@ -123,6 +143,19 @@ mod tests {
         ) -> vessel_hypervisor::Result<Box<dyn vessel_hypervisor::Vm>> {
             unimplemented!()
         }
+    }
+
+    #[test]
+    fn names_are_the_id_and_a_stable_hash_of_the_run_dir() {
+        let a = cgroup_name(Path::new("/run/vessel/pod1"));
+        assert!(
+            a.starts_with("pod1-") && a.len() == "pod1-".len() + 8,
+            "{a}"
+        );
+        assert_eq!(a, cgroup_name(Path::new("/run/vessel/pod1")));
+        assert_ne!(a, cgroup_name(Path::new("/tmp/x/pod1")));
+        // FNV-1a of the path, low 32 bits: fixed, so a newer build finds an old cgroup.
+        assert_eq!(cgroup_name(Path::new("/a")), "a-b49cd92d");
     }
 
     #[test]

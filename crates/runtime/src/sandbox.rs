@@ -105,7 +105,8 @@ impl Sandbox {
         let channel = config.channel;
         let run_dir = create_run_dir(&config.state_root, &spec.id)?;
         let limits = limits::limits_for(&config.limits, hv, spec.vcpus, spec.memory_mib);
-        let res = match limits.map(|l| limits::create(&spec.id, l)).transpose() {
+        let cgroup = limits::cgroup_name(&run_dir);
+        let res = match limits.map(|l| limits::create(&cgroup, l)).transpose() {
             Ok(cgroup) => Self::boot_in(config, hv, spec, channel, &run_dir, cgroup).await,
             Err(e) => Err(e),
         };
@@ -268,7 +269,8 @@ impl Sandbox {
         let channel = info.channel;
         let run_dir = create_run_dir(&config.state_root, id)?;
         let limits = limits::limits_for(&config.limits, hv, info.vcpus, info.memory_mib);
-        let cgroup = match limits.map(|l| limits::create(id, l)).transpose() {
+        let name = limits::cgroup_name(&run_dir);
+        let cgroup = match limits.map(|l| limits::create(&name, l)).transpose() {
             Ok(cg) => cg,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&run_dir);
@@ -396,7 +398,7 @@ impl Sandbox {
     pub fn enter_host_cgroup(&self) -> Result<()> {
         match &self.cgroup {
             Some(cg) => cg.enter_self().map_err(|source| Error::Cgroup {
-                id: self.id.clone(),
+                name: limits::cgroup_name(&self.run_dir),
                 source,
             }),
             None => Ok(()),

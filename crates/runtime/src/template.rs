@@ -276,6 +276,7 @@ fn probe(config: &Config, spec: &SandboxSpec) -> VmConfig {
         shared_dirs: spec.shared_dirs.clone(),
         nics: spec.nics.clone(),
         netns: None,
+        cgroup: None,
     }
 }
 

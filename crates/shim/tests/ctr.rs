@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::{processes_mentioning, wait_until, Containerd, IMAGE, RUNTIME};
@@ -73,6 +74,23 @@ fn exec_ps_pause_metrics_kill() {
         "1000",
     ]);
     assert!(out.status.success(), "{}", c.log_tail());
+    // The pod's host processes, the shim included, are in its host cgroup.
+    let cgroup = vessel_runtime::limits::cgroup_name(&c.state_root.join("bg"));
+    let cg = vessel_cgroup::Cgroup::open(Path::new(vessel_cgroup::CGROUP_ROOT), &cgroup)
+        .expect("the pod has no host cgroup");
+    let shim: u32 = common::cri::shims(&c)[0]
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let host = vessel_testutil::self_and_descendants(shim);
+    let procs = cg.procs();
+    assert!(host.len() >= 5, "shim, QEMU, virtiofsd x2, vsock: {host:?}");
+    assert!(
+        host.iter().all(|p| procs.contains(&(*p as i32))),
+        "{host:?} not all in {procs:?}"
+    );
 
     let out = c.ctr(&[
         "task",
@@ -118,6 +136,12 @@ fn exec_ps_pause_metrics_kill() {
     assert!(c.ctr(&["task", "rm", "bg"]).status.success());
     assert!(c.ctr(&["container", "rm", "bg"]).status.success());
     assert_clean(&c);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            vessel_cgroup::Cgroup::open(Path::new(vessel_cgroup::CGROUP_ROOT), &cgroup).is_none()
+        }),
+        "cgroup vessel/{cgroup} left"
+    );
 }
 
 #[test]

@@ -229,9 +229,7 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
         let _ = std::fs::remove_dir_all(&c.state.vm_dir);
     }
     // A supervisor that was killed left the sandbox's host cgroup.
-    if let Some(vm_id) = c.state.vm_dir.file_name().and_then(|n| n.to_str()) {
-        crate::limits::remove_stale(vm_id);
-    }
+    crate::limits::remove_stale(&c.state.vm_dir);
     // A supervisor that was killed left its tc qdiscs on the namespace's links.
     crate::network::undo_recorded(root, id).await;
     crate::network::remove_owned_netns(root, id);

@@ -941,7 +941,7 @@ impl Pod {
             let _ = std::fs::remove_file(&pids);
         }
         crate::network::remove_owned_netns(&config.state_root, id);
-        crate::limits::remove_stale(id);
+        crate::limits::remove_stale(&config.state_root.join(id));
         if let Err(e) = share::cleanup_tree(&share_dir(config, id)) {
             log::error!("pod {id}: {e}; left in place");
         }

@@ -123,14 +123,16 @@ impl Scratch {
             .arg(format!("{}:/boot/guest.elf", env.guest.display()))
             .arg("--rw-bind")
             .arg(format!("{}:/run", self.run.display()))
-            .args([
+            .args(["--rlimit-nofile", "1024"]);
+        if !extra.contains(&"--no-cgroup") {
+            c.args([
                 "--cgroup-mem-mib",
                 &MEM_MIB.to_string(),
                 "--cgroup-cpus",
                 "1",
-            ])
-            .args(["--rlimit-nofile", "1024"])
-            .args(extra)
+            ]);
+        }
+        c.args(extra)
             .args(["--", "--kernel", "/boot/guest.elf", "--mem-mib", "32"])
             .args(["--cmdline", &format!("mode={mode}")])
             .args([
@@ -388,6 +390,50 @@ fn running_vmm_is_confined_and_its_api_answers() {
     assert_eq!(j.wait(), 0);
     assert!(!pid_alive(vmm), "VMM still alive");
     s.assert_clean();
+}
+
+/// As vessel-runtime runs it: started inside the sandbox's host cgroup (joined before
+/// exec) with `--no-cgroup`, the jailer makes no cgroup of its own and its VMM stays in
+/// the caller's, under its limits.
+#[test]
+fn with_no_cgroup_the_vmm_stays_in_the_cgroup_it_was_started_in() {
+    let Some(env) = env("with_no_cgroup_the_vmm_stays_in_the_cgroup_it_was_started_in") else {
+        return;
+    };
+    use std::os::unix::process::CommandExt;
+    use vessel_jailer::cgroup::{join_in_child, raw_fds, Cgroup, Limits, CGROUP_ROOT};
+    let s = scratch("nocg");
+    let name = format!("{}-sandbox", s.id);
+    let limits = Limits {
+        mem_mib: Some(MEM_MIB),
+        ..Limits::default()
+    };
+    let sandbox = Cgroup::create(Path::new(CGROUP_ROOT), &name, limits).unwrap();
+    let procs = sandbox.procs_files().unwrap();
+    let fds = raw_fds(&procs);
+    let mut c = s.command(&env, "idle", &["--no-cgroup"]);
+    // SAFETY: join_in_child only calls write(2) on fds `procs` keeps open until spawn.
+    unsafe {
+        c.pre_exec(move || join_in_child(&fds));
+    }
+    let mut j = Jailer(Some(c.env("VESSEL_VMM_LOG", "warn").spawn().unwrap()));
+    drop(procs);
+    s.wait_serial("IDLE");
+    let vmm = j.child_pid();
+    let inside = sandbox.procs();
+    assert!(
+        inside.contains(&(j.pid() as i32)) && inside.contains(&(vmm as i32)),
+        "jailer {} and VMM {vmm} not both in {name}: {inside:?}",
+        j.pid()
+    );
+    for d in s.cgroup_dirs() {
+        assert!(!d.exists(), "the jailer made {}", d.display());
+    }
+    signal(j.pid(), Signal::SIGTERM);
+    assert_eq!(j.wait(), 0);
+    s.assert_clean();
+    assert!(sandbox.procs().is_empty(), "{:?}", sandbox.procs());
+    sandbox.remove().unwrap();
 }
 
 #[test]

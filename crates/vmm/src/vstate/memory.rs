@@ -215,7 +215,8 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, shared_memfd: bool) -> Result<()
                 // does not write it meanwhile.
                 let page = unsafe { std::slice::from_raw_parts(base.add(at), m) };
                 if !is_zero(page) {
-                    file.seek(SeekFrom::Start(offset + at as u64)).map_err(err)?;
+                    file.seek(SeekFrom::Start(offset + at as u64))
+                        .map_err(err)?;
                     file.write_all(page).map_err(err)?;
                 }
                 at += m;

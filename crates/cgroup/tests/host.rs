@@ -17,6 +17,10 @@ fn root() -> Option<&'static Path> {
     Some(root)
 }
 
+/// Tests that move this process take turns: each compares /proc/self/cgroup before and
+/// after.
+static MOVES_SELF: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn own_cgroups() -> String {
     std::fs::read_to_string("/proc/self/cgroup").unwrap()
 }
@@ -66,6 +70,7 @@ fn a_child_runs_inside_from_exec_and_the_memory_limit_is_enforced() {
 #[test]
 fn the_caller_enters_and_goes_back_before_removal() {
     let Some(root) = root() else { return };
+    let _turn = MOVES_SELF.lock().unwrap_or_else(|p| p.into_inner());
     let name = format!("cgtest-{}-self", std::process::id());
     let before = own_cgroups();
     let cg = Cgroup::create(root, &name, Limits::default()).unwrap();
@@ -76,4 +81,40 @@ fn the_caller_enters_and_goes_back_before_removal() {
     cg.remove().unwrap();
     assert_eq!(own_cgroups(), before);
     assert!(Cgroup::open(root, &name).is_none());
+}
+
+/// The cgroup v2 code paths (one directory, `0::` origin, `cgroup.kill`) on a host whose
+/// root is v1: its unified hierarchy, without controllers (they are bound to v1 there).
+/// Where the root is v2 itself, the tests above take these paths.
+#[test]
+fn v2_paths_on_the_unified_hierarchy_of_a_hybrid_host() {
+    let Some(_) = root() else { return };
+    let unified = Path::new(CGROUP_ROOT).join("unified");
+    if !unified.join("cgroup.controllers").is_file() {
+        return;
+    }
+    let name = format!("cgtest-{}-v2", std::process::id());
+    let cg = Cgroup::create(&unified, &name, Limits::default()).unwrap();
+    assert_eq!(cg.dirs(), [unified.join("vessel").join(&name)]);
+    let procs = cg.procs_files().unwrap();
+    let fds = raw_fds(&procs);
+    let mut cmd = Command::new("sleep");
+    cmd.arg("60");
+    // SAFETY: join_in_child only calls write(2) on fds `procs` keeps open until spawn.
+    unsafe {
+        cmd.pre_exec(move || join_in_child(&fds));
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(procs);
+    let _turn = MOVES_SELF.lock().unwrap_or_else(|p| p.into_inner());
+    let before = own_cgroups();
+    cg.enter_self().unwrap();
+    let mut want = vec![std::process::id() as i32, child.id() as i32];
+    want.sort_unstable();
+    assert_eq!(cg.procs(), want);
+    // The caller moves back; the child is killed (cgroup.kill, or SIGKILL per process).
+    cg.remove().unwrap();
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+    assert_eq!(own_cgroups(), before);
+    assert!(Cgroup::open(&unified, &name).is_none());
 }

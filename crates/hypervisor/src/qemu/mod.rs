@@ -121,7 +121,7 @@ impl Hypervisor for Qemu {
         Some(HostOverhead {
             memory_mib: match self.accelerator {
                 // Measured under TCG (docs/threat-model.md, "Host limits"): the
-                // sandbox's processes were charged 103 MiB beyond the 256 MiB of
+                // sandbox's processes were charged 88-129 MiB beyond the 256 MiB of
                 // guest RAM the guest dirtied, most of it QEMU's translation cache
                 // (capped at cmdline::TCG_TB_SIZE_MIB).
                 Accelerator::Tcg => 192,

@@ -176,6 +176,7 @@ pub fn run(
         ),
     }
     r.line("templates", templates_line(config));
+    r.line("host limits", limits_line(config));
     if !r.problems.is_empty() {
         println!("result:          this host cannot run sandboxes:");
         for p in &r.problems {
@@ -315,6 +316,14 @@ pub fn templates_line(config: &Config) -> String {
             Err(why) => format!("cold boot only: {why}"),
         },
         Err(e) => format!("cold boot only: no backend ({})", vessel_runtime::chain(&e)),
+    }
+}
+
+/// The host limits sandboxes get (docs/threat-model.md, "Host limits").
+pub fn limits_line(config: &Config) -> String {
+    match vessel_runtime::backend::hypervisor(config) {
+        Ok(hv) => vessel_runtime::limits::describe(&config.limits, hv.as_ref()),
+        Err(e) => format!("no backend ({})", vessel_runtime::chain(&e)),
     }
 }
 

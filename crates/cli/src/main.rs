@@ -187,6 +187,7 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
             println!("# effective configuration (from {})", config_path.display());
             print!("{}", toml::to_string(&ctx.config)?);
             println!("# templates: {}", check::templates_line(&ctx.config));
+            println!("# host limits: {}", check::limits_line(&ctx.config));
             Ok(ExitCode::SUCCESS)
         }
         Command::Create(a) => create::run(&ctx, a),

@@ -30,6 +30,26 @@ pub fn limits_for(
     })
 }
 
+/// One line for `vessel env` and `vessel check`: the limits a sandbox of this
+/// configuration gets on `hv`, in terms of its VM's size.
+pub fn describe(section: &LimitsSection, hv: &dyn Hypervisor) -> String {
+    let Some(overhead) = hv.host_overhead() else {
+        return format!("none ({} starts no host process)", hv.name());
+    };
+    if !section.enabled {
+        return "off (limits.enabled = false)".into();
+    }
+    let cpus = match section.extra_cpus {
+        x if x > 0.0 => format!("vCPUs + {x}"),
+        _ => "no limit".into(),
+    };
+    format!(
+        "cgroup vessel/<vm id>-<hash> per sandbox: memory = VM + {} MiB, CPUs = {cpus}, pids {}",
+        section.memory_overhead_mib.unwrap_or(overhead.memory_mib),
+        section.pids.unwrap_or(overhead.pids)
+    )
+}
+
 /// The cgroup name (under `vessel/`) of the sandbox whose run directory is `run_dir`:
 /// its id and a hash of the directory, so that two state roots (two containerds, a
 /// CLI and a shim) never share one.
@@ -114,6 +134,11 @@ mod tests {
             ..on
         };
         assert_eq!(limits_for(&off, &hv, 1, 128), None);
+        assert_eq!(describe(&off, &hv), "off (limits.enabled = false)");
+        assert_eq!(
+            describe(&set, &hv),
+            "cgroup vessel/<vm id>-<hash> per sandbox: memory = VM + 10 MiB, CPUs = no limit, pids 7"
+        );
     }
 
     /// A backend with host processes and a known overhead.

@@ -532,6 +532,53 @@ fn terminal_belongs_to_the_process_user_and_an_ro_dev_mount_is_read_only() {
 }
 
 #[test]
+fn terminal_belongs_to_the_process_user_in_a_user_namespace() {
+    let Some(e) = env() else { return };
+    // As runc hands it over inside the namespace: the process sees its own
+    // uid, for init and for `exec -t` (which must be in the namespace).
+    let b = e.bundle("b", &["sh"], |c| {
+        c["process"]["terminal"] = true.into();
+        c["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "user"}));
+        let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        c["linux"]["uidMappings"] = map.clone();
+        c["linux"]["gidMappings"] = map;
+    });
+    let pty = Pty::open(24, 80);
+    let mut reader = pty.reader();
+    let mut cmd = e.cmd();
+    cmd.args(["run", "--bundle", b.to_str().unwrap(), "ownu"]);
+    let mut child = pty.spawn(cmd);
+    pty.write("echo init-owner=$(stat -L -c %u:%g /proc/self/fd/0)\n");
+    let out = reader.until("init-owner=1", T);
+    assert!(out.contains("init-owner=1000:5"), "{out:?}");
+    let pty2 = Pty::open(24, 80);
+    let mut reader2 = pty2.reader();
+    let mut cmd = e.cmd();
+    cmd.args(["exec", "-t", "--user", "1000:1000", "ownu"])
+        .args(["stat", "-L", "-c", "exec-owner=%u:%g", "/proc/self/fd/0"]);
+    let mut exec_t = pty2.spawn(cmd);
+    assert_eq!(exit_code(&mut exec_t), Some(0));
+    let out = reader2.until("exec-owner=1000:5", T);
+    assert!(out.contains("exec-owner=1000:5"), "{out:?}");
+    // An exec joins the container's user namespace too (runc's userns.bats
+    // "exec"), as the container's user (1000) by default.
+    let (code, out, err) = exec(&e, &["ownu", "sh", "-c", "cat /proc/self/uid_map; id -u"]);
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        (code, words),
+        (Some(0), vec!["0", "100000", "65536", "1000"]),
+        "{err}"
+    );
+    pty.write("exit\n");
+    assert_eq!(exit_code(&mut child), Some(0));
+    e.assert_clean("ownu");
+}
+
+#[test]
 fn seccomp_profile_loads_without_no_new_privileges() {
     let Some(e) = env() else { return };
     // runc's seccomp.bats runs profiles with noNewPrivileges false: the

@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
-use oci_spec::runtime::{Hook, LinuxNamespaceType, Spec};
+use oci_spec::runtime::{Hook, Spec};
 
 use super::seccomp;
 
@@ -242,13 +242,7 @@ fn wait_for_tty_owner(spec: &Spec) {
         return;
     };
     let uid = nix::unistd::getuid().as_raw();
-    // In a user namespace the agent's owner shows mapped (or not at all).
-    let user_ns = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User));
-    if !p.terminal().unwrap_or(false) || uid == 0 || user_ns {
+    if !p.terminal().unwrap_or(false) || uid == 0 {
         return;
     }
     let deadline = Instant::now() + TTY_OWNER_WAIT;

@@ -36,8 +36,12 @@ pub enum HelperOp {
         bundle: PathBuf,
         start_hooks: Vec<oci_spec::runtime::Hook>,
     },
-    /// Run the process in `process_json` in the running container.
-    Exec { process_json: PathBuf },
+    /// Run the process in `process_json` in the running container, whose
+    /// init is `init_pid` (its user namespace is joined first).
+    Exec {
+        process_json: PathBuf,
+        init_pid: i32,
+    },
     /// Remount `path` read-only in the mount namespace of process `pid`
     /// (a created container's init, waiting for start). Result: pid 0.
     RemountReadOnly { pid: i32, path: PathBuf },
@@ -234,21 +238,47 @@ fn build(req: &HelperRequest) -> Result<i32, String> {
                 .ok_or_else(|| "libcontainer created the container but reports no pid".into())
         }
         HelperOp::RemountReadOnly { pid, path } => remount_read_only(*pid, path).map(|()| 0),
-        HelperOp::Exec { process_json } => builder
-            .with_executor(VesselExecutor::new(
-                req.container_id.clone(),
-                PathBuf::new(),
-                Vec::new(),
-                None,
-            ))
-            .as_tenant()
-            .with_detach(true)
-            .as_sibling(true)
-            .with_process(Some(process_json))
-            .build()
-            .map(|p| p.as_raw())
-            .map_err(|e| format!("exec in container {}: {e}", req.container_id)),
+        HelperOp::Exec {
+            process_json,
+            init_pid,
+        } => {
+            join_user_namespace(*init_pid)?;
+            builder
+                .with_executor(VesselExecutor::new(
+                    req.container_id.clone(),
+                    PathBuf::new(),
+                    Vec::new(),
+                    None,
+                ))
+                .as_tenant()
+                .with_detach(true)
+                .as_sibling(true)
+                .with_process(Some(process_json))
+                .build()
+                .map(|p| p.as_raw())
+                .map_err(|e| format!("exec in container {}: {e}", req.container_id))
+        }
     }
+}
+
+/// Enters the user namespace of process `pid` if it has its own.
+/// libcontainer 0.7's exec joins the container's other namespaces but not
+/// its user namespace (its tenant builder leaves "user" out), so the
+/// process would run as the VM's root; from here it inherits this one.
+/// The helper keeps full capabilities in it (it is the namespace's
+/// parent's root) and its file accesses keep its VM ids.
+fn join_user_namespace(pid: i32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = format!("/proc/{pid}/ns/user");
+    let theirs = std::fs::metadata(&path).map_err(|e| format!("{path}: {e}"))?;
+    let ours =
+        std::fs::metadata("/proc/self/ns/user").map_err(|e| format!("own user namespace: {e}"))?;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return Ok(());
+    }
+    let ns = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| format!("enter the user namespace of {pid}: {e}"))
 }
 
 /// Enters the mount namespace of `pid` (its root: the container's, after

@@ -25,7 +25,7 @@ use libcontainer::container::{Container as LcContainer, ContainerStatus};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
-use oci_spec::runtime::LinuxNamespaceType;
+use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType};
 use tokio::sync::watch;
 use vessel_protocol::agent::{StdioConfig, Storage};
 use vessel_protocol::id::valid_id;
@@ -168,6 +168,8 @@ struct Container {
     storages: Vec<PathBuf>,
     /// Read end of the start report pipe (see [`executor`]), until start.
     start_report: Option<OwnedFd>,
+    /// The user namespace's uid mappings (none: no user namespace).
+    uid_mappings: Vec<LinuxIdMapping>,
 }
 
 /// All containers of this guest.
@@ -252,6 +254,7 @@ impl Containers {
             }
         }
         let mut mounted = Vec::new();
+        let uid_map = uid_mappings(&spec);
         let res = self
             .create_inner(id, &spec, start_hooks, storages, stdio, &mut mounted)
             .await;
@@ -266,6 +269,7 @@ impl Containers {
                         execs: HashMap::new(),
                         storages: mounted,
                         start_report,
+                        uid_mappings: uid_map,
                     },
                 );
                 Ok(pid)
@@ -309,7 +313,7 @@ impl Containers {
             .map_err(|e| ContainerError::Failed(format!("encode config.json: {e}")))?;
         std::fs::write(bundle.join("config.json"), json).map_err(io_err("write config.json"))?;
         let process = spec.process().as_ref().ok_or(spec::SpecError::NoProcess)?;
-        let tty = Tty::of(process);
+        let tty = Tty::of(process, &uid_mappings(spec));
         let own_pid_ns = spec
             .linux()
             .as_ref()
@@ -488,7 +492,7 @@ impl Containers {
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(spec::SpecError::NoArgs.into());
         }
-        {
+        let (uid_map, init_pid) = {
             let map = lock(&self.map);
             let c = map
                 .get(id)
@@ -502,13 +506,15 @@ impl Containers {
                     "container is stopped; exec needs a running container".into(),
                 ));
             }
-        }
+            (c.uid_mappings.clone(), c.init.pid)
+        };
         let path = self.bundle(id).join(format!("exec-{exec_id}.json"));
         let json = serde_json::to_vec(&process).map_err(ContainerError::ProcessJson)?;
         std::fs::write(&path, json)
             .map_err(|e| ContainerError::Io(format!("write {}", path.display()), e))?;
         let op = HelperOp::Exec {
             process_json: path.clone(),
+            init_pid,
         };
         // runc execs into a created container (its init waits for start in
         // its namespaces); libcontainer's tenant builder insists on a
@@ -526,7 +532,7 @@ impl Containers {
                 id,
                 op,
                 &format!("exec-{exec_id}"),
-                Tty::of(&process),
+                Tty::of(&process, &uid_map),
                 stdio,
                 None,
                 None,
@@ -795,10 +801,12 @@ struct Tty {
 }
 
 impl Tty {
-    fn of(p: &oci_spec::runtime::Process) -> Option<Tty> {
+    /// `uid_mappings`: the container's user namespace's, through which the
+    /// process's uid is the agent's (runc hands it over inside the namespace).
+    fn of(p: &oci_spec::runtime::Process, uid_mappings: &[LinuxIdMapping]) -> Option<Tty> {
         p.terminal().unwrap_or(false).then(|| Tty {
             size: p.console_size().map(|s| (s.height(), s.width())),
-            uid: p.user().uid(),
+            uid: outside_id(p.user().uid(), uid_mappings),
         })
     }
 
@@ -810,6 +818,31 @@ impl Tty {
             log::warn!("pty owner {}: {e}", self.uid);
         }
     }
+}
+
+/// The uid mappings of a spec's user namespace (empty without one).
+fn uid_mappings(spec: &oci_spec::runtime::Spec) -> Vec<LinuxIdMapping> {
+    let Some(linux) = spec.linux().as_ref() else {
+        return Vec::new();
+    };
+    let user_ns = linux
+        .namespaces()
+        .as_ref()
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User));
+    if !user_ns {
+        return Vec::new();
+    }
+    linux.uid_mappings().clone().unwrap_or_default()
+}
+
+/// `id` inside a user namespace with `mappings`, as the agent sees it (the
+/// same id without mappings or when none covers it).
+fn outside_id(id: u32, mappings: &[LinuxIdMapping]) -> u32 {
+    mappings
+        .iter()
+        .find(|m| id >= m.container_id() && id - m.container_id() < m.size())
+        .and_then(|m| m.host_id().checked_add(id - m.container_id()))
+        .unwrap_or(id)
 }
 
 /// Hands the slave of the pty `master` to `uid`, keeping its group (the
@@ -852,4 +885,25 @@ pub fn prepare_work_dir(work: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(work.join(d))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_map_out_of_a_user_namespace() {
+        let maps: Vec<LinuxIdMapping> = serde_json::from_str(
+            r#"[{"containerID": 0, "hostID": 100000, "size": 65536},
+                {"containerID": 70000, "hostID": 4294967290, "size": 100}]"#,
+        )
+        .unwrap();
+        assert_eq!(outside_id(1000, &maps), 101000);
+        assert_eq!(outside_id(0, &maps), 100000);
+        assert_eq!(outside_id(65536, &maps), 65536);
+        assert_eq!(outside_id(70001, &maps), 4294967291);
+        // Past u32: left as is.
+        assert_eq!(outside_id(70010, &maps), 70010);
+        assert_eq!(outside_id(1000, &[]), 1000);
+    }
 }

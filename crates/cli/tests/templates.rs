@@ -31,8 +31,13 @@ fn run_logged(e: &Env, bundle: &Path, id: &str) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), log)
 }
 
+/// This test's own templates directory (the other tests share one).
+fn own_templates(e: &Env) -> std::path::PathBuf {
+    e.dir.path().join("templates")
+}
+
 fn templates(e: &Env) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(e.root.join("templates"))
+    let mut names: Vec<String> = std::fs::read_dir(own_templates(e))
         .into_iter()
         .flatten()
         .flatten()
@@ -56,6 +61,9 @@ fn second_run_starts_from_the_template_and_a_new_kernel_rebuilds_it() {
         &format!("\"{}\"", kernel.display()),
     );
     assert!(config.contains(kernel.to_str().unwrap()), "{config}");
+    let shared = format!("\"{}\"", vessel_testutil::templates_dir().display());
+    assert!(config.contains(&shared), "{config}");
+    let config = config.replace(&shared, &format!("\"{}\"", own_templates(&e).display()));
     std::fs::write(&e.config, config).unwrap();
     let env_out = e.run(&["env"]);
     let env_text = String::from_utf8_lossy(&env_out.stdout).into_owned();
@@ -86,7 +94,7 @@ fn second_run_starts_from_the_template_and_a_new_kernel_rebuilds_it() {
     assert!(!log.contains("started from template"), "{log}");
     let made = templates(&e);
     assert_eq!(made.len(), 1, "{made:?}");
-    let mode = std::fs::metadata(e.root.join("templates").join(&made[0]))
+    let mode = std::fs::metadata(own_templates(&e).join(&made[0]))
         .unwrap()
         .permissions();
     assert_eq!(
@@ -119,6 +127,14 @@ fn second_run_starts_from_the_template_and_a_new_kernel_rebuilds_it() {
         "{log}"
     );
     assert!(log.contains("restored from"), "{log}");
+    // And again: a template a jailed VMM restored from (its group may now read it)
+    // is still used.
+    let (out, log) = run_logged(&e, &first, "t2b");
+    assert_eq!(out, "first\n");
+    assert!(
+        log.contains(&format!("started from template {}", made[0])),
+        "{log}"
+    );
 
     // A reinstalled kernel (same bytes, new file times): a new template, the old
     // one is not used.

@@ -13,7 +13,8 @@
 //! The key is a digest of the inputs. Files are named by their metadata
 //! (device, inode, size, modification and change times): a kernel or initramfs
 //! that is rewritten, even in place, changes its change time and so the key. A
-//! template directory is used only if it is the runtime user's, mode 0700, and its
+//! template directory is used only if it is the runtime user's, writable only by it
+//! and unreadable by others (0700; 0750 after a jailed VMM's group was let read it), and its
 //! files still match `template.json` (sizes and modification times of every
 //! file, SHA-256 of the small ones); anything else is removed and rebuilt.
 
@@ -286,9 +287,11 @@ fn check(dir: &Path, inputs: &Inputs) -> std::result::Result<(), TemplateError> 
     let meta = std::fs::symlink_metadata(dir).map_err(|e| TemplateError::Io(dir.into(), e))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+    // 0700 as made; 0750 once a jailed VMM restored it (its group reads it: see
+    // vessel_hypervisor::builtin::jail::grant_snapshot_read). Never writable but by us.
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o027 != 0 {
         return Err(invalid(format!(
-            "not a directory of uid {me} with mode 0700 (uid {}, mode {:o})",
+            "not a directory of uid {me} that only it can write and others cannot read (uid {}, mode {:o})",
             meta.uid(),
             meta.mode() & 0o7777
         )));
@@ -461,11 +464,19 @@ mod tests {
         assert!(e.to_string().contains("files changed"), "{e}");
         write_template(&tmp.path().join("t2"), &i);
 
-        // A directory others can read.
+        // Readable by the jail's group (after a jailed restore): used.
         let t2 = tmp.path().join("t2");
-        std::fs::set_permissions(&t2, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let e = check(&t2, &i).unwrap_err();
-        assert!(e.to_string().contains("mode 0700"), "{e}");
+        std::fs::set_permissions(&t2, std::fs::Permissions::from_mode(0o750)).unwrap();
+        check(&t2, &i).unwrap();
+        // Readable by others, or writable by the group: not used.
+        for mode in [0o755, 0o770] {
+            std::fs::set_permissions(&t2, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = check(&t2, &i).unwrap_err();
+            assert!(
+                e.to_string().contains("others cannot read"),
+                "{mode:o}: {e}"
+            );
+        }
 
         // Missing: NotFound (no warning, just built).
         assert!(matches!(

@@ -109,6 +109,24 @@ async fn cri_pods_on_a_cni_bridge_get_its_addresses_serve_the_host_and_reach_eac
         );
     }
 
+    // Each guest NIC has its own pod's MAC (CNI's eth0's), also the second pod's,
+    // which is a clone of a template made from the first (docs/snapshots.md): its
+    // device kept the template's MAC until the agent gave it its own. Two guests
+    // with one MAC on one bridge would break the bridge's forwarding.
+    let mut macs = Vec::new();
+    for (ctr, ns) in [ctr_a, ctr_b].into_iter().zip(&held) {
+        let (code, mac) = exec(&mut rt, ctr, &["cat", "/sys/class/net/eth0/address"]).await;
+        assert_eq!(code, 0, "{mac}");
+        let mac = mac.trim().to_string();
+        assert!(
+            ns.links().contains(&format!("link/ether {mac} ")),
+            "guest MAC {mac} is not its pod's eth0's: {}",
+            ns.links()
+        );
+        macs.push(mac);
+    }
+    assert_ne!(macs[0], macs[1], "two pods' guests share a MAC");
+
     // Host -> pod over the bridge.
     for (ip, body) in [(ip_a, body_a), (ip_b, body_b)] {
         let url = format!("http://{ip}/");

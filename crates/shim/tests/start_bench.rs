@@ -50,11 +50,11 @@ struct Switch {
 
 impl Switch {
     fn set(&self, on: bool) {
-        std::fs::write(
-            &self.path,
-            format!("{}\n[templates]\nenabled = {on}\n", self.base),
-        )
-        .unwrap();
+        let text = self
+            .base
+            .replace("[templates]\n", &format!("[templates]\nenabled = {on}\n"));
+        assert_ne!(text, self.base, "no [templates] table in {}", self.base);
+        std::fs::write(&self.path, text).unwrap();
     }
 }
 

@@ -105,19 +105,31 @@ pub fn write_config(path: &Path, state_root: &Path, guest: &Path) {
     write_config_for(path, state_root, guest, TestHypervisor::from_env());
 }
 
-/// [`write_config`] for backend `hv`.
+/// [`write_config`] for backend `hv`. Every test shares one templates directory
+/// ([`templates_dir`]), as every sandbox of a host does: a shape's template is made once
+/// per test run (or per KVM lane boot), and the tests' sandboxes are clones of it.
 pub fn write_config_for(path: &Path, state_root: &Path, guest: &Path, hv: TestHypervisor) {
     let (top, tables) = hv.config_keys();
     std::fs::write(
         path,
         format!(
-            "state_root = \"{}\"\nguest_kernel = \"{}\"\nguest_initramfs = \"{}\"\n{top}{tables}",
+            "state_root = \"{}\"\nguest_kernel = \"{}\"\nguest_initramfs = \"{}\"\n{top}{tables}[templates]\ndir = \"{}\"\n",
             state_root.display(),
             guest.join("vmlinux").display(),
-            guest.join("initramfs.cpio.gz").display()
+            guest.join("initramfs.cpio.gz").display(),
+            templates_dir().display()
         ),
     )
     .unwrap();
+}
+
+/// The templates directory of the tests' configurations: `$VESSEL_TEST_TEMPLATES`, else
+/// `/tmp/vessel-test-templates`. Templates are keyed by everything they depend on (the
+/// binaries, kernel and initramfs included), so a stale one is never used.
+pub fn templates_dir() -> PathBuf {
+    std::env::var_os("VESSEL_TEST_TEMPLATES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/vessel-test-templates"))
 }
 
 /// Whether `test`, which needs hardware KVM (Linux user space in a KVM guest),

@@ -272,7 +272,8 @@ pub fn unmount_under(dir: &Path) {
 
 /// What a state root still holds for containers: its entries, except the runtime's shared
 /// bookkeeping directories (`netns`, `.locks`, `wired`), whose own entries (a namespace, a
-/// lock file, a wiring record of some container) are listed as `dir/name`.
+/// lock file, a wiring record of some container) are listed as `dir/name`, and the
+/// templates (`templates`: kept for the next sandbox of their shape, by design).
 pub fn state_left(root: &Path) -> Vec<String> {
     let names = |dir: &Path| -> Vec<String> {
         std::fs::read_dir(dir)
@@ -284,6 +285,9 @@ pub fn state_left(root: &Path) -> Vec<String> {
     };
     let mut left = Vec::new();
     for n in names(root) {
+        if n == "templates" {
+            continue;
+        }
         if matches!(n.as_str(), "netns" | ".locks" | "wired") {
             left.extend(
                 names(&root.join(&n))

@@ -40,8 +40,10 @@ static NEXT_SPAWN: AtomicU64 = AtomicU64::new(0);
 /// How long a forced removal waits for the init process to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `start` waits for the startContainer hooks (and the exec) of a
-/// container that has some; a hook still running then is left to run.
-const START_REPORT_TIMEOUT: Duration = Duration::from_secs(120);
+/// container that has some; a hook still running then is left to run and
+/// start succeeds (as runc's start, which does not wait at all). Below the
+/// host's 30 s agent call timeout, so that start does not fail on the host.
+const START_REPORT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why a container operation failed. Each maps to a ttrpc status code.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]

@@ -192,7 +192,8 @@ fn a_task_whose_start_failed_can_be_killed_and_deleted() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("bad0"),
-        "the error does not name the interface: {err}"
+        "the error does not name the interface: {err}\ncontainerd's log:\n{}",
+        c.log_tail()
     );
     remove_task(&c, "bad1");
     assert!(

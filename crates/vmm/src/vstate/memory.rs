@@ -105,7 +105,6 @@ fn map_shared(file: &File, total: u64) -> Result<GuestMemoryMmap, MemoryError> {
 /// own (no sharing between clones).
 pub fn restore_shared(path: &Path, total: u64) -> Result<GuestMemoryMmap, MemoryError> {
     use std::os::unix::fs::FileExt;
-    use std::os::unix::io::AsRawFd;
     let name = path.display().to_string();
     let err = |e| MemoryError::File(name.clone(), e);
     let src = File::open(path).map_err(err)?;
@@ -115,23 +114,7 @@ pub fn restore_shared(path: &Path, total: u64) -> Result<GuestMemoryMmap, Memory
     }
     let dst = memfd(total)?;
     let mut buf = vec![0u8; 1 << 20];
-    let mut pos: u64 = 0;
-    while pos < total {
-        // SAFETY: lseek on an fd `src` owns; SEEK_DATA/SEEK_HOLE only return offsets.
-        let data = unsafe { libc::lseek(src.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data past `pos`
-            }
-            return Err(err(e));
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        let (mut at, end) = (data as u64, (hole as u64).min(total));
+    for (mut at, end) in data_extents(&src, 0, total).map_err(err)? {
         while at < end {
             let n = buf.len().min((end - at) as usize);
             src.read_exact_at(&mut buf[..n], at).map_err(err)?;
@@ -139,9 +122,41 @@ pub fn restore_shared(path: &Path, total: u64) -> Result<GuestMemoryMmap, Memory
                 .map_err(|e| MemoryError::File("memfd".into(), e))?;
             at += n as u64;
         }
-        pos = end;
     }
     map_shared(&dst, total)
+}
+
+/// The data extents of `file` within `[start, end)`, as `[from, to)` byte ranges clipped
+/// to it (`SEEK_DATA`/`SEEK_HOLE`: holes read as zeros and are left out).
+fn data_extents(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek on an fd `file` owns; SEEK_DATA/SEEK_HOLE only return offsets.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `pos`
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end);
+        out.push((data, hole));
+        pos = hole;
+    }
+    Ok(out)
 }
 
 /// Total guest RAM in bytes.
@@ -156,7 +171,6 @@ pub fn size(mem: &GuestMemoryMmap) -> u64 {
 /// what the guest uses, not its RAM size. Other memory (anonymous, or a snapshot mapped
 /// privately, whose untouched pages are the file's) is read page by page.
 pub fn save(mem: &GuestMemoryMmap, path: &Path, shared_memfd: bool) -> Result<(), MemoryError> {
-    use std::os::unix::io::AsRawFd;
     let name = path.display().to_string();
     let err = |e| MemoryError::File(name.clone(), e);
     let mut file = OpenOptions::new()
@@ -173,39 +187,14 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, shared_memfd: bool) -> Result<()
             .map_err(|e| err(std::io::Error::other(e.to_string())))?;
         let len = region.len() as usize;
         // The byte ranges of the region to read: its memfd's data extents, or all of it.
-        let mut ranges = Vec::new();
-        match region.file_offset().filter(|_| shared_memfd) {
-            Some(fo) => {
-                let fd = fo.file().as_raw_fd();
-                let start = fo.start();
-                let end = start + len as u64;
-                let mut pos = start;
-                while pos < end {
-                    // SAFETY: lseek on an fd the region owns; only returns offsets.
-                    let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-                    if data < 0 {
-                        let e = std::io::Error::last_os_error();
-                        if e.raw_os_error() == Some(libc::ENXIO) {
-                            break;
-                        }
-                        return Err(err(e));
-                    }
-                    let data = data as u64;
-                    if data >= end {
-                        break;
-                    }
-                    // SAFETY: as above.
-                    let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-                    if hole < 0 {
-                        return Err(err(std::io::Error::last_os_error()));
-                    }
-                    let hole = (hole as u64).min(end);
-                    ranges.push(((data - start) as usize, (hole - start) as usize));
-                    pos = hole;
-                }
-            }
-            None => ranges.push((0, len)),
-        }
+        let ranges = match region.file_offset().filter(|_| shared_memfd) {
+            Some(fo) => data_extents(fo.file(), fo.start(), fo.start() + len as u64)
+                .map_err(err)?
+                .into_iter()
+                .map(|(a, b)| ((a - fo.start()) as usize, (b - fo.start()) as usize))
+                .collect(),
+            None => vec![(0, len)],
+        };
         for (from, to) in ranges {
             let mut at = from - from % PAGE;
             while at < to {

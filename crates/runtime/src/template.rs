@@ -56,7 +56,7 @@ impl FileId {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            mtime_ns: mtime_ns(&m),
             ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
         })
     }
@@ -118,6 +118,11 @@ impl Inputs {
         let json = serde_json::to_vec(self).expect("inputs serialize");
         hex(&Sha256::digest(&json)[..16])
     }
+}
+
+/// A file's modification time in nanoseconds.
+fn mtime_ns(m: &std::fs::Metadata) -> i128 {
+    i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -186,11 +191,7 @@ impl Sandbox {
         if plan.valid {
             match Sandbox::restore_with(config, hv, spec.clone(), &plan.dir).await {
                 Ok(sb) => {
-                    log::info!(
-                        "sandbox {}: started from template {}",
-                        spec.id,
-                        plan.inputs.key()
-                    );
+                    log::info!("sandbox {}: started from template {}", spec.id, plan.key);
                     return Ok(sb);
                 }
                 Err(e) => {
@@ -210,7 +211,7 @@ impl Sandbox {
         match build(&sb, &plan).await {
             Ok(true) => log::info!(
                 "sandbox {id}: template {} written to {} in {:?}",
-                plan.inputs.key(),
+                plan.key,
                 plan.dir.display(),
                 started.elapsed()
             ),
@@ -227,6 +228,8 @@ impl Sandbox {
 
 struct Plan {
     inputs: Inputs,
+    /// `inputs.key()`: the template directory's name.
+    key: String,
     dir: PathBuf,
     /// Whether `dir` holds a template that passed the checks.
     valid: bool,
@@ -246,7 +249,8 @@ fn plan(
         return Err(format!("no template: {why}"));
     }
     let inputs = Inputs::of(config, hv, spec).map_err(|e| crate::chain(&e).to_string())?;
-    let dir = config.template_dir().join(inputs.key());
+    let key = inputs.key();
+    let dir = config.template_dir().join(&key);
     let valid = match check(&dir, &inputs) {
         Ok(()) => true,
         Err(TemplateError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -256,7 +260,12 @@ fn plan(
             false
         }
     };
-    Ok(Plan { inputs, dir, valid })
+    Ok(Plan {
+        inputs,
+        key,
+        dir,
+        valid,
+    })
 }
 
 /// A VM configuration of `spec`'s shape, to ask the backend whether it could be
@@ -341,7 +350,7 @@ fn records(dir: &Path) -> std::result::Result<Vec<FileRecord>, TemplateError> {
         out.push(FileRecord {
             name,
             size: m.size(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            mtime_ns: mtime_ns(&m),
             sha256,
         });
     }
@@ -360,7 +369,7 @@ async fn build(sb: &Sandbox, plan: &Plan) -> std::result::Result<bool, Error> {
         .map_err(|e| TemplateError::Io(root.into(), e))?;
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| TemplateError::Io(root.into(), e))?;
-    let key = plan.inputs.key();
+    let key = &plan.key;
     let lock_path = root.join(format!(".{key}.lock"));
     let lock = std::fs::OpenOptions::new()
         .create(true)

@@ -251,6 +251,26 @@ fn build_machine(
     })
 }
 
+/// Gives a restored VM's devices the clone's own back ends (`new`, in device order;
+/// empty: keep the snapshot's). A count other than the devices' is refused with `mismatch`.
+fn attach_each<D, B>(
+    devices: &mut [D],
+    new: Vec<B>,
+    mismatch: &'static str,
+    set: impl Fn(&mut D, B),
+) -> Result<(), VmmError> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    if new.len() != devices.len() {
+        return Err(VmmError::InvalidState("restore", mismatch));
+    }
+    for (d, b) in devices.iter_mut().zip(new) {
+        set(d, b);
+    }
+    Ok(())
+}
+
 impl Vmm {
     /// Boots a fresh VM from `config`.
     pub fn boot(config: VmConfig) -> Result<Self, VmmError> {
@@ -336,29 +356,21 @@ impl Vmm {
         if let (Some(v), Some(uds)) = (config.vsock.as_mut(), vsock_uds) {
             v.uds = uds;
         }
-        if !fs_sockets.is_empty() {
-            if fs_sockets.len() != config.fs.len() {
-                return Err(VmmError::InvalidState(
-                    "restore",
-                    "given a different number of virtio-fs sockets than the snapshot has devices",
-                ));
-            }
-            for (f, socket) in config.fs.iter_mut().zip(fs_sockets) {
-                f.socket = socket;
-            }
-        }
-        if !net_fds.is_empty() {
-            if net_fds.len() != config.net.len() {
-                return Err(VmmError::InvalidState(
-                    "restore",
-                    "given a different number of tap fds than the snapshot has network devices",
-                ));
-            }
-            for (n, fd) in config.net.iter_mut().zip(net_fds) {
+        attach_each(
+            &mut config.fs,
+            fs_sockets,
+            "given a different number of virtio-fs sockets than the snapshot has devices",
+            |f, socket| f.socket = socket,
+        )?;
+        attach_each(
+            &mut config.net,
+            net_fds,
+            "given a different number of tap fds than the snapshot has network devices",
+            |n, fd| {
                 n.fd = Some(fd);
                 n.tap = None;
-            }
-        }
+            },
+        )?;
         let mem = if config.fs.is_empty() {
             memory::restore(&snapshot::memory_path(dir), snap.mem_bytes)?
         } else {
@@ -778,5 +790,22 @@ pub fn serve_until_vm(api: &mut ApiServer) -> Result<Vmm, VmmError> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_attachments_replace_in_order_or_are_refused_by_count() {
+        let mut devs = vec![1, 2];
+        attach_each(&mut devs, Vec::<i32>::new(), "n", |d, b| *d = b).unwrap();
+        assert_eq!(devs, [1, 2], "none given: the snapshot's stay");
+        attach_each(&mut devs, vec![7, 8], "n", |d, b| *d = b).unwrap();
+        assert_eq!(devs, [7, 8]);
+        let e = attach_each(&mut devs, vec![9], "count differs", |d, b| *d = b).unwrap_err();
+        assert!(e.to_string().contains("count differs"), "{e}");
+        assert_eq!(devs, [7, 8], "a refused restore changes nothing");
     }
 }

@@ -13,11 +13,12 @@ use vessel_protocol::agent::{
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
     ListProcessesResponse, OOMEvent, ProbeRequest, ProbeResponse, ProcessRequest,
     RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest, SetNetworkRequest,
-    SetTimeRequest, SignalProcessRequest, StateContainerResponse, StatsContainerResponse,
-    UpdateContainerRequest, WaitProcessResponse,
+    SetPolicyRequest, SetTimeRequest, SignalProcessRequest, StateContainerResponse,
+    StatsContainerResponse, UpdateContainerRequest, WaitProcessResponse,
 };
 use vessel_protocol::agent_ttrpc::Agent;
 use vessel_protocol::error::chain;
+use vessel_protocol::policy::{Denied, Policy, Rpc};
 
 use crate::container::{cgroup, set_winsize, ContainerError, Containers};
 
@@ -27,6 +28,15 @@ const MAX_SEED: usize = 4096;
 pub struct AgentService {
     containers: Arc<Containers>,
     oom: Mutex<mpsc::Receiver<String>>,
+    policy: std::sync::Mutex<PolicyState>,
+}
+
+/// The agent policy in force, and whether `SetPolicy` may still replace it.
+#[derive(Default)]
+struct PolicyState {
+    policy: Arc<Policy>,
+    /// A policy was set, or a container was created: `SetPolicy` is denied.
+    settled: bool,
 }
 
 impl AgentService {
@@ -34,8 +44,58 @@ impl AgentService {
         AgentService {
             containers,
             oom: Mutex::new(oom),
+            policy: std::sync::Mutex::new(PolicyState::default()),
         }
     }
+
+    fn policy_state(&self) -> std::sync::MutexGuard<'_, PolicyState> {
+        self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.policy_state().policy.clone()
+    }
+
+    /// Whether the policy serves `rpc` (no field rules).
+    fn allow(&self, rpc: Rpc) -> ttrpc::Result<()> {
+        self.policy().check_rpc(rpc).map_err(denied)
+    }
+}
+
+impl PolicyState {
+    /// Sets the policy: once, before the first container.
+    fn set(&mut self, json: &[u8]) -> ttrpc::Result<()> {
+        let policy = Policy::from_json(json)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, chain(&e).to_string()))?;
+        if self.settled {
+            return Err(denied(Denied(
+                "SetPolicy (a policy is set once, before the first container; this \
+                 sandbox's is set)"
+                    .into(),
+            )));
+        }
+        log::info!(
+            "agent policy set: {}",
+            String::from_utf8_lossy(&policy.to_json())
+        );
+        self.policy = Arc::new(policy);
+        self.settled = true;
+        Ok(())
+    }
+
+    /// The policy a CreateContainer is checked against; from now on SetPolicy
+    /// is denied.
+    fn settle(&mut self) -> Arc<Policy> {
+        self.settled = true;
+        self.policy.clone()
+    }
+}
+
+/// A request the policy denies, as the host sees it.
+fn denied(d: Denied) -> ttrpc::Error {
+    let msg = d.to_string();
+    log::warn!("{msg}");
+    status(Code::PERMISSION_DENIED, msg)
 }
 
 fn status(code: Code, msg: String) -> ttrpc::Error {
@@ -78,6 +138,15 @@ impl Agent for AgentService {
             req.container_id,
             req.share_namespaces_with
         );
+        // The first container settles the policy: no SetPolicy after it.
+        let policy = self.policy_state().settle();
+        policy
+            .check_create(
+                &req.spec_json,
+                req.storages.iter().map(|s| s.fstype.as_str()),
+                self.containers.count(),
+            )
+            .map_err(denied)?;
         let stdio = req.stdio.clone().unwrap_or_default();
         let sandbox = Some(req.share_namespaces_with.as_str()).filter(|s| !s.is_empty());
         let pid = self
@@ -101,6 +170,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::StartContainer)?;
         log::info!("start container {}", req.container_id);
         self.containers.start(&req.container_id).await?;
         Ok(Empty::new())
@@ -112,6 +182,9 @@ impl Agent for AgentService {
         req: ExecProcessRequest,
     ) -> ttrpc::Result<ExecProcessResponse> {
         log::info!("exec {} in container {}", req.exec_id, req.container_id);
+        self.policy()
+            .check_exec(&req.process_json)
+            .map_err(denied)?;
         let stdio = req.stdio.clone().unwrap_or_default();
         let pid = self
             .containers
@@ -128,6 +201,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::SignalProcess)?;
         log::info!(
             "signal {} to {}/{:?} (all: {})",
             req.signal,
@@ -151,6 +225,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
+        self.allow(Rpc::WaitProcess)?;
         let process = self
             .containers
             .process(&req.container_id, Some(&req.exec_id))?;
@@ -168,6 +243,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::RemoveContainer)?;
         log::info!(
             "remove container {} (force: {})",
             req.container_id,
@@ -182,6 +258,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<ListProcessesResponse> {
+        self.allow(Rpc::ListProcesses)?;
         self.containers.process(&req.container_id, None)?;
         Ok(ListProcessesResponse {
             pids: cgroup::pids(&req.container_id),
@@ -194,6 +271,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::PauseContainer)?;
         self.containers.pause(&req.container_id).await?;
         Ok(Empty::new())
     }
@@ -203,11 +281,13 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::ResumeContainer)?;
         self.containers.resume(&req.container_id).await?;
         Ok(Empty::new())
     }
 
     async fn close_stdin(&self, _: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::CloseStdin)?;
         let process = self
             .containers
             .process(&req.container_id, Some(&req.exec_id))?;
@@ -216,6 +296,7 @@ impl Agent for AgentService {
     }
 
     async fn resize_tty(&self, _: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::ResizeTty)?;
         let process = self
             .containers
             .process(&req.container_id, Some(&req.exec_id))?;
@@ -233,6 +314,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: UpdateContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::UpdateContainer)?;
         log::info!("update container {}", req.container_id);
         self.containers
             .update(&req.container_id, &req.resources_json)?;
@@ -244,6 +326,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<StatsContainerResponse> {
+        self.allow(Rpc::StatsContainer)?;
         self.containers.process(&req.container_id, None)?;
         Ok(cgroup::stats(&req.container_id))
     }
@@ -253,6 +336,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<StateContainerResponse> {
+        self.allow(Rpc::StateContainer)?;
         let (st, pid) = self.containers.state(&req.container_id).await?;
         let status = match st {
             ContainerStatus::Creating | ContainerStatus::Created => Status::CREATED,
@@ -276,6 +360,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         _: GetOOMEventRequest,
     ) -> ttrpc::Result<OOMEvent> {
+        self.allow(Rpc::GetOomEvent)?;
         let id = self.oom.lock().await.recv().await;
         let id = id.ok_or_else(|| status(Code::UNAVAILABLE, "OOM watcher stopped".into()))?;
         Ok(OOMEvent {
@@ -285,6 +370,7 @@ impl Agent for AgentService {
     }
 
     async fn set_time(&self, _: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::SetTime)?;
         if req.nanos >= 1_000_000_000 {
             return Err(status(
                 Code::INVALID_ARGUMENT,
@@ -302,6 +388,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ReseedRandomRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::ReseedRandom)?;
         use std::io::Write;
         use std::os::fd::AsRawFd;
         let seed = &req.data[..req.data.len().min(MAX_SEED)];
@@ -320,6 +407,7 @@ impl Agent for AgentService {
     }
 
     async fn set_network(&self, _: &TtrpcContext, req: SetNetworkRequest) -> ttrpc::Result<Empty> {
+        self.allow(Rpc::SetNetwork)?;
         let net = vessel_protocol::net::Network::from_request(&req)
             .map_err(|e| status(Code::INVALID_ARGUMENT, chain(&e).to_string()))?;
         // Standalone (development) agents run in the host's namespace.
@@ -345,8 +433,14 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn set_policy(&self, _: &TtrpcContext, req: SetPolicyRequest) -> ttrpc::Result<Empty> {
+        self.policy_state().set(&req.policy_json)?;
+        Ok(Empty::new())
+    }
+
     async fn probe(&self, _: &TtrpcContext, _: ProbeRequest) -> ttrpc::Result<ProbeResponse> {
         use std::io::Read;
+        self.allow(Rpc::Probe)?;
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
             .map_err(|e| status(Code::INTERNAL, format!("read clock: {e}")))?;
         let mut sample = vec![0u8; 16];
@@ -375,6 +469,50 @@ mod tests {
 
     fn json() -> serde_json::Error {
         serde_json::from_str::<serde_json::Value>("{").unwrap_err()
+    }
+
+    fn code_and_message(e: ttrpc::Error) -> (Code, String) {
+        match e {
+            ttrpc::Error::RpcStatus(s) => (s.code(), s.message),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn policy_is_set_once_before_the_first_container() {
+        let exec_off = br#"{"version": 1, "exec": false}"#;
+        // Set once; the second attempt is denied and changes nothing.
+        let mut st = PolicyState::default();
+        assert_eq!(*st.policy, Policy::default());
+        st.set(exec_off).unwrap();
+        assert!(!st.policy.exec);
+        let (code, msg) = code_and_message(st.set(br#"{"version": 1}"#).unwrap_err());
+        assert_eq!(code, Code::PERMISSION_DENIED);
+        assert!(
+            msg.starts_with("SetPolicy (a policy is set once")
+                && msg.ends_with("denied by the sandbox's agent policy"),
+            "{msg}"
+        );
+        assert!(!st.policy.exec);
+        // A container settles the default policy.
+        let mut st = PolicyState::default();
+        assert_eq!(*st.settle(), Policy::default());
+        let (code, _) = code_and_message(st.set(exec_off).unwrap_err());
+        assert_eq!(code, Code::PERMISSION_DENIED);
+        // A bad policy is a bad request, and leaves SetPolicy open.
+        let mut st = PolicyState::default();
+        let (code, msg) = code_and_message(st.set(br#"{"version": 1, "exc": 1}"#).unwrap_err());
+        assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+        st.set(exec_off).unwrap();
+    }
+
+    #[test]
+    fn a_denied_request_is_permission_denied_naming_it() {
+        let p: Policy = Policy::from_json(br#"{"version": 1, "exec": false}"#).unwrap();
+        let e = p.check_exec(br#"{"args": ["/bin/sh"]}"#).map_err(denied);
+        let (code, msg) = code_and_message(e.unwrap_err());
+        assert_eq!(code, Code::PERMISSION_DENIED);
+        assert_eq!(msg, "ExecProcess denied by the sandbox's agent policy");
     }
 
     /// Every agent error that wraps a source prints it once, and so does the

@@ -3,7 +3,8 @@
 //! With the built-in VMM (the KVM lane) the first `vessel run` of a shape boots cold
 //! and writes the template, the second is restored from it and its container sees its
 //! own rootfs, env and mounts, and a reinstalled kernel makes the next run build a new
-//! template instead of using the old one. With QEMU (vhost-user vsock and virtio-fs,
+//! template instead of using the old one, and a clone gets its own sandbox's agent
+//! policy from a template made under another. With QEMU (vhost-user vsock and virtio-fs,
 //! which QEMU cannot migrate) every run boots cold and the log says why.
 
 mod common;
@@ -146,4 +147,38 @@ fn second_run_starts_from_the_template_and_a_new_kernel_rebuilds_it() {
     let now = templates(&e);
     assert_eq!(now.len(), 2, "{now:?}");
     assert!(now.contains(&made[0]));
+
+    // A clone gets its own sandbox's agent policy, not the template's (the
+    // template was made under the default one; the key does not name a policy).
+    let policy = e.dir.path().join("policy.toml");
+    std::fs::write(&policy, "version = 1\nallowed_commands = [\"echo\"]\n").unwrap();
+    let mut config = std::fs::read_to_string(&e.config).unwrap();
+    config.push_str(&format!(
+        "[agent]\npolicy = {:?}\n",
+        policy.display().to_string()
+    ));
+    std::fs::write(&e.config, config).unwrap();
+    let log = e.dir.path().join("t4.log");
+    let o = e
+        .cmd()
+        .env("VESSEL_LOG", "info")
+        .arg("--log")
+        .arg(&log)
+        .args(["run", "--bundle", second.to_str().unwrap(), "t4"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!o.status.success(), "{}\nlog:\n{log}", text(&o));
+    assert!(
+        text(&o).contains("denied by the sandbox's agent policy"),
+        "{}",
+        text(&o)
+    );
+    assert!(log.contains("started from template"), "{log}");
+    e.assert_clean("t4");
+    let (out, log) = run_logged(&e, &first, "t5");
+    assert_eq!(out, "first\n");
+    assert!(log.contains("started from template"), "{log}");
+    assert_eq!(templates(&e), now, "no template per policy");
 }

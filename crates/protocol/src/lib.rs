@@ -6,6 +6,7 @@
 //! - [`id`]: the one rule for sandbox, container and exec ids.
 //! - [`stdio`]: the header line that opens a process stdio stream.
 //! - [`net`]: the guest network configuration (`SetNetwork`), typed and checked.
+//! - [`policy`]: the agent policy (allowed RPCs and request fields), host and guest.
 //! - [`ports`]: vsock ports and virtio-serial port names.
 //! - [`hybrid_vsock`]: the Firecracker-style `CONNECT <port>` handshake that the
 //!   host speaks over a Unix socket to reach a guest vsock port.
@@ -16,11 +17,12 @@ pub mod error;
 pub mod hybrid_vsock;
 pub mod id;
 pub mod net;
+pub mod policy;
 pub mod ports;
 pub mod stdio;
 
 /// Revision of the agent protocol; bumped on incompatible changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[allow(warnings, clippy::all, clippy::undocumented_unsafe_blocks)]
 mod generated {

@@ -22,6 +22,7 @@ use vessel_hypervisor::builtin::jail::DEFAULT_JAIL_ROOT;
 use vessel_hypervisor::builtin::{BuiltinConfig, JailerConfig};
 use vessel_hypervisor::qemu::{Machine, QemuConfig};
 use vessel_hypervisor::{Accelerator, AgentChannel};
+use vessel_protocol::policy::Policy;
 
 use crate::{Error, Result};
 
@@ -61,6 +62,23 @@ pub struct Config {
     pub logs: LogsSection,
     pub templates: TemplatesSection,
     pub limits: LimitsSection,
+    pub agent: AgentSection,
+    /// The agent policy every sandbox gets: `agent.policy`'s file, read and
+    /// checked by [`Config::load`], else the built-in default.
+    #[serde(skip)]
+    pub agent_policy: Policy,
+}
+
+/// The guest agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// A TOML file with the agent policy of every sandbox (which agent RPCs and
+    /// request fields the guest serves; schema: [`vessel_protocol::policy`],
+    /// docs/agent-policy.md). Default: none, the built-in policy (everything the
+    /// runtime needs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PathBuf>,
 }
 
 /// Sandboxes started from a snapshot of their shape (see
@@ -204,6 +222,14 @@ pub enum AcceleratorChoice {
     Tcg,
 }
 
+/// Reads and checks an agent policy file (TOML).
+pub fn load_policy(path: &Path) -> std::result::Result<Policy, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let policy: Policy = toml::from_str(&text).map_err(|e| e.to_string())?;
+    policy.validate().map_err(|e| e.to_string())?;
+    Ok(policy)
+}
+
 /// Parses a config value as the file would (`vessel check --hypervisor builtin`).
 fn parse_value<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, String> {
     T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s))
@@ -247,6 +273,8 @@ impl Default for Config {
             logs: LogsSection::default(),
             templates: TemplatesSection::default(),
             limits: LimitsSection::default(),
+            agent: AgentSection::default(),
+            agent_policy: Policy::default(),
         }
     }
 }
@@ -282,8 +310,12 @@ impl Config {
             }
             Err(e) => return Err(err(e.to_string())),
         };
-        let cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         cfg.validate().map_err(err)?;
+        if let Some(file) = &cfg.agent.policy {
+            cfg.agent_policy = load_policy(file)
+                .map_err(|e| err(format!("agent.policy {}: {e}", file.display())))?;
+        }
         Ok((cfg, path))
     }
 
@@ -377,6 +409,32 @@ mod tests {
         std::fs::write(&p, "[logs]\nmax_bytes = 10\n").unwrap();
         let e = Config::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("logs.max_bytes"), "{e}");
+    }
+
+    #[test]
+    fn agent_policy_is_read_and_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&p, format!("[agent]\npolicy = {:?}\n", policy)).unwrap();
+        std::fs::write(&policy, "version = 1\nexec = false\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap().0;
+        assert!(!c.agent_policy.exec);
+        assert_eq!(Config::default().agent_policy, Policy::default());
+        for (text, needle) in [
+            ("version = 1\nexecs = false\n", "unknown field `execs`"),
+            ("version = 7\n", "version 7 is not supported"),
+        ] {
+            std::fs::write(&policy, text).unwrap();
+            let e = Config::load(Some(&p)).unwrap_err().to_string();
+            assert!(e.contains("agent.policy") && e.contains(needle), "{e}");
+        }
+        std::fs::remove_file(&policy).unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(
+            e.contains("agent.policy") && e.contains("policy.toml"),
+            "{e}"
+        );
     }
 
     #[test]

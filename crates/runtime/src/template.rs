@@ -10,6 +10,11 @@
 //! devices, network devices), a template being built by another sandbox, or a
 //! restore that failed (the template is then removed and rebuilt).
 //!
+//! The agent policy (`[agent] policy`, [`vessel_protocol::policy`]) is not part of
+//! the template: the agent takes it once, before the first container, and it is
+//! sent after the snapshot (cold boot) or after the restore (clone). So a template
+//! serves sandboxes of any policy and each gets its own.
+//!
 //! The key is a digest of the inputs. Files are named by their metadata
 //! (device, inode, size, modification and change times): a kernel or initramfs
 //! that is rewritten, even in place, changes its change time and so the key. A
@@ -185,14 +190,17 @@ impl Sandbox {
             Ok(p) => p,
             Err(why) => {
                 log::info!("sandbox {}: cold boot ({why})", spec.id);
-                return Sandbox::boot(config, hv, spec).await;
+                return Sandbox::boot(config, hv, spec)
+                    .await?
+                    .with_policy(config)
+                    .await;
             }
         };
         if plan.valid {
             match Sandbox::restore_with(config, hv, spec.clone(), &plan.dir).await {
                 Ok(sb) => {
                     log::info!("sandbox {}: started from template {}", spec.id, plan.key);
-                    return Ok(sb);
+                    return sb.with_policy(config).await;
                 }
                 Err(e) => {
                     log::warn!(
@@ -222,7 +230,28 @@ impl Sandbox {
                 crate::chain(&e)
             ),
         }
-        Ok(sb)
+        sb.with_policy(config).await
+    }
+
+    /// Gives the agent the configured policy (`Agent.SetPolicy`, which it takes
+    /// once, before the first container). Sent after the template snapshot and
+    /// after a restore: a template never holds a policy, so the key need not
+    /// name one and every clone gets its own sandbox's. On error the sandbox is
+    /// stopped.
+    async fn with_policy(self, config: &Config) -> Result<Sandbox> {
+        match self.agent().set_policy(&config.agent_policy).await {
+            Ok(()) => Ok(self),
+            Err(e) => {
+                let id = self.id().to_string();
+                if let Err(stop) = self.stop().await {
+                    log::warn!(
+                        "sandbox {id}: stop after SetPolicy failed: {}",
+                        crate::chain(&stop)
+                    );
+                }
+                Err(e.into())
+            }
+        }
     }
 }
 

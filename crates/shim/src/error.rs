@@ -17,7 +17,8 @@ pub fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
 
 /// An agent RPC failure as the shim returns it, with the RPC and container
 /// named: only the request-error codes the agent documents pass through (a
-/// bad request stays INVALID_ARGUMENT for containerd), any other code becomes
+/// bad request stays INVALID_ARGUMENT for containerd, a request the agent
+/// policy denies PERMISSION_DENIED), any other code becomes
 /// INTERNAL (the runtime bounded the guest's message); a transport failure is
 /// UNAVAILABLE.
 fn rpc_error(rpc: &str, id: &str, e: ttrpc::Error) -> ttrpc::Error {
@@ -26,7 +27,8 @@ fn rpc_error(rpc: &str, id: &str, e: ttrpc::Error) -> ttrpc::Error {
             c @ (Code::INVALID_ARGUMENT
             | Code::FAILED_PRECONDITION
             | Code::NOT_FOUND
-            | Code::ALREADY_EXISTS) => (c, s.message),
+            | Code::ALREADY_EXISTS
+            | Code::PERMISSION_DENIED) => (c, s.message),
             _ => (Code::INTERNAL, s.message),
         },
         other => (Code::UNAVAILABLE, other.to_string()),

@@ -35,6 +35,7 @@ fn one_mapping_of_pod_and_agent_errors() {
         (Code::OK, Code::INTERNAL),
         (Code::UNAUTHENTICATED, Code::INTERNAL),
         (Code::NOT_FOUND, Code::NOT_FOUND),
+        (Code::PERMISSION_DENIED, Code::PERMISSION_DENIED),
     ] {
         assert_eq!(parts(pod_error("c1", rpc(from))).0, to);
     }

@@ -360,6 +360,17 @@ impl vessel_protocol::agent_ttrpc::Agent for FakeAgent {
     ) -> ttrpc::Result<OOMEvent> {
         std::future::pending().await
     }
+
+    /// Decodes the policy as the real agent does; it is not enforced (not
+    /// recorded in the calls either: every sandbox start sends one).
+    async fn set_policy(&self, _: &TtrpcContext, r: SetPolicyRequest) -> ttrpc::Result<Empty> {
+        vessel_protocol::policy::Policy::from_json(&r.policy_json)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, &e.to_string()))?;
+        if let Some((code, msg)) = self.lock().failures.get("SetPolicy") {
+            return Err(status(*code, msg));
+        }
+        Ok(Empty::new())
+    }
 }
 
 struct VmState {

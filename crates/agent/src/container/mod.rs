@@ -737,6 +737,12 @@ impl Containers {
         .map_err(|e| ContainerError::State(id.into(), e.to_string()))
     }
 
+    /// Containers that exist or are being created (for the policy's
+    /// `max_containers`).
+    pub fn count(&self) -> usize {
+        lock(&self.map).len() + lock(&self.creating).len()
+    }
+
     pub fn ids(&self) -> Vec<String> {
         lock(&self.map).keys().cloned().collect()
     }

@@ -24,7 +24,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use ttrpc::r#async::transport::Socket;
 use vessel_hypervisor::AgentEndpoint;
-use vessel_protocol::agent::{ProbeRequest, ReseedRandomRequest, SetTimeRequest};
+use vessel_protocol::agent::{ProbeRequest, ReseedRandomRequest, SetPolicyRequest, SetTimeRequest};
 use vessel_protocol::agent_ttrpc::AgentClient as AgentTtrpc;
 use vessel_protocol::health::{CheckRequest, VersionRequest, VersionResponse};
 use vessel_protocol::health_ttrpc::HealthClient;
@@ -261,6 +261,20 @@ impl AgentClient {
                 rpc: "Agent.SetNetwork",
                 source,
             })?;
+        Ok(())
+    }
+
+    /// Sets the agent's policy (`Agent.SetPolicy`). The agent takes one, before
+    /// the first container: see [`vessel_protocol::policy`].
+    pub async fn set_policy(&self, policy: &vessel_protocol::policy::Policy) -> Result<()> {
+        let req = SetPolicyRequest {
+            policy_json: policy.to_json(),
+            ..Default::default()
+        };
+        self.agent
+            .set_policy(rpc_ctx(), &req)
+            .await
+            .map_err(|source| rpc_error("Agent.SetPolicy", source))?;
         Ok(())
     }
 

@@ -65,8 +65,7 @@ fn a_policy_without_exec_denies_vessel_exec_and_a_second_policy() {
     eprintln!("vessel exec: {out}");
     assert!(!o.status.success(), "exec was allowed: {out}");
     assert!(
-        out.contains("PERMISSION_DENIED")
-            && out.contains("ExecProcess denied by the sandbox's agent policy"),
+        out.contains("PERMISSION_DENIED: ExecProcess denied by the sandbox's agent policy"),
         "{out}"
     );
     assert!(!out.contains("should-not-run\n"), "{out}");
@@ -137,7 +136,7 @@ fn a_container_the_policy_denies_is_not_created_and_leaves_nothing() {
     assert!(
         out.contains("PERMISSION_DENIED")
             && out.contains(
-                "CreateContainer process.args[0] \\\"sh\\\" denied by the sandbox's agent policy"
+                "CreateContainer process.args[0] \"sh\" denied by the sandbox's agent policy"
             ),
         "{out}"
     );

@@ -124,7 +124,7 @@ mod tests {
             )),
             Box::new(agent::AgentError::Rpc {
                 rpc: "Check",
-                source: ttrpc::Error::Others("x".into()),
+                source: ttrpc::Error::Others("x".into()).into(),
             }),
         ];
         for e in &errors {

@@ -249,7 +249,7 @@ async fn a_failed_first_create_leaves_no_pod_and_no_staging() {
     match err {
         PodError::Agent(AgentError::Rpc {
             rpc: "CreateContainer",
-            source: ttrpc::Error::RpcStatus(s),
+            source: vessel_runtime::agent::RpcFailure(ttrpc::Error::RpcStatus(s)),
         }) => assert_eq!(
             (s.code(), s.message.as_str()),
             (Code::INVALID_ARGUMENT, "bad spec")

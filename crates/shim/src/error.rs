@@ -41,7 +41,7 @@ fn rpc_error(rpc: &str, id: &str, e: ttrpc::Error) -> ttrpc::Error {
 /// is UNAVAILABLE; a reply or stream the guest got wrong is INTERNAL.
 pub fn pod_error(id: &str, e: PodError) -> ttrpc::Error {
     let code = match e {
-        PodError::Agent(AgentError::Rpc { rpc, source }) => return rpc_error(rpc, id, source),
+        PodError::Agent(AgentError::Rpc { rpc, source }) => return rpc_error(rpc, id, source.0),
         PodError::Agent(AgentError::Connect { .. } | AgentError::Handshake(_)) => Code::UNAVAILABLE,
         PodError::NotFound(_) | PodError::ExecNotFound { .. } => Code::NOT_FOUND,
         PodError::Exists(_) => Code::ALREADY_EXISTS,

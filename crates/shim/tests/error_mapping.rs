@@ -17,7 +17,7 @@ fn rpc(code: Code) -> PodError {
     let source = ttrpc::Error::RpcStatus(ttrpc::get_status(code, "bad quota".to_string()));
     PodError::Agent(AgentError::Rpc {
         rpc: "UpdateContainer",
-        source,
+        source: source.into(),
     })
 }
 

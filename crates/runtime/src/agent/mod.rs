@@ -61,7 +61,7 @@ pub enum AgentError {
     /// Agent RPC {rpc} failed
     Rpc {
         rpc: &'static str,
-        source: ttrpc::Error,
+        source: RpcFailure,
     },
     /// Agent reply to {rpc} is invalid: {reason}
     BadReply { rpc: &'static str, reason: String },
@@ -72,6 +72,29 @@ pub enum AgentError {
 }
 
 type Result<T> = std::result::Result<T, AgentError>;
+
+/// The ttrpc error of a failed RPC. A status from the agent reads
+/// `CODE: message` (`PERMISSION_DENIED: ExecProcess denied by ...`), not
+/// ttrpc's debug dump of the status message.
+#[derive(Debug)]
+pub struct RpcFailure(pub ttrpc::Error);
+
+impl std::fmt::Display for RpcFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            ttrpc::Error::RpcStatus(s) => write!(f, "{:?}: {}", s.code(), s.message),
+            other => other.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for RpcFailure {}
+
+impl From<ttrpc::Error> for RpcFailure {
+    fn from(e: ttrpc::Error) -> Self {
+        RpcFailure(e)
+    }
+}
 
 /// Longest RPC status message kept from the guest.
 const MAX_STATUS_MESSAGE: usize = 1024;
@@ -91,7 +114,10 @@ fn rpc_error(rpc: &'static str, source: ttrpc::Error) -> AgentError {
         }
         other => other,
     };
-    AgentError::Rpc { rpc, source }
+    AgentError::Rpc {
+        rpc,
+        source: RpcFailure(source),
+    }
 }
 
 /// `<uds>_<port>`: where guest-initiated vsock connections arrive.
@@ -259,7 +285,7 @@ impl AgentClient {
             .await
             .map_err(|source| AgentError::Rpc {
                 rpc: "Agent.SetNetwork",
-                source,
+                source: source.into(),
             })?;
         Ok(())
     }
@@ -457,13 +483,28 @@ mod tests {
     fn guest_status_messages_are_bounded_and_printable() {
         let status = ttrpc::get_status(ttrpc::Code::INTERNAL, format!("a\nb{}", "x".repeat(5000)));
         let AgentError::Rpc {
-            source: ttrpc::Error::RpcStatus(s),
+            source: RpcFailure(ttrpc::Error::RpcStatus(s)),
             ..
         } = rpc_error("X", ttrpc::Error::RpcStatus(status))
         else {
             panic!("not an RPC status");
         };
         assert!(s.message.starts_with("a b") && s.message.chars().count() == MAX_STATUS_MESSAGE);
+    }
+
+    #[test]
+    fn a_failed_rpc_reads_code_and_message() {
+        let status = ttrpc::get_status(ttrpc::Code::PERMISSION_DENIED, "X denied".to_string());
+        let e = rpc_error("Agent.X", ttrpc::Error::RpcStatus(status));
+        assert_eq!(
+            crate::chain(&e).to_string(),
+            "Agent RPC Agent.X failed: PERMISSION_DENIED: X denied"
+        );
+        let e = rpc_error("Agent.X", ttrpc::Error::LocalClosed);
+        assert_eq!(
+            crate::chain(&e).to_string(),
+            "Agent RPC Agent.X failed: ttrpc err: local stream closed"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test \
-        test-lane test-vmm bench-boot bench-run bench-net bench-restore bench-vmm bench-kvm bench-start bench-start-kvm clean install test-shim bench-shim
+        test-lane test-vmm bench-boot bench-run bench-net bench-restore bench-vmm bench-kvm bench-start bench-start-kvm soak faults clean install test-shim bench-shim
 
 deps:
 	scripts/install-deps.sh
@@ -96,6 +96,21 @@ bench-start: deps guest config
 bench-start-kvm: guest config
 	VESSEL_GUEST_DIR=$(GUEST) LANE_SUITES=start-bench LANE_PARALLEL=1 LANE_ENV=RUNS \
 		LANE_SUITE_TIMEOUT=$${LANE_SUITE_TIMEOUT:-3600} RUNS=$${RUNS:-10} scripts/test-lane.sh
+
+# Issue 14: 1,000 mixed cycles (vessel run, create/start/exec/kill/delete, ctr run, CRI
+# pod + two containers) with leak checks every 100, then 20 pods at once
+# (SOAK_CYCLES, SOAK_PODS, SOAK_CHECK_EVERY). Not in CI: `make test` runs soak_ci.
+soak: deps guest config
+	cargo build -q -p vessel -p vessel-vmm -p vessel-jailer -p containerd-shim-vessel-v2
+	VESSEL_GUEST_DIR=$(GUEST) VESSEL_GUEST_KERNEL=$(GUEST)/vmlinux cargo test -q \
+		-p containerd-shim-vessel-v2 --test soak -- --ignored --nocapture soak
+
+# Issue 14: 100 faults at random lifecycle points (FAULTS, FAULTS_SEED), with the table
+# fault / injections / recovered / leaks. `make test` runs faults_ci (each fault once).
+faults: deps guest config
+	cargo build -q -p vessel -p vessel-vmm -p vessel-jailer -p containerd-shim-vessel-v2
+	VESSEL_GUEST_DIR=$(GUEST) VESSEL_GUEST_KERNEL=$(GUEST)/vmlinux cargo test -q \
+		-p containerd-shim-vessel-v2 --test faults -- --ignored --nocapture faults
 
 bench-vmm:
 	sh crates/vmm/bench/bench-vmm.sh

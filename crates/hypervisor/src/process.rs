@@ -162,6 +162,34 @@ pub async fn terminate(child: &mut Child, grace: Duration) -> std::process::Exit
     }
 }
 
+/// Waits until the first of `children` exits: its pid and status. Never returns when
+/// there are none.
+pub async fn first_exit(
+    children: &mut [Child],
+) -> (u32, std::io::Result<std::process::ExitStatus>) {
+    use std::future::Future;
+    use std::task::Poll;
+    if children.is_empty() {
+        return std::future::pending().await;
+    }
+    let mut waits: Vec<_> = children
+        .iter_mut()
+        .map(|c| {
+            let pid = c.id().unwrap_or(0);
+            Box::pin(async move { (pid, c.wait().await) })
+        })
+        .collect();
+    std::future::poll_fn(|cx| {
+        for w in waits.iter_mut() {
+            if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// Stops every helper (SIGTERM, then SIGKILL after a short grace).
 pub async fn terminate_all(children: &mut [Child]) {
     for c in children {
@@ -197,6 +225,25 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn first_exit_names_the_helper_that_died_first() {
+        let mut children: Vec<Child> = ["sleep 100", "exit 3", "sleep 100"]
+            .iter()
+            .map(|s| {
+                tokio::process::Command::new("sh")
+                    .args(["-c", s])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let quitter = children[1].id().unwrap();
+        let (pid, status) = first_exit(&mut children).await;
+        assert_eq!(pid, quitter);
+        assert_eq!(status.unwrap().code(), Some(3));
+        terminate_all(&mut children).await;
+        assert!(children.iter_mut().all(|c| c.try_wait().unwrap().is_some()));
+    }
 
     #[test]
     fn tail_of_log() {

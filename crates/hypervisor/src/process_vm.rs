@@ -1,7 +1,8 @@
 //! A VM that is a host process (the hypervisor) plus helper processes.
 //!
-//! A background task owns the processes: it waits for the hypervisor, then
-//! stops the helpers and publishes the exit status. Backends differ only in how
+//! A background task owns the processes: it waits for the hypervisor (or for a helper
+//! to die, which ends the VM: it cannot work without its back ends), then stops the
+//! helpers and publishes the exit status. Backends differ only in how
 //! they pause and resume ([`Control`]).
 
 use std::path::{Path, PathBuf};
@@ -60,10 +61,24 @@ impl ProcessVm {
         let (tx, rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<Duration>();
         tokio::spawn(async move {
-            let status = tokio::select! {
-                s = hypervisor.wait() => s,
-                // Err: the ProcessVm was dropped without stop(): kill at once.
-                grace = kill_rx => Ok(terminate(&mut hypervisor, grace.unwrap_or(Duration::ZERO)).await),
+            let status = {
+                let helper_exit = crate::process::first_exit(&mut helpers);
+                tokio::select! {
+                    s = hypervisor.wait() => s,
+                    // Err: the ProcessVm was dropped without stop(): kill at once.
+                    grace = kill_rx => Ok(terminate(&mut hypervisor, grace.unwrap_or(Duration::ZERO)).await),
+                    // A VM without its virtio-fs or vsock back end hangs on its next request
+                    // to it (a container's file access, the agent channel): end it now, so
+                    // that its callers are told and its containers exit.
+                    (helper, how) = helper_exit => {
+                        let how = how.map_or_else(|e| e.to_string(), |s| s.to_string());
+                        log::warn!(
+                            "helper pid {helper} of hypervisor pid {pid} exited ({how}); \
+                             the VM cannot go on without it: stopping the VM"
+                        );
+                        Ok(terminate(&mut hypervisor, Duration::ZERO).await)
+                    }
+                }
             };
             crate::process::terminate_all(&mut helpers).await;
             let exit = match status {

@@ -59,6 +59,7 @@ async fn delete(flags: Flags) -> anyhow::Result<()> {
         vessel_runtime::network::undo_recorded(&config.state_root, &flags.id).await;
     }
     rootfs::unmount(&bundle);
+    remove_dead_socket(&bundle).await;
     let resp = DeleteResponse {
         exit_status: 128 + libc::SIGKILL as u32,
         exited_at: Some(containerd_shim::util::timestamp()?).into(),
@@ -68,6 +69,30 @@ async fn delete(flags: Flags) -> anyhow::Result<()> {
     out.write_all(&resp.write_to_bytes()?).await?;
     out.flush().await?;
     Ok(())
+}
+
+/// Removes the shim socket `start` recorded in the bundle when no server answers on it
+/// any more: a killed server could not remove it itself (its shutdown does), and nothing
+/// else would. A socket another server answers on (the pod's shim, still alive, for a
+/// container that was deleted on its own) is kept.
+async fn remove_dead_socket(bundle: &Path) {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return;
+    };
+    let address = address.trim();
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(address));
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return;
+    }
+    if path
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_socket())
+    {
+        match std::fs::remove_file(path) {
+            Ok(()) => log::info!("removed the dead shim's socket {}", path.display()),
+            Err(e) => log::warn!("removing the dead shim's socket {}: {e}", path.display()),
+        }
+    }
 }
 
 /// Binds the shim socket. `None`: another server already answers there.

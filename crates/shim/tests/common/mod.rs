@@ -358,3 +358,5 @@ pub fn mounts_mentioning(needle: &str) -> Vec<String> {
 pub use vessel_testutil::{processes_mentioning, wait_until};
 
 pub mod cri;
+pub mod leaks;
+pub mod workload;

@@ -28,7 +28,7 @@ pub struct HostState {
     pub mounts: BTreeSet<String>,
     /// Host network links attached to the test's bridge, or named like a Vessel tap.
     pub links: BTreeSet<String>,
-    /// Host cgroup directories (`vessel/<id>`): host-wide, so the suites using this run alone.
+    /// Host cgroup directories (`vessel/<id>-<hash>`) of the ids the test used.
     pub cgroups: BTreeSet<String>,
     /// Unix sockets under the test's directory and in containerd's shim socket directory.
     pub sockets: BTreeSet<String>,
@@ -36,7 +36,9 @@ pub struct HostState {
     pub state: BTreeSet<String>,
     /// `name pid` → open file descriptors of each long-lived process watched.
     pub fds: Vec<(String, u32, usize)>,
-    /// MemAvailable, KiB.
+    /// MemAvailable plus the resident memory of processes outside the test (not the
+    /// test itself, not mentioning its directory), KiB: what the host has for the test's
+    /// sandboxes, unmoved by other work on the host (a build starting or ending).
     pub mem_available_kib: u64,
 }
 
@@ -96,7 +98,9 @@ impl HostState {
                 .join(vessel_cgroup::PARENT);
             for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if e.path().is_dir() {
+                // `<run dir name>-<hash>` (vessel_runtime::limits::cgroup_name).
+                let ours = ids.iter().any(|id| name.starts_with(&format!("{id}-")));
+                if e.path().is_dir() && ours {
                     cgroups.insert(format!("{}/{name}", parent.display()));
                 }
             }
@@ -126,7 +130,7 @@ impl HostState {
             sockets,
             state,
             fds,
-            mem_available_kib: mem_available_kib(),
+            mem_available_kib: mem_available_kib() + foreign_rss_kib(&dir),
         }
     }
 
@@ -153,7 +157,7 @@ impl HostState {
             .saturating_sub(self.mem_available_kib);
         if drop > MEMORY_SLACK_KIB {
             out.push(format!(
-                "memory: MemAvailable {} MiB below the start ({} → {} MiB)",
+                "memory: {} MiB less available than at the start ({} → {} MiB; MemAvailable + other processes' RSS)",
                 drop / 1024,
                 before.mem_available_kib / 1024,
                 self.mem_available_kib / 1024
@@ -195,6 +199,34 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Resident memory (VmRSS) of every process that is neither this test nor mentions `dir`
+/// in its command line, KiB.
+fn foreign_rss_kib(dir: &str) -> u64 {
+    let me = std::process::id().to_string();
+    let mut total = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(dir) {
+            continue;
+        }
+        let rss = std::fs::read_to_string(e.path().join("status"))
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            });
+        total += rss.unwrap_or(0);
+    }
+    total
 }
 
 /// MemAvailable from /proc/meminfo, KiB.

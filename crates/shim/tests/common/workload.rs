@@ -216,13 +216,26 @@ impl Rig {
 
 /// Runs pod `name` with two containers on `rt` (a clone of the rig's client): one writes
 /// `lines` lines to stdout and sleeps, the other sleeps; an exec in each (one returning
-/// 64 KiB), the first's log checked; then the pod is stopped and removed. Returns the pod id.
+/// 64 KiB), the first's log checked; then the pod is stopped and removed. Returns the pod
+/// id (if the pod was made) and how it went.
 pub async fn cri_pod_two_containers(
+    rt: Runtime,
+    cfg: PodSandboxConfig,
+    log_dir: PathBuf,
+    lines: u32,
+) -> (Option<String>, Step) {
+    let mut pod = None;
+    let r = pod_two_containers(rt, cfg, log_dir, lines, &mut pod).await;
+    (pod, r)
+}
+
+async fn pod_two_containers(
     mut rt: Runtime,
     cfg: PodSandboxConfig,
     log_dir: PathBuf,
     lines: u32,
-) -> Result<String, String> {
+    made: &mut Option<String>,
+) -> Step {
     let pod = rt
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(cfg.clone()),
@@ -232,6 +245,7 @@ pub async fn cri_pod_two_containers(
         .map_err(|e| format!("RunPodSandbox: {}", e.message()))?
         .into_inner()
         .pod_sandbox_id;
+    *made = Some(pod.clone());
     let r = pod_work(&mut rt, &pod, &cfg, &log_dir, lines).await;
     let stop = rt
         .stop_pod_sandbox(StopPodSandboxRequest {
@@ -246,7 +260,7 @@ pub async fn cri_pod_two_containers(
     r?;
     stop.map_err(|e| format!("StopPodSandbox: {}", e.message()))?;
     remove.map_err(|e| format!("RemovePodSandbox: {}", e.message()))?;
-    Ok(pod)
+    Ok(())
 }
 
 async fn pod_work(
@@ -371,10 +385,10 @@ pub async fn concurrent_pods(rig: &mut Rig, n: u32, round: u32) -> Vec<String> {
     let mut errors = Vec::new();
     for t in tasks {
         match t.await {
-            Ok(Ok(pod)) => {
-                rig.ids.insert(pod);
+            Ok((pod, r)) => {
+                rig.ids.extend(pod);
+                errors.extend(r.err());
             }
-            Ok(Err(e)) => errors.push(e),
             Err(e) => errors.push(format!("pod task panicked: {e}")),
         }
     }

@@ -117,6 +117,7 @@ impl From<ContainerError> for ttrpc::Error {
             }
             Resources(..) => Code::INVALID_ARGUMENT,
             Storage(_) | Failed(_) | Io(..) => Code::INTERNAL,
+            Denied(_) => Code::PERMISSION_DENIED,
         };
         let msg = chain(&e).to_string();
         log::info!("request failed: {msg}");
@@ -157,6 +158,7 @@ impl Agent for AgentService {
                 &req.storages,
                 &stdio,
                 sandbox,
+                &policy,
             )
             .await?;
         Ok(CreateContainerResponse {

@@ -262,11 +262,7 @@ impl Policy {
         let rpc = Rpc::CreateContainer;
         self.check_rpc(rpc)?;
         let deny = |field: String| Denied(format!("{rpc} {field}"));
-        if let Some(max) = self.max_containers {
-            if existing >= max as usize {
-                return Err(deny(format!("(a container beyond max_containers = {max})")));
-            }
-        }
+        self.check_container_count(existing)?;
         if let Some(allowed) = &self.allowed_storage_fstypes {
             for t in storage_fstypes {
                 if !allowed.contains(t) {
@@ -300,6 +296,20 @@ impl Policy {
             }
         }
         self.check_process(rpc, "process.", spec.process.as_ref())
+    }
+
+    /// One more container when `existing` exist or are being created
+    /// (`max_containers`). Part of [`Policy::check_create`]; the agent asks again
+    /// under the lock that registers the new container, so concurrent requests
+    /// cannot pass together.
+    pub fn check_container_count(&self, existing: usize) -> Result<(), Denied> {
+        match self.max_containers {
+            Some(max) if existing >= max as usize => Err(Denied(format!(
+                "{} (a container beyond max_containers = {max})",
+                Rpc::CreateContainer
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// `ExecProcess` with `process_json` (an OCI process object).

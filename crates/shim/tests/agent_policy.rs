@@ -1,6 +1,6 @@
 //! The agent policy through containerd's CRI: with a policy that forbids exec
-//! (`[agent] policy` in the shim's config.toml), a pod and its container run,
-//! and ExecSync fails with the agent's "denied by the sandbox's agent policy"
+//! and allows two containers (`[agent] policy` in the shim's config.toml), a
+//! pod and its container run, a third container is denied, and ExecSync fails with the agent's "denied by the sandbox's agent policy"
 //! (gRPC code PermissionDenied from the shim; containerd 1.6 reports Unknown).
 
 mod common;
@@ -9,11 +9,12 @@ use common::cri::*;
 use common::Containerd;
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_policy_without_exec_makes_exec_sync_permission_denied() {
+async fn a_strict_policy_denies_exec_sync_and_a_container_past_the_limit() {
     let Some(c) = Containerd::start() else { return };
     // The shim reads its config when containerd starts it for the pod.
     let policy = c.dir.path().join("policy.toml");
-    std::fs::write(&policy, "version = 1\nexec = false\n").unwrap();
+    // The pod's sandbox (pause) container and one more.
+    std::fs::write(&policy, "version = 1\nexec = false\nmax_containers = 2\n").unwrap();
     let config = c.dir.path().join("vessel.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&format!(
@@ -59,6 +60,35 @@ async fn a_policy_without_exec_makes_exec_sync_permission_denied() {
         status(&mut rt, &a).await.state,
         ContainerState::ContainerRunning as i32,
         "a denied exec harms nothing"
+    );
+
+    // A third container in the VM is past max_containers.
+    let b = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config("b", &["sleep", "1000"])),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    let err = rt
+        .start_container(StartContainerRequest {
+            container_id: b.clone(),
+        })
+        .await
+        .expect_err("a third container must be denied");
+    assert!(
+        err.message().contains(
+            "CreateContainer (a container beyond max_containers = 2) denied by the sandbox's agent policy"
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        status(&mut rt, &a).await.state,
+        ContainerState::ContainerRunning as i32,
+        "the denied container harms the others nothing"
     );
 
     let sockets = shim_sockets(&c);

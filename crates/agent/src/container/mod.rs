@@ -78,6 +78,8 @@ pub enum ContainerError {
     NoTerminal(String, String),
     /// {0}
     Io(String, #[source] std::io::Error),
+    /// {0}
+    Denied(vessel_protocol::policy::Denied),
 }
 
 /// How a process ended, shell style.
@@ -233,6 +235,7 @@ impl Containers {
         storages: &[Storage],
         stdio: &StdioConfig,
         sandbox: Option<&str>,
+        policy: &vessel_protocol::policy::Policy,
     ) -> Result<i32, ContainerError> {
         check_id(id)?;
         let sandbox_pid = sandbox.map(|s| self.sandbox_pid(s)).transpose()?;
@@ -243,9 +246,15 @@ impl Containers {
         } = spec::guest_spec(spec_json, id, sandbox_pid)?;
         {
             let map = lock(&self.map);
-            if map.contains_key(id) || !lock(&self.creating).insert(id.to_string()) {
+            let mut creating = lock(&self.creating);
+            if map.contains_key(id) || creating.contains(id) {
                 return Err(ContainerError::Exists(id.to_string()));
             }
+            // Under the lock that registers it: concurrent creates cannot all pass.
+            policy
+                .check_container_count(map.len() + creating.len())
+                .map_err(ContainerError::Denied)?;
+            creating.insert(id.to_string());
         }
         for (key, value) in &net_sysctls {
             if let Err(e) = spec::write_sysctl(key, value) {
@@ -738,7 +747,7 @@ impl Containers {
     }
 
     /// Containers that exist or are being created (for the policy's
-    /// `max_containers`).
+    /// `max_containers`; [`Containers::create`] checks it again under its lock).
     pub fn count(&self) -> usize {
         lock(&self.map).len() + lock(&self.creating).len()
     }

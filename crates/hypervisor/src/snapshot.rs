@@ -83,13 +83,18 @@ impl SnapshotInfo {
             .take(MAX_INFO_BYTES + 1)
             .read_to_end(&mut text)
             .map_err(io)?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and checks the contents of `path`, a `vessel-snapshot.json`.
+    pub fn parse(text: &[u8], path: &Path) -> Result<Self> {
         if text.len() as u64 > MAX_INFO_BYTES {
             return Err(Error::InvalidConfig(format!(
                 "{} is larger than {MAX_INFO_BYTES} bytes",
                 path.display()
             )));
         }
-        let info: SnapshotInfo = serde_json::from_slice(&text).map_err(|e| {
+        let info: SnapshotInfo = serde_json::from_slice(text).map_err(|e| {
             Error::InvalidConfig(format!(
                 "{} is not a snapshot description: {e}",
                 path.display()

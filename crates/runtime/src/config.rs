@@ -310,13 +310,19 @@ impl Config {
             }
             Err(e) => return Err(err(e.to_string())),
         };
-        let mut cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        cfg.validate().map_err(err)?;
+        let mut cfg = Config::parse(&text).map_err(err)?;
         if let Some(file) = &cfg.agent.policy {
             cfg.agent_policy = load_policy(file)
                 .map_err(|e| err(format!("agent.policy {}: {e}", file.display())))?;
         }
         Ok((cfg, path))
+    }
+
+    /// Parses and validates the text of a config.toml.
+    pub fn parse(text: &str) -> std::result::Result<Config, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     fn validate(&self) -> std::result::Result<(), String> {

@@ -146,9 +146,17 @@ struct FileRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Manifest {
+#[doc(hidden)]
+pub struct Manifest {
     inputs: Inputs,
     files: Vec<FileRecord>,
+}
+
+/// Parses the text of a template's manifest (`template.json`); public for the fuzz
+/// targets, which feed it arbitrary bytes.
+#[doc(hidden)]
+pub fn parse_manifest(text: &[u8]) -> std::result::Result<Manifest, serde_json::Error> {
+    serde_json::from_slice(text)
 }
 
 /// Template failures (each one leads to a cold boot, logged).
@@ -336,8 +344,7 @@ fn check(dir: &Path, inputs: &Inputs) -> std::result::Result<(), TemplateError> 
     }
     let path = dir.join(MANIFEST);
     let text = std::fs::read(&path).map_err(|e| TemplateError::Io(path.clone(), e))?;
-    let manifest: Manifest =
-        serde_json::from_slice(&text).map_err(|e| invalid(format!("{MANIFEST}: {e}")))?;
+    let manifest = parse_manifest(&text).map_err(|e| invalid(format!("{MANIFEST}: {e}")))?;
     if &manifest.inputs != inputs {
         return Err(invalid("made from other inputs".into()));
     }

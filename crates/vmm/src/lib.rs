@@ -10,6 +10,8 @@ pub mod api;
 pub mod arch;
 pub mod config;
 pub mod devices;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod seccomp;
 pub mod snapshot;
 pub mod stop_signal;

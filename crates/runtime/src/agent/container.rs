@@ -5,14 +5,13 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vessel_protocol::agent::*;
 use vessel_protocol::ports::STDIO_VSOCK_PORT;
-use vessel_protocol::stdio::{StdioHeader, StdioStream, MAX_HEADER_LEN, REPLY_OK};
+use vessel_protocol::stdio::{StdioHeader, StdioStream, MAX_HEADER_LEN};
 
 use vessel_hypervisor::AgentEndpoint;
 
-use super::{connect_socket, rpc_ctx as ctx, AgentClient, AgentError, Result, CONNECT_TIMEOUT};
-
-/// Most pids accepted from ListProcesses.
-const MAX_PIDS: usize = 65_536;
+use super::{
+    connect_socket, reply, rpc_ctx as ctx, AgentClient, AgentError, Result, CONNECT_TIMEOUT,
+};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +63,7 @@ impl AgentClient {
             .create_container(ctx(), &req)
             .await
             .map_err(rpc_err("CreateContainer"))?;
-        valid_pid("CreateContainer", r.pid)
+        reply::pid("CreateContainer", r.pid)
     }
 
     /// Applies OCI `linux.resources` JSON to the container's cgroup in the
@@ -107,7 +106,7 @@ impl AgentClient {
             .exec_process(ctx(), &req)
             .await
             .map_err(rpc_err("ExecProcess"))?;
-        valid_pid("ExecProcess", r.pid)
+        reply::pid("ExecProcess", r.pid)
     }
 
     pub async fn signal(
@@ -139,27 +138,7 @@ impl AgentClient {
             .wait_process(ttrpc::context::Context::default(), &req)
             .await
             .map_err(rpc_err("WaitProcess"))?;
-        let bad = |reason: String| AgentError::BadReply {
-            rpc: "WaitProcess",
-            reason,
-        };
-        if !(0..=255).contains(&r.exit_status) {
-            return Err(bad(format!("exit status {} out of 0..=255", r.exit_status)));
-        }
-        let signal = match r.signal {
-            0 => None,
-            s if (1..=64).contains(&s) && r.exit_status == 128 + s as i32 => Some(s),
-            s => {
-                return Err(bad(format!(
-                    "signal {s} with exit status {}",
-                    r.exit_status
-                )))
-            }
-        };
-        Ok(ExitStatus {
-            status: r.exit_status,
-            signal,
-        })
+        reply::exit_status(&r)
     }
 
     pub async fn remove(&self, id: &str, force: bool) -> Result<()> {
@@ -179,13 +158,7 @@ impl AgentClient {
             .list_processes(ctx(), &container_req(id))
             .await
             .map_err(rpc_err("ListProcesses"))?;
-        if r.pids.len() > MAX_PIDS {
-            return Err(AgentError::BadReply {
-                rpc: "ListProcesses",
-                reason: format!("{} pids", r.pids.len()),
-            });
-        }
-        Ok(r.pids)
+        reply::pids(r)
     }
 
     pub async fn pause(&self, id: &str) -> Result<()> {
@@ -240,13 +213,7 @@ impl AgentClient {
             )
             .await
             .map_err(rpc_err("GetOOMEvent"))?;
-        if !vessel_protocol::id::valid_id(&r.container_id) {
-            return Err(AgentError::BadReply {
-                rpc: "GetOOMEvent",
-                reason: "invalid container id".into(),
-            });
-        }
-        Ok(r.container_id)
+        reply::oom_event(r)
     }
 
     /// Opens one stdio stream; returns it as a blocking std socket after `OK`.
@@ -314,18 +281,7 @@ pub async fn open_stream(
             reason: "no reply from the agent".into(),
         })?
         .map_err(io)?;
-    if line != REPLY_OK.as_bytes() {
-        let text = String::from_utf8_lossy(&line);
-        let text: String = text
-            .trim_end()
-            .chars()
-            .filter(|c| !c.is_control())
-            .collect();
-        return Err(AgentError::Stdio {
-            what,
-            reason: format!("agent refused: {text}"),
-        });
-    }
+    reply::stdio_reply(&line, what.clone())?;
     let std = s.into_std().map_err(io)?;
     std.set_nonblocking(false).map_err(io)?;
     Ok(std)
@@ -335,14 +291,4 @@ fn container_req(id: &str) -> ContainerRequest {
     let mut r = ContainerRequest::new();
     r.container_id = id.into();
     r
-}
-
-fn valid_pid(rpc: &'static str, pid: u32) -> Result<u32> {
-    if pid == 0 || pid > 4_194_304 {
-        return Err(AgentError::BadReply {
-            rpc,
-            reason: format!("pid {pid}"),
-        });
-    }
-    Ok(pid)
 }

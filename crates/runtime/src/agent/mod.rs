@@ -14,6 +14,7 @@
 //! and `GetOOMEvent` block until their event.
 
 pub mod container;
+pub mod reply;
 
 pub use container::{ExitStatus, NewContainer};
 
@@ -29,10 +30,8 @@ use vessel_protocol::agent_ttrpc::AgentClient as AgentTtrpc;
 use vessel_protocol::health::{CheckRequest, VersionRequest, VersionResponse};
 use vessel_protocol::health_ttrpc::HealthClient;
 use vessel_protocol::hybrid_vsock;
-use vessel_protocol::ports::{AGENT_VSOCK_PORT, READY_MAGIC, READY_VSOCK_PORT};
+use vessel_protocol::ports::{AGENT_VSOCK_PORT, READY_VSOCK_PORT};
 
-/// Longest readiness line accepted.
-const MAX_READY_LINE: usize = 128;
 /// Timeout of every RPC that does not block by design.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for connecting (hybrid-vsock handshake) and for a stdio stream's
@@ -96,29 +95,7 @@ impl From<ttrpc::Error> for RpcFailure {
     }
 }
 
-/// Longest RPC status message kept from the guest.
-const MAX_STATUS_MESSAGE: usize = 1024;
-
-/// A failed RPC. The guest is not trusted: a status message it sent is cut
-/// to [`MAX_STATUS_MESSAGE`] characters and its control characters blanked.
-fn rpc_error(rpc: &'static str, source: ttrpc::Error) -> AgentError {
-    let source = match source {
-        ttrpc::Error::RpcStatus(mut s) => {
-            s.message = s
-                .message
-                .chars()
-                .take(MAX_STATUS_MESSAGE)
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect();
-            ttrpc::Error::RpcStatus(s)
-        }
-        other => other,
-    };
-    AgentError::Rpc {
-        rpc,
-        source: RpcFailure(source),
-    }
-}
+use reply::rpc_error;
 
 /// `<uds>_<port>`: where guest-initiated vsock connections arrive.
 pub fn guest_initiated_path(uds: &Path, port: u32) -> PathBuf {
@@ -154,12 +131,12 @@ impl ReadyListener {
                     source,
                 })?;
         let mut buf = Vec::with_capacity(64);
-        let mut limited = (&mut conn).take(MAX_READY_LINE as u64 + 1);
+        let mut limited = (&mut conn).take(reply::MAX_READY_LINE as u64 + 1);
         limited
             .read_to_end(&mut buf)
             .await
             .map_err(|e| AgentError::BadReady(e.to_string()))?;
-        parse_ready(&buf)
+        reply::ready_line(&buf)
     }
 }
 
@@ -167,22 +144,6 @@ impl Drop for ReadyListener {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-fn parse_ready(buf: &[u8]) -> Result<String> {
-    if buf.len() > MAX_READY_LINE {
-        return Err(AgentError::BadReady(format!(
-            "longer than {MAX_READY_LINE} bytes"
-        )));
-    }
-    let text = std::str::from_utf8(buf).map_err(|_| AgentError::BadReady("not UTF-8".into()))?;
-    let line = text.strip_suffix('\n').unwrap_or(text);
-    let version = line
-        .strip_prefix(READY_MAGIC)
-        .and_then(|rest| rest.strip_prefix(' '))
-        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| AgentError::BadReady(format!("{line:?}")))?;
-    Ok(version.to_string())
 }
 
 /// Length of the RNG sample in a `Probe` reply.
@@ -311,35 +272,7 @@ impl AgentClient {
             .probe(rpc_ctx(), &ProbeRequest::new())
             .await
             .map_err(|source| rpc_error("Agent.Probe", source))?;
-        let bad = |reason: String| AgentError::BadReply {
-            rpc: "Agent.Probe",
-            reason,
-        };
-        if p.realtime_seconds < 0 || p.realtime_nanos >= 1_000_000_000 {
-            return Err(bad(format!(
-                "clock {}.{:09} out of range",
-                p.realtime_seconds, p.realtime_nanos
-            )));
-        }
-        let random_sample: [u8; PROBE_SAMPLE_LEN] =
-            p.random_sample.as_slice().try_into().map_err(|_| {
-                bad(format!(
-                    "random sample of {} bytes, expected {PROBE_SAMPLE_LEN}",
-                    p.random_sample.len()
-                ))
-            })?;
-        if p.boot_id.is_empty()
-            || p.boot_id.len() > 64
-            || !p.boot_id.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(bad(format!("boot_id {:?} is not printable", p.boot_id)));
-        }
-        Ok(GuestProbe {
-            realtime: std::time::UNIX_EPOCH
-                + Duration::new(p.realtime_seconds as u64, p.realtime_nanos),
-            random_sample,
-            boot_id: p.boot_id,
-        })
+        reply::probe(p)
     }
 
     /// `Health.Check`; `timeout` bounds the wait (on virtio-serial the first
@@ -351,14 +284,7 @@ impl AgentClient {
             .check(ctx, &CheckRequest::new())
             .await
             .map_err(|source| rpc_error("Health.Check", source))?;
-        use vessel_protocol::health::check_response::ServingStatus;
-        match resp.status.enum_value() {
-            Ok(ServingStatus::SERVING) => Ok(()),
-            other => Err(AgentError::BadReply {
-                rpc: "Health.Check",
-                reason: format!("status {other:?}"),
-            }),
-        }
+        reply::health(&resp)
     }
 
     /// `Health.Version`, validated.
@@ -368,30 +294,7 @@ impl AgentClient {
             .version(rpc_ctx(), &VersionRequest::new())
             .await
             .map_err(|source| rpc_error("Health.Version", source))?;
-        let bad = |reason: String| AgentError::BadReply {
-            rpc: "Health.Version",
-            reason,
-        };
-        for (name, value) in [
-            ("agent_version", &v.agent_version),
-            ("kernel_release", &v.kernel_release),
-            ("boot_id", &v.boot_id),
-        ] {
-            if value.is_empty() || value.len() > 128 || !value.bytes().all(|b| b.is_ascii_graphic())
-            {
-                return Err(bad(format!(
-                    "{name} {value:?} is empty, too long or not printable"
-                )));
-            }
-        }
-        if v.protocol_version != vessel_protocol::PROTOCOL_VERSION {
-            return Err(bad(format!(
-                "agent speaks protocol {}, this runtime {}: rebuild the guest initramfs",
-                v.protocol_version,
-                vessel_protocol::PROTOCOL_VERSION
-            )));
-        }
-        Ok(v)
+        reply::version(v)
     }
 }
 
@@ -463,8 +366,14 @@ mod tests {
 
     #[test]
     fn ready_line_is_parsed_strictly() {
-        assert_eq!(parse_ready(b"VESSEL-AGENT-READY 0.1.0\n").unwrap(), "0.1.0");
-        assert_eq!(parse_ready(b"VESSEL-AGENT-READY 0.1.0").unwrap(), "0.1.0");
+        assert_eq!(
+            reply::ready_line(b"VESSEL-AGENT-READY 0.1.0\n").unwrap(),
+            "0.1.0"
+        );
+        assert_eq!(
+            reply::ready_line(b"VESSEL-AGENT-READY 0.1.0").unwrap(),
+            "0.1.0"
+        );
         for bad in [
             &b""[..],
             b"VESSEL-AGENT-READY\n",
@@ -473,10 +382,10 @@ mod tests {
             b"VESSEL-AGENT-READY 1 2\n",
             b"VESSEL-AGENT-READY \xff\n",
         ] {
-            assert!(parse_ready(bad).is_err(), "{bad:?}");
+            assert!(reply::ready_line(bad).is_err(), "{bad:?}");
         }
         let long = format!("VESSEL-AGENT-READY {}\n", "9".repeat(200));
-        assert!(parse_ready(long.as_bytes()).is_err());
+        assert!(reply::ready_line(long.as_bytes()).is_err());
     }
 
     #[test]
@@ -489,7 +398,9 @@ mod tests {
         else {
             panic!("not an RPC status");
         };
-        assert!(s.message.starts_with("a b") && s.message.chars().count() == MAX_STATUS_MESSAGE);
+        assert!(
+            s.message.starts_with("a b") && s.message.chars().count() == reply::MAX_STATUS_MESSAGE
+        );
     }
 
     #[test]

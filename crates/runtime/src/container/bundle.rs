@@ -40,7 +40,17 @@ impl Bundle {
                 path.display()
             ))
         })?;
-        let spec: Value = serde_json::from_slice(&text)
+        Bundle::parse(dir, &text)
+    }
+
+    /// Validates `text`, the config.json of the bundle in `dir` (an absolute path).
+    pub fn parse(dir: PathBuf, text: &[u8]) -> Result<Bundle> {
+        let name = dir.display().to_string();
+        let bad = |reason: String| ContainerError::BadBundle {
+            bundle: name.clone(),
+            reason,
+        };
+        let spec: Value = serde_json::from_slice(text)
             .map_err(|e| bad(format!("config.json is not valid JSON: {e}")))?;
         if !spec.is_object() {
             return Err(bad("config.json must be a JSON object".into()));

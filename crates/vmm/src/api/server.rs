@@ -31,6 +31,32 @@ pub enum ApiEvent {
     Closed(u32),
 }
 
+/// Takes the complete request lines out of `buf` (what one connection sent so far) and
+/// parses them. Returns the requests, and the answer to give when the connection sent a
+/// malformed or overlong request (the connection is then closed; later lines are ignored).
+pub fn take_requests(buf: &mut Vec<u8>) -> (Vec<Request>, Option<String>) {
+    let mut requests = Vec::new();
+    let mut bad = None;
+    while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=pos).collect();
+        let line = &line[..line.len() - 1];
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        match parse_request(line) {
+            Ok(req) => requests.push(req),
+            Err(e) => {
+                bad = Some(format!("invalid request: {e}"));
+                break;
+            }
+        }
+    }
+    if bad.is_none() && buf.len() > MAX_LINE {
+        bad = Some(format!("request longer than {MAX_LINE} bytes"));
+    }
+    (requests, bad)
+}
+
 /// The API listener and its connections.
 #[derive(Debug)]
 pub struct ApiServer {
@@ -106,24 +132,12 @@ impl ApiServer {
                 }
             }
         }
-        let mut bad = None;
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let line = &line[..line.len() - 1];
-            if line.iter().all(|b| b.is_ascii_whitespace()) {
-                continue;
-            }
-            match parse_request(line) {
-                Ok(req) => out.push(ApiEvent::Request(id, Box::new(req))),
-                Err(e) => bad = Some(format!("invalid request: {e}")),
-            }
-            if bad.is_some() {
-                break;
-            }
-        }
-        if buf.len() > MAX_LINE {
-            bad = Some(format!("request longer than {MAX_LINE} bytes"));
-        }
+        let (requests, bad) = take_requests(buf);
+        out.extend(
+            requests
+                .into_iter()
+                .map(|req| ApiEvent::Request(id, Box::new(req))),
+        );
         if let Some(msg) = bad {
             self.respond(id, &Response::err(msg));
             closed = true;

@@ -80,8 +80,14 @@ pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
     let path = dir.join(STATE_FILE);
     let name = path.display().to_string();
     let bytes = std::fs::read(&path).map_err(|e| SnapshotError::Io(name.clone(), e))?;
+    parse_state(&bytes, &name)
+}
+
+/// Parses the contents of a `state.json` (`name` is what errors call it) and checks its
+/// version.
+pub fn parse_state(bytes: &[u8], name: &str) -> Result<VmSnapshot, SnapshotError> {
     let snap: VmSnapshot =
-        serde_json::from_slice(&bytes).map_err(|e| SnapshotError::Parse(name, e))?;
+        serde_json::from_slice(bytes).map_err(|e| SnapshotError::Parse(name.into(), e))?;
     if snap.version != SNAPSHOT_VERSION {
         return Err(SnapshotError::Version(snap.version));
     }

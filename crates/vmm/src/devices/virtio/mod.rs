@@ -13,7 +13,7 @@ mod fuzz_tests;
 pub mod net;
 pub mod queue_util;
 pub mod rng;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;
 pub mod transport;
 pub mod vsock;

@@ -186,7 +186,7 @@ impl Tap {
     }
 
     /// A test backend: any packet-preserving fd (a datagram socket), set non-blocking.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn fake(file: File, vnet_hdr: bool, offloads: bool) -> Tap {
         set_fd_flags(file.as_raw_fd()).unwrap();
         Tap {

@@ -14,6 +14,8 @@
 mod connection;
 mod device;
 mod event_handler;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod muxer;
 pub mod packet;
 

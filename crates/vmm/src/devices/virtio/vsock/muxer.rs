@@ -21,7 +21,7 @@ pub const TOKEN_LISTENER: u32 = DEVICE_TOKEN_BASE;
 /// Token of the handshake timer.
 pub const TOKEN_TIMER: u32 = DEVICE_TOKEN_BASE + 1;
 /// First token of host streams.
-const FIRST_STREAM_TOKEN: u32 = DEVICE_TOKEN_BASE + 2;
+pub(super) const FIRST_STREAM_TOKEN: u32 = DEVICE_TOKEN_BASE + 2;
 /// How long a host connection may wait for its `CONNECT` line, and then for the guest's
 /// answer, before it is closed (the guest's vsock driver may not be up yet, or stuck).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -482,7 +482,7 @@ impl Drop for Muxer {
 }
 
 /// Parses `CONNECT <port>` (without the newline).
-fn parse_connect(line: &[u8]) -> Option<u32> {
+pub fn parse_connect(line: &[u8]) -> Option<u32> {
     let s = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
     s.strip_prefix("CONNECT ")?.trim().parse().ok()
 }

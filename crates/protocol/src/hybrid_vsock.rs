@@ -40,7 +40,11 @@ pub fn parse_reply(line: &[u8]) -> Result<u32, HandshakeError> {
     let text = std::str::from_utf8(line).map_err(|_| malformed())?;
     let text = text.strip_suffix('\n').unwrap_or(text);
     let num = text.strip_prefix("OK ").ok_or_else(malformed)?;
-    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+    // Canonical decimal only: digits, no leading zero (but "0" itself).
+    if num.is_empty()
+        || !num.bytes().all(|b| b.is_ascii_digit())
+        || (num.len() > 1 && num.starts_with('0'))
+    {
         return Err(malformed());
     }
     num.parse::<u32>().map_err(|_| malformed())
@@ -103,6 +107,8 @@ mod tests {
             b"OK +5\n",
             b"OK 5 6\n",
             b"OK 4294967296\n",
+            b"OK 062\n",
+            b"OK 00\n",
             b"ERR connection refused\n",
             b"OK 12\r\n",
             b"\xffOK 1\n",

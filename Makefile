@@ -10,7 +10,7 @@ DEV_CONFIG := $(BUILD)/config.toml
 VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
-.PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test \
+.PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test fuzz fuzz-ci \
         test-lane test-vmm bench-boot bench-run bench-net bench-restore bench-vmm bench-kvm bench-start bench-start-kvm soak faults clean install test-shim bench-shim
 
 deps:
@@ -67,7 +67,17 @@ test-vmm: kernel
 test-lane: guest config
 	VESSEL_GUEST_DIR=$(GUEST) scripts/test-lane.sh
 
-test: deps guest config lint workspace-test test-lane
+# cargo-fuzz targets (fuzz/, docs/threat-model.md "Fuzzing"): every target
+# FUZZ_SECONDS (600) with AddressSanitizer; fuzz-ci: 30 s each without a
+# sanitizer (part of make test). Both print target, executions, exec/s,
+# corpus size and crashes, and fail on a crash.
+fuzz:
+	scripts/fuzz.sh
+
+fuzz-ci:
+	scripts/fuzz.sh --ci
+
+test: deps guest config lint fuzz-ci workspace-test test-lane
 
 bench-boot: deps guest build config
 	benches/boot.sh

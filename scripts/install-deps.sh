@@ -22,6 +22,8 @@ APT_PACKAGES=(
 CARGO_TOOLS=(
     "vhost-device-vsock 0.3.0"
     "virtiofsd 1.14.0"
+    # make fuzz / fuzz-ci (scripts/fuzz.sh; runs on the nightly toolchain)
+    "cargo-fuzz 0.13.1"
 )
 PREFIX=${VESSEL_TOOLS_PREFIX:-/usr/local}
 

@@ -19,11 +19,9 @@ use vessel_protocol::agent::{
 use vessel_protocol::agent_ttrpc::Agent;
 use vessel_protocol::error::chain;
 use vessel_protocol::policy::{Denied, Policy, Rpc};
+use vessel_protocol::request;
 
 use crate::container::{cgroup, set_winsize, ContainerError, Containers};
-
-/// Bytes of host entropy used per ReseedRandom call.
-const MAX_SEED: usize = 4096;
 
 pub struct AgentService {
     containers: Arc<Containers>,
@@ -102,6 +100,12 @@ fn status(code: Code, msg: String) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
 
+/// A request that fails [`vessel_protocol::request`]'s checks.
+fn invalid(e: vessel_protocol::request::RequestError) -> ttrpc::Error {
+    log::info!("request refused: {e}");
+    status(Code::INVALID_ARGUMENT, e.to_string())
+}
+
 impl From<ContainerError> for ttrpc::Error {
     fn from(e: ContainerError) -> Self {
         use ContainerError::*;
@@ -148,6 +152,7 @@ impl Agent for AgentService {
                 self.containers.count(),
             )
             .map_err(denied)?;
+        request::create(&req).map_err(invalid)?;
         let stdio = req.stdio.clone().unwrap_or_default();
         let sandbox = Some(req.share_namespaces_with.as_str()).filter(|s| !s.is_empty());
         let pid = self
@@ -187,6 +192,7 @@ impl Agent for AgentService {
         self.policy()
             .check_exec(&req.process_json)
             .map_err(denied)?;
+        request::exec(&req).map_err(invalid)?;
         let stdio = req.stdio.clone().unwrap_or_default();
         let pid = self
             .containers
@@ -211,12 +217,7 @@ impl Agent for AgentService {
             req.exec_id,
             req.all
         );
-        if req.all && !req.exec_id.is_empty() {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                "signal with all=true applies to the init process: exec_id must be empty".into(),
-            ));
-        }
+        request::signal(&req).map_err(invalid)?;
         self.containers
             .signal(&req.container_id, &req.exec_id, req.signal, req.all)?;
         Ok(Empty::new())
@@ -373,12 +374,7 @@ impl Agent for AgentService {
 
     async fn set_time(&self, _: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {
         self.allow(Rpc::SetTime)?;
-        if req.nanos >= 1_000_000_000 {
-            return Err(status(
-                Code::INVALID_ARGUMENT,
-                format!("nanos {} out of range", req.nanos),
-            ));
-        }
+        request::set_time(&req).map_err(invalid)?;
         let ts = nix::sys::time::TimeSpec::new(req.seconds, req.nanos as i64);
         nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
             .map_err(|e| status(Code::INTERNAL, format!("set clock: {e}")))?;
@@ -393,7 +389,7 @@ impl Agent for AgentService {
         self.allow(Rpc::ReseedRandom)?;
         use std::io::Write;
         use std::os::fd::AsRawFd;
-        let seed = &req.data[..req.data.len().min(MAX_SEED)];
+        let seed = request::seed(&req);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/urandom")

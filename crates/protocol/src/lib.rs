@@ -8,6 +8,7 @@
 //! - [`net`]: the guest network configuration (`SetNetwork`), typed and checked.
 //! - [`policy`]: the agent policy (allowed RPCs and request fields), host and guest.
 //! - [`ports`]: vsock ports and virtio-serial port names.
+//! - [`request`]: what the agent checks in a request before it acts (ids, paths, sizes).
 //! - [`hybrid_vsock`]: the Firecracker-style `CONNECT <port>` handshake that the
 //!   host speaks over a Unix socket to reach a guest vsock port.
 //!
@@ -19,6 +20,7 @@ pub mod id;
 pub mod net;
 pub mod policy;
 pub mod ports;
+pub mod request;
 pub mod stdio;
 
 /// Revision of the agent protocol; bumped on incompatible changes.

@@ -61,10 +61,8 @@ pub struct Mounts {
 impl Mounts {
     /// Mounts `s` unless it is mounted already; returns its mount point.
     pub fn acquire(&mut self, s: &Storage) -> Result<PathBuf, StorageError> {
-        let target = PathBuf::from(&s.mount_point);
-        if !target.is_absolute() || target.components().any(|c| c.as_os_str() == "..") {
-            return Err(StorageError::BadMountPoint(s.mount_point.clone()));
-        }
+        let target = vessel_protocol::request::mount_point(&s.mount_point)
+            .map_err(|_| StorageError::BadMountPoint(s.mount_point.clone()))?;
         if let Some(n) = self.users.get_mut(&target) {
             *n += 1;
             return Ok(target);

@@ -21,9 +21,10 @@ ci=0
 if ((ci)); then
     seconds=${FUZZ_SECONDS:-30}
     sanitizer=${FUZZ_SANITIZER:-none}
-    # 16 codegen units: a much shorter build than cargo-fuzz's default of 1 (slightly
-    # slower targets); the whole of make fuzz-ci must fit the CI budget.
+    # 16 codegen units (cargo-fuzz's default is 1) and opt-level 1: a much shorter
+    # build for slightly slower targets; the whole of make fuzz-ci must fit the CI budget.
     build_opts=(--codegen-units 16)
+    export CARGO_PROFILE_RELEASE_OPT_LEVEL=${CARGO_PROFILE_RELEASE_OPT_LEVEL:-1}
 else
     seconds=${FUZZ_SECONDS:-600}
     sanitizer=${FUZZ_SANITIZER:-address}

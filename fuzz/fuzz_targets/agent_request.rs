@@ -3,14 +3,34 @@
 //! that method's request type (what the generated server code does) and put through the
 //! checks the agent's service runs first (`vessel_protocol::request`: ids, storage mount
 //! points and count, signal target, time, entropy size; `net::Network::from_request` for
-//! SetNetwork). A first byte of 0 instead feeds the rest to the stdio stream header parser
-//! (the line that opens a process stdio stream). Nothing here touches the host.
+//! SetNetwork), after the agent policy's decision (`vessel_protocol::policy`: the default
+//! policy and one with every field rule, so the spec and process JSON are read);
+//! SetPolicy's JSON is parsed as the agent parses it. A first byte of 0 instead feeds the
+//! rest to the stdio stream header parser (the line that opens a process stdio stream).
+//! Nothing here touches the host.
 #![no_main]
 
 use protobuf::Message;
 use vessel_protocol::agent::*;
 use vessel_protocol::health::{CheckRequest, VersionRequest};
+use vessel_protocol::policy::Policy;
 use vessel_protocol::{id, net, request};
+
+/// A policy with every field rule set, so that its checks read the request's JSON.
+fn strict() -> &'static Policy {
+    static P: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        Policy::from_json(
+            br#"{"version":1,"exec":true,"max_containers":4,
+                "allowed_capabilities":["CAP_CHOWN","CAP_KILL"],
+                "allowed_mount_types":["bind","proc","tmpfs"],
+                "allowed_bind_sources":["/run/vessel/shared"],
+                "allowed_storage_fstypes":["virtiofs"],
+                "allowed_commands":["/bin/sh","sh"]}"#,
+        )
+        .expect("the strict policy parses")
+    })
+}
 
 fn decode<M: Message>(payload: &[u8]) -> Option<M> {
     M::parse_from_bytes(payload).ok()
@@ -34,6 +54,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     match (req.service.as_str(), req.method.as_str()) {
         ("vessel.agent.v1.Agent", "CreateContainer") => {
             if let Some(r) = decode::<CreateContainerRequest>(p) {
+                let fstypes = || r.storages.iter().map(|s| s.fstype.as_str());
+                let _ = strict().check_create(&r.spec_json, fstypes(), 1);
+                assert!(Policy::default()
+                    .check_create(&r.spec_json, fstypes(), 1)
+                    .is_ok());
                 if request::create(&r).is_ok() {
                     assert!(id::valid_id(&r.container_id));
                     for s in &r.storages {
@@ -46,6 +71,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
         ("vessel.agent.v1.Agent", "ExecProcess") => {
             if let Some(r) = decode::<ExecProcessRequest>(p) {
+                let _ = strict().check_exec(&r.process_json);
+                assert!(Policy::default().check_exec(&r.process_json).is_ok());
                 if request::exec(&r).is_ok() {
                     assert!(id::valid_id(&r.exec_id));
                 }
@@ -73,6 +100,14 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                     let back = net::Network::from_request(&n.to_request())
                         .expect("a checked network round-trips");
                     assert_eq!(back, n);
+                }
+            }
+        }
+        ("vessel.agent.v1.Agent", "SetPolicy") => {
+            if let Some(r) = decode::<SetPolicyRequest>(p) {
+                if let Ok(policy) = Policy::from_json(&r.policy_json) {
+                    let back = Policy::from_json(&policy.to_json()).expect("a policy round-trips");
+                    assert_eq!(back, policy);
                 }
             }
         }

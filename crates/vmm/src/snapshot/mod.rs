@@ -93,3 +93,90 @@ pub fn parse_state(bytes: &[u8], name: &str) -> Result<VmSnapshot, SnapshotError
     }
     Ok(snap)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kvm_bindings::{kvm_fpu, kvm_irqchip};
+    use vmm_sys_util::epoll::Epoll;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::devices::virtio::test_utils::{memory, VirtQ};
+    use crate::devices::virtio::transport::mmio::{MmioTransport, QueueSnapshot, ACTIVATE_TOKEN};
+    use crate::devices::virtio::{IrqTrigger, Poller, TYPE_RNG};
+    use crate::vstate::vcpu::FpuState;
+
+    /// A one-vCPU snapshot with an rng device the driver had running, its queue in `mem`.
+    fn snapshot(mem: &vm_memory::GuestMemoryMmap) -> VmSnapshot {
+        let queue = VirtQ::new(mem, 0x1000, 16).queue();
+        VmSnapshot {
+            version: SNAPSHOT_VERSION,
+            config: serde_json::from_str(r#"{"kernel":"/boot/vmlinux","mem_mib":16,"vcpus":1}"#)
+                .unwrap(),
+            mem_bytes: 16 << 20,
+            vm: VmState {
+                irqchips: vec![kvm_irqchip::default(); 3],
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            vcpus: vec![VcpuState {
+                cpuid: Vec::new(),
+                msrs: Vec::new(),
+                regs: Default::default(),
+                sregs: Default::default(),
+                fpu: FpuState::from(&kvm_fpu::default()),
+                lapic: Default::default(),
+                mp_state: Default::default(),
+                events: Default::default(),
+                debugregs: Default::default(),
+            }],
+            serial: (&vm_superio::serial::SerialState::default()).into(),
+            devices: vec![DeviceSnapshot {
+                device_type: TYPE_RNG,
+                transport: MmioState {
+                    features_select: (0, 0),
+                    acked_features: 1 << 32,
+                    queue_select: 0,
+                    // ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+                    status: 0xf,
+                    interrupt_status: 0,
+                    config_generation: 0,
+                    queues: vec![QueueSnapshot::from(&queue)],
+                },
+                device: serde_json::Value::Null,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_state_file_parses_back_and_its_running_device_is_reactivated() {
+        let mem = memory();
+        let snap = snapshot(&mem);
+        let bytes = serde_json::to_vec(&snap).unwrap();
+        let back = parse_state(&bytes, "state.json").unwrap();
+        assert_eq!(serde_json::to_vec(&back).unwrap(), bytes);
+
+        let epoll = Arc::new(Epoll::new().unwrap());
+        let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(
+            Box::new(crate::devices::virtio::rng::Rng::new()),
+            mem.clone(),
+            irq,
+            Poller::new(epoll, 0),
+        )
+        .unwrap();
+        let d = &back.devices[0];
+        t.restore_state(&d.transport, &d.device).unwrap();
+        t.handle_event(ACTIVATE_TOKEN, vmm_sys_util::epoll::EventSet::IN);
+        assert!(t.device().state().is_activated());
+
+        let mut newer = snap.clone();
+        newer.version = SNAPSHOT_VERSION + 1;
+        let e = parse_state(&serde_json::to_vec(&newer).unwrap(), "s/state.json").unwrap_err();
+        assert!(matches!(e, SnapshotError::Version(2)), "{e}");
+        let e = parse_state(b"{\"version\":1}", "s/state.json").unwrap_err();
+        assert!(e.to_string().starts_with("Snapshot state s/state.json is malformed"), "{e}");
+    }
+}

@@ -177,6 +177,10 @@ mod tests {
         let e = parse_state(&serde_json::to_vec(&newer).unwrap(), "s/state.json").unwrap_err();
         assert!(matches!(e, SnapshotError::Version(2)), "{e}");
         let e = parse_state(b"{\"version\":1}", "s/state.json").unwrap_err();
-        assert!(e.to_string().starts_with("Snapshot state s/state.json is malformed"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("Snapshot state s/state.json is malformed"),
+            "{e}"
+        );
     }
 }

@@ -25,7 +25,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             if let Some(port) = fuzzing::parse_connect(rest) {
                 // What the host sends for that port is read back as the same port.
                 let req = hybrid_vsock::connect_request(port);
-                assert_eq!(fuzzing::parse_connect(req.trim_end().as_bytes()), Some(port));
+                assert_eq!(
+                    fuzzing::parse_connect(req.trim_end().as_bytes()),
+                    Some(port)
+                );
             }
         }
         _ => fuzzing::muxer(rest),

@@ -32,6 +32,7 @@ TEST_TARGETS=(
     vessel:publish
     vessel:templates
     containerd-shim-vessel-v2:start_bench
+    containerd-shim-vessel-v2:faults
 )
 
 # The suites, in order: name, backend (VESSEL_TEST_HYPERVISOR), the seconds it took in the
@@ -58,13 +59,14 @@ cri-cni-builtin     builtin    270  cri_network       --test-threads=1
 hostile-builtin     builtin    120  hostile           --test-threads=1 $no_flood
 publish-builtin     builtin    300  publish           --test-threads=1
 templates-builtin   builtin     90  vessel:templates  --test-threads=1
+faults-builtin      builtin    150  faults            --test-threads=1 faults_ci
 start-bench         builtin    900  containerd-shim-vessel-v2:start_bench --ignored --nocapture --test-threads=1
 '
 # What `make test` runs: every suite but network-qemu-kvm (QEMU's networking is tested on
 # the host with TCG; the lane proves the built-in VMM's).
 DEFAULT_SUITES="check hardware_kvm sandbox_snapshot lifecycle-builtin lifecycle-qemu-kvm network-builtin
     ctr-builtin ctr-qemu-kvm cri-builtin cri-qemu-kvm ctr-cni-builtin cri-cni-builtin hostile-builtin
-    publish-builtin templates-builtin"
+    publish-builtin templates-builtin faults-builtin"
 
 say() { echo "test-lane: $*" >&2; }
 

@@ -58,6 +58,14 @@ pub fn run_exec(ctx: &Ctx, a: ExecArgs) -> anyhow::Result<ExitCode> {
     supervisor::set_cloexec(&sync);
     let process: serde_json::Value = serde_json::from_slice(&std::fs::read(&a.process)?)?;
     let root = ctx.root().to_path_buf();
+    // This process exists for the exec alone: the sandbox's host limits cover it, as they
+    // cover the sandbox's supervisor.
+    if let Ok(c) = vessel_runtime::container::Container::open(&root, &a.id) {
+        if let Err(e) = vessel_runtime::limits::join(&c.state.vm_dir) {
+            let _ = writeln!(sync, "ERR {}", vessel_runtime::chain(&e));
+            return Ok(ExitCode::from(1));
+        }
+    }
     let status = crate::block_on(async {
         let exec = match ops::exec(&root, &a.id, &process, a.console_socket.as_deref()).await {
             Ok(e) => {

@@ -255,6 +255,28 @@ fn a_guest_that_dirties_its_memory_and_floods_virtio_fs_stays_inside_its_host_li
     };
     in_cgroup("created");
     assert!(e.run(&["start", "lim"]).status.success());
+    // A detached exec's supervisor joins the sandbox's cgroup too.
+    let pidf = e.dir.path().join("exec.pid");
+    let o = e.run(&[
+        "exec",
+        "-d",
+        "--pid-file",
+        pidf.to_str().unwrap(),
+        "lim",
+        "sleep",
+        "600",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let exec_sup: i32 = std::fs::read_to_string(&pidf)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        cg.procs().contains(&exec_sup),
+        "exec -d supervisor {exec_sup} outside the cgroup {:?}",
+        cg.procs()
+    );
     let said = wait_for_line(&out, "tail=", Duration::from_secs(120));
     assert!(
         said.contains("tail=137"),

@@ -89,6 +89,20 @@ fn create_under(root: &Path, name: &str, limits: Limits) -> Result<Arc<Cgroup>> 
         .map_err(err)
 }
 
+/// Moves the calling process into the host cgroup of the sandbox whose run directory is
+/// `run_dir`, if it has one: for a process that exists for that sandbox alone and starts
+/// after it (the CLI's `exec -d` supervisor), so that the sandbox's limits cover it too.
+/// Removing the cgroup with the sandbox kills it.
+pub fn join(run_dir: &Path) -> Result<()> {
+    let name = cgroup_name(run_dir);
+    match Cgroup::open(Path::new(CGROUP_ROOT), &name) {
+        Some(cg) => cg
+            .add(std::process::id() as i32)
+            .map_err(|source| Error::Cgroup { name, source }),
+        None => Ok(()),
+    }
+}
+
 /// Removes the cgroup of the sandbox whose run directory is `run_dir` after its
 /// supervisor died, killing what is left in it. Best effort: a failure is logged.
 pub fn remove_stale(run_dir: &Path) {

@@ -59,7 +59,7 @@ cri-cni-builtin     builtin    270  cri_network       --test-threads=1
 hostile-builtin     builtin    120  hostile           --test-threads=1 $no_flood
 publish-builtin     builtin    300  publish           --test-threads=1
 templates-builtin   builtin     90  vessel:templates  --test-threads=1
-faults-builtin      builtin    150  faults            --test-threads=1 faults_ci
+faults-builtin      builtin    190  faults            --test-threads=1 --nocapture faults_ci
 start-bench         builtin    900  containerd-shim-vessel-v2:start_bench --ignored --nocapture --test-threads=1
 '
 # What `make test` runs: every suite but network-qemu-kvm (QEMU's networking is tested on

@@ -158,6 +158,7 @@ impl Sandbox {
         };
         let timeout = Duration::from_secs(config.boot_timeout_secs);
         let endpoint = vm.agent_endpoint();
+        let accelerator = vm.accelerator();
         let connect = async {
             if let Some(ready) = &ready {
                 let v = ready.wait().await?;
@@ -167,7 +168,9 @@ impl Sandbox {
                     start.elapsed()
                 );
             }
-            let agent = AgentClient::connect(&endpoint, timeout).await?;
+            let agent = AgentClient::connect(&endpoint, timeout)
+                .await?
+                .for_accelerator(accelerator);
             agent.check(timeout).await?;
             let version = agent.version().await?;
             Ok::<_, Error>((agent, version))
@@ -325,6 +328,7 @@ impl Sandbox {
         let restored_after = start.elapsed();
         let timeout = Duration::from_secs(config.boot_timeout_secs);
         let endpoint = vm.agent_endpoint();
+        let accelerator = vm.accelerator();
         let connect = async {
             // The restored guest's agent is already listening, but the old
             // connection is being torn down (vsock transport reset, serial
@@ -332,7 +336,9 @@ impl Sandbox {
             let deadline = Instant::now() + timeout;
             let agent = loop {
                 let attempt = async {
-                    let agent = AgentClient::connect(&endpoint, timeout).await?;
+                    let agent = AgentClient::connect(&endpoint, timeout)
+                        .await?
+                        .for_accelerator(accelerator);
                     agent.check(Duration::from_secs(2)).await?;
                     Ok::<_, Error>(agent)
                 };

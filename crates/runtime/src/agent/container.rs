@@ -10,7 +10,7 @@ use vessel_protocol::stdio::{StdioHeader, StdioStream, MAX_HEADER_LEN};
 use vessel_hypervisor::AgentEndpoint;
 
 use super::{
-    connect_socket, reply, rpc_ctx as ctx, AgentClient, AgentError, Result, CONNECT_TIMEOUT,
+    connect_socket, no_deadline, reply, within, AgentClient, AgentError, Result, CONNECT_TIMEOUT,
 };
 
 /// How a process ended.
@@ -58,11 +58,12 @@ impl AgentClient {
         req.storages = c.storages;
         req.stdio = Some(stdio_config(c.stdio)).into();
         req.share_namespaces_with = c.share_namespaces_with.unwrap_or_default().into();
-        let r = self
-            .agent
-            .create_container(ctx(), &req)
-            .await
-            .map_err(rpc_err("CreateContainer"))?;
+        let r = within(
+            self.rpc_timeout,
+            self.agent.create_container(no_deadline(), &req),
+        )
+        .await
+        .map_err(rpc_err("CreateContainer"))?;
         reply::pid("CreateContainer", r.pid)
     }
 
@@ -72,20 +73,24 @@ impl AgentClient {
         let mut req = UpdateContainerRequest::new();
         req.container_id = id.into();
         req.resources_json = resources_json;
-        self.agent
-            .update_container(ctx(), &req)
-            .await
-            .map_err(rpc_err("UpdateContainer"))?;
+        within(
+            self.rpc_timeout,
+            self.agent.update_container(no_deadline(), &req),
+        )
+        .await
+        .map_err(rpc_err("UpdateContainer"))?;
         Ok(())
     }
 
     pub async fn start(&self, id: &str) -> Result<()> {
         let mut req = ContainerRequest::new();
         req.container_id = id.into();
-        self.agent
-            .start_container(ctx(), &req)
-            .await
-            .map_err(rpc_err("StartContainer"))?;
+        within(
+            self.rpc_timeout,
+            self.agent.start_container(no_deadline(), &req),
+        )
+        .await
+        .map_err(rpc_err("StartContainer"))?;
         Ok(())
     }
 
@@ -101,11 +106,12 @@ impl AgentClient {
         req.exec_id = exec_id.into();
         req.process_json = process_json;
         req.stdio = Some(stdio_config(stdio)).into();
-        let r = self
-            .agent
-            .exec_process(ctx(), &req)
-            .await
-            .map_err(rpc_err("ExecProcess"))?;
+        let r = within(
+            self.rpc_timeout,
+            self.agent.exec_process(no_deadline(), &req),
+        )
+        .await
+        .map_err(rpc_err("ExecProcess"))?;
         reply::pid("ExecProcess", r.pid)
     }
 
@@ -121,10 +127,12 @@ impl AgentClient {
         req.exec_id = exec_key(exec_id);
         req.signal = signal;
         req.all = all;
-        self.agent
-            .signal_process(ctx(), &req)
-            .await
-            .map_err(rpc_err("SignalProcess"))?;
+        within(
+            self.rpc_timeout,
+            self.agent.signal_process(no_deadline(), &req),
+        )
+        .await
+        .map_err(rpc_err("SignalProcess"))?;
         Ok(())
     }
 
@@ -145,43 +153,55 @@ impl AgentClient {
         let mut req = RemoveContainerRequest::new();
         req.container_id = id.into();
         req.force = force;
-        self.agent
-            .remove_container(ctx(), &req)
-            .await
-            .map_err(rpc_err("RemoveContainer"))?;
+        within(
+            self.rpc_timeout,
+            self.agent.remove_container(no_deadline(), &req),
+        )
+        .await
+        .map_err(rpc_err("RemoveContainer"))?;
         Ok(())
     }
 
     pub async fn processes(&self, id: &str) -> Result<Vec<u32>> {
-        let r = self
-            .agent
-            .list_processes(ctx(), &container_req(id))
-            .await
-            .map_err(rpc_err("ListProcesses"))?;
+        let r = within(
+            self.rpc_timeout,
+            self.agent.list_processes(no_deadline(), &container_req(id)),
+        )
+        .await
+        .map_err(rpc_err("ListProcesses"))?;
         reply::pids(r)
     }
 
     pub async fn pause(&self, id: &str) -> Result<()> {
-        self.agent
-            .pause_container(ctx(), &container_req(id))
-            .await
-            .map_err(rpc_err("PauseContainer"))?;
+        within(
+            self.rpc_timeout,
+            self.agent
+                .pause_container(no_deadline(), &container_req(id)),
+        )
+        .await
+        .map_err(rpc_err("PauseContainer"))?;
         Ok(())
     }
 
     pub async fn resume(&self, id: &str) -> Result<()> {
-        self.agent
-            .resume_container(ctx(), &container_req(id))
-            .await
-            .map_err(rpc_err("ResumeContainer"))?;
+        within(
+            self.rpc_timeout,
+            self.agent
+                .resume_container(no_deadline(), &container_req(id)),
+        )
+        .await
+        .map_err(rpc_err("ResumeContainer"))?;
         Ok(())
     }
 
     pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
-        self.agent
-            .stats_container(ctx(), &container_req(id))
-            .await
-            .map_err(rpc_err("StatsContainer"))
+        within(
+            self.rpc_timeout,
+            self.agent
+                .stats_container(no_deadline(), &container_req(id)),
+        )
+        .await
+        .map_err(rpc_err("StatsContainer"))
     }
 
     pub async fn resize(
@@ -196,8 +216,7 @@ impl AgentClient {
         req.exec_id = exec_key(exec_id);
         req.rows = rows.into();
         req.cols = cols.into();
-        self.agent
-            .resize_tty(ctx(), &req)
+        within(self.rpc_timeout, self.agent.resize_tty(no_deadline(), &req))
             .await
             .map_err(rpc_err("ResizeTty"))?;
         Ok(())

@@ -13,21 +13,9 @@ use common::{host_get, test_net, wait_until, Containerd, PodNetns};
 
 const T: Duration = Duration::from_secs(120);
 
-/// A pod on the CNI network (not the node's), like a kubelet pod without
-/// `hostNetwork`.
+/// A pod on the CNI network, logging in the containerd's directory.
 fn pod_on_cni(name: &str, c: &Containerd) -> PodSandboxConfig {
-    let mut cfg = pod_config(name, &c.dir.path().join("logs"));
-    cfg.linux = Some(LinuxPodSandboxConfig {
-        security_context: Some(LinuxSandboxSecurityContext {
-            namespace_options: Some(NamespaceOption {
-                network: NamespaceMode::Pod as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    cfg
+    common::cri::pod_on_cni(name, &c.dir.path().join("logs"))
 }
 
 /// The pod's IP in PodSandboxStatus (filled by containerd from CNI's result).

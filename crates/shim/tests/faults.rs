@@ -429,18 +429,7 @@ fn cli_fault(rig: &mut Rig, fault: Fault, point: Point, n: u32, rng: &mut Rng) -
     };
     let created = if fault == Fault::Agent {
         let b = agent_killer_bundle(rig);
-        rig.ids.insert(id.clone());
-        let log = rig.bundles.join(format!("{id}.out"));
-        let st = rig
-            .vessel(&["create", "--bundle", b.to_str().unwrap(), &id])
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
-            .status()
-            .unwrap();
-        let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
-        let _ = std::fs::remove_file(&log);
-        let _ = std::fs::remove_file(log.with_extension("err"));
-        st.success().then_some(()).ok_or(format!("create: {err}"))
+        rig.cli_create_from(&id, &b)
     } else {
         rig.cli_create(&id)
     };

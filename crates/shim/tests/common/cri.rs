@@ -53,6 +53,23 @@ pub fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
     }
 }
 
+/// A pod on the CNI network (not the node's), like a kubelet pod without
+/// `hostNetwork`, logging under `log_dir`.
+pub fn pod_on_cni(name: &str, log_dir: &Path) -> PodSandboxConfig {
+    let mut cfg = pod_config(name, log_dir);
+    cfg.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                network: NamespaceMode::Pod as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    cfg
+}
+
 pub async fn run_pod(rt: &mut Runtime, config: &PodSandboxConfig) -> String {
     rt.run_pod_sandbox(RunPodSandboxRequest {
         config: Some(config.clone()),

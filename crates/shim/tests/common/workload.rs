@@ -137,11 +137,16 @@ impl Rig {
 
     /// `vessel create` (supervisor output to files) of a sleeping container.
     pub fn cli_create(&mut self, id: &str) -> Step {
-        self.ids.insert(id.into());
         let b = self.bundle("sleep", &["sleep", "100000"]);
+        self.cli_create_from(id, &b)
+    }
+
+    /// `vessel create` of `bundle` as `id`, the supervisor's output to files.
+    pub fn cli_create_from(&mut self, id: &str, bundle: &Path) -> Step {
+        self.ids.insert(id.into());
         let log = self.bundles.join(format!("{id}.log"));
         let st = self
-            .vessel(&["create", "--bundle", b.to_str().unwrap(), id])
+            .vessel(&["create", "--bundle", bundle.to_str().unwrap(), id])
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
             .status()
@@ -199,18 +204,7 @@ impl Rig {
 
     /// A pod on the CNI bridge.
     pub fn pod_config(&self, name: &str) -> PodSandboxConfig {
-        let mut cfg = pod_config(name, &self.c.dir.path().join("logs"));
-        cfg.linux = Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        cfg
+        pod_on_cni(name, &self.c.dir.path().join("logs"))
     }
 }
 

@@ -129,7 +129,7 @@ pub async fn wait_for_path(
             return Err(Error::EarlyExit {
                 what,
                 status: status.to_string(),
-                detail: log_tail(log, 20),
+                detail: exit_log_tail(log, 20),
             });
         }
         if start.elapsed() > timeout {
@@ -196,6 +196,18 @@ pub async fn terminate_all(children: &mut [Child]) {
         terminate(c, Duration::from_secs(2)).await;
     }
 }
+
+/// [`log_tail`] of the log of a process that has exited: first waits (at
+/// most [`DRAIN_WAIT`]) for what it wrote last to leave the pipe that
+/// [`spawn`] gave it, so the tail holds its last words.
+pub fn exit_log_tail(path: &Path, lines: usize) -> String {
+    vessel_logcap::wait_drained(path, DRAIN_WAIT);
+    log_tail(path, lines)
+}
+
+/// How long [`exit_log_tail`] waits for a log's pipe to drain: a
+/// descendant of an exited helper can keep the pipe open.
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
 /// The last `lines` lines of a log file (at most 16 KiB read), for error messages.
 pub fn log_tail(path: &Path, lines: usize) -> String {

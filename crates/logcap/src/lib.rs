@@ -21,8 +21,9 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Default size cap of one log: 1 MiB.
 pub const DEFAULT_MAX_BYTES: u64 = 1024 * 1024;
@@ -182,9 +183,18 @@ impl Write for BoundedLog {
 /// Copies `from` (a pipe's read end) into `log` on a thread until end of
 /// file: the thread lives as long as any writer (the process it serves).
 pub fn drain(
+    from: impl Read + Send + 'static,
+    log: BoundedLog,
+    name: &str,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    drain_then(from, log, name, || {})
+}
+
+fn drain_then(
     mut from: impl Read + Send + 'static,
     mut log: BoundedLog,
     name: &str,
+    done: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("log-{name}"))
@@ -200,7 +210,51 @@ pub fn drain(
                     Err(_) => break,
                 }
             }
+            done();
         })
+}
+
+/// A drain of [`pipe_to`] that has not reached end of file yet.
+struct Pending {
+    path: PathBuf,
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+/// The drains of [`pipe_to`] still running, by log path: an entry leaves
+/// when its thread finishes, so the list holds only live helpers' logs.
+static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<Pending>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits, at most `timeout`, until everything written into the pipes of
+/// [`pipe_to`] for `path` is in the log: when a process has exited, its last
+/// words may still be in the pipe. Returns false on timeout (a descendant
+/// of the process can keep the pipe open); true at once if no drain for
+/// `path` is running.
+pub fn wait_drained(path: &Path, timeout: Duration) -> bool {
+    let waits: Vec<_> = pending()
+        .iter()
+        .filter(|p| p.path == path)
+        .map(|p| p.done.clone())
+        .collect();
+    let deadline = Instant::now() + timeout;
+    waits.iter().all(|w| {
+        let (lock, cv) = &**w;
+        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            done = cv
+                .wait_timeout(done, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    })
 }
 
 /// A pipe whose read end is drained into a new bounded log at `path`;
@@ -219,13 +273,44 @@ pub fn pipe_to(path: &Path, limits: Limits) -> std::io::Result<File> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    drain(rd, log, &name)?;
+    let done = Arc::new((Mutex::new(false), Condvar::new()));
+    pending().push(Pending {
+        path: path.to_path_buf(),
+        done: done.clone(),
+    });
+    let mine = done.clone();
+    let finished = move || {
+        pending().retain(|p| !Arc::ptr_eq(&p.done, &mine));
+        let (lock, cv) = &*mine;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    };
+    if let Err(e) = drain_then(rd, log, &name, finished) {
+        pending().retain(|p| !Arc::ptr_eq(&p.done, &done));
+        return Err(e);
+    }
     Ok(wr)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_drained_returns_once_the_last_words_are_in_the_log() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("helper.log");
+        let mut w = pipe_to(&p, limits(1 << 20, 1 << 20)).unwrap();
+        for i in 0..100 {
+            writeln!(w, "line {i}").unwrap();
+        }
+        assert!(!wait_drained(&p, Duration::ZERO), "the writer is open");
+        drop(w);
+        assert!(wait_drained(&p, Duration::from_secs(30)));
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.ends_with("line 99\n"), "{text}");
+        assert!(wait_drained(&p, Duration::ZERO), "nothing left to wait for");
+    }
 
     fn limits(max: u64, rate: u64) -> Limits {
         Limits {

@@ -309,7 +309,7 @@ impl Builtin {
                     return Err(Error::EarlyExit {
                         what,
                         status: status.to_string(),
-                        detail: crate::process::log_tail(&log, 20),
+                        detail: crate::process::exit_log_tail(&log, 20),
                     });
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -320,7 +320,7 @@ impl Builtin {
                     status = child.wait() => return Err(Error::EarlyExit {
                         what,
                         status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                        detail: crate::process::log_tail(&log, 20),
+                        detail: crate::process::exit_log_tail(&log, 20),
                     }),
                 }
             }

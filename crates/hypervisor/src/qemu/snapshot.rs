@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::process::Child;
 
 use super::qmp::Session;
-use crate::process::log_tail;
+use crate::process::exit_log_tail;
 use crate::{AgentChannel, Error, Result, VmConfig};
 
 /// The migration stream inside a snapshot directory.
@@ -127,7 +127,7 @@ pub(crate) async fn load(qmp: &Path, stream: &File, qemu: &mut Child, log: &Path
             return Err(Error::EarlyExit {
                 what: "QEMU (loading the snapshot)",
                 status: status.to_string(),
-                detail: log_tail(log, 20),
+                detail: exit_log_tail(log, 20),
             });
         }
         // QEMU exits when a load fails, closing the monitor: check the
@@ -139,7 +139,7 @@ pub(crate) async fn load(qmp: &Path, stream: &File, qemu: &mut Child, log: &Path
                     return Err(Error::EarlyExit {
                         what: "QEMU (loading the snapshot)",
                         status: status.to_string(),
-                        detail: log_tail(log, 20),
+                        detail: exit_log_tail(log, 20),
                     });
                 }
                 return Err(e);

@@ -46,6 +46,7 @@ pub fn args(
     machine: Machine,
     paths: &Paths,
     console_fd: std::os::fd::RawFd,
+    tsc_khz: Option<u32>,
 ) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -103,8 +104,15 @@ pub fn args(
         &cfg.initramfs.to_string_lossy(),
     ]);
     // `reboot=t` with `-no-reboot`: a guest reboot (the agent's way to end
-    // the VM) or panic ends the QEMU process.
-    push(&["-append", &crate::guest_cmdline(cfg, &["reboot=t"])]);
+    // the VM) or panic ends the QEMU process. Under TCG the guest's TSC is
+    // the host's: its frequency is given, not calibrated (see
+    // crate::host::tsc_khz).
+    let tsc = match (accel, tsc_khz) {
+        (Accelerator::Tcg, Some(khz)) => Some(format!("tsc_early_khz={khz}")),
+        _ => None,
+    };
+    let words: Vec<&str> = std::iter::once("reboot=t").chain(tsc.as_deref()).collect();
+    push(&["-append", &crate::guest_cmdline(cfg, &words)]);
     push(&[
         "-chardev",
         // A pipe to the host-side bounded log (see `Qemu::start_qemu_with`).
@@ -256,6 +264,7 @@ mod tests {
             Machine::Q35,
             &Paths::new(&c.run_dir),
             9,
+            None,
         ));
         assert!(
             q35.contains(&format!("-netdev tap,id=net0,fd={raw},vhost=off")),
@@ -278,6 +287,7 @@ mod tests {
             Machine::Microvm,
             &Paths::new(&c.run_dir),
             9,
+            None,
         ));
         assert!(
             mmio.contains("-device virtio-net-device,netdev=net0"),
@@ -295,8 +305,10 @@ mod tests {
             Machine::Q35,
             &Paths::new(&c.run_dir),
             9,
+            Some(2_100_000),
         ));
         assert!(a.contains("-machine q35,memory-backend=mem"), "{a}");
+        assert!(a.contains(" reboot=t tsc_early_khz=2100000 "), "{a}");
         assert!(a.contains("-accel tcg,tb-size=64"), "{a}");
         assert!(a.contains("memory-backend-memfd,id=mem,size=384M,share=on"));
         assert!(a.contains("-cpu max -m 384M -smp 2"));
@@ -317,9 +329,11 @@ mod tests {
             Machine::Microvm,
             &Paths::new(&c.run_dir),
             9,
+            Some(2_100_000),
         ));
         assert!(a.contains("-machine microvm,x-option-roms"), "{a}");
         assert!(a.contains("-accel kvm"), "{a}");
+        assert!(!a.contains("tsc_early_khz"), "KVM gives kvm-clock: {a}");
         assert!(a.contains("-cpu host"));
         assert!(a.contains("virtio-serial-device,id=vser0"));
         assert!(a.contains("name=vessel.agent"));
@@ -338,6 +352,7 @@ mod tests {
             Machine::Q35,
             &Paths::new(&c.run_dir),
             9,
+            None,
         ));
         assert!(a.contains("memory-backend-ram,id=mem,size=384M"), "{a}");
         assert!(!a.contains("share=on"), "{a}");

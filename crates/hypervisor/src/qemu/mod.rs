@@ -269,6 +269,7 @@ impl Qemu {
             self.config.machine,
             paths,
             console.as_raw_fd(),
+            crate::host::tsc_khz(),
         );
         args.extend(extra.iter().map(|a| a.to_string()));
         log::debug!("qemu: {} {}", self.config.qemu.display(), args.join(" "));

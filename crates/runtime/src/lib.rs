@@ -12,8 +12,10 @@
 //! - `fake` (feature `test-fakes`): test doubles of the runtime's traits.
 //! - [`beneath`]: race-free file operations inside trees the guest can write.
 //! - [`limits`]: the host cgroup that holds every host process of a sandbox.
+//! - [`audit`]: the settings and host facts that weaken isolation (`vessel check --audit`).
 
 pub mod agent;
+pub mod audit;
 pub mod backend;
 pub mod beneath;
 pub mod config;

@@ -27,6 +27,12 @@ pub struct CheckArgs {
     /// configured one).
     #[arg(long)]
     hypervisor: Option<HypervisorKind>,
+    /// Instead of the readiness check: list every setting of the effective
+    /// configuration (and host fact) that weakens isolation, with why and the fix,
+    /// and the safeguards that are always on. Boots nothing. Exit status 0 only
+    /// when nothing is flagged (docs/threat-model.md, "Configuration audit").
+    #[arg(long, conflicts_with = "boot")]
+    audit: bool,
 }
 
 struct Report {
@@ -50,17 +56,20 @@ pub fn run(
     args: CheckArgs,
     started: Instant,
 ) -> anyhow::Result<ExitCode> {
+    let mut config = config.clone();
+    if let Some(h) = args.hypervisor {
+        config.hypervisor = h;
+    }
+    let config = &config;
+    if args.audit {
+        return Ok(audit(config, config_path));
+    }
     let mut r = Report {
         problems: Vec::new(),
     };
     r.line("config", config_path.display());
     let (kvm, why) = detect_kvm();
     r.line("KVM", format!("{kvm} ({why})"));
-    let mut config = config.clone();
-    if let Some(h) = args.hypervisor {
-        config.hypervisor = h;
-    }
-    let config = &config;
     let backend = match Backend::resolve_for(config, kvm, &why) {
         Ok(b) => b,
         Err(e) => return Ok(builtin_unavailable(&e)),
@@ -306,6 +315,47 @@ async fn snapshot_and_restore(
             .with_context(|| format!("remove snapshot {}", dir.display()))?;
     }
     res
+}
+
+/// `vessel check --audit`: the findings of [`vessel_runtime::audit`] on this host, then
+/// the safeguards that are always on. Reads only; boots nothing.
+fn audit(config: &Config, config_path: &Path) -> ExitCode {
+    use vessel_runtime::audit;
+    let host = audit::HostFacts::probe(config);
+    let line = |name: &str, value: &dyn std::fmt::Display| {
+        println!("{:<16} {value}", format!("{name}:"));
+    };
+    line("config", &config_path.display());
+    line("KVM", &format!("{} ({})", host.kvm, host.kvm_why));
+    line("hypervisor", &audit::backend_line(config, &host));
+    let findings = audit::audit(config, &host);
+    for f in &findings {
+        println!("FLAGGED          {} = {}", f.setting, f.value);
+        println!("  why:           {}", f.why);
+        println!("  fix:           {}", f.fix);
+    }
+    for s in audit::always_on(config) {
+        println!("ok (always on)   {}: {}", s.what, s.detail);
+    }
+    match findings.len() {
+        0 => {
+            println!("result:          ok: no setting weakens isolation");
+            ExitCode::SUCCESS
+        }
+        n => {
+            println!(
+                "result:          {n} setting{} weaken{} isolation: {}",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "s" } else { "" },
+                findings
+                    .iter()
+                    .map(|f| f.setting.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Whether sandboxes start from templates, and why not (`vessel check`, `vessel env`).

@@ -354,7 +354,10 @@ fn limits(config: &Config, out: &mut Vec<Finding>) {
             "set [limits] extra_cpus to a positive number of CPUs (default 1)",
         ));
     }
-    if let Some(m) = l.memory_overhead_mib.filter(|m| *m > MEMORY_OVERHEAD_AUDIT_MIB) {
+    if let Some(m) = l
+        .memory_overhead_mib
+        .filter(|m| *m > MEMORY_OVERHEAD_AUDIT_MIB)
+    {
         out.push(finding(
             "limits.memory_overhead_mib",
             format!("{m} MiB"),

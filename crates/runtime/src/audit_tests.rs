@@ -73,7 +73,11 @@ fn the_jailer_off_is_flagged_where_the_builtin_vmm_can_run() {
     let c = parse("[builtin]\njailer = false\n");
     let f = audit(&c, &host(KvmKind::Hardware));
     assert_eq!(settings(&f), ["builtin.jailer"]);
-    assert!(f[0].value.contains("runs sandboxes on this host"), "{}", f[0]);
+    assert!(
+        f[0].value.contains("runs sandboxes on this host"),
+        "{}",
+        f[0]
+    );
     assert!(f[0].fix.contains("jailer = true"), "{}", f[0]);
     // On a host without hardware KVM the section applies elsewhere: still flagged.
     let f = audit(&c, &host(KvmKind::Pvm));
@@ -133,8 +137,14 @@ fn weakening_kernel_args_are_flagged_each_and_others_are_not() {
         "spectre_v2=on",
         "tsc_early_khz=2000000",
     ];
-    let mut c = Config::default();
-    c.kernel_args = bad.iter().chain(good.iter()).map(|w| w.to_string()).collect();
+    let c = Config {
+        kernel_args: bad
+            .iter()
+            .chain(good.iter())
+            .map(|w| w.to_string())
+            .collect(),
+        ..Config::default()
+    };
     let f = audit(&c, &host(KvmKind::Hardware));
     assert_eq!(f.len(), bad.len(), "{f:#?}");
     for (f, word) in f.iter().zip(bad) {
@@ -154,7 +164,10 @@ fn logs_without_a_rate_cap_or_with_a_huge_size_cap_are_flagged() {
     let f = audit(&c, &host(KvmKind::Hardware));
     assert_eq!(settings(&f), ["logs.bytes_per_sec"]);
     assert!(f[0].fix.contains("bytes_per_sec"), "{}", f[0]);
-    let c = parse(&format!("[logs]\nmax_bytes = {}\n", LOG_MAX_BYTES_AUDIT + 1));
+    let c = parse(&format!(
+        "[logs]\nmax_bytes = {}\n",
+        LOG_MAX_BYTES_AUDIT + 1
+    ));
     assert_eq!(
         settings(&audit(&c, &host(KvmKind::Hardware))),
         ["logs.max_bytes"]
@@ -279,5 +292,7 @@ fn always_on_names_each_safeguard_and_the_policy_in_force() {
     assert!(a[6].detail.contains("built-in default"));
     let mut c = c;
     c.agent.policy = Some("/etc/vessel/policy.toml".into());
-    assert!(always_on(&c)[6].detail.starts_with("/etc/vessel/policy.toml"));
+    assert!(always_on(&c)[6]
+        .detail
+        .starts_with("/etc/vessel/policy.toml"));
 }

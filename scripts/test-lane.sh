@@ -189,7 +189,8 @@ logs=$(mktemp -d /tmp/lane-logs.XXXXXX)
 summary=()
 failed=0
 
-# `vessel check --boot --snapshot --hypervisor builtin`, jailed, as one "test".
+# `vessel check --boot --snapshot --hypervisor builtin`, jailed, and `vessel check --audit`
+# of the same configuration, as two "tests".
 check_builtin() {
     local cfg=/run/lane-check.toml out
     printf 'state_root = "/run/vessel-lane-check"\nguest_kernel = "%s"\nguest_initramfs = "%s"\n[builtin]\nvmm_path = "%s"\njailer = true\njailer_path = "%s"\n' \
@@ -208,7 +209,21 @@ check_builtin() {
             return 1
         }
     done
-    echo "test result: ok. 1 passed; 0 failed"
+    # The configuration audit of this default-like configuration (built-in VMM on
+    # hardware KVM, jailer on): nothing may be flagged. It boots nothing.
+    out=$(timeout 60 "$ROOT/target/debug/vessel" --config "$cfg" check --audit 2>&1) || {
+        echo "$out"
+        echo "check --audit flagged the default configuration (or failed)"
+        echo "test result: FAILED. 1 passed; 1 failed"
+        return 1
+    }
+    echo "$out"
+    grep -q "^result:          ok: no setting weakens isolation" <<<"$out" || {
+        echo "check --audit output lacks its ok result"
+        echo "test result: FAILED. 1 passed; 1 failed"
+        return 1
+    }
+    echo "test result: ok. 2 passed; 0 failed"
 }
 
 # suite NAME BACKEND CMD ARGS...: runs CMD (a test target's executable, or a function)

@@ -30,7 +30,7 @@ pub struct CheckArgs {
     /// Instead of the readiness check: list every setting of the effective
     /// configuration (and host fact) that weakens isolation, with why and the fix,
     /// and the safeguards that are always on. Boots nothing. Exit status 0 only
-    /// when nothing is flagged (docs/threat-model.md, "Configuration audit").
+    /// when nothing is flagged (docs/configuration-audit.md).
     #[arg(long, conflicts_with = "boot")]
     audit: bool,
 }

@@ -4,7 +4,7 @@
 //!
 //! [`audit`] is pure: it takes the configuration and [`HostFacts`] (gathered by
 //! [`HostFacts::probe`]) so that each finding is unit-tested for any host. Nothing
-//! here starts a VM. docs/threat-model.md, "Configuration audit", lists what is flagged.
+//! here starts a VM. docs/configuration-audit.md lists what is flagged.
 
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
@@ -122,7 +122,7 @@ fn finding(setting: &str, value: impl fmt::Display, why: &str, fix: &str) -> Fin
 }
 
 /// Every setting of `config` and fact of `host` that weakens isolation, in the order
-/// of docs/threat-model.md ("Configuration audit"). Empty: nothing is flagged.
+/// of docs/configuration-audit.md. Empty: nothing is flagged.
 pub fn audit(config: &Config, host: &HostFacts) -> Vec<Finding> {
     let mut out = Vec::new();
     accelerator(config, host, &mut out);

@@ -262,17 +262,24 @@ fn a_guest_that_dirties_its_memory_and_floods_virtio_fs_stays_inside_its_host_li
     wait_for_line(&out, "idle", Duration::from_secs(60));
     phase("started");
     // A detached exec's supervisor joins the sandbox's cgroup too.
+    // Its stdio go to files: the detached process (and its supervisor) keeps
+    // them open until it exits, as with runc, so a pipe would not see EOF.
     let pidf = e.dir.path().join("exec.pid");
-    let o = e.run(&[
-        "exec",
-        "-d",
-        "--pid-file",
-        pidf.to_str().unwrap(),
-        "lim",
-        "sleep",
-        "600",
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    let errf = e.dir.path().join("exec-d.err");
+    let status = e
+        .cmd()
+        .args(["exec", "-d", "--pid-file", pidf.to_str().unwrap()])
+        .args(["lim", "sleep", "600"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&errf).unwrap_or_default()
+    );
     let exec_sup: i32 = std::fs::read_to_string(&pidf)
         .unwrap()
         .trim()

@@ -403,7 +403,15 @@ fn cgroup_layout() -> String {
 }
 
 fn state_root_writable(root: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
+    // The mode the runtime gives the state root wherever it creates it
+    // (0711: sandboxes' directories below are 0700); create_dir_all would
+    // leave it 0755, which `check --audit` flags.
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(root)
+        .with_context(|| format!("create {}", root.display()))?;
     let probe = root.join(format!(".check-{}", std::process::id()));
     std::fs::write(&probe, b"").with_context(|| format!("write in {}", root.display()))?;
     std::fs::remove_file(&probe).ok();

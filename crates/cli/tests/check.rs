@@ -39,6 +39,14 @@ fn missing_guest_kernel_and_initramfs_fail_with_reason() {
     );
     assert!(out.contains("guest initramfs not found at"), "{out}");
     assert!(out.contains("this host cannot run sandboxes"), "{out}");
+    // The state root check creates it as the runtime does: 0711 (the KVM
+    // lane's `check --audit` found 0755 here).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.path().join("state"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o711, "state root mode {mode:o}");
 }
 
 #[test]

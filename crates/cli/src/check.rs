@@ -322,12 +322,13 @@ async fn snapshot_and_restore(
 fn audit(config: &Config, config_path: &Path) -> ExitCode {
     use vessel_runtime::audit;
     let host = audit::HostFacts::probe(config);
-    let line = |name: &str, value: &dyn std::fmt::Display| {
-        println!("{:<16} {value}", format!("{name}:"));
+    // The same aligned lines as the plain check.
+    let r = Report {
+        problems: Vec::new(),
     };
-    line("config", &config_path.display());
-    line("KVM", &format!("{} ({})", host.kvm, host.kvm_why));
-    line("hypervisor", &audit::backend_line(config, &host));
+    r.line("config", config_path.display());
+    r.line("KVM", format!("{} ({})", host.kvm, host.kvm_why));
+    r.line("hypervisor", audit::backend_line(config, &host));
     let findings = audit::audit(config, &host);
     for f in &findings {
         println!("FLAGGED          {} = {}", f.setting, f.value);

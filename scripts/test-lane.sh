@@ -242,15 +242,38 @@ suite() {
     if [[ $(type -t "$cmd") == function ]]; then
         VESSEL_TEST_HYPERVISOR=$backend "$cmd" "$@" 2>&1 | tee "$logs/$name.log" || rc=$?
     else
-        # A hung suite fails alone instead of holding the lane until LANE_TIMEOUT.
-        VESSEL_TEST_HYPERVISOR=$backend timeout -k 10 "$suite_timeout" "$cmd" "$@" 2>&1 |
-            tee "$logs/$name.log" || rc=$?
+        # A hung suite fails alone instead of holding the lane until LANE_TIMEOUT. The
+        # output goes to a file, followed until the suite's process ends: a process it
+        # left behind (a daemonized supervisor, a VMM) that still holds its stdout cannot
+        # keep the lane waiting for an end of file, as a pipe to tee did.
+        local pid tailer
+        VESSEL_TEST_HYPERVISOR=$backend timeout -k 10 "$suite_timeout" "$cmd" "$@" >"$logs/$name.log" 2>&1 &
+        pid=$!
+        tail -n +1 -s 0.2 -f --pid="$pid" "$logs/$name.log" &
+        tailer=$!
+        wait "$pid" || rc=$?
+        wait "$tailer" || true
         if ((rc == 124 || rc == 137)); then
             {
                 echo "lane: suite $name timed out after $suite_timeout s (LANE_SUITE_TIMEOUT); its processes:"
                 ps -eo pid,stat,wchan:24,etime,args | grep -E '[v]essel|[q]emu|[v]irtiofsd|[c]ontainerd' | cut -c1-200 || true
                 echo "test result: FAILED. 0 passed; 1 failed"
             } | tee -a "$logs/$name.log"
+        fi
+        # Suites run one after another in this L1: whatever a suite left running is its
+        # own (and a failure of it), and must not slow or confuse the next suite.
+        # By process name (comm, 15 characters at most): the lane's own processes do not
+        # match.
+        # A process that is exiting as the suite ends gets 5 s.
+        local ours='vessel|vessel-vmm|vessel-jailer|containerd|containerd-shim|qemu-system-x86|virtiofsd|vhost-device-vs' i
+        for i in $(seq 25); do pgrep -x "$ours" >/dev/null || break; sleep 0.2; done
+        if pgrep -x "$ours" >/dev/null; then
+            {
+                echo "lane: suite $name left processes behind; killing them:"
+                pgrep -x "$ours" | xargs -r ps -o pid,stat,etime,args -p | cut -c1-200 || true
+            } | tee -a "$logs/$name.log"
+            pkill -KILL -x "$ours" || true
+            ((rc != 0)) || rc=1
         fi
     fi
     passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^passed/) s += $i } END { print s + 0 }' "$logs/$name.log")

@@ -40,6 +40,67 @@ pub struct HostState {
     /// test itself, not mentioning its directory), KiB: what the host has for the test's
     /// sandboxes, unmoved by other work on the host (a build starting or ending).
     pub mem_available_kib: u64,
+    /// Where host memory is, for explaining a drop of `mem_available_kib`.
+    pub memory: Memory,
+}
+
+/// A breakdown of host memory, KiB: what a drop of available memory went to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Memory {
+    /// VmRSS of the test's own processes: the test, its containerd and the shims and
+    /// VMs still running (the long-lived pod).
+    pub scope_rss: u64,
+    /// Kernel slab that cannot be reclaimed (`SUnreclaim`).
+    pub slab_unreclaimable: u64,
+    /// Per-CPU allocations (`Percpu`): cgroups that are gone but still charged hold some.
+    pub percpu: u64,
+    /// `Shmem` (tmpfs, memfd): the page cache a guest's memory file would sit in.
+    pub shmem: u64,
+    /// `PageTables` + `KernelStack`.
+    pub kernel_other: u64,
+}
+
+impl Memory {
+    fn take(dir: &str) -> Memory {
+        let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Memory {
+            scope_rss: scope_rss_kib(dir),
+            slab_unreclaimable: field("SUnreclaim"),
+            percpu: field("Percpu"),
+            shmem: field("Shmem"),
+            kernel_other: field("PageTables") + field("KernelStack"),
+        }
+    }
+
+    /// `name +N MiB` for each part that grew since `before`.
+    fn growth(&self, before: &Memory) -> String {
+        let parts = [
+            ("test's processes' RSS", self.scope_rss, before.scope_rss),
+            (
+                "unreclaimable slab",
+                self.slab_unreclaimable,
+                before.slab_unreclaimable,
+            ),
+            ("percpu", self.percpu, before.percpu),
+            ("shmem", self.shmem, before.shmem),
+            (
+                "page tables + kernel stacks",
+                self.kernel_other,
+                before.kernel_other,
+            ),
+        ];
+        let grew: Vec<String> = parts
+            .iter()
+            .map(|(n, now, then)| format!("{n} {:+} MiB", (*now as i64 - *then as i64) / 1024))
+            .collect();
+        grew.join(", ")
+    }
 }
 
 /// The test's directories and the long-lived processes whose descriptors are watched.
@@ -131,6 +192,7 @@ impl HostState {
             state,
             fds,
             mem_available_kib: mem_available_kib() + foreign_rss_kib(&dir),
+            memory: Memory::take(&dir),
         }
     }
 
@@ -157,10 +219,11 @@ impl HostState {
             .saturating_sub(self.mem_available_kib);
         if drop > MEMORY_SLACK_KIB {
             out.push(format!(
-                "memory: {} MiB less available than at the start ({} → {} MiB; MemAvailable + other processes' RSS)",
+                "memory: {} MiB less available than at the start ({} → {} MiB; MemAvailable + other processes' RSS); since then: {}",
                 drop / 1024,
                 before.mem_available_kib / 1024,
-                self.mem_available_kib / 1024
+                self.mem_available_kib / 1024,
+                self.memory.growth(&before.memory)
             ));
         }
         out
@@ -217,16 +280,36 @@ fn foreign_rss_kib(dir: &str) -> u64 {
         if String::from_utf8_lossy(&cmd).contains(dir) {
             continue;
         }
-        let rss = std::fs::read_to_string(e.path().join("status"))
-            .ok()
-            .and_then(|st| {
-                st.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            });
-        total += rss.unwrap_or(0);
+        total += vm_rss_kib(&e.path()).unwrap_or(0);
     }
     total
+}
+
+/// VmRSS of this test and of every process mentioning `dir`, KiB.
+fn scope_rss_kib(dir: &str) -> u64 {
+    let me = std::process::id().to_string();
+    let mut total = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let ours = name == me
+            || std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(dir));
+        if ours {
+            total += vm_rss_kib(&e.path()).unwrap_or(0);
+        }
+    }
+    total
+}
+
+fn vm_rss_kib(proc_dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(proc_dir.join("status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
 }
 
 /// MemAvailable from /proc/meminfo, KiB.

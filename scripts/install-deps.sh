@@ -12,7 +12,7 @@ APT_PACKAGES=(
     # the agent's libbpf (libcontainer's cgroup v2 device filter; also needs libelf-dev, make)
     zlib1g-dev pkg-config
     # container tooling used by tests and the demo
-    busybox-static umoci skopeo runc crun containerd podman docker.io iptables iproute2 curl containernetworking-plugins protobuf-compiler hyperfine
+    busybox-static umoci skopeo docker-registry runc crun containerd podman docker.io iptables iproute2 curl containernetworking-plugins protobuf-compiler hyperfine
     # make bench-net (the host's iperf3 and its libraries are copied into the container)
     iperf3
     # the KVM lane's L1 (scripts/kvm-lane.sh: module dependencies)

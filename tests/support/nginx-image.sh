@@ -11,6 +11,7 @@
 #   OUT_DIR/nginx-docker.tar   docker-archive, tag localhost/vessel-nginx:latest;
 #                              runs `nginx -g 'daemon off;'` with Debian's
 #                              /etc/nginx/nginx.conf, serving "Welcome to nginx!" on :80
+#   OUT_DIR/nginx-oci.tar      the same image as an oci-archive (`vessel run --image`)
 # Idempotent: rebuilt only when a package's candidate version or this script
 # changes. Needs apt's package lists (apt-get update) and the Debian mirror.
 set -euo pipefail
@@ -35,7 +36,7 @@ if grep -q "(none)" <<<"$versions" || [[ $(wc -l <<<"$versions") -ne ${#PACKAGES
     say "no candidate for some of ${PACKAGES[*]} (run apt-get update):"; say "$versions"; exit 1
 fi
 key=$( { echo "$versions"; cat "${BASH_SOURCE[0]}"; echo "$REF"; } | sha256sum | cut -d' ' -f1)
-if [[ -f $OUT/.nginx.stamp && $(cat "$OUT/.nginx.stamp") == "$key" && -f $OUT/nginx-docker.tar ]]; then
+if [[ -f $OUT/.nginx.stamp && $(cat "$OUT/.nginx.stamp") == "$key" && -f $OUT/nginx-docker.tar && -f $OUT/nginx-oci.tar ]]; then
     echo "$OUT/nginx-docker.tar"
     exit 0
 fi
@@ -70,8 +71,9 @@ umoci config --image "$layout:latest" \
     --config.exposedports 80/tcp --config.stopsignal SIGQUIT --config.workingdir /
 umoci gc --layout "$layout"
 
-rm -f "$OUT/nginx-docker.tar"
+rm -f "$OUT/nginx-docker.tar" "$OUT/nginx-oci.tar"
 skopeo --insecure-policy copy --quiet "oci:$layout:latest" "docker-archive:$OUT/nginx-docker.tar:$REF"
+skopeo --insecure-policy copy --quiet "oci:$layout:latest" "oci-archive:$OUT/nginx-oci.tar:$REF"
 echo "$key" >"$OUT/.nginx.stamp"
 say "built $REF ($(tr '\n' ' ' <<<"$versions"))"
 echo "$OUT/nginx-docker.tar"

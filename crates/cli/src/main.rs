@@ -6,6 +6,7 @@ mod delete;
 mod events;
 mod exec;
 mod features;
+mod image;
 mod kill;
 mod list;
 mod logging;
@@ -68,7 +69,8 @@ enum Command {
     Create(create::Args),
     /// Start the process of a created container.
     Start(start::Args),
-    /// Create, start and wait for a container; exits with its status.
+    /// Create, start and wait for a container (from a bundle or an image);
+    /// exits with its status.
     Run(run::Args),
     /// Print the OCI state of a container.
     State(state::Args),

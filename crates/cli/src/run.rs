@@ -3,6 +3,8 @@
 //! SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 are forwarded to the container.
 //! A terminal process without `--console-socket` runs on our own terminal
 //! (raw mode, window size at start and on SIGWINCH), as with runc.
+//! With `--image REF` the bundle is made from an image first (crate::image)
+//! and removed after the run.
 
 use std::fs::File;
 use std::process::ExitCode;
@@ -29,6 +31,22 @@ pub struct Args {
     /// Do not delete the container after it exits.
     #[arg(long)]
     pub keep: bool,
+    /// Run this image instead of a bundle: an OCI archive
+    /// (`oci-archive:PATH[:TAG]` or a file), an OCI layout (`oci:DIR[:TAG]` or a
+    /// directory) or a registry reference (`HOST[:PORT]/NAME[:TAG]`; plain HTTP
+    /// to a registry on the loopback interface). Its bundle is temporary.
+    #[arg(long, value_name = "REF", conflicts_with_all = ["bundle", "detach", "keep"])]
+    pub image: Option<String>,
+    /// With --image: run the process on a terminal.
+    #[arg(long, short, requires = "image")]
+    pub tty: bool,
+    /// With --image: the network namespace to join (default: a new one,
+    /// loopback only).
+    #[arg(long, value_name = "PATH", requires = "image")]
+    pub netns: Option<std::path::PathBuf>,
+    /// With --image: the command, replacing the image's Cmd (its entrypoint stays).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 /// A terminal on our own stdio: the pty master our supervisor sent.
@@ -85,6 +103,25 @@ fn copy_flushed(mut src: &File, mut dst: &File) -> std::io::Result<()> {
 
 pub fn run(ctx: &Ctx, mut a: Args) -> anyhow::Result<ExitCode> {
     let id = a.create.id.clone();
+    anyhow::ensure!(
+        a.image.is_some() || a.command.is_empty(),
+        "a command after the container id needs --image (a bundle's command is in its config.json)"
+    );
+    // Dropped when this returns, after the container was deleted: the bundle goes.
+    let _image_bundle = match &a.image {
+        Some(reference) => {
+            let opts = vessel_runtime::image::RunOptions {
+                args: std::mem::take(&mut a.command),
+                terminal: a.tty,
+                netns: a.netns.take().map(std::path::absolute).transpose()?,
+                hostname: id.clone(),
+            };
+            let b = crate::image::prepare(ctx, reference, &id, &opts)?;
+            a.create.bundle = b.path().to_path_buf();
+            Some(b)
+        }
+        None => None,
+    };
     let bundle = std::path::absolute(&a.create.bundle)?;
     let foreground_tty = !a.detach
         && a.create.console_socket.is_none()

@@ -10,6 +10,7 @@
 //! - [`pod`]: the pod model (a VM, its share and network, its containers and
 //!   processes with their guards, stdio and exits) behind both front-ends.
 //! - `fake` (feature `test-fakes`): test doubles of the runtime's traits.
+//! - [`image`]: OCI images (archive, layout, registry) unpacked into a bundle.
 //! - [`beneath`]: race-free file operations inside trees the guest can write.
 //! - [`limits`]: the host cgroup that holds every host process of a sandbox.
 //! - [`audit`]: the settings and host facts that weaken isolation (`vessel check --audit`).
@@ -20,6 +21,7 @@ pub mod backend;
 pub mod beneath;
 pub mod config;
 pub mod container;
+pub mod image;
 #[cfg(feature = "test-fakes")]
 pub mod fake;
 pub mod limits;

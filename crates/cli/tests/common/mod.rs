@@ -288,7 +288,7 @@ pub fn state_left(root: &Path) -> Vec<String> {
         if n == "templates" {
             continue;
         }
-        if matches!(n.as_str(), "netns" | ".locks" | "wired") {
+        if matches!(n.as_str(), "netns" | ".locks" | "wired" | "images") {
             left.extend(
                 names(&root.join(&n))
                     .into_iter()

@@ -45,7 +45,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH", requires = "image")]
     pub netns: Option<std::path::PathBuf>,
     /// With --image: the command, replacing the image's Cmd (its entrypoint stays).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     pub command: Vec<String>,
 }
 

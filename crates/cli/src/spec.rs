@@ -18,6 +18,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if path.exists() {
         bail!("{} already exists; remove it first", path.display());
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&vessel_runtime::image::spec::default_spec())? + "\n")?;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&vessel_runtime::image::spec::default_spec())? + "\n",
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -119,7 +119,12 @@ fn busybox_image_runs_from_an_oci_archive_and_from_a_local_registry() {
     let (_registry, port) = registry(e.dir.path());
     let reference = format!("127.0.0.1:{port}/busybox:latest");
     let push = Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"])
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+        ])
         .arg(format!("oci-archive:{}", archive.display()))
         .arg(format!("docker://{reference}"))
         .output()
@@ -177,9 +182,24 @@ impl TestNet {
         };
         ip(&["netns", "add", &n.ns]);
         ip(&[
-            "link", "add", &n.host_veth, "type", "veth", "peer", "name", "eth0", "netns", &n.ns,
+            "link",
+            "add",
+            &n.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &n.ns,
         ]);
-        ip(&["addr", "add", &format!("{}.1/24", n.net), "dev", &n.host_veth]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.1/24", n.net),
+            "dev",
+            &n.host_veth,
+        ]);
         ip(&["link", "set", &n.host_veth, "up"]);
         for args in [
             vec!["addr", "add", &format!("{}.2/24", n.net), "dev", "eth0"],
@@ -187,7 +207,7 @@ impl TestNet {
             vec!["link", "set", "lo", "up"],
         ] {
             let mut a = vec!["-n", n.ns.as_str()];
-            a.extend(args.iter().map(|s| s.as_ref()));
+            a.extend(args.iter().map(|s| -> &str { s }));
             ip(&a);
         }
         n
@@ -196,7 +216,9 @@ impl TestNet {
 
 impl Drop for TestNet {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_veth]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_veth])
+            .output();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
@@ -220,7 +242,10 @@ fn nginx_image_from_debian_packages_serves_its_page() {
     let Some(e) = env() else { return };
     let archive = images("nginx-image.sh").join("nginx-oci.tar");
     let net = TestNet::new();
-    let (out, err) = (e.dir.path().join("nginx.out"), e.dir.path().join("nginx.err"));
+    let (out, err) = (
+        e.dir.path().join("nginx.out"),
+        e.dir.path().join("nginx.err"),
+    );
     let child = e
         .cmd()
         .args(["run", "--image"])

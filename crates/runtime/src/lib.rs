@@ -21,9 +21,9 @@ pub mod backend;
 pub mod beneath;
 pub mod config;
 pub mod container;
-pub mod image;
 #[cfg(feature = "test-fakes")]
 pub mod fake;
+pub mod image;
 pub mod limits;
 pub mod network;
 pub mod pod;

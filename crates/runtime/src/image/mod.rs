@@ -222,8 +222,12 @@ fn random_u32() -> u32 {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
         .is_err()
     {
-        b = (std::process::id() ^ std::time::UNIX_EPOCH.elapsed().unwrap_or_default().subsec_nanos())
-            .to_le_bytes();
+        b = (std::process::id()
+            ^ std::time::UNIX_EPOCH
+                .elapsed()
+                .unwrap_or_default()
+                .subsec_nanos())
+        .to_le_bytes();
     }
     u32::from_le_bytes(b)
 }

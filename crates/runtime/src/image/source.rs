@@ -208,7 +208,7 @@ pub enum Source<'c> {
         tag: Option<String>,
         cancel: &'c AtomicBool,
     },
-    Registry(Registry<'c>),
+    Registry(Box<Registry<'c>>),
 }
 
 impl<'c> Source<'c> {
@@ -233,7 +233,7 @@ impl<'c> Source<'c> {
                     cancel,
                 }
             }
-            ImageRef::Registry(r) => Source::Registry(Registry::new(r, work, cancel)?),
+            ImageRef::Registry(r) => Source::Registry(Box::new(Registry::new(r, work, cancel)?)),
         })
     }
 
@@ -267,11 +267,7 @@ impl<'c> Source<'c> {
     }
 
     /// The verified blob of `d`; `progress` gets the bytes read so far.
-    pub fn fetch(
-        &self,
-        d: &Descriptor,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<Blob, ImageError> {
+    pub fn fetch(&self, d: &Descriptor, progress: &mut dyn FnMut(u64)) -> Result<Blob, ImageError> {
         match self {
             Source::Layout { dir, cancel, .. } => {
                 let path = blob_path(dir, &d.digest)?;
@@ -336,7 +332,10 @@ fn layout_manifest(layout: &Path, tag: Option<&str>) -> Result<Manifest, ImageEr
         source,
     })?;
     if meta.len() > MAX_METADATA {
-        return Err(ImageError::TooBig(format!("index.json of {} bytes", meta.len())));
+        return Err(ImageError::TooBig(format!(
+            "index.json of {} bytes",
+            meta.len()
+        )));
     }
     let data = std::fs::read(&path).map_err(|source| ImageError::Layout {
         path: path.display().to_string(),
@@ -354,7 +353,10 @@ fn layout_manifest(layout: &Path, tag: Option<&str>) -> Result<Manifest, ImageEr
             .cloned()
     };
     let chosen = match tag {
-        Some(t) => index.manifests().iter().find(|d| name(d).as_deref() == Some(t)),
+        Some(t) => index
+            .manifests()
+            .iter()
+            .find(|d| name(d).as_deref() == Some(t)),
         None if index.manifests().len() == 1 => index.manifests().first(),
         None => None,
     };
@@ -433,9 +435,7 @@ fn extract_archive(archive: &Path, dir: &Path) -> Result<(), ImageError> {
             ["oci-layout"] | ["index.json"] => kind.is_file(),
             ["blobs"] => kind.is_dir(),
             ["blobs", alg] => kind.is_dir() && matches!(*alg, "sha256" | "sha512"),
-            ["blobs", alg, hex] => {
-                kind.is_file() && parse_digest(&format!("{alg}:{hex}")).is_ok()
-            }
+            ["blobs", alg, hex] => kind.is_file() && parse_digest(&format!("{alg}:{hex}")).is_ok(),
             _ => false,
         };
         if !ok {
@@ -627,9 +627,15 @@ mod tests {
     fn a_blob_longer_or_shorter_than_declared_is_refused() {
         let mut d = desc(b"layer");
         d.size = 3;
-        assert!(verify(&d, b"layer").unwrap_err().to_string().contains("more than"));
+        assert!(verify(&d, b"layer")
+            .unwrap_err()
+            .to_string()
+            .contains("more than"));
         d.size = 9;
-        assert!(verify(&d, b"layer").unwrap_err().to_string().contains("declares 9"));
+        assert!(verify(&d, b"layer")
+            .unwrap_err()
+            .to_string()
+            .contains("declares 9"));
     }
 
     #[test]

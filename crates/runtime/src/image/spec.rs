@@ -170,15 +170,18 @@ pub fn resolve_user(
     };
     let passwd = read("etc/passwd").unwrap_or_default();
     // name:x:uid:gid:...
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
-        f.len() >= 4 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u))
-    });
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u)));
     let uid = match u.parse::<u32>() {
         Ok(n) => n,
         Err(_) => entry
             .as_ref()
             .and_then(|f| f[2].parse().ok())
-            .ok_or_else(|| ImageError::Config(format!("user {u:?} is not in the image's /etc/passwd")))?,
+            .ok_or_else(|| {
+                ImageError::Config(format!("user {u:?} is not in the image's /etc/passwd"))
+            })?,
     };
     let gid = match g {
         None => entry.as_ref().and_then(|f| f[3].parse().ok()).unwrap_or(0),

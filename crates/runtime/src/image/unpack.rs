@@ -197,16 +197,14 @@ impl<'a> Rootfs<'a> {
             };
             let (parent, leaf) = self.parent(&rel)?;
             match kind {
-                Kind::Dir => {
-                    match stat_at(parent.as_fd(), &leaf) {
-                        Some(k) if k == SFlag::S_IFDIR => {}
-                        Some(_) => {
-                            self.remove_at(parent.as_fd(), &leaf, &rel)?;
-                            self.mkdir_at(parent.as_fd(), &leaf, &rel)?;
-                        }
-                        None => self.mkdir_at(parent.as_fd(), &leaf, &rel)?,
+                Kind::Dir => match stat_at(parent.as_fd(), &leaf) {
+                    Some(k) if k == SFlag::S_IFDIR => {}
+                    Some(_) => {
+                        self.remove_at(parent.as_fd(), &leaf, &rel)?;
+                        self.mkdir_at(parent.as_fd(), &leaf, &rel)?;
                     }
-                }
+                    None => self.mkdir_at(parent.as_fd(), &leaf, &rel)?,
+                },
                 Kind::File => {
                     self.replace(parent.as_fd(), &leaf, &rel)?;
                     let fd = nix::fcntl::openat(
@@ -223,11 +221,12 @@ impl<'a> Rootfs<'a> {
                     // SAFETY: openat(2) just returned this fd and nothing else owns it.
                     let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
                     let budget = self.limits.max_bytes - self.bytes;
-                    let n = std::io::copy(&mut (&mut entry).take(budget + 1), &mut file)
-                        .map_err(|e| ImageError::Unpack {
+                    let n = std::io::copy(&mut (&mut entry).take(budget + 1), &mut file).map_err(
+                        |e| ImageError::Unpack {
                             path: rel.display().to_string(),
                             source: e,
-                        })?;
+                        },
+                    )?;
                     if n > budget {
                         return Err(ImageError::TooBig(format!(
                             "more than {} bytes of files",
@@ -569,7 +568,10 @@ mod tests {
             std::fs::read_link(r.join("etc/alias")).unwrap(),
             PathBuf::from("/etc/hostname")
         );
-        assert_eq!(std::fs::read_to_string(r.join("etc/hard")).unwrap(), "box\n");
+        assert_eq!(
+            std::fs::read_to_string(r.join("etc/hard")).unwrap(),
+            "box\n"
+        );
     }
 
     #[test]
@@ -623,11 +625,7 @@ mod tests {
         let l = Layer::new()
             .link(tar::EntryType::Symlink, "esc", &target)
             .file("esc/pwned", "x")
-            .link(
-                tar::EntryType::Symlink,
-                "f",
-                &format!("{target}/victim"),
-            )
+            .link(tar::EntryType::Symlink, "f", &format!("{target}/victim"))
             .file("f", "y")
             .link(tar::EntryType::Symlink, "up", "../../..")
             .file("up/pwned2", "z")

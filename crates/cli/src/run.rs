@@ -118,7 +118,8 @@ pub fn run(ctx: &Ctx, mut a: Args) -> anyhow::Result<ExitCode> {
                 args: std::mem::take(&mut a.command),
                 terminal: a.tty,
                 netns: a.netns.take().map(std::path::absolute).transpose()?,
-                hostname: id.clone(),
+                // sethostname(2) takes at most 64 bytes.
+                hostname: id.chars().take(63).collect(),
             };
             let b = crate::image::prepare(ctx, reference, &id, &opts)?;
             a.create.bundle = b.path().to_path_buf();

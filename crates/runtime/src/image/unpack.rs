@@ -671,6 +671,16 @@ mod tests {
     }
 
     #[test]
+    fn a_cancelled_unpack_stops() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layer::new().file("a", "1").bytes();
+        let cancel = AtomicBool::new(true);
+        let mut fs = Rootfs::open(d.path(), Limits::default(), &cancel).unwrap();
+        assert!(matches!(fs.apply(&l[..]), Err(ImageError::Cancelled)));
+        assert!(!d.path().join("a").exists());
+    }
+
+    #[test]
     fn unpacked_bytes_are_capped() {
         let d = tempfile::tempdir().unwrap();
         let l = Layer::new().file("big", "0123456789").bytes();

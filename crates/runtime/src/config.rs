@@ -16,6 +16,7 @@
 //!   run Linux user space. `vessel check` prints the choice and the reason.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vessel_hypervisor::builtin::jail::DEFAULT_JAIL_ROOT;
@@ -51,8 +52,10 @@ pub struct Config {
     pub memory_overhead_mib: u32,
     /// Upper bound for vCPUs derived from a container's CPU quota. Default 8.
     pub max_vcpus: u32,
-    /// Seconds to wait for the agent after the VM started. Default 30 (TCG is slow).
-    pub boot_timeout_secs: u64,
+    /// Seconds to wait for the agent after the VM started. Default: 30 on KVM, 120 under
+    /// TCG (see [`Config::boot_timeout`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_timeout_secs: Option<u64>,
     /// Seconds a VM gets to stop before it is killed. Default 5.
     pub stop_grace_secs: u64,
     /// Extra guest kernel command-line words.
@@ -265,7 +268,7 @@ impl Default for Config {
             default_memory_mib: 256,
             memory_overhead_mib: 128,
             max_vcpus: 8,
-            boot_timeout_secs: 30,
+            boot_timeout_secs: None,
             stop_grace_secs: 5,
             kernel_args: Vec::new(),
             qemu: QemuSection::default(),
@@ -291,7 +294,24 @@ impl Default for QemuSection {
     }
 }
 
+/// Default boot timeout on KVM: a guest boots in well under a second.
+pub const KVM_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default boot timeout under TCG: an emulated boot takes 1.5-3 s alone on an idle
+/// host, and its time grows with every other VM booting on the same cores (20 pods
+/// at once on 2 cores, or a host under load, took over 30 s each).
+pub const TCG_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl Config {
+    /// How long a sandbox on `accelerator` waits for its agent: `boot_timeout_secs`,
+    /// else [`KVM_BOOT_TIMEOUT`] or [`TCG_BOOT_TIMEOUT`].
+    pub fn boot_timeout(&self, accelerator: vessel_hypervisor::Accelerator) -> Duration {
+        match (self.boot_timeout_secs, accelerator) {
+            (Some(secs), _) => Duration::from_secs(secs),
+            (None, vessel_hypervisor::Accelerator::Kvm) => KVM_BOOT_TIMEOUT,
+            (None, vessel_hypervisor::Accelerator::Tcg) => TCG_BOOT_TIMEOUT,
+        }
+    }
+
     /// Loads `path`; a missing file at the default path means all defaults.
     pub fn load(path: Option<&Path>) -> Result<(Config, PathBuf)> {
         let explicit = path.is_some() || std::env::var_os("VESSEL_CONFIG").is_some();
@@ -394,6 +414,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_timeout_defaults_per_accelerator_and_the_key_overrides_both() {
+        use vessel_hypervisor::Accelerator::{Kvm, Tcg};
+        let c = Config::default();
+        assert_eq!(c.boot_timeout(Kvm), Duration::from_secs(30));
+        assert_eq!(c.boot_timeout(Tcg), Duration::from_secs(120));
+        let c: Config = toml::from_str("boot_timeout_secs = 45").unwrap();
+        assert_eq!(c.boot_timeout(Kvm), Duration::from_secs(45));
+        assert_eq!(c.boot_timeout(Tcg), Duration::from_secs(45));
+    }
 
     #[test]
     fn defaults_round_trip_and_unknown_keys_fail() {

@@ -156,9 +156,9 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
-        let timeout = Duration::from_secs(config.boot_timeout_secs);
         let endpoint = vm.agent_endpoint();
         let accelerator = vm.accelerator();
+        let timeout = config.boot_timeout(accelerator);
         let connect = async {
             if let Some(ready) = &ready {
                 let v = ready.wait().await?;
@@ -195,7 +195,7 @@ impl Sandbox {
         vm_config: &VmConfig,
         connect: impl std::future::Future<Output = Result<(AgentClient, VersionResponse)>>,
     ) -> Result<Sandbox> {
-        let timeout = Duration::from_secs(config.boot_timeout_secs);
+        let timeout = config.boot_timeout(vm.accelerator());
         let console = || log_tail(&vm_config.console_log, 30);
         let outcome = tokio::select! {
             r = connect => r,
@@ -326,9 +326,9 @@ impl Sandbox {
             }
         };
         let restored_after = start.elapsed();
-        let timeout = Duration::from_secs(config.boot_timeout_secs);
         let endpoint = vm.agent_endpoint();
         let accelerator = vm.accelerator();
+        let timeout = config.boot_timeout(accelerator);
         let connect = async {
             // The restored guest's agent is already listening, but the old
             // connection is being torn down (vsock transport reset, serial

@@ -32,7 +32,7 @@ fn env() -> Env {
     std::fs::create_dir_all(dir.path().join("rootfs")).unwrap();
     let config = Config {
         state_root: dir.path().join("state"),
-        boot_timeout_secs: 10,
+        boot_timeout_secs: Some(10),
         ..Config::default()
     };
     let (tx, events) = mpsc::unbounded_channel();

@@ -144,7 +144,7 @@ async fn a_guest_that_never_gets_ready_times_out_and_leaves_nothing() {
     let bogus = other.path().join("bogus.cpio.gz");
     std::fs::write(&bogus, b"this is not a cpio archive").unwrap();
     cfg.guest_initramfs = bogus;
-    cfg.boot_timeout_secs = 20;
+    cfg.boot_timeout_secs = Some(20);
     let hv = hypervisor(&cfg).unwrap();
     let err = Sandbox::boot(&cfg, hv.as_ref(), SandboxSpec::new("bogus", &cfg))
         .await

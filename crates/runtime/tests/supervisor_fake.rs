@@ -53,7 +53,7 @@ async fn env() -> Env {
     std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
     let config = Config {
         state_root: root.clone(),
-        boot_timeout_secs: 10,
+        boot_timeout_secs: Some(10),
         ..Config::default()
     };
     let (hv, staging) = (FakeHypervisor::default(), FakeStaging::default());

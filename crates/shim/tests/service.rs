@@ -82,7 +82,7 @@ async fn env() -> Env {
     let publisher = RemotePublisher::new(&addr).await.unwrap();
     let config = Config {
         state_root: dir.path().join("state"),
-        boot_timeout_secs: 10,
+        boot_timeout_secs: Some(10),
         ..Config::default()
     };
     let (hv, staging) = (FakeHypervisor::default(), FakeStaging::default());

@@ -109,7 +109,15 @@ pub fn write_config(path: &Path, state_root: &Path, guest: &Path) {
 /// ([`templates_dir`]), as every sandbox of a host does: a shape's template is made once
 /// per test run (or per KVM lane boot), and the tests' sandboxes are clones of it.
 pub fn write_config_for(path: &Path, state_root: &Path, guest: &Path, hv: TestHypervisor) {
-    let (top, tables) = hv.config_keys();
+    let (mut top, tables) = hv.config_keys();
+    // The KVM lane's guests run on emulated hardware: a loaded host slows their boots
+    // past the KVM default (test-lane.sh sets this).
+    if let Some(secs) = std::env::var("VESSEL_TEST_BOOT_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        top = format!("boot_timeout_secs = {secs}\n{top}");
+    }
     std::fs::write(
         path,
         format!(

@@ -11,7 +11,7 @@ VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test fuzz fuzz-ci \
-        test-lane test-vmm bench-boot bench-run bench-net bench-restore bench-vmm bench-kvm bench-start bench-start-kvm soak faults clean install test-shim bench-shim
+        test-lane test-vmm bench-boot bench-run bench-net bench-restore bench-vmm bench-kvm bench-start bench-start-kvm bench-monitor soak faults clean install test-shim bench-shim
 
 deps:
 	scripts/install-deps.sh
@@ -89,6 +89,11 @@ bench-run: deps guest build config
 # container and a runc container on veth namespaces (docs/performance.md).
 bench-net: deps guest build config
 	benches/net.sh
+
+# Scrape time of `vessel monitor` with SANDBOXES (20) running sandboxes, median of
+# SCRAPES (20) (docs/monitoring.md).
+bench-monitor: deps guest build config
+	benches/monitor.sh
 
 # Cold boot vs restore from a snapshot (QEMU; TCG on hosts without hardware KVM).
 bench-restore: deps guest config

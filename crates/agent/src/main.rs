@@ -13,6 +13,7 @@ mod container;
 mod health;
 mod init;
 mod logger;
+mod metrics;
 mod network;
 mod reaper;
 mod server;

@@ -11,6 +11,7 @@ use ttrpc::Code;
 use vessel_protocol::agent::{
     state_container_response::Status, ContainerRequest, CreateContainerRequest,
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
+    GuestMetricsRequest, GuestMetricsResponse,
     ListProcessesResponse, OOMEvent, ProbeRequest, ProbeResponse, ProcessRequest,
     RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest, SetNetworkRequest,
     SetPolicyRequest, SetTimeRequest, SignalProcessRequest, StateContainerResponse,
@@ -434,6 +435,15 @@ impl Agent for AgentService {
     async fn set_policy(&self, _: &TtrpcContext, req: SetPolicyRequest) -> ttrpc::Result<Empty> {
         self.policy_state().set(&req.policy_json)?;
         Ok(Empty::new())
+    }
+
+    async fn guest_metrics(
+        &self,
+        _: &TtrpcContext,
+        _: GuestMetricsRequest,
+    ) -> ttrpc::Result<GuestMetricsResponse> {
+        self.allow(Rpc::GuestMetrics)?;
+        Ok(crate::metrics::collect())
     }
 
     async fn probe(&self, _: &TtrpcContext, _: ProbeRequest) -> ttrpc::Result<ProbeResponse> {

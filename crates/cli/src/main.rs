@@ -10,6 +10,7 @@ mod image;
 mod kill;
 mod list;
 mod logging;
+mod monitor;
 mod pause;
 mod ps;
 mod run;
@@ -96,6 +97,8 @@ enum Command {
     Update(update::Args),
     /// Show what this runtime supports (runc's JSON).
     Features,
+    /// Serves every sandbox's metrics on one Prometheus endpoint (docs/monitoring.md).
+    Monitor(monitor::Args),
     /// Not supported: a container's processes live in its VM.
     Checkpoint(Unsupported),
     /// Not supported: a container's processes live in its VM.
@@ -207,6 +210,7 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Spec(a) => spec::run(a),
         Command::Update(a) => update::run(&ctx, a),
         Command::Features => features::run(),
+        Command::Monitor(a) => monitor::run(&ctx, a),
         Command::Checkpoint(_) | Command::Restore(_) => anyhow::bail!(
             "checkpoint/restore is not supported: the container's processes run in its own \
              VM, out of CRIU's reach on the host"

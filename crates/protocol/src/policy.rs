@@ -65,10 +65,11 @@ pub enum Rpc {
     ReseedRandom,
     Probe,
     SetNetwork,
+    GuestMetrics,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 19] = [
+    pub const ALL: [Rpc; 20] = [
         Rpc::CreateContainer,
         Rpc::StartContainer,
         Rpc::ExecProcess,
@@ -88,6 +89,7 @@ impl Rpc {
         Rpc::ReseedRandom,
         Rpc::Probe,
         Rpc::SetNetwork,
+        Rpc::GuestMetrics,
     ];
 }
 

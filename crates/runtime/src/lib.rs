@@ -13,6 +13,7 @@
 //! - [`image`]: OCI images (archive, layout, registry) unpacked into a bundle.
 //! - [`beneath`]: race-free file operations inside trees the guest can write.
 //! - [`limits`]: the host cgroup that holds every host process of a sandbox.
+//! - [`metrics`]: each sandbox's Prometheus socket, and `vessel monitor`'s aggregation.
 //! - [`audit`]: the settings and host facts that weaken isolation (`vessel check --audit`).
 
 pub mod agent;
@@ -25,6 +26,7 @@ pub mod container;
 pub mod fake;
 pub mod image;
 pub mod limits;
+pub mod metrics;
 pub mod network;
 pub mod pod;
 pub mod sandbox;

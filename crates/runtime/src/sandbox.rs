@@ -67,6 +67,16 @@ pub struct Sandbox {
     device_macs: Option<Vec<[u8; 6]>>,
     /// The host cgroup of its processes ([`crate::limits`]), removed on drop.
     cgroup: Option<Arc<vessel_cgroup::Cgroup>>,
+    timing: BootTiming,
+}
+
+/// How long a sandbox took to come up (reported by [`crate::metrics`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BootTiming {
+    /// From the VMM's launch (or restore) until the agent answered.
+    pub boot: Duration,
+    /// Restored from a template: how long the hypervisor took to restore the VM.
+    pub restore: Option<Duration>,
 }
 
 /// Checks a sandbox id against the one id rule ([`vessel_protocol::id`]).
@@ -175,7 +185,8 @@ impl Sandbox {
             let version = agent.version().await?;
             Ok::<_, Error>((agent, version))
         };
-        let sb = Self::attach(config, vm, &vm_config, connect).await?;
+        let mut sb = Self::attach(config, vm, &vm_config, connect).await?;
+        sb.timing.boot = start.elapsed();
         log::info!(
             "sandbox {}: agent {} ready on {} ({}) after {:?}",
             sb.id,
@@ -212,6 +223,7 @@ impl Sandbox {
                 stop_grace: Duration::from_secs(config.stop_grace_secs),
                 device_macs: None,
                 cgroup: vm_config.cgroup.clone(),
+                timing: BootTiming::default(),
             }),
             Err(e) => {
                 let _ = vm.stop(Duration::ZERO).await;
@@ -360,7 +372,11 @@ impl Sandbox {
             agent.reseed_random().await?;
             Ok::<_, Error>((agent, version))
         };
-        let sb = Self::attach(config, vm, vm_config, connect).await?;
+        let mut sb = Self::attach(config, vm, vm_config, connect).await?;
+        sb.timing = BootTiming {
+            boot: start.elapsed(),
+            restore: Some(restored_after),
+        };
         log::info!(
             "sandbox {}: restored from {} ({}); VM running after {restored_after:?}, agent resynced after {:?}",
             sb.id,
@@ -396,6 +412,19 @@ impl Sandbox {
 
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
+    }
+
+    pub fn timing(&self) -> BootTiming {
+        self.timing
+    }
+
+    /// The host processes of the sandbox: its host cgroup's members (the VMM, its
+    /// helpers, the supervisor or shim that entered it), else the VM's processes.
+    pub fn host_pids(&self) -> Vec<u32> {
+        match &self.cgroup {
+            Some(cg) => cg.procs().into_iter().map(|p| p as u32).collect(),
+            None => self.vm.pids(),
+        }
     }
 
     /// Moves the calling process into the sandbox's host cgroup, for a process that

@@ -10,7 +10,7 @@ use vessel_protocol::stdio::{StdioHeader, StdioStream, MAX_HEADER_LEN};
 use vessel_hypervisor::AgentEndpoint;
 
 use super::{
-    connect_socket, no_deadline, reply, within, AgentClient, AgentError, Result, CONNECT_TIMEOUT,
+    connect_socket, no_deadline, reply, AgentClient, AgentError, Result, CONNECT_TIMEOUT,
 };
 
 /// How a process ended.
@@ -58,12 +58,8 @@ impl AgentClient {
         req.storages = c.storages;
         req.stdio = Some(stdio_config(c.stdio)).into();
         req.share_namespaces_with = c.share_namespaces_with.unwrap_or_default().into();
-        let r = within(
-            self.rpc_timeout,
-            self.agent.create_container(no_deadline(), &req),
-        )
-        .await
-        .map_err(rpc_err("CreateContainer"))?;
+        let r = self.call("CreateContainer", self.agent.create_container(no_deadline(), &req))
+            .await?;
         reply::pid("CreateContainer", r.pid)
     }
 
@@ -73,24 +69,16 @@ impl AgentClient {
         let mut req = UpdateContainerRequest::new();
         req.container_id = id.into();
         req.resources_json = resources_json;
-        within(
-            self.rpc_timeout,
-            self.agent.update_container(no_deadline(), &req),
-        )
-        .await
-        .map_err(rpc_err("UpdateContainer"))?;
+        self.call("UpdateContainer", self.agent.update_container(no_deadline(), &req))
+            .await?;
         Ok(())
     }
 
     pub async fn start(&self, id: &str) -> Result<()> {
         let mut req = ContainerRequest::new();
         req.container_id = id.into();
-        within(
-            self.rpc_timeout,
-            self.agent.start_container(no_deadline(), &req),
-        )
-        .await
-        .map_err(rpc_err("StartContainer"))?;
+        self.call("StartContainer", self.agent.start_container(no_deadline(), &req))
+            .await?;
         Ok(())
     }
 
@@ -106,12 +94,8 @@ impl AgentClient {
         req.exec_id = exec_id.into();
         req.process_json = process_json;
         req.stdio = Some(stdio_config(stdio)).into();
-        let r = within(
-            self.rpc_timeout,
-            self.agent.exec_process(no_deadline(), &req),
-        )
-        .await
-        .map_err(rpc_err("ExecProcess"))?;
+        let r = self.call("ExecProcess", self.agent.exec_process(no_deadline(), &req))
+            .await?;
         reply::pid("ExecProcess", r.pid)
     }
 
@@ -127,12 +111,8 @@ impl AgentClient {
         req.exec_id = exec_key(exec_id);
         req.signal = signal;
         req.all = all;
-        within(
-            self.rpc_timeout,
-            self.agent.signal_process(no_deadline(), &req),
-        )
-        .await
-        .map_err(rpc_err("SignalProcess"))?;
+        self.call("SignalProcess", self.agent.signal_process(no_deadline(), &req))
+            .await?;
         Ok(())
     }
 
@@ -153,55 +133,35 @@ impl AgentClient {
         let mut req = RemoveContainerRequest::new();
         req.container_id = id.into();
         req.force = force;
-        within(
-            self.rpc_timeout,
-            self.agent.remove_container(no_deadline(), &req),
-        )
-        .await
-        .map_err(rpc_err("RemoveContainer"))?;
+        self.call("RemoveContainer", self.agent.remove_container(no_deadline(), &req))
+            .await?;
         Ok(())
     }
 
     pub async fn processes(&self, id: &str) -> Result<Vec<u32>> {
-        let r = within(
-            self.rpc_timeout,
-            self.agent.list_processes(no_deadline(), &container_req(id)),
-        )
-        .await
-        .map_err(rpc_err("ListProcesses"))?;
+        let r = self.call("ListProcesses", self.agent.list_processes(no_deadline(), &container_req(id)))
+            .await?;
         reply::pids(r)
     }
 
     pub async fn pause(&self, id: &str) -> Result<()> {
-        within(
-            self.rpc_timeout,
-            self.agent
-                .pause_container(no_deadline(), &container_req(id)),
-        )
-        .await
-        .map_err(rpc_err("PauseContainer"))?;
+        self.call("PauseContainer", self.agent
+                .pause_container(no_deadline(), &container_req(id)))
+            .await?;
         Ok(())
     }
 
     pub async fn resume(&self, id: &str) -> Result<()> {
-        within(
-            self.rpc_timeout,
-            self.agent
-                .resume_container(no_deadline(), &container_req(id)),
-        )
-        .await
-        .map_err(rpc_err("ResumeContainer"))?;
+        self.call("ResumeContainer", self.agent
+                .resume_container(no_deadline(), &container_req(id)))
+            .await?;
         Ok(())
     }
 
     pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
-        within(
-            self.rpc_timeout,
-            self.agent
-                .stats_container(no_deadline(), &container_req(id)),
-        )
-        .await
-        .map_err(rpc_err("StatsContainer"))
+        self.call("StatsContainer", self.agent
+                .stats_container(no_deadline(), &container_req(id)))
+            .await
     }
 
     pub async fn resize(
@@ -216,9 +176,8 @@ impl AgentClient {
         req.exec_id = exec_key(exec_id);
         req.rows = rows.into();
         req.cols = cols.into();
-        within(self.rpc_timeout, self.agent.resize_tty(no_deadline(), &req))
-            .await
-            .map_err(rpc_err("ResizeTty"))?;
+        self.call("ResizeTty", self.agent.resize_tty(no_deadline(), &req))
+            .await?;
         Ok(())
     }
 

@@ -26,7 +26,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use ttrpc::r#async::transport::Socket;
 use vessel_hypervisor::AgentEndpoint;
-use vessel_protocol::agent::{ProbeRequest, ReseedRandomRequest, SetPolicyRequest, SetTimeRequest};
+use vessel_protocol::agent::{
+    GuestMetricsRequest, GuestMetricsResponse, ProbeRequest, ReseedRandomRequest, SetPolicyRequest,
+    SetTimeRequest,
+};
 use vessel_protocol::agent_ttrpc::AgentClient as AgentTtrpc;
 use vessel_protocol::health::{CheckRequest, VersionRequest, VersionResponse};
 use vessel_protocol::health_ttrpc::HealthClient;
@@ -164,6 +167,7 @@ pub struct AgentClient {
     endpoint: AgentEndpoint,
     /// Timeout of the RPCs that do not block by design.
     rpc_timeout: Duration,
+    latency: crate::metrics::RpcLatency,
 }
 
 /// What `Agent.Probe` reports, validated.
@@ -187,6 +191,7 @@ impl AgentClient {
             agent: AgentTtrpc::new(client),
             endpoint: endpoint.clone(),
             rpc_timeout: RPC_TIMEOUT,
+            latency: Default::default(),
         })
     }
 
@@ -224,9 +229,8 @@ impl AgentClient {
             nanos: now.subsec_nanos(),
             ..Default::default()
         };
-        within(self.rpc_timeout, self.agent.set_time(no_deadline(), &req))
-            .await
-            .map_err(|source| rpc_error("Agent.SetTime", source))?;
+        self.call("Agent.SetTime", self.agent.set_time(no_deadline(), &req))
+            .await?;
         Ok(())
     }
 
@@ -242,12 +246,8 @@ impl AgentClient {
             data,
             ..Default::default()
         };
-        within(
-            self.rpc_timeout,
-            self.agent.reseed_random(no_deadline(), &req),
-        )
-        .await
-        .map_err(|source| rpc_error("Agent.ReseedRandom", source))?;
+        self.call("Agent.ReseedRandom", self.agent.reseed_random(no_deadline(), &req))
+            .await?;
         Ok(())
     }
 
@@ -258,15 +258,11 @@ impl AgentClient {
             rpc: "Agent.SetNetwork",
             reason: e.to_string(),
         })?;
-        within(
-            self.rpc_timeout,
+        self.call(
+            "Agent.SetNetwork",
             self.agent.set_network(no_deadline(), &net.to_request()),
         )
-        .await
-        .map_err(|source| AgentError::Rpc {
-            rpc: "Agent.SetNetwork",
-            source: source.into(),
-        })?;
+        .await?;
         Ok(())
     }
 
@@ -277,20 +273,15 @@ impl AgentClient {
             policy_json: policy.to_json(),
             ..Default::default()
         };
-        within(self.rpc_timeout, self.agent.set_policy(no_deadline(), &req))
-            .await
-            .map_err(|source| rpc_error("Agent.SetPolicy", source))?;
+        self.call("Agent.SetPolicy", self.agent.set_policy(no_deadline(), &req))
+            .await?;
         Ok(())
     }
 
     /// `Agent.Probe`, validated: the guest clock and an RNG sample.
     pub async fn probe(&self) -> Result<GuestProbe> {
-        let p = within(
-            self.rpc_timeout,
-            self.agent.probe(no_deadline(), &ProbeRequest::new()),
-        )
-        .await
-        .map_err(|source| rpc_error("Agent.Probe", source))?;
+        let p = self.call("Agent.Probe", self.agent.probe(no_deadline(), &ProbeRequest::new()))
+            .await?;
         reply::probe(p)
     }
 
@@ -306,14 +297,44 @@ impl AgentClient {
         reply::health(&resp)
     }
 
+    /// `Agent.GuestMetrics` within `timeout`, checked and capped
+    /// ([`reply::guest_metrics`]).
+    pub async fn guest_metrics(&self, timeout: Duration) -> Result<GuestMetricsResponse> {
+        let started = std::time::Instant::now();
+        let r = within(
+            timeout,
+            self.agent
+                .guest_metrics(no_deadline(), &GuestMetricsRequest::new()),
+        )
+        .await;
+        self.latency.observe("GuestMetrics", started.elapsed());
+        Ok(reply::guest_metrics(
+            r.map_err(|source| rpc_error("Agent.GuestMetrics", source))?,
+        ))
+    }
+
+    /// Runs `rpc` within the RPC timeout, records its latency as `name`'s and
+    /// maps its error.
+    pub(crate) async fn call<T>(
+        &self,
+        name: &'static str,
+        rpc: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T> {
+        let started = std::time::Instant::now();
+        let r = within(self.rpc_timeout, rpc).await;
+        self.latency.observe(name, started.elapsed());
+        r.map_err(|source| rpc_error(name, source))
+    }
+
+    /// The latencies of this client's RPCs.
+    pub fn latency(&self) -> &crate::metrics::RpcLatency {
+        &self.latency
+    }
+
     /// `Health.Version`, validated.
     pub async fn version(&self) -> Result<VersionResponse> {
-        let v = within(
-            self.rpc_timeout,
-            self.health.version(no_deadline(), &VersionRequest::new()),
-        )
-        .await
-        .map_err(|source| rpc_error("Health.Version", source))?;
+        let v = self.call("Health.Version", self.health.version(no_deadline(), &VersionRequest::new()))
+            .await?;
         reply::version(v)
     }
 }

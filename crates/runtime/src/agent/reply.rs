@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use vessel_protocol::agent::{ListProcessesResponse, OOMEvent, ProbeResponse, WaitProcessResponse};
+use vessel_protocol::agent::{
+    GuestMetricsResponse, ListProcessesResponse, OOMEvent, ProbeResponse, WaitProcessResponse,
+};
 use vessel_protocol::health::{CheckResponse, VersionResponse};
 use vessel_protocol::ports::READY_MAGIC;
 use vessel_protocol::stdio::REPLY_OK;
@@ -146,6 +148,56 @@ pub fn probe(p: ProbeResponse) -> Result<GuestProbe> {
         random_sample,
         boot_id: p.boot_id,
     })
+}
+
+/// Most interfaces, and most disks, kept from a `GuestMetrics` reply.
+pub const MAX_GUEST_DEVICES: usize = 16;
+/// Longest interface or disk name kept from a `GuestMetrics` reply.
+pub const MAX_GUEST_DEVICE_NAME: usize = 32;
+
+/// Whether a guest device name may become a metric label: short, `[A-Za-z0-9._:@-]`.
+pub fn device_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_GUEST_DEVICE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+}
+
+/// `Agent.GuestMetrics`: the first [`MAX_GUEST_DEVICES`] interfaces and disks whose
+/// names pass [`device_name_ok`], each name once; everything else (and unknown fields)
+/// dropped. Numbers are taken as they are: they only ever become sample values.
+pub fn guest_metrics(r: GuestMetricsResponse) -> GuestMetricsResponse {
+    fn keep<T>(items: Vec<T>, name: impl Fn(&T) -> &str) -> Vec<T> {
+        let mut seen = std::collections::HashSet::new();
+        items
+            .into_iter()
+            .filter(|i| device_name_ok(name(i)) && seen.insert(name(i).to_string()))
+            .take(MAX_GUEST_DEVICES)
+            .collect()
+    }
+    let mut r = r;
+    let mut net = keep(std::mem::take(&mut r.net), |n| &n.name);
+    net.iter_mut().for_each(|n| n.special_fields = Default::default());
+    let mut disks = keep(std::mem::take(&mut r.disks), |d| &d.name);
+    disks.iter_mut().for_each(|d| d.special_fields = Default::default());
+    if let Some(m) = r.memory.as_mut() {
+        m.special_fields = Default::default();
+    }
+    if let Some(c) = r.cpu.as_mut() {
+        c.special_fields = Default::default();
+    }
+    if let Some(l) = r.load.as_mut() {
+        l.special_fields = Default::default();
+    }
+    GuestMetricsResponse {
+        memory: r.memory,
+        cpu: r.cpu,
+        load: r.load,
+        net,
+        disks,
+        ..Default::default()
+    }
 }
 
 /// `Health.Check`: serving.

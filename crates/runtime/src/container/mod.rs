@@ -132,6 +132,10 @@ pub fn container_dir(root: &Path, id: &str) -> Result<PathBuf> {
 /// host: the jailer names the VM's jail and cgroup after it (a fixed name made
 /// two jailed containers collide). The run directory is `<dir>/<vm id>` when its
 /// sockets fit in `sun_path`, else under /run/vessel-vm.
+/// Where a VM's run directory goes when the container directory's path is too long
+/// for its sockets ([`vm_location`]).
+pub const VM_ROOT_FALLBACK: &str = "/run/vessel-vm";
+
 pub fn vm_location(dir: &Path) -> (PathBuf, String) {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -141,7 +145,7 @@ pub fn vm_location(dir: &Path) -> (PathBuf, String) {
     if dir.join(&id).join("virtiofsd-0.sock.pid").as_os_str().len() <= 100 {
         return (dir.to_path_buf(), id);
     }
-    (PathBuf::from("/run/vessel-vm"), id)
+    (PathBuf::from(VM_ROOT_FALLBACK), id)
 }
 
 /// Reads init's exit status recorded by the supervisor, if any.

@@ -27,6 +27,7 @@ use crate::agent::{AgentClient, AgentError, NewContainer};
 use crate::container::bundle::vm_size;
 use crate::container::share::{self, Staging};
 use crate::container::{ContainerError, Status};
+use crate::metrics::{self, MetricsServer};
 use crate::sandbox::{self, SandboxSpec};
 use crate::{Config, Sandbox};
 pub use slot::{MakeNetwork, PodSlot};
@@ -312,6 +313,8 @@ pub struct Pod {
     /// The VM watcher and the OOM loop.
     tasks: Vec<JoinHandle<()>>,
     network: tokio::sync::Mutex<Option<Box<dyn PodNetwork>>>,
+    /// `<run_dir>/metrics.sock` ([`crate::metrics`]).
+    metrics: Option<MetricsServer>,
 }
 
 /// Where a pod's staging share lives.
@@ -448,8 +451,10 @@ impl Pod {
             events,
             tasks: Vec::new(),
             network: tokio::sync::Mutex::new(network),
+            metrics: None,
         };
         pod.watch();
+        pod.serve_metrics(hv.name());
         Ok(pod)
     }
 
@@ -519,6 +524,29 @@ impl Pod {
                 }
             }
         }));
+    }
+
+    /// Serves the pod's metrics socket. A socket that cannot be bound costs the
+    /// pod its metrics only (logged).
+    fn serve_metrics(&mut self, backend: &'static str) {
+        let containers = self.containers.clone();
+        let source = metrics::Source {
+            id: self.id.clone(),
+            backend,
+            sandbox: self.sandbox.clone(),
+            containers: Box::new(move || {
+                let containers = containers.lock().unwrap_or_else(|e| e.into_inner());
+                containers
+                    .iter()
+                    .filter(|(_, c)| c.init.exited().is_none())
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            }),
+        };
+        match MetricsServer::start(source) {
+            Ok(m) => self.metrics = Some(m),
+            Err(e) => log::warn!("pod {}: no metrics socket: {e}", self.id),
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -884,6 +912,10 @@ impl Pod {
 
     /// Stops the VM, removes the share and detaches the network.
     pub async fn stop(mut self) {
+        // First: its connections hold the sandbox.
+        if let Some(m) = self.metrics.take() {
+            m.stop().await;
+        }
         for t in self.tasks.drain(..) {
             t.abort();
             let _ = t.await;

@@ -1,0 +1,488 @@
+//! Prometheus metrics (docs/monitoring.md): every pod serves its own on
+//! `<run_dir>/metrics.sock` (HTTP GET, OpenMetrics text, mode 0600), and
+//! [`monitor`] gathers every sandbox of the host into one endpoint
+//! (`vessel monitor`).
+//!
+//! A scrape reads /proc for the sandbox's host processes and asks the agent for
+//! guest-wide numbers (`GuestMetrics`) and each container's cgroup stats
+//! (`StatsContainer`), each bounded by [`GUEST_TIMEOUT`]: a guest that does not
+//! answer costs the scrape its guest families, never the host ones. Everything from
+//! the guest is checked and capped first ([`crate::agent::reply::guest_metrics`]).
+
+pub mod http;
+pub mod monitor;
+pub mod procfs;
+
+use std::borrow::Cow;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::UnixListener;
+use tokio::task::{JoinHandle, JoinSet};
+use vessel_protocol::agent::{GuestMetricsResponse, StatsContainerResponse};
+
+use crate::Sandbox;
+
+/// The socket's name in the sandbox's run directory.
+pub const SOCKET: &str = "metrics.sock";
+/// Longest wait for each guest call of a scrape.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest time one connection to the socket is served.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections served at once; more are closed unanswered.
+const MAX_CONNECTIONS: usize = 8;
+/// Most containers of one pod whose stats one scrape asks for.
+const MAX_CONTAINERS: usize = 64;
+
+type Labels = Vec<(String, String)>;
+type GaugeF = Gauge<f64, AtomicU64>;
+type CounterF = Counter<f64, AtomicU64>;
+
+fn labels<const N: usize>(pairs: [(&str, &str); N]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Agent RPC latencies by method (`vessel_agent_rpc_duration_seconds`), recorded
+/// by [`crate::agent::AgentClient`]; clones share one histogram family.
+#[derive(Clone, Debug)]
+pub struct RpcLatency(Family<Labels, Histogram, fn() -> Histogram>);
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Default for RpcLatency {
+    fn default() -> Self {
+        RpcLatency(Family::new_with_constructor(latency_histogram))
+    }
+}
+
+impl RpcLatency {
+    /// Records one call of `method` (`Agent.X` is recorded as `X`).
+    pub fn observe(&self, method: &str, took: Duration) {
+        let method = method.strip_prefix("Agent.").unwrap_or(method);
+        self.0
+            .get_or_create(&labels([("method", method)]))
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// What a pod's metrics are made from.
+pub struct Source {
+    /// The pod's id: label `sandbox_id` of every sample.
+    pub id: String,
+    pub backend: &'static str,
+    pub sandbox: Arc<Sandbox>,
+    /// The pod's containers whose cgroup stats are wanted (the live ones).
+    pub containers: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+}
+
+/// One sandbox's metrics socket, served until [`MetricsServer::stop`].
+pub struct MetricsServer {
+    path: PathBuf,
+    task: JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// Binds `<run_dir>/metrics.sock` (mode 0600) and serves it.
+    pub fn start(source: Source) -> std::io::Result<MetricsServer> {
+        let path = socket_path(source.sandbox.run_dir());
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let task = tokio::spawn(serve(listener, Arc::new(source)));
+        Ok(MetricsServer { path, task })
+    }
+
+    /// Stops serving (connections in flight are dropped) and removes the socket.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Where the sandbox whose run directory is `run_dir` serves its metrics.
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(SOCKET)
+}
+
+async fn serve(listener: UnixListener, source: Arc<Source>) {
+    // Dropped (with the task) on stop: aborts the connections in flight.
+    let mut connections = JoinSet::new();
+    loop {
+        let mut conn = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                log::warn!("pod {}: metrics socket: {e}", source.id);
+                // EMFILE and the like: do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        while connections.try_join_next().is_some() {}
+        if connections.len() >= MAX_CONNECTIONS {
+            continue;
+        }
+        let source = source.clone();
+        connections.spawn(async move {
+            let served = http::answer(&mut conn, render(&source));
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, served).await;
+        });
+    }
+}
+
+/// The sandbox's state as the metrics report it.
+fn state(sandbox: &Sandbox) -> &'static str {
+    match sandbox.vm().try_exit() {
+        None => "running",
+        Some(_) => "vm_exited",
+    }
+}
+
+/// A scrape: every family of one sandbox, in OpenMetrics text.
+pub async fn render(source: &Source) -> String {
+    let sb = &source.sandbox;
+    let running = sb.vm().try_exit().is_none();
+    let agent = sb.agent().clone();
+    let guest = async {
+        if !running {
+            return None;
+        }
+        agent.guest_metrics(GUEST_TIMEOUT).await.ok()
+    };
+    let mut ids = if running {
+        (source.containers)()
+    } else {
+        Vec::new()
+    };
+    ids.truncate(MAX_CONTAINERS);
+    let stats = futures::future::join_all(ids.into_iter().map(|id| {
+        let agent = agent.clone();
+        async move {
+            let s = tokio::time::timeout(GUEST_TIMEOUT, agent.stats(&id)).await;
+            s.ok().and_then(Result::ok).map(|s| (id, s))
+        }
+    }));
+    let (guest, stats) = tokio::join!(guest, stats);
+    let stats: Vec<_> = stats.into_iter().flatten().collect();
+
+    let mut reg = Registry::with_labels(
+        [(Cow::from("sandbox_id"), Cow::from(source.id.clone()))].into_iter(),
+    );
+    let mut out = Families(&mut reg);
+    let accelerator = sb.vm().accelerator().to_string();
+    out.gauge(
+        "vessel_sandbox_info",
+        "The sandbox: hypervisor backend, accelerator and state (running, vm_exited)",
+        [(
+            labels([
+                ("backend", source.backend),
+                ("accelerator", &accelerator),
+                ("state", state(sb)),
+            ]),
+            1.0,
+        )],
+    );
+    let timing = sb.timing();
+    out.gauge(
+        "vessel_sandbox_boot_seconds",
+        "Time from the VMM's launch (or restore) until the agent answered",
+        [(Labels::new(), timing.boot.as_secs_f64())],
+    );
+    if let Some(r) = timing.restore {
+        out.gauge(
+            "vessel_sandbox_restore_seconds",
+            "Time the hypervisor took to restore the VM from its template snapshot",
+            [(Labels::new(), r.as_secs_f64())],
+        );
+    }
+    host_families(&mut out, sb);
+    match &guest {
+        Some(g) => guest_families(&mut out, g),
+        None => out.gauge(
+            "vessel_guest_up",
+            "1 if the guest answered GuestMetrics in this scrape",
+            [(Labels::new(), 0.0)],
+        ),
+    }
+    container_families(&mut out, &stats);
+    reg.register(
+        "vessel_agent_rpc_duration_seconds",
+        "Agent RPC latency seen by the host, by method",
+        agent.latency().0.clone(),
+    );
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &reg) {
+        log::warn!("pod {}: encoding metrics: {e}", source.id);
+    }
+    text
+}
+
+/// Registers families of samples on one registry.
+struct Families<'a>(&'a mut Registry);
+
+impl Families<'_> {
+    fn gauge(&mut self, name: &str, help: &str, samples: impl IntoIterator<Item = (Labels, f64)>) {
+        let family = Family::<Labels, GaugeF>::default();
+        for (l, v) in samples {
+            family.get_or_create(&l).set(v);
+        }
+        self.0.register(name, help, family);
+    }
+
+    /// `name` without `_total` (the encoder adds it).
+    fn counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, f64)>,
+    ) {
+        let family = Family::<Labels, CounterF>::default();
+        for (l, v) in samples {
+            family.get_or_create(&l).inc_by(v);
+        }
+        self.0.register(name, help, family);
+    }
+}
+
+fn host_families(out: &mut Families, sb: &Sandbox) {
+    let vmm = sb.vm().pids().first().copied();
+    let me = std::process::id();
+    let ticks = procfs::clock_ticks();
+    let procs: Vec<_> = sb
+        .host_pids()
+        .into_iter()
+        .filter_map(|pid| procfs::read(Path::new("/proc"), pid, ticks))
+        .collect();
+    let l = |p: &procfs::ProcStats| {
+        let role = match p.pid {
+            pid if Some(pid) == vmm => "vmm",
+            pid if pid == me => "supervisor",
+            _ => "helper",
+        };
+        labels([
+            ("pid", &p.pid.to_string()),
+            ("process", &p.comm),
+            ("role", role),
+        ])
+    };
+    let each = |f: fn(&procfs::ProcStats) -> Option<f64>| {
+        procs
+            .iter()
+            .filter_map(|p| Some((l(p), f(p)?)))
+            .collect::<Vec<_>>()
+    };
+    out.gauge(
+        "vessel_process_resident_memory_bytes",
+        "RSS of each host process of the sandbox (VMM, helpers, supervisor or shim)",
+        each(|p| Some(p.rss_bytes as f64)),
+    );
+    out.gauge(
+        "vessel_process_proportional_memory_bytes",
+        "PSS (smaps_rollup) of each host process of the sandbox",
+        each(|p| p.pss_bytes.map(|b| b as f64)),
+    );
+    out.counter(
+        "vessel_process_cpu_seconds",
+        "User and system CPU time of each host process of the sandbox",
+        each(|p| Some(p.cpu_seconds)),
+    );
+    out.gauge(
+        "vessel_process_open_fds",
+        "Open file descriptors of each host process of the sandbox",
+        each(|p| Some(p.fds as f64)),
+    );
+    out.gauge(
+        "vessel_process_threads",
+        "Threads of each host process of the sandbox",
+        each(|p| Some(p.threads as f64)),
+    );
+}
+
+/// USER_HZ: the unit of /proc/stat in every Linux guest.
+const GUEST_USER_HZ: f64 = 100.0;
+
+fn guest_families(out: &mut Families, g: &GuestMetricsResponse) {
+    out.gauge(
+        "vessel_guest_up",
+        "1 if the guest answered GuestMetrics in this scrape",
+        [(Labels::new(), 1.0)],
+    );
+    let m = g.memory.get_or_default();
+    out.gauge(
+        "vessel_guest_memory_bytes",
+        "Guest /proc/meminfo",
+        [
+            ("total", m.total_bytes),
+            ("free", m.free_bytes),
+            ("available", m.available_bytes),
+            ("buffers", m.buffers_bytes),
+            ("cached", m.cached_bytes),
+            ("shmem", m.shmem_bytes),
+        ]
+        .map(|(k, v)| (labels([("kind", k)]), v as f64)),
+    );
+    let c = g.cpu.get_or_default();
+    out.counter(
+        "vessel_guest_cpu_seconds",
+        "Guest CPU time by mode, all vCPUs (/proc/stat)",
+        [
+            ("user", c.user),
+            ("nice", c.nice),
+            ("system", c.system),
+            ("idle", c.idle),
+            ("iowait", c.iowait),
+            ("irq", c.irq),
+            ("softirq", c.softirq),
+            ("steal", c.steal),
+        ]
+        .map(|(k, v)| (labels([("mode", k)]), v as f64 / GUEST_USER_HZ)),
+    );
+    out.gauge(
+        "vessel_guest_cpus",
+        "vCPUs the guest sees",
+        [(Labels::new(), f64::from(c.cpus))],
+    );
+    let l = g.load.get_or_default();
+    out.gauge(
+        "vessel_guest_load",
+        "Guest load average (/proc/loadavg)",
+        [
+            ("1m", l.load1_centi),
+            ("5m", l.load5_centi),
+            ("15m", l.load15_centi),
+        ]
+        .map(|(k, v)| (labels([("period", k)]), v as f64 / 100.0)),
+    );
+    let net = |f: fn(&vessel_protocol::agent::GuestNetDev) -> [u64; 2]| {
+        g.net
+            .iter()
+            .flat_map(|n| {
+                let [rx, tx] = f(n);
+                [("receive", rx), ("transmit", tx)]
+                    .map(|(d, v)| (labels([("interface", &n.name), ("direction", d)]), v as f64))
+            })
+            .collect::<Vec<_>>()
+    };
+    out.counter(
+        "vessel_guest_network_bytes",
+        "Guest network bytes by interface and direction (/proc/net/dev)",
+        net(|n| [n.rx_bytes, n.tx_bytes]),
+    );
+    out.counter(
+        "vessel_guest_network_packets",
+        "Guest network packets by interface and direction",
+        net(|n| [n.rx_packets, n.tx_packets]),
+    );
+    out.counter(
+        "vessel_guest_network_errors",
+        "Guest network errors by interface and direction",
+        net(|n| [n.rx_errors, n.tx_errors]),
+    );
+    out.counter(
+        "vessel_guest_network_dropped",
+        "Guest network packets dropped by interface and direction",
+        net(|n| [n.rx_dropped, n.tx_dropped]),
+    );
+    let disk = |f: fn(&vessel_protocol::agent::GuestDisk) -> [u64; 2]| {
+        g.disks
+            .iter()
+            .flat_map(|d| {
+                let [r, w] = f(d);
+                [("read", r), ("write", w)]
+                    .map(|(op, v)| (labels([("device", &d.name), ("op", op)]), v as f64))
+            })
+            .collect::<Vec<_>>()
+    };
+    out.counter(
+        "vessel_guest_disk_operations",
+        "Guest block I/O operations completed by device (/proc/diskstats)",
+        disk(|d| [d.reads, d.writes]),
+    );
+    out.counter(
+        "vessel_guest_disk_bytes",
+        "Guest block I/O bytes by device",
+        disk(|d| [d.read_bytes, d.written_bytes]),
+    );
+    out.counter(
+        "vessel_guest_disk_io_seconds",
+        "Time the guest spent doing block I/O, by device",
+        g.disks
+            .iter()
+            .map(|d| (labels([("device", &d.name)]), d.io_ms as f64 / 1000.0)),
+    );
+}
+
+fn container_families(out: &mut Families, stats: &[(String, StatsContainerResponse)]) {
+    let each = |f: fn(&StatsContainerResponse) -> Vec<(&'static str, &'static str, f64)>| {
+        stats
+            .iter()
+            .flat_map(|(id, s)| {
+                f(s).into_iter().map(move |(k, v, x)| {
+                    let mut l = labels([("container_id", id.as_str())]);
+                    if !k.is_empty() {
+                        l.push((k.to_string(), v.to_string()));
+                    }
+                    (l, x)
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    out.gauge(
+        "vessel_container_memory_bytes",
+        "Container cgroup memory in the guest: usage, limit (0: none), anon, file",
+        each(|s| {
+            let m = s.memory.get_or_default();
+            [
+                ("usage", m.usage_bytes),
+                ("limit", m.limit_bytes),
+                ("anon", m.anon_bytes),
+                ("file", m.file_bytes),
+            ]
+            .map(|(k, v)| ("kind", k, v as f64))
+            .to_vec()
+        }),
+    );
+    out.counter(
+        "vessel_container_oom_kills",
+        "OOM kills in the container's cgroup",
+        each(|s| vec![("", "", s.memory.get_or_default().oom_kill_events as f64)]),
+    );
+    out.counter(
+        "vessel_container_cpu_seconds",
+        "Container cgroup CPU time in the guest by mode",
+        each(|s| {
+            let c = s.cpu.get_or_default();
+            vec![
+                ("mode", "user", c.user_usec as f64 / 1e6),
+                ("mode", "system", c.system_usec as f64 / 1e6),
+            ]
+        }),
+    );
+    out.counter(
+        "vessel_container_cpu_throttled_seconds",
+        "Time the container's cgroup was throttled",
+        each(|s| vec![("", "", s.cpu.get_or_default().throttled_usec as f64 / 1e6)]),
+    );
+    out.gauge(
+        "vessel_container_pids",
+        "Tasks in the container's cgroup",
+        each(|s| vec![("", "", s.pids.get_or_default().current as f64)]),
+    );
+}
+
+#[cfg(test)]
+mod tests;

@@ -77,7 +77,9 @@ fn centi(s: Option<&str>) -> u64 {
         return 0;
     };
     let frac: String = frac.chars().chain("00".chars()).take(2).collect();
-    num(Some(int)).saturating_mul(100).saturating_add(num(Some(&frac)))
+    num(Some(int))
+        .saturating_mul(100)
+        .saturating_add(num(Some(&frac)))
 }
 
 pub fn loadavg(text: &str) -> GuestLoad {
@@ -169,7 +171,10 @@ mod tests {
     #[test]
     fn loadavg_in_hundredths() {
         let l = loadavg("0.05 1.5 12.34 1/80 123\n");
-        assert_eq!((l.load1_centi, l.load5_centi, l.load15_centi), (5, 150, 1234));
+        assert_eq!(
+            (l.load1_centi, l.load5_centi, l.load15_centi),
+            (5, 150, 1234)
+        );
         assert_eq!(loadavg("").load1_centi, 0);
     }
 
@@ -180,7 +185,10 @@ mod tests {
         let mut text = head.to_string() + &line("    lo") + &line("eth0");
         let d = net_dev(&text);
         assert_eq!(d.len(), 2);
-        assert_eq!((d[1].name.as_str(), d[1].rx_bytes, d[1].tx_bytes), ("eth0", 100, 200));
+        assert_eq!(
+            (d[1].name.as_str(), d[1].rx_bytes, d[1].tx_bytes),
+            ("eth0", 100, 200)
+        );
         assert_eq!((d[1].rx_dropped, d[1].tx_packets), (1, 3));
         for i in 0..40 {
             text += &line(&format!("v{i}"));
@@ -196,7 +204,13 @@ mod tests {
              254       0 vda 10 0 80 5 4 0 16 3 0 7 8 0 0 0 0 0 0\nshort line\n",
         );
         assert_eq!(d.len(), 1);
-        assert_eq!((d[0].name.as_str(), d[0].reads, d[0].read_bytes), ("vda", 10, 80 * 512));
-        assert_eq!((d[0].writes, d[0].written_bytes, d[0].io_ms), (4, 16 * 512, 7));
+        assert_eq!(
+            (d[0].name.as_str(), d[0].reads, d[0].read_bytes),
+            ("vda", 10, 80 * 512)
+        );
+        assert_eq!(
+            (d[0].writes, d[0].written_bytes, d[0].io_ms),
+            (4, 16 * 512, 7)
+        );
     }
 }

@@ -11,11 +11,10 @@ use ttrpc::Code;
 use vessel_protocol::agent::{
     state_container_response::Status, ContainerRequest, CreateContainerRequest,
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
-    GuestMetricsRequest, GuestMetricsResponse,
-    ListProcessesResponse, OOMEvent, ProbeRequest, ProbeResponse, ProcessRequest,
-    RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest, SetNetworkRequest,
-    SetPolicyRequest, SetTimeRequest, SignalProcessRequest, StateContainerResponse,
-    StatsContainerResponse, UpdateContainerRequest, WaitProcessResponse,
+    GuestMetricsRequest, GuestMetricsResponse, ListProcessesResponse, OOMEvent, ProbeRequest,
+    ProbeResponse, ProcessRequest, RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest,
+    SetNetworkRequest, SetPolicyRequest, SetTimeRequest, SignalProcessRequest,
+    StateContainerResponse, StatsContainerResponse, UpdateContainerRequest, WaitProcessResponse,
 };
 use vessel_protocol::agent_ttrpc::Agent;
 use vessel_protocol::error::chain;

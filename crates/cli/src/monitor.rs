@@ -9,6 +9,10 @@ use vessel_runtime::metrics::{http, monitor};
 
 use crate::Ctx;
 
+/// Longest time one request is served (a scrape takes at most
+/// [`monitor::SCRAPE_TIMEOUT`]).
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Address to serve /metrics on. Loopback by default: the metrics name every
@@ -58,7 +62,8 @@ async fn serve(listen: SocketAddr, roots: Vec<PathBuf>) -> anyhow::Result<()> {
         };
         let roots = roots.clone();
         tokio::spawn(async move {
-            let _ = http::answer(&mut conn, monitor::collect(&roots)).await;
+            let served = http::answer(&mut conn, monitor::collect(&roots));
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, served).await;
         });
     }
 }

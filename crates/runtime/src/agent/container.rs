@@ -9,9 +9,7 @@ use vessel_protocol::stdio::{StdioHeader, StdioStream, MAX_HEADER_LEN};
 
 use vessel_hypervisor::AgentEndpoint;
 
-use super::{
-    connect_socket, no_deadline, reply, AgentClient, AgentError, Result, CONNECT_TIMEOUT,
-};
+use super::{connect_socket, no_deadline, reply, AgentClient, AgentError, Result, CONNECT_TIMEOUT};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +56,11 @@ impl AgentClient {
         req.storages = c.storages;
         req.stdio = Some(stdio_config(c.stdio)).into();
         req.share_namespaces_with = c.share_namespaces_with.unwrap_or_default().into();
-        let r = self.call("CreateContainer", self.agent.create_container(no_deadline(), &req))
+        let r = self
+            .call(
+                "CreateContainer",
+                self.agent.create_container(no_deadline(), &req),
+            )
             .await?;
         reply::pid("CreateContainer", r.pid)
     }
@@ -69,16 +71,22 @@ impl AgentClient {
         let mut req = UpdateContainerRequest::new();
         req.container_id = id.into();
         req.resources_json = resources_json;
-        self.call("UpdateContainer", self.agent.update_container(no_deadline(), &req))
-            .await?;
+        self.call(
+            "UpdateContainer",
+            self.agent.update_container(no_deadline(), &req),
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn start(&self, id: &str) -> Result<()> {
         let mut req = ContainerRequest::new();
         req.container_id = id.into();
-        self.call("StartContainer", self.agent.start_container(no_deadline(), &req))
-            .await?;
+        self.call(
+            "StartContainer",
+            self.agent.start_container(no_deadline(), &req),
+        )
+        .await?;
         Ok(())
     }
 
@@ -94,7 +102,8 @@ impl AgentClient {
         req.exec_id = exec_id.into();
         req.process_json = process_json;
         req.stdio = Some(stdio_config(stdio)).into();
-        let r = self.call("ExecProcess", self.agent.exec_process(no_deadline(), &req))
+        let r = self
+            .call("ExecProcess", self.agent.exec_process(no_deadline(), &req))
             .await?;
         reply::pid("ExecProcess", r.pid)
     }
@@ -111,8 +120,11 @@ impl AgentClient {
         req.exec_id = exec_key(exec_id);
         req.signal = signal;
         req.all = all;
-        self.call("SignalProcess", self.agent.signal_process(no_deadline(), &req))
-            .await?;
+        self.call(
+            "SignalProcess",
+            self.agent.signal_process(no_deadline(), &req),
+        )
+        .await?;
         Ok(())
     }
 
@@ -133,35 +145,51 @@ impl AgentClient {
         let mut req = RemoveContainerRequest::new();
         req.container_id = id.into();
         req.force = force;
-        self.call("RemoveContainer", self.agent.remove_container(no_deadline(), &req))
-            .await?;
+        self.call(
+            "RemoveContainer",
+            self.agent.remove_container(no_deadline(), &req),
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn processes(&self, id: &str) -> Result<Vec<u32>> {
-        let r = self.call("ListProcesses", self.agent.list_processes(no_deadline(), &container_req(id)))
+        let r = self
+            .call(
+                "ListProcesses",
+                self.agent.list_processes(no_deadline(), &container_req(id)),
+            )
             .await?;
         reply::pids(r)
     }
 
     pub async fn pause(&self, id: &str) -> Result<()> {
-        self.call("PauseContainer", self.agent
-                .pause_container(no_deadline(), &container_req(id)))
-            .await?;
+        self.call(
+            "PauseContainer",
+            self.agent
+                .pause_container(no_deadline(), &container_req(id)),
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn resume(&self, id: &str) -> Result<()> {
-        self.call("ResumeContainer", self.agent
-                .resume_container(no_deadline(), &container_req(id)))
-            .await?;
+        self.call(
+            "ResumeContainer",
+            self.agent
+                .resume_container(no_deadline(), &container_req(id)),
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
-        self.call("StatsContainer", self.agent
-                .stats_container(no_deadline(), &container_req(id)))
-            .await
+        self.call(
+            "StatsContainer",
+            self.agent
+                .stats_container(no_deadline(), &container_req(id)),
+        )
+        .await
     }
 
     pub async fn resize(

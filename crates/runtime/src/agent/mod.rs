@@ -246,8 +246,11 @@ impl AgentClient {
             data,
             ..Default::default()
         };
-        self.call("Agent.ReseedRandom", self.agent.reseed_random(no_deadline(), &req))
-            .await?;
+        self.call(
+            "Agent.ReseedRandom",
+            self.agent.reseed_random(no_deadline(), &req),
+        )
+        .await?;
         Ok(())
     }
 
@@ -273,14 +276,21 @@ impl AgentClient {
             policy_json: policy.to_json(),
             ..Default::default()
         };
-        self.call("Agent.SetPolicy", self.agent.set_policy(no_deadline(), &req))
-            .await?;
+        self.call(
+            "Agent.SetPolicy",
+            self.agent.set_policy(no_deadline(), &req),
+        )
+        .await?;
         Ok(())
     }
 
     /// `Agent.Probe`, validated: the guest clock and an RNG sample.
     pub async fn probe(&self) -> Result<GuestProbe> {
-        let p = self.call("Agent.Probe", self.agent.probe(no_deadline(), &ProbeRequest::new()))
+        let p = self
+            .call(
+                "Agent.Probe",
+                self.agent.probe(no_deadline(), &ProbeRequest::new()),
+            )
             .await?;
         reply::probe(p)
     }
@@ -308,9 +318,9 @@ impl AgentClient {
         )
         .await;
         self.latency.observe("GuestMetrics", started.elapsed());
-        Ok(reply::guest_metrics(
-            r.map_err(|source| rpc_error("Agent.GuestMetrics", source))?,
-        ))
+        Ok(reply::guest_metrics(r.map_err(|source| {
+            rpc_error("Agent.GuestMetrics", source)
+        })?))
     }
 
     /// Runs `rpc` within the RPC timeout, records its latency as `name`'s and
@@ -333,7 +343,11 @@ impl AgentClient {
 
     /// `Health.Version`, validated.
     pub async fn version(&self) -> Result<VersionResponse> {
-        let v = self.call("Health.Version", self.health.version(no_deadline(), &VersionRequest::new()))
+        let v = self
+            .call(
+                "Health.Version",
+                self.health.version(no_deadline(), &VersionRequest::new()),
+            )
             .await?;
         reply::version(v)
     }

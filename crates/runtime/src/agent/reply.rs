@@ -178,9 +178,12 @@ pub fn guest_metrics(r: GuestMetricsResponse) -> GuestMetricsResponse {
     }
     let mut r = r;
     let mut net = keep(std::mem::take(&mut r.net), |n| &n.name);
-    net.iter_mut().for_each(|n| n.special_fields = Default::default());
+    net.iter_mut()
+        .for_each(|n| n.special_fields = Default::default());
     let mut disks = keep(std::mem::take(&mut r.disks), |d| &d.name);
-    disks.iter_mut().for_each(|d| d.special_fields = Default::default());
+    disks
+        .iter_mut()
+        .for_each(|d| d.special_fields = Default::default());
     if let Some(m) = r.memory.as_mut() {
         m.special_fields = Default::default();
     }

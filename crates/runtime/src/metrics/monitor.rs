@@ -21,29 +21,39 @@ pub const MAX_SCRAPE_BYTES: usize = 4 << 20;
 /// Most sockets scraped (the rest are counted `unscraped`).
 pub const MAX_SANDBOXES: usize = 4096;
 
-/// The metrics sockets under `roots`: `<root>/*/metrics.sock` (the shim's run
+/// Directories of a state root that hold no run directory. `shared` holds the
+/// guest-writable shares: never looked into.
+const NOT_SANDBOXES: [&str; 3] = ["shared", "templates", "netns"];
+
+/// The metrics sockets under `roots`: `<root>/<id>/metrics.sock` (the shim's run
 /// directories and those under [`crate::container::VM_ROOT_FALLBACK`]) and
-/// `<root>/*/*/metrics.sock` (the CLI's, inside its container directories). Symbolic
-/// links are not followed; each socket is listed once.
+/// `<root>/<id>/<vm id>/metrics.sock` (the CLI's, inside its container directories,
+/// [`crate::container::vm_location`]: 16 hex digits, so never the container's
+/// guest-writable `shared` directory). Symbolic links are not followed; each socket is
+/// listed once.
 pub fn discover(roots: &[PathBuf]) -> Vec<PathBuf> {
     let mut found = std::collections::BTreeSet::new();
-    let dirs = |p: &Path| -> Vec<PathBuf> {
+    let dirs = |p: &Path, keep: fn(&str) -> bool| -> Vec<PathBuf> {
         std::fs::read_dir(p)
             .into_iter()
             .flatten()
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| e.file_name().to_str().is_some_and(keep))
             .map(|e| e.path())
             .collect()
     };
+    let sandbox_dir = |name: &str| !NOT_SANDBOXES.contains(&name);
+    let vm_dir = |name: &str| name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit());
     let is_socket = |p: &Path| {
         use std::os::unix::fs::FileTypeExt;
         std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
     };
     for root in roots {
-        for d in dirs(root) {
-            for candidate in
-                std::iter::once(d.clone()).chain(dirs(&d)).map(|d| d.join(super::SOCKET))
+        for d in dirs(root, sandbox_dir) {
+            for candidate in std::iter::once(d.clone())
+                .chain(dirs(&d, vm_dir))
+                .map(|d| d.join(super::SOCKET))
             {
                 if is_socket(&candidate) {
                     found.insert(candidate);
@@ -216,16 +226,28 @@ mod tests {
             &[sandbox("a", "running"), sandbox("b", "running")],
             "# HELP x X.\n# TYPE x gauge\nx 1\n",
         );
-        assert_eq!(merged.matches("# TYPE vessel_sandbox_info gauge").count(), 1);
+        assert_eq!(
+            merged.matches("# TYPE vessel_sandbox_info gauge").count(),
+            1
+        );
         assert_eq!(merged.matches("# TYPE vessel_guest_cpu_seconds").count(), 1);
         assert_eq!(merged.matches("# EOF").count(), 1);
         assert!(merged.ends_with("x 1\n# EOF\n"));
         let lines: Vec<&str> = merged.lines().collect();
-        let a = lines.iter().position(|l| l.contains("mode=\"user\"") && l.contains("\"a\""));
-        let b = lines.iter().position(|l| l.contains("mode=\"user\"") && l.contains("\"b\""));
-        let head = lines.iter().position(|l| *l == "# TYPE vessel_guest_cpu_seconds counter");
+        let a = lines
+            .iter()
+            .position(|l| l.contains("mode=\"user\"") && l.contains("\"a\""));
+        let b = lines
+            .iter()
+            .position(|l| l.contains("mode=\"user\"") && l.contains("\"b\""));
+        let head = lines
+            .iter()
+            .position(|l| *l == "# TYPE vessel_guest_cpu_seconds counter");
         // Both samples follow their family's one head, together.
-        assert_eq!((head.unwrap() + 1, head.unwrap() + 2), (a.unwrap(), b.unwrap()));
+        assert_eq!(
+            (head.unwrap() + 1, head.unwrap() + 2),
+            (a.unwrap(), b.unwrap())
+        );
     }
 
     #[test]
@@ -247,7 +269,8 @@ mod tests {
         let dir = root.path().join("pod1");
         std::fs::create_dir(&dir).unwrap();
         // Accepts, never answers.
-        let _silent = std::os::unix::net::UnixListener::bind(dir.join(super::super::SOCKET)).unwrap();
+        let _silent =
+            std::os::unix::net::UnixListener::bind(dir.join(super::super::SOCKET)).unwrap();
         let nested = root.path().join("c1").join("0123456789abcdef");
         std::fs::create_dir_all(&nested).unwrap();
         let answering = tokio::net::UnixListener::bind(nested.join(super::super::SOCKET)).unwrap();
@@ -260,11 +283,20 @@ mod tests {
             }
         });
         std::fs::write(root.path().join("metrics.sock"), "not a socket").unwrap();
+        // Guest-writable shares are never looked into.
+        for planted in ["shared/pod1", "c1/shared"] {
+            let d = root.path().join(planted);
+            std::fs::create_dir_all(&d).unwrap();
+            std::os::unix::net::UnixListener::bind(d.join(super::super::SOCKET)).unwrap();
+        }
         assert_eq!(discover(&[root.path().to_path_buf()]).len(), 2);
         let started = std::time::Instant::now();
         let text = collect(&[root.path().to_path_buf()]).await;
         assert!(started.elapsed() < SCRAPE_TIMEOUT + Duration::from_secs(1));
-        assert!(text.contains("vessel_sandboxes{state=\"running\",backend=\"qemu\"} 1"), "{text}");
+        assert!(
+            text.contains("vessel_sandboxes{state=\"running\",backend=\"qemu\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("vessel_sandboxes{state=\"unresponsive\",backend=\"unknown\"} 1"));
         assert!(text.contains("sandbox_id=\"c1\""));
     }

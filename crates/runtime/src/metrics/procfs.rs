@@ -102,7 +102,8 @@ mod tests {
 
     #[test]
     fn stat_name_may_hold_parentheses_and_spaces() {
-        let stat = "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
+        let stat =
+            "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
         let (comm, ticks) = stat_fields(stat).unwrap();
         assert_eq!(comm, "qemu__x__y");
         assert_eq!(ticks, 300);

@@ -24,15 +24,21 @@ fn guest_reply() -> GuestMetricsResponse {
             ..Default::default()
         })
         .collect();
-    g.net.insert(0, GuestNetDev {
-        name: "bad\"name\n".into(),
-        ..Default::default()
-    });
-    g.net.insert(1, GuestNetDev {
-        name: "eth0".into(),
-        rx_bytes: 7,
-        ..Default::default()
-    });
+    g.net.insert(
+        0,
+        GuestNetDev {
+            name: "bad\"name\n".into(),
+            ..Default::default()
+        },
+    );
+    g.net.insert(
+        1,
+        GuestNetDev {
+            name: "eth0".into(),
+            rx_bytes: 7,
+            ..Default::default()
+        },
+    );
     g.disks = vec![GuestDisk {
         name: "vda".into(),
         read_bytes: 4096,
@@ -48,7 +54,10 @@ fn guest_reply_is_capped_and_names_checked() {
     assert_eq!(g.net.len(), crate::agent::reply::MAX_GUEST_DEVICES);
     // The bad name is dropped; the first eth0 is kept, its duplicate dropped.
     assert_eq!((g.net[0].name.as_str(), g.net[0].rx_bytes), ("eth0", 7));
-    assert!(g.net.iter().all(|n| crate::agent::reply::device_name_ok(&n.name)));
+    assert!(g
+        .net
+        .iter()
+        .all(|n| crate::agent::reply::device_name_ok(&n.name)));
     assert_eq!(g.net.iter().filter(|n| n.name == "eth0").count(), 1);
     assert!(!crate::agent::reply::device_name_ok(&"x".repeat(33)));
 }
@@ -94,12 +103,16 @@ fn container_families_are_labelled_by_container() {
 fn rpc_latency_is_a_histogram_by_method() {
     let l = RpcLatency::default();
     l.observe("Agent.Probe", Duration::from_millis(3));
-    l.clone().observe("CreateContainer", Duration::from_millis(300));
+    l.clone()
+        .observe("CreateContainer", Duration::from_millis(300));
     let mut reg = Registry::default();
     reg.register("vessel_agent_rpc_duration_seconds", "x", l.0.clone());
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
     assert!(text.contains("# TYPE vessel_agent_rpc_duration_seconds histogram"));
-    assert!(text.contains("vessel_agent_rpc_duration_seconds_count{method=\"Probe\"} 1"), "{text}");
+    assert!(
+        text.contains("vessel_agent_rpc_duration_seconds_count{method=\"Probe\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("vessel_agent_rpc_duration_seconds_count{method=\"CreateContainer\"} 1"));
 }

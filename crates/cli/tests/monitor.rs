@@ -134,13 +134,9 @@ fn monitor_reports_every_family_of_two_sandboxes_by_sandbox_id() {
         "missing {:?} in\n{body}",
         missing(&body)
     );
-    for family in [
-        "vessel_guest_disk_operations",
-        "vessel_guest_disk_bytes",
-        "vessel_agent_rpc_duration_seconds",
-    ] {
-        assert!(body.contains(&format!("# TYPE {family} ")), "{family}");
-    }
+    // (The guest's disk families have samples only for block devices with I/O: this
+    // guest has none. Unit tests cover them.)
+    assert!(body.contains("# TYPE vessel_agent_rpc_duration_seconds histogram"));
     let running: u64 = body
         .lines()
         .filter(|l| l.starts_with("vessel_sandboxes{state=\"running\""))

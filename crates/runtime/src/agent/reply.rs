@@ -167,7 +167,7 @@ pub fn device_name_ok(name: &str) -> bool {
 /// `Agent.GuestMetrics`: the first [`MAX_GUEST_DEVICES`] interfaces and disks whose
 /// names pass [`device_name_ok`], each name once; everything else (and unknown fields)
 /// dropped. Numbers are taken as they are: they only ever become sample values.
-pub fn guest_metrics(r: GuestMetricsResponse) -> GuestMetricsResponse {
+pub fn guest_metrics(mut r: GuestMetricsResponse) -> GuestMetricsResponse {
     fn keep<T>(items: Vec<T>, name: impl Fn(&T) -> &str) -> Vec<T> {
         let mut seen = std::collections::HashSet::new();
         items
@@ -176,7 +176,6 @@ pub fn guest_metrics(r: GuestMetricsResponse) -> GuestMetricsResponse {
             .take(MAX_GUEST_DEVICES)
             .collect()
     }
-    let mut r = r;
     let mut net = keep(std::mem::take(&mut r.net), |n| &n.name);
     net.iter_mut()
         .for_each(|n| n.special_fields = Default::default());

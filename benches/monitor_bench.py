@@ -31,11 +31,14 @@ def main():
     ids = [f"mon{i}" for i in range(n)]
 
     def up(cid):
+        # stderr to a file: the supervisor `create` leaves behind holds a pipe open.
+        err = f"{work}/{cid}.err"
         for cmd in (["create", "--bundle", f"{work}/bundle", cid], ["start", cid]):
-            p = subprocess.run([vessel, "--root", vroot, *cmd], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            with open(err, "w") as f:
+                p = subprocess.run([vessel, "--root", vroot, *cmd], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=f)
             if p.returncode != 0:
-                raise RuntimeError(f"{cid}: {' '.join(cmd)}: {p.stderr.decode()[-500:]}")
+                raise RuntimeError(f"{cid}: {' '.join(cmd)}: {open(err).read()[-500:]}")
 
     monitor = None
     try:
@@ -52,7 +55,7 @@ def main():
         while True:
             body = get(addr)
             up_guests = sum(1 for l in body.splitlines()
-                            if l.startswith("vessel_guest_up{") and l.endswith(" 1")
+                            if l.startswith("vessel_guest_up{") and l.endswith(" 1.0")
                             and any(f'sandbox_id="{i}"' in l for i in ids))
             if up_guests == n or time.monotonic() > deadline:
                 break

@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -59,8 +59,8 @@ fn labels<const N: usize>(pairs: [(&str, &str); N]) -> Labels {
 pub struct RpcLatency(Family<Labels, Histogram, fn() -> Histogram>);
 
 fn latency_histogram() -> Histogram {
-    // 0.5 ms .. ~16 s.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+    // 1 ms .. 16 s, x4: few buckets, as every sandbox repeats them per method.
+    Histogram::new(exponential_buckets(0.001, 4.0, 8))
 }
 
 impl Default for RpcLatency {
@@ -87,6 +87,84 @@ pub struct Source {
     pub sandbox: Arc<Sandbox>,
     /// The pod's containers whose cgroup stats are wanted (the live ones).
     pub containers: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    pub guest: GuestCache,
+}
+
+/// What the guest said, at one time.
+pub struct GuestSnapshot {
+    pub taken: Instant,
+    /// `None`: no answer to `GuestMetrics` within [`GUEST_TIMEOUT`].
+    pub guest: Option<GuestMetricsResponse>,
+    /// The containers that answered `StatsContainer` in time.
+    pub containers: Vec<(String, StatsContainerResponse)>,
+}
+
+/// The guest's numbers, fetched in the background so that a scrape does not wait for
+/// a slow guest: a scrape serves the latest snapshot, first starting a refresh if it
+/// is older than [`REFRESH_AFTER`] and waiting [`REFRESH_WAIT`] for it (the first
+/// scrape waits for the first snapshot, up to [`GUEST_TIMEOUT`]). One refresh at a
+/// time: however often the socket is scraped, the guest gets at most one
+/// `GuestMetrics` (and one `StatsContainer` per container) in flight.
+#[derive(Default)]
+pub struct GuestCache {
+    latest: tokio::sync::watch::Sender<Option<Arc<GuestSnapshot>>>,
+    refreshing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A snapshot older than this is refreshed by the next scrape.
+pub const REFRESH_AFTER: Duration = Duration::from_secs(1);
+/// How long a scrape waits for a refresh it started before serving the older snapshot.
+pub const REFRESH_WAIT: Duration = Duration::from_millis(20);
+
+impl GuestCache {
+    async fn get(&self, source: &Source) -> Option<Arc<GuestSnapshot>> {
+        use std::sync::atomic::Ordering;
+        let current = self.latest.borrow().clone();
+        if current
+            .as_ref()
+            .is_some_and(|s| s.taken.elapsed() < REFRESH_AFTER)
+        {
+            return current;
+        }
+        let mut updates = self.latest.subscribe();
+        updates.borrow_and_update();
+        if source.sandbox.vm().try_exit().is_none() && !self.refreshing.swap(true, Ordering::AcqRel)
+        {
+            let agent = source.sandbox.agent().clone();
+            let mut ids = (source.containers)();
+            ids.truncate(MAX_CONTAINERS);
+            let (latest, refreshing) = (self.latest.clone(), self.refreshing.clone());
+            // Not tied to the connection: a refresh outlives a scrape that gave up on it.
+            tokio::spawn(async move {
+                let snap = fetch_guest(&agent, ids).await;
+                latest.send_replace(Some(Arc::new(snap)));
+                refreshing.store(false, Ordering::Release);
+            });
+        }
+        let wait = if current.is_some() {
+            REFRESH_WAIT
+        } else {
+            GUEST_TIMEOUT + REFRESH_WAIT
+        };
+        if tokio::time::timeout(wait, updates.changed()).await.is_ok() {
+            return self.latest.borrow().clone();
+        }
+        current
+    }
+}
+
+async fn fetch_guest(agent: &crate::agent::AgentClient, ids: Vec<String>) -> GuestSnapshot {
+    let guest = async { agent.guest_metrics(GUEST_TIMEOUT).await.ok() };
+    let stats = futures::future::join_all(ids.into_iter().map(|id| async move {
+        let s = tokio::time::timeout(GUEST_TIMEOUT, agent.stats(&id)).await;
+        s.ok().and_then(Result::ok).map(|s| (id, s))
+    }));
+    let (guest, stats) = tokio::join!(guest, stats);
+    GuestSnapshot {
+        taken: Instant::now(),
+        guest,
+        containers: stats.into_iter().flatten().collect(),
+    }
 }
 
 /// One sandbox's metrics socket, served until [`MetricsServer::stop`].
@@ -155,29 +233,8 @@ fn state(sandbox: &Sandbox) -> &'static str {
 /// A scrape: every family of one sandbox, in OpenMetrics text.
 pub async fn render(source: &Source) -> String {
     let sb = &source.sandbox;
-    let running = sb.vm().try_exit().is_none();
-    let agent = sb.agent().clone();
-    let guest = async {
-        if !running {
-            return None;
-        }
-        agent.guest_metrics(GUEST_TIMEOUT).await.ok()
-    };
-    let mut ids = if running {
-        (source.containers)()
-    } else {
-        Vec::new()
-    };
-    ids.truncate(MAX_CONTAINERS);
-    let stats = futures::future::join_all(ids.into_iter().map(|id| {
-        let agent = agent.clone();
-        async move {
-            let s = tokio::time::timeout(GUEST_TIMEOUT, agent.stats(&id)).await;
-            s.ok().and_then(Result::ok).map(|s| (id, s))
-        }
-    }));
-    let (guest, stats) = tokio::join!(guest, stats);
-    let stats: Vec<_> = stats.into_iter().flatten().collect();
+    let guest = source.guest.get(source).await;
+    let stats = guest.as_ref().map_or(&[][..], |g| &g.containers[..]);
 
     let mut reg = Registry::with_labels(
         [(Cow::from("sandbox_id"), Cow::from(source.id.clone()))].into_iter(),
@@ -210,19 +267,26 @@ pub async fn render(source: &Source) -> String {
         );
     }
     host_families(&mut out, sb);
-    match &guest {
-        Some(g) => guest_families(&mut out, g),
+    match guest.as_ref().and_then(|g| Some((g, g.guest.as_ref()?))) {
+        Some((snap, g)) => {
+            guest_families(&mut out, g);
+            out.gauge(
+                "vessel_guest_metrics_age_seconds",
+                "Age of the guest numbers served (fetched in the background)",
+                [(Labels::new(), snap.taken.elapsed().as_secs_f64())],
+            );
+        }
         None => out.gauge(
             "vessel_guest_up",
-            "1 if the guest answered GuestMetrics in this scrape",
+            "1 if the guest answered GuestMetrics",
             [(Labels::new(), 0.0)],
         ),
     }
-    container_families(&mut out, &stats);
+    container_families(&mut out, stats);
     reg.register(
         "vessel_agent_rpc_duration_seconds",
         "Agent RPC latency seen by the host, by method",
-        agent.latency().0.clone(),
+        sb.agent().latency().0.clone(),
     );
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &reg) {
@@ -318,7 +382,7 @@ const GUEST_USER_HZ: f64 = 100.0;
 fn guest_families(out: &mut Families, g: &GuestMetricsResponse) {
     out.gauge(
         "vessel_guest_up",
-        "1 if the guest answered GuestMetrics in this scrape",
+        "1 if the guest answered GuestMetrics",
         [(Labels::new(), 1.0)],
     );
     let m = g.memory.get_or_default();

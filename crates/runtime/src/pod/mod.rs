@@ -542,6 +542,7 @@ impl Pod {
                     .map(|(id, _)| id.clone())
                     .collect()
             }),
+            guest: Default::default(),
         };
         match MetricsServer::start(source) {
             Ok(m) => self.metrics = Some(m),

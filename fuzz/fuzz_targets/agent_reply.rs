@@ -18,7 +18,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 12 {
+    match which % 13 {
         0 => {
             let _ = reply::ready_line(rest);
             return;
@@ -48,7 +48,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
     }
     let p = &resp.payload;
-    match which % 12 {
+    match which % 13 {
         2 => {
             if let Some(r) = decode::<CreateContainerResponse>(p) {
                 let _ = reply::pid("CreateContainer", r.pid);
@@ -95,6 +95,23 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
         10 => {
             let _ = decode::<StatsContainerResponse>(p);
+        }
+        11 => {
+            use vessel_runtime::guest_events::{from_reply, MAX_BATCH, MAX_TEXT};
+            if let Some(r) = decode::<GetEventsResponse>(p) {
+                if let Ok(g) = from_reply(r) {
+                    assert!(g.logs.len() <= MAX_BATCH && g.events.len() <= MAX_BATCH);
+                    for l in &g.logs {
+                        assert!(l.msg.chars().count() <= MAX_TEXT);
+                        assert!(!l.msg.chars().any(char::is_control));
+                        assert!(l.container.as_deref().is_none_or(vessel_protocol::id::valid_id));
+                    }
+                    for e in &g.events {
+                        assert!(e.detail.chars().count() <= MAX_TEXT);
+                        assert!(!e.detail.chars().any(char::is_control));
+                    }
+                }
+            }
         }
         _ => {
             let _ = decode::<StateContainerResponse>(p);

@@ -2,6 +2,9 @@
 //! into the sandbox's console log. Level from `vessel.log=<level>` via RUST_LOG
 //! semantics is not needed here: the agent logs info and above unless
 //! `vessel.debug` is on the kernel command line.
+//!
+//! Every line also goes to the [`crate::journal`], from which the host fetches
+//! it over the agent channel (`GetEvents`) into the sandbox's log.
 
 use std::io::Write;
 
@@ -25,9 +28,23 @@ impl Log for ConsoleLogger {
         // One write per line so concurrent lines do not interleave.
         let line = format!("vessel-agent[{level}] {}\n", record.args());
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        let message = record.args().to_string();
+        let container = container_of(&message).to_string();
+        crate::journal::get().log(record.level(), record.target(), message, &container);
     }
 
     fn flush(&self) {}
+}
+
+/// The container a line is about: the agent's lines about one start with
+/// `container <id>:`.
+fn container_of(message: &str) -> &str {
+    message
+        .strip_prefix("container ")
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(id, _)| id)
+        .filter(|id| vessel_protocol::id::valid_id(id))
+        .unwrap_or("")
 }
 
 static LOGGER: ConsoleLogger = ConsoleLogger;
@@ -43,4 +60,14 @@ pub fn init() {
     } else {
         LevelFilter::Info
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lines_about_a_container_name_it() {
+        assert_eq!(super::container_of("container c1: OOM kill"), "c1");
+        assert_eq!(super::container_of("container ../x: y"), "");
+        assert_eq!(super::container_of("agent API ready"), "");
+    }
 }

@@ -12,8 +12,11 @@ mod channel;
 mod container;
 mod health;
 mod init;
+mod journal;
+mod kmsg;
 mod logger;
 mod metrics;
+mod monitor;
 mod network;
 mod reaper;
 mod server;
@@ -69,6 +72,7 @@ fn run_as_init() -> anyhow::Result<()> {
             .await
             .context("bring up the guest loopback")?;
         let reaper = reaper::spawn().context("start child reaper")?;
+        kmsg::spawn();
         server::serve(channel, reaper, WORK_DIR.into()).await
     });
     // The server only returns on error.

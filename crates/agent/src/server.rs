@@ -31,7 +31,9 @@ pub async fn serve(
         .with_context(|| format!("create {}", work.display()))?;
     let (oom_tx, oom_rx) = tokio::sync::mpsc::channel(OOM_QUEUE);
     let oom = Arc::new(cgroup::OomWatcher::new(oom_tx));
-    let containers = Arc::new(Containers::new(reaper, work, oom.clone()));
+    let monitor = Arc::new(crate::monitor::Monitor::default());
+    crate::monitor::serve(monitor.clone(), &work).context("listen for seccomp notify fds")?;
+    let containers = Arc::new(Containers::new(reaper, work, oom.clone(), monitor));
     let stdio = stdio_listener(&channel)?;
     let lookup: Arc<dyn crate::stdio::server::ProcessLookup> = containers.clone();
     match stdio {

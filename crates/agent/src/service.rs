@@ -10,11 +10,12 @@ use ttrpc::r#async::TtrpcContext;
 use ttrpc::Code;
 use vessel_protocol::agent::{
     state_container_response::Status, ContainerRequest, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
-    GuestMetricsRequest, GuestMetricsResponse, ListProcessesResponse, OOMEvent, ProbeRequest,
-    ProbeResponse, ProcessRequest, RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest,
-    SetNetworkRequest, SetPolicyRequest, SetTimeRequest, SignalProcessRequest,
-    StateContainerResponse, StatsContainerResponse, UpdateContainerRequest, WaitProcessResponse,
+    CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetEventsRequest,
+    GetEventsResponse, GetOOMEventRequest, GuestMetricsRequest, GuestMetricsResponse,
+    ListProcessesResponse, OOMEvent, ProbeRequest, ProbeResponse, ProcessRequest,
+    RemoveContainerRequest, ReseedRandomRequest, ResizeTtyRequest, SetNetworkRequest,
+    SetPolicyRequest, SetTimeRequest, SignalProcessRequest, StateContainerResponse,
+    StatsContainerResponse, UpdateContainerRequest, WaitProcessResponse,
 };
 use vessel_protocol::agent_ttrpc::Agent;
 use vessel_protocol::error::chain;
@@ -370,6 +371,16 @@ impl Agent for AgentService {
             container_id: id,
             ..Default::default()
         })
+    }
+
+    async fn get_events(
+        &self,
+        _: &TtrpcContext,
+        req: GetEventsRequest,
+    ) -> ttrpc::Result<GetEventsResponse> {
+        self.allow(Rpc::GetEvents)?;
+        let wait = std::time::Duration::from_millis(req.wait_ms.into());
+        Ok(crate::journal::get().fetch(wait).await)
     }
 
     async fn set_time(&self, _: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {

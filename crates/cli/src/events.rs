@@ -1,5 +1,8 @@
 //! `vessel events [--stats] [--interval D] <id>`: runc's event JSON lines
-//! (`{"type":"stats","id":...,"data":{...}}`, `{"type":"oom","id":...}`).
+//! (`{"type":"stats","id":...,"data":{...}}`, `{"type":"oom","id":...}`),
+//! and Vessel's security events (`{"type":"security","id":...,"data":{"kind":
+//! ...}}`, see docs/threat-model.md): with `--stats` those recorded so far,
+//! else each new one every interval.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -81,9 +84,20 @@ pub fn run(ctx: &Ctx, a: Args) -> anyhow::Result<ExitCode> {
         bail!("--interval must be greater than 0");
     }
     let root = ctx.root();
+    let dir = vessel_runtime::container::container_dir(root, &a.id)?;
     crate::block_on(async {
         let mut ooms = 0u64;
+        let mut security = 0usize;
         loop {
+            let recorded = vessel_runtime::guest_events::recorded(&dir);
+            for data in recorded.into_iter().skip(security) {
+                security += 1;
+                print(&Event {
+                    kind: "security",
+                    id: &a.id,
+                    data: Some(data),
+                })?;
+            }
             let data = match ops::stats(root, &a.id).await {
                 Ok(d) => d,
                 Err(e) if !a.stats => {

@@ -3,6 +3,22 @@
 use std::io::Write;
 use std::path::Path;
 
+use vessel_runtime::guest_events::LOG_TARGET as GUEST;
+
+/// The fields of a guest line (logged as a JSON object by the runtime).
+fn guest_fields(
+    record: &log::Record,
+    msg: &str,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    if record.target() != GUEST {
+        return None;
+    }
+    match serde_json::from_str(msg) {
+        Ok(serde_json::Value::Object(m)) => Some(m),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Format {
     Text,
@@ -20,6 +36,11 @@ pub fn init(file: Option<&Path>, format: Format, debug: bool, quiet: bool) {
     } else {
         log::LevelFilter::Info
     });
+    // The guest's lines (see vessel_runtime::guest_events) are the sandbox's
+    // log: kept at info even where vessel's own lines are quiet.
+    if !debug {
+        b.filter_module(GUEST, log::LevelFilter::Info);
+    }
     b.parse_env("VESSEL_LOG");
     if let Some(path) = file {
         match std::fs::OpenOptions::new()
@@ -39,11 +60,18 @@ pub fn init(file: Option<&Path>, format: Format, debug: bool, quiet: bool) {
     match format {
         Format::Json => {
             b.format(|buf, record| {
-                let line = serde_json::json!({
-                    "level": record.level().as_str().to_lowercase(),
-                    "msg": record.args().to_string(),
-                    "time": vessel_runtime::container::state::now_rfc3339(),
-                });
+                let level = record.level().as_str().to_lowercase();
+                let time = vessel_runtime::container::state::now_rfc3339();
+                let msg = record.args().to_string();
+                let line = match guest_fields(record, &msg) {
+                    // A guest line: its fields (sandbox, container, source, msg) in the line.
+                    Some(mut fields) => {
+                        fields.insert("level".into(), level.into());
+                        fields.insert("time".into(), time.into());
+                        serde_json::Value::Object(fields)
+                    }
+                    None => serde_json::json!({"level": level, "msg": msg, "time": time}),
+                };
                 writeln!(buf, "{line}")
             });
         }

@@ -66,10 +66,11 @@ pub enum Rpc {
     Probe,
     SetNetwork,
     GuestMetrics,
+    GetEvents,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 20] = [
+    pub const ALL: [Rpc; 21] = [
         Rpc::CreateContainer,
         Rpc::StartContainer,
         Rpc::ExecProcess,
@@ -90,6 +91,7 @@ impl Rpc {
         Rpc::Probe,
         Rpc::SetNetwork,
         Rpc::GuestMetrics,
+        Rpc::GetEvents,
     ];
 }
 

@@ -12,6 +12,7 @@
 //! - `fake` (feature `test-fakes`): test doubles of the runtime's traits.
 //! - [`image`]: OCI images (archive, layout, registry) unpacked into a bundle.
 //! - [`beneath`]: race-free file operations inside trees the guest can write.
+//! - [`guest_events`]: the guest's log lines and security events, checked and capped.
 //! - [`limits`]: the host cgroup that holds every host process of a sandbox.
 //! - [`metrics`]: each sandbox's Prometheus socket, and `vessel monitor`'s aggregation.
 //! - [`audit`]: the settings and host facts that weaken isolation (`vessel check --audit`).
@@ -24,6 +25,7 @@ pub mod config;
 pub mod container;
 #[cfg(feature = "test-fakes")]
 pub mod fake;
+pub mod guest_events;
 pub mod image;
 pub mod limits;
 pub mod metrics;

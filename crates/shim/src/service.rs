@@ -189,6 +189,13 @@ impl Inner {
                 self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev))
                     .await;
             }
+            // Into the shim's log, which containerd copies into its own.
+            PodEvent::GuestLog { sandbox, line } => {
+                vessel_runtime::guest_events::log_guest_line(&sandbox, &line)
+            }
+            PodEvent::Security { sandbox, event } => {
+                vessel_runtime::guest_events::log_security_event(&sandbox, &event)
+            }
         }
     }
 

@@ -186,6 +186,8 @@ pub struct Containers {
     creating: Mutex<HashSet<String>>,
     mounts: Mutex<storage::Mounts>,
     oom: Arc<cgroup::OomWatcher>,
+    /// Seccomp notification verdicts of each container (escape monitoring).
+    monitor: Arc<crate::monitor::Monitor>,
     /// Held by `start` and by an exec into a created container, which
     /// shows libcontainer a running one for the time of the exec.
     status_flip: tokio::sync::Mutex<()>,
@@ -205,9 +207,15 @@ fn check_id(id: &str) -> Result<(), ContainerError> {
 
 impl Containers {
     /// `work` is the agent's directory (`/run/vessel-agent` in the guest).
-    pub fn new(reaper: Reaper, work: PathBuf, oom: Arc<cgroup::OomWatcher>) -> Self {
+    pub fn new(
+        reaper: Reaper,
+        work: PathBuf,
+        oom: Arc<cgroup::OomWatcher>,
+        monitor: Arc<crate::monitor::Monitor>,
+    ) -> Self {
         Containers {
             oom,
+            monitor,
             reaper,
             work,
             map: Mutex::new(HashMap::new()),
@@ -240,10 +248,11 @@ impl Containers {
         check_id(id)?;
         let sandbox_pid = sandbox.map(|s| self.sandbox_pid(s)).transpose()?;
         let spec::GuestSpec {
-            spec,
+            mut spec,
             net_sysctls,
             start_hooks,
         } = spec::guest_spec(spec_json, id, sandbox_pid)?;
+        let verdicts = crate::monitor::prepare(&mut spec, &self.work.join(crate::monitor::SOCKET));
         {
             let map = lock(&self.map);
             let mut creating = lock(&self.creating);
@@ -266,6 +275,8 @@ impl Containers {
         }
         let mut mounted = Vec::new();
         let uid_map = uid_mappings(&spec);
+        // Before creation: libcontainer hands over the notify fd during it.
+        self.monitor.register(id, verdicts);
         let res = self
             .create_inner(id, &spec, start_hooks, storages, stdio, &mut mounted)
             .await;
@@ -294,6 +305,7 @@ impl Containers {
                 let _ = std::fs::remove_dir_all(self.bundle(id));
                 let _ = std::fs::remove_dir_all(self.state_root().join(id));
                 let _ = std::fs::remove_dir(cgroup::dir(id));
+                self.monitor.forget(id);
                 Err(e)
             }
         }
@@ -675,6 +687,7 @@ impl Containers {
         let _ = std::fs::remove_dir(cgroup::dir(id));
         let _ = std::fs::remove_dir_all(self.bundle(id));
         self.oom.forget(id);
+        self.monitor.forget(id);
         if let Some(c) = lock(&self.map).remove(id) {
             let mut mounts = lock(&self.mounts);
             for m in c.storages.iter().rev() {

@@ -222,6 +222,28 @@ impl AgentClient {
         reply::oom_event(r)
     }
 
+    /// Long-polls the agent's log records and security events (waits up to
+    /// `wait` when none is pending); the reply is checked and capped
+    /// ([`crate::guest_events::from_reply`]).
+    pub async fn events(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<crate::guest_events::GuestEvents> {
+        let req = GetEventsRequest {
+            wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            ..Default::default()
+        };
+        // A guest that never answers holds only this loop.
+        let limit = wait + std::time::Duration::from_secs(10);
+        let r = within(limit, self.agent.get_events(no_deadline(), &req))
+            .await
+            .map_err(rpc_err("GetEvents"))?;
+        crate::guest_events::from_reply(r).map_err(|reason| AgentError::BadReply {
+            rpc: "GetEvents",
+            reason,
+        })
+    }
+
     /// Opens one stdio stream; returns it as a blocking std socket after `OK`.
     pub async fn open_stream(
         &self,

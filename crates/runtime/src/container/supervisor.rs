@@ -28,6 +28,7 @@ use super::share::Staging;
 use super::stdio::Relays;
 use super::{AgentClient, ContainerError, Result, CONTROL_SOCKET, EXIT_FILE, OOM_FILE};
 use crate::network::NetnsNetwork;
+use crate::guest_events;
 use crate::pod::{CreateRequest, Pod, PodError, PodEvent, PodKind, PodSetup, Stdio};
 use crate::sandbox::hypervisor;
 use crate::Config;
@@ -342,6 +343,7 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) -> i32 {
     let mut ooms = 0u64;
+    let mut security_events = 0u64;
     let oom = |n: &mut u64| {
         *n += 1;
         let _ = std::fs::write(dir.join(OOM_FILE), format!("{n}\n"));
@@ -361,6 +363,13 @@ pub async fn serve(
                 Some(PodEvent::Exit { container_id, exec_id: None, exit, .. })
                     if container_id == id => break End::Init(exit.status as i32),
                 Some(PodEvent::Oom { container_id }) if container_id == id => oom(&mut ooms),
+                Some(PodEvent::GuestLog { sandbox, line }) => {
+                    guest_events::log_guest_line(&sandbox, &line)
+                }
+                Some(PodEvent::Security { sandbox, event }) => {
+                    guest_events::log_security_event(&sandbox, &event);
+                    guest_events::record(dir, &event, &mut security_events);
+                }
                 Some(_) => {}
                 None => break End::Died,
             },

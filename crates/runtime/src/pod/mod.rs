@@ -4,7 +4,9 @@
 //! containerd shim maps its task API onto it.
 //!
 //! Exits and OOM kills are reported once each, as [`PodEvent`]s on the
-//! channel given to [`Pod::boot`]. When the VM dies, every live process is
+//! channel given to [`Pod::boot`], and so are the guest's log lines and
+//! security events (checked, capped and rate-limited, see
+//! [`crate::guest_events`]). When the VM dies, every live process is
 //! reported exited with [`LOST_EXIT_STATUS`] at once.
 
 mod slot;
@@ -104,7 +106,20 @@ pub enum PodEvent {
     },
     /// The OOM killer ran in a container.
     Oom { container_id: String },
+    /// A line of the agent's or the guest kernel's log of pod `sandbox`.
+    GuestLog {
+        sandbox: String,
+        line: crate::guest_events::GuestLog,
+    },
+    /// A security event (escape monitoring) of pod `sandbox`.
+    Security {
+        sandbox: String,
+        event: crate::guest_events::SecurityEvent,
+    },
 }
+
+/// How long one `GetEvents` long poll waits.
+const EVENTS_WAIT: Duration = Duration::from_secs(10);
 
 /// The pod's network, attached by the network code (the bundle's network
 /// namespace: one tap per link, see ARCHITECTURE.md and
@@ -296,6 +311,59 @@ fn vm_died(
         for (exec_id, p) in all {
             let pid = if exec_id.is_none() { host_pid } else { p.pid };
             record_exit(&p.exit, events, cid, exec_id, pid, LOST_EXIT_STATUS);
+        }
+    }
+}
+
+/// Forwards the guest's log lines and security events as [`PodEvent`]s,
+/// within the rate limits, until the agent stops answering.
+async fn guest_events_loop(
+    agent: AgentClient,
+    events: mpsc::UnboundedSender<PodEvent>,
+    pod_id: String,
+) {
+    use crate::guest_events::{InstanceWatch, RateLimit, EVENT_RATE, LOG_RATE};
+    let (mut logs_rl, mut events_rl) = (RateLimit::new(LOG_RATE), RateLimit::new(EVENT_RATE));
+    let mut instance = InstanceWatch::default();
+    let (mut dropped_logs, mut dropped_events) = (0u64, 0u64);
+    loop {
+        let batch = match agent.events(EVENTS_WAIT).await {
+            Ok(b) => b,
+            Err(e) => {
+                log::debug!("pod {pod_id}: guest events loop ends: {e}");
+                return;
+            }
+        };
+        if let Some(e) = instance.check(&batch.instance) {
+            let _ = events.send(PodEvent::Security {
+                sandbox: pod_id.clone(),
+                event: e,
+            });
+        }
+        let now = std::time::Instant::now();
+        for line in logs_rl.admit(batch.logs, now) {
+            let sandbox = pod_id.clone();
+            let _ = events.send(PodEvent::GuestLog { sandbox, line });
+        }
+        for event in events_rl.admit(batch.events, now) {
+            let sandbox = pod_id.clone();
+            let _ = events.send(PodEvent::Security { sandbox, event });
+        }
+        let refused = (logs_rl.take_refused(), events_rl.take_refused());
+        if refused != (0, 0) {
+            log::warn!(
+                "pod {pod_id}: the guest exceeds its log rate limits: dropped {} log lines and {} events",
+                refused.0,
+                refused.1
+            );
+        }
+        if batch.dropped_logs > dropped_logs || batch.dropped_events > dropped_events {
+            log::warn!(
+                "pod {pod_id}: the agent dropped {} log lines and {} events so far (its queues were full)",
+                batch.dropped_logs,
+                batch.dropped_events
+            );
+            (dropped_logs, dropped_events) = (batch.dropped_logs, batch.dropped_events);
         }
     }
 }
@@ -496,7 +564,8 @@ impl Pod {
         Ok(sandbox)
     }
 
-    /// Starts the VM watcher (fan-out of exits when it dies) and the OOM loop.
+    /// Starts the VM watcher (fan-out of exits when it dies), the OOM loop
+    /// and the guest events loop.
     fn watch(&mut self) {
         let (sandbox, containers, events) = (
             self.sandbox.clone(),
@@ -524,6 +593,9 @@ impl Pod {
                 }
             }
         }));
+        let (agent, events, id) = (self.agent.clone(), self.events.clone(), self.id.clone());
+        self.tasks
+            .push(tokio::spawn(guest_events_loop(agent, events, id)));
     }
 
     /// Serves the pod's metrics socket. A socket that cannot be bound costs the

@@ -1,0 +1,129 @@
+//! The guest kernel's log (/dev/kmsg) to the host: lines of level warning
+//! and above become log records (target "kernel"), and an oops, a BUG or a
+//! panic also a `KERNEL_OOPS` security event.
+
+use std::io::Read;
+
+use vessel_protocol::agent::security_event::Kind;
+
+/// Kernel log levels up to this one (4 = warning) are forwarded.
+const FORWARD_LEVEL: u8 = 4;
+
+/// What a kernel log line says about itself.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KernelLine<'a> {
+    /// Syslog level, 0 (emergency) to 7 (debug).
+    pub level: u8,
+    pub message: &'a str,
+}
+
+/// Parses one /dev/kmsg record: `<prefix>,<seq>,<usec>,<flags>[,...];<text>`
+/// then optional continuation lines (` KEY=value`), which are ignored.
+pub fn parse(record: &str) -> Option<KernelLine<'_>> {
+    let (head, rest) = record.split_once(';')?;
+    let prefix: u32 = head.split(',').next()?.parse().ok()?;
+    let message = rest.split('\n').next().unwrap_or("");
+    Some(KernelLine {
+        level: (prefix & 7) as u8,
+        message,
+    })
+}
+
+/// Whether a kernel line reports an oops, a BUG or a panic.
+pub fn is_oops(message: &str) -> bool {
+    const MARKERS: [&str; 6] = [
+        "Oops:",
+        "BUG:",
+        "kernel BUG at",
+        "Kernel panic",
+        "general protection fault",
+        "Unable to handle kernel",
+    ];
+    MARKERS.iter().any(|m| message.starts_with(m))
+}
+
+fn level_of(syslog: u8) -> log::Level {
+    match syslog {
+        0..=3 => log::Level::Error,
+        4 => log::Level::Warn,
+        5 | 6 => log::Level::Info,
+        _ => log::Level::Debug,
+    }
+}
+
+/// Reads /dev/kmsg on its own thread for as long as the agent runs.
+pub fn spawn() {
+    let file = match std::fs::File::open("/dev/kmsg") {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!("no kernel log for the host: open /dev/kmsg: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("kmsg".into())
+        .spawn(move || read_loop(file));
+    if let Err(e) = spawned {
+        log::warn!("no kernel log for the host: {e}");
+    }
+}
+
+fn read_loop(mut file: std::fs::File) {
+    let journal = crate::journal::get();
+    // One record per read; a record is at most about 1 KiB (the kernel's
+    // LOG_LINE_MAX plus the prefix).
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            // Records were overwritten before we read them: go on.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::warn!("kernel log for the host ends: read /dev/kmsg: {e}");
+                return;
+            }
+        };
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let Some(line) = parse(&text) else { continue };
+        if is_oops(line.message) {
+            journal.event(Kind::KERNEL_OOPS, "", None, line.message.to_string());
+        }
+        if line.level <= FORWARD_LEVEL {
+            journal.log(level_of(line.level), "kernel", line.message.to_string(), "");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_give_their_level_and_first_line() {
+        let r = parse("4,123,456789,-;WARNING: CPU: 0 PID: 1 at x\n SUBSYSTEM=cpu\n").unwrap();
+        assert_eq!(r.level, 4);
+        assert_eq!(r.message, "WARNING: CPU: 0 PID: 1 at x");
+        // Facility 1 (user), level 6.
+        assert_eq!(parse("14,1,2,-;hello").unwrap().level, 6);
+        assert_eq!(parse("garbage"), None);
+        assert_eq!(parse("x,1,2,-;text"), None);
+    }
+
+    #[test]
+    fn oopses_bugs_and_panics_are_recognised_and_warnings_are_not() {
+        for m in [
+            "Oops: 0002 [#1] PREEMPT SMP",
+            "BUG: kernel NULL pointer dereference, address: 0000000000000000",
+            "kernel BUG at mm/slub.c:42!",
+            "Kernel panic - not syncing: Fatal exception",
+            "general protection fault, probably for non-canonical address",
+        ] {
+            assert!(is_oops(m), "{m}");
+        }
+        for m in ["WARNING: CPU: 0 PID: 1", "random: crng init done", "a BUG: later"] {
+            assert!(!is_oops(m), "{m}");
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! End-to-end: escape monitoring and guest logs (issue 15 items 2 and 3), with
+//! a real guest. One sandbox; from inside the container a probe tries what a
+//! container should never do in its VM, and each attempt must reach the host
+//! as a security event (`vessel events`) and as a line of the sandbox's JSON
+//! log carrying the sandbox and container ids.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{env, text};
+use vessel_testutil::wait_until;
+
+/// Tries each forbidden thing once and prints the errnos (0: it succeeded).
+const PROBE: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/mount.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+static int err(long r) { return r < 0 ? errno : 0; }
+int main(void) {
+    static char image[64];
+    int init_module_ = err(syscall(SYS_init_module, image, sizeof image, ""));
+    int fd = open("/probe", O_RDONLY);
+    int finit_module_ = err(syscall(SYS_finit_module, fd, "", 0));
+    int ptrace_ = err(syscall(SYS_ptrace, PTRACE_ATTACH, 1, 0, 0));
+    int mount_ = err(mount("rootfs0", "/mnt", "virtiofs", 0, 0));
+    int sethostname_ = err(sethostname("x", 1));
+    printf("init_module=%d finit_module=%d ptrace=%d mount=%d sethostname=%d\n",
+           init_module_, finit_module_, ptrace_, mount_, sethostname_);
+    return 0;
+}
+"#;
+
+fn build_probe(rootfs: &Path) {
+    let src = rootfs.join("../probe.c");
+    std::fs::write(&src, PROBE).unwrap();
+    let o = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(rootfs.join("probe"))
+        .arg(&src)
+        .output()
+        .expect("gcc (build-essential, from make deps)");
+    assert!(o.status.success(), "gcc: {}", text(&o));
+}
+
+#[test]
+fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
+    let Some(e) = env() else { return };
+    let b = e.bundle("b", &["sleep", "600"], |c| {
+        // The VM's pid namespace: the agent is pid 1 for the probe.
+        let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "pid");
+        // The container's own profile denies sethostname with EACCES.
+        c["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]
+        });
+    });
+    build_probe(&b.join("rootfs"));
+    let log = e.dir.path().join("ev.log");
+    let id = "ev";
+    let st = e
+        .cmd()
+        .arg("--log")
+        .arg(&log)
+        .args(["--log-format", "json", "create", "--bundle"])
+        .arg(&b)
+        .arg(id)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "create: {}", text(&st));
+    let o = e.run(&["start", id]);
+    assert!(o.status.success(), "start: {}", text(&o));
+
+    let o = e.run(&["exec", id, "/probe"]);
+    assert!(o.status.success(), "exec: {}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // ptrace of the agent is denied by the agent; sethostname keeps the
+    // profile's errno although the agent answered it; the rest fail in the
+    // kernel (no modules, no CAP_SYS_ADMIN).
+    assert!(out.contains("ptrace=1 "), "{out}");
+    assert!(out.contains("sethostname=13"), "{out}");
+    for call in ["init_module", "finit_module", "mount"] {
+        assert!(!out.contains(&format!("{call}=0 ")), "{call} succeeded: {out}");
+    }
+
+    let want: BTreeSet<&str> = [
+        "module_load",
+        "ptrace_agent",
+        "agent_path_mount",
+        "seccomp_denied",
+    ]
+    .into();
+    let mut seen = Vec::new();
+    let all_seen = wait_until(Duration::from_secs(30), || {
+        let o = e.run(&["events", "--stats", id]);
+        seen = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["type"] == "security")
+            .collect();
+        let kinds: BTreeSet<&str> = seen
+            .iter()
+            .filter_map(|v| v["data"]["kind"].as_str())
+            .collect();
+        want.is_subset(&kinds)
+    });
+    assert!(all_seen, "security events seen: {seen:#?}");
+    for v in &seen {
+        assert_eq!(v["id"], id);
+        assert_eq!(v["data"]["container"], id, "{v}");
+    }
+    let syscalls = |kind: &str| -> BTreeSet<u64> {
+        seen.iter()
+            .filter(|v| v["data"]["kind"] == kind)
+            .filter_map(|v| v["data"]["syscall"].as_u64())
+            .collect()
+    };
+    // init_module 175, finit_module 313, ptrace 101, mount 165, sethostname 170.
+    assert_eq!(syscalls("module_load"), [175, 313].into());
+    assert_eq!(syscalls("ptrace_agent"), [101].into());
+    assert_eq!(syscalls("agent_path_mount"), [165].into());
+    assert!(syscalls("seccomp_denied").contains(&170), "{seen:#?}");
+    let mount = seen
+        .iter()
+        .find(|v| v["data"]["kind"] == "agent_path_mount")
+        .unwrap();
+    assert!(
+        mount["data"]["detail"].as_str().unwrap().contains("virtiofs"),
+        "{mount}"
+    );
+
+    // The agent's own lines about them reached the sandbox's log, as JSON
+    // with the sandbox and container ids.
+    let found = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| {
+                v["sandbox"] == id
+                    && v["container"] == id
+                    && v["source"] == "vessel_agent::monitor"
+                    && v["msg"].as_str().unwrap_or("").contains("PTRACE_AGENT")
+            })
+    });
+    assert!(
+        found,
+        "no guest line in the log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    let o = e.run(&["delete", "--force", id]);
+    assert!(o.status.success(), "delete: {}", text(&o));
+    e.assert_clean(id);
+}

@@ -122,7 +122,11 @@ mod tests {
         ] {
             assert!(is_oops(m), "{m}");
         }
-        for m in ["WARNING: CPU: 0 PID: 1", "random: crng init done", "a BUG: later"] {
+        for m in [
+            "WARNING: CPU: 0 PID: 1",
+            "random: crng init done",
+            "a BUG: later",
+        ] {
             assert!(!is_oops(m), "{m}");
         }
     }

@@ -372,7 +372,12 @@ fn handle(id: &str, req: &SeccompNotif, verdicts: &Verdicts) -> Verdict {
     let outcome = if denied { "denied" } else { "allowed" };
     let syscall = Some(nr as i64);
     if nr == libc::SYS_init_module as i32 || nr == libc::SYS_finit_module as i32 {
-        report(Kind::MODULE_LOAD, id, syscall, format!("{name} ({outcome})"));
+        report(
+            Kind::MODULE_LOAD,
+            id,
+            syscall,
+            format!("{name} ({outcome})"),
+        );
         return verdict;
     }
     if nr == libc::SYS_mount as i32 {
@@ -473,7 +478,10 @@ mod tests {
     fn without_a_profile_the_watched_syscalls_notify_and_continue() {
         let mut s = spec("");
         let v = prepare(&mut s, Path::new("/run/vessel-agent/seccomp.sock"));
-        assert_eq!(v.get(&(libc::SYS_finit_module as i32)), Some(&Verdict::Continue));
+        assert_eq!(
+            v.get(&(libc::SYS_finit_module as i32)),
+            Some(&Verdict::Continue)
+        );
         assert_eq!(v.get(&(libc::SYS_ptrace as i32)), Some(&Verdict::Continue));
         let sc = s.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
         assert_eq!(sc.default_action(), LinuxSeccompAction::ScmpActAllow);

@@ -90,3 +90,21 @@ pub fn init(file: Option<&Path>, format: Format, debug: bool, quiet: bool) {
     }
     let _ = b.try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_lines_keep_their_fields_and_others_are_plain() {
+        let msg = r#"{"sandbox":"p","container":"c","source":"kernel","msg":"m"}"#;
+        let guest = log::Record::builder().target(GUEST).build();
+        let f = guest_fields(&guest, msg).unwrap();
+        assert_eq!(f["sandbox"], "p");
+        assert_eq!(f["container"], "c");
+        let other = log::Record::builder().target("vessel").build();
+        assert!(guest_fields(&other, msg).is_none());
+        // A guest line that is not an object stays a plain message.
+        assert!(guest_fields(&guest, "not json").is_none());
+    }
+}

@@ -90,7 +90,10 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
     assert!(out.contains("ptrace=1 "), "{out}");
     assert!(out.contains("sethostname=13"), "{out}");
     for call in ["init_module", "finit_module", "mount"] {
-        assert!(!out.contains(&format!("{call}=0 ")), "{call} succeeded: {out}");
+        assert!(
+            !out.contains(&format!("{call}=0 ")),
+            "{call} succeeded: {out}"
+        );
     }
 
     let want: BTreeSet<&str> = [
@@ -135,7 +138,10 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
         .find(|v| v["data"]["kind"] == "agent_path_mount")
         .unwrap();
     assert!(
-        mount["data"]["detail"].as_str().unwrap().contains("virtiofs"),
+        mount["data"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("virtiofs"),
         "{mount}"
     );
 

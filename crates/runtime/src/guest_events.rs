@@ -248,7 +248,10 @@ pub fn record(dir: &std::path::Path, e: &SecurityEvent, recorded: &mut u64) {
     if *recorded > MAX_RECORDED {
         return;
     }
-    let line = format!("{}\n", serde_json::to_string(e).expect("an event serializes"));
+    let line = format!(
+        "{}\n",
+        serde_json::to_string(e).expect("an event serializes")
+    );
     let res = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -34,7 +34,6 @@ use oci_spec::runtime::{
     LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder,
     LinuxSeccompOperator, LinuxSyscall, LinuxSyscallBuilder, Spec,
 };
-use tokio::io::unix::AsyncFd;
 use vessel_protocol::agent::security_event::Kind;
 
 /// The agent's seccomp listener socket, in its working directory.
@@ -184,6 +183,10 @@ pub fn serve(monitor: Arc<Monitor>, work: &Path) -> std::io::Result<()> {
     let path = work.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
+    // libcontainer connects from the helper, which for an exec into a
+    // container with a user namespace has joined it (and so is not root
+    // here). Containers do not see the agent's directory.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
     tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
@@ -197,7 +200,10 @@ pub fn serve(monitor: Arc<Monitor>, work: &Path) -> std::io::Result<()> {
             tokio::spawn(async move {
                 match receive(stream).await {
                     Ok((id, fd)) => match monitor.verdicts(&id) {
-                        Some(v) => notifications(id, fd, v).await,
+                        Some(v) => {
+                            log::debug!("container {id}: seccomp notify fd received");
+                            spawn_notifications(id, fd, v)
+                        }
                         None => log::warn!("seccomp notify fd for unknown container {id:?}"),
                     },
                     Err(e) => log::warn!("seccomp listener: {e}"),
@@ -295,48 +301,64 @@ const NOTIF_RECV: libc::c_ulong = 0xc050_2100;
 const NOTIF_SEND: libc::c_ulong = 0xc018_2101;
 const USER_NOTIF_FLAG_CONTINUE: u32 = 1;
 
-/// Answers the notifications of one filter until no process uses it.
-async fn notifications(id: String, fd: OwnedFd, verdicts: Arc<Verdicts>) {
-    // The OwnedFd moves into the AsyncFd, which owns it for its whole life
-    // (the I/O-safety concern behind the deprecation does not arise).
-    #[allow(deprecated)]
-    let fd = match AsyncFd::with_interest(fd, tokio::io::Interest::READABLE) {
-        Ok(f) => f,
-        Err(e) => {
-            log::warn!("container {id}: seccomp notify fd: {e}");
+/// Answers the notifications of one filter, on a thread of its own, until no
+/// process uses the filter. A thread, not a task: SECCOMP_IOCTL_NOTIF_RECV
+/// blocks when no notification is pending, which must never hold one of the
+/// agent's few runtime threads.
+fn spawn_notifications(id: String, fd: OwnedFd, verdicts: Arc<Verdicts>) {
+    let name = format!("seccomp-{}", id.chars().take(8).collect::<String>());
+    let spawned = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || notifications(&id, fd, &verdicts));
+    if let Err(e) = spawned {
+        log::warn!("no seccomp notifications served: {e}");
+    }
+}
+
+fn notifications(id: &str, fd: OwnedFd, verdicts: &Verdicts) {
+    let raw = fd.as_raw_fd();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: raw,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes the one pollfd it is given.
+        let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if rc < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            log::warn!(
+                "container {id}: seccomp notify poll: {}",
+                std::io::Error::last_os_error()
+            );
             return;
         }
-    };
-    loop {
-        let mut guard = match fd.readable().await {
-            Ok(g) => g,
-            Err(e) => {
-                log::debug!("container {id}: seccomp notify fd: {e}");
-                return;
-            }
-        };
-        let raw = fd.get_ref().as_raw_fd();
+        if pfd.revents & libc::POLLIN == 0 {
+            // POLLHUP: no process uses the filter any more.
+            log::debug!("container {id}: seccomp notifications end");
+            return;
+        }
         let mut req = SeccompNotif::default();
         // SAFETY: NOTIF_RECV fills `req`, a zeroed struct seccomp_notif of the
         // size the ioctl number encodes.
         let rc = unsafe { libc::ioctl(raw, NOTIF_RECV, &mut req as *mut SeccompNotif) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                // The process went away before we read its notification.
-                Some(libc::ENOENT) | Some(libc::EINTR) => {
-                    guard.clear_ready();
-                    continue;
-                }
-                // POLLHUP: no process uses the filter any more.
-                _ => {
-                    log::debug!("container {id}: seccomp notifications end: {e}");
-                    return;
-                }
+            // ENOENT: the process went away before we read its notification.
+            if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINTR)) {
+                continue;
             }
+            log::warn!("container {id}: seccomp notify receive: {e}");
+            return;
         }
-        guard.clear_ready();
-        let verdict = handle(&id, &req, &verdicts);
+        log::debug!(
+            "container {id}: seccomp notification: syscall {} of pid {}",
+            req.data.nr,
+            req.pid
+        );
+        let verdict = handle(id, &req, verdicts);
         let mut resp = SeccompNotifResp {
             id: req.id,
             ..Default::default()

@@ -9,7 +9,9 @@ use vessel_protocol::stdio::{StdioHeader, StdioStream, MAX_HEADER_LEN};
 
 use vessel_hypervisor::AgentEndpoint;
 
-use super::{connect_socket, no_deadline, reply, AgentClient, AgentError, Result, CONNECT_TIMEOUT};
+use super::{
+    connect_socket, no_deadline, reply, within, AgentClient, AgentError, Result, CONNECT_TIMEOUT,
+};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -180,7 +180,61 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 
+    // And the sandbox's metrics socket counts them by kind and container.
+    let sock = std::fs::read_dir(e.root.join(id))
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("metrics.sock"))
+        .find(|p| p.exists())
+        .expect("metrics socket in the run directory");
+    let mut metrics = String::new();
+    let counted = wait_until(Duration::from_secs(10), || {
+        metrics = scrape(&sock);
+        [
+            "module_load",
+            "ptrace_agent",
+            "agent_path_mount",
+            "seccomp_denied",
+        ]
+        .iter()
+        .all(|kind| {
+            metrics.lines().any(|l| {
+                l.starts_with("vessel_guest_security_events_total{")
+                    && l.contains(&format!("kind=\"{kind}\""))
+                    && l.contains(&format!("container_id=\"{id}\""))
+                    && l.contains(&format!("sandbox_id=\"{id}\""))
+                    && !l.ends_with(" 0")
+            })
+        })
+    });
+    assert!(counted, "security event counters missing: {metrics}");
+    let module_loads = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("vessel_guest_security_events_total{")
+                && l.contains("kind=\"module_load\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(module_loads, Some(2.0), "{metrics}");
+
     let o = e.run(&["delete", "--force", id]);
     assert!(o.status.success(), "delete: {}", text(&o));
     e.assert_clean(id);
+}
+
+/// One GET on a sandbox's metrics socket: the body.
+fn scrape(sock: &Path) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    if s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").is_err() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
 }

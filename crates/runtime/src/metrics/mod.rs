@@ -79,6 +79,27 @@ impl RpcLatency {
     }
 }
 
+/// Security events a sandbox's guest reported (`vessel_guest_security_events_total`),
+/// by kind and container; counted by the pod's guest events loop, clones share one
+/// family.
+#[derive(Clone, Debug, Default)]
+pub struct SecurityEvents(Family<Labels, CounterF>);
+
+impl SecurityEvents {
+    /// Counts `event` (the host has validated it: its kind is one of ours, its
+    /// container id a valid id).
+    pub fn count(&self, event: &crate::guest_events::SecurityEvent) {
+        let kind = serde_json::to_value(event.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let container = event.container.as_deref().unwrap_or("");
+        self.0
+            .get_or_create(&labels([("kind", &kind), ("container_id", container)]))
+            .inc();
+    }
+}
+
 /// What a pod's metrics are made from.
 pub struct Source {
     /// The pod's id: label `sandbox_id` of every sample.
@@ -88,6 +109,7 @@ pub struct Source {
     /// The pod's containers whose cgroup stats are wanted (the live ones).
     pub containers: Box<dyn Fn() -> Vec<String> + Send + Sync>,
     pub guest: GuestCache,
+    pub security: SecurityEvents,
 }
 
 /// What the guest said, at one time.
@@ -283,6 +305,12 @@ pub async fn render(source: &Source) -> String {
         ),
     }
     container_families(&mut out, stats);
+    reg.register(
+        "vessel_guest_security_events",
+        "Security events the guest reported (seccomp denials, module loads, mounts of \
+         the agent's paths, ptrace of the agent, kernel oopses, agent restarts), by kind",
+        source.security.0.clone(),
+    );
     reg.register(
         "vessel_agent_rpc_duration_seconds",
         "Agent RPC latency seen by the host, by method",

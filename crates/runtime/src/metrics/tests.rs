@@ -116,3 +116,34 @@ fn rpc_latency_is_a_histogram_by_method() {
     );
     assert!(text.contains("vessel_agent_rpc_duration_seconds_count{method=\"CreateContainer\"} 1"));
 }
+
+#[test]
+fn security_events_are_counted_by_kind_and_container() {
+    use crate::guest_events::{SecurityEvent, SecurityKind};
+    let counts = SecurityEvents::default();
+    let event = |kind, container: Option<&str>| SecurityEvent {
+        kind,
+        container: container.map(str::to_owned),
+        syscall: None,
+        detail: String::new(),
+        guest_time_ms: 0,
+    };
+    counts.count(&event(SecurityKind::ModuleLoad, Some("c1")));
+    counts.count(&event(SecurityKind::ModuleLoad, Some("c1")));
+    counts.count(&event(SecurityKind::AgentRestarted, None));
+    let text = encode(|f| {
+        f.0.register("vessel_guest_security_events", "h", counts.0.clone())
+    });
+    assert!(
+        text.contains(
+            r#"vessel_guest_security_events_total{sandbox_id="pod1",kind="module_load",container_id="c1"} 2"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"vessel_guest_security_events_total{sandbox_id="pod1",kind="agent_restarted",container_id=""} 1"#
+        ),
+        "{text}"
+    );
+}

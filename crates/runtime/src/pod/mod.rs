@@ -321,6 +321,7 @@ async fn guest_events_loop(
     agent: AgentClient,
     events: mpsc::UnboundedSender<PodEvent>,
     pod_id: String,
+    security: metrics::SecurityEvents,
 ) {
     use crate::guest_events::{InstanceWatch, RateLimit, EVENT_RATE, LOG_RATE};
     let (mut logs_rl, mut events_rl) = (RateLimit::new(LOG_RATE), RateLimit::new(EVENT_RATE));
@@ -335,6 +336,7 @@ async fn guest_events_loop(
             }
         };
         if let Some(e) = instance.check(&batch.instance) {
+            security.count(&e);
             let _ = events.send(PodEvent::Security {
                 sandbox: pod_id.clone(),
                 event: e,
@@ -346,6 +348,7 @@ async fn guest_events_loop(
             let _ = events.send(PodEvent::GuestLog { sandbox, line });
         }
         for event in events_rl.admit(batch.events, now) {
+            security.count(&event);
             let sandbox = pod_id.clone();
             let _ = events.send(PodEvent::Security { sandbox, event });
         }
@@ -383,6 +386,8 @@ pub struct Pod {
     network: tokio::sync::Mutex<Option<Box<dyn PodNetwork>>>,
     /// `<run_dir>/metrics.sock` ([`crate::metrics`]).
     metrics: Option<MetricsServer>,
+    /// Security events the guest reported, counted for the metrics socket.
+    security: metrics::SecurityEvents,
 }
 
 /// Where a pod's staging share lives.
@@ -520,6 +525,7 @@ impl Pod {
             tasks: Vec::new(),
             network: tokio::sync::Mutex::new(network),
             metrics: None,
+            security: Default::default(),
         };
         pod.watch();
         pod.serve_metrics(hv.name());
@@ -594,8 +600,9 @@ impl Pod {
             }
         }));
         let (agent, events, id) = (self.agent.clone(), self.events.clone(), self.id.clone());
+        let security = self.security.clone();
         self.tasks
-            .push(tokio::spawn(guest_events_loop(agent, events, id)));
+            .push(tokio::spawn(guest_events_loop(agent, events, id, security)));
     }
 
     /// Serves the pod's metrics socket. A socket that cannot be bound costs the
@@ -615,6 +622,7 @@ impl Pod {
                     .collect()
             }),
             guest: Default::default(),
+            security: self.security.clone(),
         };
         match MetricsServer::start(source) {
             Ok(m) => self.metrics = Some(m),

@@ -49,6 +49,8 @@ fn container_of(message: &str) -> &str {
 
 static LOGGER: ConsoleLogger = ConsoleLogger;
 
+/// Installs the logger (once) and sets its level; called again by PID 1 once /proc is
+/// mounted.
 pub fn init() {
     let debug = std::fs::read_to_string("/proc/cmdline")
         .map(|c| c.split_whitespace().any(|w| w == "vessel.debug"))

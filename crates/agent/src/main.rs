@@ -59,6 +59,9 @@ fn main() -> ExitCode {
 
 fn run_as_init() -> anyhow::Result<()> {
     init::setup().context("guest init")?;
+    // The logger's level comes from `vessel.debug` on the kernel command line, which
+    // PID 1 can read only now that /proc is mounted.
+    logger::init();
     let cmdline = std::fs::read_to_string("/proc/cmdline").context("read /proc/cmdline")?;
     let channel = channel::Channel::from_cmdline(&cmdline)?;
     log::info!(

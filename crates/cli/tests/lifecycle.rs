@@ -217,7 +217,10 @@ fn kill_sigterm_trap_and_sigkill() {
         .stdin(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    e.wait_status("k9", "running", T);
+    // `vessel run` boots the VM too: wait longer than the boot timeout (120 s in the
+    // KVM lane and under TCG), or the test gives up before the runtime would report a
+    // slow boot (in the lane, under load, 60 s did not cover boot + create + start).
+    e.wait_status("k9", "running", Duration::from_secs(180));
     assert!(e.run(&["kill", "k9", "9"]).status.success());
     assert_eq!(child.wait().unwrap().code(), Some(137));
     e.assert_clean("k9");

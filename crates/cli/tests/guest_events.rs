@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{env, text};
@@ -39,18 +38,6 @@ int main(void) {
 }
 "#;
 
-fn build_probe(rootfs: &Path) {
-    let src = rootfs.join("../probe.c");
-    std::fs::write(&src, PROBE).unwrap();
-    let o = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(rootfs.join("probe"))
-        .arg(&src)
-        .output()
-        .expect("gcc (build-essential, from make deps)");
-    assert!(o.status.success(), "gcc: {}", text(&o));
-}
-
 #[test]
 fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
     let Some(e) = env() else { return };
@@ -67,7 +54,7 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
             "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]
         });
     });
-    build_probe(&b.join("rootfs"));
+    common::build_probe(&b.join("rootfs"), PROBE);
     let log = e.dir.path().join("ev.log");
     let id = "ev";
     // Files, not pipes: the supervisor keeps the container's stdio open.

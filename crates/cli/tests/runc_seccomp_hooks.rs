@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::{env, text};
 
 /// Prints the errno of raw syscalls (0: it succeeded), as runc's
@@ -146,19 +143,6 @@ const ALLOWED: &[&str] = &[
     "writev",
 ];
 
-/// The probe, built static into `rootfs`.
-fn build_probe(rootfs: &Path) {
-    let src = rootfs.join("probe.c");
-    std::fs::write(&src, PROBE).unwrap();
-    let o = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(rootfs.join("probe"))
-        .arg(&src)
-        .output()
-        .expect("gcc (build-essential, from make deps)");
-    assert!(o.status.success(), "gcc: {}", text(&o));
-}
-
 #[test]
 fn seccomp_default_errno_ret_and_enosys_for_newer_syscalls_like_runc() {
     let Some(e) = env() else { return };
@@ -179,7 +163,7 @@ fn seccomp_default_errno_ret_and_enosys_for_newer_syscalls_like_runc() {
         c["linux"]["seccomp"] = profile(6);
         assert_eq!(c["process"]["noNewPrivileges"], true);
     });
-    build_probe(&b.join("rootfs"));
+    common::build_probe(&b.join("rootfs"), PROBE);
     let o = e.run(&["run", "--bundle", b.to_str().unwrap(), "enxio"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(
@@ -193,7 +177,7 @@ fn seccomp_default_errno_ret_and_enosys_for_newer_syscalls_like_runc() {
     let b = e.bundle("enosys", &["/probe"], |c| {
         c["linux"]["seccomp"] = profile(38)
     });
-    build_probe(&b.join("rootfs"));
+    common::build_probe(&b.join("rootfs"), PROBE);
     let o = e.run(&["run", "--bundle", b.to_str().unwrap(), "enosys"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(

@@ -357,3 +357,17 @@ pub fn winsize(rows: u16, cols: u16) -> nix::pty::Winsize {
         ws_ypixel: 0,
     }
 }
+
+/// Compiles the C program `source` statically into `<rootfs>/probe`; the source goes
+/// beside the rootfs, not into it.
+pub fn build_probe(rootfs: &Path, source: &str) {
+    let src = rootfs.join("../probe.c");
+    std::fs::write(&src, source).unwrap();
+    let o = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(rootfs.join("probe"))
+        .arg(&src)
+        .output()
+        .expect("gcc (build-essential, from make deps)");
+    assert!(o.status.success(), "gcc: {}", text(&o));
+}

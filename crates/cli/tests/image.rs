@@ -34,17 +34,9 @@ impl Drop for Reap {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Debian's docker-registry on 127.0.0.1:<free port>, storage in `dir`.
 fn registry(dir: &Path) -> (Reap, u16) {
-    let port = free_port();
+    let port = common::free_port();
     let config = dir.join("registry.yml");
     std::fs::write(
         &config,

@@ -63,15 +63,6 @@ fn images() -> PathBuf {
     vessel_testutil::image_dir().join("busybox-docker.tar")
 }
 
-/// A free TCP port on 127.0.0.1 (the kernel's choice; released at once).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The body of `GET /` from 127.0.0.1:`port`, if it answers with 200.
 fn http_get(port: u16) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -280,7 +271,7 @@ fn podman_publishes_a_port_of_a_vessel_container() {
         "podman load",
     );
 
-    let port = free_port();
+    let port = common::free_port();
     let page = format!("podman-page-{}", std::process::id());
     let id = ok(
         p.run(&[
@@ -466,7 +457,7 @@ fn docker_publishes_a_port_of_a_vessel_container() {
         "docker load",
     );
 
-    let port = free_port();
+    let port = common::free_port();
     let page = format!("docker-page-{}", std::process::id());
     let id = ok(
         dockerd.docker(&[

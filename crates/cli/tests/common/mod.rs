@@ -371,3 +371,12 @@ pub fn build_probe(rootfs: &Path, source: &str) {
         .expect("gcc (build-essential, from make deps)");
     assert!(o.status.success(), "gcc: {}", text(&o));
 }
+
+/// A free TCP port on 127.0.0.1 (the kernel's choice; released at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

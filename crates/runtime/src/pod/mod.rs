@@ -9,6 +9,7 @@
 //! [`crate::guest_events`]). When the VM dies, every live process is
 //! reported exited with [`LOST_EXIT_STATUS`] at once.
 
+mod background;
 mod slot;
 mod staging;
 pub mod stdio;
@@ -32,6 +33,7 @@ use crate::container::{ContainerError, Status};
 use crate::metrics::{self, MetricsServer};
 use crate::sandbox::{self, SandboxSpec};
 use crate::{Config, Sandbox};
+use background::record_exit;
 pub use slot::{MakeNetwork, PodSlot};
 pub use staging::{state_root_staging, MakeStaging, PodStaging, StagingFn};
 pub use stdio::{Relays, Stdio, StdioPaths};
@@ -274,103 +276,6 @@ struct Container {
 
 type Containers = HashMap<String, Container>;
 
-/// Records an exit once and reports it; later calls are no-ops.
-fn record_exit(
-    sender: &watch::Sender<Option<Exit>>,
-    events: &mpsc::UnboundedSender<PodEvent>,
-    container_id: &str,
-    exec_id: Option<&str>,
-    pid: u32,
-    status: u32,
-) {
-    let exit = Exit {
-        status,
-        at: SystemTime::now(),
-    };
-    if sender.send_if_modified(|e| e.is_none() && e.replace(exit).is_none()) {
-        let _ = events.send(PodEvent::Exit {
-            container_id: container_id.to_string(),
-            exec_id: exec_id.map(str::to_string),
-            pid,
-            exit,
-        });
-    }
-}
-
-/// The VM died: every live process exited, status unknown. Init processes
-/// are reported with the VMM's pid `host_pid` (see [`Pod::task_pid`]).
-fn vm_died(
-    containers: &Mutex<Containers>,
-    events: &mpsc::UnboundedSender<PodEvent>,
-    host_pid: u32,
-) {
-    let containers = containers.lock().unwrap_or_else(|e| e.into_inner());
-    for (cid, c) in containers.iter() {
-        let all = std::iter::once((None, &c.init))
-            .chain(c.execs.iter().map(|(k, v)| (Some(k.as_str()), v)));
-        for (exec_id, p) in all {
-            let pid = if exec_id.is_none() { host_pid } else { p.pid };
-            record_exit(&p.exit, events, cid, exec_id, pid, LOST_EXIT_STATUS);
-        }
-    }
-}
-
-/// Forwards the guest's log lines and security events as [`PodEvent`]s,
-/// within the rate limits, until the agent stops answering.
-async fn guest_events_loop(
-    agent: AgentClient,
-    events: mpsc::UnboundedSender<PodEvent>,
-    pod_id: String,
-    security: metrics::SecurityEvents,
-) {
-    use crate::guest_events::{InstanceWatch, RateLimit, EVENT_RATE, LOG_RATE};
-    let (mut logs_rl, mut events_rl) = (RateLimit::new(LOG_RATE), RateLimit::new(EVENT_RATE));
-    let mut instance = InstanceWatch::default();
-    let (mut dropped_logs, mut dropped_events) = (0u64, 0u64);
-    loop {
-        let batch = match agent.events(EVENTS_WAIT).await {
-            Ok(b) => b,
-            Err(e) => {
-                log::debug!("pod {pod_id}: guest events loop ends: {e}");
-                return;
-            }
-        };
-        if let Some(e) = instance.check(&batch.instance) {
-            security.count(&e);
-            let _ = events.send(PodEvent::Security {
-                sandbox: pod_id.clone(),
-                event: e,
-            });
-        }
-        let now = std::time::Instant::now();
-        for line in logs_rl.admit(batch.logs, now) {
-            let sandbox = pod_id.clone();
-            let _ = events.send(PodEvent::GuestLog { sandbox, line });
-        }
-        for event in events_rl.admit(batch.events, now) {
-            security.count(&event);
-            let sandbox = pod_id.clone();
-            let _ = events.send(PodEvent::Security { sandbox, event });
-        }
-        let refused = (logs_rl.take_refused(), events_rl.take_refused());
-        if refused != (0, 0) {
-            log::warn!(
-                "pod {pod_id}: the guest exceeds its log rate limits: dropped {} log lines and {} events",
-                refused.0,
-                refused.1
-            );
-        }
-        if batch.dropped_logs > dropped_logs || batch.dropped_events > dropped_events {
-            log::warn!(
-                "pod {pod_id}: the agent dropped {} log lines and {} events so far (its queues were full)",
-                batch.dropped_logs,
-                batch.dropped_events
-            );
-            (dropped_logs, dropped_events) = (batch.dropped_logs, batch.dropped_events);
-        }
-    }
-}
-
 /// A pod: one sandbox VM and the containers in it.
 pub struct Pod {
     id: String,
@@ -568,66 +473,6 @@ impl Pod {
             return Err(e);
         }
         Ok(sandbox)
-    }
-
-    /// Starts the VM watcher (fan-out of exits when it dies), the OOM loop
-    /// and the guest events loop.
-    fn watch(&mut self) {
-        let (sandbox, containers, events) = (
-            self.sandbox.clone(),
-            self.containers.clone(),
-            self.events.clone(),
-        );
-        let (id, host_pid) = (self.id.clone(), self.host_pid());
-        self.tasks.push(tokio::spawn(async move {
-            let exit = sandbox.vm().wait().await;
-            log::error!("pod {id}: the VM exited unexpectedly ({exit}); its processes are lost");
-            vm_died(&containers, &events, host_pid);
-        }));
-        let (agent, events) = (self.agent.clone(), self.events.clone());
-        self.tasks.push(tokio::spawn(async move {
-            loop {
-                match agent.oom_event().await {
-                    Ok(container_id) => {
-                        log::info!("OOM kill in {container_id}");
-                        let _ = events.send(PodEvent::Oom { container_id });
-                    }
-                    Err(e) => {
-                        log::debug!("OOM event loop ends: {e}");
-                        return;
-                    }
-                }
-            }
-        }));
-        let (agent, events, id) = (self.agent.clone(), self.events.clone(), self.id.clone());
-        let security = self.security.clone();
-        self.tasks
-            .push(tokio::spawn(guest_events_loop(agent, events, id, security)));
-    }
-
-    /// Serves the pod's metrics socket. A socket that cannot be bound costs the
-    /// pod its metrics only (logged).
-    fn serve_metrics(&mut self, backend: &'static str) {
-        let containers = self.containers.clone();
-        let source = metrics::Source {
-            id: self.id.clone(),
-            backend,
-            sandbox: self.sandbox.clone(),
-            containers: Box::new(move || {
-                let containers = containers.lock().unwrap_or_else(|e| e.into_inner());
-                containers
-                    .iter()
-                    .filter(|(_, c)| c.init.exited().is_none())
-                    .map(|(id, _)| id.clone())
-                    .collect()
-            }),
-            guest: Default::default(),
-            security: self.security.clone(),
-        };
-        match MetricsServer::start(source) {
-            Ok(m) => self.metrics = Some(m),
-            Err(e) => log::warn!("pod {}: no metrics socket: {e}", self.id),
-        }
     }
 
     pub fn id(&self) -> &str {

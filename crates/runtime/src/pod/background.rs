@@ -1,0 +1,171 @@
+//! A pod's background work: the VM watcher (every live process reported
+//! exited when the VM dies), the OOM loop, the guest events loop and the
+//! metrics socket.
+
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, watch};
+
+use super::{Containers, Exit, Pod, PodEvent, EVENTS_WAIT, LOST_EXIT_STATUS};
+use crate::agent::AgentClient;
+use crate::metrics::{self, MetricsServer};
+
+/// Records an exit once and reports it; later calls are no-ops.
+pub(super) fn record_exit(
+    sender: &watch::Sender<Option<Exit>>,
+    events: &mpsc::UnboundedSender<PodEvent>,
+    container_id: &str,
+    exec_id: Option<&str>,
+    pid: u32,
+    status: u32,
+) {
+    let exit = Exit {
+        status,
+        at: SystemTime::now(),
+    };
+    if sender.send_if_modified(|e| e.is_none() && e.replace(exit).is_none()) {
+        let _ = events.send(PodEvent::Exit {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.map(str::to_string),
+            pid,
+            exit,
+        });
+    }
+}
+
+/// The VM died: every live process exited, status unknown. Init processes
+/// are reported with the VMM's pid `host_pid` (see [`Pod::task_pid`]).
+fn vm_died(
+    containers: &Mutex<Containers>,
+    events: &mpsc::UnboundedSender<PodEvent>,
+    host_pid: u32,
+) {
+    let containers = containers.lock().unwrap_or_else(|e| e.into_inner());
+    for (cid, c) in containers.iter() {
+        let all = std::iter::once((None, &c.init))
+            .chain(c.execs.iter().map(|(k, v)| (Some(k.as_str()), v)));
+        for (exec_id, p) in all {
+            let pid = if exec_id.is_none() { host_pid } else { p.pid };
+            record_exit(&p.exit, events, cid, exec_id, pid, LOST_EXIT_STATUS);
+        }
+    }
+}
+
+/// Forwards the guest's log lines and security events as [`PodEvent`]s,
+/// within the rate limits, until the agent stops answering.
+async fn guest_events_loop(
+    agent: AgentClient,
+    events: mpsc::UnboundedSender<PodEvent>,
+    pod_id: String,
+    security: metrics::SecurityEvents,
+) {
+    use crate::guest_events::{InstanceWatch, RateLimit, EVENT_RATE, LOG_RATE};
+    let (mut logs_rl, mut events_rl) = (RateLimit::new(LOG_RATE), RateLimit::new(EVENT_RATE));
+    let mut instance = InstanceWatch::default();
+    let (mut dropped_logs, mut dropped_events) = (0u64, 0u64);
+    loop {
+        let batch = match agent.events(EVENTS_WAIT).await {
+            Ok(b) => b,
+            Err(e) => {
+                log::debug!("pod {pod_id}: guest events loop ends: {e}");
+                return;
+            }
+        };
+        if let Some(e) = instance.check(&batch.instance) {
+            security.count(&e);
+            let _ = events.send(PodEvent::Security {
+                sandbox: pod_id.clone(),
+                event: e,
+            });
+        }
+        let now = std::time::Instant::now();
+        for line in logs_rl.admit(batch.logs, now) {
+            let sandbox = pod_id.clone();
+            let _ = events.send(PodEvent::GuestLog { sandbox, line });
+        }
+        for event in events_rl.admit(batch.events, now) {
+            security.count(&event);
+            let sandbox = pod_id.clone();
+            let _ = events.send(PodEvent::Security { sandbox, event });
+        }
+        let refused = (logs_rl.take_refused(), events_rl.take_refused());
+        if refused != (0, 0) {
+            log::warn!(
+                "pod {pod_id}: the guest exceeds its log rate limits: dropped {} log lines and {} events",
+                refused.0,
+                refused.1
+            );
+        }
+        if batch.dropped_logs > dropped_logs || batch.dropped_events > dropped_events {
+            log::warn!(
+                "pod {pod_id}: the agent dropped {} log lines and {} events so far (its queues were full)",
+                batch.dropped_logs,
+                batch.dropped_events
+            );
+            (dropped_logs, dropped_events) = (batch.dropped_logs, batch.dropped_events);
+        }
+    }
+}
+
+impl Pod {
+    /// Starts the VM watcher (fan-out of exits when it dies), the OOM loop
+    /// and the guest events loop.
+    pub(super) fn watch(&mut self) {
+        let (sandbox, containers, events) = (
+            self.sandbox.clone(),
+            self.containers.clone(),
+            self.events.clone(),
+        );
+        let (id, host_pid) = (self.id.clone(), self.host_pid());
+        self.tasks.push(tokio::spawn(async move {
+            let exit = sandbox.vm().wait().await;
+            log::error!("pod {id}: the VM exited unexpectedly ({exit}); its processes are lost");
+            vm_died(&containers, &events, host_pid);
+        }));
+        let (agent, events) = (self.agent.clone(), self.events.clone());
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                match agent.oom_event().await {
+                    Ok(container_id) => {
+                        log::info!("OOM kill in {container_id}");
+                        let _ = events.send(PodEvent::Oom { container_id });
+                    }
+                    Err(e) => {
+                        log::debug!("OOM event loop ends: {e}");
+                        return;
+                    }
+                }
+            }
+        }));
+        let (agent, events, id) = (self.agent.clone(), self.events.clone(), self.id.clone());
+        let security = self.security.clone();
+        self.tasks
+            .push(tokio::spawn(guest_events_loop(agent, events, id, security)));
+    }
+
+    /// Serves the pod's metrics socket. A socket that cannot be bound costs the
+    /// pod its metrics only (logged).
+    pub(super) fn serve_metrics(&mut self, backend: &'static str) {
+        let containers = self.containers.clone();
+        let source = metrics::Source {
+            id: self.id.clone(),
+            backend,
+            sandbox: self.sandbox.clone(),
+            containers: Box::new(move || {
+                let containers = containers.lock().unwrap_or_else(|e| e.into_inner());
+                containers
+                    .iter()
+                    .filter(|(_, c)| c.init.exited().is_none())
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            }),
+            guest: Default::default(),
+            security: self.security.clone(),
+        };
+        match MetricsServer::start(source) {
+            Ok(m) => self.metrics = Some(m),
+            Err(e) => log::warn!("pod {}: no metrics socket: {e}", self.id),
+        }
+    }
+}

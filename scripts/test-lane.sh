@@ -76,21 +76,23 @@ if [[ ${1:-} != --in-lane ]]; then
     done
     scripts/kvm-lane.sh --check
     start=$SECONDS
-    # The binaries the suites start (the backends' and the CLI's), and the test executables.
-    cargo build -q -p vessel -p vessel-vmm -p vessel-jailer -p containerd-shim-vessel-v2
+    # The binaries the suites start (the backends' and the CLI's) and the test executables,
+    # built as `make workspace-test` builds them (`cargo test --workspace`: every binary
+    # package has integration tests, so its binary is built too). Per-package builds
+    # (`-p ...`) would unify other features and rebuild most of the workspace (~4 min).
     # L1 does not see the host's /tmp: the list goes to /var/tmp.
     list=$(mktemp /var/tmp/vessel-lane-tests.XXXXXX)
     trap 'rm -f "$list"' EXIT
-    args=()
-    for t in "${TEST_TARGETS[@]}"; do args+=(-p "${t%%:*}" --test "${t#*:}"); done
-    # `-p A --test t -p B --test u` also builds B's t and A's u where they exist (two
-    # packages have a `network` suite): keep only the package:target pairs listed.
-    cargo test -q --no-run --message-format=json "${args[@]}" |
+    # Keep only the package:target pairs listed (two packages have a `network` suite).
+    cargo test -q --workspace --no-run --message-format=json |
         python3 -c '
 import json, sys
 wanted = set(sys.argv[1:])
+bins = {"vessel", "vessel-vmm", "vessel-jailer", "containerd-shim-vessel-v2"}
 for line in sys.stdin:
     m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bin"]:
+        bins.discard(m["target"]["name"])
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         # package_id: "path+file:///dir/x#name@1.0", "path+file:///dir/name#1.0"
         # (cargo >= 1.77) or "name 1.0 (path+...)" (older).
@@ -103,6 +105,8 @@ for line in sys.stdin:
         key = name + ":" + m["target"]["name"]
         if key in wanted:
             print(key, m["executable"])
+if bins:
+    sys.exit("binaries not built by cargo test --workspace: " + ", ".join(sorted(bins)))
 ' "${TEST_TARGETS[@]}" >"$list"
     [[ $(wc -l <"$list") == "${#TEST_TARGETS[@]}" ]] ||
         { say "expected ${#TEST_TARGETS[@]} test executables, got:"; cat "$list" >&2; exit 1; }

@@ -190,10 +190,37 @@ pub async fn first_exit(
     .await
 }
 
-/// Stops every helper (SIGTERM, then SIGKILL after a short grace).
+/// How long [`terminate_all`] gives helpers to exit after SIGTERM, all together.
+const HELPERS_GRACE: Duration = Duration::from_secs(2);
+
+/// Stops every helper: SIGTERM to all at once, then SIGKILL to those still
+/// there after one shared grace of [`HELPERS_GRACE`] (not one per helper).
 pub async fn terminate_all(children: &mut [Child]) {
-    for c in children {
-        terminate(c, Duration::from_secs(2)).await;
+    for c in children.iter() {
+        if let Some(pid) = c.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let deadline = tokio::time::Instant::now() + HELPERS_GRACE;
+    for c in children.iter_mut() {
+        if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+}
+
+/// Kills every helper at once (SIGKILL) and reaps them: for helpers whose VM is
+/// already gone, which have nothing left to finish.
+pub async fn kill_all(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        let _ = c.start_kill();
+    }
+    for c in children.iter_mut() {
+        let _ = c.wait().await;
     }
 }
 
@@ -255,6 +282,59 @@ mod tests {
         assert_eq!(status.unwrap().code(), Some(3));
         terminate_all(&mut children).await;
         assert!(children.iter_mut().all(|c| c.try_wait().unwrap().is_some()));
+    }
+
+    #[tokio::test]
+    async fn helpers_that_ignore_sigterm_share_one_grace() {
+        let mut children: Vec<Child> = (0..3)
+            .map(|_| {
+                tokio::process::Command::new("sh")
+                    .args(["-c", "trap '' TERM; exec sleep 100"])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // Let the shells install their trap (an ignored signal stays ignored across exec).
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(5)
+            && !children.iter().all(|c| {
+                std::fs::read_to_string(format!("/proc/{}/status", c.id().unwrap())).is_ok_and(
+                    |s| {
+                        s.lines()
+                            .find(|l| l.starts_with("SigIgn:"))
+                            .and_then(|l| u64::from_str_radix(l[7..].trim(), 16).ok())
+                            .is_some_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+                    },
+                )
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t = std::time::Instant::now();
+        terminate_all(&mut children).await;
+        let took = t.elapsed();
+        assert!(children.iter_mut().all(|c| c.try_wait().unwrap().is_some()));
+        // One grace for all three, not one each (6 s).
+        assert!(
+            took >= HELPERS_GRACE && took < HELPERS_GRACE * 2,
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn kill_all_does_not_wait_for_a_grace() {
+        let mut children: Vec<Child> = (0..2)
+            .map(|_| {
+                tokio::process::Command::new("sh")
+                    .args(["-c", "trap '' TERM; exec sleep 100"])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        kill_all(&mut children).await;
+        assert!(children.iter_mut().all(|c| c.try_wait().unwrap().is_some()));
+        assert!(t.elapsed() < HELPERS_GRACE, "{:?}", t.elapsed());
     }
 
     #[test]

@@ -61,12 +61,16 @@ impl ProcessVm {
         let (tx, rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<Duration>();
         tokio::spawn(async move {
-            let status = {
+            // `stopped`: a stop was asked for, and the helpers get a grace to exit; when
+            // the VM died (or a helper did), the others serve nobody and are killed at
+            // once, so that the exit is published (and the containers reported exited)
+            // without waiting for them.
+            let (status, stopped) = {
                 let helper_exit = crate::process::first_exit(&mut helpers);
                 tokio::select! {
-                    s = hypervisor.wait() => s,
+                    s = hypervisor.wait() => (s, false),
                     // Err: the ProcessVm was dropped without stop(): kill at once.
-                    grace = kill_rx => Ok(terminate(&mut hypervisor, grace.unwrap_or(Duration::ZERO)).await),
+                    grace = kill_rx => (Ok(terminate(&mut hypervisor, grace.unwrap_or(Duration::ZERO)).await), true),
                     // A VM without its virtio-fs or vsock back end hangs on its next request
                     // to it (a container's file access, the agent channel): end it now, so
                     // that its callers are told and its containers exit.
@@ -76,11 +80,15 @@ impl ProcessVm {
                             "helper pid {helper} of hypervisor pid {pid} exited ({how}); \
                              the VM cannot go on without it: stopping the VM"
                         );
-                        Ok(terminate(&mut hypervisor, Duration::ZERO).await)
+                        (Ok(terminate(&mut hypervisor, Duration::ZERO).await), false)
                     }
                 }
             };
-            crate::process::terminate_all(&mut helpers).await;
+            if stopped {
+                crate::process::terminate_all(&mut helpers).await;
+            } else {
+                crate::process::kill_all(&mut helpers).await;
+            }
             let exit = match status {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;

@@ -19,6 +19,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cri::*;
@@ -159,6 +160,19 @@ fn leaks_now(rig: &Rig, long: &LongPod, base: &HostState) -> Vec<String> {
     leaks
 }
 
+/// A leak is diagnosed from containerd's log (the shims log into it): kept in
+/// `/var/tmp/vessel-soak-containerd.log`, which outlives the test's directory.
+fn keep_containerd_log(rig: &Rig, leaks: &[String]) {
+    if leaks.is_empty() {
+        return;
+    }
+    let kept = Path::new("/var/tmp/vessel-soak-containerd.log");
+    match std::fs::copy(rig.c.dir.path().join("c/containerd.log"), kept) {
+        Ok(_) => eprintln!("soak: containerd's log kept in {}", kept.display()),
+        Err(e) => eprintln!("soak: containerd's log not kept: {e}"),
+    }
+}
+
 async fn soak_run(cycles: u32, pods: u32, check_every: u32) {
     let Some(mut rig) = Rig::start(30).await else {
         return;
@@ -207,6 +221,7 @@ async fn soak_run(cycles: u32, pods: u32, check_every: u32) {
     let conc_errors = concurrent_pods(&mut rig, pods, 0).await;
     let conc_time = conc_started.elapsed();
     let conc_leaks = leaks_now(&rig, &long, &base);
+    keep_containerd_log(&rig, &conc_leaks);
     stop_and_remove(&mut rig.rt, &long.id).await;
 
     println!("\nsoak results ({} s in all)", started.elapsed().as_secs());

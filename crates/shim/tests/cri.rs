@@ -102,7 +102,8 @@ async fn killing_the_hypervisor_exits_the_containers() {
     assert_eq!(
         s.state,
         ContainerState::ContainerExited as i32,
-        "not exited within 5 s"
+        "not exited within 5 s; containerd's log (with the shim's):\n{}",
+        c.log_tail()
     );
     assert!(took <= Duration::from_secs(5));
     assert_ne!(s.exit_code, 0, "an error exit");

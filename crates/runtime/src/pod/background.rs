@@ -35,21 +35,50 @@ pub(super) fn record_exit(
 }
 
 /// The VM died: every live process exited, status unknown. Init processes
-/// are reported with the VMM's pid `host_pid` (see [`Pod::task_pid`]).
+/// are reported with the VMM's pid `host_pid` (see [`Pod::task_pid`]), in
+/// [`death_order`].
 fn vm_died(
     containers: &Mutex<Containers>,
     events: &mpsc::UnboundedSender<PodEvent>,
+    pod_id: &str,
     host_pid: u32,
 ) {
     let containers = containers.lock().unwrap_or_else(|e| e.into_inner());
-    for (cid, c) in containers.iter() {
-        let all = std::iter::once((None, &c.init))
-            .chain(c.execs.iter().map(|(k, v)| (Some(k.as_str()), v)));
-        for (exec_id, p) in all {
-            let pid = if exec_id.is_none() { host_pid } else { p.pid };
-            record_exit(&p.exit, events, cid, exec_id, pid, LOST_EXIT_STATUS);
-        }
+    let ids = containers
+        .iter()
+        .map(|(cid, c)| (cid.as_str(), c.execs.keys().map(String::as_str).collect()))
+        .collect();
+    for (cid, exec_id) in death_order(pod_id, ids) {
+        let Some(c) = containers.get(cid) else {
+            continue;
+        };
+        let (p, pid) = match exec_id {
+            None => (&c.init, host_pid),
+            Some(e) => match c.execs.get(e) {
+                Some(p) => (p, p.pid),
+                None => continue,
+            },
+        };
+        record_exit(&p.exit, events, cid, exec_id, pid, LOST_EXIT_STATUS);
     }
+}
+
+/// The order a dead VM's processes are reported exited in: every exec first,
+/// then the containers' init processes, and the pod's own container (the CRI
+/// sandbox, whose id is the pod's) last, as when a pod stops in order. A
+/// client handles the sandbox's exit by tearing the pod down (containerd's
+/// CRI plugin deletes the sandbox task, one event at a time): its containers'
+/// exits must not wait behind that.
+fn death_order<'a>(
+    pod_id: &str,
+    mut containers: Vec<(&'a str, Vec<&'a str>)>,
+) -> Vec<(&'a str, Option<&'a str>)> {
+    containers.sort_by_key(|(cid, _)| (*cid == pod_id, *cid));
+    let execs = containers
+        .iter()
+        .flat_map(|(cid, execs)| execs.iter().map(move |e| (*cid, Some(*e))));
+    let inits = containers.iter().map(|(cid, _)| (*cid, None));
+    execs.chain(inits).collect()
 }
 
 /// Forwards the guest's log lines and security events as [`PodEvent`]s,
@@ -121,7 +150,7 @@ impl Pod {
         self.tasks.push(tokio::spawn(async move {
             let exit = sandbox.vm().wait().await;
             log::error!("pod {id}: the VM exited unexpectedly ({exit}); its processes are lost");
-            vm_died(&containers, &events, host_pid);
+            vm_died(&containers, &events, &id, host_pid);
         }));
         let (agent, events) = (self.agent.clone(), self.events.clone());
         self.tasks.push(tokio::spawn(async move {
@@ -167,5 +196,23 @@ impl Pod {
             Ok(m) => self.metrics = Some(m),
             Err(e) => log::warn!("pod {}: no metrics socket: {e}", self.id),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::death_order;
+
+    #[test]
+    fn a_dead_vm_reports_execs_then_containers_then_the_sandbox() {
+        let order = death_order(
+            "pod",
+            vec![("pod", vec!["p1"]), ("b", vec![]), ("a", vec!["a1", "a2"])],
+        );
+        let (execs, inits) = order.split_at(3);
+        assert!(execs.iter().all(|(_, e)| e.is_some()), "{order:?}");
+        assert_eq!(inits, [("a", None), ("b", None), ("pod", None)]);
+        // A pod whose id names none of its containers (vessel run, ctr run): all reported.
+        assert_eq!(death_order("x", vec![("c", vec![])]), [("c", None)]);
     }
 }

@@ -1,6 +1,10 @@
 //! The guest kernel's log (/dev/kmsg) to the host: lines of level warning
-//! and above become log records (target "kernel"), and an oops, a BUG or a
-//! panic also a `KERNEL_OOPS` security event.
+//! and above become log records (target "kernel"), an oops, a BUG or a
+//! panic also a `KERNEL_OOPS` security event, and a SysRq the kernel handled
+//! (a write to the real /proc/sysrq-trigger, see [`crate::tripwire`]) a
+//! `SYSRQ_TRIGGER` event. Only lines of the kernel facility count as events:
+//! lines that user space writes to /dev/kmsg carry another facility
+//! (LOG_USER unless they name one), whatever their text.
 
 use std::io::Read;
 
@@ -12,6 +16,8 @@ const FORWARD_LEVEL: u8 = 4;
 /// What a kernel log line says about itself.
 #[derive(Debug, PartialEq, Eq)]
 pub struct KernelLine<'a> {
+    /// Syslog facility: 0 for the kernel's own lines.
+    pub facility: u32,
     /// Syslog level, 0 (emergency) to 7 (debug).
     pub level: u8,
     pub message: &'a str,
@@ -24,6 +30,7 @@ pub fn parse(record: &str) -> Option<KernelLine<'_>> {
     let prefix: u32 = head.split(',').next()?.parse().ok()?;
     let message = rest.split('\n').next().unwrap_or("");
     Some(KernelLine {
+        facility: prefix >> 3,
         level: (prefix & 7) as u8,
         message,
     })
@@ -40,6 +47,26 @@ pub fn is_oops(message: &str) -> bool {
         "Unable to handle kernel",
     ];
     MARKERS.iter().any(|m| message.starts_with(m))
+}
+
+/// Whether a kernel line reports a SysRq it handled (the kernel prefixes
+/// them all with `sysrq: `).
+pub fn is_sysrq(message: &str) -> bool {
+    message.starts_with("sysrq: ")
+}
+
+/// The security event a line reports, if any.
+pub fn event_of(line: &KernelLine<'_>) -> Option<Kind> {
+    if line.facility != 0 {
+        return None;
+    }
+    if is_oops(line.message) {
+        Some(Kind::KERNEL_OOPS)
+    } else if is_sysrq(line.message) {
+        Some(Kind::SYSRQ_TRIGGER)
+    } else {
+        None
+    }
 }
 
 fn level_of(syslog: u8) -> log::Level {
@@ -87,8 +114,8 @@ fn read_loop(mut file: std::fs::File) {
         };
         let text = String::from_utf8_lossy(&buf[..n]);
         let Some(line) = parse(&text) else { continue };
-        if is_oops(line.message) {
-            journal.event(Kind::KERNEL_OOPS, "", None, line.message.to_string());
+        if let Some(kind) = event_of(&line) {
+            journal.event(kind, "", None, line.message.to_string());
         }
         if line.level <= FORWARD_LEVEL {
             journal.log(level_of(line.level), "kernel", line.message.to_string(), "");
@@ -105,8 +132,10 @@ mod tests {
         let r = parse("4,123,456789,-;WARNING: CPU: 0 PID: 1 at x\n SUBSYSTEM=cpu\n").unwrap();
         assert_eq!(r.level, 4);
         assert_eq!(r.message, "WARNING: CPU: 0 PID: 1 at x");
+        assert_eq!(r.facility, 0);
         // Facility 1 (user), level 6.
         assert_eq!(parse("14,1,2,-;hello").unwrap().level, 6);
+        assert_eq!(parse("14,1,2,-;hello").unwrap().facility, 1);
         assert_eq!(parse("garbage"), None);
         assert_eq!(parse("x,1,2,-;text"), None);
     }
@@ -129,5 +158,25 @@ mod tests {
         ] {
             assert!(!is_oops(m), "{m}");
         }
+    }
+
+    #[test]
+    fn only_kernel_lines_are_events_and_user_space_cannot_forge_them() {
+        let kind = |r: &str| event_of(&parse(r).unwrap());
+        assert_eq!(
+            kind("6,10,20,-;sysrq: HELP : loglevel(0-9) reboot(b) crash(c)"),
+            Some(Kind::SYSRQ_TRIGGER)
+        );
+        assert_eq!(
+            kind("0,11,21,-;Oops: 0002 [#1] SMP"),
+            Some(Kind::KERNEL_OOPS)
+        );
+        assert_eq!(kind("6,12,22,-;random: crng init done"), None);
+        // What `echo '<6>sysrq: x' > /dev/kmsg` and `echo 'Oops:' > /dev/kmsg`
+        // give: facility LOG_USER (1), forced by the kernel when none is named.
+        assert_eq!(kind("14,13,23,-;sysrq: x"), None);
+        assert_eq!(kind("12,14,24,-;Oops: forged"), None);
+        // A user-space writer naming another facility (daemon, 3).
+        assert_eq!(kind("24,15,25,-;Oops: forged"), None);
     }
 }

@@ -22,6 +22,7 @@ mod reaper;
 mod server;
 mod service;
 mod stdio;
+mod tripwire;
 
 use std::process::ExitCode;
 

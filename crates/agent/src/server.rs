@@ -33,7 +33,14 @@ pub async fn serve(
     let oom = Arc::new(cgroup::OomWatcher::new(oom_tx));
     let monitor = Arc::new(crate::monitor::Monitor::default());
     crate::monitor::serve(monitor.clone(), &work).context("listen for seccomp notify fds")?;
-    let containers = Arc::new(Containers::new(reaper, work, oom.clone(), monitor));
+    let tripwires = crate::tripwire::Tripwires::start(&work).context("watch sysrq tripwires")?;
+    let containers = Arc::new(Containers::new(
+        reaper,
+        work,
+        oom.clone(),
+        monitor,
+        tripwires,
+    ));
     let stdio = stdio_listener(&channel)?;
     let lookup: Arc<dyn crate::stdio::server::ProcessLookup> = containers.clone();
     match stdio {

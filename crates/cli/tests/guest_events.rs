@@ -2,7 +2,10 @@
 //! a real guest. One sandbox; from inside the container a probe tries what a
 //! container should never do in its VM, and each attempt must reach the host
 //! as a security event (`vessel events`) and as a line of the sandbox's JSON
-//! log carrying the sandbox and container ids.
+//! log carrying the sandbox and container ids. Then a write to
+//! /proc/sysrq-trigger: stopped by the agent's tripwire and reported with the
+//! container's id; and, once a privileged exec removed the tripwire, handled
+//! by the guest kernel and reported from its log.
 
 mod common;
 
@@ -107,12 +110,7 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
     .into();
     let mut seen = Vec::new();
     let all_seen = wait_until(Duration::from_secs(30), || {
-        let o = e.run(&["events", "--stats", id]);
-        seen = String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["type"] == "security")
-            .collect();
+        seen = security_events(&e, id);
         let kinds: BTreeSet<&str> = seen
             .iter()
             .filter_map(|v| v["data"]["kind"].as_str())
@@ -204,9 +202,107 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
     assert_eq!(module_loads, Some(2.0), "{metrics}");
 
+    sysrq_writes_are_stopped_by_the_tripwire_or_seen_in_the_kernel_log(&e, id, &sock);
+
     let o = e.run(&["delete", "--force", id]);
     assert!(o.status.success(), "delete: {}", text(&o));
     e.assert_clean(id);
+}
+
+/// A write to /proc/sysrq-trigger from the container (an exec'd process: the
+/// tripwire is a mount, it does not depend on seccomp) reaches the host as a
+/// `sysrq_trigger` event of that container, and the guest kernel never saw
+/// it. A privileged process that unmounts the tripwire writes the kernel's
+/// file: the kernel handles it and the event comes from its log.
+fn sysrq_writes_are_stopped_by_the_tripwire_or_seen_in_the_kernel_log(
+    e: &common::Env,
+    id: &str,
+    sock: &Path,
+) {
+    let o = e.run(&[
+        "exec",
+        id,
+        "sh",
+        "-c",
+        "echo h > /proc/sysrq-trigger; echo \"rc=$?\"; k=$(dmesg); \
+         echo \"lines=$(echo \"$k\" | wc -l) sysrq=$(echo \"$k\" | grep -c sysrq:)\"",
+    ]);
+    let out = text(&o);
+    assert!(o.status.success(), "exec: {out}");
+    // The write went into the tripwire (it succeeds, as for the real file),
+    // and the kernel, whose log the container can read, logged no SysRq.
+    assert!(out.contains("rc=0"), "{out}");
+    assert!(out.contains(" sysrq=0"), "{out}");
+    assert!(
+        !out.contains("lines=0 ") && !out.contains("lines=1 "),
+        "{out}"
+    );
+
+    let sysrq = |seen: &[serde_json::Value], container: Option<&str>| -> Option<String> {
+        seen.iter()
+            .filter(|v| v["data"]["kind"] == "sysrq_trigger")
+            .find(|v| v["data"]["container"].as_str() == container)
+            .map(|v| v["data"]["detail"].as_str().unwrap_or("").to_string())
+    };
+    let mut seen = Vec::new();
+    let found = wait_until(Duration::from_secs(30), || {
+        seen = security_events(e, id);
+        sysrq(&seen, Some(id)).is_some()
+    });
+    assert!(found, "no sysrq_trigger event: {seen:#?}");
+    let detail = sysrq(&seen, Some(id)).unwrap();
+    assert!(detail.contains("\"h\\n\""), "{detail}");
+    assert_eq!(sysrq(&seen, None), None, "the kernel handled it: {seen:#?}");
+    let mut metrics = String::new();
+    let counted = wait_until(Duration::from_secs(10), || {
+        metrics = scrape(sock);
+        metrics.lines().any(|l| {
+            l.starts_with("vessel_guest_security_events_total{")
+                && l.contains("kind=\"sysrq_trigger\"")
+                && l.contains(&format!("container_id=\"{id}\""))
+                && l.ends_with(" 1")
+        })
+    });
+    assert!(counted, "sysrq_trigger not counted: {metrics}");
+
+    // Privileged: CAP_SYS_ADMIN unmounts the tripwire; the write reaches the
+    // kernel's file (the container's readonlyPaths entry was the tripwire's).
+    let process = e.dir.path().join("sysrq-process.json");
+    let caps = serde_json::json!(["CAP_SYS_ADMIN"]);
+    std::fs::write(
+        &process,
+        serde_json::to_vec(&serde_json::json!({
+            "args": ["sh", "-c", "umount /proc/sysrq-trigger && echo h > /proc/sysrq-trigger"],
+            "cwd": "/",
+            "env": ["PATH=/bin:/sbin:/usr/bin"],
+            "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let o = e.run(&["exec", "--process", process.to_str().unwrap(), id]);
+    assert!(o.status.success(), "privileged exec: {}", text(&o));
+    let found = wait_until(Duration::from_secs(30), || {
+        seen = security_events(e, id);
+        sysrq(&seen, None).is_some()
+    });
+    assert!(
+        found,
+        "no sysrq_trigger event from the kernel log: {seen:#?}"
+    );
+    let detail = sysrq(&seen, None).unwrap();
+    assert!(detail.starts_with("sysrq: HELP"), "{detail}");
+}
+
+/// The sandbox's security events so far (`vessel events --stats`).
+fn security_events(e: &common::Env, id: &str) -> Vec<serde_json::Value> {
+    let o = e.run(&["events", "--stats", id]);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "security")
+        .collect()
 }
 
 /// One GET on a sandbox's metrics socket: the body.

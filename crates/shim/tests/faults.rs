@@ -9,7 +9,7 @@
 //!   the pod's shim (CRI);
 //! - SIGKILL of the per-sandbox supervisor (the CLI's `vessel supervise`);
 //! - the agent's death inside the guest (CLI): PID 1 ignores SIGKILL from its own PID
-//!   namespace and the guest kernel has no SysRq, so a container in the VM's PID
+//!   namespace and the guest kernel's SysRq spares it, so a container in the VM's PID
 //!   namespace with CAP_SYS_PTRACE makes it exit_group(9) (tests/support/kill-agent.c);
 //! - a containerd restart (SIGKILL, then started again) under a running pod (CRI).
 //!

@@ -188,6 +188,8 @@ pub struct Containers {
     oom: Arc<cgroup::OomWatcher>,
     /// Seccomp notification verdicts of each container (escape monitoring).
     monitor: Arc<crate::monitor::Monitor>,
+    /// Tripwires over /proc/sysrq-trigger (escape monitoring).
+    tripwires: Arc<crate::tripwire::Tripwires>,
     /// Held by `start` and by an exec into a created container, which
     /// shows libcontainer a running one for the time of the exec.
     status_flip: tokio::sync::Mutex<()>,
@@ -212,10 +214,12 @@ impl Containers {
         work: PathBuf,
         oom: Arc<cgroup::OomWatcher>,
         monitor: Arc<crate::monitor::Monitor>,
+        tripwires: Arc<crate::tripwire::Tripwires>,
     ) -> Self {
         Containers {
             oom,
             monitor,
+            tripwires,
             reaper,
             work,
             map: Mutex::new(HashMap::new()),
@@ -273,6 +277,14 @@ impl Containers {
                 )));
             }
         }
+        // After the duplicate check: a tripwire is per container id. If it
+        // cannot be armed, the spec keeps its own protection of the file.
+        if let Err(e) = self.tripwires.arm(id, &mut spec) {
+            log::warn!(
+                "container {id}: no tripwire over {}: {e}",
+                crate::tripwire::TARGET
+            );
+        }
         let mut mounted = Vec::new();
         let uid_map = uid_mappings(&spec);
         // Before creation: libcontainer hands over the notify fd during it.
@@ -306,6 +318,7 @@ impl Containers {
                 let _ = std::fs::remove_dir_all(self.state_root().join(id));
                 let _ = std::fs::remove_dir(cgroup::dir(id));
                 self.monitor.forget(id);
+                self.tripwires.disarm(id);
                 Err(e)
             }
         }
@@ -688,6 +701,7 @@ impl Containers {
         let _ = std::fs::remove_dir_all(self.bundle(id));
         self.oom.forget(id);
         self.monitor.forget(id);
+        self.tripwires.disarm(id);
         if let Some(c) = lock(&self.map).remove(id) {
             let mut mounts = lock(&self.mounts);
             for m in c.storages.iter().rev() {

@@ -150,10 +150,12 @@ impl Tripwires {
     }
 
     /// Puts a tripwire over the container's /proc/sysrq-trigger when its spec
-    /// protects the file ([`wanted`]); returns whether it did.
+    /// protects the file ([`wanted`]) and the kernel has one (built without
+    /// SysRq it has none: nothing to protect, and nowhere to mount);
+    /// returns whether it did.
     pub fn arm(&self, id: &str, spec: &mut Spec) -> std::io::Result<bool> {
         use nix::mount::{mount, MsFlags};
-        if !wanted(spec) {
+        if !wanted(spec) || !Path::new(TARGET).exists() {
             return Ok(false);
         }
         let dir = self.dir(id);

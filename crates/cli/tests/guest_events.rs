@@ -263,7 +263,7 @@ fn sysrq_writes_are_stopped_by_the_tripwire_or_seen_in_the_kernel_log(
             l.starts_with("vessel_guest_security_events_total{")
                 && l.contains("kind=\"sysrq_trigger\"")
                 && l.contains(&format!("container_id=\"{id}\""))
-                && l.ends_with(" 1")
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) == Some(1.0)
         })
     });
     assert!(counted, "sysrq_trigger not counted: {metrics}");

@@ -5,49 +5,40 @@
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::runtime::Runtime;
 use vessel_runtime::image::{self, ImageRef, Phase, Progress, RunOptions, TempBundle};
 
+use crate::signals::Signals;
 use crate::Ctx;
 
-/// Reads or pulls `reference` into a new bundle under the state root.
-/// SIGINT, SIGTERM or SIGHUP meanwhile stop it; the bundle is removed on
-/// every error.
+/// Reads or pulls `reference` into a new bundle under the state root. A
+/// signal meanwhile stops it (crate::signals) and is returned with the result,
+/// which then no longer matters; the bundle is removed on every error.
 pub fn prepare(
     ctx: &Ctx,
     reference: &str,
     id: &str,
     opts: &RunOptions,
-) -> anyhow::Result<TempBundle> {
-    vessel_runtime::container::validate_id(id)?;
+    rt: &Runtime,
+    signals: &mut Signals,
+) -> (anyhow::Result<TempBundle>, Option<i32>) {
+    let bundle = vessel_runtime::container::validate_id(id)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(TempBundle::create(ctx.root(), id)?));
+    let bundle = match bundle {
+        Ok(b) => b,
+        Err(e) => return (Err(e), None),
+    };
     let image = ImageRef::parse(reference);
-    let bundle = TempBundle::create(ctx.root(), id)?;
     let cancel = AtomicBool::new(false);
     let mut printer = Printer::new(std::io::stderr().is_terminal());
-    let result = std::thread::scope(|s| {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (bundle, cancel, printer) = (&bundle, &cancel, &mut printer);
-        s.spawn(move || {
-            let r = image::prepare(&image, bundle, opts, cancel, &mut |p| printer.report(p));
-            let _ = tx.send(r);
-        });
-        crate::block_on(async {
-            let mut int = signal(SignalKind::interrupt())?;
-            let mut term = signal(SignalKind::terminate())?;
-            let mut hup = signal(SignalKind::hangup())?;
-            let mut rx = rx;
-            let r = tokio::select! {
-                r = &mut rx => r,
-                _ = int.recv() => { cancel.store(true, Ordering::Relaxed); rx.await }
-                _ = term.recv() => { cancel.store(true, Ordering::Relaxed); rx.await }
-                _ = hup.recv() => { cancel.store(true, Ordering::Relaxed); rx.await }
-            };
-            anyhow::Ok(r?)
-        })
-    });
+    let (result, sig) = signals.during(
+        rt,
+        || cancel.store(true, Ordering::Relaxed),
+        || image::prepare(&image, &bundle, opts, &cancel, &mut |p| printer.report(p)),
+    );
     printer.finish();
-    result???;
-    Ok(bundle)
+    (result.map(|()| bundle).map_err(Into::into), sig)
 }
 
 /// Prints layer progress to stderr.

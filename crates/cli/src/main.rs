@@ -14,6 +14,7 @@ mod monitor;
 mod pause;
 mod ps;
 mod run;
+mod signals;
 mod spec;
 mod start;
 mod state;
@@ -224,10 +225,14 @@ fn run(cli: Cli, started: Instant) -> anyhow::Result<ExitCode> {
 /// helpers) are tied to the thread that spawned them, which must live as
 /// long as the process.
 pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    Ok(runtime()?.block_on(f))
+}
+
+/// The runtime of [`block_on`], for a command that goes back to it more than once.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    Ok(rt.block_on(f))
+        .build()?)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `vessel run`: create + start + wait; exits with the container's status
 //! (128 + signal when it was killed) and deletes it, as runc does.
-//! SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 are forwarded to the container.
+//! SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 are forwarded to the container;
+//! before it runs (image read, VM booting) they stop the run (crate::signals).
 //! A terminal process without `--console-socket` runs on our own terminal
 //! (raw mode, window size at start and on SIGWINCH), as with runc.
 //! With `--image REF` the bundle is made from an image first (crate::image)
@@ -15,6 +16,7 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use vessel_runtime::container::{ops, Bundle};
 
+use crate::signals::{self, Signals};
 use crate::tty::{self, ConsoleSocket, RawMode};
 use crate::Ctx;
 
@@ -111,9 +113,16 @@ pub fn run(ctx: &Ctx, mut a: Args) -> anyhow::Result<ExitCode> {
         a.image.is_some() || a.command.is_empty(),
         "a command after the container id needs --image (a bundle's command is in its config.json)"
     );
+    let rt = crate::runtime()?;
+    // Caught before anything is made: until the container runs, a signal stops
+    // the run and everything it made goes; then they are forwarded.
+    let mut signals = match a.detach {
+        true => None,
+        false => Some(Signals::catch(&rt)?),
+    };
     // Dropped when this returns, after the container was deleted: the bundle goes.
-    let _image_bundle = match &a.image {
-        Some(reference) => {
+    let _image_bundle = match (&a.image, signals.as_mut()) {
+        (Some(reference), Some(signals)) => {
             let opts = vessel_runtime::image::RunOptions {
                 args: std::mem::take(&mut a.command),
                 terminal: a.tty,
@@ -121,11 +130,16 @@ pub fn run(ctx: &Ctx, mut a: Args) -> anyhow::Result<ExitCode> {
                 // sethostname(2) takes at most 64 bytes.
                 hostname: id.chars().take(63).collect(),
             };
-            let b = crate::image::prepare(ctx, reference, &id, &opts)?;
+            let (b, sig) = crate::image::prepare(ctx, reference, &id, &opts, &rt, signals);
+            if let Some(sig) = sig {
+                log::warn!("{id}: signal {sig} while reading the image: stopped");
+                return Ok(signals::status(sig));
+            }
+            let b = b?;
             a.create.bundle = b.path().to_path_buf();
             Some(b)
         }
-        None => None,
+        _ => None,
     };
     let bundle = std::path::absolute(&a.create.bundle)?;
     let foreground_tty = !a.detach
@@ -139,53 +153,55 @@ pub fn run(ctx: &Ctx, mut a: Args) -> anyhow::Result<ExitCode> {
         None
     };
     let size = console.as_ref().and_then(|_| tty::stdin_size());
-    let pid = crate::create::create(ctx, a.create, size)?;
     let root = ctx.root();
+    let create = || crate::create::create(ctx, a.create, size);
+    let pid = match signals.as_mut() {
+        Some(signals) => match signals.during(&rt, || {}, create) {
+            (created, None) => created?,
+            // The VM booted (or failed to) meanwhile: a created container goes.
+            (created, Some(sig)) => {
+                log::warn!("{id}: signal {sig} while the VM booted: stopping");
+                match created {
+                    Ok(_) => {
+                        if let Err(e) = rt.block_on(ops::delete(root, &id, true)) {
+                            log::warn!("deleting {id}: {}", vessel_runtime::chain(&e));
+                        }
+                    }
+                    Err(e) => log::warn!("{id}: {e:#}"),
+                }
+                return Ok(signals::status(sig));
+            }
+        },
+        None => create()?,
+    };
     let fg = match console
         .as_ref()
         .map(|c| c.receive().and_then(Foreground::start))
     {
         Some(Ok(f)) => Some(f),
         Some(Err(e)) => {
-            let _ = crate::block_on(ops::delete(root, &id, true));
+            let _ = rt.block_on(ops::delete(root, &id, true));
             return Err(e);
         }
         None => None,
     };
     drop(console);
-    let code = crate::block_on(async {
-        // Handlers first: a signal that arrives once the container runs
-        // must be forwarded, not kill this process.
-        let kinds = [
-            SignalKind::interrupt(),
-            SignalKind::terminate(),
-            SignalKind::hangup(),
-            SignalKind::quit(),
-            SignalKind::user_defined1(),
-            SignalKind::user_defined2(),
-        ];
-        let mut streams = Vec::new();
-        if !a.detach {
-            for k in kinds {
-                streams.push((k.as_raw_value() as u32, signal(k)?));
-            }
-        }
+    let code = rt.block_on(async {
         let mut winch = signal(SignalKind::window_change())?;
         if let Err(e) = ops::start(root, &id).await {
             let _ = ops::delete(root, &id, true).await;
             return Err(anyhow::Error::from(e));
         }
-        if a.detach {
+        let Some(signals) = signals.as_mut() else {
             return Ok(0);
-        }
+        };
         let mut wait =
             tokio::task::spawn_blocking(move || waitpid(Pid::from_raw(pid as i32), None));
         let status = loop {
-            let any_signal = futures_select(&mut streams);
             tokio::select! {
                 w = &mut wait => break w?,
-                sig = any_signal => {
-                    if let Err(e) = ops::kill(root, &id, sig, false).await {
+                sig = signals.next() => {
+                    if let Err(e) = ops::kill(root, &id, sig as u32, false).await {
                         log::warn!("forwarding signal {sig}: {}", vessel_runtime::chain(&e));
                     }
                 }
@@ -212,20 +228,7 @@ pub fn run(ctx: &Ctx, mut a: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Ok(code)
-    })??;
+    })?;
     drop(fg);
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
-}
-
-/// Resolves with the number of the first signal that arrives.
-async fn futures_select(streams: &mut [(u32, tokio::signal::unix::Signal)]) -> u32 {
-    std::future::poll_fn(|cx| {
-        for (n, s) in streams.iter_mut() {
-            if s.poll_recv(cx).is_ready() {
-                return std::task::Poll::Ready(*n);
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
 }

@@ -286,3 +286,58 @@ fn nginx_image_from_debian_packages_serves_its_page() {
     assert_eq!(status.unwrap().code(), Some(0), "{}", logs());
     assert_nothing_left(&e, "img-nginx");
 }
+
+/// SIGINT while the VM of `vessel run --image` boots: the run stops, exits
+/// 130 (128 + SIGINT), and the VM, the state directory and the unpacked
+/// bundle are gone.
+#[test]
+fn sigint_while_the_vm_boots_stops_the_run_and_leaves_nothing() {
+    let Some(e) = env() else { return };
+    let archive = images("busybox-image.sh").join("busybox-oci.tar");
+    let id = "img-boot-int";
+    let err = e.dir.path().join("boot-int.err");
+    let child = e
+        .cmd()
+        .args(["run", "--image"])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .args([id, "sleep", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut run = Reap(child);
+    let state = e.root.join(id).join("state.json");
+    let mut status = String::new();
+    // The image is unpacked; `create` saved the state and the supervisor boots the VM.
+    assert!(
+        wait_until(T, || {
+            status = std::fs::read_to_string(&state).unwrap_or_default();
+            !status.is_empty() || run.0.try_wait().unwrap().is_some()
+        }),
+        "no state at {}",
+        state.display()
+    );
+    let parsed: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        parsed["status"], "creating",
+        "not booting any more: {status}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.0.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut exit = None;
+    assert!(
+        wait_until(T, || {
+            exit = run.0.try_wait().unwrap();
+            exit.is_some()
+        }),
+        "vessel run did not end after SIGINT"
+    );
+    let log = std::fs::read_to_string(&err).unwrap_or_default();
+    assert_eq!(exit.unwrap().code(), Some(130), "stderr: {log}");
+    assert!(log.contains("while the VM booted"), "stderr: {log}");
+    assert_nothing_left(&e, id);
+}

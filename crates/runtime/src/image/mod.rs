@@ -55,6 +55,26 @@ pub enum ImageError {
         reference: String,
         source: oci_client::errors::OciDistributionError,
     },
+    /// registry {reference}: GET {url}
+    Http {
+        reference: String,
+        url: String,
+        source: reqwest::Error,
+    },
+    /// registry {reference}: GET {url}: {status}
+    HttpStatus {
+        reference: String,
+        url: String,
+        status: String,
+    },
+    /// cannot set up the HTTP client
+    HttpClient(#[source] reqwest::Error),
+    /// {what} of {reference} is invalid: {reason}
+    RegistryJson {
+        what: String,
+        reference: String,
+        reason: String,
+    },
     /// invalid image reference {0:?}
     Reference(String),
     /// digest {0:?} is not a sha256 or sha512 digest

@@ -306,10 +306,12 @@ fn layout_json<T: serde::de::DeserializeOwned>(
         return Err(ImageError::TooBig(format!("{what} of {} bytes", d.size)));
     }
     let path = blob_path(layout, &d.digest)?;
-    let data = std::fs::read(&path).map_err(|source| ImageError::Layout {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let data = std::fs::File::open(&path)
+        .and_then(|f| read_capped(f, d.size))
+        .map_err(|source| ImageError::Layout {
+            path: path.display().to_string(),
+            source,
+        })?;
     verify_stream(d, &data[..], None, &AtomicBool::new(false), &mut |_| {})?;
     serde_json::from_slice(&data).map_err(|source| ImageError::Json {
         what: what.to_string(),
@@ -327,20 +329,17 @@ const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// The manifest named `tag` in the layout's index.json (or its only one).
 fn layout_manifest(layout: &Path, tag: Option<&str>) -> Result<Manifest, ImageError> {
     let path = layout.join("index.json");
-    let meta = std::fs::metadata(&path).map_err(|source| ImageError::Layout {
-        path: path.display().to_string(),
-        source,
-    })?;
-    if meta.len() > MAX_METADATA {
+    let data = std::fs::File::open(&path)
+        .and_then(|f| read_capped(f, MAX_METADATA))
+        .map_err(|source| ImageError::Layout {
+            path: path.display().to_string(),
+            source,
+        })?;
+    if data.len() as u64 > MAX_METADATA {
         return Err(ImageError::TooBig(format!(
-            "index.json of {} bytes",
-            meta.len()
+            "index.json of more than {MAX_METADATA} bytes"
         )));
     }
-    let data = std::fs::read(&path).map_err(|source| ImageError::Layout {
-        path: path.display().to_string(),
-        source,
-    })?;
     let index: ImageIndex = serde_json::from_slice(&data).map_err(|source| ImageError::Json {
         what: "index.json".into(),
         path: layout.display().to_string(),
@@ -376,27 +375,48 @@ fn layout_manifest(layout: &Path, tag: Option<&str>) -> Result<Manifest, ImageEr
     // An index: this platform's manifest (one level deep, as registries do).
     if INDEX_TYPES.contains(&d.media_type.as_str()) {
         let nested: ImageIndex = layout_json(layout, &d, "image index")?;
-        let (os, arch) = host_platform();
-        let m = nested
-            .manifests()
-            .iter()
-            .find(|m| {
-                m.platform().as_ref().is_some_and(|p| {
-                    p.os().to_string() == os && p.architecture().to_string() == arch
-                })
-            })
-            .ok_or_else(|| ImageError::NotFound {
-                want: format!("{os}/{arch}"),
-                path: layout.display().to_string(),
-                have: "other platforms only".into(),
-            })?;
-        d = Descriptor::from(m);
+        d = platform_manifest(&nested, &layout.display().to_string())?;
     }
     let m: ImageManifest = layout_json(layout, &d, "image manifest")?;
-    Ok(Manifest {
-        config: m.config().into(),
-        layers: m.layers().iter().map(Descriptor::from).collect(),
-    })
+    Ok(Manifest::from(&m))
+}
+
+impl From<&ImageManifest> for Manifest {
+    fn from(m: &ImageManifest) -> Manifest {
+        Manifest {
+            config: m.config().into(),
+            layers: m.layers().iter().map(Descriptor::from).collect(),
+        }
+    }
+}
+
+/// The descriptor of this host's platform's manifest in `index`; `place` names
+/// where the index is, for the error.
+fn platform_manifest(index: &ImageIndex, place: &str) -> Result<Descriptor, ImageError> {
+    let (os, arch) = host_platform();
+    index
+        .manifests()
+        .iter()
+        .find(|m| {
+            m.platform()
+                .as_ref()
+                .is_some_and(|p| p.os().to_string() == os && p.architecture().to_string() == arch)
+        })
+        .map(Descriptor::from)
+        .ok_or_else(|| ImageError::NotFound {
+            want: format!("{os}/{arch}"),
+            path: place.to_string(),
+            have: "other platforms only".into(),
+        })
+}
+
+/// Reads `r` to its end or to `max` + 1 bytes, whichever comes first: a caller
+/// that gets more than `max` bytes knows the source is too big without having
+/// read it all.
+fn read_capped(r: impl Read, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    r.take(max.saturating_add(1)).read_to_end(&mut data)?;
+    Ok(data)
 }
 
 /// OCI's names for this host: ("linux", "amd64"), ...
@@ -408,6 +428,10 @@ fn host_platform() -> (&'static str, &'static str) {
     };
     ("linux", arch)
 }
+
+/// Most entries read from an OCI archive: a few images' manifests, configs and
+/// layers (each at most [`MAX_LAYERS`]), with their directories.
+const MAX_ARCHIVE_ENTRIES: usize = 4096;
 
 /// Unpacks an OCI archive (a tar of a layout) into `dir`: only
 /// `oci-layout`, `index.json` and `blobs/<alg>/<hex>`, regular files and
@@ -422,7 +446,10 @@ fn extract_archive(archive: &Path, dir: &Path) -> Result<(), ImageError> {
         std::fs::create_dir_all(&d).map_err(|e| bad(format!("{}: {e}", d.display())))?;
     }
     let mut tar = tar::Archive::new(std::io::BufReader::new(f));
-    for entry in tar.entries().map_err(|e| bad(e.to_string()))? {
+    for (n, entry) in tar.entries().map_err(|e| bad(e.to_string()))?.enumerate() {
+        if n >= MAX_ARCHIVE_ENTRIES {
+            return Err(bad(format!("more than {MAX_ARCHIVE_ENTRIES} entries")));
+        }
         let mut entry = entry.map_err(|e| bad(e.to_string()))?;
         let raw = entry.path_bytes().into_owned();
         let Some(rel) = super::unpack::clean(&raw)? else {
@@ -440,6 +467,15 @@ fn extract_archive(archive: &Path, dir: &Path) -> Result<(), ImageError> {
         };
         if !ok {
             return Err(bad(format!("unexpected entry {name:?} ({kind:?})")));
+        }
+        // Blobs are checked against their descriptors when read; these two are
+        // read whole.
+        let size = entry.size();
+        if parts.len() == 1 && size > MAX_METADATA {
+            return Err(ImageError::TooBig(format!(
+                "{name} of {size} bytes in {} (at most {MAX_METADATA})",
+                archive.display()
+            )));
         }
         let out = dir.join(&rel);
         if kind.is_dir() {
@@ -459,11 +495,27 @@ fn extract_archive(archive: &Path, dir: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// Longest wait for a registry connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest wait for the next bytes of a registry's answer.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The media types a manifest is asked for in (OCI and Docker, image and index).
+const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    INDEX_TYPES[0],
+    INDEX_TYPES[1],
+];
+
 /// A registry, through `oci-client`, on a runtime of its own. Registries on
 /// the loopback interface are spoken to over plain HTTP, others over HTTPS.
 /// Anonymous pulls only.
 pub struct Registry<'c> {
     client: oci_client::Client,
+    /// Manifests: `oci-client` reads a manifest whole, however big; this reads
+    /// at most [`MAX_METADATA`] bytes of one.
+    http: reqwest::Client,
     reference: oci_client::Reference,
     rt: tokio::runtime::Runtime,
     work: PathBuf,
@@ -495,10 +547,15 @@ impl<'c> Registry<'c> {
         };
         let client = oci_client::Client::new(oci_client::client::ClientConfig {
             protocol,
-            connect_timeout: Some(std::time::Duration::from_secs(30)),
-            read_timeout: Some(std::time::Duration::from_secs(60)),
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
             ..Default::default()
         });
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()
+            .map_err(ImageError::HttpClient)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -508,6 +565,7 @@ impl<'c> Registry<'c> {
             })?;
         Ok(Registry {
             client,
+            http,
             reference,
             rt,
             work: work.to_path_buf(),
@@ -522,21 +580,119 @@ impl<'c> Registry<'c> {
         }
     }
 
+    /// The manifest the reference names (this platform's, through an index),
+    /// each document read up to [`MAX_METADATA`] bytes and checked against the
+    /// digest that names it, if one does.
     fn manifest(&self) -> Result<Manifest, ImageError> {
-        let auth = oci_client::secrets::RegistryAuth::Anonymous;
-        let (m, _digest) = self
-            .rt
-            .block_on(self.client.pull_image_manifest(&self.reference, &auth))
-            .map_err(|e| self.err(e))?;
-        let d = |d: &oci_client::manifest::OciDescriptor| Descriptor {
-            media_type: d.media_type.clone(),
-            digest: d.digest.clone(),
-            size: u64::try_from(d.size).unwrap_or(u64::MAX),
-        };
-        Ok(Manifest {
-            config: d(&m.config),
-            layers: m.layers.iter().map(d).collect(),
+        self.rt.block_on(async {
+            let auth = oci_client::secrets::RegistryAuth::Anonymous;
+            let op = oci_client::RegistryOperation::Pull;
+            let token = self
+                .client
+                .auth(&self.reference, &auth, op)
+                .await
+                .map_err(|e| self.err(e))?;
+            let token = token.as_deref();
+            let pinned = self.reference.digest();
+            let name = pinned.or(self.reference.tag()).unwrap_or("latest");
+            let body = self.get_manifest(name, token, MAX_METADATA).await?;
+            if let Some(digest) = pinned {
+                let want = Descriptor {
+                    media_type: String::new(),
+                    digest: digest.to_string(),
+                    size: body.len() as u64,
+                };
+                verify_stream(&want, &body[..], None, self.cancel, &mut |_| {})?;
+            }
+            let json = |what: &str, body: &[u8]| -> Result<serde_json::Value, ImageError> {
+                serde_json::from_slice(body).map_err(|e| ImageError::RegistryJson {
+                    what: what.to_string(),
+                    reference: self.reference.whole(),
+                    reason: e.to_string(),
+                })
+            };
+            let mut doc = json("manifest", &body)?;
+            if doc.get("manifests").is_some() {
+                let index: ImageIndex =
+                    serde_json::from_value(doc).map_err(|e| ImageError::RegistryJson {
+                        what: "image index".into(),
+                        reference: self.reference.whole(),
+                        reason: e.to_string(),
+                    })?;
+                let d = platform_manifest(&index, &self.reference.whole())?;
+                if d.size > MAX_METADATA {
+                    return Err(ImageError::TooBig(format!("manifest of {} bytes", d.size)));
+                }
+                let body = self.get_manifest(&d.digest, token, d.size).await?;
+                verify_stream(&d, &body[..], None, self.cancel, &mut |_| {})?;
+                doc = json("manifest", &body)?;
+            }
+            let m: ImageManifest =
+                serde_json::from_value(doc).map_err(|e| ImageError::RegistryJson {
+                    what: "image manifest".into(),
+                    reference: self.reference.whole(),
+                    reason: e.to_string(),
+                })?;
+            Ok(Manifest::from(&m))
         })
+    }
+
+    /// GET `/v2/<repository>/manifests/<name>`: the body, read up to `max` + 1
+    /// bytes (more is [`ImageError::TooBig`]).
+    async fn get_manifest(
+        &self,
+        name: &str,
+        token: Option<&str>,
+        max: u64,
+    ) -> Result<Vec<u8>, ImageError> {
+        let registry = self.reference.resolve_registry();
+        let scheme = if is_loopback(registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let mut url = format!(
+            "{scheme}://{registry}/v2/{}/manifests/{name}",
+            self.reference.repository()
+        );
+        if let Some(ns) = self.reference.namespace() {
+            url = format!("{url}?ns={ns}");
+        }
+        let http = |source| ImageError::Http {
+            reference: self.reference.whole(),
+            url: url.clone(),
+            source,
+        };
+        let mut req = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req.send().await.map_err(http)?;
+        if !resp.status().is_success() {
+            return Err(ImageError::HttpStatus {
+                reference: self.reference.whole(),
+                url: url.clone(),
+                status: resp.status().to_string(),
+            });
+        }
+        let too_big = || ImageError::TooBig(format!("{url}: more than {max} bytes"));
+        if resp.content_length().is_some_and(|n| n > max) {
+            return Err(too_big());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(http)? {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(ImageError::Cancelled);
+            }
+            if (body.len() + chunk.len()) as u64 > max {
+                return Err(too_big());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     fn fetch(&self, want: &Descriptor, progress: &mut dyn FnMut(u64)) -> Result<Blob, ImageError> {
@@ -657,6 +813,143 @@ mod tests {
         assert!(is_loopback("[::1]:5000"));
         assert!(!is_loopback("registry.example:5000"));
         assert!(!is_loopback("10.0.0.1:5000"));
+    }
+
+    fn too_big(r: Result<impl std::fmt::Debug, ImageError>) -> String {
+        match r {
+            Err(e @ ImageError::TooBig(_)) => e.to_string(),
+            other => panic!("not TooBig: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_layout_index_or_blob_bigger_than_the_cap_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("index.json"),
+            vec![b' '; MAX_METADATA as usize + 1],
+        )
+        .unwrap();
+        assert!(too_big(layout_manifest(d.path(), None)).contains("index.json"));
+        // A blob file longer than its descriptor: read no further than declared.
+        let mut m = desc(b"{}");
+        let path = blob_path(d.path(), &m.digest).unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"{}   ").unwrap();
+        let e = layout_json::<serde_json::Value>(d.path(), &m, "image manifest").unwrap_err();
+        assert!(e.to_string().contains("more than the 2 bytes"), "{e}");
+        m.size = MAX_METADATA + 1;
+        assert!(too_big(layout_json::<serde_json::Value>(d.path(), &m, "x")).contains("x of"));
+    }
+
+    #[test]
+    fn an_archive_with_an_oversized_index_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(MAX_METADATA + 1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let big = vec![b' '; MAX_METADATA as usize + 1];
+        b.append_data(&mut h, "index.json", &big[..]).unwrap();
+        let path = d.path().join("a.tar");
+        std::fs::write(&path, b.into_inner().unwrap()).unwrap();
+        let e = too_big(extract_archive(&path, &d.path().join("out")));
+        assert!(e.contains("index.json of 4194305 bytes"), "{e}");
+    }
+
+    /// A registry on loopback that answers `GET /v2/` with 200 and each
+    /// manifest path with `answer(path)`: (extra head lines, body).
+    fn fake_registry(answer: fn(&str) -> (String, Vec<u8>)) -> String {
+        use std::io::{BufRead, BufReader};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let (head, body) = match path.as_str() {
+                    "/v2/" => (String::new(), b"{}".to_vec()),
+                    p => answer(p),
+                };
+                let _ = c.write_all(
+                    format!("HTTP/1.1 200 OK\r\nConnection: close\r\n{head}\r\n").as_bytes(),
+                );
+                let _ = c.write_all(&body);
+            }
+        });
+        addr
+    }
+
+    fn registry_manifest(reference: &str) -> Result<Manifest, ImageError> {
+        let work = tempfile::tempdir().unwrap();
+        let cancel = AtomicBool::new(false);
+        let r = Registry::new(reference, work.path(), &cancel)?;
+        r.manifest()
+    }
+
+    #[test]
+    fn a_registry_manifest_bigger_than_the_cap_is_refused_unread() {
+        let addr = fake_registry(|path| match path {
+            // No length: read until the cap, then refused.
+            "/v2/endless/manifests/latest" => {
+                (String::new(), vec![b' '; MAX_METADATA as usize + 2])
+            }
+            // A declared length over the cap: refused before the body.
+            "/v2/declared/manifests/latest" => {
+                (format!("Content-Length: {}\r\n", 1u64 << 40), Vec::new())
+            }
+            // An index naming a manifest over the cap: never fetched.
+            _ => {
+                let index = format!(
+                    r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{}","size":{},"platform":{{"os":"linux","architecture":"{}"}}}}]}}"#,
+                    "a".repeat(64),
+                    MAX_METADATA + 1,
+                    host_platform().1
+                );
+                (String::new(), index.into_bytes())
+            }
+        });
+        for (name, want) in [
+            ("endless", "more than 4194304 bytes"),
+            ("declared", "more than 4194304 bytes"),
+            ("index", "manifest of 4194305 bytes"),
+        ] {
+            let e = too_big(registry_manifest(&format!("{addr}/{name}:latest")));
+            assert!(e.contains(want), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_registry_manifest_is_read_through_its_index_and_checked() {
+        let addr = fake_registry(|path| {
+            let manifest = br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","size":2},"layers":[]}"#;
+            let digest = format!("sha256:{}", sha256_hex(manifest));
+            if path.ends_with(&digest) {
+                return (String::new(), manifest.to_vec());
+            }
+            // The tag's index; "liar" declares the wrong size for the manifest.
+            let size = manifest.len() - usize::from(path.contains("liar"));
+            let index = format!(
+                r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{size},"platform":{{"os":"linux","architecture":"{}"}}}}]}}"#,
+                host_platform().1
+            );
+            (String::new(), index.into_bytes())
+        });
+        let m = registry_manifest(&format!("{addr}/good:latest")).unwrap();
+        assert_eq!(m.config.size, 2);
+        assert!(m.layers.is_empty());
+        let e = registry_manifest(&format!("{addr}/liar:latest")).unwrap_err();
+        assert!(matches!(e, ImageError::TooBig(_)), "{e}");
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //! [`monitor`] gathers every sandbox of the host into one endpoint
 //! (`vessel monitor`).
 //!
-//! A scrape reads /proc for the sandbox's host processes and asks the agent for
-//! guest-wide numbers (`GuestMetrics`) and each container's cgroup stats
-//! (`StatsContainer`), each bounded by [`GUEST_TIMEOUT`]: a guest that does not
-//! answer costs the scrape its guest families, never the host ones. Everything from
-//! the guest is checked and capped first ([`crate::agent::reply::guest_metrics`]).
+//! A scrape reads the cheap /proc files of the sandbox's host processes and serves
+//! the latest [`GuestSnapshot`], which a sampler in the background takes while the
+//! sandbox is scraped ([`GuestCache`]): the guest-wide numbers (`GuestMetrics`) and
+//! each container's cgroup stats (`StatsContainer`), each bounded by
+//! [`GUEST_TIMEOUT`], and the host processes' PSS. A guest that does not answer
+//! costs the scrape its guest families, never the host ones, and never a wait
+//! beyond the first scrape's. Everything from the guest is checked and capped
+//! first ([`crate::agent::reply::guest_metrics`]).
 
 pub mod http;
 pub mod monitor;
@@ -18,7 +21,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -112,67 +115,127 @@ pub struct Source {
     pub security: SecurityEvents,
 }
 
-/// What the guest said, at one time.
+/// What the guest said, and the host processes' PSS, at one time.
 pub struct GuestSnapshot {
-    pub taken: Instant,
+    /// Tokio's clock (paused in the unit tests).
+    pub taken: tokio::time::Instant,
     /// `None`: no answer to `GuestMetrics` within [`GUEST_TIMEOUT`].
     pub guest: Option<GuestMetricsResponse>,
     /// The containers that answered `StatsContainer` in time.
     pub containers: Vec<(String, StatsContainerResponse)>,
+    /// PSS in bytes of the sandbox's host processes, by pid (`smaps_rollup` walks
+    /// every page of the process: too slow for the scrape path of a big VM).
+    pub pss: Vec<(u32, u64)>,
+    /// When `pss` was read: every [`PSS_EVERY`], not with every snapshot.
+    pub pss_taken: tokio::time::Instant,
 }
 
-/// The guest's numbers, fetched in the background so that a scrape does not wait for
-/// a slow guest: a scrape serves the latest snapshot, first starting a refresh if it
-/// is older than [`REFRESH_AFTER`] and waiting [`REFRESH_WAIT`] for it (the first
-/// scrape waits for the first snapshot, up to [`GUEST_TIMEOUT`]). One refresh at a
-/// time: however often the socket is scraped, the guest gets at most one
+/// Snapshots of the guest's numbers, sampled in the background so that a scrape
+/// never waits for the guest: every [`REFRESH_EVERY`] while the sandbox is
+/// scraped, paused after [`IDLE_AFTER`] without a scrape (an unwatched sandbox
+/// costs its guest nothing). A scrape serves the latest snapshot when it is at most
+/// [`MAX_AGE`] old; otherwise (the first scrape, the first after a pause) it wakes
+/// the sampler and waits for the next one, up to [`GUEST_TIMEOUT`] +
+/// [`REFRESH_WAIT`]. One sampler per sandbox: the guest has at most one
 /// `GuestMetrics` (and one `StatsContainer` per container) in flight.
 #[derive(Default)]
 pub struct GuestCache {
     latest: tokio::sync::watch::Sender<Option<Arc<GuestSnapshot>>>,
-    refreshing: Arc<std::sync::atomic::AtomicBool>,
+    /// Wakes a paused sampler.
+    wake: tokio::sync::Notify,
+    last_scrape: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
-/// A snapshot older than this is refreshed by the next scrape.
-pub const REFRESH_AFTER: Duration = Duration::from_secs(1);
-/// How long a scrape waits for a refresh it started before serving the older snapshot.
+/// How often the sampler takes a snapshot while the sandbox is scraped.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// The oldest snapshot a scrape serves: one period, one guest call and 1 s slack.
+pub const MAX_AGE: Duration = Duration::from_secs(7);
+/// How often the host processes' PSS is read (each read walks every page of the
+/// VMM: 6 ms median for a 256 MiB QEMU TCG guest here, more for a bigger VM).
+pub const PSS_EVERY: Duration = Duration::from_secs(15);
+/// How long without a scrape before the sampler pauses.
+pub const IDLE_AFTER: Duration = Duration::from_secs(300);
+/// Slack for the sampler's own work when a scrape waits for a snapshot.
 pub const REFRESH_WAIT: Duration = Duration::from_millis(20);
 
 impl GuestCache {
-    async fn get(&self, source: &Source) -> Option<Arc<GuestSnapshot>> {
-        use std::sync::atomic::Ordering;
+    /// The snapshot a scrape serves (above). `running`: false once the VM has
+    /// exited, when nothing is waited for.
+    pub async fn get(&self, running: bool) -> Option<Arc<GuestSnapshot>> {
+        *self.last_scrape.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(tokio::time::Instant::now());
         let current = self.latest.borrow().clone();
-        if current
-            .as_ref()
-            .is_some_and(|s| s.taken.elapsed() < REFRESH_AFTER)
+        if !running
+            || current
+                .as_ref()
+                .is_some_and(|s| s.taken.elapsed() <= MAX_AGE)
         {
             return current;
         }
         let mut updates = self.latest.subscribe();
         updates.borrow_and_update();
-        if source.sandbox.vm().try_exit().is_none() && !self.refreshing.swap(true, Ordering::AcqRel)
-        {
-            let agent = source.sandbox.agent().clone();
-            let mut ids = (source.containers)();
-            ids.truncate(MAX_CONTAINERS);
-            let (latest, refreshing) = (self.latest.clone(), self.refreshing.clone());
-            // Not tied to the connection: a refresh outlives a scrape that gave up on it.
-            tokio::spawn(async move {
-                let snap = fetch_guest(&agent, ids).await;
-                latest.send_replace(Some(Arc::new(snap)));
-                refreshing.store(false, Ordering::Release);
-            });
+        self.wake.notify_one();
+        match tokio::time::timeout(GUEST_TIMEOUT + REFRESH_WAIT, updates.changed()).await {
+            Ok(Ok(())) => self.latest.borrow().clone(),
+            _ => current,
         }
-        let wait = if current.is_some() {
-            REFRESH_WAIT
-        } else {
-            GUEST_TIMEOUT + REFRESH_WAIT
-        };
-        if tokio::time::timeout(wait, updates.changed()).await.is_ok() {
-            return self.latest.borrow().clone();
-        }
-        current
     }
+
+    /// The sampler: takes a snapshot with `take` every [`REFRESH_EVERY`] while
+    /// scraped; ends when `take` answers `None` (the VM is gone) or the task is
+    /// dropped.
+    pub async fn sample<F, Fut>(&self, mut take: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<GuestSnapshot>>,
+    {
+        loop {
+            let scraped = self
+                .last_scrape
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t.elapsed() < IDLE_AFTER);
+            if !scraped {
+                self.wake.notified().await;
+                continue;
+            }
+            let Some(snapshot) = take().await else {
+                return;
+            };
+            self.latest.send_replace(Some(Arc::new(snapshot)));
+            tokio::time::sleep(REFRESH_EVERY).await;
+        }
+    }
+}
+
+/// One snapshot of `source`; `None` once its VM has exited.
+async fn take_snapshot(source: &Source) -> Option<GuestSnapshot> {
+    let sb = &source.sandbox;
+    if sb.vm().try_exit().is_some() {
+        return None;
+    }
+    let mut ids = (source.containers)();
+    ids.truncate(MAX_CONTAINERS);
+    let previous = source.guest.latest.borrow().clone();
+    let pss = async {
+        match previous {
+            Some(p) if p.pss_taken.elapsed() < PSS_EVERY => (p.pss.clone(), p.pss_taken),
+            _ => {
+                let pids = sb.host_pids();
+                // Off the runtime's thread: it serves the socket meanwhile.
+                let read = tokio::task::spawn_blocking(move || {
+                    pids.into_iter()
+                        .filter_map(|pid| Some((pid, procfs::pss(Path::new("/proc"), pid)?)))
+                        .collect()
+                });
+                (read.await.unwrap_or_default(), tokio::time::Instant::now())
+            }
+        }
+    };
+    let (mut snapshot, (pss, pss_taken)) = tokio::join!(fetch_guest(sb.agent(), ids), pss);
+    snapshot.pss = pss;
+    snapshot.pss_taken = pss_taken;
+    Some(snapshot)
 }
 
 async fn fetch_guest(agent: &crate::agent::AgentClient, ids: Vec<String>) -> GuestSnapshot {
@@ -183,16 +246,18 @@ async fn fetch_guest(agent: &crate::agent::AgentClient, ids: Vec<String>) -> Gue
     }));
     let (guest, stats) = tokio::join!(guest, stats);
     GuestSnapshot {
-        taken: Instant::now(),
+        taken: tokio::time::Instant::now(),
         guest,
         containers: stats.into_iter().flatten().collect(),
+        pss: Vec::new(),
+        pss_taken: tokio::time::Instant::now(),
     }
 }
 
-/// One sandbox's metrics socket, served until [`MetricsServer::stop`].
+/// One sandbox's metrics socket and its sampler, until [`MetricsServer::stop`].
 pub struct MetricsServer {
     path: PathBuf,
-    task: JoinHandle<()>,
+    tasks: [JoinHandle<()>; 2],
 }
 
 impl MetricsServer {
@@ -202,14 +267,26 @@ impl MetricsServer {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        let task = tokio::spawn(serve(listener, Arc::new(source)));
-        Ok(MetricsServer { path, task })
+        let source = Arc::new(source);
+        let sampled = source.clone();
+        let sampler = tokio::spawn(async move {
+            let s = &sampled;
+            s.guest.sample(|| take_snapshot(s)).await;
+        });
+        let server = tokio::spawn(serve(listener, source));
+        Ok(MetricsServer {
+            path,
+            tasks: [server, sampler],
+        })
     }
 
-    /// Stops serving (connections in flight are dropped) and removes the socket.
+    /// Stops serving (connections in flight are dropped) and sampling, and
+    /// removes the socket.
     pub async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await;
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -255,8 +332,9 @@ fn state(sandbox: &Sandbox) -> &'static str {
 /// A scrape: every family of one sandbox, in OpenMetrics text.
 pub async fn render(source: &Source) -> String {
     let sb = &source.sandbox;
-    let guest = source.guest.get(source).await;
+    let guest = source.guest.get(sb.vm().try_exit().is_none()).await;
     let stats = guest.as_ref().map_or(&[][..], |g| &g.containers[..]);
+    let pss = guest.as_ref().map_or(&[][..], |g| &g.pss[..]);
 
     let mut reg = Registry::with_labels(
         [(Cow::from("sandbox_id"), Cow::from(source.id.clone()))].into_iter(),
@@ -288,7 +366,7 @@ pub async fn render(source: &Source) -> String {
             [(Labels::new(), r.as_secs_f64())],
         );
     }
-    host_families(&mut out, sb);
+    host_families(&mut out, sb, pss);
     match guest.as_ref().and_then(|g| Some((g, g.guest.as_ref()?))) {
         Some((snap, g)) => {
             guest_families(&mut out, g);
@@ -296,6 +374,11 @@ pub async fn render(source: &Source) -> String {
                 "vessel_guest_metrics_age_seconds",
                 "Age of the guest numbers served (fetched in the background)",
                 [(Labels::new(), snap.taken.elapsed().as_secs_f64())],
+            );
+            out.gauge(
+                "vessel_process_proportional_memory_age_seconds",
+                "Age of the PSS served (read in the background)",
+                [(Labels::new(), snap.pss_taken.elapsed().as_secs_f64())],
             );
         }
         None => out.gauge(
@@ -350,7 +433,8 @@ impl Families<'_> {
     }
 }
 
-fn host_families(out: &mut Families, sb: &Sandbox) {
+/// `pss`: the latest sample's PSS by pid (processes started since have none).
+fn host_families(out: &mut Families, sb: &Sandbox, pss: &[(u32, u64)]) {
     let vmm = sb.vm().pids().first().copied();
     let me = std::process::id();
     let ticks = procfs::clock_ticks();
@@ -384,8 +468,12 @@ fn host_families(out: &mut Families, sb: &Sandbox) {
     );
     out.gauge(
         "vessel_process_proportional_memory_bytes",
-        "PSS (smaps_rollup) of each host process of the sandbox",
-        each(|p| p.pss_bytes.map(|b| b as f64)),
+        "PSS (smaps_rollup) of each host process of the sandbox, read in the background \
+         at most every 15 s (vessel_process_proportional_memory_age_seconds)",
+        procs.iter().filter_map(|p| {
+            let (_, b) = pss.iter().find(|(pid, _)| *pid == p.pid)?;
+            Some((l(p), *b as f64))
+        }),
     );
     out.counter(
         "vessel_process_cpu_seconds",

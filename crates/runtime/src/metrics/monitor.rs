@@ -20,6 +20,9 @@ pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_SCRAPE_BYTES: usize = 4 << 20;
 /// Most sockets scraped (the rest are counted `unscraped`).
 pub const MAX_SANDBOXES: usize = 4096;
+/// Largest merged answer: the sandboxes whose text would take it past this are
+/// left out and counted `over_limit`.
+pub const MAX_TOTAL_BYTES: usize = 64 << 20;
 
 /// Directories of a state root that hold no run directory. `shared` holds the
 /// guest-writable shares: never looked into.
@@ -31,7 +34,7 @@ const NOT_SANDBOXES: [&str; 3] = ["shared", "templates", "netns"];
 /// [`crate::container::vm_location`]: 16 hex digits, so never the container's
 /// guest-writable `shared` directory). Symbolic links are not followed; each socket is
 /// listed once.
-pub fn discover(roots: &[PathBuf]) -> Vec<PathBuf> {
+pub fn discover(roots: &[PathBuf]) -> Vec<Found> {
     let mut found = std::collections::BTreeSet::new();
     let dirs = |p: &Path, keep: fn(&str) -> bool| -> Vec<PathBuf> {
         std::fs::read_dir(p)
@@ -51,17 +54,33 @@ pub fn discover(roots: &[PathBuf]) -> Vec<PathBuf> {
     };
     for root in roots {
         for d in dirs(root, sandbox_dir) {
+            let id = d
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
             for candidate in std::iter::once(d.clone())
                 .chain(dirs(&d, vm_dir))
                 .map(|d| d.join(super::SOCKET))
             {
                 if is_socket(&candidate) {
-                    found.insert(candidate);
+                    found.insert((candidate, id.clone()));
                 }
             }
         }
     }
-    found.into_iter().collect()
+    found
+        .into_iter()
+        .map(|(socket, id)| Found { socket, id })
+        .collect()
+}
+
+/// A sandbox's metrics socket, and the name of its directory under the state
+/// root (the pod id of the shim's, the container id of the CLI's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub socket: PathBuf,
+    pub id: String,
 }
 
 /// Scrape errors.
@@ -93,15 +112,29 @@ pub async fn scrape(socket: &Path) -> Result<String, ScrapeError> {
 
 /// Scrapes every sandbox under `roots` and merges the answers into one text.
 pub async fn collect(roots: &[PathBuf]) -> String {
-    let sockets = discover(roots);
-    let unscraped = sockets.len().saturating_sub(MAX_SANDBOXES);
-    let answers =
-        futures::future::join_all(sockets.iter().take(MAX_SANDBOXES).map(|s| scrape(s))).await;
+    let found = discover(roots);
+    let unscraped = found.len().saturating_sub(MAX_SANDBOXES);
+    let found = &found[..found.len().min(MAX_SANDBOXES)];
+    let answers = futures::future::join_all(found.iter().map(|f| scrape(&f.socket))).await;
     let mut texts = Vec::new();
+    let mut total = 0;
     let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for answer in answers {
+    let mut up = String::from(
+        "# HELP vessel_sandbox_up 1 if the sandbox's metrics socket answered this scrape \
+         in time, by the name of its directory in the state root.\n\
+         # TYPE vessel_sandbox_up gauge\n",
+    );
+    for (f, answer) in found.iter().zip(answers) {
         let key = match answer {
+            Ok(text) if total + text.len() > MAX_TOTAL_BYTES => {
+                log::warn!(
+                    "{}: left out, the answer would exceed {MAX_TOTAL_BYTES} bytes",
+                    f.socket.display()
+                );
+                ("over_limit".to_string(), "unknown".to_string())
+            }
             Ok(text) => {
+                total += text.len();
                 let key = sandbox_state(&text);
                 texts.push(text);
                 key
@@ -111,6 +144,11 @@ pub async fn collect(roots: &[PathBuf]) -> String {
                 ("unresponsive".to_string(), "unknown".to_string())
             }
         };
+        let answered = u8::from(key.0 != "unresponsive");
+        up += &format!(
+            "vessel_sandbox_up{{sandbox_id=\"{}\"}} {answered}\n",
+            label_value(&f.id)
+        );
         *counts.entry(key).or_default() += 1;
     }
     if unscraped > 0 {
@@ -126,7 +164,15 @@ pub async fn collect(roots: &[PathBuf]) -> String {
     for ((state, backend), n) in counts {
         extra += &format!("vessel_sandboxes{{state=\"{state}\",backend=\"{backend}\"}} {n}\n");
     }
+    extra += &up;
     merge(&texts, &extra)
+}
+
+/// `v` as an OpenMetrics label value: `\`, `"` and line feeds escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// `state` and `backend` of the `vessel_sandbox_info` sample in one sandbox's text.
@@ -289,7 +335,11 @@ mod tests {
             std::fs::create_dir_all(&d).unwrap();
             std::os::unix::net::UnixListener::bind(d.join(super::super::SOCKET)).unwrap();
         }
-        assert_eq!(discover(&[root.path().to_path_buf()]).len(), 2);
+        let found = discover(&[root.path().to_path_buf()]);
+        assert_eq!(
+            found.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(),
+            ["c1", "pod1"]
+        );
         let started = std::time::Instant::now();
         let text = collect(&[root.path().to_path_buf()]).await;
         assert!(started.elapsed() < SCRAPE_TIMEOUT + Duration::from_secs(1));
@@ -299,5 +349,19 @@ mod tests {
         );
         assert!(text.contains("vessel_sandboxes{state=\"unresponsive\",backend=\"unknown\"} 1"));
         assert!(text.contains("sandbox_id=\"c1\""));
+        // The silent one is named, not waited for beyond the timeout.
+        assert!(
+            text.contains("vessel_sandbox_up{sandbox_id=\"pod1\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vessel_sandbox_up{sandbox_id=\"c1\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

@@ -1,5 +1,6 @@
-//! What /proc says about one host process of a sandbox: RSS, PSS, CPU time, open
-//! file descriptors, threads. Pure parsers over the files' text, and a reader.
+//! What /proc says about one host process of a sandbox: RSS, CPU time, open file
+//! descriptors, threads ([`read`], cheap), and PSS ([`pss`], not). Pure parsers
+//! over the files' text, and readers.
 
 use std::path::Path;
 
@@ -13,8 +14,6 @@ pub struct ProcStats {
     /// `comm`, reduced to `[A-Za-z0-9._-]` (others become `_`).
     pub comm: String,
     pub rss_bytes: u64,
-    /// `None` when smaps_rollup cannot be read (an older kernel, no permission).
-    pub pss_bytes: Option<u64>,
     pub cpu_seconds: f64,
     pub fds: u64,
     pub threads: u64,
@@ -27,10 +26,6 @@ pub fn read(proc_root: &Path, pid: u32, clock_ticks: u64) -> Option<ProcStats> {
     let status = std::fs::read_to_string(dir.join("status")).ok()?;
     let (comm, cpu_ticks) = stat_fields(&stat)?;
     let (rss_kib, threads) = status_fields(&status);
-    let pss_bytes = std::fs::read_to_string(dir.join("smaps_rollup"))
-        .ok()
-        .and_then(|t| kib_field(&t, "Pss:"))
-        .map(|k| k.saturating_mul(1024));
     let fds = std::fs::read_dir(dir.join("fd"))
         .map(|d| d.count() as u64)
         .unwrap_or(0);
@@ -38,11 +33,21 @@ pub fn read(proc_root: &Path, pid: u32, clock_ticks: u64) -> Option<ProcStats> {
         pid,
         comm,
         rss_bytes: rss_kib.saturating_mul(1024),
-        pss_bytes,
         cpu_seconds: cpu_ticks as f64 / clock_ticks.max(1) as f64,
         fds,
         threads,
     })
+}
+
+/// PSS of `/proc/<pid>` in bytes (`smaps_rollup`); `None` if it cannot be read (the
+/// process is gone, an older kernel, no permission). It walks every page of the
+/// process under its mmap lock: milliseconds for a big VM, so it is read off the
+/// scrape path.
+pub fn pss(proc_root: &Path, pid: u32) -> Option<u64> {
+    std::fs::read_to_string(proc_root.join(pid.to_string()).join("smaps_rollup"))
+        .ok()
+        .and_then(|t| kib_field(&t, "Pss:"))
+        .map(|k| k.saturating_mul(1024))
 }
 
 /// The kernel's clock ticks a second (`_SC_CLK_TCK`).
@@ -123,7 +128,7 @@ mod tests {
     fn own_process_is_read() {
         let me = read(Path::new("/proc"), std::process::id(), clock_ticks()).unwrap();
         assert!(me.rss_bytes > 0 && me.threads >= 1 && me.fds >= 3, "{me:?}");
-        assert!(me.pss_bytes.unwrap_or(1) > 0);
+        assert!(pss(Path::new("/proc"), std::process::id()).unwrap_or(1) > 0);
         assert!(read(Path::new("/proc"), u32::MAX, 100).is_none());
     }
 }

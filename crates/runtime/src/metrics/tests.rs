@@ -147,3 +147,93 @@ fn security_events_are_counted_by_kind_and_container() {
         "{text}"
     );
 }
+
+/// A snapshot whose one container is named after `n`, to tell them apart.
+fn snapshot(n: usize) -> GuestSnapshot {
+    GuestSnapshot {
+        taken: tokio::time::Instant::now(),
+        guest: None,
+        containers: vec![(format!("n{n}"), StatsContainerResponse::new())],
+        pss: Vec::new(),
+        pss_taken: tokio::time::Instant::now(),
+    }
+}
+
+fn name(s: &Option<Arc<GuestSnapshot>>) -> String {
+    s.as_ref()
+        .map(|s| s.containers[0].0.clone())
+        .unwrap_or_default()
+}
+
+/// Runs a sampler over `cache` whose guest takes `delay` to answer; returns the
+/// number of snapshots taken so far.
+fn sampler(cache: &Arc<GuestCache>, delay: Duration) -> Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let taken = Arc::new(AtomicUsize::new(0));
+    let (c, t) = (cache.clone(), taken.clone());
+    tokio::spawn(async move {
+        c.sample(|| {
+            let t = t.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                Some(snapshot(t.fetch_add(1, Ordering::SeqCst) + 1))
+            }
+        })
+        .await
+    });
+    taken
+}
+
+#[tokio::test(start_paused = true)]
+async fn scrapes_serve_the_background_snapshot_without_waiting_for_the_guest() {
+    use std::sync::atomic::Ordering;
+    let cache = Arc::new(GuestCache::default());
+    // The guest takes 900 ms to answer: longer than any scrape may wait for it.
+    let taken = sampler(&cache, Duration::from_millis(900));
+    // Nobody scrapes: the guest is not asked.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(taken.load(Ordering::SeqCst), 0);
+    // The first scrape waits for the first snapshot (up to GUEST_TIMEOUT).
+    let t = tokio::time::Instant::now();
+    assert_eq!(name(&cache.get(true).await), "n1");
+    assert_eq!(t.elapsed(), Duration::from_millis(900));
+    // Then the sampler keeps one fresh: scrapes do not wait, and serve at most
+    // MAX_AGE old numbers.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let t = tokio::time::Instant::now();
+        let s = cache.get(true).await.unwrap();
+        assert_eq!(t.elapsed(), Duration::ZERO);
+        assert!(s.taken.elapsed() <= MAX_AGE, "{:?}", s.taken.elapsed());
+    }
+    // One snapshot a period (plus the guest's 0.9 s), not one a scrape.
+    let n = taken.load(Ordering::SeqCst);
+    let periods = (14_000 / (REFRESH_EVERY.as_millis() + 900)) as usize;
+    assert_eq!(n, 1 + periods, "{n} snapshots in 14 s");
+    // No scrape for IDLE_AFTER: the sampler pauses; a scrape resumes it.
+    tokio::time::sleep(IDLE_AFTER + REFRESH_EVERY * 2).await;
+    let paused = taken.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(taken.load(Ordering::SeqCst), paused);
+    let s = cache.get(true).await;
+    assert_eq!(name(&s), format!("n{}", paused + 1));
+    // Once the VM exited, a scrape serves what there is at once.
+    tokio::time::sleep(IDLE_AFTER * 2).await;
+    let t = tokio::time::Instant::now();
+    assert!(cache.get(false).await.is_some());
+    assert_eq!(t.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_that_never_answers_costs_a_scrape_one_bounded_wait() {
+    let cache = Arc::new(GuestCache::default());
+    sampler(&cache, Duration::from_secs(3600));
+    let t = tokio::time::Instant::now();
+    assert!(cache.get(true).await.is_none());
+    assert_eq!(t.elapsed(), GUEST_TIMEOUT + REFRESH_WAIT);
+}
+
+#[test]
+fn max_age_covers_one_period_and_one_guest_call() {
+    assert!(MAX_AGE >= REFRESH_EVERY + GUEST_TIMEOUT);
+}

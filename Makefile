@@ -9,6 +9,10 @@ AGENT_BIN  := $(CURDIR)/target/$(AGENT_TARGET)/release/vessel-agent
 DEV_CONFIG := $(BUILD)/config.toml
 VESSEL     := $(CURDIR)/target/release/vessel
 export VESSEL_CONFIG := $(DEV_CONFIG)
+# The debug binaries the end-to-end targets start, built as `cargo test --workspace`
+# builds them (every binary package has integration tests): per-package builds (-p)
+# would unify other features and rebuild most of the workspace.
+WORKSPACE_BINS := cargo test -q --workspace --no-run
 
 .PHONY: deps guest kernel agent initramfs build config demo test lint workspace-test fuzz fuzz-ci \
         test-lane test-vmm bench-boot bench-run bench-net bench-restore bench-vmm bench-kvm bench-start bench-start-kvm bench-monitor soak faults clean install test-shim bench-shim
@@ -104,8 +108,8 @@ bench-restore: deps guest config
 # sandbox with 1 and with 20 running. Here: the configured backend (QEMU boots cold, and
 # the bench says why). bench-start-kvm: the built-in VMM on real KVM, in the KVM lane.
 bench-start: deps guest config
-	cargo build -q -p vessel -p vessel-vmm -p vessel-jailer -p containerd-shim-vessel-v2
-	VESSEL_GUEST_DIR=$(GUEST) RUNS=$${RUNS:-10} cargo test -q -p containerd-shim-vessel-v2 \
+	$(WORKSPACE_BINS)
+	VESSEL_GUEST_DIR=$(GUEST) RUNS=$${RUNS:-10} cargo test -q --workspace \
 		--test start_bench -- --ignored --nocapture
 
 bench-start-kvm: guest config
@@ -116,16 +120,16 @@ bench-start-kvm: guest config
 # pod + two containers) with leak checks every 100, then 20 pods at once
 # (SOAK_CYCLES, SOAK_PODS, SOAK_CHECK_EVERY). Not in CI: `make test` runs soak_ci.
 soak: deps guest config
-	cargo build -q -p vessel -p vessel-vmm -p vessel-jailer -p containerd-shim-vessel-v2
+	$(WORKSPACE_BINS)
 	VESSEL_GUEST_DIR=$(GUEST) VESSEL_GUEST_KERNEL=$(GUEST)/vmlinux cargo test -q \
-		-p containerd-shim-vessel-v2 --test soak -- --ignored --nocapture soak
+		--workspace --test soak -- --ignored --nocapture soak
 
 # Issue 14: 100 faults at random lifecycle points (FAULTS, FAULTS_SEED), with the table
 # fault / injections / recovered / leaks. `make test` runs faults_ci (each fault once).
 faults: deps guest config
-	cargo build -q -p vessel -p vessel-vmm -p vessel-jailer -p containerd-shim-vessel-v2
+	$(WORKSPACE_BINS)
 	VESSEL_GUEST_DIR=$(GUEST) VESSEL_GUEST_KERNEL=$(GUEST)/vmlinux cargo test -q \
-		-p containerd-shim-vessel-v2 --test faults -- --ignored --nocapture faults
+		--workspace --test faults -- --ignored --nocapture faults
 
 bench-vmm:
 	sh crates/vmm/bench/bench-vmm.sh

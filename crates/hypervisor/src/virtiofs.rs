@@ -8,8 +8,11 @@ use tokio::process::{Child, Command};
 use crate::process::{spawn, wait_for_path};
 use crate::{Error, Result, VmConfig};
 
-/// How long a helper may take to create its socket.
-pub const HELPER_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a helper (virtiofsd, vhost-device-vsock, QEMU's QMP socket) may take to
+/// create its socket: milliseconds on a real host; a hung helper is what it catches.
+/// 30 s, as for the built-in VMM's API socket: 10 s ran out for virtiofsd in the KVM
+/// lane, whose host side runs under emulation, with the host loaded.
+pub const HELPER_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// vhost-user socket of the virtiofsd serving shared directory `index`.
 pub fn socket(run_dir: &Path, index: usize) -> PathBuf {

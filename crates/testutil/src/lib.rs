@@ -244,6 +244,19 @@ pub fn vmms_at_or_below(pid: u32) -> Vec<(u32, String)> {
 }
 
 /// Polls `cond` until it holds or `timeout` passes; returns its last value.
+/// A test's wall-clock bound `d` scaled by `VESSEL_TEST_TIME_SCALE` (default 1). The KVM
+/// lane sets it (scripts/test-lane.sh): there the host side itself (L1's kernel, the
+/// shim, containerd) runs under emulation, so a bound that a real host meets with room
+/// to spare (checked by the same test on the host) would measure the emulator.
+pub fn scaled(d: Duration) -> Duration {
+    let scale = std::env::var("VESSEL_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|s| *s >= 1)
+        .unwrap_or(1);
+    d * scale
+}
+
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {

@@ -209,7 +209,10 @@ impl ContainerBuilderImpl {
             }
         }
 
-        if let Some(container) = &mut self.container {
+        // Vessel patch: a tenant (exec) carries the container only for its
+        // state; the container's saved pid and status stay those of init.
+        let is_init = self.is_init_container();
+        if let Some(container) = self.container.as_mut().filter(|_| is_init) {
             // update status and pid of the container process
             container
                 .set_status(ContainerStatus::Created)

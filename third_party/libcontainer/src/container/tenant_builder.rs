@@ -276,7 +276,10 @@ impl TenantContainerBuilder {
             rootfs,
             user_ns_config,
             notify_path: notify_path.clone(),
-            container: None,
+            // Vessel patch: the seccomp notify hand-off sends the
+            // container's state to the listener (0.7 passed None and so
+            // failed an exec whose profile has notify rules).
+            container: Some(container),
             preserve_fds: self.base.preserve_fds,
             detached: self.detached,
             executor: self.base.executor,
@@ -468,6 +471,12 @@ impl TenantContainerBuilder {
 
         if let Some(time_offsets) = spec_linux.time_offsets() {
             linux_builder = linux_builder.time_offsets(time_offsets.clone());
+        }
+
+        // Vessel patch: an exec'd process gets the container's seccomp
+        // profile, as runc's does (0.7 ran it unfiltered).
+        if let Some(seccomp) = spec_linux.seccomp() {
+            linux_builder = linux_builder.seccomp(seccomp.clone());
         }
 
         let linux = linux_builder.build()?;
@@ -909,6 +918,54 @@ mod tests {
             Some(&[spec_ns(Ipc), spec_ns(Pid)]),
         )?;
         assert_eq!(got, vec![want_ns(Ipc, "/proc/1/ns/ipc")]);
+        Ok(())
+    }
+
+    // Vessel patch: an exec'd process gets the container's seccomp profile.
+    #[test]
+    fn tenant_gets_the_containers_seccomp_profile() -> Result<(), LibcontainerError> {
+        let dir = tempfile::tempdir().unwrap();
+        let own_pid = std::process::id() as i32;
+        let container = Container::new(
+            "c",
+            ContainerStatus::Running,
+            Some(own_pid),
+            dir.path(),
+            dir.path(),
+        )?;
+        let spec = |seccomp: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion": "1.0.2", "root": {{"path": "/r"}},
+                    "process": {{"args": ["sh"], "cwd": "/", "user": {{"uid": 0, "gid": 0}}}},
+                    "linux": {{"namespaces": [{{"type": "mount"}}], "seccomp": {seccomp}}}}}"#
+            ))
+            .unwrap()
+        };
+        let builder = || {
+            TenantContainerBuilder::new(ContainerBuilder::new(
+                "c".to_string(),
+                SyscallType::default(),
+            ))
+            .with_container_args(vec!["true".to_string()])
+        };
+        let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW",
+            "listenerPath": "/run/agent/seccomp.sock",
+            "syscalls": [{"names": ["uname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 42},
+                         {"names": ["init_module"], "action": "SCMP_ACT_NOTIFY"}]}"#;
+        let mut with = spec(profile);
+        let want = with.linux().as_ref().unwrap().seccomp().clone();
+        assert!(want.is_some());
+        builder().adapt_spec_for_tenant(&mut with, &container)?;
+        let linux = with.linux().as_ref().unwrap();
+        assert_eq!(linux.seccomp(), &want);
+        assert_eq!(
+            linux.namespaces().as_ref().map(|n| n.len()),
+            Some(1),
+            "{linux:?}"
+        );
+        let mut without = spec("null");
+        builder().adapt_spec_for_tenant(&mut without, &container)?;
+        assert_eq!(without.linux().as_ref().unwrap().seccomp(), &None);
         Ok(())
     }
 }

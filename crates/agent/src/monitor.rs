@@ -4,7 +4,8 @@
 //! nothing. Instead the agent rewrites each container's seccomp profile
 //! ([`prepare`]) so that the syscalls it wants to see return
 //! SECCOMP_RET_USER_NOTIF, with the OCI `listenerPath` naming the agent's
-//! socket: libcontainer sends the notify fd there ([`serve`]), and the agent
+//! socket: libcontainer sends the notify fd there ([`serve`]; one per filter:
+//! the container's init and each exec'd process load the profile), and the agent
 //! answers each notification as the profile would have ([`Verdict`]) after
 //! recording a security event in the [`crate::journal`]:
 //! - every rule whose action is ERRNO (except ENOSYS ones, which answer

@@ -26,6 +26,7 @@ const PROBE: &str = r#"
 #include <unistd.h>
 #include <sys/mount.h>
 #include <sys/ptrace.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 static int err(long r) { return r < 0 ? errno : 0; }
 int main(void) {
@@ -36,8 +37,9 @@ int main(void) {
     int ptrace_ = err(syscall(SYS_ptrace, PTRACE_ATTACH, 1, 0, 0));
     int mount_ = err(mount("rootfs0", "/mnt", "virtiofs", 0, 0));
     int sethostname_ = err(sethostname("x", 1));
-    printf("init_module=%d finit_module=%d ptrace=%d mount=%d sethostname=%d\n",
-           init_module_, finit_module_, ptrace_, mount_, sethostname_);
+    int getpriority_ = err(syscall(SYS_getpriority, PRIO_PROCESS, 0));
+    printf("init_module=%d finit_module=%d ptrace=%d mount=%d sethostname=%d getpriority=%d\n",
+           init_module_, finit_module_, ptrace_, mount_, sethostname_, getpriority_);
     return 0;
 }
 "#;
@@ -52,10 +54,14 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
         // The VM's pid namespace: the agent is pid 1 for the probe.
         let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
         ns.retain(|n| n["type"] != "pid");
-        // The container's own profile denies sethostname with EACCES.
+        // The container's own profile denies sethostname with EACCES and
+        // getpriority (harmless, it succeeds unfiltered) with ENOMSG.
         c["linux"]["seccomp"] = serde_json::json!({
             "defaultAction": "SCMP_ACT_ALLOW",
-            "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]
+            "syscalls": [
+                {"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+                {"names": ["getpriority"], "action": "SCMP_ACT_ERRNO", "errnoRet": 42}
+            ]
         });
     });
     common::build_probe(&b.join("rootfs"), PROBE);
@@ -94,7 +100,7 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
     // profile's errno although the agent answered it; the rest fail in the
     // kernel (no modules, no CAP_SYS_ADMIN).
     assert!(out.contains("ptrace=1 "), "{out}");
-    assert!(out.contains("sethostname=13"), "{out}");
+    assert!(out.contains("sethostname=13 getpriority=42\n"), "{out}");
     for call in ["init_module", "finit_module", "mount"] {
         assert!(
             !out.contains(&format!("{call}=0 ")),
@@ -102,9 +108,9 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
         );
     }
     // An exec'd process runs under the container's filter (unfiltered, its
-    // sethostname would fail with EPERM for want of CAP_SYS_ADMIN, not with
-    // the profile's EACCES) and is monitored like init (its module loads
-    // are counted below).
+    // getpriority would succeed and its sethostname fail with EPERM for want
+    // of CAP_SYS_ADMIN) and is monitored like init (its module loads are
+    // counted below).
     let o = e.run(&["exec", id, "grep", "Seccomp:", "/proc/self/status"]);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
@@ -116,7 +122,10 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
     assert!(o.status.success(), "exec /probe: {}", text(&o));
     let exec_out = String::from_utf8_lossy(&o.stdout);
     assert!(exec_out.contains("ptrace=1 "), "{exec_out}");
-    assert!(exec_out.contains("sethostname=13"), "{exec_out}");
+    assert!(
+        exec_out.contains("sethostname=13 getpriority=42\n"),
+        "{exec_out}"
+    );
 
     let want: BTreeSet<&str> = [
         "module_load",

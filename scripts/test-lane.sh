@@ -280,6 +280,10 @@ suite() {
             {
                 echo "lane: suite $name timed out after $suite_timeout s (LANE_SUITE_TIMEOUT); its processes:"
                 ps -eo pid,stat,wchan:24,etime,args | grep -E '[v]essel|[q]emu|[v]irtiofsd|[c]ontainerd' | cut -c1-200 || true
+                # What the guests of the hung sandboxes said last (a guest kernel oops shows
+                # up here): the console logs of run directories of the last 30 minutes.
+                find /tmp /run/vessel -maxdepth 6 -name console.log -mmin -30 2>/dev/null | head -5 |
+                    while read -r f; do echo "--- $f (last 25 lines)"; tail -n 25 "$f" | cut -c1-200; done || true
                 echo "test result: FAILED. 0 passed; 1 failed"
             } | tee -a "$logs/$name.log"
         fi

@@ -38,15 +38,7 @@ pub fn parse(record: &str) -> Option<KernelLine<'_>> {
 
 /// Whether a kernel line reports an oops, a BUG or a panic.
 pub fn is_oops(message: &str) -> bool {
-    const MARKERS: [&str; 6] = [
-        "Oops:",
-        "BUG:",
-        "kernel BUG at",
-        "Kernel panic",
-        "general protection fault",
-        "Unable to handle kernel",
-    ];
-    MARKERS.iter().any(|m| message.starts_with(m))
+    vessel_protocol::kernel::is_crash(message)
 }
 
 /// Whether a kernel line reports a SysRq it handled (the kernel prefixes

@@ -232,6 +232,7 @@ fn forbidden_attempts_in_a_container_reach_the_host_as_events_and_log_lines() {
     assert!(counted, "security event counters missing: {metrics}");
 
     sysrq_writes_are_stopped_by_the_tripwire_or_seen_in_the_kernel_log(&e, id, &sock);
+    a_guest_kernel_crash_ends_the_vm_and_is_reported(&e, id);
 
     let o = e.run(&["delete", "--force", id]);
     assert!(o.status.success(), "delete: {}", text(&o));
@@ -325,6 +326,47 @@ fn sysrq_writes_are_stopped_by_the_tripwire_or_seen_in_the_kernel_log(
     );
     let detail = sysrq(&seen, None).unwrap();
     assert!(detail.starts_with("sysrq: HELP"), "{detail}");
+}
+
+/// The guest kernel crashing (a privileged `echo c > /proc/sysrq-trigger`; an oops
+/// does the same, the guest kernel panics on one): the VM ends, the container is
+/// reported stopped, and the host finds the crash on the dead VM's console and
+/// reports it as a `kernel_oops` event. Last: it ends the sandbox's VM.
+fn a_guest_kernel_crash_ends_the_vm_and_is_reported(e: &common::Env, id: &str) {
+    let process = e.dir.path().join("crash-process.json");
+    let caps = serde_json::json!(["CAP_SYS_ADMIN"]);
+    std::fs::write(
+        &process,
+        serde_json::to_vec(&serde_json::json!({
+            // The tripwire is already unmounted (the exec above, same mount namespace).
+            "args": ["sh", "-c", "umount /proc/sysrq-trigger 2>/dev/null; echo c > /proc/sysrq-trigger"],
+            "cwd": "/",
+            "env": ["PATH=/bin:/sbin:/usr/bin"],
+            "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    // The exec never gets its exit: its VM is gone.
+    let _ = e.run(&["exec", "--process", process.to_str().unwrap(), id]);
+    e.wait_status(id, "stopped", Duration::from_secs(60));
+    let mut seen = Vec::new();
+    let oops = |seen: &[serde_json::Value]| -> Option<String> {
+        seen.iter()
+            .find(|v| v["data"]["kind"] == "kernel_oops")
+            .map(|v| v["data"]["detail"].as_str().unwrap_or_default().to_string())
+    };
+    let found = wait_until(Duration::from_secs(30), || {
+        seen = security_events(e, id);
+        oops(&seen).is_some()
+    });
+    assert!(
+        found,
+        "no kernel_oops event for the crashed guest: {seen:#?}"
+    );
+    let detail = oops(&seen).unwrap();
+    assert!(detail.starts_with("Kernel panic"), "{detail}");
 }
 
 /// The sandbox's security events so far (`vessel events --stats`).

@@ -14,7 +14,7 @@ pub mod qemu;
 pub mod snapshot;
 mod virtiofs;
 
-pub use process::log_tail;
+pub use process::{exit_log_tail, log_tail};
 
 use std::fmt;
 use std::os::fd::OwnedFd;

@@ -11,12 +11,14 @@
 //! - [`request`]: what the agent checks in a request before it acts (ids, paths, sizes).
 //! - [`hybrid_vsock`]: the Firecracker-style `CONNECT <port>` handshake that the
 //!   host speaks over a Unix socket to reach a guest vsock port.
+//! - [`kernel`]: the guest kernel's oops and panic lines, for the agent and the host.
 //!
 //! This crate does no I/O policy (timeouts, retries): callers decide those.
 
 pub mod error;
 pub mod hybrid_vsock;
 pub mod id;
+pub mod kernel;
 pub mod net;
 pub mod policy;
 pub mod ports;

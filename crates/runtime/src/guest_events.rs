@@ -112,6 +112,30 @@ fn kind(k: WireKind) -> Option<SecurityKind> {
     })
 }
 
+/// The `kernel_oops` event of a VM that died, if the last lines of its console log
+/// (`tail`, already capped by the caller) show the guest kernel crashing: the guest
+/// kernel panics on an oops (guest/kernel/vessel.config), so the agent cannot report
+/// it and the console is where it is left. The first crash line is the detail. The
+/// console is guest-writable (a process that may write /dev/kmsg can print such a
+/// line too), so this names what the console showed when the VM ended; it does not
+/// prove a kernel bug. Time: the host's.
+pub fn console_crash(tail: &str) -> Option<SecurityEvent> {
+    let line = tail
+        .lines()
+        .map(vessel_protocol::kernel::console_message)
+        .find(|m| vessel_protocol::kernel::is_crash(m))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    Some(SecurityEvent {
+        kind: SecurityKind::KernelOops,
+        container: None,
+        syscall: None,
+        detail: clean(line, MAX_TEXT),
+        guest_time_ms: now,
+    })
+}
+
 /// Checks and caps a reply. An invalid instance id is an error; past that,
 /// entries over the batch cap are dropped (counted), bad container ids
 /// become none, unknown event kinds are dropped (counted), text is cleaned.
@@ -280,6 +304,23 @@ pub fn log_security_event(sandbox: &str, e: &SecurityEvent) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_crash_on_the_console_of_a_dead_vm_is_a_kernel_oops_event() {
+        let tail = "[    1.0] virtio_fs: request\n[    2.5] general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP\n[    2.6] Kernel panic - not syncing: Fatal exception\n";
+        let e = console_crash(tail).unwrap();
+        assert_eq!(e.kind, SecurityKind::KernelOops);
+        assert!(
+            e.detail.starts_with("general protection fault"),
+            "{}",
+            e.detail
+        );
+        assert_eq!(e.container, None);
+        assert_eq!(console_crash("[ 1.0] reboot: Power down\nbye\n"), None);
+        // Control characters of a hostile console line are blanked.
+        let e = console_crash("Oops: \x1b[2Jx").unwrap();
+        assert_eq!(e.detail, "Oops:  [2Jx");
+    }
+
     use super::*;
     use vessel_protocol::agent::{LogRecord, SecurityEvent as WireEvent};
 

@@ -414,6 +414,11 @@ impl Sandbox {
         &self.run_dir
     }
 
+    /// The guest console log (bounded; written by the VM, so never trusted).
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join(CONSOLE_LOG)
+    }
+
     pub fn timing(&self) -> BootTiming {
         self.timing
     }

@@ -196,6 +196,8 @@ impl Inner {
             PodEvent::Security { sandbox, event } => {
                 vessel_runtime::guest_events::log_security_event(&sandbox, &event)
             }
+            // Its processes' exits were published already.
+            PodEvent::VmExited => {}
         }
     }
 

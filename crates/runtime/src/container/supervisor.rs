@@ -39,6 +39,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const RESIZE_POLL: Duration = Duration::from_millis(200);
 /// How long an OOM event may trail a SIGKILL exit.
 const OOM_GRACE: Duration = Duration::from_secs(2);
+/// How long a container whose VM died waits for the VM's crash report.
+const VM_REPORT_GRACE: Duration = Duration::from_secs(3);
 /// How long requests in flight when init exited still get their replies.
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 /// Exit status when the sandbox died under the container.
@@ -415,6 +417,24 @@ pub async fn serve(
         // A forced stop ends the container as SIGKILL would.
         End::Stopped => KILLED,
     };
+    if status == SANDBOX_DIED {
+        // The VM died (or its agent is gone): init's exit came from the broken agent
+        // connection, and what the VM's console showed (a kernel crash) comes after
+        // it, from the VM's watcher. Give it a moment.
+        let trailing = async {
+            while let Some(e) = events.recv().await {
+                match e {
+                    PodEvent::Security { sandbox, event } => {
+                        guest_events::log_security_event(&sandbox, &event);
+                        guest_events::record(dir, &event, &mut security_events);
+                    }
+                    PodEvent::VmExited => return,
+                    _ => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(VM_REPORT_GRACE, trailing).await;
+    }
     if status == KILLED && ooms == 0 {
         // The OOM event may trail the exit: give it a moment.
         let trailing = async {

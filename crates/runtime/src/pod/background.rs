@@ -8,6 +8,10 @@ use std::time::SystemTime;
 use tokio::sync::{mpsc, watch};
 
 use super::{Containers, Exit, Pod, PodEvent, EVENTS_WAIT, LOST_EXIT_STATUS};
+
+/// Lines of a dead VM's console log searched for a kernel crash (an oops report is
+/// 30-60 lines; the crash line comes first).
+const CONSOLE_CRASH_LINES: usize = 80;
 use crate::agent::AgentClient;
 use crate::metrics::{self, MetricsServer};
 
@@ -147,10 +151,30 @@ impl Pod {
             self.events.clone(),
         );
         let (id, host_pid) = (self.id.clone(), self.host_pid());
+        let security = self.security.clone();
         self.tasks.push(tokio::spawn(async move {
             let exit = sandbox.vm().wait().await;
             log::error!("pod {id}: the VM exited unexpectedly ({exit}); its processes are lost");
+            // A guest kernel that oopsed panics and ends the VM: its console says so.
+            let console = sandbox.console_log();
+            let tail = tokio::task::spawn_blocking(move || {
+                vessel_hypervisor::exit_log_tail(&console, CONSOLE_CRASH_LINES)
+            })
+            .await
+            .unwrap_or_default();
+            if let Some(event) = crate::guest_events::console_crash(&tail) {
+                log::error!(
+                    "pod {id}: the guest console shows a kernel crash: {}",
+                    event.detail
+                );
+                security.count(&event);
+                let _ = events.send(PodEvent::Security {
+                    sandbox: id.clone(),
+                    event,
+                });
+            }
             vm_died(&containers, &events, &id, host_pid);
+            let _ = events.send(PodEvent::VmExited);
         }));
         let (agent, events) = (self.agent.clone(), self.events.clone());
         self.tasks.push(tokio::spawn(async move {

@@ -118,6 +118,9 @@ pub enum PodEvent {
         sandbox: String,
         event: crate::guest_events::SecurityEvent,
     },
+    /// The VM ended on its own: sent last, after the crash report its console gave
+    /// (a [`PodEvent::Security`]) and every process's exit.
+    VmExited,
 }
 
 /// How long one `GetEvents` long poll waits.

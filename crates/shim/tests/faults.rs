@@ -387,7 +387,8 @@ async fn remove_pod(rt: &mut Runtime, pod: &str) -> Step {
 }
 
 /// The bundle whose container may kill the agent: the VM's PID namespace,
-/// CAP_SYS_PTRACE, and tests/support/kill-agent.c built static into /bin.
+/// CAP_SYS_PTRACE, a seccomp profile that allows ptrace itself, and
+/// tests/support/kill-agent.c built static into /bin.
 fn agent_killer_bundle(rig: &Rig) -> PathBuf {
     let b = rig.bundle("agentkill", &["sleep", "100000"]);
     let bin = b.join("rootfs/bin/kill-agent");
@@ -411,6 +412,12 @@ fn agent_killer_bundle(rig: &Rig) -> PathBuf {
                 .unwrap()
                 .push("CAP_SYS_PTRACE".into());
         }
+        // A profile with its own ptrace rule: the agent's escape monitor then adds none
+        // (its rule would deny ptrace of the agent, also for exec'd processes).
+        c["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["ptrace"], "action": "SCMP_ACT_LOG"}],
+        });
         std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
     }
     b

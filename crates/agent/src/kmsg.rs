@@ -36,11 +36,6 @@ pub fn parse(record: &str) -> Option<KernelLine<'_>> {
     })
 }
 
-/// Whether a kernel line reports an oops, a BUG or a panic.
-pub fn is_oops(message: &str) -> bool {
-    vessel_protocol::kernel::is_crash(message)
-}
-
 /// Whether a kernel line reports a SysRq it handled (the kernel prefixes
 /// them all with `sysrq: `).
 pub fn is_sysrq(message: &str) -> bool {
@@ -52,7 +47,7 @@ pub fn event_of(line: &KernelLine<'_>) -> Option<Kind> {
     if line.facility != 0 {
         return None;
     }
-    if is_oops(line.message) {
+    if vessel_protocol::kernel::is_crash(line.message) {
         Some(Kind::KERNEL_OOPS)
     } else if is_sysrq(line.message) {
         Some(Kind::SYSRQ_TRIGGER)
@@ -130,26 +125,6 @@ mod tests {
         assert_eq!(parse("14,1,2,-;hello").unwrap().facility, 1);
         assert_eq!(parse("garbage"), None);
         assert_eq!(parse("x,1,2,-;text"), None);
-    }
-
-    #[test]
-    fn oopses_bugs_and_panics_are_recognised_and_warnings_are_not() {
-        for m in [
-            "Oops: 0002 [#1] PREEMPT SMP",
-            "BUG: kernel NULL pointer dereference, address: 0000000000000000",
-            "kernel BUG at mm/slub.c:42!",
-            "Kernel panic - not syncing: Fatal exception",
-            "general protection fault, probably for non-canonical address",
-        ] {
-            assert!(is_oops(m), "{m}");
-        }
-        for m in [
-            "WARNING: CPU: 0 PID: 1",
-            "random: crng init done",
-            "a BUG: later",
-        ] {
-            assert!(!is_oops(m), "{m}");
-        }
     }
 
     #[test]

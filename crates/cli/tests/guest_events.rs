@@ -300,21 +300,11 @@ fn sysrq_writes_are_stopped_by_the_tripwire_or_seen_in_the_kernel_log(
 
     // Privileged: CAP_SYS_ADMIN unmounts the tripwire; the write reaches the
     // kernel's file (the container's readonlyPaths entry was the tripwire's).
-    let process = e.dir.path().join("sysrq-process.json");
-    let caps = serde_json::json!(["CAP_SYS_ADMIN"]);
-    std::fs::write(
-        &process,
-        serde_json::to_vec(&serde_json::json!({
-            "args": ["sh", "-c", "umount /proc/sysrq-trigger && echo h > /proc/sysrq-trigger"],
-            "cwd": "/",
-            "env": ["PATH=/bin:/sbin:/usr/bin"],
-            "user": {"uid": 0, "gid": 0},
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    let o = e.run(&["exec", "--process", process.to_str().unwrap(), id]);
+    let o = privileged_exec(
+        e,
+        id,
+        "umount /proc/sysrq-trigger && echo h > /proc/sysrq-trigger",
+    );
     assert!(o.status.success(), "privileged exec: {}", text(&o));
     let found = wait_until(Duration::from_secs(30), || {
         seen = security_events(e, id);
@@ -333,23 +323,13 @@ fn sysrq_writes_are_stopped_by_the_tripwire_or_seen_in_the_kernel_log(
 /// reported stopped, and the host finds the crash on the dead VM's console and
 /// reports it as a `kernel_oops` event. Last: it ends the sandbox's VM.
 fn a_guest_kernel_crash_ends_the_vm_and_is_reported(e: &common::Env, id: &str) {
-    let process = e.dir.path().join("crash-process.json");
-    let caps = serde_json::json!(["CAP_SYS_ADMIN"]);
-    std::fs::write(
-        &process,
-        serde_json::to_vec(&serde_json::json!({
-            // The tripwire is already unmounted (the exec above, same mount namespace).
-            "args": ["sh", "-c", "umount /proc/sysrq-trigger 2>/dev/null; echo c > /proc/sysrq-trigger"],
-            "cwd": "/",
-            "env": ["PATH=/bin:/sbin:/usr/bin"],
-            "user": {"uid": 0, "gid": 0},
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    // The exec never gets its exit: its VM is gone.
-    let _ = e.run(&["exec", "--process", process.to_str().unwrap(), id]);
+    // The tripwire is already unmounted (the exec above, same mount namespace). The
+    // exec never gets its exit: its VM is gone.
+    let _ = privileged_exec(
+        e,
+        id,
+        "umount /proc/sysrq-trigger 2>/dev/null; echo c > /proc/sysrq-trigger",
+    );
     e.wait_status(id, "stopped", Duration::from_secs(60));
     let mut seen = Vec::new();
     let oops = |seen: &[serde_json::Value]| -> Option<String> {
@@ -367,6 +347,26 @@ fn a_guest_kernel_crash_ends_the_vm_and_is_reported(e: &common::Env, id: &str) {
     );
     let detail = oops(&seen).unwrap();
     assert!(detail.starts_with("Kernel panic"), "{detail}");
+}
+
+/// `vessel exec` of `sh -c script` as root with CAP_SYS_ADMIN (which may unmount
+/// the tripwire).
+fn privileged_exec(e: &common::Env, id: &str, script: &str) -> std::process::Output {
+    let process = e.dir.path().join("privileged-process.json");
+    let caps = serde_json::json!(["CAP_SYS_ADMIN"]);
+    std::fs::write(
+        &process,
+        serde_json::to_vec(&serde_json::json!({
+            "args": ["sh", "-c", script],
+            "cwd": "/",
+            "env": ["PATH=/bin:/sbin:/usr/bin"],
+            "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    e.run(&["exec", "--process", process.to_str().unwrap(), id])
 }
 
 /// The sandbox's security events so far (`vessel events --stats`).

@@ -284,16 +284,21 @@ mod tests {
         assert!(children.iter_mut().all(|c| c.try_wait().unwrap().is_some()));
     }
 
-    #[tokio::test]
-    async fn helpers_that_ignore_sigterm_share_one_grace() {
-        let mut children: Vec<Child> = (0..3)
+    /// `n` children that ignore SIGTERM (`sh` sets it ignored, which exec keeps).
+    fn ignoring_sigterm(n: usize) -> Vec<Child> {
+        (0..n)
             .map(|_| {
                 tokio::process::Command::new("sh")
                     .args(["-c", "trap '' TERM; exec sleep 100"])
                     .spawn()
                     .unwrap()
             })
-            .collect();
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn helpers_that_ignore_sigterm_share_one_grace() {
+        let mut children = ignoring_sigterm(3);
         // Let the shells install their trap (an ignored signal stays ignored across exec).
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_secs(5)
@@ -323,14 +328,7 @@ mod tests {
 
     #[tokio::test]
     async fn kill_all_does_not_wait_for_a_grace() {
-        let mut children: Vec<Child> = (0..2)
-            .map(|_| {
-                tokio::process::Command::new("sh")
-                    .args(["-c", "trap '' TERM; exec sleep 100"])
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
+        let mut children = ignoring_sigterm(2);
         let t = std::time::Instant::now();
         kill_all(&mut children).await;
         assert!(children.iter_mut().all(|c| c.try_wait().unwrap().is_some()));

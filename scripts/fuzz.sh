@@ -9,6 +9,7 @@
 #   scripts/fuzz.sh --ci     make fuzz-ci: 30 s a target, no sanitizer (debug assertions
 #                            and overflow checks stay on): the build fits the CI budget
 # Env: FUZZ_SECONDS, FUZZ_SANITIZER (address|none), FUZZ_TARGETS (space-separated subset),
+#      FUZZ_JOBS (targets run at once: one per CPU),
 #      FUZZ_TIMEOUT (s per input, 10), FUZZ_RSS_MB (2048).
 # The committed seeds are fuzz/corpus/<target>/ (read only); what a run finds goes to
 # fuzz/corpus-work/<target>/ (not committed), which later runs start from.
@@ -60,9 +61,9 @@ fi
 say "built in $((SECONDS - start)) s"
 bin=$root/fuzz/target/x86_64-unknown-linux-gnu/release
 
-failed=()
-rows=()
-for t in $targets; do
+# One target's run: its row (or its failure) goes to $results/<target>.{row,failed}.
+run_target() {
+    local t=$1 work art seeds log before rc=0 execs rate corpus new crashes
     work=$root/fuzz/corpus-work/$t
     art=$root/fuzz/artifacts/$t
     seeds=$root/fuzz/corpus/$t
@@ -70,7 +71,6 @@ for t in $targets; do
     log=$root/fuzz/artifacts/$t.log
     before=$(ls -1 "$art")
     say "$t: $seconds s"
-    rc=0
     "$bin/$t" "$work" "$seeds" -max_total_time="$seconds" -timeout="$timeout_s" \
         -rss_limit_mb="$rss_mb" -artifact_prefix="$art/" -print_final_stats=1 \
         >"$log" 2>&1 || rc=$?
@@ -81,14 +81,37 @@ for t in $targets; do
     crashes=$(grep -c . <<<"$new" || true)
     if ((rc != 0)); then
         ((crashes > 0)) || crashes=1
-        failed+=("$t: exit $rc, log $log${new:+, reproducer(s): $(echo $new)}")
+        echo "$t: exit $rc, log $log${new:+, reproducer(s): $(echo $new)}" >"$results/$t.failed"
     fi
-    rows+=("$(printf '%-16s %12s %10s %8s %8s' "$t" "${execs:-?}" "${rate:-?}" "${corpus:-?}" "$crashes")")
+    printf '%-16s %12s %10s %8s %8s\n' "$t" "${execs:-?}" "${rate:-?}" "${corpus:-?}" "$crashes" >"$results/$t.row"
+}
+
+# A libFuzzer run is one thread: FUZZ_JOBS targets (one per CPU by default) run at once,
+# each for its full FUZZ_SECONDS.
+jobs=${FUZZ_JOBS:-$(nproc)}
+results=$(mktemp -d)
+trap 'rm -rf "$results"' EXIT
+running=0
+for t in $targets; do
+    if ((running >= jobs)); then
+        wait -n || true
+        running=$((running - 1))
+    fi
+    run_target "$t" &
+    running=$((running + 1))
+done
+wait
+failed=()
+rows=()
+for t in $targets; do
+    [[ -s $results/$t.row ]] || echo "$t: no result (its run did not finish)" >"$results/$t.failed"
+    [[ -s $results/$t.failed ]] && failed+=("$(cat "$results/$t.failed")")
+    rows+=("$(cat "$results/$t.row" 2>/dev/null || printf '%-16s %12s' "$t" '?')")
 done
 
 printf '%-16s %12s %10s %8s %8s\n' target executions exec/s corpus crashes
 printf '%s\n' "${rows[@]}"
-echo "fuzz: $(wc -w <<<"$targets") targets, $seconds s each, sanitizer $sanitizer, $((SECONDS - start)) s in all"
+echo "fuzz: $(wc -w <<<"$targets") targets, $seconds s each ($jobs at once), sanitizer $sanitizer, $((SECONDS - start)) s in all"
 if ((${#failed[@]})); then
     for f in "${failed[@]}"; do say "CRASH $f"; done
     exit 1

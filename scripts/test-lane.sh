@@ -10,6 +10,7 @@
 # DEFAULT_SUITES; `all`, or space-separated names from the table, e.g. "check
 # lifecycle-builtin"), LANE_QEMU_LIFECYCLE_TESTS (the CLI tests lifecycle-qemu-kvm runs;
 # default: four that boot QEMU/KVM through each lifecycle path, see below; `all`),
+# LANE_ALL_TESTS (1: every test of each suite, not the backend-dependent subsets below),
 # LANE_PARALLEL (2: L1 VMs running the suites at once, one vCPU each),
 # LANE_TEST_FILTER (libtest arguments appended to every test suite, e.g. one test's
 # name), LANE_SUITE_TIMEOUT (900 s: one suite's bound), and kvm-lane.sh's (LANE_MEM_MIB, LANE_TIMEOUT, ...).
@@ -21,6 +22,7 @@ GUEST=${VESSEL_GUEST_DIR:-$ROOT/build/guest}
 # The test executables the suites run, as package:test-target.
 TEST_TARGETS=(
     vessel-vmm:hardware_kvm
+    vessel-vmm:linux_boot
     vessel-runtime:sandbox_snapshot
     vessel:lifecycle
     vessel:network
@@ -46,27 +48,32 @@ TEST_TARGETS=(
 SUITES='
 check               builtin     30  check_builtin
 hardware_kvm        builtin     65  hardware_kvm      --test-threads=1
+linux_boot          builtin     30  linux_boot        --test-threads=1 linux_boots_to_init_with_virtio_devices_probed
 sandbox_snapshot    qemu-kvm   110  sandbox_snapshot  --test-threads=1
-lifecycle-builtin   builtin    390  lifecycle         --test-threads=$threads
+lifecycle-builtin   builtin    260  lifecycle         --test-threads=$threads $builtin_lifecycle_tests
 lifecycle-qemu-kvm  qemu-kvm   150  lifecycle         --test-threads=$threads $qemu_lifecycle_tests
-network-builtin     builtin    110  vessel:network    --test-threads=1
+network-builtin     builtin     75  vessel:network    --test-threads=1 $builtin_network_tests
 network-qemu-kvm    qemu-kvm   110  vessel:network    --test-threads=1
 ctr-builtin         builtin    225  ctr               --test-threads=$threads
-ctr-qemu-kvm        qemu-kvm   230  ctr               --test-threads=$threads
-cri-builtin         builtin    420  cri               --test-threads=$threads
-cri-qemu-kvm        qemu-kvm   410  cri               --test-threads=$threads
+ctr-qemu-kvm        qemu-kvm    90  ctr               --test-threads=$threads $qemu_ctr_tests
+cri-builtin         builtin    180  cri               --test-threads=$threads $cri_tests
+cri-qemu-kvm        qemu-kvm   180  cri               --test-threads=$threads $cri_tests
 ctr-cni-builtin     builtin    110  containerd-shim-vessel-v2:network --test-threads=1
 cri-cni-builtin     builtin    205  cri_network       --test-threads=1
 hostile-builtin     builtin    255  hostile           --test-threads=1 $no_flood
-publish-builtin     builtin    145  publish           --test-threads=1
+publish-builtin     builtin     80  publish           --test-threads=1 $publish_tests
 templates-builtin   builtin     75  vessel:templates  --test-threads=1
 faults-builtin      builtin    265  faults            --test-threads=1 --nocapture faults_ci
 start-bench         builtin    900  containerd-shim-vessel-v2:start_bench --ignored --nocapture --test-threads=1
 '
-# What `make test` runs: every suite but network-qemu-kvm (QEMU's networking is tested on
-# the host with TCG; the lane proves the built-in VMM's).
-DEFAULT_SUITES="check hardware_kvm sandbox_snapshot lifecycle-builtin lifecycle-qemu-kvm network-builtin
-    ctr-builtin ctr-qemu-kvm cri-builtin cri-qemu-kvm ctr-cni-builtin cri-cni-builtin hostile-builtin
+# What `make test` runs: every suite but network-qemu-kvm and ctr-cni-builtin. QEMU's
+# networking is tested on the host with TCG, and the lane proves the built-in VMM's
+# (network-builtin: its virtio-net and tap; cri-cni-builtin: a CNI pod network through the
+# shim). The shim's ctr + CNI path is the same for both backends and runs on the host.
+# Within suites, the lane runs the tests whose outcome depends on the backend or its
+# accelerator; see the test lists below (LANE_ALL_TESTS=1 runs every test of each suite).
+DEFAULT_SUITES="check hardware_kvm linux_boot sandbox_snapshot lifecycle-builtin lifecycle-qemu-kvm
+    network-builtin ctr-builtin ctr-qemu-kvm cri-builtin cri-qemu-kvm cri-cni-builtin hostile-builtin
     publish-builtin templates-builtin faults-builtin"
 
 say() { echo "test-lane: $*" >&2; }
@@ -146,7 +153,7 @@ for g in groups:
         say "lane $i of ${#groups[@]}: $group"
         (
             rc=0
-            LANE_SUITES=$group LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_SUITE_TIMEOUT LANE_TEST_THREADS LANE_TEST_FILTER LANE_QEMU_LIFECYCLE_TESTS" \
+            LANE_SUITES=$group LANE_ENV="${LANE_ENV:-} LANE_SUITES LANE_SUITE_TIMEOUT LANE_TEST_THREADS LANE_TEST_FILTER LANE_QEMU_LIFECYCLE_TESTS LANE_ALL_TESTS" \
                 LANE_VERBOSE=1 LANE_TIMEOUT=${LANE_TIMEOUT:-2700} \
                 scripts/kvm-lane.sh "$0" --in-lane "$list" </dev/null 2>&1 || rc=$?
             echo "$rc" >"$rcs/$i"
@@ -188,11 +195,40 @@ suite_timeout=${LANE_SUITE_TIMEOUT:-900}
 # One line: DEFAULT_SUITES spans lines, and the match below is on " name ".
 # shellcheck disable=SC2116,SC2086
 selected=$(echo ${LANE_SUITES:-$DEFAULT_SUITES})
-# QEMU/KVM through the CLI: run, create/start/state/delete, exec with pause/resume, and
-# signals. The other lifecycle tests (stdio, mounts, hooks, process settings) do not
-# depend on the backend's accelerator: lifecycle-builtin runs them in the lane and every
-# one runs on the host with QEMU (TCG). `all` runs the 11 (about 370 s in the lane).
+# The tests a suite runs when it does not run them all (LANE_ALL_TESTS=1 runs all). The
+# lane proves what depends on the backend or on hardware KVM; what the agent does in any
+# VM (namespaces, cgroups, stdio, mounts, hooks, process settings) is the same on every
+# backend and runs on the host with QEMU (TCG), every test of every suite.
+# - The built-in VMM through the CLI: run, create/start/state/delete, stdin and 10 MiB of
+#   stdout (its vsock), bind mounts (its virtio-fs), two VMs at once and a forced delete,
+#   exec and pause/resume. Process settings, signals, hooks and the CLI's signal
+#   forwarding are the agent's and the CLI's.
+builtin_lifecycle_tests="run_echo_and_exit_code create_start_state_delete stdin_is_piped
+    ten_mib_of_stdout_arrives_intact_before_exit tmpfs_and_host_bind_mounts
+    two_containers_at_once_and_delete_force exec_plain_and_pause_resume"
+# - QEMU/KVM through the CLI: run, create/start/state/delete, exec with pause/resume, and
+#   signals (`all`: the 11, about 370 s in the lane). LANE_QEMU_LIFECYCLE_TESTS overrides.
 qemu_lifecycle_tests=${LANE_QEMU_LIFECYCLE_TESTS:-run_echo_and_exit_code create_start_state_delete exec_plain_and_pause_resume kill_sigterm_trap_and_sigkill}
+# - QEMU/KVM through the shim and ctr: a task's run, output and exit codes (the exec,
+#   metrics and terminal paths run on the built-in VMM here and on QEMU on the host).
+qemu_ctr_tests=run_echo_hi_and_exit_codes
+# - CRI, both backends: a pod of two containers in one VM (the rootfs shares of a running
+#   VM) and the hypervisor's death; namespace sharing, resource updates and a forking init
+#   are the agent's and run on the host.
+cri_tests="pod_with_two_containers_is_one_vm killing_the_hypervisor_exits_the_containers"
+# - The built-in VMM's network: HTTP both ways over a veth namespace (its virtio-net and
+#   tap), the VMM in a new namespace, IPv6. The errors, loopback-only and tc clean-up
+#   after a killed supervisor are the runtime's and the agent's.
+builtin_network_tests="http_both_ways_over_a_veth_namespace
+    a_new_namespace_holds_the_container_pid_and_its_vmm_and_goes_with_delete
+    ipv6_addresses_and_default_route_reach_the_guest"
+# - A published port of a built-in VMM container, through podman; docker's `-p` takes
+#   the same path into the VM and runs on the host.
+publish_tests=podman_publishes_a_port_of_a_vessel_container
+if [[ ${LANE_ALL_TESTS:-0} == 1 ]]; then
+    qemu_lifecycle_tests=all qemu_ctr_tests= cri_tests=
+    builtin_lifecycle_tests= builtin_network_tests= publish_tests=
+fi
 # hostile's console flood is not run in L1: every console byte is a VM exit through the
 # emulated L1 (4 MiB did not finish in 12 min); the built-in VMM's serial cap is proven on
 # the host (crates/vmm/tests/tiny_guest.rs serial_flood_stays_under_the_log_cap).

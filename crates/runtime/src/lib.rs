@@ -26,6 +26,7 @@ pub mod container;
 #[cfg(feature = "test-fakes")]
 pub mod fake;
 pub mod guest_events;
+#[cfg(feature = "image")]
 pub mod image;
 pub mod limits;
 pub mod metrics;

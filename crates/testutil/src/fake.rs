@@ -119,9 +119,21 @@ impl FakeAgent {
         server.start().await.map_err(std::io::Error::other)?;
         let listener = UnixListener::bind(uds)?;
         let target = ttrpc_path.clone();
+        // The connections are the mux task's: aborting it (stop, drop) ends them, as a
+        // VM's death does. Left running, they would keep the ttrpc server's graceful
+        // shutdown waiting out its 5 s connection timeout.
         let mux = tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(hybrid_vsock(conn, target.clone()));
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((conn, _)) => {
+                            connections.spawn(hybrid_vsock(conn, target.clone()));
+                        }
+                        Err(_) => break,
+                    },
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
             }
         });
         let mut ready = std::ffi::OsString::from(uds.as_os_str());

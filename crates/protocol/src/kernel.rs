@@ -18,6 +18,15 @@ pub fn is_crash(message: &str) -> bool {
     CRASH_MARKERS.iter().any(|m| message.starts_with(m))
 }
 
+/// The guest kernel's panic when init exits: in a Vessel guest, init is the agent.
+const INIT_EXIT: &str = "Kernel panic - not syncing: Attempted to kill init!";
+
+/// Whether a kernel message (without its printk time stamp) is the panic that ends the
+/// guest when its init (the agent, PID 1) exits.
+pub fn is_init_exit(message: &str) -> bool {
+    message.starts_with(INIT_EXIT)
+}
+
 /// A console line without its printk time stamp (`[    1.234567] `), if it has one.
 pub fn console_message(line: &str) -> &str {
     let t = line.trim_start();
@@ -52,6 +61,26 @@ mod tests {
             " Oops: indented",
         ] {
             assert!(!is_crash(m), "{m}");
+        }
+    }
+
+    #[test]
+    fn the_panic_of_an_exiting_init_is_recognised_and_near_misses_are_not() {
+        for l in [
+            "[    7.123456] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009",
+            "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100",
+        ] {
+            let m = console_message(l);
+            assert!(is_init_exit(m), "{m}");
+            assert!(is_crash(m), "{m}");
+        }
+        for m in [
+            "Kernel panic - not syncing: Fatal exception",
+            "Kernel panic - not syncing: Attempted to kill the idle task!",
+            "---[ end Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009 ]---",
+            "Attempted to kill init! exitcode=0x00000009",
+        ] {
+            assert!(!is_init_exit(console_message(m)), "{m}");
         }
     }
 

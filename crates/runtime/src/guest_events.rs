@@ -52,6 +52,9 @@ pub enum SecurityKind {
     KernelOops,
     /// The agent's instance id changed: the agent (and so the guest) restarted.
     AgentRestarted,
+    /// The agent, the guest's PID 1, exited: the guest kernel panicked ("Attempted to
+    /// kill init") and the VM ended. Host only: read from the dead VM's console.
+    AgentExited,
 }
 
 /// A security event of a sandbox.
@@ -112,23 +115,27 @@ fn kind(k: WireKind) -> Option<SecurityKind> {
     })
 }
 
-/// The `kernel_oops` event of a VM that died, if the last lines of its console log
-/// (`tail`, already capped by the caller) show the guest kernel crashing: the guest
-/// kernel panics on an oops (guest/kernel/vessel.config), so the agent cannot report
-/// it and the console is where it is left. The first crash line is the detail. The
-/// console is guest-writable (a process that may write /dev/kmsg can print such a
-/// line too), so this names what the console showed when the VM ended; it does not
-/// prove a kernel bug. Time: the host's.
+/// The event of a VM that died, if the last lines of its console log (`tail`, already
+/// capped by the caller) show the guest kernel crashing: the guest kernel panics on an
+/// oops (guest/kernel/vessel.config), so the agent cannot report it and the console is
+/// where it is left. The first crash line is the detail; it is `agent_exited` if that
+/// line is the panic of init's exit (the agent is PID 1), else `kernel_oops`. The
+/// console is guest-writable (a process that may write /dev/kmsg can print such a line
+/// too), so this names what the console showed when the VM ended; it does not prove a
+/// kernel bug or the agent's death. Time: the host's.
 pub fn console_crash(tail: &str) -> Option<SecurityEvent> {
-    let line = tail
-        .lines()
-        .map(vessel_protocol::kernel::console_message)
-        .find(|m| vessel_protocol::kernel::is_crash(m))?;
+    use vessel_protocol::kernel::{console_message, is_crash, is_init_exit};
+    let line = tail.lines().map(console_message).find(|m| is_crash(m))?;
+    let kind = if is_init_exit(line) {
+        SecurityKind::AgentExited
+    } else {
+        SecurityKind::KernelOops
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
     Some(SecurityEvent {
-        kind: SecurityKind::KernelOops,
+        kind,
         container: None,
         syscall: None,
         detail: clean(line, MAX_TEXT),
@@ -319,6 +326,29 @@ mod tests {
         // Control characters of a hostile console line are blanked.
         let e = console_crash("Oops: \x1b[2Jx").unwrap();
         assert_eq!(e.detail, "Oops:  [2Jx");
+    }
+
+    #[test]
+    fn the_panic_of_the_agents_exit_on_the_console_of_a_dead_vm_is_an_agent_exited_event() {
+        let tail = "[    6.9] virtio_fs: request\n[    7.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009\n[    7.1] CPU: 0 PID: 1 Comm: vessel-agent Not tainted 6.1.0\n[    7.2] ---[ end Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009 ]---\n";
+        let e = console_crash(tail).unwrap();
+        assert_eq!(e.kind, SecurityKind::AgentExited);
+        assert_eq!(
+            e.detail,
+            "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009"
+        );
+        assert_eq!(e.container, None);
+        assert_eq!(
+            serde_json::to_value(e.kind).unwrap(),
+            serde_json::json!("agent_exited")
+        );
+        // Another panic stays a kernel oops.
+        let e =
+            console_crash("[ 3.0] Kernel panic - not syncing: sysrq triggered crash\n").unwrap();
+        assert_eq!(e.kind, SecurityKind::KernelOops);
+        // An oops that ends init first is reported as the oops it was.
+        let e = console_crash("[ 2.0] BUG: kernel NULL pointer dereference, address: 0\n[ 2.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009\n").unwrap();
+        assert_eq!(e.kind, SecurityKind::KernelOops);
     }
 
     use super::*;

@@ -15,8 +15,9 @@
 //!
 //! Then it checks that the caller is told (CRI: the container EXITED with a non-zero
 //! code, or the pod NOTREADY, within 5 s; CLI: `vessel state` says stopped within 5 s; an
-//! exec in flight fails instead of hanging), that the sandbox's host processes are gone
-//! within 5 s, or, after a containerd restart, that the pod and its container are still
+//! exec in flight fails instead of hanging; after the agent's exit, `vessel events` shows
+//! an `agent_exited` security event within 5 s), that the sandbox's host processes are
+//! gone within 5 s, or, after a containerd restart, that the pod and its container are still
 //! running and exec works (the shim was reconnected); and that once the caller removes
 //! the sandbox, nothing is left within 5 s (processes, mounts, links, cgroups, sockets,
 //! state; memory is the soak's measure).
@@ -498,9 +499,9 @@ fn cli_fault(rig: &mut Rig, fault: Fault, point: Point, n: u32, rng: &mut Rng) -
         let mut console = String::new();
         common::wait_until(T, || {
             console = read_all(&consoles);
-            console.contains("Attempted to kill init")
+            console.contains(AGENT_EXIT_PANIC)
         });
-        if !console.contains("Attempted to kill init") {
+        if !console.contains(AGENT_EXIT_PANIC) {
             out.problems.push(format!(
                 "the guest console does not show the agent's exit: {}",
                 &console[console.len().saturating_sub(2000)..]
@@ -532,6 +533,24 @@ fn cli_fault(rig: &mut Rig, fault: Fault, point: Point, n: u32, rng: &mut Rng) -
             vm_processes(rig, &vm_dir)
         ));
     }
+    if fault == Fault::Agent {
+        // The host read the agent's exit off the dead VM's console: an `agent_exited`
+        // security event, kept with the container until it is deleted.
+        let mut seen = Vec::new();
+        if !common::wait_until(T, || {
+            seen = security_events(rig, &id);
+            seen.iter().any(|v| {
+                v["data"]["kind"] == "agent_exited"
+                    && v["data"]["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with(AGENT_EXIT_PANIC))
+            })
+        }) {
+            out.problems.push(format!(
+                "no agent_exited event starting {AGENT_EXIT_PANIC:?} 5 s after the VM ended: {seen:?}"
+            ));
+        }
+    }
     let o = rig.vessel(&["delete", &id]).output().unwrap();
     if !o.status.success() {
         out.problems
@@ -540,6 +559,22 @@ fn cli_fault(rig: &mut Rig, fault: Fault, point: Point, n: u32, rng: &mut Rng) -
     }
     out.leaks = leaks_after(rig, &base);
     out
+}
+
+/// The guest kernel's panic when the agent, its init, exits.
+const AGENT_EXIT_PANIC: &str = "Kernel panic - not syncing: Attempted to kill init";
+
+/// The security events `vessel events --stats` prints for container `id` (a stopped
+/// container's too: they come before its failing stats).
+fn security_events(rig: &Rig, id: &str) -> Vec<serde_json::Value> {
+    let Ok(o) = rig.vessel(&["events", "--stats", id]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "security")
+        .collect()
 }
 
 /// Every console.log under `dir`, open.

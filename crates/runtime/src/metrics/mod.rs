@@ -391,7 +391,7 @@ pub async fn render(source: &Source) -> String {
     reg.register(
         "vessel_guest_security_events",
         "Security events the guest reported (seccomp denials, module loads, mounts of \
-         the agent's paths, ptrace of the agent, kernel oopses, agent restarts), by kind",
+         the agent's paths, ptrace of the agent, kernel oopses, agent restarts and exits), by kind",
         source.security.0.clone(),
     );
     reg.register(

@@ -155,7 +155,8 @@ impl Pod {
         self.tasks.push(tokio::spawn(async move {
             let exit = sandbox.vm().wait().await;
             log::error!("pod {id}: the VM exited unexpectedly ({exit}); its processes are lost");
-            // A guest kernel that oopsed panics and ends the VM: its console says so.
+            // A guest kernel that oopsed panics and ends the VM, as does the agent's
+            // exit (it is PID 1): the console says which.
             let console = sandbox.console_log();
             let tail = tokio::task::spawn_blocking(move || {
                 vessel_hypervisor::exit_log_tail(&console, CONSOLE_CRASH_LINES)
@@ -164,7 +165,8 @@ impl Pod {
             .unwrap_or_default();
             if let Some(event) = crate::guest_events::console_crash(&tail) {
                 log::error!(
-                    "pod {id}: the guest console shows a kernel crash: {}",
+                    "pod {id}: the guest console shows why the VM ended ({:?}): {}",
+                    event.kind,
                     event.detail
                 );
                 security.count(&event);

@@ -8,6 +8,7 @@
 #   scripts/fuzz.sh          make fuzz:    600 s a target, AddressSanitizer
 #   scripts/fuzz.sh --ci     make fuzz-ci: 30 s a target, no sanitizer (debug assertions
 #                            and overflow checks stay on): the build fits the CI budget
+#   --build-only             builds the targets and runs none (make fuzz-ci-build)
 # Env: FUZZ_SECONDS, FUZZ_SANITIZER (address|none), FUZZ_TARGETS (space-separated subset),
 #      FUZZ_JOBS (targets run at once: one per CPU),
 #      FUZZ_TIMEOUT (s per input, 10), FUZZ_RSS_MB (2048).
@@ -18,7 +19,14 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 ci=0
-[[ ${1:-} == --ci ]] && ci=1
+build_only=0
+for arg in "$@"; do
+    case $arg in
+    --ci) ci=1 ;;
+    --build-only) build_only=1 ;;
+    *) echo "fuzz: unknown argument $arg (--ci, --build-only)" >&2; exit 2 ;;
+    esac
+done
 if ((ci)); then
     seconds=${FUZZ_SECONDS:-30}
     sanitizer=${FUZZ_SANITIZER:-none}
@@ -59,6 +67,7 @@ else
     CARGO_INCREMENTAL=0 cargo +nightly fuzz build "${build_opts[@]}" -s "$sanitizer" >&2
 fi
 say "built in $((SECONDS - start)) s"
+((build_only)) && exit 0
 bin=$root/fuzz/target/x86_64-unknown-linux-gnu/release
 
 # One target's run: its row (or its failure) goes to $results/<target>.{row,failed}.

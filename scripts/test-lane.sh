@@ -38,33 +38,33 @@ TEST_TARGETS=(
 )
 
 # The suites, in order: name, backend (VESSEL_TEST_HYPERVISOR), the seconds it took in the
-# lane (CI of 2026-12-06, lifecycle-qemu-kvm with its default tests: what the split over
-# parallel lanes balances), then the
+# lane (2026-12-06, with the default test lists below: what the split over parallel lanes
+# balances), then the
 # command: a test
 # target from TEST_TARGETS (its executable runs; `package:target` where two packages have
 # a target of that name) or a function of this script, and its arguments ($threads:
 # LANE_TEST_THREADS).
 # shellcheck disable=SC2016
 SUITES='
-check               builtin     30  check_builtin
-hardware_kvm        builtin     65  hardware_kvm      --test-threads=1
-linux_boot          builtin     30  linux_boot        --test-threads=1 linux_boots_to_init_with_virtio_devices_probed
-sandbox_snapshot    qemu-kvm   110  sandbox_snapshot  --test-threads=1
-lifecycle-builtin   builtin    260  lifecycle         --test-threads=$threads $builtin_lifecycle_tests
-lifecycle-qemu-kvm  qemu-kvm   150  lifecycle         --test-threads=$threads $qemu_lifecycle_tests
-network-builtin     builtin     75  vessel:network    --test-threads=1 $builtin_network_tests
-network-qemu-kvm    qemu-kvm   110  vessel:network    --test-threads=1
-ctr-builtin         builtin    225  ctr               --test-threads=$threads
-ctr-qemu-kvm        qemu-kvm    90  ctr               --test-threads=$threads $qemu_ctr_tests
-cri-builtin         builtin    180  cri               --test-threads=$threads $cri_tests
-cri-qemu-kvm        qemu-kvm   180  cri               --test-threads=$threads $cri_tests
-ctr-cni-builtin     builtin    110  containerd-shim-vessel-v2:network --test-threads=1
-cri-cni-builtin     builtin    205  cri_network       --test-threads=1
-hostile-builtin     builtin    255  hostile           --test-threads=1 $no_flood
-publish-builtin     builtin     80  publish           --test-threads=1 $publish_tests
-templates-builtin   builtin     75  vessel:templates  --test-threads=1
-faults-builtin      builtin    265  faults            --test-threads=1 --nocapture faults_ci
-start-bench         builtin    900  containerd-shim-vessel-v2:start_bench --ignored --nocapture --test-threads=1
+check               builtin      21  check_builtin
+hardware_kvm        builtin      55  hardware_kvm      --test-threads=1
+linux_boot          builtin      25  linux_boot        --test-threads=1 linux_boots_to_init_with_virtio_devices_probed
+sandbox_snapshot    qemu-kvm    116  sandbox_snapshot  --test-threads=1
+lifecycle-builtin   builtin     239  lifecycle         --test-threads=$threads $builtin_lifecycle_tests
+lifecycle-qemu-kvm  qemu-kvm    135  lifecycle         --test-threads=$threads $qemu_lifecycle_tests
+network-builtin     builtin      98  vessel:network    --test-threads=1 $builtin_network_tests
+network-qemu-kvm    qemu-kvm    110  vessel:network    --test-threads=1
+ctr-builtin         builtin     233  ctr               --test-threads=$threads
+ctr-qemu-kvm        qemu-kvm     88  ctr               --test-threads=$threads $qemu_ctr_tests
+cri-builtin         builtin     154  cri               --test-threads=$threads $cri_tests
+cri-qemu-kvm        qemu-kvm    137  cri               --test-threads=$threads $cri_tests
+ctr-cni-builtin     builtin     110  containerd-shim-vessel-v2:network --test-threads=1
+cri-cni-builtin     builtin     189  cri_network       --test-threads=1
+hostile-builtin     builtin     229  hostile           --test-threads=1 $no_flood
+publish-builtin     builtin      67  publish           --test-threads=1 $publish_tests
+templates-builtin   builtin      83  vessel:templates  --test-threads=1
+faults-builtin      builtin     271  faults            --test-threads=1 --nocapture faults_ci
+start-bench         builtin     900  containerd-shim-vessel-v2:start_bench --ignored --nocapture --test-threads=1
 '
 # What `make test` runs: every suite but network-qemu-kvm and ctr-cni-builtin. QEMU's
 # networking is tested on the host with TCG, and the lane proves the built-in VMM's
@@ -206,9 +206,10 @@ selected=$(echo ${LANE_SUITES:-$DEFAULT_SUITES})
 builtin_lifecycle_tests="run_echo_and_exit_code create_start_state_delete stdin_is_piped
     ten_mib_of_stdout_arrives_intact_before_exit tmpfs_and_host_bind_mounts
     two_containers_at_once_and_delete_force exec_plain_and_pause_resume"
-# - QEMU/KVM through the CLI: run, create/start/state/delete, exec with pause/resume, and
-#   signals (`all`: the 11, about 370 s in the lane). LANE_QEMU_LIFECYCLE_TESTS overrides.
-qemu_lifecycle_tests=${LANE_QEMU_LIFECYCLE_TESTS:-run_echo_and_exit_code create_start_state_delete exec_plain_and_pause_resume kill_sigterm_trap_and_sigkill}
+# - QEMU/KVM through the CLI: run, exec with pause/resume (QMP stop/cont), and signals
+#   (`all`: the 11, about 370 s in the lane; create/start/state/delete is the CLI's state
+#   machine, the same on every backend). LANE_QEMU_LIFECYCLE_TESTS overrides.
+qemu_lifecycle_tests=${LANE_QEMU_LIFECYCLE_TESTS:-run_echo_and_exit_code exec_plain_and_pause_resume kill_sigterm_trap_and_sigkill}
 # - QEMU/KVM through the shim and ctr: a task's run, output and exit codes (the exec,
 #   metrics and terminal paths run on the built-in VMM here and on QEMU on the host).
 qemu_ctr_tests=run_echo_hi_and_exit_codes

@@ -9,7 +9,7 @@
 //! are watched, with containerd's). After every `SOAK_CHECK_EVERY` cycles and at the end
 //! the host is compared with its state after a warm-up round: no process, mount, host
 //! link, host cgroup, socket or state directory more, no descriptor more in containerd
-//! or the long-lived shim, and host memory within 50 MiB (MemAvailable plus the RSS of
+//! or the long-lived shim, and host memory within 50 MiB (MemAvailable plus the anonymous and shared RSS of
 //! processes that are not the test's, so that other work on the host does not count).
 //! Then `SOAK_PODS` pods start at once, each with exec and stdio traffic.
 //!
@@ -196,7 +196,7 @@ async fn soak_run(cycles: u32, pods: u32, check_every: u32) {
     tally = Tally::default();
     let base = rig.observe(&[("long-lived shim".to_string(), long.shim)]);
     eprintln!(
-        "soak: baseline after warm-up: {} MiB available (MemAvailable + other processes' RSS), containerd {} fds, long-lived shim {} fds",
+        "soak: baseline after warm-up: {} MiB available (MemAvailable + other processes' anonymous and shared RSS), containerd {} fds, long-lived shim {} fds",
         base.mem_available_kib / 1024,
         base.fds[0].2,
         base.fds[1].2

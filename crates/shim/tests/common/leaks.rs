@@ -36,7 +36,8 @@ pub struct HostState {
     pub state: BTreeSet<String>,
     /// `name pid` → open file descriptors of each long-lived process watched.
     pub fds: Vec<(String, u32, usize)>,
-    /// MemAvailable plus the resident memory of processes outside the test (not the
+    /// MemAvailable plus the anonymous and shared resident memory of processes outside the
+    /// test (not the
     /// test itself, not mentioning its directory), KiB: what the host has for the test's
     /// sandboxes, unmoved by other work on the host (a build starting or ending).
     pub mem_available_kib: u64,
@@ -219,7 +220,7 @@ impl HostState {
             .saturating_sub(self.mem_available_kib);
         if drop > MEMORY_SLACK_KIB {
             out.push(format!(
-                "memory: {} MiB less available than at the start ({} → {} MiB; MemAvailable + other processes' RSS); since then: {}",
+                "memory: {} MiB less available than at the start ({} → {} MiB; MemAvailable + other processes' anonymous and shared RSS); since then: {}",
                 drop / 1024,
                 before.mem_available_kib / 1024,
                 self.mem_available_kib / 1024,
@@ -264,8 +265,11 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// Resident memory (VmRSS) of every process that is neither this test nor mentions `dir`
-/// in its command line, KiB.
+/// Anonymous and shared-memory resident memory (`RssAnon` + `RssShmem`) of every process
+/// that is neither this test nor mentions `dir` in its command line, KiB. Not VmRSS: its
+/// file pages are page cache, which MemAvailable already counts, so a build or a fuzzer
+/// with large mapped files running when the baseline was taken and gone at a check made
+/// the host look hundreds of MiB short (209 MiB at a soak check, 2026-12-06).
 fn foreign_rss_kib(dir: &str) -> u64 {
     let me = std::process::id().to_string();
     let mut total = 0;
@@ -280,7 +284,8 @@ fn foreign_rss_kib(dir: &str) -> u64 {
         if String::from_utf8_lossy(&cmd).contains(dir) {
             continue;
         }
-        total += vm_rss_kib(&e.path()).unwrap_or(0);
+        total += status_kib(&e.path(), "RssAnon:").unwrap_or(0)
+            + status_kib(&e.path(), "RssShmem:").unwrap_or(0);
     }
     total
 }
@@ -305,10 +310,15 @@ fn scope_rss_kib(dir: &str) -> u64 {
 }
 
 fn vm_rss_kib(proc_dir: &Path) -> Option<u64> {
+    status_kib(proc_dir, "VmRSS:")
+}
+
+/// A `... kB` field of /proc/<pid>/status, KiB.
+fn status_kib(proc_dir: &Path, field: &str) -> Option<u64> {
     std::fs::read_to_string(proc_dir.join("status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
 }
 

@@ -371,12 +371,7 @@ fn privileged_exec(e: &common::Env, id: &str, script: &str) -> std::process::Out
 
 /// The sandbox's security events so far (`vessel events --stats`).
 fn security_events(e: &common::Env, id: &str) -> Vec<serde_json::Value> {
-    let o = e.run(&["events", "--stats", id]);
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["type"] == "security")
-        .collect()
+    vessel_testutil::security_events(&e.run(&["events", "--stats", id]).stdout)
 }
 
 /// One GET on a sandbox's metrics socket: the body.

@@ -572,11 +572,7 @@ fn security_events(rig: &Rig, id: &str) -> Vec<serde_json::Value> {
     let Ok(o) = rig.vessel(&["events", "--stats", id]).output() else {
         return Vec::new();
     };
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["type"] == "security")
-        .collect()
+    vessel_testutil::security_events(&o.stdout)
 }
 
 /// Every console.log under `dir`, open.

@@ -269,6 +269,16 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// Whether `pid` exists (a reaped process does not; a zombie still does).
+/// The security events among the JSON lines `vessel events --stats ID` printed
+/// (`{"type":"security",...}`); other lines and non-JSON lines are skipped.
+pub fn security_events(events_stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(events_stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "security")
+        .collect()
+}
+
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -54,6 +54,7 @@ demo: deps guest build config
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	scripts/ci-run-selftest.sh
 
 # Unit tests and the end-to-end tests, which boot real guests with QEMU
 # (they need root and the guest built; in CI a missing prerequisite fails).

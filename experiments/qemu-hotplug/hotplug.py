@@ -244,20 +244,11 @@ def template(a, run, stream):
     t1 = time.monotonic()
     qmp.cmd("stop")
     qmp.cmd("migrate-set-parameters", {"max-bandwidth": 16 << 30})
-    if a.ram_dir:
-        qmp.cmd("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+    ignore_shared_ram(a, qmp)
     fd = os.open(stream, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     qmp.cmd("getfd", {"fdname": "snap"}, fd=fd)
     qmp.cmd("migrate", {"uri": "fd:snap"})
-    while True:
-        m = qmp.cmd("query-migrate")
-        st = m.get("status")
-        if st == "completed":
-            break
-        if st in ("failed", "cancelled"):
-            raise RuntimeError(f"migrate: {m.get('error-desc')}")
-        time.sleep(POLL)
+    m = wait_migration(qmp, "migrate")
     os.fsync(fd)
     os.close(fd)
     t2 = time.monotonic()
@@ -269,6 +260,25 @@ def template(a, run, stream):
     q.wait(10)
     qmp.close()
     return {"boot": t_ready - t0, "migrate": t2 - t1, "size": size}
+
+
+def ignore_shared_ram(a, qmp):
+    """RAM-file mode: leave the guest RAM (a shared file) out of the stream, on both sides."""
+    if a.ram_dir:
+        qmp.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+
+
+def wait_migration(qmp, what):
+    """Polls query-migrate until the migration (either side) completes; its last answer."""
+    while True:
+        m = qmp.cmd("query-migrate")
+        st = m.get("status")
+        if st == "completed":
+            return m
+        if st in ("failed", "cancelled"):
+            raise RuntimeError(f"{what}: {m.get('error-desc')}")
+        time.sleep(POLL)
 
 
 def clone(a, run, stream, n, vsock):
@@ -290,18 +300,9 @@ def clone(a, run, stream, n, vsock):
         fd = os.open(stream, os.O_RDONLY)
         qmp.cmd("getfd", {"fdname": "snap"}, fd=fd)
         os.close(fd)
-        if a.ram_dir:
-            qmp.cmd("migrate-set-capabilities", {"capabilities": [
-                {"capability": "x-ignore-shared", "state": True}]})
+        ignore_shared_ram(a, qmp)
         qmp.cmd("migrate-incoming", {"uri": "fd:snap"})
-        while True:
-            m = qmp.cmd("query-migrate")
-            st = m.get("status")
-            if st == "completed":
-                break
-            if st in ("failed", "cancelled"):
-                raise RuntimeError(f"migrate-incoming: {m.get('error-desc')}")
-            time.sleep(POLL)
+        wait_migration(qmp, "migrate-incoming")
         t_loaded = time.monotonic()
         qmp.cmd("cont")
         t_run = time.monotonic()

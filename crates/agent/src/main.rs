@@ -23,6 +23,7 @@ mod server;
 mod service;
 mod stdio;
 mod tripwire;
+mod uevent;
 
 use std::process::ExitCode;
 

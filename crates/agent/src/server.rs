@@ -50,8 +50,8 @@ pub async fn serve(
         None => log::warn!("no vsock: process stdio streams are unavailable"),
     }
     tokio::spawn(cgroup::watch_oom(containers.clone(), oom));
-    let agent =
-        vessel_protocol::agent_ttrpc::create_agent(Arc::new(AgentService::new(containers, oom_rx)));
+    let service = Arc::new(AgentService::new(containers, oom_rx));
+    let agent = vessel_protocol::agent_ttrpc::create_agent(service.clone());
 
     let listener = match &channel {
         Channel::Vsock => Listener::bind(format!("vsock://-1:{AGENT_VSOCK_PORT}"))
@@ -71,11 +71,66 @@ pub async fn serve(
         .register_service(agent);
     server.start().await.context("start ttrpc server")?;
     log::info!("agent API ready on {channel}");
-    if channel == Channel::Vsock {
-        announce_ready().await;
+    // Kept for the life of PID 1 (a dropped server stops serving).
+    let mut _vsock_server = None;
+    match channel {
+        Channel::Vsock => announce_ready().await,
+        // A VM whose vhost-user devices come later (a template, or a clone
+        // before its devices are plugged in): the API on vsock too, for when
+        // the vsock device appears, and the announcement once it has.
+        Channel::Serial => match Listener::bind(format!("vsock://-1:{AGENT_VSOCK_PORT}")) {
+            Ok(listener) => {
+                let health = vessel_protocol::health_ttrpc::create_health(Arc::new(HealthService));
+                let agent = vessel_protocol::agent_ttrpc::create_agent(service);
+                let mut server = Server::new()
+                    .add_listener(listener)
+                    .register_service(health)
+                    .register_service(agent);
+                server
+                    .start()
+                    .await
+                    .context("start ttrpc server on vsock")?;
+                _vsock_server = Some(server);
+                tokio::spawn(announce_when_vsock_appears());
+            }
+            Err(e) => log::warn!("listen on vsock port {AGENT_VSOCK_PORT}: {e}"),
+        },
+        Channel::Listen(_) => {}
     }
     // The server runs on its own tasks; PID 1 lives until the VM ends.
     std::future::pending().await
+}
+
+/// Announces readiness on vsock once a vsock device exists: tries at once,
+/// then again after every kernel uevent (a hot-plugged device's probe sends
+/// them), until the host's ready port answers. Idle (no polling) in a VM that
+/// never gets a vsock device.
+async fn announce_when_vsock_appears() {
+    let uevents = match crate::uevent::Listener::open() {
+        Ok(u) => u,
+        Err(e) => {
+            log::warn!("no kernel uevents ({e}): a vsock device plugged in later is not announced");
+            return;
+        }
+    };
+    loop {
+        if connect_ready().await.is_ok() {
+            log::info!("vsock is up: announced readiness on host port {READY_VSOCK_PORT}");
+            return;
+        }
+        if let Err(e) = uevents.next().await {
+            log::warn!("reading kernel uevents: {e}");
+            return;
+        }
+    }
+}
+
+async fn connect_ready() -> std::io::Result<()> {
+    let addr = tokio_vsock::VsockAddr::new(HOST_CID, READY_VSOCK_PORT);
+    let line = format!("{READY_MAGIC} {}\n", env!("CARGO_PKG_VERSION"));
+    let mut s = tokio_vsock::VsockStream::connect(addr).await?;
+    s.write_all(line.as_bytes()).await?;
+    s.shutdown(std::net::Shutdown::Write)
 }
 
 /// The stdio listener: vsock port 1026 in a VM (also with a virtio-serial API
@@ -113,15 +168,7 @@ fn stdio_listener(channel: &Channel) -> anyhow::Result<Option<StdioListener>> {
 /// Some vsock backends lock up when the host connects before the guest's vsock
 /// driver is ready, so the host waits for this before its first `CONNECT`.
 async fn announce_ready() {
-    let addr = tokio_vsock::VsockAddr::new(HOST_CID, READY_VSOCK_PORT);
-    let line = format!("{READY_MAGIC} {}\n", env!("CARGO_PKG_VERSION"));
-    let res = async {
-        let mut s = tokio_vsock::VsockStream::connect(addr).await?;
-        s.write_all(line.as_bytes()).await?;
-        s.shutdown(std::net::Shutdown::Write)
-    }
-    .await;
-    match res {
+    match connect_ready().await {
         Ok(()) => log::debug!("announced readiness on host vsock port {READY_VSOCK_PORT}"),
         // Not fatal: a host may poll the API instead of listening for readiness.
         Err(e) => log::warn!("could not announce readiness on host port {READY_VSOCK_PORT}: {e}"),

@@ -144,6 +144,12 @@ pub struct VmConfig {
     /// before it execs (`None`: they stay in the caller's). The caller
     /// creates it, sized with [`Hypervisor::host_overhead`], and removes it.
     pub cgroup: Option<Arc<vessel_cgroup::Cgroup>>,
+    /// Start the VM without the devices its backend cannot snapshot, so that
+    /// it can be snapshotted once its agent is up (templates): QEMU holds back
+    /// its vhost-user devices (the vsock device and the virtio-fs shares) and
+    /// reaches the agent on virtio-serial until [`Vm::attach_deferred`] plugs
+    /// them in. Backends that snapshot every device they have ignore it.
+    pub deferred_devices: bool,
 }
 
 /// Processes and threads a sandbox's host processes may have together: QEMU's
@@ -262,6 +268,13 @@ pub trait Vm: Send + Sync {
     async fn resume(&self) -> Result<()>;
     /// Asks the hypervisor to stop, kills it after `grace`, stops helpers.
     async fn stop(&self, grace: Duration) -> Result<VmExit>;
+    /// Adds the devices held back by [`VmConfig::deferred_devices`] (a
+    /// no-op when none were), after which [`Vm::agent_endpoint`] may name
+    /// another endpoint and the VM can no longer be snapshotted. On error the
+    /// VM runs on without them: stop it.
+    async fn attach_deferred(&self) -> Result<()> {
+        Ok(())
+    }
     /// Pauses the VM and writes a snapshot of it into `dir` (created, or
     /// empty). The VM stays paused: resume or stop it. On error nothing is
     /// left in `dir`.
@@ -340,6 +353,7 @@ pub(crate) mod tests {
             nics: Vec::new(),
             netns: None,
             cgroup: None,
+            deferred_devices: false,
         }
     }
 
@@ -378,6 +392,7 @@ pub(crate) mod tests {
             nics: Vec::new(),
             netns: None,
             cgroup: None,
+            deferred_devices: false,
         };
         let k = guest_cmdline(&cfg, &["reboot=t"]);
         assert!(k.starts_with("console=ttyS0 panic=-1"), "{k}");

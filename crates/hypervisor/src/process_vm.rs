@@ -5,13 +5,14 @@
 //! helpers and publishes the exit status. Backends differ only in how
 //! they pause and resume ([`Control`]).
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::process::Child;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::process::{log_tail, terminate};
 use crate::snapshot::{self, SnapshotInfo};
@@ -20,8 +21,12 @@ use crate::{Accelerator, AgentEndpoint, Error, Result, Vm, VmExit};
 /// How to pause and resume the VM.
 #[derive(Debug, Clone)]
 pub enum Control {
-    /// QEMU's QMP socket.
-    Qmp(PathBuf),
+    /// QEMU's QMP socket, and the guest RAM memfd of a VM that keeps its RAM
+    /// out of the migration stream (see `crate::qemu::snapshot`).
+    Qmp {
+        qmp: PathBuf,
+        ram: Option<Arc<File>>,
+    },
     /// vessel-vmm's control API socket.
     VmmApi(PathBuf),
     /// A jailed vessel-vmm: it can write only in its run directory.
@@ -33,15 +38,40 @@ pub type Snapshottable = std::result::Result<SnapshotInfo, &'static str>;
 
 pub struct ProcessVm {
     accelerator: Accelerator,
-    snapshot: Snapshottable,
-    endpoint: AgentEndpoint,
+    snapshot: Mutex<Snapshottable>,
+    endpoint: Mutex<AgentEndpoint>,
     control: Control,
     pid: u32,
-    pids: Vec<u32>,
+    pids: Mutex<Vec<u32>>,
+    run_dir: PathBuf,
     /// Logs of the hypervisor and its helpers (`*.log` in the run directory but the console).
-    logs: Vec<PathBuf>,
+    logs: Mutex<Vec<PathBuf>>,
     exit: watch::Receiver<Option<VmExit>>,
     kill: Mutex<Option<oneshot::Sender<Duration>>>,
+    /// Helpers started after the VM (deferred devices) for the watching task.
+    add_helper: mpsc::UnboundedSender<Child>,
+    /// The devices held back at start (QEMU's deferred vhost-user devices).
+    deferred: tokio::sync::Mutex<Option<crate::qemu::hotplug::Pending>>,
+}
+
+/// What the watching task was woken by.
+enum Event {
+    Ended(std::io::Result<std::process::ExitStatus>, bool),
+    Added(Child),
+}
+
+/// `*.log` files in `run_dir` but the console's.
+fn logs_in(run_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(run_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension().is_some_and(|x| x == "log")
+                        && p.file_name() != Some("console.log".as_ref())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl ProcessVm {
@@ -59,31 +89,44 @@ impl ProcessVm {
         let mut pids = vec![pid];
         pids.extend(helpers.iter().filter_map(|h| h.id()));
         let (tx, rx) = watch::channel(None);
-        let (kill_tx, kill_rx) = oneshot::channel::<Duration>();
+        let (kill_tx, mut kill_rx) = oneshot::channel::<Duration>();
+        let (add_tx, mut add_rx) = mpsc::unbounded_channel::<Child>();
         tokio::spawn(async move {
             // `stopped`: a stop was asked for, and the helpers get a grace to exit; when
             // the VM died (or a helper did), the others serve nobody and are killed at
             // once, so that the exit is published (and the containers reported exited)
             // without waiting for them.
-            let (status, stopped) = {
-                let helper_exit = crate::process::first_exit(&mut helpers);
-                tokio::select! {
-                    s = hypervisor.wait() => (s, false),
-                    // Err: the ProcessVm was dropped without stop(): kill at once.
-                    grace = kill_rx => (Ok(terminate(&mut hypervisor, grace.unwrap_or(Duration::ZERO)).await), true),
-                    // A VM without its virtio-fs or vsock back end hangs on its next request
-                    // to it (a container's file access, the agent channel): end it now, so
-                    // that its callers are told and its containers exit.
-                    (helper, how) = helper_exit => {
-                        let how = how.map_or_else(|e| e.to_string(), |s| s.to_string());
-                        log::warn!(
-                            "helper pid {helper} of hypervisor pid {pid} exited ({how}); \
-                             the VM cannot go on without it: stopping the VM"
-                        );
-                        (Ok(terminate(&mut hypervisor, Duration::ZERO).await), false)
+            let (status, stopped) = loop {
+                let event = {
+                    let helper_exit = crate::process::first_exit(&mut helpers);
+                    tokio::select! {
+                        s = hypervisor.wait() => Event::Ended(s, false),
+                        // Err: the ProcessVm was dropped without stop(): kill at once.
+                        grace = &mut kill_rx => Event::Ended(Ok(terminate(&mut hypervisor, grace.unwrap_or(Duration::ZERO)).await), true),
+                        // A VM without its virtio-fs or vsock back end hangs on its next request
+                        // to it (a container's file access, the agent channel): end it now, so
+                        // that its callers are told and its containers exit.
+                        (helper, how) = helper_exit => {
+                            let how = how.map_or_else(|e| e.to_string(), |s| s.to_string());
+                            log::warn!(
+                                "helper pid {helper} of hypervisor pid {pid} exited ({how}); \
+                                 the VM cannot go on without it: stopping the VM"
+                            );
+                            Event::Ended(Ok(terminate(&mut hypervisor, Duration::ZERO).await), false)
+                        }
+                        Some(child) = add_rx.recv() => Event::Added(child),
                     }
+                };
+                match event {
+                    Event::Ended(status, stopped) => break (status, stopped),
+                    Event::Added(child) => helpers.push(child),
                 }
             };
+            // Helpers handed over while the VM ended.
+            add_rx.close();
+            while let Ok(child) = add_rx.try_recv() {
+                helpers.push(child);
+            }
             if stopped {
                 crate::process::terminate_all(&mut helpers).await;
             } else {
@@ -105,34 +148,37 @@ impl ProcessVm {
             log::debug!("hypervisor pid {pid} ended with {exit}");
             let _ = tx.send(Some(exit));
         });
-        let logs = std::fs::read_dir(run_dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| {
-                        p.extension().is_some_and(|x| x == "log")
-                            && p.file_name() != Some("console.log".as_ref())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         ProcessVm {
             accelerator,
-            snapshot,
-            endpoint,
+            snapshot: Mutex::new(snapshot),
+            endpoint: Mutex::new(endpoint),
             control,
             pid,
-            pids,
-            logs,
+            pids: Mutex::new(pids),
+            run_dir: run_dir.to_path_buf(),
+            logs: Mutex::new(logs_in(run_dir)),
             exit: rx,
             kill: Mutex::new(Some(kill_tx)),
+            add_helper: add_tx,
+            deferred: tokio::sync::Mutex::new(None),
         }
     }
+
+    /// Devices to add on [`Vm::attach_deferred`].
+    pub fn with_deferred(mut self, pending: Option<crate::qemu::hotplug::Pending>) -> Self {
+        self.deferred = tokio::sync::Mutex::new(pending);
+        self
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[async_trait]
 impl Vm for ProcessVm {
     fn agent_endpoint(&self) -> AgentEndpoint {
-        self.endpoint.clone()
+        lock(&self.endpoint).clone()
     }
 
     fn accelerator(&self) -> Accelerator {
@@ -140,7 +186,7 @@ impl Vm for ProcessVm {
     }
 
     fn pids(&self) -> Vec<u32> {
-        self.pids.clone()
+        lock(&self.pids).clone()
     }
 
     async fn wait(&self) -> VmExit {
@@ -164,7 +210,7 @@ impl Vm for ProcessVm {
 
     fn diagnostics(&self) -> String {
         let mut out = String::new();
-        for log in &self.logs {
+        for log in lock(&self.logs).iter() {
             let tail = log_tail(log, 10);
             if !tail.is_empty() {
                 let name = log
@@ -179,7 +225,7 @@ impl Vm for ProcessVm {
 
     async fn pause(&self) -> Result<()> {
         match &self.control {
-            Control::Qmp(sock) => crate::qemu::qmp::execute(sock, "stop").await.map(|_| ()),
+            Control::Qmp { qmp, .. } => crate::qemu::qmp::execute(qmp, "stop").await.map(|_| ()),
             Control::VmmApi(sock) | Control::JailedVmmApi { api: sock, .. } => {
                 crate::builtin::api::request(sock, vessel_vmm_api::Request::Pause {}).await
             }
@@ -188,16 +234,50 @@ impl Vm for ProcessVm {
 
     async fn resume(&self) -> Result<()> {
         match &self.control {
-            Control::Qmp(sock) => crate::qemu::qmp::execute(sock, "cont").await.map(|_| ()),
+            Control::Qmp { qmp, .. } => crate::qemu::qmp::execute(qmp, "cont").await.map(|_| ()),
             Control::VmmApi(sock) | Control::JailedVmmApi { api: sock, .. } => {
                 crate::builtin::api::request(sock, vessel_vmm_api::Request::Resume {}).await
             }
         }
     }
 
+    async fn attach_deferred(&self) -> Result<()> {
+        let mut deferred = self.deferred.lock().await;
+        let Some(pending) = deferred.take() else {
+            return Ok(());
+        };
+        *lock(&self.snapshot) = Err(
+            "snapshot of a VM whose vhost-user devices were plugged in (QEMU cannot migrate them)",
+        );
+        let attached = crate::qemu::hotplug::attach(&pending).await?;
+        for child in attached.helpers {
+            if let Some(pid) = child.id() {
+                lock(&self.pids).push(pid);
+            }
+            if let Err(mpsc::error::SendError(mut child)) = self.add_helper.send(child) {
+                // The VM has ended: its watcher is gone.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(Error::EarlyExit {
+                    what: "hypervisor (while its devices were plugged in)",
+                    status: self
+                        .try_exit()
+                        .map_or_else(|| "unknown status".into(), |e| e.to_string()),
+                    detail: self.diagnostics(),
+                });
+            }
+        }
+        *lock(&self.logs) = logs_in(&self.run_dir);
+        if let Some(endpoint) = attached.endpoint {
+            *lock(&self.endpoint) = endpoint;
+        }
+        Ok(())
+    }
+
     async fn snapshot(&self, dir: &Path) -> Result<()> {
-        let (info, backend) = match (&self.snapshot, &self.control) {
-            (Err(why), Control::Qmp(_)) => return Err(unsupported("qemu", why)),
+        let snapshottable = lock(&self.snapshot).clone();
+        let (info, backend) = match (&snapshottable, &self.control) {
+            (Err(why), Control::Qmp { .. }) => return Err(unsupported("qemu", why)),
             (Err(why), _) => return Err(unsupported("builtin", why)),
             (Ok(info), _) => (info, info.backend.clone()),
         };
@@ -205,7 +285,9 @@ impl Vm for ProcessVm {
         let res = async {
             self.pause().await?;
             match &self.control {
-                Control::Qmp(sock) => crate::qemu::snapshot::save(sock, dir).await?,
+                Control::Qmp { qmp, ram } => {
+                    crate::qemu::snapshot::save(qmp, dir, ram.as_deref()).await?
+                }
                 Control::VmmApi(sock) => crate::builtin::api::snapshot(sock, dir).await?,
                 Control::JailedVmmApi { api, run_dir } => {
                     use crate::builtin::jail;

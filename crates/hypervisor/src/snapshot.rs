@@ -43,6 +43,11 @@ pub struct SnapshotInfo {
     /// taps, and the guest sees these MACs until it is told its own.
     #[serde(default)]
     pub nics: Vec<[u8; 6]>,
+    /// The VM was started with [`VmConfig::deferred_devices`] (QEMU: no
+    /// vhost-user device yet, the agent on virtio-serial): a restore starts
+    /// the same shape and the caller attaches the devices afterwards.
+    #[serde(default)]
+    pub deferred_devices: bool,
 }
 
 impl SnapshotInfo {
@@ -66,6 +71,7 @@ impl SnapshotInfo {
                     crate::Nic::VirtioTap(t) => t.mac.0,
                 })
                 .collect(),
+            deferred_devices: false,
         }
     }
 
@@ -140,7 +146,8 @@ impl SnapshotInfo {
                 want.0, want.1, want.2, got.0, got.1, got.2
             )));
         }
-        if self.nics.len() != cfg.nics.len() {
+        // A deferred VM's network devices are plugged in after the restore.
+        if !self.deferred_devices && self.nics.len() != cfg.nics.len() {
             return Err(Error::InvalidConfig(format!(
                 "the snapshot's VM has {} network devices; asked to restore with {}",
                 self.nics.len(),
@@ -152,6 +159,21 @@ impl SnapshotInfo {
             return Err(Error::InvalidConfig(format!(
                 "the snapshot's VM has shares (tag, read-only) {:?}; asked to restore with {got:?}",
                 self.shares
+            )));
+        }
+        if self.deferred_devices != cfg.deferred_devices {
+            return Err(Error::InvalidConfig(format!(
+                "the snapshot's VM was started {} deferred devices; asked to restore {}",
+                if self.deferred_devices {
+                    "with"
+                } else {
+                    "without"
+                },
+                if cfg.deferred_devices {
+                    "with them"
+                } else {
+                    "without"
+                }
             )));
         }
         Ok(())
@@ -217,6 +239,7 @@ mod tests {
             nics: Vec::new(),
             netns: None,
             cgroup: None,
+            deferred_devices: false,
         }
     }
 

@@ -71,6 +71,7 @@ async fn jailed_builtin_vm_serves_vsock_through_the_run_dir() {
         nics: Vec::new(),
         netns: None,
         cgroup: None,
+        deferred_devices: false,
     };
     let vm = hv.launch(&cfg).await.unwrap();
     wait_for_text(&cfg.console_log, "VSOCK-READY");

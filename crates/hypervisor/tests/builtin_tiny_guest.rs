@@ -35,6 +35,7 @@ fn vm_config(dir: &Path, guest: &Path, initramfs: &Path, id: &str) -> VmConfig {
         nics: Vec::new(),
         netns: None,
         cgroup: None,
+        deferred_devices: false,
     }
 }
 

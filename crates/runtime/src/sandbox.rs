@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vessel_hypervisor::{
-    log_tail, AgentChannel, Hypervisor, Nic, SharedDir, SnapshotInfo, Vm, VmConfig, VmExit,
+    log_tail, AgentChannel, AgentEndpoint, Hypervisor, Nic, SharedDir, SnapshotInfo, Vm, VmConfig,
+    VmExit,
 };
 use vessel_protocol::health::VersionResponse;
 
@@ -26,6 +27,10 @@ pub struct SandboxSpec {
     pub nics: Vec<Nic>,
     /// The network namespace the VMM runs in (`None`: the caller's).
     pub netns: Option<Arc<OwnedFd>>,
+    /// Boot without the devices the backend cannot snapshot
+    /// ([`VmConfig::deferred_devices`]), for a sandbox that may become a
+    /// template; [`Sandbox::attach_deferred`] adds them.
+    pub deferred_devices: bool,
 }
 
 impl SandboxSpec {
@@ -38,6 +43,7 @@ impl SandboxSpec {
             shared_dirs: Vec::new(),
             nics: Vec::new(),
             netns: None,
+            deferred_devices: false,
         }
     }
 }
@@ -134,6 +140,7 @@ impl Sandbox {
         run_dir: &Path,
         cgroup: Option<Arc<vessel_cgroup::Cgroup>>,
     ) -> Result<Sandbox> {
+        let deferred_devices = spec.deferred_devices;
         let vm_config = VmConfig {
             id: spec.id.clone(),
             run_dir: run_dir.to_path_buf(),
@@ -150,9 +157,10 @@ impl Sandbox {
             nics: spec.nics,
             netns: spec.netns,
             cgroup,
+            deferred_devices,
         };
         // Bind before launch: the agent connects as soon as it is up.
-        let ready = match channel {
+        let mut ready = match channel {
             AgentChannel::Vsock => Some(ReadyListener::bind(&vm_config.vsock_uds)?),
             AgentChannel::Serial => None,
         };
@@ -167,6 +175,11 @@ impl Sandbox {
             }
         };
         let endpoint = vm.agent_endpoint();
+        if !matches!(endpoint, AgentEndpoint::HybridVsock { .. }) {
+            // Deferred devices: the agent is on virtio-serial until
+            // attach_deferred plugs the vsock device in (which binds its own).
+            ready = None;
+        }
         let accelerator = vm.accelerator();
         let timeout = config.boot_timeout(accelerator);
         let connect = async {
@@ -308,13 +321,16 @@ impl Sandbox {
             nics: spec.nics,
             netns: spec.netns,
             cgroup,
+            deferred_devices: info.deferred_devices,
         };
-        let res = Self::restore_in(config, hv, snapshot, &vm_config)
-            .await
-            .map(|mut sb| {
-                sb.device_macs = Some(info.nics.clone());
-                sb
-            });
+        let res = match Self::restore_in(config, hv, snapshot, &vm_config).await {
+            Ok(mut sb) => {
+                // A deferred VM's network devices are plugged in with their own MACs.
+                sb.device_macs = (!info.deferred_devices).then(|| info.nics.clone());
+                sb.attach_deferred(config).await.map(|()| sb)
+            }
+            Err(e) => Err(e),
+        };
         if res.is_err() {
             let _ = std::fs::remove_dir_all(&run_dir);
         }
@@ -385,6 +401,64 @@ impl Sandbox {
             start.elapsed()
         );
         Ok(sb)
+    }
+
+    /// Plugs in the devices the VM was started without
+    /// ([`SandboxSpec::deferred_devices`]; a no-op if there are none): the
+    /// shares, and the vsock device, after which the agent is reached on vsock
+    /// (it announces itself there, as after a cold boot). On error the
+    /// sandbox is stopped and removed.
+    pub async fn attach_deferred(&mut self, config: &Config) -> Result<()> {
+        let before = self.vm.agent_endpoint();
+        let started = Instant::now();
+        let res = async {
+            let ready = match &before {
+                AgentEndpoint::Serial { .. } => {
+                    Some(ReadyListener::bind(&agent_socket(&self.run_dir))?)
+                }
+                AgentEndpoint::HybridVsock { .. } => None,
+            };
+            self.vm.attach_deferred().await?;
+            let after = self.vm.agent_endpoint();
+            if after == before {
+                return Ok(None);
+            }
+            let timeout = config.boot_timeout(self.vm.accelerator());
+            let connect = async {
+                if let Some(ready) = &ready {
+                    ready.wait().await?;
+                }
+                let agent = AgentClient::connect(&after, timeout)
+                    .await?
+                    .for_accelerator(self.vm.accelerator());
+                agent.check(timeout).await?;
+                Ok::<_, Error>(agent)
+            };
+            let console = || log_tail(&self.console_log(), 30);
+            tokio::select! {
+                r = connect => r.map(Some),
+                exit = self.vm.wait() => Err(Error::VmDiedEarly { exit: exit.to_string(), hypervisor: self.vm.diagnostics(), console: console() }),
+                _ = tokio::time::sleep(timeout) => Err(Error::BootTimeout { secs: timeout.as_secs(), console: console() }),
+            }
+        }
+        .await;
+        match res {
+            Ok(Some(agent)) => {
+                self.agent = agent;
+                log::info!(
+                    "sandbox {}: devices plugged in, agent on vsock after {:?}",
+                    self.id,
+                    started.elapsed()
+                );
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => {
+                let _ = self.vm.stop(Duration::ZERO).await;
+                let _ = std::fs::remove_dir_all(&self.run_dir);
+                Err(e)
+            }
+        }
     }
 
     pub fn id(&self) -> &str {

@@ -222,7 +222,9 @@ impl Sandbox {
             }
         }
         let id = spec.id.clone();
-        let sb = Sandbox::boot(config, hv, spec).await?;
+        let mut spec = spec;
+        spec.deferred_devices = true;
+        let mut sb = Sandbox::boot(config, hv, spec).await?;
         let started = Instant::now();
         match build(&sb, &plan).await {
             Ok(true) => log::info!(
@@ -238,6 +240,7 @@ impl Sandbox {
                 crate::chain(&e)
             ),
         }
+        sb.attach_deferred(config).await?;
         sb.with_policy(config).await
     }
 
@@ -306,7 +309,8 @@ fn plan(
 }
 
 /// A VM configuration of `spec`'s shape, to ask the backend whether it could be
-/// snapshotted (no paths: nothing is started from it).
+/// snapshotted (no paths: nothing is started from it). Its devices are
+/// deferred, as a template's are.
 fn probe(config: &Config, spec: &SandboxSpec) -> VmConfig {
     VmConfig {
         id: spec.id.clone(),
@@ -324,6 +328,7 @@ fn probe(config: &Config, spec: &SandboxSpec) -> VmConfig {
         nics: spec.nics.clone(),
         netns: None,
         cgroup: None,
+        deferred_devices: true,
     }
 }
 

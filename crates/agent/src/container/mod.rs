@@ -39,6 +39,11 @@ static NEXT_SPAWN: AtomicU64 = AtomicU64::new(0);
 
 /// How long a forced removal waits for the init process to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a virtio-fs device the host plugged in (it is probed in
+/// the background; ~0.3 s under TCG).
+const DEVICE_WAIT: Duration = Duration::from_secs(20);
+/// Interval between mount attempts while waiting for it.
+const DEVICE_POLL: Duration = Duration::from_millis(10);
 /// How long `start` waits for the startContainer hooks (and the exec) of a
 /// container that has some; a hook still running then is left to run and
 /// start succeeds (as runc's start, which does not wait at all). Below the
@@ -324,6 +329,30 @@ impl Containers {
         }
     }
 
+    /// Mounts `s` (see [`storage::Mounts::acquire`]). A virtio-fs tag that is
+    /// not there yet (`EINVAL`) is waited for, up to [`DEVICE_WAIT`]: in a VM
+    /// restored from a template the host plugs the share's device in just
+    /// before the first container, and the guest probes it in the background.
+    async fn acquire_storage(&self, s: &Storage) -> Result<PathBuf, ContainerError> {
+        let start = std::time::Instant::now();
+        loop {
+            match lock(&self.mounts).acquire(s) {
+                Err(storage::StorageError::Mount {
+                    ref fstype, err, ..
+                }) if fstype == "virtiofs"
+                    && err == nix::errno::Errno::EINVAL
+                    && start.elapsed() < DEVICE_WAIT => {}
+                other => {
+                    if start.elapsed() > DEVICE_POLL {
+                        log::info!("virtio-fs {:?} waited for {:?}", s.source, start.elapsed());
+                    }
+                    return Ok(other?);
+                }
+            }
+            tokio::time::sleep(DEVICE_POLL).await;
+        }
+    }
+
     /// Returns init and, with startContainer hooks, the read end of the
     /// pipe their failure is reported on.
     async fn create_inner(
@@ -336,7 +365,7 @@ impl Containers {
         mounted: &mut Vec<PathBuf>,
     ) -> Result<(Process, Option<OwnedFd>), ContainerError> {
         for s in storages {
-            let target = lock(&self.mounts).acquire(s)?;
+            let target = self.acquire_storage(s).await?;
             mounted.push(target);
         }
         let bundle = self.bundle(id);

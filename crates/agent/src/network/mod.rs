@@ -87,6 +87,11 @@ fn bad_route<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> NetError + '_ {
     move |e| NetError::BadRoute(what.to_string(), e.to_string())
 }
 
+/// Longest wait for a network device the host plugged in.
+const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// Interval between looks while waiting for it.
+const DEVICE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
     let what = what.into();
     move |source| NetError::Netlink { what, source }
@@ -97,13 +102,27 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
 /// gets its MTU and addresses and is set up; then routes (link-scope first, so
 /// gateways are reachable) and permanent neighbours are added.
 pub async fn apply(handle: &Handle, net: &Network) -> Result<(), NetError> {
-    let links: Vec<LinkMessage> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list links"))?;
+    // In a VM restored from a template the host plugs the devices in just
+    // before this call and the guest probes them in the background: wait (up
+    // to DEVICE_WAIT) until every MAC is there.
+    let start = std::time::Instant::now();
+    let links: Vec<LinkMessage> = loop {
+        let links: Vec<LinkMessage> = handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list links"))?;
+        let all_there = net
+            .interfaces
+            .iter()
+            .all(|i| links.iter().any(|l| link_mac(l) == Some(i.mac)));
+        if all_there || start.elapsed() >= DEVICE_WAIT {
+            break links;
+        }
+        tokio::time::sleep(DEVICE_POLL).await;
+    };
     let mut index_of = HashMap::new();
     for iface in &net.interfaces {
         let index = links

@@ -453,6 +453,7 @@ mod tests {
             nics: Vec::new(),
             netns: None,
             cgroup: None,
+            deferred_devices: false,
         };
         let start = Start::Boot(Box::new(config()));
         let e = command(&j, Path::new("/v"), &cfg, start).unwrap_err();

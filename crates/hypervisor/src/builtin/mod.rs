@@ -403,6 +403,7 @@ mod tests {
             nics: Vec::new(),
             netns: None,
             cgroup: None,
+            deferred_devices: false,
         }
     }
 

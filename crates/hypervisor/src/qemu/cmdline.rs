@@ -38,8 +38,37 @@ impl Paths {
     }
 }
 
+/// Whether a VM of `cfg` on `machine` starts without its vhost-user devices
+/// (see [`VmConfig::deferred_devices`]): q35 only, which has PCIe root ports to
+/// plug them into; microvm has no hot-plug and starts with every device.
+pub fn defers_devices(cfg: &VmConfig, machine: Machine) -> bool {
+    cfg.deferred_devices && machine == Machine::Q35
+}
+
+/// The PCIe root port that takes the hot-plugged vsock device.
+pub const VSOCK_PORT: &str = "vessel-rp0";
+
+/// The PCIe root port that takes the hot-plugged virtio-fs device of share `i`.
+pub fn share_port(i: usize) -> String {
+    format!("vessel-rp{}", i + 1)
+}
+
+/// The PCIe root port that takes the hot-plugged network device `i` of a VM
+/// with `shares` shares.
+pub fn nic_port(shares: usize, i: usize) -> String {
+    format!("vessel-rp{}", shares + i + 1)
+}
+
 /// QEMU's command line; the serial console goes to `console_fd`, an fd QEMU
-/// inherits at that number.
+/// inherits at that number. `ram_fd` (for a VM that [`defers_devices`]) is the
+/// guest RAM, a memfd QEMU inherits at that number.
+///
+/// A VM that defers its devices has the shape a template needs: its RAM in that
+/// file (left out of the migration stream, see `super::snapshot`), the agent on
+/// virtio-serial whatever `cfg.channel` says, no vhost-user device, and one
+/// empty PCIe root port for the vsock device and one per share, with native
+/// PCIe hot-plug (q35's default, ACPI hot-plug, needs a guest with ACPI, which
+/// ours does not have).
 pub fn args(
     cfg: &VmConfig,
     accel: Accelerator,
@@ -47,7 +76,14 @@ pub fn args(
     paths: &Paths,
     console_fd: std::os::fd::RawFd,
     tsc_khz: Option<u32>,
+    ram_fd: Option<std::os::fd::RawFd>,
 ) -> Vec<String> {
+    let deferred = defers_devices(cfg, machine) && ram_fd.is_some();
+    let channel = if deferred {
+        AgentChannel::Serial
+    } else {
+        cfg.channel
+    };
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("vessel-{},debug-threads=on", cfg.id)]);
@@ -70,7 +106,9 @@ pub fn args(
     // guest RAM. Otherwise private anonymous memory: untouched pages cost
     // nothing, even when a snapshot load reads them to check for zeroes.
     let vhost_user = cfg.channel == AgentChannel::Vsock || !cfg.shared_dirs.is_empty();
-    let backend = if vhost_user {
+    let backend = if let (true, Some(fd)) = (deferred, ram_fd) {
+        format!("memory-backend-file,id=mem,size={mem},mem-path=/proc/self/fd/{fd},share=on")
+    } else if vhost_user {
         format!("memory-backend-memfd,id=mem,size={mem},share=on")
     } else {
         format!("memory-backend-ram,id=mem,size={mem}")
@@ -112,7 +150,9 @@ pub fn args(
         _ => None,
     };
     let words: Vec<&str> = std::iter::once("reboot=t").chain(tsc.as_deref()).collect();
-    push(&["-append", &crate::guest_cmdline(cfg, &words)]);
+    let mut api = cfg.clone();
+    api.channel = channel;
+    push(&["-append", &crate::guest_cmdline(&api, &words)]);
     push(&[
         "-chardev",
         // A pipe to the host-side bounded log (see `Qemu::start_qemu_with`).
@@ -130,7 +170,7 @@ pub fn args(
             mmio_name.to_string()
         }
     };
-    match cfg.channel {
+    match channel {
         AgentChannel::Vsock => {
             push(&[
                 "-chardev",
@@ -166,7 +206,7 @@ pub fn args(
         }
     }
     push(&["-device", &dev("virtio-rng-pci", "virtio-rng-device")]);
-    for (i, nic) in cfg.nics.iter().enumerate() {
+    for (i, nic) in cfg.nics.iter().enumerate().filter(|_| !deferred) {
         match nic {
             // The fd is inherited (see Qemu::start_qemu_with); vhost=off: no
             // /dev/vhost-net is needed. QEMU reads IFF_VNET_HDR from the fd
@@ -193,6 +233,27 @@ pub fn args(
                 push(&["-device", &device]);
             }
         }
+    }
+    if deferred {
+        push(&[
+            "-global",
+            "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+        ]);
+        let shares = cfg.shared_dirs.len();
+        let ports = std::iter::once(VSOCK_PORT.to_string())
+            .chain((0..shares).map(share_port))
+            .chain((0..cfg.nics.len()).map(|i| nic_port(shares, i)));
+        for (i, id) in ports.enumerate() {
+            push(&[
+                "-device",
+                &format!(
+                    "pcie-root-port,id={id},bus=pcie.0,chassis={},slot={}",
+                    i + 1,
+                    i + 1
+                ),
+            ]);
+        }
+        return a;
     }
     for (i, share) in cfg.shared_dirs.iter().enumerate() {
         let sock = crate::virtiofs::socket(&cfg.run_dir, i);
@@ -238,6 +299,7 @@ mod tests {
             nics: Vec::new(),
             netns: None,
             cgroup: None,
+            deferred_devices: false,
         }
     }
 
@@ -265,6 +327,7 @@ mod tests {
             &Paths::new(&c.run_dir),
             9,
             None,
+            None,
         ));
         assert!(
             q35.contains(&format!("-netdev tap,id=net0,fd={raw},vhost=off")),
@@ -288,6 +351,7 @@ mod tests {
             &Paths::new(&c.run_dir),
             9,
             None,
+            None,
         ));
         assert!(
             mmio.contains("-device virtio-net-device,netdev=net0"),
@@ -306,6 +370,7 @@ mod tests {
             &Paths::new(&c.run_dir),
             9,
             Some(2_100_000),
+            None,
         ));
         assert!(a.contains("-machine q35,memory-backend=mem"), "{a}");
         assert!(a.contains(" reboot=t tsc_early_khz=2100000 "), "{a}");
@@ -330,6 +395,7 @@ mod tests {
             &Paths::new(&c.run_dir),
             9,
             Some(2_100_000),
+            None,
         ));
         assert!(a.contains("-machine microvm,x-option-roms"), "{a}");
         assert!(a.contains("-accel kvm"), "{a}");
@@ -343,6 +409,58 @@ mod tests {
     }
 
     #[test]
+    fn deferred_devices_q35_template_shape() {
+        let mut c = cfg(AgentChannel::Vsock);
+        c.deferred_devices = true;
+        let a = joined(&args(
+            &c,
+            Accelerator::Tcg,
+            Machine::Q35,
+            &Paths::new(&c.run_dir),
+            9,
+            None,
+            Some(11),
+        ));
+        assert!(
+            a.contains("memory-backend-file,id=mem,size=384M,mem-path=/proc/self/fd/11,share=on"),
+            "{a}"
+        );
+        // The agent on virtio-serial, told so on the kernel command line.
+        assert!(a.contains("vessel.channel=serial vessel.debug"), "{a}");
+        assert!(
+            a.contains("virtserialport,bus=vser0.0,chardev=agent"),
+            "{a}"
+        );
+        assert!(!a.contains("vhost-user"), "{a}");
+        assert!(
+            a.contains("-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"),
+            "{a}"
+        );
+        assert!(
+            a.contains("pcie-root-port,id=vessel-rp0,bus=pcie.0,chassis=1,slot=1"),
+            "{a}"
+        );
+        assert!(
+            a.contains("pcie-root-port,id=vessel-rp1,bus=pcie.0,chassis=2,slot=2"),
+            "{a}"
+        );
+        assert!(!a.contains("vessel-rp2"), "one port per share: {a}");
+        // microvm has no hot-plug: every device at start.
+        let m = joined(&args(
+            &c,
+            Accelerator::Tcg,
+            Machine::Microvm,
+            &Paths::new(&c.run_dir),
+            9,
+            None,
+            Some(11),
+        ));
+        assert!(!defers_devices(&c, Machine::Microvm));
+        assert!(m.contains("vhost-user-vsock-device"), "{m}");
+        assert!(!m.contains("pcie-root-port"), "{m}");
+    }
+
+    #[test]
     fn private_memory_without_vhost_user() {
         let mut c = cfg(AgentChannel::Serial);
         c.shared_dirs.clear();
@@ -352,6 +470,7 @@ mod tests {
             Machine::Q35,
             &Paths::new(&c.run_dir),
             9,
+            None,
             None,
         ));
         assert!(a.contains("memory-backend-ram,id=mem,size=384M"), "{a}");

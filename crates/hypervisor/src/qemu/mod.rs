@@ -6,11 +6,14 @@
 //! die with it (PR_SET_PDEATHSIG), and are stopped when QEMU exits.
 
 mod cmdline;
+pub(crate) mod hotplug;
 pub(crate) mod qmp;
 pub(crate) mod snapshot;
 
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::process::{Child, Command};
@@ -96,7 +99,7 @@ impl Qemu {
 #[async_trait]
 impl Hypervisor for Qemu {
     fn snapshot_blocker(&self, config: &VmConfig) -> Option<&'static str> {
-        snapshot::blocker(config)
+        snapshot::blocker(config, self.config.machine)
     }
 
     fn name(&self) -> &'static str {
@@ -135,11 +138,14 @@ impl Hypervisor for Qemu {
     async fn launch(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
         crate::check_vm_config(cfg)?;
         let paths = Paths::new(&cfg.run_dir);
+        let ram = self.guest_ram(cfg)?;
         let mut helpers = Vec::new();
-        let started = match self.start_helpers(cfg, &paths, &mut helpers).await {
-            Ok(()) => self.start_qemu(cfg, &paths),
-            Err(e) => Err(e),
+        let started = match ram {
+            // The devices come with Vm::attach_deferred, their back ends then.
+            Some(_) => Ok(()),
+            None => self.start_helpers(cfg, &paths, &mut helpers).await,
         };
+        let started = started.and_then(|()| self.start_qemu_with(cfg, &paths, ram.as_ref(), &[]));
         let child = match started {
             Ok(child) => child,
             Err(e) => {
@@ -147,7 +153,7 @@ impl Hypervisor for Qemu {
                 return Err(e);
             }
         };
-        Ok(self.watch(cfg, &paths, child, helpers))
+        Ok(self.watch(cfg, &paths, child, helpers, ram))
     }
 
     async fn restore(&self, dir: &Path, cfg: &VmConfig) -> Result<Box<dyn Vm>> {
@@ -160,19 +166,23 @@ impl Hypervisor for Qemu {
             )));
         }
         crate::check_vm_config(cfg)?;
-        if let Some(why) = snapshot::blocker(cfg) {
+        if let Some(why) = snapshot::blocker(cfg, self.config.machine) {
             return Err(Error::Unsupported {
                 backend: "qemu",
                 operation: why,
             });
         }
         let stream = snapshot::open_stream(dir)?;
+        let ram = self.guest_ram(cfg)?;
+        if let Some(ram) = &ram {
+            fill_ram(dir, ram, cfg).await?;
+        }
         let paths = Paths::new(&cfg.run_dir);
         let log = cfg.run_dir.join("qemu.log");
-        let mut child = self.start_qemu_with(cfg, &paths, &["-incoming", "defer"])?;
+        let mut child = self.start_qemu_with(cfg, &paths, ram.as_ref(), &["-incoming", "defer"])?;
         let loaded = async {
             wait_for_path(&paths.qmp, &mut child, "QEMU", &log, HELPER_START_TIMEOUT).await?;
-            snapshot::load(&paths.qmp, &stream, &mut child, &log).await
+            snapshot::load(&paths.qmp, &stream, &mut child, &log, ram.is_some()).await
         }
         .await;
         if let Err(e) = loaded {
@@ -180,39 +190,171 @@ impl Hypervisor for Qemu {
             return Err(e);
         }
         log::debug!("qemu: restored {} into {}", dir.display(), cfg.id);
-        Ok(self.watch(cfg, &paths, child, Vec::new()))
+        Ok(self.watch(cfg, &paths, child, Vec::new(), ram))
     }
 }
 
+/// Fills the memfd `ram` with the guest RAM saved in `dir` (its data extents:
+/// the file is sparse). `cp` does the copy, in the sandbox's cgroup, so that
+/// the clone's memory is charged to the sandbox, not to this process.
+async fn fill_ram(dir: &Path, ram: &File, cfg: &VmConfig) -> Result<()> {
+    let src = dir.join(snapshot::MEMORY);
+    let want = u64::from(cfg.memory_mib) << 20;
+    let size = std::fs::symlink_metadata(&src)
+        .map_err(|source| Error::Io {
+            what: format!("read snapshot memory {}", src.display()),
+            source,
+        })
+        .and_then(|m| {
+            if m.is_file() && m.len() == want {
+                Ok(m.len())
+            } else {
+                Err(Error::InvalidConfig(format!(
+                    "snapshot memory {} is not a regular file of {want} bytes",
+                    src.display()
+                )))
+            }
+        })?;
+    let keep = ram
+        .try_clone()
+        .and_then(crate::process::above_stdio)
+        .map_err(|source| Error::Io {
+            what: "dup guest RAM memfd".into(),
+            source,
+        })?;
+    let mut cmd = Command::new(CP);
+    cmd.arg("--sparse=always")
+        .arg("--")
+        .arg(&src)
+        .arg(format!("/proc/self/fd/{}", keep.as_raw_fd()));
+    let log = cfg.run_dir.join("memory-copy.log");
+    let mut child = crate::process::spawn_keeping("cp (guest memory)", cmd, &log, cfg, Some(keep))?;
+    let status = child.wait().await.map_err(|source| Error::Io {
+        what: "wait for cp (guest memory)".into(),
+        source,
+    })?;
+    let filled = ram.metadata().map(|m| m.len()).unwrap_or(0);
+    if !status.success() || filled != size {
+        return Err(Error::EarlyExit {
+            what: "cp (guest memory)",
+            status: status.to_string(),
+            detail: format!(
+                "guest RAM holds {filled} of {size} bytes; {}",
+                crate::process::exit_log_tail(&log, 5)
+            ),
+        });
+    }
+    let _ = std::fs::remove_file(&log);
+    Ok(())
+}
+
+/// The copy program for guest memory (coreutils: `--sparse=always` seeks over
+/// the holes of the source and leaves them in the memfd).
+const CP: &str = "/bin/cp";
+
+/// Starts vhost-device-vsock (the guest's vsock device in user space) on
+/// `paths.vhost_vsock`, forwarding to the hybrid vsock socket `cfg.vsock_uds`.
+pub(crate) async fn start_vhost_vsock(
+    bin: &Path,
+    cfg: &VmConfig,
+    paths: &Paths,
+    helpers: &mut Vec<Child>,
+) -> Result<()> {
+    Qemu::require(
+        bin,
+        "vhost-device-vsock",
+        "run 'make deps' (cargo install vhost-device-vsock) or use channel = \"serial\"",
+    )?;
+    let log = cfg.run_dir.join("vhost-device-vsock.log");
+    let mut cmd = Command::new(bin);
+    cmd.arg("--guest-cid").arg("3");
+    cmd.arg("--socket").arg(&paths.vhost_vsock);
+    cmd.arg("--uds-path").arg(&cfg.vsock_uds);
+    let mut child = spawn("vhost-device-vsock", cmd, &log, cfg)?;
+    let ready = wait_for_path(
+        &paths.vhost_vsock,
+        &mut child,
+        "vhost-device-vsock",
+        &log,
+        HELPER_START_TIMEOUT,
+    )
+    .await;
+    helpers.push(child);
+    ready
+}
+
 impl Qemu {
+    /// The guest RAM memfd of a VM that defers its devices (`None`: QEMU
+    /// allocates the RAM itself).
+    fn guest_ram(&self, cfg: &VmConfig) -> Result<Option<File>> {
+        if !cmdline::defers_devices(cfg, self.config.machine) {
+            return Ok(None);
+        }
+        let io = |source| Error::Io {
+            what: "create the guest RAM memfd".into(),
+            source,
+        };
+        // SAFETY: memfd_create with a NUL-terminated name; it returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(c"vessel-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create just returned this fd and nothing else owns it.
+        let file = above_stdio(unsafe { File::from_raw_fd(fd) }).map_err(io)?;
+        file.set_len(u64::from(cfg.memory_mib) << 20).map_err(io)?;
+        Ok(Some(file))
+    }
+
     fn watch(
         &self,
         cfg: &VmConfig,
         paths: &Paths,
         child: Child,
         helpers: Vec<Child>,
+        ram: Option<File>,
     ) -> Box<dyn Vm> {
-        let endpoint = match cfg.channel {
-            AgentChannel::Vsock => AgentEndpoint::HybridVsock {
+        let deferred = ram.is_some();
+        let endpoint = match (cfg.channel, deferred) {
+            (AgentChannel::Vsock, false) => AgentEndpoint::HybridVsock {
                 uds: cfg.vsock_uds.clone(),
             },
-            AgentChannel::Serial => AgentEndpoint::Serial {
+            _ => AgentEndpoint::Serial {
                 path: paths.agent_serial.clone(),
             },
         };
-        let snapshot = match snapshot::blocker(cfg) {
+        let snapshot = match snapshot::blocker(cfg, self.config.machine) {
             Some(why) => Err(why),
-            None => Ok(SnapshotInfo::of(self.name(), self.accelerator, cfg)),
+            None => {
+                let mut info = SnapshotInfo::of(self.name(), self.accelerator, cfg);
+                info.deferred_devices = deferred;
+                if deferred {
+                    // Plugged in after the snapshot: a clone's are its own.
+                    info.nics.clear();
+                }
+                Ok(info)
+            }
         };
-        Box::new(ProcessVm::watch(
-            child,
-            helpers,
-            self.accelerator,
-            endpoint,
-            Control::Qmp(paths.qmp.clone()),
-            snapshot,
-            &cfg.run_dir,
-        ))
+        let pending = deferred.then(|| hotplug::Pending {
+            cfg: cfg.clone(),
+            vhost_vsock: self.config.vhost_vsock.clone(),
+            virtiofsd: self.config.virtiofsd.clone(),
+        });
+        Box::new(
+            ProcessVm::watch(
+                child,
+                helpers,
+                self.accelerator,
+                endpoint,
+                Control::Qmp {
+                    qmp: paths.qmp.clone(),
+                    ram: ram.map(Arc::new),
+                },
+                snapshot,
+                &cfg.run_dir,
+            )
+            .with_deferred(pending),
+        )
     }
 
     async fn start_helpers(
@@ -222,38 +364,21 @@ impl Qemu {
         helpers: &mut Vec<Child>,
     ) -> Result<()> {
         if cfg.channel == AgentChannel::Vsock {
-            let bin = &self.config.vhost_vsock;
-            Self::require(
-                bin,
-                "vhost-device-vsock",
-                "run 'make deps' (cargo install vhost-device-vsock) or use channel = \"serial\"",
-            )?;
-            let log = cfg.run_dir.join("vhost-device-vsock.log");
-            let mut cmd = Command::new(bin);
-            cmd.arg("--guest-cid").arg("3");
-            cmd.arg("--socket").arg(&paths.vhost_vsock);
-            cmd.arg("--uds-path").arg(&cfg.vsock_uds);
-            let mut child = spawn("vhost-device-vsock", cmd, &log, cfg)?;
-            let ready = wait_for_path(
-                &paths.vhost_vsock,
-                &mut child,
-                "vhost-device-vsock",
-                &log,
-                HELPER_START_TIMEOUT,
-            )
-            .await;
-            helpers.push(child);
-            ready?;
+            start_vhost_vsock(&self.config.vhost_vsock, cfg, paths, helpers).await?;
         }
         crate::virtiofs::start(&self.config.virtiofsd, cfg, helpers).await?;
         Ok(())
     }
 
-    fn start_qemu(&self, cfg: &VmConfig, paths: &Paths) -> Result<Child> {
-        self.start_qemu_with(cfg, paths, &[])
-    }
-
-    fn start_qemu_with(&self, cfg: &VmConfig, paths: &Paths, extra: &[&str]) -> Result<Child> {
+    /// Starts QEMU; `ram` (a VM that defers its devices) is inherited at its
+    /// own fd number.
+    fn start_qemu_with(
+        &self,
+        cfg: &VmConfig,
+        paths: &Paths,
+        ram: Option<&File>,
+        extra: &[&str],
+    ) -> Result<Child> {
         // QEMU cannot cap a file chardev: the console goes into a pipe that
         // QEMU inherits at its own fd number (as the tap fds are: no clash)
         // and a thread of this process writes to a bounded log.
@@ -270,15 +395,17 @@ impl Qemu {
             paths,
             console.as_raw_fd(),
             crate::host::tsc_khz(),
+            ram.map(|r| r.as_raw_fd()),
         );
         args.extend(extra.iter().map(|a| a.to_string()));
         log::debug!("qemu: {} {}", self.config.qemu.display(), args.join(" "));
         let mut cmd = Command::new(&self.config.qemu);
         cmd.args(&args);
-        let fds = crate::nic::tap_fds(&cfg.nics);
+        let mut fds = crate::nic::tap_fds(&cfg.nics);
+        fds.extend(ram.map(|r| r.as_raw_fd()));
         if !fds.is_empty() {
             // SAFETY: runs in the forked child before exec; inherit_fds only
-            // calls fcntl(2) (async-signal-safe) on the tap fds, which the
+            // calls fcntl(2) (async-signal-safe) on the tap and RAM fds, which the
             // caller keeps open (cfg.nics) until spawn returns.
             unsafe {
                 cmd.pre_exec(move || crate::nic::inherit_fds(&fds));

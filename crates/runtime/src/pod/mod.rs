@@ -390,6 +390,7 @@ impl Pod {
             shared_dirs: vec![share.shared_dir()],
             nics: Vec::new(),
             netns: None,
+            deferred_devices: false,
         };
         // The VM's run directory is under `vm_root`; templates stay where the
         // configuration puts them, shared by every sandbox of this runtime.

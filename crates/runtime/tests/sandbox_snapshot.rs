@@ -35,9 +35,20 @@ fn seconds_apart(a: SystemTime, b: SystemTime) -> f64 {
 /// [`CLONES`] clones one after another and checks each: same guest (boot id),
 /// the host's time, an RNG sample no other clone (nor the template) produced.
 async fn snapshot_and_restore_clones(cfg: &Config, hv: &dyn Hypervisor, snap_dir: &Path) {
-    let template = Sandbox::boot(cfg, hv, SandboxSpec::new("template", cfg))
-        .await
-        .unwrap();
+    snapshot_and_restore_clones_of(cfg, hv, snap_dir, |id| SandboxSpec::new(id, cfg)).await
+}
+
+/// [`snapshot_and_restore_clones`] of sandboxes of `spec`'s shape; devices
+/// held back by the template ([`SandboxSpec::deferred_devices`]) are plugged
+/// in after its snapshot and after each restore, and the agent is then on vsock.
+async fn snapshot_and_restore_clones_of(
+    cfg: &Config,
+    hv: &dyn Hypervisor,
+    snap_dir: &Path,
+    spec: impl Fn(&str) -> SandboxSpec,
+) {
+    let deferred = spec("probe").deferred_devices;
+    let mut template = Sandbox::boot(cfg, hv, spec("template")).await.unwrap();
     let mut pids = template.vm().pids();
     template
         .agent()
@@ -58,14 +69,37 @@ async fn snapshot_and_restore_clones(cfg: &Config, hv: &dyn Hypervisor, snap_dir
     let after = template.agent().probe().await.unwrap();
     assert_eq!(after.boot_id, before.boot_id);
     let mut samples = vec![before.random_sample, after.random_sample];
+    template.attach_deferred(cfg).await.unwrap();
+    pids.extend(template.vm().pids());
     template.stop().await.unwrap();
 
     for i in 0..CLONES {
         let id = format!("clone{i}");
-        let clone = Sandbox::restore(cfg, hv, &id, snap_dir)
+        let clone = Sandbox::restore_with(cfg, hv, spec(&id), snap_dir)
             .await
             .unwrap_or_else(|e| panic!("restoring {id}: {e}"));
         pids.extend(clone.vm().pids());
+        if deferred {
+            // Plugged in: the agent is on vsock, the back ends run, and the VM
+            // can no longer be snapshotted.
+            assert!(
+                matches!(
+                    clone.vm().agent_endpoint(),
+                    vessel_hypervisor::AgentEndpoint::HybridVsock { .. }
+                ),
+                "{id}: {:?}",
+                clone.vm().agent_endpoint()
+            );
+            assert_eq!(
+                clone.vm().pids().len(),
+                3,
+                "QEMU, virtiofsd, vhost-device-vsock"
+            );
+            let again = snap_dir.with_extension(format!("again{i}"));
+            let err = vessel_runtime::chain(&clone.snapshot(&again).await.unwrap_err()).to_string();
+            assert!(err.contains("plugged in"), "{err}");
+            assert!(!again.exists());
+        }
         let asked = SystemTime::now();
         let p = clone.agent().probe().await.unwrap();
         let answered = SystemTime::now();
@@ -135,6 +169,47 @@ async fn qemu_clones_get_the_host_clock_and_distinct_rng() {
     let err = vessel_runtime::chain(&err).to_string();
     assert!(err.contains("snapshot description"), "{err}");
     assert_nothing_left(&cfg, &[]);
+}
+
+/// The templates' shape on QEMU (the default configuration: vsock channel, a
+/// virtio-fs share): the VM starts without its vhost-user devices, so it can
+/// be snapshotted, and they are plugged in after the snapshot and into every clone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_clones_with_deferred_devices_get_the_host_clock_distinct_rng_and_vsock() {
+    let root = tempfile::tempdir().unwrap();
+    let snaps = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    let Some(cfg) = guest_config_with(root.path(), qemu()) else {
+        return;
+    };
+    assert_eq!(cfg.channel, vessel_hypervisor::AgentChannel::Vsock);
+    let hv = hypervisor(&cfg).unwrap();
+    let spec = |id: &str| SandboxSpec {
+        shared_dirs: vec![vessel_hypervisor::SharedDir {
+            tag: "vessel".into(),
+            host_path: share.path().to_path_buf(),
+            read_only: false,
+        }],
+        deferred_devices: true,
+        ..SandboxSpec::new(id, &cfg)
+    };
+    let snap = snaps.path().join("snap");
+    snapshot_and_restore_clones_of(&cfg, hv.as_ref(), &snap, spec).await;
+    // The RAM is outside the stream, in a sparse file.
+    let stream = std::fs::metadata(snap.join("qemu-migration"))
+        .unwrap()
+        .len();
+    let memory = std::fs::metadata(snap.join("memory")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    eprintln!(
+        "stream {} KiB, memory {} MiB of which {} MiB allocated",
+        stream >> 10,
+        memory.len() >> 20,
+        (memory.blocks() * 512) >> 20
+    );
+    assert!(stream < 8 << 20, "device state only: {stream} bytes");
+    assert_eq!(memory.len(), u64::from(cfg.default_memory_mib) << 20);
+    assert!(memory.blocks() * 512 < memory.len() / 2, "sparse");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -206,6 +206,17 @@ pub fn args(
         }
     }
     push(&["-device", &dev("virtio-rng-pci", "virtio-rng-device")]);
+    // Free page reporting: the guest reports free blocks (2 MiB, after ~2 s)
+    // and QEMU drops them from the host (a hole punched in the memfd, or
+    // MADV_DONTNEED on private RAM). A template's reported pages are holes in its
+    // memory file, which its clones do not copy.
+    push(&[
+        "-device",
+        &format!(
+            "{},free-page-reporting=on",
+            dev("virtio-balloon-pci", "virtio-balloon-device")
+        ),
+    ]);
     for (i, nic) in cfg.nics.iter().enumerate().filter(|_| !deferred) {
         match nic {
             // The fd is inherited (see Qemu::start_qemu_with); vhost=off: no
@@ -381,6 +392,10 @@ mod tests {
         assert!(a.contains("-no-reboot"));
         assert!(a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
         assert!(a.contains("vhost-user-fs-pci,chardev=fs0,tag=rootfs"));
+        assert!(
+            a.contains("-device virtio-balloon-pci,free-page-reporting=on"),
+            "{a}"
+        );
         assert!(a.contains("path=/run/vessel/sb1/fs0.sock"));
         assert!(!a.contains("virtserialport"));
     }

@@ -314,8 +314,24 @@ mod tests {
         }
     }
 
-    fn joined(a: &[String]) -> String {
-        a.join(" ")
+    /// The command line of `c`, joined, with the console on fd 9.
+    fn line(
+        c: &VmConfig,
+        accel: Accelerator,
+        machine: Machine,
+        tsc_khz: Option<u32>,
+        ram_fd: Option<std::os::fd::RawFd>,
+    ) -> String {
+        args(
+            c,
+            accel,
+            machine,
+            &Paths::new(&c.run_dir),
+            9,
+            tsc_khz,
+            ram_fd,
+        )
+        .join(" ")
     }
 
     #[test]
@@ -331,15 +347,7 @@ mod tests {
             mac: crate::MacAddr([0x02, 0, 0, 0, 0, 0x0a]),
             mtu: Some(1400),
         })];
-        let q35 = joined(&args(
-            &c,
-            Accelerator::Tcg,
-            Machine::Q35,
-            &Paths::new(&c.run_dir),
-            9,
-            None,
-            None,
-        ));
+        let q35 = line(&c, Accelerator::Tcg, Machine::Q35, None, None);
         assert!(
             q35.contains(&format!("-netdev tap,id=net0,fd={raw},vhost=off")),
             "{q35}"
@@ -355,15 +363,7 @@ mod tests {
             ),
             "{q35}"
         );
-        let mmio = joined(&args(
-            &c,
-            Accelerator::Tcg,
-            Machine::Microvm,
-            &Paths::new(&c.run_dir),
-            9,
-            None,
-            None,
-        ));
+        let mmio = line(&c, Accelerator::Tcg, Machine::Microvm, None, None);
         assert!(
             mmio.contains("-device virtio-net-device,netdev=net0"),
             "{mmio}"
@@ -374,15 +374,7 @@ mod tests {
     #[test]
     fn q35_tcg_vsock() {
         let c = cfg(AgentChannel::Vsock);
-        let a = joined(&args(
-            &c,
-            Accelerator::Tcg,
-            Machine::Q35,
-            &Paths::new(&c.run_dir),
-            9,
-            Some(2_100_000),
-            None,
-        ));
+        let a = line(&c, Accelerator::Tcg, Machine::Q35, Some(2_100_000), None);
         assert!(a.contains("-machine q35,memory-backend=mem"), "{a}");
         assert!(a.contains(" reboot=t tsc_early_khz=2100000 "), "{a}");
         assert!(a.contains("-accel tcg,tb-size=64"), "{a}");
@@ -403,15 +395,13 @@ mod tests {
     #[test]
     fn microvm_kvm_serial() {
         let c = cfg(AgentChannel::Serial);
-        let a = joined(&args(
+        let a = line(
             &c,
             Accelerator::Kvm,
             Machine::Microvm,
-            &Paths::new(&c.run_dir),
-            9,
             Some(2_100_000),
             None,
-        ));
+        );
         assert!(a.contains("-machine microvm,x-option-roms"), "{a}");
         assert!(a.contains("-accel kvm"), "{a}");
         assert!(!a.contains("tsc_early_khz"), "KVM gives kvm-clock: {a}");
@@ -427,15 +417,15 @@ mod tests {
     fn deferred_devices_q35_template_shape() {
         let mut c = cfg(AgentChannel::Vsock);
         c.deferred_devices = true;
-        let a = joined(&args(
-            &c,
-            Accelerator::Tcg,
-            Machine::Q35,
-            &Paths::new(&c.run_dir),
-            9,
-            None,
-            Some(11),
-        ));
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        c.nics = vec![Nic::VirtioTap(crate::TapNic {
+            tap_name: "tap0_vessel".into(),
+            fd: std::sync::Arc::new(fd),
+            vnet_hdr: true,
+            mac: crate::MacAddr([0x02, 0, 0, 0, 0, 0x0a]),
+            mtu: None,
+        })];
+        let a = line(&c, Accelerator::Tcg, Machine::Q35, None, Some(11));
         assert!(
             a.contains("memory-backend-file,id=mem,size=384M,mem-path=/proc/self/fd/11,share=on"),
             "{a}"
@@ -459,17 +449,15 @@ mod tests {
             a.contains("pcie-root-port,id=vessel-rp1,bus=pcie.0,chassis=2,slot=2"),
             "{a}"
         );
-        assert!(!a.contains("vessel-rp2"), "one port per share: {a}");
+        // The NIC comes later too: a port for it, no device yet.
+        assert!(!a.contains("-netdev"), "{a}");
+        assert!(
+            a.contains("pcie-root-port,id=vessel-rp2,bus=pcie.0,chassis=3,slot=3"),
+            "{a}"
+        );
+        assert!(!a.contains("vessel-rp3"), "one port per device: {a}");
         // microvm has no hot-plug: every device at start.
-        let m = joined(&args(
-            &c,
-            Accelerator::Tcg,
-            Machine::Microvm,
-            &Paths::new(&c.run_dir),
-            9,
-            None,
-            Some(11),
-        ));
+        let m = line(&c, Accelerator::Tcg, Machine::Microvm, None, Some(11));
         assert!(!defers_devices(&c, Machine::Microvm));
         assert!(m.contains("vhost-user-vsock-device"), "{m}");
         assert!(!m.contains("pcie-root-port"), "{m}");
@@ -479,15 +467,7 @@ mod tests {
     fn private_memory_without_vhost_user() {
         let mut c = cfg(AgentChannel::Serial);
         c.shared_dirs.clear();
-        let a = joined(&args(
-            &c,
-            Accelerator::Tcg,
-            Machine::Q35,
-            &Paths::new(&c.run_dir),
-            9,
-            None,
-            None,
-        ));
+        let a = line(&c, Accelerator::Tcg, Machine::Q35, None, None);
         assert!(a.contains("memory-backend-ram,id=mem,size=384M"), "{a}");
         assert!(!a.contains("share=on"), "{a}");
     }

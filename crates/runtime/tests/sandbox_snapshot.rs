@@ -212,6 +212,47 @@ async fn qemu_clones_with_deferred_devices_get_the_host_clock_distinct_rng_and_v
     assert!(memory.blocks() * 512 < memory.len() / 2, "sparse");
 }
 
+/// A QEMU clone whose devices cannot be plugged in (here: no virtiofsd) is not
+/// handed out: the restore fails with the reason, and its VM, its back ends and
+/// its run directory are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_clone_whose_devices_cannot_be_plugged_in_leaves_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let snaps = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    let Some(cfg) = guest_config_with(root.path(), qemu()) else {
+        return;
+    };
+    let hv = hypervisor(&cfg).unwrap();
+    let spec = |id: &str, cfg: &Config| SandboxSpec {
+        shared_dirs: vec![vessel_hypervisor::SharedDir {
+            tag: "vessel".into(),
+            host_path: share.path().to_path_buf(),
+            read_only: false,
+        }],
+        deferred_devices: true,
+        ..SandboxSpec::new(id, cfg)
+    };
+    let template = Sandbox::boot(&cfg, hv.as_ref(), spec("template", &cfg))
+        .await
+        .unwrap();
+    let pids = template.vm().pids();
+    let snap = snaps.path().join("snap");
+    template.snapshot(&snap).await.unwrap();
+    template.stop().await.unwrap();
+
+    let mut broken = cfg.clone();
+    broken.qemu.virtiofsd_path = root.path().join("no-virtiofsd");
+    let hv = hypervisor(&broken).unwrap();
+    let err = Sandbox::restore_with(&broken, hv.as_ref(), spec("clone", &broken), &snap)
+        .await
+        .err()
+        .expect("a clone without its virtio-fs back end is not handed out");
+    let err = vessel_runtime::chain(&err).to_string();
+    assert!(err.contains("virtiofsd not found"), "{err}");
+    assert_nothing_left(&cfg, &pids);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_of_a_vsock_qemu_vm_is_refused_and_the_vm_runs_on() {
     let root = tempfile::tempdir().unwrap();

@@ -56,6 +56,15 @@ pub fn event_of(line: &KernelLine<'_>) -> Option<Kind> {
     }
 }
 
+/// Warnings the kernel prints for every VM of Vessel's own making, which say
+/// nothing about the guest: each device hot-plugged into a PCIe root port after
+/// a restore (docs/snapshots.md) gets `using bridge ... INT A to get IRQ ...`
+/// (the VM has no ACPI IRQ routing table; virtio then uses MSI-X). Logged at
+/// info, so that the host's warnings stay meaningful.
+fn is_expected_warning(message: &str) -> bool {
+    message.contains(": using bridge ") && message.contains(" to get IRQ ")
+}
+
 fn level_of(syslog: u8) -> log::Level {
     match syslog {
         0..=3 => log::Level::Error,
@@ -105,7 +114,11 @@ fn read_loop(mut file: std::fs::File) {
             journal.event(kind, "", None, line.message.to_string());
         }
         if line.level <= FORWARD_LEVEL {
-            journal.log(level_of(line.level), "kernel", line.message.to_string(), "");
+            let level = match level_of(line.level) {
+                log::Level::Warn if is_expected_warning(line.message) => log::Level::Info,
+                level => level,
+            };
+            journal.log(level, "kernel", line.message.to_string(), "");
         }
     }
 }
@@ -113,6 +126,17 @@ fn read_loop(mut file: std::fs::File) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hot_plug_irq_warning_is_expected_and_others_are_not() {
+        assert!(is_expected_warning(
+            "virtio-pci 0000:02:00.0: using bridge 0000:00:04.0 INT A to get IRQ 10"
+        ));
+        assert!(!is_expected_warning(
+            "virtio-pci 0000:02:00.0: BAR 4: no space"
+        ));
+        assert!(!is_expected_warning("using bridge"));
+    }
 
     #[test]
     fn records_give_their_level_and_first_line() {

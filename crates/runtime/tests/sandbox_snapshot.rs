@@ -171,6 +171,20 @@ async fn qemu_clones_get_the_host_clock_and_distinct_rng() {
     assert_nothing_left(&cfg, &[]);
 }
 
+/// A sandbox of the templates' shape: one share (`share`, tag `vessel`), its
+/// devices deferred.
+fn deferred_spec(id: &str, cfg: &Config, share: &Path) -> SandboxSpec {
+    SandboxSpec {
+        shared_dirs: vec![vessel_hypervisor::SharedDir {
+            tag: "vessel".into(),
+            host_path: share.to_path_buf(),
+            read_only: false,
+        }],
+        deferred_devices: true,
+        ..SandboxSpec::new(id, cfg)
+    }
+}
+
 /// The templates' shape on QEMU (the default configuration: vsock channel, a
 /// virtio-fs share): the VM starts without its vhost-user devices, so it can
 /// be snapshotted, and they are plugged in after the snapshot and into every clone.
@@ -184,15 +198,7 @@ async fn qemu_clones_with_deferred_devices_get_the_host_clock_distinct_rng_and_v
     };
     assert_eq!(cfg.channel, vessel_hypervisor::AgentChannel::Vsock);
     let hv = hypervisor(&cfg).unwrap();
-    let spec = |id: &str| SandboxSpec {
-        shared_dirs: vec![vessel_hypervisor::SharedDir {
-            tag: "vessel".into(),
-            host_path: share.path().to_path_buf(),
-            read_only: false,
-        }],
-        deferred_devices: true,
-        ..SandboxSpec::new(id, &cfg)
-    };
+    let spec = |id: &str| deferred_spec(id, &cfg, share.path());
     let snap = snaps.path().join("snap");
     snapshot_and_restore_clones_of(&cfg, hv.as_ref(), &snap, spec).await;
     // The RAM is outside the stream, in a sparse file.
@@ -224,18 +230,14 @@ async fn a_qemu_clone_whose_devices_cannot_be_plugged_in_leaves_nothing() {
         return;
     };
     let hv = hypervisor(&cfg).unwrap();
-    let spec = |id: &str, cfg: &Config| SandboxSpec {
-        shared_dirs: vec![vessel_hypervisor::SharedDir {
-            tag: "vessel".into(),
-            host_path: share.path().to_path_buf(),
-            read_only: false,
-        }],
-        deferred_devices: true,
-        ..SandboxSpec::new(id, cfg)
-    };
-    let template = Sandbox::boot(&cfg, hv.as_ref(), spec("template", &cfg))
-        .await
-        .unwrap();
+
+    let template = Sandbox::boot(
+        &cfg,
+        hv.as_ref(),
+        deferred_spec("template", &cfg, share.path()),
+    )
+    .await
+    .unwrap();
     let pids = template.vm().pids();
     let snap = snaps.path().join("snap");
     template.snapshot(&snap).await.unwrap();
@@ -244,10 +246,15 @@ async fn a_qemu_clone_whose_devices_cannot_be_plugged_in_leaves_nothing() {
     let mut broken = cfg.clone();
     broken.qemu.virtiofsd_path = root.path().join("no-virtiofsd");
     let hv = hypervisor(&broken).unwrap();
-    let err = Sandbox::restore_with(&broken, hv.as_ref(), spec("clone", &broken), &snap)
-        .await
-        .err()
-        .expect("a clone without its virtio-fs back end is not handed out");
+    let err = Sandbox::restore_with(
+        &broken,
+        hv.as_ref(),
+        deferred_spec("clone", &broken, share.path()),
+        &snap,
+    )
+    .await
+    .err()
+    .expect("a clone without its virtio-fs back end is not handed out");
     let err = vessel_runtime::chain(&err).to_string();
     assert!(err.contains("virtiofsd not found"), "{err}");
     assert_nothing_left(&cfg, &pids);

@@ -314,6 +314,18 @@ mod tests {
         }
     }
 
+    /// A tap NIC (on /dev/null) with MAC 02:00:00:00:00:0a.
+    fn tap_nic(mtu: Option<u32>) -> Nic {
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        Nic::VirtioTap(crate::TapNic {
+            tap_name: "tap0_vessel".into(),
+            fd: std::sync::Arc::new(fd),
+            vnet_hdr: true,
+            mac: crate::MacAddr([0x02, 0, 0, 0, 0, 0x0a]),
+            mtu,
+        })
+    }
+
     /// The command line of `c`, joined, with the console on fd 9.
     fn line(
         c: &VmConfig,
@@ -337,16 +349,8 @@ mod tests {
     #[test]
     fn tap_nics_by_inherited_fd_with_the_links_mac() {
         let mut c = cfg(AgentChannel::Vsock);
-        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
-        let fd = std::sync::Arc::new(fd);
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&*fd);
-        c.nics = vec![Nic::VirtioTap(crate::TapNic {
-            tap_name: "tap0_vessel".into(),
-            fd,
-            vnet_hdr: true,
-            mac: crate::MacAddr([0x02, 0, 0, 0, 0, 0x0a]),
-            mtu: Some(1400),
-        })];
+        c.nics = vec![tap_nic(Some(1400))];
+        let raw = crate::nic::tap_fds(&c.nics)[0];
         let q35 = line(&c, Accelerator::Tcg, Machine::Q35, None, None);
         assert!(
             q35.contains(&format!("-netdev tap,id=net0,fd={raw},vhost=off")),
@@ -417,14 +421,7 @@ mod tests {
     fn deferred_devices_q35_template_shape() {
         let mut c = cfg(AgentChannel::Vsock);
         c.deferred_devices = true;
-        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
-        c.nics = vec![Nic::VirtioTap(crate::TapNic {
-            tap_name: "tap0_vessel".into(),
-            fd: std::sync::Arc::new(fd),
-            vnet_hdr: true,
-            mac: crate::MacAddr([0x02, 0, 0, 0, 0, 0x0a]),
-            mtu: None,
-        })];
+        c.nics = vec![tap_nic(None)];
         let a = line(&c, Accelerator::Tcg, Machine::Q35, None, Some(11));
         assert!(
             a.contains("memory-backend-file,id=mem,size=384M,mem-path=/proc/self/fd/11,share=on"),

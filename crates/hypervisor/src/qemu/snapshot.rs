@@ -290,25 +290,21 @@ mod tests {
     #[test]
     fn copy_data_keeps_holes_and_zero_pages_out() {
         let dir = tempfile::tempdir().unwrap();
-        let src = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("src"))
-            .unwrap();
+        let new = |name: &str| {
+            File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(dir.path().join(name))
+                .unwrap()
+        };
+        let src = new("src");
         let len = 64 * PAGE as u64;
         src.set_len(len).unwrap();
         src.write_all_at(b"first", 0).unwrap();
         src.write_all_at(&[0u8; PAGE], 8 * PAGE as u64).unwrap(); // data, but zero
         src.write_all_at(b"last", len - 4).unwrap();
-        let dst = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("dst"))
-            .unwrap();
+        let dst = new("dst");
         copy_data(&src, &dst, len).unwrap();
         let mut a = vec![0u8; len as usize];
         let mut b = vec![0u8; len as usize];
